@@ -1,0 +1,5 @@
+"""Placeholder until this area's commands land."""
+
+
+def register(app):
+    pass

@@ -1,0 +1,94 @@
+"""This machine as measured: a short matmul probe, cached per machine.
+
+The probe needs torch, imported inside `measure_matmul_tflops` only, so that the planner can
+read a cached figure (`cached_peak`) without paying torch's import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from pathlib import Path
+
+
+def home() -> Path:
+    """supercluster's state folder: $SUPERCLUSTER_HOME, default ~/.supercluster."""
+    return Path(os.environ.get("SUPERCLUSTER_HOME", Path.home() / ".supercluster"))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(threads: int | None = None) -> str:
+    """Identifies what the figure is valid for: host, CPU model and thread count."""
+    threads = threads or os.cpu_count() or 1
+    return f"{socket.gethostname()}|{_cpu_model()}|{threads}"
+
+
+def peak_file() -> Path:
+    return home() / "local-peak.json"
+
+
+def cached_peak(dtype: str, threads: int | None = None) -> float | None:
+    """TFLOP/s measured earlier on this machine for `dtype`, or None."""
+    try:
+        table = json.loads(peak_file().read_text())
+    except (OSError, ValueError):
+        return None
+    return table.get(machine_key(threads), {}).get(dtype)
+
+
+def save_peak(dtype: str, tflops: float, threads: int | None = None) -> None:
+    path = peak_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table.setdefault(machine_key(threads), {})[dtype] = tflops
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+def measure_matmul_tflops(dtype: str = "fp32", size: int = 1024, seconds: float = 0.5, device: str = "cpu") -> float:
+    """Dense square matmul throughput in TFLOP/s: the best of repeated timed bursts."""
+    import torch
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a = torch.randn(size, size, device=device, dtype=torch_dtype)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    sync = torch.accelerator.synchronize if device != "cpu" else (lambda: None)
+    for _ in range(2):  # warm up kernels and caches
+        a @ b
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        sync()
+        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    return best / 1e12
+
+
+def local_peak(dtype: str) -> float:
+    """The CPU's matmul peak for `dtype` with torch's current thread count, measured once."""
+    import torch
+
+    threads = torch.get_num_threads()
+    value = cached_peak(dtype, threads)
+    if value is None:
+        value = measure_matmul_tflops(dtype)
+        save_peak(dtype, value, threads)
+    return value
