@@ -1,5 +1,271 @@
-"""Placeholder until this area's commands land."""
+"""`supercluster fleet | cluster | job`: thin wrappers over `supercluster.cluster`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+DbOption = Annotated[
+    Optional[str],
+    typer.Option("--db", envvar="SUPERCLUSTER_DB", help="SQLAlchemy URL of the fleet database (default: $SUPERCLUSTER_HOME/fleet.db)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON with stable keys instead of a table.")]
+
+fleet_app = typer.Typer(help="The fleet: nodes, switches, pods.", no_args_is_help=True)
+cluster_app = typer.Typer(help="Clusters: gang allocations of GPUs on the fleet.", no_args_is_help=True)
+job_app = typer.Typer(help="Jobs: training runs on a cluster.", no_args_is_help=True)
 
 
-def register(app):
-    pass
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("-" if v is None else str(v) for v in row))
+    Console().print(table)
+
+
+def _when(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ---- fleet -------------------------------------------------------------------------------------
+
+
+@fleet_app.command("init")
+def fleet_init(
+    backend: Annotated[str, typer.Option("--backend", help="local, slurm or sim.")] = "local",
+    spec: Annotated[Optional[Path], typer.Option("--spec", help="sim: TOML fleet spec (default 1,280 x 8 H100).")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", help="local: GPU slots on this machine (default: devices, or CPU cores).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing fleet that holds no clusters.")] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Import the fleet's nodes from a backend."""
+    from supercluster.cluster.fleet import init_fleet
+
+    options = {"gpus": gpus} if gpus else {}
+    info = init_fleet(db, backend, spec=spec, force=force, **options)
+    info.pop("node_list")
+    if as_json:
+        _print_json(info)
+    else:
+        print(f"fleet on {info['backend']}: {info['nodes']} nodes, {info['gpus']} GPUs ({', '.join(info['gpu_types'])}), "
+              f"{len(info['leaves'])} leaf switches in {info['pods']} pods")
+
+
+@fleet_app.command("show")
+def fleet_show(
+    nodes: Annotated[bool, typer.Option("--nodes", help="One row per node instead of per leaf switch.")] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Nodes by pod and leaf switch, with their states."""
+    from supercluster.cluster.fleet import summary
+    from supercluster.cluster.jobs import refresh
+
+    refresh(db)
+    info = summary(db)
+    if as_json:
+        _print_json(info)
+    elif nodes:
+        _table(f"{info['backend']} fleet", ["node", "gpu type", "gpus", "used", "pod", "leaf", "status", "health", "clusters"],
+               [[n["name"], n["gpu_type"], n["gpus"], n["used_gpus"], n["pod"], n["leaf"], n["status"],
+                 n["last_health_status"] or "unchecked", ",".join(n["clusters"])] for n in info["node_list"]])
+    else:
+        _table(f"{info['backend']} fleet: {info['nodes']} nodes, {info['free_gpus']}/{info['gpus']} GPUs free",
+               ["pod", "leaf", "nodes", "gpus", "free gpus", "states"],
+               [[r["pod"], r["leaf"], r["nodes"], r["gpus"], r["free_gpus"], " ".join(f"{k}={v}" for k, v in r["states"].items())]
+                for r in info["leaves"]])
+
+
+# ---- cluster -----------------------------------------------------------------------------------
+
+
+def _print_cluster(c: dict) -> None:
+    where = f"{len(c['nodes'])} nodes on {c['leaves']} leaf switches in {c['pods']} pods (lower bound {c['lower_bound']})"
+    state = c["state"] if c["state"] != "queued" else f"queued (position {c['queue_position']})"
+    print(f"cluster {c['name']}: {c['gpus']} x {c['gpu_type']}, {state}" + (f", {where}" if c["nodes"] else ""))
+    if c["nodes"]:
+        switches = c["switches"] if len(c["switches"]) <= 8 else [*c["switches"][:4], "...", *c["switches"][-2:]]
+        print(f"  switches: {', '.join(switches)}")
+        names = [n["name"] for n in c["nodes"]]
+        shown = names if len(names) <= 8 else [*names[:4], "...", *names[-2:]]
+        print(f"  nodes:    {', '.join(shown)}")
+    if c["reservation"]:
+        print(f"  reservation: {c['reservation']}")
+
+
+@cluster_app.command("create")
+def cluster_create(
+    name: str,
+    gpus: Annotated[int, typer.Option("--gpus", help="GPUs to allocate: a multiple of the node's GPU count, or less than one node.")],
+    gpu_type: Annotated[Optional[str], typer.Option("--gpu-type", help="GPU type from the catalog (default: the fleet's only type).")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of queueing when the request does not fit now.")] = False,
+    max_switches: Annotated[Optional[int], typer.Option("--max-switches", help="Use at most this many leaf switches.")] = None,
+    require_health: Annotated[bool, typer.Option("--require-health", help="Also refuse nodes that were never health-checked.")] = False,
+    health_max_age: Annotated[float, typer.Option("--health-max-age", help="Seconds a passed health check stays valid.")] = 86400.0,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Allocate a gang of GPUs, placed on the fewest leaf switches."""
+    from supercluster.cluster.clusters import create_cluster
+
+    c = create_cluster(db, name, gpus, gpu_type=gpu_type, wait=not no_wait, max_switches=max_switches,
+                       require_health=require_health, health_max_age_s=health_max_age)
+    _print_json(c) if as_json else _print_cluster(c)
+
+
+@cluster_app.command("list")
+def cluster_list(db: DbOption = None, as_json: JsonOption = False):
+    """All clusters, placed and queued."""
+    from supercluster.cluster.clusters import list_clusters
+
+    clusters = list_clusters(db)
+    if as_json:
+        _print_json(clusters)
+        return
+    _table("clusters", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs"],
+           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c["lower_bound"], len(c["jobs"])]
+            for c in clusters])
+
+
+@cluster_app.command("show")
+def cluster_show(name: str, db: DbOption = None, as_json: JsonOption = False):
+    """One cluster: its nodes, switches used and the lower bound for its size."""
+    from supercluster.cluster.clusters import show_cluster
+
+    c = show_cluster(db, name)
+    _print_json(c) if as_json else _print_cluster(c)
+
+
+@cluster_app.command("delete")
+def cluster_delete(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", help="Cancel the cluster's running jobs.")] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Release a cluster's nodes (queued clusters that now fit start)."""
+    from supercluster.cluster.clusters import delete_cluster
+
+    started = delete_cluster(db, name, force=force)
+    if as_json:
+        _print_json({"deleted": name, "started": started})
+    else:
+        print(f"deleted cluster {name}" + (f"; started {', '.join(started)}" if started else ""))
+
+
+# ---- job ---------------------------------------------------------------------------------------
+
+
+def _print_job(j: dict) -> None:
+    print(f"job {j['id']} on {j['cluster']}: {j['state']}, restarts {j['restarts']}/{j['max_restarts']}"
+          + (f", exit code {j['exit_code']}" if j["exit_code"] is not None else "")
+          + (f" ({j['detail']})" if j["detail"] else ""))
+    print(f"  run dir: {j['run_dir']}")
+
+
+@job_app.command("submit")
+def job_submit(
+    config: str,
+    cluster: Annotated[str, typer.Option("--cluster", help="Cluster to run on.")],
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Config override section.key=value (repeatable).")] = None,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after a failure before giving up.")] = 3,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Run a training config on a cluster (one torchrun per node)."""
+    from supercluster.cluster.jobs import submit_job
+
+    j = submit_job(db, cluster, config, overrides or [], max_restarts=max_restarts)
+    _print_json(j) if as_json else _print_job(j)
+
+
+@job_app.command("list")
+def job_list(
+    cluster: Annotated[Optional[str], typer.Option("--cluster", help="Only this cluster's jobs.")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """All jobs with their states."""
+    from supercluster.cluster.jobs import list_jobs
+
+    jobs = list_jobs(db, cluster)
+    if as_json:
+        _print_json(jobs)
+        return
+    _table("jobs", ["id", "cluster", "state", "restarts", "exit", "submitted", "config"],
+           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["config"]] for j in jobs])
+
+
+@job_app.command("status")
+def job_status(
+    job_id: int,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends.")] = False,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """One job's state (with --wait: its final state; exit code 1 unless it completed)."""
+    from supercluster.cluster import jobs
+
+    j = jobs.wait_job(db, job_id, timeout_s=float("inf")) if wait else jobs.job_status(db, job_id)
+    _print_json(j) if as_json else _print_job(j)
+    if wait and j["state"] != "completed":
+        raise typer.Exit(1)
+
+
+@job_app.command("logs")
+def job_logs(
+    job_id: int,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    db: DbOption = None,
+):
+    """Print a job's output."""
+    from supercluster.cluster import jobs
+
+    path = jobs.log_path(db, job_id)
+    offset = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as f:
+                f.seek(offset)
+                chunk = f.read()
+                offset += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+        if not follow or jobs.job_status(db, job_id)["state"] not in ("pending", "running"):
+            if follow and path.exists():  # what was written between the last read and the end
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    sys.stdout.write(f.read().decode(errors="replace"))
+            return
+        time.sleep(1.0)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: int, db: DbOption = None, as_json: JsonOption = False):
+    """Stop a job."""
+    from supercluster.cluster.jobs import cancel_job
+
+    j = cancel_job(db, job_id)
+    _print_json(j) if as_json else _print_job(j)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(fleet_app, name="fleet")
+    app.add_typer(cluster_app, name="cluster")
+    app.add_typer(job_app, name="job")

@@ -1,5 +1,160 @@
-"""Placeholder until this area's commands land."""
+"""`supercluster health`: check nodes, calibrate baselines, show the history.
+
+    supercluster health [local | --node NAME | --cluster NAME] [--level quick|full] [--json]
+    supercluster health calibrate [--level full] [--repeats 3] [--json]
+    supercluster health report [--node NAME] [--limit 50] [--json]
+"""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+LEVEL = typer.Option("quick", "--level", help="quick (seconds) or full (larger sizes, longer runs)")
+JSON = typer.Option(False, "--json", help="print JSON with stable keys instead of a table")
+DB = typer.Option(None, "--db", help="fleet database URL (default $SUPERCLUSTER_DB or $SUPERCLUSTER_HOME/fleet.db)")
 
 
-def register(app):
-    pass
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _print_reports(reports: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"nodes": reports}, indent=1, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for r in reports:
+        table = Table(title=f"{r['node']}: {r['status']} ({r['level']}, {r['duration_s']:.1f} s) - {r['action']}")
+        for column in ("check", "status", "value", "unit", "threshold", "why"):
+            table.add_column(column)
+        for c in r["checks"]:
+            style = {"passed": "green", "failed": "red"}.get(c["status"], "yellow")
+            threshold = f"{c['comparison']} {_fmt(c['threshold'])}" if c["threshold"] is not None else "-"
+            table.add_row(c["check"], f"[{style}]{c['status']}[/]", _fmt(c["value"]), c["unit"], threshold,
+                          c["reason"] or c["source"] or "")
+        console.print(table)
+        console.print(r["summary"])
+
+
+def _run(node: str | None, cluster: str | None, level: str, as_json: bool, record: bool, db: str | None) -> None:
+    from supercluster.errors import UserError
+    from supercluster.health import gate, runner, targets
+    from supercluster.health.results import FAILED
+
+    if node and cluster:
+        raise UserError("Pass either --node or --cluster, not both.")
+    runner.level_params(level, "cpu")  # validates the level before minutes of work
+    reports = []
+    if node or cluster:
+        for n in targets.fleet_nodes(node, cluster, db):
+            report = targets.check_fleet_node(n, level, db=db)
+            reports.append({**report.to_dict(), "action": gate.record(report, db) if record else "not recorded"})
+    else:
+        mine = targets.local_node(db)
+        if mine is not None:
+            report = targets.check_fleet_node(mine, level, db=db)
+            action = gate.record(report, db) if record else "not recorded"
+        else:
+            report = runner.check_here(targets.this_host(), level)
+            action = "not recorded (this machine is not in the fleet)"
+        reports.append({**report.to_dict(), "action": action})
+    _print_reports(reports, as_json)
+    if any(r["status"] == FAILED for r in reports):
+        raise SystemExit(1)  # like NHC: scripts and Slurm prolog/epilog hooks can test the exit code
+
+
+def register(app: typer.Typer) -> None:
+    health = typer.Typer(help="Check nodes against pass marks and baselines; drain the ones that fail.",
+                         invoke_without_command=True, no_args_is_help=False)
+
+    @health.callback()
+    def check(ctx: typer.Context, node: str = typer.Option(None, "--node", help="a fleet node"),
+              cluster: str = typer.Option(None, "--cluster", help="every node of a cluster"),
+              level: str = LEVEL, as_json: bool = JSON,
+              record: bool = typer.Option(True, "--record/--no-record", help="store results and drain/resume"),
+              db: str = DB):
+        """Run the health checks on this machine (default), one node or a cluster."""
+        if ctx.invoked_subcommand is None:
+            _run(node, cluster, level, as_json, record, db)
+
+    @health.command("local")
+    def local(level: str = LEVEL, as_json: bool = JSON,
+              record: bool = typer.Option(True, "--record/--no-record", help="store results and drain/resume"),
+              db: str = DB):
+        """Run the health checks on this machine."""
+        _run(None, None, level, as_json, record, db)
+
+    @health.command("calibrate")
+    def calibrate(level: str = typer.Option("full", "--level", help="quick or full"),
+                  repeats: int = typer.Option(3, "--repeats", help="runs to take the median and noise from"),
+                  as_json: bool = JSON, db: str = DB):
+        """Record this known-good machine's figures as the baseline for machines of its kind."""
+        from supercluster.health import runner, targets, thresholds
+
+        mine = targets.local_node(db)
+        gpu_type = mine["gpu_type"] if mine else None
+        kind, entry = runner.calibrate_here(level, repeats, gpu_type=gpu_type)
+        rows = {check: {**e, "tolerance": thresholds.tolerance(check, e["cv"])} for check, e in entry.items()}
+        for check in rows:
+            if check == "accelerator_count":
+                rows[check]["tolerance"] = 0.0
+        if as_json:
+            print(json.dumps({"kind": kind, "level": level, "repeats": repeats, "baseline": rows}, indent=1, sort_keys=True))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"baseline for {kind} ({level}, {repeats} runs)")
+        for column in ("check", "median", "unit", "cv", "tolerance", "passes at"):
+            table.add_column(column)
+        for check, e in rows.items():
+            table.add_row(check, _fmt(e["median"]), e["unit"], f"{e['cv']:.1%}", f"{e['tolerance']:.0%}",
+                          _fmt(e["median"] * (1 - e["tolerance"])))
+        Console().print(table)
+
+    @health.command("report")
+    def report(node: str = typer.Option(None, "--node", help="only this node"),
+               limit: int = typer.Option(50, "--limit", help="newest results to show"),
+               as_json: bool = JSON, db: str = DB):
+        """Nodes' health state and the history of their check results, newest first."""
+        from supercluster.cluster import fleet
+        from supercluster.health import targets
+
+        nodes = targets.fleet_nodes(node, None, db) if node else fleet.nodes(db)
+        history = fleet.health_history(db, node=node, limit=limit)
+        for row in history:
+            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+        keys = ("name", "state", "reason", "last_health_status", "last_health_at")
+        data = {"nodes": [{k: n[k] for k in keys} for n in nodes], "history": history}
+        if as_json:
+            print(json.dumps(data, indent=1, sort_keys=True))
+            return
+        from datetime import datetime, timezone
+
+        from rich.console import Console
+        from rich.table import Table
+
+        def when(t):
+            return "-" if t is None else datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+        console = Console()
+        table = Table(title="nodes")
+        for column in ("node", "state", "last health", "checked (UTC)", "reason"):
+            table.add_column(column)
+        for n in data["nodes"]:
+            table.add_row(n["name"], n["state"], n["last_health_status"] or "never", when(n["last_health_at"]), n["reason"] or "")
+        console.print(table)
+        table = Table(title=f"history (newest {limit})")
+        for column in ("measured (UTC)", "node", "check", "status", "value", "unit", "threshold"):
+            table.add_column(column)
+        for h in history:
+            table.add_row(when(h["measured_at"]), h["node"], h["check"], h["status"], _fmt(h["value"]), h["unit"] or "",
+                          _fmt(h["threshold"]))
+        console.print(table)
+
+    app.add_typer(health, name="health")

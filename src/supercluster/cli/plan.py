@@ -1,5 +1,147 @@
-"""Placeholder until this area's commands land."""
+"""`supercluster plan`: predict and choose the parallel layout of a model on N GPUs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from supercluster.errors import UserError
+
+JSON_KEYS = (
+    "tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "sequence_parallel",
+    "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
+    "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s",
+)
 
 
-def register(app):
-    pass
+def plan(
+    model: Optional[str] = typer.Argument(None, help="Model preset (gpt3-175b, llama3-70b, ...); or give --layers --hidden --heads."),
+    layers: Optional[int] = typer.Option(None, "--layers"),
+    hidden: Optional[int] = typer.Option(None, "--hidden"),
+    heads: Optional[int] = typer.Option(None, "--heads"),
+    kv_heads: Optional[int] = typer.Option(None, "--kv-heads"),
+    ffn_hidden: Optional[int] = typer.Option(None, "--ffn-hidden"),
+    vocab: Optional[int] = typer.Option(None, "--vocab"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's context)."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per optimizer step (default: ~4M tokens)."),
+    gpus: int = typer.Option(..., "--gpus", help="GPUs to plan for."),
+    gpu: str = typer.Option("h100", "--gpu", help="a100-40gb, a100-80gb, h100, h200, mi300x, b200 or local."),
+    node: Optional[str] = typer.Option(None, "--node", help="Node type, e.g. nd-h100-v5 (default: the GPU's usual node)."),
+    gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
+    ib_gbps_per_gpu: Optional[float] = typer.Option(None, "--ib-gbps-per-gpu", help="Scale-out Gb/s per GPU."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="bf16 or fp8 (default bf16; fp32 for local)."),
+    tp: Optional[int] = typer.Option(None, "--tp"),
+    pp: Optional[int] = typer.Option(None, "--pp"),
+    dp: Optional[int] = typer.Option(None, "--dp"),
+    cp: Optional[int] = typer.Option(None, "--cp"),
+    microbatch: Optional[int] = typer.Option(None, "--microbatch"),
+    virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages"),
+    zero: Optional[int] = typer.Option(None, "--zero", help="0..3"),
+    recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full"),
+    sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel"),
+    tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens, for time and cost to train."),
+    price: Optional[float] = typer.Option(None, "--price", help="Price per GPU-hour, for the cost to train."),
+    top: int = typer.Option(10, "--top", help="Layouts to show."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"plans": [...]}, best first.'),
+    emit_config: Optional[Path] = typer.Option(None, "--emit-config", help="Write the best plan as a train config (TOML)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="train.steps in the emitted config (default: from --tokens, else 100)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="train.lr in the emitted config."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="run.dir in the emitted config."),
+):
+    """Rank the parallel layouts of a model on N GPUs: step time, MFU, memory, bubble, communication."""
+    from supercluster.plan.build import build_model, build_request
+    from supercluster.plan.search import search
+
+    if top < 1:
+        raise UserError(f"--top must be at least 1, got {top}.")
+    if price is not None and price < 0:
+        raise UserError(f"--price must not be negative, got {price}.")
+    if tokens is not None and tokens <= 0:
+        raise UserError(f"--tokens must be positive, got {tokens}.")
+    cfg = build_model(model, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab_size=vocab)
+    knobs = dict(
+        tp=tp, pp=pp, dp=dp, cp=cp, microbatch=microbatch, virtual_stages=virtual_stages,
+        zero=zero, recompute=recompute, sequence_parallel=sequence_parallel,
+    )
+    fixed = {k: v for k, v in knobs.items() if v is not None}
+    req = build_request(cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed)
+    plans = search(req, top=top)
+    step_tokens = req.work.global_batch * req.work.seq_len
+
+    rows = []
+    for est in plans:
+        row = {k: v for k, v in est.as_dict().items() if k in JSON_KEYS}
+        if tokens:
+            seconds = tokens / step_tokens * est.step_time_s
+            row["train_days"] = seconds / 86400
+            if price is not None:
+                row["train_cost"] = seconds / 3600 * gpus * price
+        rows.append(row)
+
+    if emit_config:
+        import tomli_w
+
+        n_steps = steps or (max(1, round(tokens / step_tokens)) if tokens else 100)
+        from supercluster.plan.build import train_config
+
+        text = tomli_w.dumps(train_config(plans[0], req, n_steps, run_dir, lr))
+        emit_config.parent.mkdir(parents=True, exist_ok=True)
+        tmp = emit_config.with_name(emit_config.name + ".tmp")
+        tmp.write_text(f"# Written by `supercluster plan`: the fastest feasible layout for {gpus} x {req.system.accelerator.name}.\n{text}")
+        tmp.replace(emit_config)
+
+    if as_json:
+        print(json.dumps({"plans": rows}))
+        return
+    _print_table(req, rows, emit_config)
+
+
+def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from supercluster.model.config import num_params
+
+    work, system = req.work, req.system
+    title = (
+        f"{work.model.preset or 'custom model'} ({num_params(work.model) / 1e9:.2f}B params), seq {work.seq_len}, "
+        f"batch {work.global_batch} seqs on {req.gpus} x {system.accelerator.name} ({system.node.name}, {system.precision})"
+    )
+    table = Table(title=title, caption="comm s: communication not hidden behind compute, per step; bubble: (p-1)/(v*m)")
+    headers = ["layout", "zero", "recompute", "step s", "tok/s/GPU", "model TF", "hw TF", "MFU", "HFU", "mem GiB",
+               "bubble", "comm s"]
+    has_days = any("train_days" in r for r in rows)
+    has_cost = any("train_cost" in r for r in rows)
+    headers += ["days"] * has_days + ["cost"] * has_cost
+    for h in headers:
+        table.add_column(h, justify="right")
+    for r in rows:
+        cells = [
+            f"tp{r['tp']} pp{r['pp']} dp{r['dp']} cp{r['cp']} mb{r['microbatch']} v{r['virtual_stages']}"
+            + (" sp" if r["sequence_parallel"] else ""),
+            r["zero"], r["recompute"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_gpu']:,.0f}",
+            f"{r['model_tflops_per_gpu']:.4g}", f"{r['hardware_tflops_per_gpu']:.4g}", f"{100 * r['mfu']:.1f}%",
+            f"{100 * r['hfu']:.1f}%", f"{r['memory_gib_per_gpu']:.1f}", f"{100 * r['bubble_fraction']:.1f}%",
+            f"{r['exposed_comm_s']:.3g}",
+        ]
+        if has_days:
+            cells.append(f"{r['train_days']:.1f}")
+        if has_cost:
+            cells.append(f"{r['train_cost']:,.0f}")
+        table.add_row(*map(str, cells))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a pipe or file gets the whole table, not an 80-column squeeze
+    console.print(table)
+    mem = rows[0]["memory_breakdown_gib"]
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")
+    console.print(f"best layout memory per GPU (GiB): {parts}; of {system.accelerator.hbm_gib:.0f} GiB")
+    if emitted:
+        console.print(f"wrote {emitted}: run it with `supercluster train {emitted}`")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("plan")(plan)

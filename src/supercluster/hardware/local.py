@@ -68,27 +68,74 @@ def measure_matmul_tflops(dtype: str = "fp32", size: int = 1024, seconds: float 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
-    sync = torch.accelerator.synchronize if device != "cpu" else (lambda: None)
-    for _ in range(2):  # warm up kernels and caches
+    # synchronize the device the operands live on (the current device may be another GPU)
+    sync = (lambda: torch.accelerator.synchronize(a.device)) if device != "cpu" else (lambda: None)
+    for _ in range(1):  # warm up kernels and caches
         a @ b
     sync()
     best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
+    while time.perf_counter() < deadline or best == 0.0:
         start = time.perf_counter()
-        for _ in range(4):
-            a @ b
+        a @ b
         sync()
-        best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
     return best / 1e12
 
 
-def local_peak(dtype: str) -> float:
-    """The CPU's matmul peak for `dtype` with torch's current thread count, measured once."""
+def local_peak(dtype: str, threads: int | None = None) -> float:
+    """The CPU's matmul peak for `dtype`, measured once per thread count.
+
+    `threads=None` means torch's current thread count. A cached figure is returned without
+    importing torch, so the planner stays fast after the first measurement.
+    """
+    if threads is not None:
+        value = cached_peak(dtype, threads)
+        if value is not None:
+            return value
+    import torch
+
+    previous = torch.get_num_threads()
+    threads = threads or previous
+    value = cached_peak(dtype, threads)
+    if value is None:
+        torch.set_num_threads(threads)
+        try:
+            value = measure_matmul_tflops(dtype)
+        finally:
+            torch.set_num_threads(previous)
+        save_peak(dtype, value, threads)
+    return value
+
+
+def memory_bandwidth_tbps(megabytes: int = 256, repeats: int = 5) -> float:
+    """Main-memory copy bandwidth in TB/s (bytes read + written), measured once with numpy.
+
+    numpy rather than torch keeps the planner torch-free; cached next to the matmul peak.
+    """
+    value = cached_peak("mem_tbps")
+    if value is None:
+        import numpy as np
+
+        src = np.ones(megabytes * 2**20 // 8)
+        dst = np.empty_like(src)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            np.copyto(dst, src)
+            best = min(best, time.perf_counter() - start)
+        value = 2 * src.nbytes / best / 1e12
+        save_peak("mem_tbps", value)
+    return value
+
+
+def bf16_speedup() -> float:
+    """How much faster bf16 matmuls run than fp32 on this CPU, measured once on small
+    matrices (where bf16 is emulated it is ~100x slower, so the probe must stay small)."""
     import torch
 
     threads = torch.get_num_threads()
-    value = cached_peak(dtype, threads)
+    value = cached_peak("bf16_speedup", threads)
     if value is None:
-        value = measure_matmul_tflops(dtype)
-        save_peak(dtype, value, threads)
+        value = measure_matmul_tflops("bf16", size=256, seconds=0.2) / measure_matmul_tflops("fp32", size=256, seconds=0.2)
+        save_peak("bf16_speedup", value, threads)
     return value

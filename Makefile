@@ -1,0 +1,32 @@
+# The two commands of the README. Both set up everything on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test setup bench clean
+
+# A venv with torch (the CPU wheel where no GPU is present) and supercluster, editable.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
+	else $(BIN)/pip install -q torch==2.13.0; fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The main job: train the `small` GPT on 2 local ranks (about 3 minutes), then sample it.
+demo: setup
+	$(BIN)/supercluster train configs/demo.toml --nproc 2
+
+# The whole test suite, with a real Slurm started by the tests (installed here when missing).
+test: setup
+	-bash scripts/install-slurm.sh
+	$(BIN)/pytest
+
+bench: setup
+	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf runs $(VENV)

@@ -1,0 +1,87 @@
+"""`supercluster train` and `supercluster sample`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from supercluster.errors import UserError
+
+
+def train(
+    config: Optional[Path] = typer.Argument(None, help="TOML config; defaults are used for anything it leaves out."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=50 (repeatable)."),
+    nproc: int = typer.Option(1, "--nproc", help="Ranks on this node (torchrun workers)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0..nnodes-1."),
+    rdzv: Optional[str] = typer.Option(None, "--rdzv", help="HOST:PORT of the rendezvous, for several nodes."),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by all nodes (default: from the config path)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="Restart failed workers this many times, resuming from the latest checkpoint."),
+    sample: bool = typer.Option(True, "--sample/--no-sample", help="Print a sample from the trained model at the end."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Train a GPT model: one rank in this process, or N ranks through torchrun."""
+    from supercluster.train.config import load_config
+    from supercluster.train.launch import Launch, launch_training
+
+    cfg = load_config(config, set_)
+    launch = Launch(nproc, nnodes, node_rank, rdzv, rdzv_id, max_restarts)
+    summary = launch_training(cfg, launch)
+    if node_rank != 0 or not summary:
+        return
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print_summary(cfg.run.dir, summary)
+    if sample:
+        from supercluster.train.sample import sample_run
+
+        for text in sample_run(Path(cfg.run.dir), cfg.run.sample_prompt, cfg.run.sample_tokens, samples=2):
+            print("--- sample ---")
+            print(text)
+
+
+def print_summary(run_dir, s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"run {run_dir}", show_header=False)
+    rows = [
+        ("steps", f"{s.get('step', 0)}"), ("loss", f"{s.get('loss', float('nan')):.4f}"),
+        ("val loss", f"{s['val_loss']:.4f}" if "val_loss" in s else "-"),
+        ("tokens/s", f"{s.get('tokens_per_s', 0):,.0f} ({s.get('world_size', 1)} ranks)"),
+        ("MFU", f"{100 * s.get('mfu', 0):.1f}% of {s.get('peak_source', '?')}"),
+        ("precision", s.get("precision", "?")), ("peak memory", f"{s.get('mem_gib', 0):.2f} GiB per rank"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    Console().print(table)
+
+
+def sample(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds config.toml and checkpoints/)."),
+    prompt: str = typer.Option("def ", "--prompt"),
+    tokens: int = typer.Option(200, "--tokens", help="New tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature"),
+    top_k: int = typer.Option(50, "--top-k", help="0 disables."),
+    top_p: float = typer.Option(0.95, "--top-p", help="1.0 disables."),
+    samples: int = typer.Option(1, "--samples"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Generate text from a run's latest checkpoint (KV cache; temperature, top-k, top-p)."""
+    from supercluster.train.sample import sample_run
+
+    if tokens < 1 or samples < 1:
+        raise UserError("--tokens and --samples must be at least 1.")
+    for i, text in enumerate(sample_run(run_dir, prompt, tokens, samples, temperature, top_k or None, top_p, seed)):
+        if samples > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("sample")(sample)

@@ -1,0 +1,96 @@
+"""This machine as a one-node fleet; jobs are local process trees.
+
+A job runs `supercluster train` under a small detached runner (`python -m
+supercluster.cluster.backends.local JOB_DIR -- CMD...`) that records the exit code in
+JOB_DIR/exit_code when the command ends, so any later `supercluster job status` can tell how it
+ended. Restarts after a crash are torchrun's (`--max-restarts`), not ours.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from supercluster.cluster.backends import Backend, JobStatus, Launch, NodeSpec, train_command
+
+
+def _detect_gpus() -> tuple[str, int]:
+    import torch
+
+    if torch.accelerator.is_available():
+        device = torch.accelerator.current_accelerator()
+        name = torch.cuda.get_device_name(0) if device.type == "cuda" else device.type
+        from supercluster.cluster.backends import canonical_gpu_type
+        from supercluster.errors import UserError
+
+        try:
+            gpu_type = canonical_gpu_type(name.split()[-1])
+        except UserError:
+            gpu_type = name.lower().replace(" ", "-")
+        return gpu_type, torch.accelerator.device_count()
+    # No accelerator: the CPU is the "GPU" and each rank is a process sharing its cores.
+    return "local", os.cpu_count() or 1
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def discover(self) -> list[NodeSpec]:
+        gpu_type, count = _detect_gpus()
+        gpus = int(self.settings.get("gpus") or count)
+        self.settings["gpus"] = gpus
+        return [NodeSpec(socket.gethostname(), gpu_type, gpus, "local", "local", "127.0.0.1")]
+
+    def submit(self, launch: Launch) -> str:
+        job_dir = Path(launch.job_dir)
+        cmd = train_command(launch, 1, torchrun_restarts=launch.max_restarts)
+        log = open(job_dir / "job.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supercluster.cluster.backends.local", str(job_dir), "--", *cmd],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        log.close()
+        return str(proc.pid)
+
+    def poll(self, ref: str, job_dir: str) -> JobStatus:
+        code_file = Path(job_dir) / "exit_code"
+        if code_file.exists():
+            code = int(code_file.read_text())
+            return JobStatus("completed" if code == 0 else "failed", code)
+        if _alive(int(ref)):
+            return JobStatus("running")
+        return JobStatus("failed", None, detail="the job's runner ended without recording an exit code")
+
+    def cancel(self, ref: str, job_dir: str) -> None:
+        try:
+            os.killpg(int(ref), signal.SIGTERM)  # the runner leads its own session: this reaches torchrun and its ranks
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+
+
+def _run(job_dir: str, cmd: list[str]) -> int:
+    """The runner: start the job, forward SIGTERM to it, write its exit code atomically."""
+    proc = subprocess.Popen(cmd)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    code = proc.wait()
+    tmp = Path(job_dir) / "exit_code.tmp"
+    tmp.write_text(str(code))
+    tmp.replace(Path(job_dir) / "exit_code")
+    return code
+
+
+if __name__ == "__main__":
+    split = sys.argv.index("--")
+    sys.exit(_run(sys.argv[1], sys.argv[split + 1 :]))

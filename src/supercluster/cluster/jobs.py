@@ -1,0 +1,198 @@
+"""Jobs: one training run on a cluster, launched by the fleet's backend, followed to its end.
+
+`refresh` is the reconcile step every job command runs first: it reads the backend's view of
+nodes and jobs into our books, and when a job was requeued because a node failed (Slurm puts a
+`--requeue` job back to pending), it swaps the cluster's failed nodes for replacements from the
+fleet, moves the Slurm reservation onto them and releases the job, which resumes from its
+latest checkpoint. After `max_restarts` requeues the job is cancelled and marked failed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, selectinload
+
+from supercluster.cluster.backends import Backend, Launch, backend_for
+from supercluster.cluster.clusters import _get as get_cluster
+from supercluster.cluster.clusters import eligible
+from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Database, Fleet, Job, Node, now, open_db
+from supercluster.errors import UserError
+
+
+def jobs_root() -> Path:
+    from supercluster.hardware.local import home
+
+    return home() / "jobs"
+
+
+def submit_job(
+    db: Database | str | None, cluster_name: str, config: str, overrides: list[str] = (), *, max_restarts: int = 3
+) -> dict:
+    db = open_db(db)
+    path = Path(config).resolve()
+    if not path.is_file():
+        raise UserError(f"Config file {config!r} does not exist; pass the path of a training TOML.")
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set {item!r} is not section.key=value; write it like train.steps=10.")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts must be 0 or more, got {max_restarts}.")
+    with db.transaction() as s:
+        fleet = db.fleet(s)
+        cluster = get_cluster(s, cluster_name)
+        if cluster.state != "ready":
+            raise UserError(f"Cluster {cluster_name!r} is still queued; submit once `supercluster cluster show {cluster_name}` says ready.")
+        job = Job(cluster_name=cluster_name, config=str(path), overrides=list(overrides), state="pending", job_dir="",
+                  restarts=0, max_restarts=max_restarts, submitted_at=now())
+        s.add(job)
+        s.flush()
+        jobs_root().mkdir(parents=True, exist_ok=True)
+        # Unique even when several fleet databases share one $SUPERCLUSTER_HOME (ids restart per DB).
+        job_dir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=jobs_root()))
+        job.job_dir = str(job_dir)
+        launch = Launch(
+            job_id=job.id, job_dir=str(job_dir), config=str(path), overrides=tuple(overrides),
+            nodes=tuple(cluster.node_names), gpus_per_node=cluster.allocations[0].gpus,
+            max_restarts=max_restarts, reservation=cluster.backend_ref,
+        )
+        job.backend_ref = backend_for(fleet.backend, fleet.settings).submit(launch)
+        return job_dict(job)
+
+
+def job_dict(j: Job) -> dict:
+    return {
+        "id": j.id, "cluster": j.cluster_name, "state": j.state, "config": j.config, "overrides": j.overrides,
+        "job_dir": j.job_dir, "run_dir": f"{j.job_dir}/run", "backend_ref": j.backend_ref, "restarts": j.restarts,
+        "max_restarts": j.max_restarts, "exit_code": j.exit_code, "detail": j.detail,
+        "submitted_at": j.submitted_at, "ended_at": j.ended_at,
+    }
+
+
+def refresh(db: Database | str | None = None) -> None:
+    """Brings node and job states up to date with the backend, recovering requeued jobs."""
+    db = open_db(db)
+    with db.transaction() as s:
+        fleet = s.get(Fleet, 1)
+        if fleet is None:
+            return
+        backend = backend_for(fleet.backend, fleet.settings)
+        live = backend.node_states()
+        if live:
+            for node in s.scalars(sa.select(Node)):
+                if node.name in live:
+                    node.state, node.reason = live[node.name]
+        for job in s.scalars(sa.select(Job).where(Job.state.in_(JOB_ACTIVE)).order_by(Job.id)).all():
+            _refresh_job(s, fleet, backend, job)
+
+
+def _refresh_job(s: Session, fleet: Fleet, backend: Backend, job: Job) -> None:
+    status = backend.poll(job.backend_ref, job.job_dir)
+    job.restarts = max(job.restarts, status.restarts)
+    job.detail = status.detail
+    if status.state == "pending" and status.restarts > 0:  # requeued after a failure
+        if job.restarts > job.max_restarts:
+            backend.cancel(job.backend_ref, job.job_dir)
+            job.state, job.ended_at = "failed", now()
+            job.detail = f"gave up after {job.max_restarts} restarts"
+            return
+        _replace_failed_nodes(s, fleet, backend, job)
+    job.state = status.state
+    job.exit_code = status.exit_code
+    if status.state not in JOB_ACTIVE:
+        job.ended_at = job.ended_at or now()
+
+
+def _replace_failed_nodes(s: Session, fleet: Fleet, backend: Backend, job: Job) -> None:
+    """Swaps the job's cluster's unusable nodes for free ones, nearest in the fabric first."""
+    cluster = s.scalar(sa.select(Cluster).where(Cluster.name == job.cluster_name).options(selectinload(Cluster.allocations)))
+    if cluster is None:
+        return
+    at = now()
+    failed = [a for a in cluster.allocations if s.get(Node, a.node_name).state != "up"]
+    if failed:
+        keep = [s.get(Node, a.node_name) for a in cluster.allocations if a not in failed]
+        leaves, pods = {n.leaf for n in keep}, {n.pod for n in keep}
+        spares = [
+            n for n in s.scalars(sa.select(Node).where(Node.gpu_type == cluster.gpu_type).options(selectinload(Node.allocations)))
+            if not n.allocations and eligible(n, cluster, at)
+        ]
+        # Same leaf switch as the healthy nodes, else same pod, else anywhere; then by name.
+        spares.sort(key=lambda n: (n.leaf not in leaves, n.pod not in pods, n.name))
+        if len(spares) < len(failed):
+            job.detail = f"waiting for {len(failed) - len(spares)} replacement node(s)"
+            return
+        for old, new in zip(failed, spares):
+            gpus = old.gpus
+            s.delete(old)
+            s.add(Allocation(cluster_id=cluster.id, node_name=new.name, gpus=gpus))
+        s.flush()
+        s.expire_all()
+        cluster = s.get(Cluster, cluster.id)
+        nodes = [s.get(Node, n) for n in cluster.node_names]
+        cluster.leaves, cluster.pods = len({n.leaf for n in nodes}), len({n.pod for n in nodes})
+        if cluster.backend_ref:
+            backend.update_reservation(cluster.backend_ref, cluster.node_names)
+        job.detail = f"requeued on {', '.join(cluster.node_names)}"
+    backend.release_requeued(job.backend_ref)
+
+
+def _get_job(s: Session, job_id: int) -> Job:
+    job = s.get(Job, job_id)
+    if job is None:
+        raise UserError(f"No job {job_id}; see `supercluster job list`.")
+    return job
+
+
+def job_status(db: Database | str | None, job_id: int) -> dict:
+    db = open_db(db)
+    refresh(db)
+    with db.transaction(lock=False) as s:
+        return job_dict(_get_job(s, job_id))
+
+
+def list_jobs(db: Database | str | None = None, cluster: str | None = None) -> list[dict]:
+    db = open_db(db)
+    refresh(db)
+    with db.transaction(lock=False) as s:
+        query = sa.select(Job).order_by(Job.id)
+        if cluster:
+            query = query.where(Job.cluster_name == cluster)
+        return [job_dict(j) for j in s.scalars(query)]
+
+
+def cancel_in_session(s: Session, fleet: Fleet, job: Job) -> None:
+    backend_for(fleet.backend, fleet.settings).cancel(job.backend_ref, job.job_dir)
+    job.state, job.ended_at = "cancelled", now()
+
+
+def cancel_job(db: Database | str | None, job_id: int) -> dict:
+    db = open_db(db)
+    refresh(db)
+    with db.transaction() as s:
+        job = _get_job(s, job_id)
+        if job.state not in JOB_ACTIVE:
+            raise UserError(f"Job {job_id} already ended ({job.state}); nothing to cancel.")
+        cancel_in_session(s, db.fleet(s), job)
+        return job_dict(job)
+
+
+def log_path(db: Database | str | None, job_id: int) -> Path:
+    db = open_db(db)
+    with db.transaction(lock=False) as s:
+        job = _get_job(s, job_id)
+        return Path(backend_for(db.fleet(s).backend, db.fleet(s).settings).log_path(job.backend_ref, job.job_dir))
+
+
+def wait_job(db: Database | str | None, job_id: int, timeout_s: float = 600.0, poll_s: float = 2.0) -> dict:
+    """Refreshes until the job ends (recovering it on node failure on the way); returns its final state."""
+    db = open_db(db)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = job_status(db, job_id)
+        if status["state"] not in JOB_ACTIVE or time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)

@@ -1,0 +1,224 @@
+"""Fleet state: the SQLAlchemy models and the database that holds them.
+
+SQLite file `$SUPERCLUSTER_HOME/fleet.db` by default; any SQLAlchemy URL through
+`$SUPERCLUSTER_DB` or `--db` (PostgreSQL is tested). Every change goes through
+`Database.transaction()`, which takes the fleet's write lock first (SQLite `BEGIN IMMEDIATE`,
+PostgreSQL `SELECT ... FOR UPDATE` on the one fleet row), so two commands that race for nodes
+are served one after the other and never see the same node as free.
+
+Times are float seconds since the epoch (portable across SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import Iterator
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+
+from supercluster.cluster import migrations
+from supercluster.errors import UserError
+
+# Node.state is what the operator or the hardware says; allocation is separate (Allocation rows),
+# as in Slurm where DRAIN is a flag on top of IDLE/ALLOCATED.
+NODE_STATES = ("up", "drain", "down")
+HEALTH_STATUSES = ("passed", "failed", "skipped")
+CLUSTER_STATES = ("queued", "ready")
+JOB_ACTIVE = ("pending", "running")
+JOB_STATES = ("pending", "running", "completed", "failed", "cancelled")
+DEFAULT_HEALTH_MAX_AGE_S = 24 * 3600.0
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Fleet(Base):
+    """The one row that says which backend the fleet lives on; its row lock serializes placement."""
+
+    __tablename__ = "fleet"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    backend: Mapped[str] = mapped_column(sa.String(16))
+    settings: Mapped[dict] = mapped_column(sa.JSON)  # backend settings (slurm conf dir, sim spec, ...)
+    created_at: Mapped[float]
+
+
+class Node(Base):
+    __tablename__ = "nodes"
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    gpu_type: Mapped[str] = mapped_column(sa.String(64))
+    gpus: Mapped[int]
+    leaf: Mapped[str] = mapped_column(sa.String(128))
+    pod: Mapped[str] = mapped_column(sa.String(128))
+    address: Mapped[str | None] = mapped_column(sa.String(256))
+    state: Mapped[str] = mapped_column(sa.String(16), default="up")  # up | drain | down
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    last_health_status: Mapped[str | None] = mapped_column(sa.String(16))  # passed | failed | None
+    last_health_at: Mapped[float | None]
+    allocations: Mapped[list[Allocation]] = relationship(back_populates="node")
+
+    @property
+    def used_gpus(self) -> int:
+        return sum(a.gpus for a in self.allocations)
+
+    @property
+    def status(self) -> str:
+        """What `fleet show` prints: idle, mixed, allocated, draining, drained or down (Slurm's words)."""
+        if self.state == "down":
+            return "down"
+        used = self.used_gpus
+        if self.state == "drain":
+            return "draining" if used else "drained"
+        return "idle" if not used else "allocated" if used >= self.gpus else "mixed"
+
+
+class Cluster(Base):
+    __tablename__ = "clusters"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    gpus: Mapped[int]
+    gpu_type: Mapped[str] = mapped_column(sa.String(64))
+    state: Mapped[str] = mapped_column(sa.String(16))  # queued | ready
+    max_switches: Mapped[int | None]
+    require_health: Mapped[bool]
+    health_max_age_s: Mapped[float]
+    bypassed: Mapped[int] = mapped_column(default=0)  # times a later request started first (backfill)
+    leaves: Mapped[int | None]
+    pods: Mapped[int | None]
+    lower_bound: Mapped[int | None]  # fewest leaf switches any placement of this size could use
+    backend_ref: Mapped[str | None] = mapped_column(sa.String(128))  # e.g. the Slurm reservation
+    created_at: Mapped[float]
+    placed_at: Mapped[float | None]
+    allocations: Mapped[list[Allocation]] = relationship(
+        back_populates="cluster", cascade="all, delete-orphan", order_by="Allocation.node_name"
+    )
+
+    @property
+    def node_names(self) -> list[str]:
+        return [a.node_name for a in self.allocations]
+
+
+class Allocation(Base):
+    __tablename__ = "allocations"
+    cluster_id: Mapped[int] = mapped_column(sa.ForeignKey("clusters.id", ondelete="CASCADE"), primary_key=True)
+    node_name: Mapped[str] = mapped_column(sa.String(128), sa.ForeignKey("nodes.name"), primary_key=True, index=True)
+    gpus: Mapped[int]
+    cluster: Mapped[Cluster] = relationship(back_populates="allocations")
+    node: Mapped[Node] = relationship(back_populates="allocations")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    cluster_name: Mapped[str] = mapped_column(sa.String(64), index=True)
+    config: Mapped[str] = mapped_column(sa.Text)
+    overrides: Mapped[list] = mapped_column(sa.JSON)  # ["section.key=value", ...]
+    state: Mapped[str] = mapped_column(sa.String(16))
+    job_dir: Mapped[str] = mapped_column(sa.Text)  # holds the log, the launch script and run/
+    backend_ref: Mapped[str | None] = mapped_column(sa.String(128))  # Slurm job id or local pid
+    restarts: Mapped[int] = mapped_column(default=0)
+    max_restarts: Mapped[int]
+    exit_code: Mapped[int | None]
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    submitted_at: Mapped[float]
+    ended_at: Mapped[float | None]
+
+
+class HealthResult(Base):
+    __tablename__ = "health_results"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    node_name: Mapped[str] = mapped_column(sa.String(128), index=True)
+    check_name: Mapped[str] = mapped_column(sa.String(64))
+    value: Mapped[float | None]
+    unit: Mapped[str | None] = mapped_column(sa.String(32))
+    threshold: Mapped[float | None]
+    status: Mapped[str] = mapped_column(sa.String(16))  # passed | failed | skipped
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    measured_at: Mapped[float]
+
+
+def default_url() -> str:
+    from supercluster.hardware.local import home
+
+    if os.environ.get("SUPERCLUSTER_DB"):
+        return os.environ["SUPERCLUSTER_DB"]
+    path = home() / "fleet.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _make_engine(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        # timeout: a writer waits up to 60 s for another's lock instead of failing at once.
+        engine = sa.create_engine(url, connect_args={"timeout": 60}, poolclass=sa.pool.NullPool)
+
+        @sa.event.listens_for(engine, "connect")
+        def _no_implicit_transactions(dbapi_conn, _record):
+            dbapi_conn.isolation_level = None  # let us issue BEGIN ourselves
+            dbapi_conn.execute("PRAGMA foreign_keys=ON")
+
+        @sa.event.listens_for(engine, "begin")
+        def _begin_immediate(conn):
+            # Take the write lock at BEGIN, not at the first write: a reader-then-writer
+            # transaction can then never deadlock or act on a stale read.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    parsed = sa.make_url(url)
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy 2.1 means psycopg (3) by a bare postgresql://; use psycopg2 when that is what is installed.
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            parsed = parsed.set(drivername="postgresql+psycopg2")
+    return sa.create_engine(parsed, pool_pre_ping=True)
+
+
+class Database:
+    """A fleet database at `url` (default: `default_url()`), migrated to the latest schema on open."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or default_url()
+        try:
+            self.engine = _make_engine(self.url)
+            migrations.upgrade(self.engine)
+        except ModuleNotFoundError as err:
+            raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
+        except sa.exc.ArgumentError as err:
+            raise UserError(f"Cannot use database URL {self.url!r} ({err}); pass a SQLAlchemy URL such as sqlite:///fleet.db.") from None
+        except sa.exc.OperationalError as err:
+            reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+            raise UserError(f"Cannot open the fleet database {self.url!r} ({reason}); check --db or $SUPERCLUSTER_DB.") from None
+
+    @contextlib.contextmanager
+    def transaction(self, lock: bool = True) -> Iterator[Session]:
+        """A session in one transaction, committed on success and rolled back on any error.
+
+        lock=True takes the fleet lock first, so that everything read inside is current until
+        commit; every transaction on SQLite holds the write lock anyway (BEGIN IMMEDIATE).
+        """
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            if lock:
+                session.execute(sa.select(Fleet.id).with_for_update())  # no-op on SQLite
+            yield session
+
+    def fleet(self, session: Session) -> Fleet:
+        fleet = session.get(Fleet, 1)
+        if fleet is None:
+            raise UserError("No fleet yet; run `supercluster fleet init --backend local|slurm|sim` first.")
+        return fleet
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_db(db: Database | str | None = None) -> Database:
+    """A Database from a Database (returned as is), a URL, or None for the default."""
+    return db if isinstance(db, Database) else Database(db)
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,142 @@
+"""Single-node measurements: accelerator inventory, GEMM, memory and copy bandwidth.
+
+Each function returns a `Measurement` with its unit. On an accelerator node every device is
+measured and the slowest one is the node's figure (one slow GPU slows every step of a job);
+the per-device numbers go in `detail`. torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from supercluster.hardware.local import measure_matmul_tflops
+from supercluster.health.results import Measurement
+
+
+def accelerator() -> tuple[str, int]:
+    """(device type, device count) of this node: ("cuda", 8) on a GPU node, ("cpu", 0) otherwise."""
+    import torch
+
+    if torch.accelerator.is_available():
+        return torch.accelerator.current_accelerator().type, torch.accelerator.device_count()
+    return "cpu", 0
+
+
+def is_nvidia() -> bool:
+    """NVIDIA GPUs (ROCm also reports the "cuda" device type, but sets torch.version.hip)."""
+    import torch
+
+    return accelerator()[0] == "cuda" and torch.version.hip is None
+
+
+def _devices() -> list[str]:
+    kind, count = accelerator()
+    return [f"{kind}:{i}" for i in range(count)] or ["cpu"]
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device != "cpu":
+        torch.accelerator.synchronize(torch.device(device))
+
+
+def _best_rate(work, device: str, units: float, seconds: float) -> float:
+    """units/s of the fastest of repeated `work()` calls over about `seconds` (after one warm-up)."""
+    work()
+    _sync(device)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        work()
+        _sync(device)
+        best = max(best, units / (time.perf_counter() - start))
+        if time.perf_counter() >= deadline:
+            return best
+
+
+def accelerator_count() -> Measurement:
+    """GPUs seen by torch on accelerator nodes; usable CPU cores on CPU nodes."""
+    kind, count = accelerator()
+    if kind == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return Measurement("accelerator_count", float(cores), "cores", {"device_type": "cpu"})
+    import torch
+
+    names = [torch.cuda.get_device_name(i) for i in range(count)] if kind == "cuda" else []
+    return Measurement("accelerator_count", float(count), "devices", {"device_type": kind, "names": names})
+
+
+def gemm(size: int, seconds: float) -> Measurement:
+    """Dense square matmul TFLOP/s: bf16 on accelerators, fp32 on CPUs."""
+    devices = _devices()
+    dtype = "fp32" if devices == ["cpu"] else "bf16"
+    per_device = {d: measure_matmul_tflops(dtype, size, seconds, d) for d in devices}
+    return Measurement(
+        "gemm_tflops", min(per_device.values()), "TFLOP/s",
+        {"dtype": dtype, "size": size, "per_device": per_device},
+    )
+
+
+def memory_bandwidth(nbytes: int, seconds: float) -> Measurement:
+    """Device memory bandwidth of a large copy, counting read + write bytes (STREAM "copy")."""
+    import torch
+
+    per_device = {}
+    for device in _devices():
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # touch every page
+        dst = torch.zeros_like(src)
+        per_device[device] = _best_rate(lambda: dst.copy_(src), device, 2 * src.nbytes, seconds) / 1e9
+        del src, dst
+    return Measurement(
+        "memory_bandwidth", min(per_device.values()), "GB/s", {"bytes": nbytes, "per_device": per_device}
+    )
+
+
+def host_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
+    """Pinned host<->device copy GB/s, the slower direction of the slowest device."""
+    import torch
+
+    kind, count = accelerator()
+    if count == 0:
+        return Measurement.skipped(
+            "host_device_bandwidth", "GB/s", "no accelerator: a CPU node has no host<->device link", applies=False
+        )
+    per_device = {}
+    for device in _devices():
+        host = torch.ones(nbytes // 4, dtype=torch.float32, pin_memory=True)
+        dev = torch.empty_like(host, device=device)
+        h2d = _best_rate(lambda: dev.copy_(host, non_blocking=True), device, host.nbytes, seconds) / 1e9
+        d2h = _best_rate(lambda: host.copy_(dev, non_blocking=True), device, host.nbytes, seconds) / 1e9
+        per_device[device] = {"host_to_device": h2d, "device_to_host": d2h}
+        del host, dev
+    value = min(min(v.values()) for v in per_device.values())
+    return Measurement("host_device_bandwidth", value, "GB/s", {"bytes": nbytes, "per_device": per_device})
+
+
+def device_to_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
+    """Peer copy GB/s from each device to the next one (NVLink/xGMI inside the node)."""
+    import torch
+
+    devices = _devices()
+    if len(devices) < 2:
+        return Measurement.skipped(
+            "device_to_device_bandwidth", "GB/s", f"{len(devices) if devices != ['cpu'] else 0} accelerators: "
+            "needs at least 2", applies=False,
+        )
+    per_pair = {}
+    for i, device in enumerate(devices):
+        peer = devices[(i + 1) % len(devices)]
+        src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+        dst = torch.empty_like(src, device=peer)
+
+        def copy():
+            dst.copy_(src)
+            _sync(device)
+
+        per_pair[f"{device}->{peer}"] = _best_rate(copy, peer, src.nbytes, seconds) / 1e9
+        del src, dst
+    return Measurement(
+        "device_to_device_bandwidth", min(per_pair.values()), "GB/s", {"bytes": nbytes, "per_pair": per_pair}
+    )

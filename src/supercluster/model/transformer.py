@@ -1,0 +1,204 @@
+"""One decoder-only transformer, readable in one sitting.
+
+Llama style by default (RMSNorm, RoPE, SwiGLU, grouped-query attention), GPT-2/3 style
+when the config says so (LayerNorm with biases, learned positions, GELU). The layout
+follows torchtitan so that parallelism composes from outside:
+
+- `layers` is a ModuleDict keyed "0".."L-1": a pipeline stage deletes the blocks it does
+  not own and every parameter keeps its fully qualified name, so checkpoints reshard.
+- Attention infers its local head count from the tensor shapes, so tensor parallelism
+  (which shards wq/wk/wv by columns) needs no change here.
+- `tok_embeddings`, `norm` and `output` may be None (a middle pipeline stage).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supercluster.model.config import ModelConfig
+
+
+def rope_cache(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """cos and sin of every position and frequency: [max_seq_len, head_dim] as (cos | sin)."""
+    half = cfg.head_dim // 2
+    freqs = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :half], x[..., half:]) of x [b, s, heads, d] by rope [s, d]."""
+    half = x.shape[-1] // 2
+    cos, sin = rope[:, None, :half], rope[:, None, half:]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, bias=cfg.bias)
+    return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+
+
+class KVCache:
+    """Keys and values of the tokens generated so far, per layer, for sampling."""
+
+    def __init__(self):
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if layer in self.keys:
+            k = torch.cat([self.keys[layer], k], dim=1)
+            v = torch.cat([self.values[layer], v], dim=1)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.head_dim, self.use_rope = layer, cfg.head_dim, cfg.position == "rope"
+        kv = cfg.kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        # Context parallelism swaps this for an all-gather of keys and values over its group.
+        self.sdpa = lambda q, k, v, is_causal: F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+    def forward(self, x, rope, cache: KVCache | None = None):
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
+        k = self.wk(x).view(b, s, -1, self.head_dim)
+        v = self.wv(x).view(b, s, -1, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # Prefill (or training) is causal; one decoded token attends to the whole cache.
+        causal = cache is None or cache.length() == 0
+        if cache is not None:
+            k, v = cache.extend(self.layer, k, v)
+        out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.w1 = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.hidden, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=cfg.bias) if self.swiglu else None
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attention_norm, self.attention = make_norm(cfg), Attention(cfg, layer)
+        self.ffn_norm, self.feed_forward = make_norm(cfg), FeedForward(cfg)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden) if cfg.position == "learned" else None
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.layers)})
+        self.norm = make_norm(cfg)
+        self.output = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope", rope_cache(cfg), persistent=False)
+        self.init_weights()
+
+    def init_weights(self, seed: int | None = None):
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L).
+
+        Drawn on the CPU from `seed`, so every rank and every layout starts from the same
+        weights; also fills the RoPE buffer, so a model built on the meta device works.
+        """
+        self.rope.copy_(rope_cache(self.cfg, self.rope.device))
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norms and biases
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            else:
+                std = 0.02 / math.sqrt(2 * self.cfg.layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None):
+        """tokens [b, s] (or hidden states [b, s, h] in a later pipeline stage) -> logits or hidden.
+
+        positions: absolute positions of the s tokens; default 0..s-1 (after any cached ones).
+        """
+        s = tokens.shape[1]
+        if positions is None:
+            start = cache.length() if cache is not None else 0
+            positions = torch.arange(start, start + s, device=tokens.device)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        if self.pos_embeddings is not None:
+            h = h + self.pos_embeddings(positions)
+        rope = self.rope[positions]
+        for block in self.layers.values():
+            h = block(h, rope, cache)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.output(h) if self.output is not None else h
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = 0.95, generator: torch.Generator | None = None) -> list[int]:
+    """Sample a continuation of `prompt` with a KV cache: one prefill, then one token a step."""
+    model.eval()
+    device = next(model.parameters()).device
+    limit = model.cfg.max_seq_len
+    tokens = list(prompt[-limit:]) or [0]
+    cache = KVCache()
+    logits = model(torch.tensor([tokens], device=device), cache=cache)[0, -1]
+    out = []
+    for _ in range(max_new_tokens):
+        if cache.length() >= limit:  # context full: restart the cache on the most recent tokens
+            cache = KVCache()
+            window = (tokens + out)[-(limit // 2):]
+            logits = model(torch.tensor([window], device=device), cache=cache)[0, -1]
+        next_id = sample_token(logits.float(), temperature, top_k, top_p, generator)
+        out.append(next_id)
+        logits = model(torch.tensor([[next_id]], device=device), cache=cache)[0, -1]
+    return out
+
+
+def sample_token(logits, temperature, top_k, top_p, generator=None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -1,0 +1,164 @@
+"""The search: every layout the fixed knobs allow, checked for memory, ranked by step time.
+
+What the user fixes is kept, what is not is searched; with every knob fixed exactly one
+layout is evaluated. Recomputation and ZeRO stage are not free choices: for each layout
+the search takes, per recompute mode, the lowest ZeRO stage that fits (a higher stage only
+adds communication), so memory decides them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from supercluster.errors import UserError
+from supercluster.plan.cost import RECOMPUTE, RESERVED_GIB, Estimate, Layout, Software, System, Workload, estimate, load_constants, memory
+
+KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "sequence_parallel")
+MICROBATCHES = (1, 2, 4, 8, 16)
+VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
+LONG_SEQUENCE = 8192  # context parallelism is only searched from here; below, it just adds traffic
+
+
+@dataclass
+class Request:
+    work: Workload
+    system: System
+    gpus: int
+    software: Software = field(default_factory=Software)
+    fixed: dict = field(default_factory=dict)  # knob -> value, from KNOBS
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_fixed(req: Request) -> None:
+    """Reject fixed knobs that no layout can satisfy, with the fix in one sentence."""
+    f, cfg, node = req.fixed, req.work.model, req.system.node
+    unknown = set(f) - set(KNOBS)
+    if unknown:
+        raise UserError(f"Unknown layout knob {sorted(unknown)[0]!r}; the knobs are {', '.join(KNOBS)}.")
+    for knob in ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages"):
+        if knob in f and f[knob] < 1:
+            raise UserError(f"--{knob.replace('_', '-')} must be at least 1, got {f[knob]}.")
+    if "tp" in f:
+        tp = f["tp"]
+        if cfg.heads % tp:
+            raise UserError(f"--tp {tp} does not divide the model's {cfg.heads} attention heads; choose a divisor of {cfg.heads}.")
+        if tp > node.gpus_per_node:
+            raise UserError(
+                f"--tp {tp} exceeds the {node.gpus_per_node} GPUs of one {node.name} node; tensor parallelism needs the "
+                f"scale-up link, so use --tp {node.gpus_per_node} or less."
+            )
+    degrees = [f[k] for k in ("tp", "pp", "dp", "cp") if k in f]
+    product = 1
+    for d in degrees:
+        product *= d
+    if len(degrees) == 4 and product != req.gpus:
+        raise UserError(
+            f"tp*pp*dp*cp = {f['tp']}*{f['pp']}*{f['dp']}*{f['cp']} = {product}, not the {req.gpus} GPUs asked for; "
+            f"choose degrees whose product is {req.gpus}."
+        )
+    if req.gpus % product:
+        raise UserError(f"The fixed degrees multiply to {product}, which does not divide {req.gpus} GPUs; choose divisors of {req.gpus}.")
+    if "pp" in f and f["pp"] > cfg.layers:
+        raise UserError(f"--pp {f['pp']} exceeds the model's {cfg.layers} layers; use --pp {cfg.layers} or less.")
+    if f.get("virtual_stages", 1) > 1 and f.get("pp", 2) == 1:
+        raise UserError("--virtual-stages above 1 needs pipeline parallelism; add --pp 2 or more.")
+    if "zero" in f and f["zero"] not in (0, 1, 2, 3):
+        raise UserError(f"--zero must be 0, 1, 2 or 3, got {f['zero']}.")
+    if "recompute" in f and f["recompute"] not in RECOMPUTE:
+        raise UserError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {f['recompute']!r}.")
+    if "cp" in f and req.work.seq_len % (2 * f["cp"]) and f["cp"] > 1:
+        raise UserError(f"--seq-len {req.work.seq_len} must be divisible by 2*cp = {2 * f['cp']}; change --cp or --seq-len.")
+    if "dp" in f:
+        per_replica = f["dp"] * f.get("microbatch", 1)
+        if req.work.global_batch % per_replica:
+            raise UserError(
+                f"--global-batch {req.work.global_batch} is not divisible by dp*microbatch = {per_replica}; "
+                f"use a multiple of {per_replica}."
+            )
+
+
+def _choices(req: Request, knob: str, default: list) -> list:
+    return [req.fixed[knob]] if knob in req.fixed else default
+
+
+def layouts(req: Request):
+    """Every layout that divides the machine and the model evenly (memory not yet checked)."""
+    cfg, s, batch, gpn = req.work.model, req.work.seq_len, req.work.global_batch, req.system.node.gpus_per_node
+    tps = [t for t in _divisors(min(req.gpus, gpn)) if req.gpus % t == 0 and cfg.heads % t == 0]
+    cps = [c for c in (1, 2, 4, 8, 16) if s >= LONG_SEQUENCE and s % (2 * c) == 0] or [1]
+    for tp in _choices(req, "tp", tps):
+        for cp in _choices(req, "cp", cps):
+            if req.gpus % (tp * cp):
+                continue
+            rest = req.gpus // (tp * cp)
+            for pp in _choices(req, "pp", [p for p in _divisors(rest) if p <= cfg.layers]):
+                if rest % pp:
+                    continue
+                dp = rest // pp
+                if "dp" in req.fixed and req.fixed["dp"] != dp:
+                    continue
+                if batch % dp:
+                    continue
+                for mb in _choices(req, "microbatch", [b for b in MICROBATCHES if (batch // dp) % b == 0]):
+                    if (batch // dp) % mb:
+                        continue
+                    m = batch // (dp * mb)
+                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers % (pp * v) == 0 and m % pp == 0)]
+                    for v in _choices(req, "virtual_stages", vs):
+                        sp = req.fixed.get("sequence_parallel", tp > 1)
+                        yield Layout(tp, pp, dp, cp, mb, v, 0, "none", sp)
+
+
+def _with_memory_choices(req: Request, base: Layout, reserved_gib: float):
+    """Per recompute mode, the lowest ZeRO stage that fits; yields (layout, memory) pairs,
+    feasible or not, so that the caller can report the nearest miss."""
+    shards = base.dp * base.cp
+    zeros = _choices(req, "zero", [0] if shards == 1 else [1, 2, 3])
+    m = req.work.global_batch // (base.dp * base.microbatch)
+    capacity = req.system.accelerator.hbm_gib
+    for recompute in _choices(req, "recompute", list(RECOMPUTE)):
+        nearest = None
+        for zero in zeros:
+            lay = replace(base, zero=zero, recompute=recompute)
+            mem = memory(req.work.model, lay, req.software, req.work.seq_len, m, reserved_gib)
+            if mem["total"] <= capacity:
+                yield lay, mem, True
+                break
+            if nearest is None or mem["total"] < nearest[1]["total"]:
+                nearest = (lay, mem)
+        else:
+            yield nearest[0], nearest[1], False
+
+
+def search(req: Request, top: int = 10, constants: dict | None = None) -> list[Estimate]:
+    """The `top` fastest feasible layouts, best first; UserError when none fits."""
+    _check_fixed(req)
+    constants = constants or load_constants()
+    reserved = 0.0 if req.system.accelerator.vendor == "cpu" else RESERVED_GIB
+    plans, nearest, seen = [], None, 0
+    for base in layouts(req):
+        seen += 1
+        for lay, mem, fits in _with_memory_choices(req, base, reserved):
+            if fits:
+                plans.append(estimate(req.work, lay, req.system, req.software, constants))
+            elif nearest is None or mem["total"] < nearest[1]["total"]:
+                nearest = (lay, mem)
+    if not seen:
+        raise UserError(
+            f"No layout of {req.gpus} GPUs divides this model and a global batch of {req.work.global_batch} sequences; "
+            f"make --global-batch a multiple of the data-parallel size or free a fixed degree."
+        )
+    if not plans:
+        lay, mem = nearest
+        cap = req.system.accelerator.hbm_gib
+        raise UserError(
+            f"The model fits no layout: the nearest (tp={lay.tp}, pp={lay.pp}, dp={lay.dp}, cp={lay.cp}, "
+            f"microbatch={lay.microbatch}, zero={lay.zero}, recompute={lay.recompute}) needs {mem['total']:.1f} GiB per GPU, "
+            f"{mem['total'] - cap:.1f} GiB more than the {cap:.0f} GiB of one {req.system.accelerator.name}; "
+            f"use more GPUs, a larger --pp or --tp, --recompute full, --zero 3 or a smaller --microbatch."
+        )
+    plans.sort(key=lambda e: (e.step_time_s, e.memory_gib_per_gpu))
+    return plans[:top]

@@ -1,0 +1,109 @@
+"""Checkpoints: sharded DCP saves, atomic by rename, the last K kept, found again on resume.
+
+A checkpoint is the folder `checkpoints/step_NNNNNNNN/` holding DCP shards of the model
+and optimizer (in any layout; DCP reshards on load), `train_state.json` (step, sampler,
+tokens seen) and each rank's RNG state. It is written as `step_NNNNNNNN.tmp/` and renamed
+only once every rank has finished, so a crash mid-save leaves nothing resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from supercluster.errors import UserError
+
+# One process without a process group (tests, sampling) is a normal way to use DCP here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
+_NAME = re.compile(r"^step_(\d{8})$")
+TRAIN_STATE = "train_state.json"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints under root, oldest first (a .tmp folder is never complete)."""
+    if not Path(root).is_dir():
+        return []
+    found = []
+    for path in Path(root).iterdir():
+        match = _NAME.match(path.name)
+        if match and (path / TRAIN_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest(root: Path) -> tuple[int, Path] | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int) -> Path:
+    root = Path(root)
+    final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(torch.get_rng_state(), tmp / f"rng_{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the commit point
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Restore model, optimizer and this rank's RNG in place; return the train state."""
+    path = Path(path)
+    try:
+        train_state = json.loads((path / TRAIN_STATE).read_text())
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    except (Exception, CheckpointException) as err:  # DCP's error is a BaseException; the files are at fault
+        raise UserError(
+            f"Checkpoint {str(path)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+            f"it is corrupt or from a different model: delete it, or set run.resume=false to start over."
+        ) from None
+    rng = path / f"rng_{_rank()}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng))
+    return train_state
+
+
+def load_model_only(path: Path, model) -> None:
+    """Weights alone into a plain, unsharded model (sampling, export), from any layout."""
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:
+        raise UserError(
+            f"Checkpoint {str(path)!r} could not be loaded ({type(err).__name__}); it is corrupt or from a different model."
+        ) from None
+    model.load_state_dict(state["model"])

@@ -1,0 +1,204 @@
+"""The one config system: dataclasses, loaded from TOML, overridden by `section.key=value`.
+
+Every stage reads the same `Config`; `config.toml` in a run directory is this object
+written back, so a run can always be repeated or resumed from its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from supercluster.errors import UserError, closest
+from supercluster.model.config import ModelConfig, preset
+
+
+@dataclass
+class ModelSection:
+    preset: str = "small"
+    layers: int | None = None  # any field left None keeps the preset's value
+    hidden: int | None = None
+    heads: int | None = None
+    kv_heads: int | None = None
+    ffn_hidden: int | None = None
+    vocab_size: int | None = None
+    max_seq_len: int | None = None
+    tie_embeddings: bool | None = None
+
+    def build(self) -> ModelConfig:
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preset"}
+        return preset(self.preset, **overrides)
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # None: the Python standard library's source files
+    val_fraction: float = 0.05
+    max_mb: float | None = None  # read at most this many MB of the corpus
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    seq_len: int = 256
+    micro_batch: int = 8  # sequences per forward/backward on one rank
+    global_batch: int = 16  # sequences per optimizer step, all ranks together
+    steps: int = 100
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 (auto: bf16 where the device runs it faster)
+    compile: bool = False
+    recompute: str = "none"  # none | selective | full
+    seed: int = 1234
+    eval_every: int = 50
+    eval_batches: int = 4
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
+
+
+@dataclass
+class ParallelSection:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever the other degrees leave of the world
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    pp_schedule: str = "1f1b"
+    virtual_stages: int = 1
+    microbatches: int | None = None  # pipeline microbatches; None: global_batch / (dp * micro_batch)
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/default"
+    resume: bool = True  # continue from the latest checkpoint in dir
+    sample_prompt: str = "def "
+    sample_tokens: int = 120
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def model_config(self) -> ModelConfig:
+        return self.model.build()
+
+    def to_dict(self) -> dict:
+        """Nested dict without None values (TOML has no null)."""
+        return {
+            name: {k: v for k, v in dataclasses.asdict(getattr(self, name)).items() if v is not None}
+            for name in SECTIONS
+        }
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".toml.tmp")
+        tmp.write_text(self.to_toml())
+        tmp.replace(path)
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def _parse_value(text: str):
+    """A TOML literal (3, 1e-3, true, "x") or, failing that, the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _check_type(key: str, value, f: dataclasses.Field):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if "bool" in kind:
+        ok = isinstance(value, bool)
+    elif "int" in kind:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "float" in kind:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, str)
+    if value is None and "None" in kind:
+        ok = True
+    if not ok:
+        raise UserError(f"{key} must be of type {kind}, got {value!r}.")
+    return float(value) if "float" in kind and not isinstance(value, bool) and value is not None else value
+
+
+def apply(cfg: Config, key: str, value) -> None:
+    """Set `section.key` to `value`, naming the closest key when it does not exist."""
+    section_name, _, name = key.partition(".")
+    if section_name not in SECTIONS or not name:
+        all_keys = [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+        raise UserError(f"Unknown config key {key!r}{closest(key, all_keys)}; keys look like train.steps.")
+    section = getattr(cfg, section_name)
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    if name not in fields:
+        raise UserError(f"Unknown config key {key!r}{closest(key, [f'{section_name}.{n}' for n in fields])}.")
+    setattr(section, name, _check_type(key, value, fields[name]))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file, then each `section.key=value` override in order."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"Config file {str(path)!r} does not exist.")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise UserError(f"Config file {str(path)!r} is not valid TOML: {err}.") from None
+        for section_name, section in table.items():
+            if not isinstance(section, dict):
+                raise UserError(f"Config file {str(path)!r}: {section_name!r} must be a [section], one of {', '.join(SECTIONS)}.")
+            for name, value in section.items():
+                apply(cfg, f"{section_name}.{name}", value)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"Override {item!r} must look like section.key=value.")
+        apply(cfg, key.strip(), _parse_value(text.strip()))
+    return cfg
+
+
+def validate(cfg: Config, world_size: int = 1) -> ModelConfig:
+    """Checks that need no data or devices; returns the model config. Parallel degrees are
+    checked by `parallel.ParallelDims`."""
+    model = cfg.model_config()
+    t = cfg.train
+    for name in ("seq_len", "micro_batch", "global_batch", "steps"):
+        if getattr(t, name) <= 0:
+            raise UserError(f"train.{name} must be positive, got {getattr(t, name)}.")
+    if t.seq_len > model.max_seq_len:
+        raise UserError(
+            f"train.seq_len ({t.seq_len}) is beyond the model's limit of {model.max_seq_len} positions; "
+            f"lower train.seq_len or raise model.max_seq_len."
+        )
+    if t.precision not in ("auto", "fp32", "bf16"):
+        raise UserError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}.")
+    if t.recompute not in ("none", "selective", "full"):
+        raise UserError(f"train.recompute must be none, selective or full, got {t.recompute!r}.")
+    if t.lr <= 0:
+        raise UserError(f"train.lr must be positive, got {t.lr}.")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
+    return model

@@ -1,0 +1,96 @@
+"""Start a training job on this node: ranks through torchrun, or in this process for one.
+
+The parent validates the config and prepares the data once (tokenizer and token shards
+are cached), writes `config.toml` into the run directory, then hands that file to every
+rank. torchrun owns rendezvous, worker processes and restarts; a restarted worker finds
+the latest checkpoint in the run directory and resumes on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from supercluster.errors import UserError
+from supercluster.train.config import Config, validate
+
+
+@dataclass
+class Launch:
+    nproc: int = 1  # ranks on this node
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv: str | None = None  # HOST:PORT of the c10d rendezvous, for several nodes
+    rdzv_id: str | None = None  # the job's id, the same on every node
+    max_restarts: int = 0
+
+    def check(self) -> None:
+        if self.nproc < 1 or self.nnodes < 1:
+            raise UserError(f"--nproc and --nnodes must be at least 1, got {self.nproc} and {self.nnodes}.")
+        cores = os.cpu_count() or 1
+        if self.nproc > max(4 * cores, 8):
+            raise UserError(f"--nproc {self.nproc} is far more ranks than this machine's {cores} cores can run; use at most {max(4 * cores, 8)}.")
+        if self.nnodes > 1 and not self.rdzv:
+            raise UserError("Training on several nodes needs --rdzv HOST:PORT, the rendezvous on the first node.")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}.")
+
+
+def prepare_run(cfg: Config, launch: Launch) -> Path:
+    """Checks, data and the run directory: everything that must happen once, before ranks start."""
+    from supercluster.data import prepare_data
+    from supercluster.parallel import ParallelDims
+
+    launch.check()
+    world = launch.nproc * launch.nnodes
+    model_cfg = validate(cfg, world)
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    dims.validate_model(model_cfg, cfg.train)
+    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb)
+    if len(data.train) < cfg.train.seq_len + 1:
+        raise UserError(f"The corpus has {len(data.train)} training tokens, fewer than one sequence of {cfg.train.seq_len}; lower train.seq_len or add text.")
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.toml")
+    if data.tokenizer_path is not None:
+        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
+    (run_dir / "data.json").write_text(json.dumps({"source": data.source, "train_tokens": len(data.train),
+                                                   "val_tokens": len(data.val)}))
+    return run_dir
+
+
+def launch_training(cfg: Config, launch: Launch) -> dict:
+    """Run the job to its end on this node; returns rank 0's summary (on node 0)."""
+    run_dir = prepare_run(cfg, launch)
+    if launch.nproc == 1 and launch.nnodes == 1 and launch.max_restarts == 0:
+        from supercluster.train.worker import run
+
+        return run(cfg)
+    _torchrun(run_dir / "config.toml", launch)
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {}
+
+
+def _torchrun(config_path: Path, launch: Launch) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = [f"--nproc-per-node={launch.nproc}", f"--nnodes={launch.nnodes}", f"--max-restarts={launch.max_restarts}"]
+    if launch.nnodes == 1 and not launch.rdzv:
+        args.append("--standalone")
+    else:
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launch.rdzv}", f"--rdzv-id={launch.rdzv_id or uuid.uuid5(uuid.NAMESPACE_URL, str(config_path.resolve()))}",
+                 f"--node-rank={launch.node_rank}"]
+    args += ["-m", "supercluster.train.worker", str(config_path)]
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc)))
+    try:
+        run(get_args_parser().parse_args(args))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        raise UserError(
+            f"Training failed: rank {rank} exited with code {failure.exitcode} (its message is above)."
+        ) from None

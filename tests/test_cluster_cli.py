@@ -1,0 +1,89 @@
+"""The fleet/cluster/job commands: JSON output and bad input (one sentence, exit 2, state unchanged)."""
+
+import json
+
+import pytest
+
+from supercluster.cli.main import main
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out, out.err
+
+
+@pytest.fixture
+def sim(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    spec = tmp_path / "spec.toml"
+    spec.write_text('gpu_type = "h100"\nnodes = 64\ngpus_per_node = 8\nnodes_per_leaf = 16\nleaves_per_pod = 2\n')
+    code, out, err = run(capsys, "fleet", "init", "--backend", "sim", "--spec", str(spec), "--db", url, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert (info["nodes"], info["gpus"], info["pods"], len(info["leaves"])) == (64, 512, 2, 4)
+    return url
+
+
+def state(capsys, url):
+    code, clusters, _ = run(capsys, "cluster", "list", "--db", url, "--json")
+    code2, fleet, _ = run(capsys, "fleet", "show", "--db", url, "--json")
+    assert code == code2 == 0
+    return json.loads(clusters), json.loads(fleet)
+
+
+def test_create_show_list_delete_json(sim, capsys):
+    code, out, _ = run(capsys, "cluster", "create", "train1", "--gpus", "256", "--db", sim, "--json")
+    c = json.loads(out)
+    assert code == 0 and c["state"] == "ready" and c["leaves"] == c["lower_bound"] == 2 and c["pods"] == 1
+    assert set(c) >= {"name", "state", "gpus", "gpu_type", "nodes", "switches", "leaves", "pods", "lower_bound", "jobs"}
+    code, out, _ = run(capsys, "cluster", "show", "train1", "--db", sim)
+    assert code == 0 and "2 leaf switches" in out and "lower bound 2" in out
+    clusters, fleet = state(capsys, sim)
+    assert [x["name"] for x in clusters] == ["train1"] and fleet["free_gpus"] == 256
+    code, out, _ = run(capsys, "cluster", "delete", "train1", "--db", sim, "--json")
+    assert code == 0 and json.loads(out) == {"deleted": "train1", "started": []}
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus", "12"], "not a multiple of 8"),
+        (["--gpus", "0"], "positive"),
+        (["--gpus", "-8"], "positive"),
+        (["--gpus", "1024"], "more than the fleet"),
+        (["--gpus", "8", "--gpu-type", "h1000"], "did you mean"),
+        (["--gpus", "8", "--gpu-type", "a100"], "no a100-80gb nodes"),
+        (["--gpus", "256", "--max-switches", "1"], "at least 2 leaf switches"),
+        (["--gpus", "8", "--no-wait"], "do not fit now"),
+        (["--gpus", "8"], "already exists"),
+    ],
+)
+def test_bad_create_is_one_sentence_exit_2_state_unchanged(sim, capsys, args, message):
+    run(capsys, "cluster", "create", "taken", "--gpus", "504", "--db", sim)  # leaves one free node... of 8 GPUs
+    run(capsys, "cluster", "create", "filler", "--gpus", "8", "--db", sim)  # now the fleet is full
+    before = state(capsys, sim)
+    name = "taken" if message == "already exists" else "new"
+    code, out, err = run(capsys, "cluster", "create", name, *args, "--db", sim)
+    assert code == 2 and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert state(capsys, sim) == before
+
+
+def test_unknown_names_and_bad_backend(sim, capsys):
+    for args in (["cluster", "show", "nope"], ["cluster", "delete", "nope"], ["job", "status", "7"],
+                 ["fleet", "init", "--backend", "slurrm"], ["fleet", "init", "--backend", "sim"]):
+        code, _, err = run(capsys, *args, "--db", sim)
+        assert code == 2 and err.startswith("error: ") and "Traceback" not in err, (args, err)
+
+
+def test_sim_fleet_runs_no_jobs(sim, capsys, tmp_path):
+    run(capsys, "cluster", "create", "c", "--gpus", "8", "--db", sim)
+    config = tmp_path / "c.toml"
+    config.write_text("[train]\nsteps = 1\n")
+    code, _, err = run(capsys, "job", "submit", str(config), "--cluster", "c", "--db", sim)
+    assert code == 2 and "runs no jobs" in err
+    code, out, _ = run(capsys, "job", "list", "--db", sim, "--json")
+    assert code == 0 and json.loads(out) == []

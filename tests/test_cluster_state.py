@@ -1,0 +1,114 @@
+"""Fleet database: migrations, health hooks, and concurrent creates that never share a node
+(real processes, on SQLite and on the PostgreSQL server when it is reachable)."""
+
+import multiprocessing
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from supercluster.cluster import clusters, fleet, migrations
+from supercluster.cluster.state import Base, Database
+from supercluster.errors import UserError
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _pg_available() -> str | None:
+    try:
+        import psycopg2
+
+        psycopg2.connect(PG_URL, connect_timeout=3).close()
+        return None
+    except Exception as err:  # any failure means: no server to test against
+        return f"PostgreSQL at {PG_URL} is not reachable ({type(err).__name__}: {str(err).strip()[:80]})"
+
+
+@pytest.fixture
+def pg_url():
+    reason = _pg_available()
+    if reason:
+        pytest.skip(reason)
+    import psycopg2
+
+    schema = f"sc_test_{uuid.uuid4().hex[:10]}"  # private schema: parallel runs never collide
+    conn = psycopg2.connect(PG_URL)
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+    conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_migrations_reach_the_models_and_record_the_version(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    inspector = sa.inspect(db.engine)
+    for table in Base.metadata.sorted_tables:  # the frozen migrations and the models agree
+        migrated = {c["name"] for c in inspector.get_columns(table.name)}
+        assert migrated == {c.name for c in table.columns}, table.name
+    with db.engine.connect() as conn:
+        assert migrations.current_version(conn) == migrations.LATEST
+    assert migrations.upgrade(db.engine) == migrations.LATEST  # idempotent: nothing left to apply
+    with db.engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)"))
+    with pytest.raises(UserError, match="newer than this supercluster"):
+        Database(db.url)
+
+
+def test_bad_database_url_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="database"):
+        Database("nosuchdialect://x")
+    with pytest.raises(UserError, match="Cannot open"):
+        Database(f"sqlite:///{tmp_path}/missing/dir/fleet.db")
+
+
+def test_record_health_validates_and_keeps_history(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    fleet.init_fleet(db, "sim", spec={"nodes": 2, "nodes_per_leaf": 2})
+    with pytest.raises(UserError, match="No node"):
+        fleet.record_health(db, "nosuch", [], passed=True)
+    with pytest.raises(ValueError):
+        fleet.record_health(db, "sim00001", [{"check": "gemm", "status": "ok"}], passed=True)
+    for passed in (True, False):
+        fleet.record_health(db, "sim00001", [{"check": "gemm", "value": 2, "unit": "TFLOP/s", "threshold": 1,
+                                              "status": "passed" if passed else "failed"}], passed=passed)
+    hist = fleet.health_history(db, node="sim00001")
+    assert [h["status"] for h in hist] == ["failed", "passed"]
+    assert fleet.nodes(db)[0]["last_health_status"] == "failed"
+
+
+def _create_worker(url, name, barrier, results):
+    barrier.wait()  # all processes ask at the same moment
+    try:
+        c = clusters.create_cluster(Database(url), name, 8, wait=False)
+        results.put((name, [n["name"] for n in c["nodes"]]))
+    except UserError:
+        results.put((name, None))
+
+
+def test_concurrent_creates_never_share_a_node(url):
+    db = Database(url)
+    fleet.init_fleet(db, "sim", spec={"nodes": 5, "gpus_per_node": 8, "nodes_per_leaf": 4, "leaves_per_pod": 2})
+    db.dispose()
+    ctx = multiprocessing.get_context("fork")
+    procs, barrier, results = 8, ctx.Barrier(8), ctx.Queue()
+    workers = [ctx.Process(target=_create_worker, args=(url, f"c{i}", barrier, results)) for i in range(procs)]
+    for w in workers:
+        w.start()
+    got = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+        assert w.exitcode == 0
+    placed = [nodes for _, nodes in got if nodes]
+    assert len(placed) == 5  # five nodes, eight requests: exactly five win
+    flat = [n for nodes in placed for n in nodes]
+    assert len(flat) == len(set(flat)) == 5
+    listed = clusters.list_clusters(Database(url))
+    assert sorted(c["name"] for c in listed) == sorted(name for name, nodes in got if nodes)

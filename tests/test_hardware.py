@@ -1,0 +1,55 @@
+"""The hardware catalog: figures, lookups and the torch-free import."""
+
+import subprocess
+import sys
+
+import pytest
+
+from supercluster.errors import UserError
+from supercluster.hardware import ACCELERATORS, NODE_TYPES, accelerator, default_node_type, node_type
+
+
+def test_every_accelerator_has_sane_figures():
+    assert set(ACCELERATORS) >= {"a100-40gb", "a100-80gb", "h100", "h200", "mi300x", "b200"}
+    for acc in ACCELERATORS.values():
+        assert acc.peak("bf16") > 100
+        assert acc.peak("tf32") == pytest.approx(acc.peak("bf16") / 2, rel=0.03)  # tensor cores: TF32 at half rate
+        assert 30 < acc.hbm_gib < 200 and 1 < acc.hbm_tbps < 10 and acc.scale_up_gbps >= 600
+        if acc.peak_tflops.get("fp8"):
+            assert acc.peak("fp8") == pytest.approx(2 * acc.peak("bf16"), rel=0.01)
+
+
+def test_published_h100_figures():
+    h100 = accelerator("h100")
+    assert h100.peak("bf16") == pytest.approx(989.4) and h100.hbm_tbps == 3.35
+    nd = node_type("nd-h100-v5")
+    assert (nd.accelerator, nd.gpus_per_node, nd.scale_up_gbps, nd.scale_out_gbps_per_gpu) == ("h100", 8, 900, 400)
+
+
+def test_azure_health_pass_marks():
+    marks = {name: (n.allreduce_busbw_gbps, n.h2d_gbps, n.d2d_gbps, n.ib_gbps_per_port) for name, n in NODE_TYPES.items()}
+    assert marks["nd-h100-v5"] == (460, 48, 335, 380)
+    assert marks["nd-h200-v5"] == (431, 48, 335, 360)
+    assert marks["nd-a100-v4"] == (228, 21, 235, 180)
+    assert node_type("Standard_ND96isr_H200_v5").name == "nd-h200-v5"
+
+
+def test_node_types_point_at_known_accelerators():
+    for n in NODE_TYPES.values():
+        assert n.accelerator in ACCELERATORS and n.gpus_per_node == 8
+        assert n.scale_up_gbps == ACCELERATORS[n.accelerator].scale_up_gbps
+    assert default_node_type("a100").accelerator == "a100-80gb"
+
+
+def test_unknown_names_suggest_the_closest():
+    with pytest.raises(UserError, match="did you mean 'h100'"):
+        accelerator("h1000")
+    with pytest.raises(UserError, match="did you mean 'nd-h100-v5'"):
+        node_type("nd-h100-v4")
+    with pytest.raises(UserError, match="no fp8"):
+        accelerator("a100-80gb").peak("fp8")
+
+
+def test_catalog_imports_without_torch():
+    code = "import sys, supercluster.hardware; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,268 @@
+"""Health checks on CPU: real measurements, real gloo processes, the real fleet database."""
+
+import json
+
+import pytest
+
+from supercluster.cli.main import main
+from supercluster.cluster import fleet
+from supercluster.hardware.local import machine_key
+from supercluster.health import allreduce, gate, nvidia, runner, targets, thresholds
+from supercluster.health.results import FAILED, INCOMPLETE, PASSED, SKIPPED, Measurement
+from supercluster.health.stragglers import StragglerMonitor, find_stragglers
+
+MiB = 2**20
+# Small and short: the checks' logic, not the machine's speed, is under test here.
+SMALL = runner.Params(gemm_size=256, gemm_seconds=0.2, memory_bytes=8 * MiB, memory_seconds=0.1,
+                      copy_bytes=0, copy_seconds=0.0, allreduce_bytes=1 * MiB, allreduce_iters=3)
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUPERCLUSTER_HOME", str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def measured():
+    """One real pass over every check on this machine."""
+    return runner.measure_here(params=SMALL)
+
+
+def _scaled_baseline(kind, measurements, factor):
+    """A baseline at `factor` x what this machine just measured (median of one run, no noise)."""
+    entry = thresholds.save_baseline(kind, [measurements])
+    for check, e in entry.items():
+        if check != "accelerator_count":
+            e["median"] *= factor
+    table = json.loads(thresholds.baseline_file().read_text())
+    table[kind] = entry
+    thresholds.baseline_file().write_text(json.dumps(table))
+
+
+def test_every_check_measures_a_number_with_its_unit_or_says_why_not(measured):
+    by_check = {m.check: m for m in measured}
+    assert set(by_check) == {"accelerator_count", "gemm_tflops", "memory_bandwidth", "host_device_bandwidth",
+                             "device_to_device_bandwidth", "allreduce_busbw", "ecc_errors", "xid_errors",
+                             "nvlink_inactive", "clock_throttle"}
+    units = {"gemm_tflops": "TFLOP/s", "memory_bandwidth": "GB/s", "allreduce_busbw": "GB/s", "accelerator_count": "cores"}
+    for check, unit in units.items():  # what a CPU node can measure, it measures
+        m = by_check[check]
+        assert m.unit == unit and m.value is not None and m.value > 0, m
+    assert by_check["gemm_tflops"].detail["dtype"] == "fp32"
+    assert by_check["allreduce_busbw"].detail["ranks"] == 2 and by_check["allreduce_busbw"].detail["backend"] == "gloo"
+    for check in set(by_check) - set(units):  # the rest say why they cannot run here
+        m = by_check[check]
+        assert m.value is None and m.skip_reason and not m.applies, m
+
+
+def test_busbw_follows_nccl_tests_definition():
+    # 1 GB in 10 ms: algbw 100 GB/s; busbw = algbw * 2(n-1)/n
+    assert allreduce.bus_bandwidth(10**9, 0.01, 2) == pytest.approx(100.0)
+    assert allreduce.bus_bandwidth(10**9, 0.01, 8) == pytest.approx(175.0)
+
+
+def test_skipped_checks_are_never_passed(home, measured):
+    kind = "test-kind"
+    report = runner.judge_node("n1", kind, "quick", measured, 0.0)  # no baseline at all
+    assert report.status == INCOMPLETE
+    assert all(c.status == SKIPPED for c in report.checks if c.check not in thresholds.FAULT_COUNTERS)
+    assert not any(c.status == PASSED and c.value is None for c in report.checks)
+
+    # a baseline this machine reaches easily: every measured check passes, the node passes
+    _scaled_baseline(kind, measured, 0.01)
+    rules = thresholds.rules_for(None, thresholds.load_baseline(kind), kind)
+    checks = [thresholds.judge(m, rules) for m in measured]
+    assert {c.check for c in checks if c.status == PASSED} == {"accelerator_count", "gemm_tflops", "memory_bandwidth",
+                                                                "allreduce_busbw"}
+    # one applicable check that could not run keeps the node from passing
+    broken = [m if m.check != "gemm_tflops" else Measurement.skipped("gemm_tflops", "TFLOP/s", "no BLAS") for m in measured]
+    from supercluster.health.results import NodeReport
+
+    report = NodeReport("n1", kind, "quick", 0.0, 0.0, [thresholds.judge(m, rules) for m in broken])
+    gemm = next(c for c in report.checks if c.check == "gemm_tflops")
+    assert gemm.status == SKIPPED and gemm.reason == "no BLAS"
+    assert report.status == INCOMPLETE and "gemm_tflops" in report.summary()
+
+
+def test_published_pass_marks_come_from_the_catalog():
+    h100 = thresholds.node_type_for("h100")
+    rules = thresholds.rules_for(h100, None, h100.name)
+    assert rules["allreduce_busbw"].threshold == h100.allreduce_busbw_gbps
+    assert rules["host_device_bandwidth"].threshold == h100.h2d_gbps
+    assert rules["device_to_device_bandwidth"].threshold == h100.d2d_gbps
+    assert rules["accelerator_count"].threshold == h100.gpus_per_node
+    assert thresholds.node_type_for("local") is None
+    # a CPU-only measurement on a node the fleet calls an 8-GPU H100 node fails, it is not excused
+    report = runner.judge_node("n1", "k", "quick", [Measurement("accelerator_count", 2.0, "cores")], 0.0, "h100")
+    assert report.status == FAILED
+
+
+def test_tolerance_widens_with_calibration_noise():
+    assert thresholds.tolerance("gemm_tflops", 0.0) == thresholds.TOLERANCE["gemm_tflops"]
+    assert thresholds.tolerance("gemm_tflops", 0.12) == pytest.approx(0.36)
+    assert thresholds.tolerance("gemm_tflops", 0.9) == thresholds.MAX_TOLERANCE
+
+
+def test_calibrate_stores_median_and_noise(home):
+    kind, entry = runner.calibrate_here(repeats=2, params=SMALL)
+    assert kind == machine_key()  # a CPU machine without a catalog node type
+    assert set(entry) == {"accelerator_count", "gemm_tflops", "memory_bandwidth", "allreduce_busbw"}
+    for e in entry.values():
+        assert e["runs"] == 2 and e["median"] > 0 and e["cv"] >= 0
+    assert thresholds.load_baseline(kind) == json.loads(thresholds.baseline_file().read_text())[kind]
+
+
+def test_throttled_worker_fails_the_allreduce_check(home):
+    healthy = allreduce.intra_node(1 * MiB, 3)
+    throttled = allreduce.intra_node(1 * MiB, 3, slow_rank=1, slowdown_s=0.3)
+    thresholds.save_baseline("k", [[healthy]])
+    rules = thresholds.rules_for(None, thresholds.load_baseline("k"), "k")
+    result = thresholds.judge(throttled, rules)
+    # a rank that sleeps 0.3 s per op caps busbw near 1 MiB / 0.3 s = 0.003 GB/s
+    assert throttled.value < 0.01 < healthy.value
+    assert result.status == FAILED and "needs >=" in result.reason
+
+
+def test_slow_node_is_drained_and_returns_after_passing(home, tmp_path, measured):
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "local")
+    node = targets.fleet_nodes(node=targets.this_host(), db=db)[0]
+    kind = runner.baseline_kind(node["gpu_type"], machine_key())
+
+    _scaled_baseline(kind, measured, 20.0)  # a baseline this machine cannot reach: a slow node
+    report = targets.check_fleet_node(node, "quick", SMALL, db=db)
+    assert report.status == FAILED
+    assert {c.check for c in report.failures} >= {"gemm_tflops", "memory_bandwidth"}
+    assert gate.record(report, db) == "drained"
+    node = targets.fleet_nodes(node=node["name"], db=db)[0]
+    assert node["state"] == "drain" and node["reason"].startswith("health: ") and "gemm_tflops" in node["reason"]
+    assert node["last_health_status"] == "failed"
+
+    # Known-good again (a baseline well inside what the machine reaches even with other
+    # engineers' tests on the same 2 cores): the next passing run returns it to service.
+    _scaled_baseline(kind, measured, 0.02)
+    report = targets.check_fleet_node(node, "quick", SMALL, db=db)
+    assert report.status == PASSED, report.summary()
+    assert gate.record(report, db) == "resumed"
+    node = targets.fleet_nodes(node=node["name"], db=db)[0]
+    assert node["state"] == "up" and node["last_health_status"] == "passed"
+
+    history = fleet.health_history(db, node=node["name"])
+    assert len(history) == 2 * len(report.checks)
+    statuses = {(h["check"], h["status"]) for h in history}
+    assert ("gemm_tflops", "failed") in statuses and ("gemm_tflops", "passed") in statuses
+    assert ("host_device_bandwidth", "skipped") in statuses and ("host_device_bandwidth", "passed") not in statuses
+
+
+def test_operator_drain_is_not_undone_by_a_pass(home, tmp_path, measured):
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "local")
+    name = targets.this_host()
+    fleet.drain_node(name, "maintenance: new PSU", db=db)
+    _scaled_baseline(machine_key(), measured, 0.02)
+    report = targets.check_fleet_node(targets.fleet_nodes(node=name, db=db)[0], "quick", SMALL, db=db)
+    assert report.status == PASSED
+    assert gate.record(report, db) == "recorded"
+    assert targets.fleet_nodes(node=name, db=db)[0]["state"] == "drain"
+
+
+def test_cli_json_is_stable(home, tmp_path, monkeypatch, capsys, measured):
+    monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "local")
+    _scaled_baseline(machine_key(), measured, 20.0)
+    with pytest.raises(SystemExit) as exit_info:  # a failed node exits 1
+        main(["health", "local", "--json", "--db", db])
+    assert exit_info.value.code == 1
+    out = json.loads(capsys.readouterr().out)
+    (report,) = out["nodes"]
+    assert set(report) == {"node", "machine_key", "level", "status", "started_at", "duration_s", "summary", "action", "checks"}
+    assert report["status"] == FAILED and report["action"] == "drained"
+    for c in report["checks"]:
+        assert set(c) == {"check", "status", "value", "unit", "threshold", "comparison", "source", "reason", "applies",
+                          "detail"}
+        assert c["status"] in (PASSED, FAILED, SKIPPED)
+        assert c["status"] != PASSED or c["value"] is not None
+
+    main(["health", "report", "--json", "--db", db])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"nodes", "history"}
+    assert set(out["nodes"][0]) == {"name", "state", "reason", "last_health_status", "last_health_at"}
+    assert out["nodes"][0]["state"] == "drain"
+    assert set(out["history"][0]) == {"node", "check", "value", "unit", "threshold", "status", "detail", "measured_at"}
+    assert {h["detail"]["level"] for h in out["history"]} == {"quick"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["health", "--level", "quik", "--no-record"], "did you mean 'quick'"),
+    (["health", "--node", "nosuchnode"], "No node 'nosuchnode'"),
+    (["health", "--node", "a", "--cluster", "b"], "either --node or --cluster"),
+])
+def test_cli_user_errors(home, tmp_path, capsys, argv, message):
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "local")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--db", db])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---- NVIDIA fault parsers (nvidia-smi's documented formats; no GPU on this machine) ----------
+
+
+def test_nvidia_parsers():
+    assert nvidia.parse_ecc("0, 0\n1, 3\n2, [N/A]\n") == {0: 0, 1: 3, 2: 0}
+    log = ("[ 12.1] NVRM: Xid (PCI:0000:3b:00): 79, pid=123, GPU has fallen off the bus.\n"
+           "[ 13.0] NVRM: Xid (PCI:0000:5d:00): 13, Graphics Exception\n")
+    xids = nvidia.parse_xids(log)
+    assert [(x["xid"], x["fatal"]) for x in xids] == [(79, True), (13, False)]
+    status = ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n\t Link 0: 26.562 GB/s\n\t Link 1: <inactive>\n"
+              "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)\n\t Link 0: 26.562 GB/s\n")
+    assert nvidia.parse_nvlink_status(status) == {0: 1, 1: 0}
+    events = nvidia.parse_clock_events("0, 0x0000000000000004\n1, 0x0000000000000048\n")
+    assert events == {0: [], 1: ["hw_slowdown", "hw_thermal"]}
+
+
+def test_nvidia_checks_skip_with_reason_off_nvidia():
+    for check in (nvidia.ecc_errors, nvidia.xid_errors, nvidia.clock_throttle):
+        m = check(False)
+        assert m.value is None and m.skip_reason == "not an NVIDIA node" and not m.applies
+
+
+# ---- stragglers ------------------------------------------------------------------------------
+
+
+def test_find_stragglers_reports_rank_and_host():
+    hosts = {0: "node1", 1: "node1", 2: "node2", 3: "node2"}
+    window = {0: [1.0, 1.1, 1.0], 1: [1.0, 1.0, 1.05], 2: [1.5, 1.4, 1.6], 3: [1.0, 0.95, 1.0]}
+    (s,) = find_stragglers(window, hosts, margin=0.2)
+    assert (s.rank, s.host, s.steps) == (2, "node2", 3)
+    assert s.ratio == pytest.approx(1.5 / 1.0, rel=0.05)
+    # one slow step is not a straggler; within the margin is not either
+    assert find_stragglers({0: [1, 1, 3], 1: [1, 1, 1], 2: [1, 1, 1]}, hosts) == []
+    assert find_stragglers({0: 1.15, 1: 1.0, 2: 1.0}, hosts, margin=0.2) == []
+    assert [s.rank for s in find_stragglers({0: 1.3, 1: 1.0, 2: 1.0}, hosts, margin=0.2)] == [0]
+
+
+def test_straggler_monitor_waits_for_a_full_window():
+    monitor = StragglerMonitor(["a", "b", "c"], margin=0.2, window=4)
+    reports = [monitor.observe({0: 1.0, 1: 1.0, 2: 2.0}) for _ in range(4)]
+    assert reports[:3] == [[], [], []] and [s.host for s in reports[3]] == ["c"]
+    for _ in range(4):  # it recovers: the window forgets
+        last = monitor.observe({0: 1.0, 1: 1.0, 2: 1.0})
+    assert last == []
+
+
+def test_stragglers_count_against_the_node(home, tmp_path):
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "local")
+    name = targets.this_host()
+    stragglers = find_stragglers({0: 1.0, 1: 1.0, 2: 2.0}, {0: "elsewhere", 1: "elsewhere", 2: name})
+    assert gate.report_stragglers(stragglers, db) == [name]
+    node = targets.fleet_nodes(node=name, db=db)[0]
+    assert node["last_health_status"] == "failed" and node["state"] == "up"
+    (row,) = fleet.health_history(db, node=name)
+    assert row["check"] == "straggler" and row["status"] == "failed" and row["value"] == pytest.approx(2.0)
+    gate.report_stragglers(stragglers, db, drain=True)
+    assert targets.fleet_nodes(node=name, db=db)[0]["state"] == "drain"

@@ -1,0 +1,120 @@
+"""The trainer end to end on a tiny model: learning, resume, data parallel, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supercluster.cli.main import main
+from supercluster.train.config import load_config
+from supercluster.train.launch import Launch, launch_training
+from supercluster.train.metrics import read_metrics
+
+
+def tiny_overrides(corpus, run_dir, steps=6, *extra):
+    return [
+        "model.preset=tiny", f"data.path={corpus}", f"run.dir={run_dir}", "train.precision=fp32",
+        "train.seq_len=64", "train.micro_batch=4", "train.global_batch=8", f"train.steps={steps}",
+        "train.warmup_steps=2", "train.eval_every=0", "train.checkpoint_every=0", "train.lr=3e-3", *extra,
+    ]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """Loss per step; a resumed run logs the replayed steps again, the last entry wins."""
+    return {m["step"]: m["loss"] for m in read_metrics(Path(run_dir) / "metrics.jsonl")}
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "supercluster.cli.main", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_loss_falls_and_run_dir_is_complete(small_corpus, tmp_path):
+    cfg = load_config(None, tiny_overrides(small_corpus, tmp_path / "run", 30, "train.eval_every=15",
+                                           "train.checkpoint_every=10", "train.keep_checkpoints=2"))
+    summary = launch_training(cfg, Launch())
+    by_step = losses(tmp_path / "run")
+    assert sorted(by_step) == list(range(1, 31))
+    first, last = by_step[1], sum(by_step[s] for s in range(26, 31)) / 5
+    assert last < first - 1.0, (first, last)  # ln(512) ≈ 6.2 at the start
+    record = read_metrics(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert {"step", "loss", "lr", "tokens_per_s", "mfu", "mem_gib", "val_loss"} <= record.keys()
+    assert 0 < record["mfu"] < 1 and record["tokens_per_s"] > 0 and record["mem_gib"] > 0
+    assert summary["peak_source"].startswith("measured:cpu fp32")
+    assert (tmp_path / "run" / "config.toml").is_file()
+    steps = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == ["step_00000020", "step_00000030"]  # the last K=2 kept
+
+
+def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(small_corpus, run, 8, "train.checkpoint_every=4", "train.keep_checkpoints=3")
+    launch_training(load_config(None, overrides), Launch())
+    uninterrupted = losses(run)
+    # A crash after step 6: the step-8 checkpoint and later metrics never happened.
+    shutil.rmtree(run / "checkpoints" / "step_00000008")
+    (run / "checkpoints" / "step_00000009.tmp").mkdir()  # a save that died half-way is ignored
+    summary = launch_training(load_config(None, overrides), Launch())
+    assert summary["resumed_from"].endswith("step_00000004")
+    resumed = losses(run)
+    for step in range(5, 9):
+        assert resumed[step] == uninterrupted[step], step  # identical in fp32
+
+
+def test_two_rank_data_parallel_matches_one_process(small_corpus, tmp_path):
+    single, double = tmp_path / "one", tmp_path / "two"
+    launch_training(load_config(None, tiny_overrides(small_corpus, single, 5)), Launch())
+    sets = [f"--set={o}" for o in tiny_overrides(small_corpus, double, 5)]
+    result = cli("train", *sets, "--nproc", "2", "--no-sample")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = losses(single), losses(double)
+    assert sorted(two) == [1, 2, 3, 4, 5]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    summary = json.loads((double / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+def test_sample_from_trained_run(small_corpus, tmp_path, capsys):
+    launch_training(load_config(None, tiny_overrides(small_corpus, tmp_path / "run", 4)), Launch())
+    main(["sample", str(tmp_path / "run"), "--prompt", "def ", "--tokens", "20", "--samples", "2"])
+    out = capsys.readouterr().out
+    assert out.count("def ") >= 2 and "--- sample 2 ---" in out
+
+
+def test_corrupt_checkpoint_is_one_clear_sentence(small_corpus, tmp_path):
+    run = tmp_path / "run"
+    overrides = tiny_overrides(small_corpus, run, 2)
+    launch_training(load_config(None, overrides), Launch())
+    shard = next((run / "checkpoints" / "step_00000002").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    result = cli("train", *[f"--set={o}" for o in overrides], "--set=train.steps=4", "--no-sample")
+    assert result.returncode == 2
+    assert "corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "data.path=/no/such/corpus"], "does not exist"),
+        (["--set", "train.stpes=3"], "did you mean 'train.steps'"),
+        (["--set", "train.global_batch=10"], "divisible"),
+        (["--set", "train.seq_len=4096"], "beyond the model's limit"),
+        (["--nproc", "1000"], "ranks"),
+        (["--set", "train.steps=abc"], "must be of type int"),
+        (["--set", "model.preset=gpt5"], "Unknown model preset"),
+    ],
+)
+def test_bad_input_is_one_sentence_and_exit_2(small_corpus, tmp_path, capsys, args, message):
+    base = ["--set", "model.preset=tiny", "--set", f"data.path={small_corpus}", "--set", f"run.dir={tmp_path}/run",
+            "--set", "train.seq_len=64"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *base, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1
+    assert not (tmp_path / "run" / "checkpoints").exists()
