@@ -53,3 +53,13 @@ def test_unknown_names_suggest_the_closest():
 def test_catalog_imports_without_torch():
     code = "import sys, supercluster.hardware; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runtime_device_names_map_to_the_catalog():
+    from supercluster.hardware.catalog import match_device_name
+
+    assert match_device_name("NVIDIA A100-SXM4-40GB").name == "a100-40gb"
+    assert match_device_name("NVIDIA H100 80GB HBM3").name == "h100"
+    assert match_device_name("AMD Instinct MI300X").name == "mi300x"
+    assert match_device_name("NVIDIA H100 PCIe") is None  # other clocks than the SXM part
+    assert match_device_name("cpu") is None

@@ -113,8 +113,8 @@ def test_calibrate_stores_median_and_noise(home):
     assert thresholds.load_baseline(kind) == json.loads(thresholds.baseline_file().read_text())[kind]
 
 
-def test_throttled_worker_fails_the_allreduce_check(home):
-    healthy = allreduce.intra_node(1 * MiB, 3)
+def test_throttled_worker_fails_the_allreduce_check(home, measured):
+    healthy = next(m for m in measured if m.check == "allreduce_busbw")
     throttled = allreduce.intra_node(1 * MiB, 3, slow_rank=1, slowdown_s=0.3)
     thresholds.save_baseline("k", [[healthy]])
     rules = thresholds.rules_for(None, thresholds.load_baseline("k"), "k")
@@ -130,7 +130,7 @@ def test_slow_node_is_drained_and_returns_after_passing(home, tmp_path, measured
     node = targets.fleet_nodes(node=targets.this_host(), db=db)[0]
     kind = runner.baseline_kind(node["gpu_type"], machine_key())
 
-    _scaled_baseline(kind, measured, 20.0)  # a baseline this machine cannot reach: a slow node
+    _scaled_baseline(kind, measured, 1e4)  # a baseline no 2-core machine reaches: a slow node
     report = targets.check_fleet_node(node, "quick", SMALL, db=db)
     assert report.status == FAILED
     assert {c.check for c in report.failures} >= {"gemm_tflops", "memory_bandwidth"}
@@ -139,9 +139,10 @@ def test_slow_node_is_drained_and_returns_after_passing(home, tmp_path, measured
     assert node["state"] == "drain" and node["reason"].startswith("health: ") and "gemm_tflops" in node["reason"]
     assert node["last_health_status"] == "failed"
 
-    # Known-good again (a baseline well inside what the machine reaches even with other
-    # engineers' tests on the same 2 cores): the next passing run returns it to service.
-    _scaled_baseline(kind, measured, 0.02)
+    # Known-good again: the next passing run returns it to service. The baseline sits far below
+    # the figures measured above because this 2-core machine is shared by several engineers'
+    # tests: the same 256^2 GEMM was seen at 0.16 and at 0.0012 TFLOP/s minutes apart.
+    _scaled_baseline(kind, measured, 1e-3)
     report = targets.check_fleet_node(node, "quick", SMALL, db=db)
     assert report.status == PASSED, report.summary()
     assert gate.record(report, db) == "resumed"
@@ -160,7 +161,7 @@ def test_operator_drain_is_not_undone_by_a_pass(home, tmp_path, measured):
     fleet.init_fleet(db, "local")
     name = targets.this_host()
     fleet.drain_node(name, "maintenance: new PSU", db=db)
-    _scaled_baseline(machine_key(), measured, 0.02)
+    _scaled_baseline(machine_key(), measured, 1e-3)
     report = targets.check_fleet_node(targets.fleet_nodes(node=name, db=db)[0], "quick", SMALL, db=db)
     assert report.status == PASSED
     assert gate.record(report, db) == "recorded"
@@ -171,11 +172,12 @@ def test_cli_json_is_stable(home, tmp_path, monkeypatch, capsys, measured):
     monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
     db = f"sqlite:///{tmp_path}/fleet.db"
     fleet.init_fleet(db, "local")
-    _scaled_baseline(machine_key(), measured, 20.0)
+    _scaled_baseline(machine_key(), measured, 1e4)
     with pytest.raises(SystemExit) as exit_info:  # a failed node exits 1
         main(["health", "local", "--json", "--db", db])
     assert exit_info.value.code == 1
     out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"nodes", "fabric"} and out["fabric"] is None  # fabric: only for --cluster
     (report,) = out["nodes"]
     assert set(report) == {"node", "machine_key", "level", "status", "started_at", "duration_s", "summary", "action", "checks"}
     assert report["status"] == FAILED and report["action"] == "drained"
@@ -266,3 +268,29 @@ def test_stragglers_count_against_the_node(home, tmp_path):
     assert row["check"] == "straggler" and row["status"] == "failed" and row["value"] == pytest.approx(2.0)
     gate.report_stragglers(stragglers, db, drain=True)
     assert targets.fleet_nodes(node=name, db=db)[0]["state"] == "drain"
+
+
+# ---- across nodes: a real (emulated) Slurm, srun launching one rank per node -----------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_emulator import EmulatedSlurm, unavailable_reason
+
+    if reason := unavailable_reason():
+        pytest.skip(reason)
+    emulator = EmulatedSlurm(tmp_path_factory.mktemp("health-slurm"), nodes=2, nodes_per_leaf=2)
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+@pytest.mark.slurm
+def test_multinode_allreduce_through_srun(slurm):
+    m = allreduce.multi_node(["node1", "node2"], 1 * MiB, 3, env=slurm.env, timeout_s=180)
+    assert m.check == "multinode_allreduce_busbw" and m.unit == "GB/s" and m.value > 0, m
+    assert m.detail["ranks"] == 2 and m.detail["nodes"] == ["node1", "node2"] and m.detail["backend"] == "gloo"
+    # a launch that cannot run is skipped with srun's reason, never passed
+    bad = allreduce.multi_node(["node1", "node9"], 1 * MiB, 3, env=slurm.env, timeout_s=60)
+    assert bad.value is None and "srun exited" in bad.skip_reason
+    assert thresholds.judge(bad, {}).status == SKIPPED

@@ -50,6 +50,7 @@ def fleet_init(
     backend: Annotated[str, typer.Option("--backend", help="local, slurm or sim.")] = "local",
     spec: Annotated[Optional[Path], typer.Option("--spec", help="sim: TOML fleet spec (default 1,280 x 8 H100).")] = None,
     gpus: Annotated[Optional[int], typer.Option("--gpus", help="local: GPU slots on this machine (default: devices, or CPU cores).")] = None,
+    gpu_type: Annotated[Optional[str], typer.Option("--gpu-type", help="slurm: type of GPUs whose gres names none (default: local).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing fleet that holds no clusters.")] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -57,7 +58,7 @@ def fleet_init(
     """Import the fleet's nodes from a backend."""
     from supercluster.cluster.fleet import init_fleet
 
-    options = {"gpus": gpus} if gpus else {}
+    options = {k: v for k, v in {"gpus": gpus, "gpu_type": gpu_type}.items() if v}
     info = init_fleet(db, backend, spec=spec, force=force, **options)
     info.pop("node_list")
     if as_json:

@@ -20,9 +20,9 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}"
 
 
-def _print_reports(reports: list[dict], as_json: bool) -> None:
+def _print_reports(reports: list[dict], fabric: dict | None, as_json: bool) -> None:
     if as_json:
-        print(json.dumps({"nodes": reports}, indent=1, sort_keys=True))
+        print(json.dumps({"nodes": reports, "fabric": fabric}, indent=1, sort_keys=True))
         return
     from rich.console import Console
     from rich.table import Table
@@ -39,6 +39,9 @@ def _print_reports(reports: list[dict], as_json: bool) -> None:
                           c["reason"] or c["source"] or "")
         console.print(table)
         console.print(r["summary"])
+    if fabric is not None:
+        value = f"{_fmt(fabric['value'])} {fabric['unit']}"
+        console.print(f"multi-node all-reduce: {fabric['status']}, {value} ({fabric['reason'] or fabric['source']})")
 
 
 def _run(node: str | None, cluster: str | None, level: str, as_json: bool, record: bool, db: str | None) -> None:
@@ -63,8 +66,9 @@ def _run(node: str | None, cluster: str | None, level: str, as_json: bool, recor
             report = runner.check_here(targets.this_host(), level)
             action = "not recorded (this machine is not in the fleet)"
         reports.append({**report.to_dict(), "action": action})
-    _print_reports(reports, as_json)
-    if any(r["status"] == FAILED for r in reports):
+    fabric = targets.check_cluster_fabric(cluster, level, db=db).to_dict() if cluster else None
+    _print_reports(reports, fabric, as_json)
+    if any(r["status"] == FAILED for r in [*reports, fabric or {}]):
         raise SystemExit(1)  # like NHC: scripts and Slurm prolog/epilog hooks can test the exit code
 
 
@@ -92,17 +96,17 @@ def register(app: typer.Typer) -> None:
     @health.command("calibrate")
     def calibrate(level: str = typer.Option("full", "--level", help="quick or full"),
                   repeats: int = typer.Option(3, "--repeats", help="runs to take the median and noise from"),
+                  cluster: str = typer.Option(None, "--cluster", help="add this cluster's multi-node all-reduce"),
                   as_json: bool = JSON, db: str = DB):
-        """Record this known-good machine's figures as the baseline for machines of its kind."""
+        """Record this known-good machine's (or cluster's) figures as the baseline for its kind."""
         from supercluster.health import runner, targets, thresholds
 
-        mine = targets.local_node(db)
-        gpu_type = mine["gpu_type"] if mine else None
-        kind, entry = runner.calibrate_here(level, repeats, gpu_type=gpu_type)
+        if cluster:
+            kind, entry = runner.calibrate_fabric(cluster, level, repeats, db=db)
+        else:
+            mine = targets.local_node(db)
+            kind, entry = runner.calibrate_here(level, repeats, gpu_type=mine["gpu_type"] if mine else None)
         rows = {check: {**e, "tolerance": thresholds.tolerance(check, e["cv"])} for check, e in entry.items()}
-        for check in rows:
-            if check == "accelerator_count":
-                rows[check]["tolerance"] = 0.0
         if as_json:
             print(json.dumps({"kind": kind, "level": level, "repeats": repeats, "baseline": rows}, indent=1, sort_keys=True))
             return
@@ -128,7 +132,10 @@ def register(app: typer.Typer) -> None:
         nodes = targets.fleet_nodes(node, None, db) if node else fleet.nodes(db)
         history = fleet.health_history(db, node=node, limit=limit)
         for row in history:
-            row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+            try:
+                row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+            except ValueError:  # written by something other than health: keep the text
+                row["detail"] = {"text": row["detail"]}
         keys = ("name", "state", "reason", "last_health_status", "last_health_at")
         data = {"nodes": [{k: n[k] for k in keys} for n in nodes], "history": history}
         if as_json:

@@ -39,7 +39,9 @@ def plan(
     cp: Optional[int] = typer.Option(None, "--cp"),
     microbatch: Optional[int] = typer.Option(None, "--microbatch"),
     virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages"),
-    zero: Optional[int] = typer.Option(None, "--zero", help="0..3"),
+    zero: Optional[int] = typer.Option(
+        None, "--zero", help="0..3 (searched: 0 or 3, what the trainer runs; an emitted config runs 1-2 as FSDP2, i.e. 3)."
+    ),
     recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full"),
     sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel"),
     tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens, for time and cost to train."),

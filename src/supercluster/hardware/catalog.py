@@ -270,3 +270,27 @@ def default_node_type(accelerator_name: str, ranks: int = 1) -> NodeType:
     if key not in DEFAULT_NODE:
         accelerator(key)  # raises the "did you mean" error
     return node_type(DEFAULT_NODE[key], ranks)
+
+
+# Device names as the runtime reports them (torch.cuda.get_device_name / nvidia-smi / rocm-smi),
+# e.g. "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA H200", "AMD Instinct MI300X".
+# PCIe and NVL boards have other clocks and power limits than the SXM parts catalogued here.
+_DEVICE_PATTERNS = (
+    ("a100", "40gb", "a100-40gb"),
+    ("a100", "80gb", "a100-80gb"),
+    ("h100", "", "h100"),
+    ("h200", "", "h200"),
+    ("mi300x", "", "mi300x"),
+    ("b200", "", "b200"),
+)
+
+
+def match_device_name(name: str) -> Accelerator | None:
+    """The catalogued accelerator a runtime device name refers to, or None if it is not one."""
+    text = name.lower().replace(" ", "")
+    if "pcie" in text or "nvl" in text:
+        return None
+    for part, size, key in _DEVICE_PATTERNS:
+        if part in text and size in text:
+            return ACCELERATORS[key]
+    return None

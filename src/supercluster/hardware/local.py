@@ -107,12 +107,13 @@ def local_peak(dtype: str, threads: int | None = None) -> float:
     return value
 
 
-def memory_bandwidth_tbps(megabytes: int = 256, repeats: int = 5) -> float:
+def memory_bandwidth_tbps(megabytes: int = 256, repeats: int = 5, refresh: bool = False) -> float:
     """Main-memory copy bandwidth in TB/s (bytes read + written), measured once with numpy.
 
-    numpy rather than torch keeps the planner torch-free; cached next to the matmul peak.
+    numpy rather than torch keeps the planner torch-free; cached next to the matmul peak
+    (`refresh` measures again and replaces the cached figure).
     """
-    value = cached_peak("mem_tbps")
+    value = None if refresh else cached_peak("mem_tbps")
     if value is None:
         import numpy as np
 

@@ -112,8 +112,12 @@ def intra_node(nbytes: int, iters: int, ranks: int | None = None, slow_rank: int
 
 
 def multi_node(nodes: list[str], nbytes: int, iters: int, tasks_per_node: int = 1,
-               srun_args: list[str] | None = None, timeout_s: float = 600) -> Measurement:
-    """All-reduce busbw across `nodes`, launched with Slurm's srun, one task per device."""
+               srun_args: list[str] | None = None, env: dict | None = None, timeout_s: float = 600) -> Measurement:
+    """All-reduce busbw across `nodes`, launched with Slurm's srun, one task per device.
+
+    `env` is srun's environment (SLURM_CONF of the fleet's cluster); `srun_args` adds e.g.
+    `--reservation=NAME` to run inside a cluster's reservation.
+    """
     check = "multinode_allreduce_busbw"
     if len(nodes) < 2:
         return Measurement.skipped(check, "GB/s", "one node: a multi-node all-reduce needs 2", applies=False)
@@ -125,7 +129,7 @@ def multi_node(nodes: list[str], nbytes: int, iters: int, tasks_per_node: int = 
         "--store", f"{socket.gethostname()}:{store.port}", "--bytes", str(nbytes), "--iters", str(iters),
     ]
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired:
         return Measurement.skipped(check, "GB/s", f"srun did not finish within {timeout_s:.0f} s")
     for line in proc.stdout.splitlines():

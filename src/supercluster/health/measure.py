@@ -119,12 +119,12 @@ def device_to_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
     """Peer copy GB/s from each device to the next one (NVLink/xGMI inside the node)."""
     import torch
 
-    devices = _devices()
-    if len(devices) < 2:
+    _, count = accelerator()
+    if count < 2:
         return Measurement.skipped(
-            "device_to_device_bandwidth", "GB/s", f"{len(devices) if devices != ['cpu'] else 0} accelerators: "
-            "needs at least 2", applies=False,
+            "device_to_device_bandwidth", "GB/s", f"{count} accelerator(s): a peer copy needs 2", applies=False
         )
+    devices = _devices()
     per_pair = {}
     for i, device in enumerate(devices):
         peer = devices[(i + 1) % len(devices)]

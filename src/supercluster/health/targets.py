@@ -100,3 +100,47 @@ def local_node(db=None) -> dict | None:
     except UserError:
         pass
     return None
+
+
+
+def measure_cluster_fabric(cluster: str, level: str, params: runner.Params | None = None,
+                           db=None) -> tuple[str, Measurement]:
+    """A multi-node all-reduce over every node of `cluster`, launched through Slurm's srun.
+
+    Returns the baseline kind of the cluster's nodes and the measurement (skipped where the
+    fleet's backend launches no multi-node jobs).
+    """
+    from supercluster.cluster.backends import backend_for
+    from supercluster.cluster.state import Cluster, open_db
+    from supercluster.hardware.local import machine_key
+    from supercluster.health import allreduce
+
+    database = open_db(db)
+    with database.transaction(lock=False) as s:
+        f = database.fleet(s)
+        backend, backend_name = backend_for(f.backend, f.settings), f.backend
+        emulated = bool(f.settings.get("emulated_gpus"))
+        reservation = s.query(Cluster.backend_ref).filter(Cluster.name == cluster).scalar()
+    nodes = fleet_nodes(cluster=cluster, db=db)
+    kind = runner.baseline_kind(None if emulated else nodes[0]["gpu_type"], machine_key())
+    if backend_name != "slurm" or not hasattr(backend, "srun_env"):
+        return kind, Measurement.skipped("multinode_allreduce_busbw", "GB/s",
+                                         f"the {backend_name} backend launches no multi-node job", applies=False)
+    p = params or runner.level_params(level, "cpu" if emulated else "accelerator")
+    return kind, allreduce.multi_node(
+        [n["name"] for n in nodes], p.allreduce_bytes, p.allreduce_iters,
+        tasks_per_node=1 if emulated else max(1, nodes[0]["gpus"]),
+        srun_args=[f"--reservation={reservation}"] if reservation else [], env=backend.srun_env(),
+    )
+
+
+def check_cluster_fabric(cluster: str, level: str, params: runner.Params | None = None, db=None):
+    """The multi-node all-reduce judged against the calibrated baseline of the nodes' kind.
+
+    A failure here cannot be pinned on one node, so it is reported, not stored against nodes,
+    and drains nothing; the per-node checks find the culprit.
+    """
+    from supercluster.health import thresholds
+
+    kind, measurement = measure_cluster_fabric(cluster, level, params, db)
+    return thresholds.judge(measurement, thresholds.rules_for(None, thresholds.load_baseline(kind), kind))

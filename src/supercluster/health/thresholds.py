@@ -86,8 +86,11 @@ def load_baseline(kind: str) -> dict | None:
     return _read_all().get(kind)
 
 
-def save_baseline(kind: str, runs: list[list[Measurement]]) -> dict:
-    """Median and coefficient of variation of each measured check over repeated runs."""
+def save_baseline(kind: str, runs: list[list[Measurement]], merge: bool = False) -> dict:
+    """Median and coefficient of variation of each measured check over repeated runs.
+
+    `merge` keeps the kind's other checks (adding a cluster's multi-node figure to a node baseline).
+    """
     values: dict[str, list[float]] = {}
     units: dict[str, str] = {}
     for run in runs:
@@ -101,16 +104,19 @@ def save_baseline(kind: str, runs: list[list[Measurement]]) -> dict:
         cv = statistics.stdev(xs) / statistics.mean(xs) if len(xs) > 1 and statistics.mean(xs) else 0.0
         entry[check] = {"median": median, "cv": cv, "unit": units[check], "runs": len(xs), "measured_at": time.time()}
     table = _read_all()
-    table[kind] = entry
+    table[kind] = {**table.get(kind, {}), **entry} if merge else entry
     path = baseline_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=1))
     tmp.replace(path)  # atomic: a concurrent reader sees the old table or the new one
-    return entry
+    return table[kind]
 
 
 def tolerance(check: str, calibration_cv: float = 0.0) -> float:
+    """Fraction below the baseline median that still passes (counts must match exactly)."""
+    if check == "accelerator_count":
+        return 0.0
     return min(MAX_TOLERANCE, max(TOLERANCE.get(check, 0.25), NOISE_MULTIPLE * calibration_cv))
 
 

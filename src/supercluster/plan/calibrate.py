@@ -53,13 +53,17 @@ def _software(source: str, notes: str) -> Software:
     if source.startswith("Megatron-LM README"):
         # Megatron-Core 2024: TE flash attention, --overlap-grad-reduce --overlap-param-gather
         # --tp-comm-overlap (stated in the row), fp32 gradient reduction.
-        return Software(flash_attention=True, overlap_dp=True, overlap_tp=True, grad_reduce_bytes=4)
+        # Its distributed optimizer is ZeRO-1.
+        return Software(flash_attention=True, overlap_dp=True, overlap_tp=True, grad_reduce_bytes=4, zero_stages=(0, 1))
     if "ZeRO-3 (DeepSpeed)" in notes:
         # DeepSpeed ZeRO-3 in 2021: 16-bit gathers and reductions at one NIC's rate per GPU.
-        return Software(flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2, hierarchical_dp=False)
+        return Software(
+            flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2, hierarchical_dp=False,
+            zero_stages=(3,),
+        )
     # Megatron-LM 2021-22: unfused-by-flash attention, gradient all-reduce after the backward
     # pass ("no overlap", Korthikanti sec. 6.3), 16-bit gradients.
-    return Software(flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2)
+    return Software(flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2, zero_stages=(0,))
 
 
 def _fixed(r: dict) -> dict:
@@ -130,8 +134,9 @@ def predict(row: Row, constants: dict) -> float:
 
 
 def mape(rows: list[Row], constants: dict) -> tuple[float, list[float]]:
-    errors = [abs(predict(row, constants) - row.published) / row.published for row in rows]
-    return sum(errors) / len(errors), errors
+    """Mean absolute percentage error, and each row's signed relative error."""
+    errors = [(predict(row, constants) - row.published) / row.published for row in rows]
+    return sum(map(abs, errors)) / len(errors), errors
 
 
 def fit(rows: list[Row]) -> dict:
@@ -155,7 +160,8 @@ def fit(rows: list[Row]) -> dict:
 def report(rows: list[Row], constants: dict) -> float:
     total, errors = mape(rows, constants)
     for row, err in zip(rows, errors):
-        print(f"{row.label[:70]:70s} {row.metric:24s} published {row.published:9.3f} predicted {predict(row, constants):9.3f} ({err:+.1%})")
+        predicted = row.published * (1 + err)
+        print(f"{row.label[:72]:72s} {row.metric:24s} published {row.published:9.3f} predicted {predicted:9.3f} ({err:+.1%})")
     print(f"MAPE over {len(rows)} rows: {total:.1%} with {constants}")
     return total
 

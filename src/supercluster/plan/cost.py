@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from supercluster.hardware.catalog import Accelerator, NodeType
-from supercluster.model.config import ModelConfig, flops_per_token, layer_params
+from supercluster.model.config import ModelConfig, flops_per_token, layer_params, matmul_params
 
 RECOMPUTE = ("none", "selective", "full")
 CONSTANTS_FILE = Path(__file__).with_name("constants.json")
@@ -37,6 +37,19 @@ KERNEL_LAUNCH_S = 5e-6  # per GEMM / collective launch on a GPU
 COLLECTIVE_LATENCY_S = 20e-6  # per ring collective or p2p message across IB (NCCL base latency, order of 10-30 us)
 RESERVED_GIB = 2.0  # CUDA/ROCm context, NCCL buffers and allocator slack per GPU
 OPTIMIZER_BYTES_PER_PARAM = 30  # Adam step: read fp32 param, grad, m, v; write param, m, v and the 16-bit copy
+
+
+def element_bytes(precision: str) -> int:
+    """Bytes per activation element: 16-bit for bf16 and fp8 training (FP8 only inside the
+    GEMMs), 4 when the whole model trains in fp32 (a CPU)."""
+    return 4 if precision in ("fp32", "tf32") else 2
+
+
+def state_bytes(precision: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer) bytes per parameter. Mixed precision keeps 16-bit
+    weights, fp32 gradients and fp32 master weights + Adam moments (ZeRO paper, sec. 3.1);
+    fp32 training has no separate master copy."""
+    return (4, 4, 8) if precision in ("fp32", "tf32") else (2, 4, 12)
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,10 @@ class Software:
     # and trees do); False models collectives limited to one NIC's rate per GPU, as DeepSpeed's
     # 2021 ZeRO-3 measured (Narayanan et al. 2021 Table 2: throughput falls as 1/dp).
     hierarchical_dp: bool = True
+    # ZeRO stages the training stack implements. supercluster's trainer has plain replication
+    # and FSDP2 (fully_shard: weights, gradients and optimizer state, i.e. ZeRO-3);
+    # Megatron-LM's distributed optimizer is ZeRO-1, DeepSpeed has all four.
+    zero_stages: tuple = (0, 3)
 
 
 @dataclass(frozen=True)
@@ -147,7 +164,8 @@ class Rates:
         # share of it a training framework's kernels keep at their own shapes.
         self.gemm_rate = acc.achievable(system.precision) * 1e12 * constants["gemm_efficiency"]
         self.hbm = acc.hbm_tbps * 1e12 * MEMORY_EFFICIENCY  # bytes/s
-        self.act_bytes = 1 if system.precision == "fp8" else 2  # GEMM operand bytes
+        self.elem = element_bytes(system.precision)  # activation bytes
+        self.act_bytes = 1 if system.precision == "fp8" else self.elem  # GEMM operand bytes
         self.cpu = acc.vendor == "cpu"
         self.launch = 0.0 if self.cpu else KERNEL_LAUNCH_S
         self.latency = 0.0 if self.cpu else COLLECTIVE_LATENCY_S
@@ -164,7 +182,7 @@ class Rates:
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
         """
         flops = 2 * m * k * n
-        traffic = self.act_bytes * (m * k + k * n) + 2 * m * n
+        traffic = self.act_bytes * (m * k + k * n) + self.elem * m * n
         return flops / self.gemm_rate + traffic / self.hbm + self.launch
 
     def memory_pass(self, nbytes: float) -> float:
@@ -225,7 +243,7 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
         # Unfused (2021-era): full squares; scores written, softmax/dropout read and write them.
         attn_fwd = b * heads * 2 * r.gemm(q_len, d, s)
         attn_bwd = 2 * attn_fwd
-        softmax_bytes = 2 * 4 * b * heads * q_len * s  # 4 passes over a*s elements, 2 bytes
+        softmax_bytes = r.elem * 4 * b * heads * q_len * s  # 4 passes over a*s elements
     # Elementwise work (norms, activation, residual, dropout): Korthikanti's activation count
     # read and written once forward; without sequence parallelism the norm/dropout/residual
     # part (10 of 34 bytes per token*h) is repeated on every tp rank.
@@ -233,7 +251,7 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
     sharded = 24 * tokens * h / t
     if lay.sequence_parallel:
         replicated /= t
-    elementwise_fwd = r.memory_pass(2 * (replicated + sharded) + softmax_bytes)
+    elementwise_fwd = r.memory_pass(r.elem * (replicated + sharded) + softmax_bytes)
     forward = linear_fwd + attn_fwd + elementwise_fwd
     # Backward: two GEMMs per forward GEMM (data and weight gradients), elementwise twice.
     backward = 2 * linear_fwd + attn_bwd + 2 * elementwise_fwd
@@ -285,19 +303,23 @@ def stage_layers(cfg: ModelConfig, lay: Layout) -> int:
     return math.ceil(cfg.layers / (lay.pp * lay.virtual_stages)) * lay.virtual_stages
 
 
-def memory(cfg: ModelConfig, lay: Layout, sw: Software, s: int, microbatches: int, reserved_gib: float) -> dict:
+def memory(
+    cfg: ModelConfig, lay: Layout, sw: Software, s: int, microbatches: int, reserved_gib: float, precision: str = "bf16"
+) -> dict:
     """GiB per GPU on the busier of the first and last pipeline stages."""
+    w_bytes, g_bytes, o_bytes = state_bytes(precision)
+    scale = element_bytes(precision) / 2  # Korthikanti counts 16-bit activations
     t, p, v = lay.tp, lay.pp, lay.virtual_stages
     shards = lay.dp * lay.cp  # ZeRO shards over every rank that holds the same weights
     embed = cfg.vocab_size * cfg.hidden
     per_layer = layer_params(cfg)
     layers = stage_layers(cfg, lay)
-    act_layer = _activation_bytes_per_layer(cfg, lay, sw, s)
+    act_layer = _activation_bytes_per_layer(cfg, lay, sw, s) * scale
     tokens = lay.microbatch * s / lay.cp
     logits = 2 * 4 * tokens * cfg.vocab_size / t  # fp32 logits and their gradient
     working = 0.0
     if lay.recompute == "full":  # one layer's activations rebuilt at a time
-        working = _activation_bytes_per_layer(cfg, replace(lay, recompute="selective"), sw, s)
+        working = _activation_bytes_per_layer(cfg, replace(lay, recompute="selective"), sw, s) * scale
     stages = []
     for first in (True, False) if p > 1 else (True,):
         # The first stage holds the embedding, the last the output layer (a copy of the
@@ -309,12 +331,12 @@ def memory(cfg: ModelConfig, lay: Layout, sw: Software, s: int, microbatches: in
         in_flight = min(p, microbatches) if first else 1
         interleave = 1 + (p - 1) / (p * v) if (v > 1 and first) else 1
         act = act_layer * layers * (in_flight if first else 1) * interleave
-        weights = 2 * params / (shards if lay.zero >= 3 else 1)
-        grads = 4 * params / (shards if lay.zero >= 2 else 1)
-        optimizer = 12 * params / (shards if lay.zero >= 1 else 1)
+        weights = w_bytes * params / (shards if lay.zero >= 3 else 1)
+        grads = g_bytes * params / (shards if lay.zero >= 2 else 1)
+        optimizer = o_bytes * params / (shards if lay.zero >= 1 else 1)
         buffers = working + (logits if (not first or p == 1) else 0.0)
         if lay.zero >= 3:
-            buffers += 2 * 2 * per_layer / t  # two unsharded layers in flight (prefetch)
+            buffers += 2 * w_bytes * per_layer / t  # two unsharded layers in flight (prefetch)
         stages.append(
             {
                 "weights": weights / 2**30,
@@ -348,14 +370,17 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     # Tensor parallel (Narayanan sec. 3.2): per layer 2 all-reduces forward and 2 backward of
     # b*s*h activations (with sequence parallelism, all-gather + reduce-scatter pairs: the same
     # bytes); a full recompute repeats the forward pair.
-    act_bytes = 2 * lay.microbatch * (s / c) * cfg.hidden
+    act_bytes = r.elem * lay.microbatch * (s / c) * cfg.hidden
     tp_rounds = 4 + (2 if lay.recompute == "full" else 0)
     tp_comm = layers * tp_rounds * r.ring(act_bytes, t, r.up, passes=2) if t > 1 else 0.0
     if sw.overlap_tp:
-        tp_comm = max(0.0, tp_comm - layers * (fwd + bwd) * 0.5)  # hidden behind independent GEMMs
+        # Transformer Engine splits each all-gather / reduce-scatter into chunks that run
+        # under the GEMM consuming or producing them: two of the four linears per collective
+        # pair, so about half of the layer's compute is a window to hide them in.
+        tp_comm = max(0.0, tp_comm - layers * (fwd + bwd) / 2)
     # Context parallel (Llama 3 sec. 3.3.2): all-gather K and V forward, reduce-scatter their
     # gradients backward, over the cp ranks next to tp in rank order.
-    kv_bytes = 2 * 2 * lay.microbatch * s * cfg.kv_heads * cfg.head_dim / t
+    kv_bytes = 2 * r.elem * lay.microbatch * s * cfg.kv_heads * cfg.head_dim / t
     cp_comm = layers * 2 * r.ring(kv_bytes, c, r.link(t * c)) if c > 1 else 0.0
     # Pipeline point-to-point (Narayanan sec. 4.1): b*s*h per boundary each way, /t with the
     # scatter/gather optimisation or sequence parallelism; v times as many with interleaving.
@@ -377,25 +402,25 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     local = min(n, max(1, r.gpus_per_node // t))  # ranks are ordered tp, cp, dp, pp (tp innermost)
     stage_params = (layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t
     grad_bytes = sw.grad_reduce_bytes * stage_params
-    weight_bytes = 2 * stage_params
+    weight_bytes = state_bytes(system.precision)[0] * stage_params
+    aware = sw.hierarchical_dp
     if lay.zero == 0:
-        dp_comm = r.hierarchical(grad_bytes, n, local, passes=2, topology_aware=sw.hierarchical_dp)
-        dp_overlappable = dp_comm
+        reduce = r.hierarchical(grad_bytes, n, local, passes=2, topology_aware=aware)  # all-reduce
         gather = 0.0
     else:
-        dp_comm = r.hierarchical(grad_bytes, n, local, topology_aware=sw.hierarchical_dp)
-        gather = r.hierarchical(weight_bytes, n, local, topology_aware=sw.hierarchical_dp)
-        dp_overlappable = dp_comm
+        reduce = r.hierarchical(grad_bytes, n, local, topology_aware=aware)  # reduce-scatter
+        gather = r.hierarchical(weight_bytes, n, local, topology_aware=aware)  # all-gather
         if lay.zero >= 3:  # FSDP: weights gathered again for every microbatch, forward and backward
             gather *= 2 * m
     if sw.overlap_dp:
-        # Gradients of the last microbatch are reduced while its backward runs; weight
-        # gathers run ahead of the forward passes (the pipeline cooldown hides more).
-        window_bwd = bwd * layers + bubble / 2
-        window_fwd = fwd * layers * (m if lay.zero >= 3 else 1)
-        exposed_dp = max(0.0, dp_overlappable - window_bwd) + max(0.0, gather - window_fwd - (m * bwd * layers if lay.zero >= 3 else 0.0))
+        # Gradients are reduced in buckets while the last microbatch's backward (and the
+        # pipeline drain) runs; weights are gathered ahead of the forward pass, and under
+        # ZeRO-3 ahead of every microbatch's forward and backward.
+        reduce_window = bwd * layers + bubble / 2
+        gather_window = (fwd + bwd) * layers * m if lay.zero >= 3 else fwd * layers
+        exposed_dp = max(0.0, reduce - reduce_window) + max(0.0, gather - gather_window)
     else:
-        exposed_dp = dp_comm + gather
+        exposed_dp = reduce + gather
 
     # Optimizer step: memory-bound Adam over this rank's shard of the parameters.
     opt_params = stage_params / (n if lay.zero >= 1 else 1)
@@ -410,10 +435,9 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     tokens = work.global_batch * s
     model_flops = flops_per_token(cfg, s) * tokens
     attention_fwd = 4 * cfg.layers * s * cfg.hidden
-    layer_fwd = 2 * (cfg.layers * (layer_params_matmul(cfg))) + attention_fwd
+    layer_fwd = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden) + attention_fwd  # no LM head
     extra = {"none": 0.0, "selective": attention_fwd, "full": layer_fwd}[lay.recompute] * tokens
     hardware_flops = model_flops + extra
-    peak = r.peak
     model_tflops = model_flops / step / gpus / 1e12
     hardware_tflops = hardware_flops / step / gpus / 1e12
     reserved = 0.0 if r.cpu else RESERVED_GIB
@@ -428,13 +452,8 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
         tokens_per_s_per_gpu=tokens / step / gpus,
         model_tflops_per_gpu=model_tflops,
         hardware_tflops_per_gpu=hardware_tflops,
-        mfu=model_tflops * 1e12 / peak,
-        hfu=hardware_tflops * 1e12 / peak,
-        memory=memory(cfg, lay, sw, s, m, reserved),
+        mfu=model_tflops * 1e12 / r.peak,
+        hfu=hardware_tflops * 1e12 / r.peak,
+        memory=memory(cfg, lay, sw, s, m, reserved, system.precision),
     )
 
-
-def layer_params_matmul(cfg: ModelConfig) -> int:
-    """Matmul weights of one layer (Narayanan eq. 2's 12h^2 for GPT)."""
-    h, kv = cfg.hidden, cfg.kv_heads * cfg.head_dim
-    return 2 * h * h + 2 * h * kv + (3 if cfg.mlp == "swiglu" else 2) * h * cfg.ffn_hidden

@@ -116,14 +116,17 @@ def _with_memory_choices(req: Request, base: Layout, reserved_gib: float):
     """Per recompute mode, the lowest ZeRO stage that fits; yields (layout, memory) pairs,
     feasible or not, so that the caller can report the nearest miss."""
     shards = base.dp * base.cp
-    zeros = _choices(req, "zero", [0] if shards == 1 else [1, 2, 3])
+    stages = sorted(req.software.zero_stages)
+    if 1 in stages and 0 in stages:
+        stages.remove(0)  # ZeRO-1 moves the same bytes as an all-reduce and holds less
+    zeros = _choices(req, "zero", [0] if shards == 1 else stages)
     m = req.work.global_batch // (base.dp * base.microbatch)
     capacity = req.system.accelerator.hbm_gib
     for recompute in _choices(req, "recompute", list(RECOMPUTE)):
         nearest = None
         for zero in zeros:
             lay = replace(base, zero=zero, recompute=recompute)
-            mem = memory(req.work.model, lay, req.software, req.work.seq_len, m, reserved_gib)
+            mem = memory(req.work.model, lay, req.software, req.work.seq_len, m, reserved_gib, req.system.precision)
             if mem["total"] <= capacity:
                 yield lay, mem, True
                 break

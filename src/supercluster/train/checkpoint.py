@@ -1,7 +1,9 @@
 """Checkpoints: sharded DCP saves, atomic by rename, the last K kept, found again on resume.
 
 A checkpoint is the folder `checkpoints/step_NNNNNNNN/` holding DCP shards of the model
-and optimizer (in any layout; DCP reshards on load), `train_state.json` (step, sampler,
+and optimizer (in any layout; DCP reshards on load; the optimizer state is flattened to
+one key per parameter name, so it moves between layouts that group parameters
+differently, pipeline stages included), `train_state.json` (step, sampler,
 tokens seen) and each rank's RNG state. It is written as `step_NNNNNNNN.tmp/` and renamed
 only once every rank has finished, so a crash mid-save leaves nothing resume would trust.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from supercluster.errors import UserError
 
@@ -28,6 +30,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 _NAME = re.compile(r"^step_(\d{8})$")
 TRAIN_STATE = "train_state.json"
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def _barrier():
@@ -56,15 +59,27 @@ def latest(root: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _state_dicts(models, optimizers) -> tuple[list[dict], list[dict]]:
+    """Per model part (one, or this rank's pipeline stages): its model and optimizer state."""
+    pairs = [get_state_dict(m, o, options=_OPTIONS) for m, o in zip(_as_list(models), _as_list(optimizers))]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
 def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int) -> Path:
+    """Save `model` and `optimizer` (or lists of them, one per pipeline stage on this rank)."""
     root = Path(root)
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    model_sds, optim_sds = _state_dicts(model, optimizer)
+    merged = lambda sds: {k: v for sd in sds for k, v in sd.items()}  # noqa: E731
+    dcp.save({"model": merged(model_sds), "optim": merged(optim_sds)}, checkpoint_id=str(tmp))
     torch.save(torch.get_rng_state(), tmp / f"rng_{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -78,14 +93,17 @@ def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int) 
 
 
 def load(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and this rank's RNG in place; return the train state."""
+    """Restore model(s), optimizer(s) and this rank's RNG in place; return the train state."""
     path = Path(path)
     try:
         train_state = json.loads((path / TRAIN_STATE).read_text())
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        model_sds, optim_sds = _state_dicts(model, optimizer)
+        state = {"model": {k: v for sd in model_sds for k, v in sd.items()},
+                 "optim": {k: v for sd in optim_sds for k, v in sd.items()}}
         dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for m, o, msd, osd in zip(_as_list(model), _as_list(optimizer), model_sds, optim_sds):
+            set_state_dict(m, o, model_state_dict={k: state["model"][k] for k in msd},
+                           optim_state_dict={k: state["optim"][k] for k in osd}, options=_OPTIONS)
     except (Exception, CheckpointException) as err:  # DCP's error is a BaseException; the files are at fault
         raise UserError(
             f"Checkpoint {str(path)!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "

@@ -71,3 +71,115 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RankStats:
+    """Every rank's step time and peak memory, gathered to all ranks each step, and the
+    ranks that stay slower than the others (a straggler: named by rank and host).
+
+    A rank's step time is its own wall time for the step. Synchronous collectives make the
+    fast ranks wait for the slow one, so the difference shows where a rank computes alone
+    (its forward and backward before the next collective it needs), and in a pipeline
+    where each stage's time is its own.
+    """
+
+    def __init__(self, world: int, rank: int, device: torch.device, margin: float = 0.2, window: int = 10):
+        import socket
+
+        import torch.distributed as dist
+
+        from supercluster.health.stragglers import StragglerMonitor
+
+        self.world, self.rank, self.device = world, rank, device
+        self.hosts = [socket.gethostname()] * world
+        if world > 1:
+            dist.all_gather_object(self.hosts, socket.gethostname())
+        self.monitor = StragglerMonitor(dict(enumerate(self.hosts)), margin=margin, window=window)
+
+    def gather(self, step_time_s: float, mem_gib: float) -> dict:
+        """{"step_time_s_by_rank": [...], "mem_gib_by_rank": [...], "stragglers": [...]} for this step."""
+        import torch.distributed as dist
+
+        mine = torch.tensor([step_time_s, mem_gib], dtype=torch.float64)
+        if self.world > 1:
+            everyone = [torch.zeros_like(mine) for _ in range(self.world)]
+            dist.all_gather(everyone, mine)
+        else:
+            everyone = [mine]
+        times = [float(t[0]) for t in everyone]
+        found = self.monitor.observe(dict(enumerate(times)))
+        return {"step_time_s_by_rank": times, "mem_gib_by_rank": [float(t[1]) for t in everyone],
+                "stragglers": [s.to_dict() for s in found]}
+
+
+def _collective_kind(op_name: str) -> str | None:
+    name = op_name.lower()
+    for needle, kind in (("reduce_scatter", "reduce_scatter"), ("allgather", "all_gather"),
+                         ("all_gather", "all_gather"), ("allreduce", "all_reduce"), ("all_reduce", "all_reduce"),
+                         ("alltoall", "all_to_all"), ("all_to_all", "all_to_all"), ("broadcast", "broadcast"),
+                         ("recv", "recv"), ("send", "send")):
+        if needle in name:
+            return kind
+    return None
+
+
+def _tensor_bytes(value) -> list[int]:
+    if isinstance(value, torch.Tensor):
+        return [value.numel() * value.element_size()]
+    if isinstance(value, (list, tuple)):
+        return [b for v in value for b in _tensor_bytes(v)]
+    return []
+
+
+def _collective_bytes_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.bytes: dict[str, int] = {}
+            self.calls: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if ("c10d" in name) and "wait" not in name:
+                kind = _collective_kind(name.split(".")[1] if "." in name else name)
+                if kind is not None:
+                    sizes = _tensor_bytes(list(args)) or [0]
+                    size = max(sizes)
+                    if "_c10d_functional" in name and kind == "all_gather":
+                        size *= int(args[1])  # the functional form gets the input and the group size
+                    self.bytes[kind] = self.bytes.get(kind, 0) + size
+                    self.calls[kind] = self.calls.get(kind, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    return Mode()
+
+
+class CollectiveBytes:
+    """Bytes handed to each kind of collective during a block of code, on this rank.
+
+    Counted where every collective passes, the dispatcher (c10d ops from FSDP2, pipelining's
+    send/recv and plain torch.distributed; functional collectives from DTensor and context
+    parallelism): per call, the size of the whole tensor the collective works on (the
+    gathered output of an all-gather, the input of a reduce-scatter, the buffer of an
+    all-reduce or a send). A cost model turns that into wire bytes for its algorithm.
+    """
+
+    def __init__(self):
+        self.mode = _collective_bytes_mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+    @property
+    def bytes(self) -> dict[str, int]:
+        return dict(sorted(self.mode.bytes.items()))
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return dict(sorted(self.mode.calls.items()))

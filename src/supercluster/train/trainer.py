@@ -1,9 +1,12 @@
 """The training loop: one process per rank, the same code for 1 rank or 1000.
 
 `Trainer(cfg)` joins the process group that torchrun set up (or runs alone), builds the
-model on a device mesh through `parallel.parallelize`, resumes from the latest checkpoint
-in the run directory, and `fit()` trains to `train.steps`, writing `metrics.jsonl` and
-checkpoints as it goes.
+model on a device mesh through `parallel.parallelize` (whole, or cut into pipeline stages
+run by a torch schedule), resumes from the latest checkpoint in the run directory, and
+`fit()` trains to `train.steps`, writing `metrics.jsonl` and checkpoints as it goes.
+
+Data: every rank of one data-parallel group (its tp, cp and pp ranks) draws the same
+batch; context parallelism then keeps this rank's load-balanced chunks of each sequence.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from supercluster.data import BatchSampler, prepare_data
 from supercluster.model.config import flops_per_token
 from supercluster.model.transformer import Transformer
 from supercluster.parallel import ParallelDims
+from supercluster.parallel.context import SequenceLayout
 from supercluster.parallel.parallelize import parallelize
+from supercluster.parallel.pipeline import build_schedule, cross_entropy, split_model
 from supercluster.train import checkpoint
 from supercluster.train.config import Config, validate
-from supercluster.train.metrics import MetricsLog, device_peak, memory_gib
+from supercluster.train.metrics import CollectiveBytes, MetricsLog, RankStats, device_peak, memory_gib
 from supercluster.train.optim import build_optimizer, lr_at
 
 
@@ -79,6 +84,11 @@ class Trainer:
         self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
         self.val_data = self.data.val if len(self.data.val) > t.seq_len + 1 else self.data.train
         self.dp_rank = dp_rank
+        # The ranks a loss is averaged over (data and context parallel), and the pipeline.
+        self.loss_mesh = self.mesh["dp_cp"] if self.mesh is not None and self.dims.dp * self.dims.cp > 1 else None
+        self.pp_mesh = self.mesh["pp"] if self.dims.pp > 1 else None
+        cp_mesh = self.mesh["cp"] if self.dims.cp > 1 else None
+        self.layout = SequenceLayout(t.seq_len, self.device, cp_mesh)
 
         self.precision = resolve_precision(self.device, t.precision)
         torch.manual_seed(t.seed)
@@ -86,12 +96,28 @@ class Trainer:
             model = Transformer(self.model_cfg)
         model.to_empty(device=self.device)
         model.init_weights(seed=t.seed)  # same weights on every rank and in every layout
-        self.model = parallelize(model, self.dims, self.mesh, t)
-        self.optimizer = build_optimizer(self.model, t, self.device)
+        # Positions are passed to the model by the layout when a rank holds only part of a
+        # sequence (cp) or a pipeline stage's input is hidden states (pp).
+        layout = self.layout if self.dims.cp > 1 or self.dims.pp > 1 else None
+        self.schedule = None
+        if self.dims.pp > 1:
+            stages = split_model(model, self.dims, self.pp_mesh.get_local_rank())
+            self.model_parts = [parallelize(part, self.dims, self.mesh, t, layout, self.precision) for _, part in stages]
+            ids = [sid for sid, _ in stages]
+            self.has_first_stage, self.has_last_stage = 0 in ids, self.dims.num_stages - 1 in ids
+            self.schedule = build_schedule(list(zip(ids, self.model_parts)), self.dims, self.pp_mesh, self.device,
+                                           self.dims.pipeline_microbatches(t), self._pipeline_loss)
+        else:
+            self.model_parts = [parallelize(model, self.dims, self.mesh, t, layout, self.precision)]
+        self.model = self.model_parts[0]
+        self.optimizers = [build_optimizer(part, t, self.device) for part in self.model_parts]
+        self.optimizer = self.optimizers[0]
         self.accum = t.global_batch // (self.dims.dp * t.micro_batch)
         self.tokens_per_step = t.global_batch * t.seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
         self.peak = device_peak(self.device, self.precision)
+        self.rank_stats = RankStats(self.world, self.rank, self.device)
+        self.comm_bytes = None
         self.step = 0
         self.resumed_from = None
         self._resume()
@@ -104,13 +130,13 @@ class Trainer:
         found = checkpoint.latest(self.run_dir / "checkpoints")
         if found is None:
             return
-        state = checkpoint.load(found[1], self.model, self.optimizer)
+        state = checkpoint.load(found[1], self.model_parts, self.optimizers)
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.resumed_from = found[1]
 
     def save_checkpoint(self):
-        checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer,
+        checkpoint.save(self.run_dir / "checkpoints", self.step, self.model_parts, self.optimizers,
                         {"sampler": self.sampler.state_dict(), "tokens_seen": self.step * self.tokens_per_step},
                         keep=self.cfg.train.keep_checkpoints)
 
@@ -124,50 +150,100 @@ class Trainer:
     def loss_of(self, x, y):
         with self._autocast():
             logits = self.model(x)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return cross_entropy(logits, y)
+
+    def _pipeline_loss(self, logits, y):
+        return cross_entropy(logits, y)
+
+    def _run_pipeline(self, x, y, train: bool) -> torch.Tensor:
+        """The whole local batch through the schedule; the mean loss on the last stage, else 0."""
+        losses = [] if self.has_last_stage else None
+        target = y if self.has_last_stage else None
+        args = (x,) if self.has_first_stage else ()
+        with self._autocast():
+            if train:
+                self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
+            else:
+                self.schedule.eval(*args, target=target, losses=losses)
+        if not self.has_last_stage:
+            return torch.zeros((), device=self.device)
+        return torch.stack([loss.detach().float() for loss in losses]).mean()
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over the global batch; returns (mean loss, grad norm)."""
-        t = self.cfg.train
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, t)
+        t, tic = self.cfg.train, time.perf_counter()
+        lr = lr_at(self.step, t)
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
         x_all, y_all = self.sampler.next()
-        x_all, y_all = x_all.to(self.device), y_all.to(self.device)
-        total = torch.zeros((), device=self.device)
-        for i in range(self.accum):
-            if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
-                self.model.set_requires_gradient_sync(i == self.accum - 1)
-            sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
-            loss = self.loss_of(x_all[sl], y_all[sl]) / self.accum
-            loss.backward()
-            total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip, foreach=True)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        x_all, y_all = self.layout.shard(x_all.to(self.device), y_all.to(self.device))
+        if self.schedule is not None:
+            total = self._run_pipeline(x_all, y_all, train=True)
+        else:
+            total = torch.zeros((), device=self.device)
+            for i in range(self.accum):
+                if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
+                    self.model.set_requires_gradient_sync(i == self.accum - 1)
+                sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
+                loss = self.loss_of(x_all[sl], y_all[sl]) / self.accum
+                loss.backward()
+                total += loss.detach()
+        grad_norm = self._clip_gradients(t.grad_clip)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return self._mean_over_dp(total), float(grad_norm)
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize()
+        self.rank_step_time = time.perf_counter() - tic  # before the loss's all-reduce lines every rank up
+        return self._mean_loss(total), grad_norm
 
-    def _mean_over_dp(self, value: torch.Tensor) -> float:
-        """Each data-parallel rank holds the mean over its shard of the batch; average them."""
-        if self.dp_mesh is not None:
-            value = value.clone()
-            dist.all_reduce(value, group=self.dp_mesh.get_group())
-            value /= self.dims.dp
+    def _clip_gradients(self, max_norm: float) -> float:
+        """Clip by the norm of the whole model's gradient: over tp and dp shards (DTensor) and
+        over pipeline stages (each rank holds only its stages' part of the sum)."""
+        params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        if self.pp_mesh is not None:
+            norm = norm.pow(2)
+            dist.all_reduce(norm, group=self.pp_mesh.get_group())
+            norm = norm.sqrt()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        return float(norm)
+
+    def _mean_loss(self, value: torch.Tensor) -> float:
+        """Each data/context-parallel rank holds the mean over its share of the tokens (all the
+        same size): average them; under pipelining only the last stage has it, so sum over stages."""
+        value = value.detach().clone()
+        if self.loss_mesh is not None:
+            dist.all_reduce(value, group=self.loss_mesh.get_group())
+            value /= self.loss_mesh.size()
+        if self.pp_mesh is not None:
+            dist.all_reduce(value, group=self.pp_mesh.get_group())
         return float(value)
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Mean loss over `eval_batches` fixed global batches of the validation split."""
         t = self.cfg.train
-        self.model.eval()
+        for part in self.model_parts:
+            part.eval()
         val = BatchSampler(self.val_data, t.seq_len, t.global_batch, self.dp_rank, self.dims.dp, self.cfg.data.seed + 1)
         total = torch.zeros((), device=self.device)
         for _ in range(t.eval_batches):
             x, y = val.next()
-            total += self.loss_of(x[: t.micro_batch].to(self.device), y[: t.micro_batch].to(self.device))
-        self.model.train()
-        return self._mean_over_dp(total / t.eval_batches)
+            x, y = self.layout.shard(x.to(self.device), y.to(self.device))
+            if self.schedule is not None:
+                total += self._run_pipeline(x, y, train=False)
+            else:
+                for i in range(self.accum):
+                    sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
+                    total += self.loss_of(x[sl], y[sl]) / self.accum
+        for part in self.model_parts:
+            part.train()
+        return self._mean_loss(total / t.eval_batches)
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -185,21 +261,33 @@ class Trainer:
         log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank0)
         progress = Progress(rank0, start=self.step, total=t.steps)
         started, last = time.perf_counter(), {}
-        self.model.train()
+        for part in self.model_parts:
+            part.train()
+        measure_comm_at = self.step + (2 if t.steps - self.step >= 2 else 1)  # the 2nd step: no warm-up in it
         try:
             while self.step < t.steps and not self._should_stop(started):
+                inject_fault(self.rank, self.step)
                 tic = time.perf_counter()
-                loss, grad_norm = self.train_step()
+                if self.step + 1 == measure_comm_at:
+                    with CollectiveBytes() as counter:
+                        loss, grad_norm = self.train_step()
+                    self.comm_bytes = self._gather_comm(counter)
+                else:
+                    loss, grad_norm = self.train_step()
                 if self.device.type != "cpu":
                     torch.accelerator.synchronize()
                 step_time = time.perf_counter() - tic
                 tokens_per_s = self.tokens_per_step / step_time
+                mem = memory_gib(self.device)
                 last = {
                     "step": self.step, "loss": loss, "lr": lr_at(self.step - 1, t),
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.flops_per_token * tokens_per_s / (self.peak.tflops * 1e12 * self.world),
-                    "mem_gib": memory_gib(self.device), "step_time_s": step_time, "grad_norm": grad_norm,
+                    "mem_gib": mem, "step_time_s": step_time, "grad_norm": grad_norm,
+                    **self.rank_stats.gather(self.rank_step_time, mem),
                 }
+                if self.step == measure_comm_at and self.comm_bytes is not None:
+                    last.update(self.comm_bytes)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
@@ -213,11 +301,43 @@ class Trainer:
         finally:
             progress.close()
             log.close()
-        return {**last, "peak_source": self.peak.source, "precision": self.precision, "world_size": self.world}
+        return {**last, **(self.comm_bytes or {}), "peak_source": self.peak.source, "precision": self.precision,
+                "world_size": self.world, "layout": self.layout_name()}
+
+    def layout_name(self) -> str:
+        d = self.dims
+        parts = [f"{n} {getattr(d, n)}" for n in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(d, n) > 1]
+        if d.pp > 1:
+            parts.append(d.pp_schedule)
+        return " x ".join(parts) or "single"
+
+    def _gather_comm(self, counter: CollectiveBytes) -> dict:
+        """Bytes per collective kind in one step: this rank's (rank 0 logs them) and the world's sum."""
+        mine = {"bytes": counter.bytes, "calls": counter.calls}
+        everyone = [mine] * self.world
+        if self.world > 1:
+            dist.all_gather_object(everyone, mine)
+        world: dict[str, int] = {}
+        for entry in everyone:
+            for kind, size in entry["bytes"].items():
+                world[kind] = world.get(kind, 0) + size
+        return {"comm_bytes": mine["bytes"], "comm_calls": mine["calls"], "comm_bytes_world": dict(sorted(world.items()))}
 
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def inject_fault(rank: int, step: int) -> None:
+    """Test-only: SUPERCLUSTER_FAULT_EXIT="RANK:STEP:MARKER" makes RANK die when it reaches STEP,
+    once (the marker file records that it did), as a crashed node would: no cleanup, no message."""
+    spec = os.environ.get("SUPERCLUSTER_FAULT_EXIT")
+    if not spec:
+        return
+    fault_rank, fault_step, marker = spec.split(":", 2)
+    if rank == int(fault_rank) and step == int(fault_step) and not os.path.exists(marker):
+        Path(marker).write_text(f"rank {rank} exited at step {step}\n")
+        os._exit(17)
 
 
 class Progress:

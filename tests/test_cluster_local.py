@@ -1,0 +1,65 @@
+"""The local backend runs the real trainer as a job: submit, follow, refuse delete while running, cancel."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from supercluster.cluster import clusters, fleet, jobs
+from supercluster.cluster.state import Database
+from supercluster.errors import UserError
+
+
+def tiny(corpus, steps):
+    return [f"data.path={corpus}", "model.preset=tiny", f"train.steps={steps}", "train.checkpoint_every=3",
+            "train.eval_every=100", "train.precision=fp32", "train.seq_len=32", "train.micro_batch=2", "train.global_batch=4"]
+
+
+@pytest.fixture
+def local_db(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    info = fleet.init_fleet(db, "local", gpus=2)
+    assert info["nodes"] == 1 and info["gpus"] == 2
+    clusters.create_cluster(db, "here", 2, wait=False)
+    return db
+
+
+@pytest.mark.slow
+def test_local_job_trains_to_a_checkpoint_and_blocks_delete(local_db, small_corpus, tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text("[model]\npreset = 'tiny'\n")
+    job = jobs.submit_job(local_db, "here", str(config), tiny(small_corpus, 6), max_restarts=0)
+    assert job["state"] == "pending"
+    with pytest.raises(UserError, match="still runs job"):
+        clusters.delete_cluster(local_db, "here")
+    final = jobs.wait_job(local_db, job["id"], timeout_s=300, poll_s=1)
+    log = Path(jobs.log_path(local_db, job["id"])).read_text()
+    assert final["state"] == "completed" and final["exit_code"] == 0, log[-3000:]
+    run = Path(final["run_dir"])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps[-1] == 6
+    assert (run / "checkpoints" / "step_00000006").is_dir()
+    clusters.delete_cluster(local_db, "here")  # no running job: allowed now
+
+
+def test_cancel_and_forced_delete_stop_the_processes(local_db, small_corpus, tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text("")
+    job = jobs.submit_job(local_db, "here", str(config), tiny(small_corpus, 10_000), max_restarts=0)
+    pid = int(job["backend_ref"])
+    assert jobs.job_status(local_db, job["id"])["state"] == "running"
+    clusters.delete_cluster(local_db, "here", force=True)
+    assert jobs.job_status(local_db, job["id"])["state"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:  # reap our own child (the runner) so that it does not linger as a zombie
+            import os
+
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+    assert not Path(f"/proc/{pid}").exists()
+    with pytest.raises(UserError, match="already ended"):
+        jobs.cancel_job(local_db, job["id"])

@@ -1,0 +1,107 @@
+"""A real Slurm (Debian slurm-wlm 22.05) emulating 4 nodes x 2 fake GPUs on this host, two leaf
+switches under one spine: import the fleet, run the real trainer on a 2-node cluster, and
+survive a node's death mid-job (requeue on a replacement, resume from the checkpoint)."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_emulator import EmulatedSlurm, unavailable_reason
+from supercluster.cluster import clusters, fleet, jobs
+from supercluster.cluster.state import Database
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    emu = EmulatedSlurm(tmp_path_factory.mktemp("slurm"), nodes=4, gpus_per_node=2, nodes_per_leaf=2)
+    try:
+        emu.start()
+        yield emu
+    finally:
+        emu.stop()
+
+
+@pytest.fixture(scope="module")
+def db(slurm, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.setenv("SLURM_CONF", str(slurm.conf))
+    db = Database(f"sqlite:///{tmp_path_factory.mktemp('slurmdb') / 'fleet.db'}")
+    fleet.init_fleet(db, "slurm")
+    return db
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def overrides(corpus):
+    return [f"data.path={corpus}", "model.preset=tiny", f"train.steps={STEPS}", "train.checkpoint_every=4",
+            "train.eval_every=100", "train.precision=fp32", "train.seq_len=32", "train.micro_batch=2", "train.global_batch=8"]
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_fleet_import_from_scontrol(db, slurm):
+    info = fleet.summary(db)
+    assert info["backend"] == "slurm" and (info["nodes"], info["gpus"]) == (4, 8)
+    assert [(r["pod"], r["leaf"], r["nodes"]) for r in info["leaves"]] == [("spine1", "leaf1", 2), ("spine1", "leaf2", 2)]
+    fleet.drain_node("node4", "health check failed", db=db)
+    assert slurm.node_states()["node4"].startswith("drain")
+    fleet.resume_node("node4", db=db)
+    assert slurm.node_states()["node4"] == "idle"
+
+
+@pytest.fixture(scope="module")
+def reference(db, slurm, small_corpus, tmp_path_factory):
+    """An uninterrupted run on a 2-node cluster: the job finishes with a checkpoint."""
+    c = clusters.create_cluster(db, "ref", 4, wait=False)
+    assert c["leaves"] == 1 and len(c["nodes"]) == 2 and c["reservation"] == "supercluster-ref"
+    config = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    config.write_text("[model]\npreset = 'tiny'\n")
+    job = jobs.submit_job(db, "ref", str(config), overrides(small_corpus), max_restarts=0)
+    final = jobs.wait_job(db, job["id"], timeout_s=240, poll_s=1)
+    log = Path(jobs.log_path(db, job["id"])).read_text()
+    clusters.delete_cluster(db, "ref")
+    return final, log, config
+
+
+def test_two_node_job_finishes_with_a_checkpoint(reference):
+    final, log, _ = reference
+    assert final["state"] == "completed" and final["exit_code"] == 0, log[-3000:]
+    assert max(losses(final["run_dir"])) == STEPS
+    assert (Path(final["run_dir"]) / "checkpoints" / f"step_{STEPS:08d}").is_dir()
+
+
+def test_node_death_requeues_on_a_replacement_and_matches_the_uninterrupted_loss(db, slurm, reference, small_corpus):
+    ref_final, _, config = reference
+    c = clusters.create_cluster(db, "tough", 4, wait=False)
+    before = [n["name"] for n in c["nodes"]]
+    job = jobs.submit_job(db, "tough", str(config), overrides(small_corpus), max_restarts=2)
+    ckpt = Path(job["run_dir"]) / "checkpoints" / "step_00000004"
+    deadline = time.monotonic() + 180
+    while not ckpt.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ckpt.exists(), Path(jobs.log_path(db, job["id"])).read_text()[-3000:]
+    victim = before[1]
+    slurm.kill_node(victim)
+
+    final = jobs.wait_job(db, job["id"], timeout_s=240, poll_s=1)
+    log = Path(jobs.log_path(db, job["id"])).read_text()
+    assert final["state"] == "completed" and final["restarts"] >= 1, log[-4000:]
+    after = [n["name"] for n in clusters.show_cluster(db, "tough")["nodes"]]
+    assert victim not in after and before[0] in after and len(after) == 2
+    got, want = losses(final["run_dir"]), losses(ref_final["run_dir"])
+    assert max(got) == STEPS
+    assert got[STEPS] == pytest.approx(want[STEPS], rel=1e-4)
+    slurm.start_node(victim)  # leave the emulated cluster whole for whoever comes next
