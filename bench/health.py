@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -21,6 +22,7 @@ from supercluster.health import runner, thresholds
 
 
 def bench(level: str, runs: int) -> dict:
+    load_before = os.getloadavg()[0]  # other work on the machine shows up as noise: say how much there was
     durations, values, units = [], {}, {}
     for _ in range(runs):
         start = time.perf_counter()
@@ -35,7 +37,8 @@ def bench(level: str, runs: int) -> dict:
         tol = thresholds.tolerance(check)
         checks[check] = {"median": statistics.median(xs), "unit": units[check], "cv": cv, "min": min(xs), "max": max(xs),
                          "tolerance": tol, "tolerance_over_cv": tol / cv if cv else None}
-    return {"level": level, "runs": runs, "seconds_median": statistics.median(durations),
+    return {"level": level, "runs": runs, "cores": os.cpu_count(), "load_1min": [load_before, os.getloadavg()[0]],
+            "seconds_median": statistics.median(durations),
             "seconds_max": max(durations), "checks": checks}
 
 
@@ -50,7 +53,8 @@ def main():
         print(json.dumps(results, indent=1))
         return
     for r in results:
-        print(f"level {r['level']}: {r['seconds_median']:.1f} s per pass (max {r['seconds_max']:.1f} s, {r['runs']} runs)")
+        print(f"level {r['level']}: {r['seconds_median']:.1f} s per pass (max {r['seconds_max']:.1f} s, {r['runs']} runs; "
+              f"load average {r['load_1min'][0]:.1f} -> {r['load_1min'][1]:.1f} on {r['cores']} cores)")
         print(f"  {'check':28} {'median':>10} {'unit':8} {'CV':>7} {'min/max':>8} {'tol':>5} {'tol/CV':>7}")
         for check, c in r["checks"].items():
             ratio = f"{c['tolerance_over_cv']:.1f}" if c["tolerance_over_cv"] else "-"

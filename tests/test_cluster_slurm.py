@@ -14,7 +14,7 @@ from supercluster.cluster.state import Database
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
 
-STEPS = 12
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,11 @@ def test_fleet_import_from_scontrol(db, slurm):
     fleet.drain_node("node4", "health check failed", db=db)
     assert slurm.node_states()["node4"].startswith("drain")
     fleet.resume_node("node4", db=db)
+    deadline = time.monotonic() + 30  # RESUME flags the node not-responding until slurmd answers a ping
+    while slurm.node_states()["node4"] != "idle" and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert slurm.node_states()["node4"] == "idle"
+    assert fleet.nodes(db)[3]["state"] == "up"
 
 
 @pytest.fixture(scope="module")

@@ -294,3 +294,41 @@ def test_multinode_allreduce_through_srun(slurm):
     bad = allreduce.multi_node(["node1", "node9"], 1 * MiB, 3, env=slurm.env, timeout_s=60)
     assert bad.value is None and "srun exited" in bad.skip_reason
     assert thresholds.judge(bad, {}).status == SKIPPED
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, home, tmp_path, monkeypatch, capsys,
+                                                                       measured):
+    from supercluster.cluster import clusters
+    from supercluster.errors import UserError
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "slurm")
+
+    _scaled_baseline(machine_key(), measured, 1e4)  # node2 is "slow": it cannot reach the baseline
+    report = targets.check_fleet_node(targets.fleet_nodes(node="node2", db=db)[0], "quick", SMALL, db=db)  # via srun
+    assert report.node == "node2" and report.status == FAILED
+    assert report.checks[0].detail["device_type"] == "cpu"  # measured on the node, sent back as JSON
+    assert gate.record(report, db) == "drained"
+    assert slurm.node_states()["node2"].startswith("drain")
+    with pytest.raises(UserError, match="do not fit"):  # 2 nodes x 2 GPUs: the drained node is not offered
+        clusters.create_cluster(db, "hc", 4, wait=False)
+
+    _scaled_baseline(machine_key(), measured, 1e-3)  # repaired: it passes again and returns
+    report = targets.check_fleet_node(targets.fleet_nodes(node="node2", db=db)[0], "quick", SMALL, db=db)
+    assert report.status == PASSED, report.summary()
+    assert gate.record(report, db) == "resumed"
+    assert slurm.node_states()["node2"] == "idle"
+    assert clusters.create_cluster(db, "hc", 4, wait=False)["state"] == "ready"
+
+    # the whole cluster: per-node checks inside its reservation, then a multi-node all-reduce over srun
+    monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
+    main(["health", "--cluster", "hc", "--json", "--db", db])
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["node"], r["status"]) for r in out["nodes"]] == [("node1", PASSED), ("node2", PASSED)]
+    fabric = out["fabric"]
+    assert fabric["check"] == "multinode_allreduce_busbw" and fabric["value"] > 0 and fabric["unit"] == "GB/s"
+    assert fabric["detail"]["nodes"] == ["node1", "node2"]
+    assert fabric["status"] == SKIPPED and "calibrate" in fabric["reason"]  # no multi-node baseline yet

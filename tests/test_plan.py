@@ -136,6 +136,7 @@ def run_cli(*args, env=None):
     [
         (["gpt3-175b", "--gpus", "1024", "--tp", "8", "--pp", "8", "--dp", "8", "--cp", "1"], "not the 1024 GPUs"),
         (["gpt3-175b", "--gpus", "1024", "--tp", "5"], "does not divide the model's 96 attention heads"),
+        (["llama3-8b", "--gpus", "48", "--pp", "3"], "does not divide the model's 32 layers"),
         (["gpt3-175b", "--gpus", "1024", "--tp", "16"], "exceeds the 8 GPUs of one"),
         (["gpt3-175b", "--gpus", "1024", "--gpu", "h1000"], "did you mean 'h100'"),
         (["llama3-405b", "--gpus", "8", "--global-batch", "16"], "GiB more than"),
@@ -197,3 +198,19 @@ def test_plan_imports_no_torch_and_local_reads_the_cached_peak(tmp_path):
     assert proc.stderr.strip().endswith("NO-TORCH")
     best = json.loads(proc.stdout)["plans"][0]
     assert best["hardware_tflops_per_gpu"] < 0.05  # bounded by the cached local peak
+
+
+def test_emitted_pipeline_config_passes_the_trainers_checks(tmp_path):
+    """A GPT preset (tied embeddings, vocabulary 50257) on tp 2 x pp 2 interleaved: the emitted
+    config must satisfy the trainer's own layout rules."""
+    from supercluster.parallel.dims import PP_SCHEDULES, ParallelDims
+    from supercluster.train.config import load_config
+
+    out = tmp_path / "pp.toml"
+    proc = run_cli("plan", "gpt2-124m", "--gpus", "8", "--tp", "2", "--pp", "2", "--virtual-stages", "2",
+                   "--seq-len", "1024", "--global-batch", "32", "--emit-config", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(out, [])
+    assert cfg.parallel.pp_schedule in PP_SCHEDULES and cfg.parallel.pp_schedule != "1f1b"
+    dims = ParallelDims.from_config(cfg.parallel, world_size=8)
+    dims.validate_model(cfg.model_config(), cfg.train)  # raises UserError on any mismatch

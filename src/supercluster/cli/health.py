@@ -45,28 +45,10 @@ def _print_reports(reports: list[dict], fabric: dict | None, as_json: bool) -> N
 
 
 def _run(node: str | None, cluster: str | None, level: str, as_json: bool, record: bool, db: str | None) -> None:
-    from supercluster.errors import UserError
-    from supercluster.health import gate, runner, targets
+    from supercluster.health import targets
     from supercluster.health.results import FAILED
 
-    if node and cluster:
-        raise UserError("Pass either --node or --cluster, not both.")
-    runner.level_params(level, "cpu")  # validates the level before minutes of work
-    reports = []
-    if node or cluster:
-        for n in targets.fleet_nodes(node, cluster, db):
-            report = targets.check_fleet_node(n, level, db=db)
-            reports.append({**report.to_dict(), "action": gate.record(report, db) if record else "not recorded"})
-    else:
-        mine = targets.local_node(db)
-        if mine is not None:
-            report = targets.check_fleet_node(mine, level, db=db)
-            action = gate.record(report, db) if record else "not recorded"
-        else:
-            report = runner.check_here(targets.this_host(), level)
-            action = "not recorded (this machine is not in the fleet)"
-        reports.append({**report.to_dict(), "action": action})
-    fabric = targets.check_cluster_fabric(cluster, level, db=db).to_dict() if cluster else None
+    reports, fabric = targets.run_checks(node, cluster, level, record, db)
     _print_reports(reports, fabric, as_json)
     if any(r["status"] == FAILED for r in [*reports, fabric or {}]):
         raise SystemExit(1)  # like NHC: scripts and Slurm prolog/epilog hooks can test the exit code

@@ -1,4 +1,4 @@
-"""`supercluster train` and `supercluster sample`."""
+"""`supercluster train`, `supercluster sample` and `supercluster export`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,23 @@ def sample(
         print(text)
 
 
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory (holds config.toml and checkpoints/)."),
+    out: Path = typer.Argument(..., help="The .safetensors file to write."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+):
+    """Write the latest checkpoint (any layout) as one safetensors file with Llama tensor names."""
+    from supercluster.train.export import export_run
+
+    summary = export_run(run_dir, out)
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print(f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['parameters']:,} parameters, "
+          f"{summary['bytes'] / 2**20:.1f} MiB" + ("" if summary["llama_compatible"] else " (not Llama-architecture)"))
+
+
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("sample")(sample)
+    app.command("export")(export)

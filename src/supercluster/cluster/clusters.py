@@ -37,7 +37,7 @@ BACKFILL_LIMIT = 8
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-def eligible(node: Node, cluster: Cluster, at: float) -> bool:
+def eligible(node, cluster: Cluster, at: float) -> bool:
     """The health gate: up, and either never checked (unless required) or passed recently."""
     if node.state != "up":
         return False
@@ -46,23 +46,30 @@ def eligible(node: Node, cluster: Cluster, at: float) -> bool:
     return node.last_health_status == "passed" and at - (node.last_health_at or 0) <= cluster.health_max_age_s
 
 
-def _nodes_of_type(s: Session, gpu_type: str) -> list[Node]:
-    return list(s.scalars(
-        sa.select(Node).where(Node.gpu_type == gpu_type).options(selectinload(Node.allocations)).order_by(Node.name)
-    ))
+def _capacity(s: Session, gpu_type: str) -> list[sa.Row]:
+    """Each node of a type with its used GPUs, as plain rows (one query: placement reads all nodes)."""
+    used = sa.func.coalesce(sa.func.sum(Allocation.gpus), 0).label("used_gpus")
+    query = (
+        sa.select(Node.name, Node.leaf, Node.pod, Node.gpus, Node.state, Node.last_health_status, Node.last_health_at, used)
+        .outerjoin(Allocation, Allocation.node_name == Node.name)
+        .where(Node.gpu_type == gpu_type)
+        .group_by(Node.name)
+        .order_by(Node.name)
+    )
+    return list(s.execute(query))
 
 
-def _geometry(nodes: list[Node]) -> tuple[int, int]:
+def _geometry(nodes: list[sa.Row]) -> tuple[int, int]:
     """GPUs per node and the largest number of nodes under one leaf switch, for a GPU type."""
     return max(n.gpus for n in nodes), max(Counter(n.leaf for n in nodes).values())
 
 
-def _free(nodes: list[Node], cluster: Cluster, at: float) -> list[placement.Free]:
+def _free(nodes: list[sa.Row], cluster: Cluster, at: float) -> list[placement.Free]:
     return [placement.Free(n.name, n.leaf, n.pod, n.gpus - n.used_gpus, n.gpus) for n in nodes if eligible(n, cluster, at)]
 
 
 def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
-    nodes = _nodes_of_type(s, cluster.gpu_type)
+    nodes = _capacity(s, cluster.gpu_type)
     node_gpus, _ = _geometry(nodes)
     found = placement.place(_free(nodes, cluster, now()), cluster.gpus, node_gpus, cluster.max_switches)
     if found is None:
@@ -75,7 +82,6 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
     # Inside the transaction: if the backend refuses (e.g. scontrol fails) nothing is kept.
     cluster.backend_ref = backend_for(fleet.backend, fleet.settings).reserve(cluster.name, [n for n, _ in found.nodes])
     s.flush()
-    s.expire_all()  # allocations changed: let Node.used_gpus reload
     return True
 
 
@@ -110,7 +116,7 @@ def _validate_request(s: Session, name: str, gpus: int, gpu_type: str | None, ma
         gpu_type = canonical_gpu_type(gpu_type)  # unknown to the catalog: raises with "did you mean"
         if gpu_type not in types:
             raise UserError(f"The fleet has no {gpu_type} nodes{closest(gpu_type, types)}; use --gpu-type {' or '.join(types)}.")
-    nodes = _nodes_of_type(s, gpu_type)
+    nodes = _capacity(s, gpu_type)
     node_gpus, per_leaf = _geometry(nodes)
     total = sum(n.gpus for n in nodes)
     if gpus > total:
@@ -151,7 +157,7 @@ def create_cluster(
         s.flush()
         schedule(s, fleet)
         if cluster.state != "ready" and not wait:
-            free = sum(f.free for f in _free(_nodes_of_type(s, gpu_type), cluster, now())
+            free = sum(f.free for f in _free(_capacity(s, gpu_type), cluster, now())
                        if gpus < node_gpus or f.free == f.total)
             raise UserError(
                 f"{gpus} {gpu_type} GPUs do not fit now ({free} usable GPUs free"
@@ -169,7 +175,8 @@ def _get(s: Session, name: str) -> Cluster:
 
 
 def cluster_dict(s: Session, c: Cluster) -> dict:
-    nodes = [s.get(Node, a.node_name) for a in c.allocations]
+    by_name = {n.name: n for n in s.scalars(sa.select(Node).where(Node.name.in_(c.node_names)))}
+    nodes = [by_name[a.node_name] for a in c.allocations]
     position = None
     if c.state == "queued":
         position = s.scalar(sa.select(sa.func.count()).where(Cluster.state == "queued", Cluster.id <= c.id))

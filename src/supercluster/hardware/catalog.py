@@ -196,9 +196,10 @@ LOCAL_LINK_GBPS = 4.0
 class _MeasuredPeaks(dict):
     """dtype -> TFLOP/s, measured on first use only (a bf16 probe on a CPU takes seconds)."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, share: float = 1.0):
         super().__init__()
         self.threads = threads
+        self.share = share  # below 1 when more ranks than cores: each rank gets part of a core
 
     def get(self, dtype, default=None):
         if dtype not in ("fp32", "bf16"):
@@ -206,7 +207,7 @@ class _MeasuredPeaks(dict):
         if dtype not in self:
             from supercluster.hardware import local
 
-            self[dtype] = local.local_peak(dtype, self.threads)
+            self[dtype] = local.local_peak(dtype, self.threads) * self.share
         return self[dtype]
 
 
@@ -228,8 +229,9 @@ def local_accelerator(ranks: int = 1) -> Accelerator:
     """
     from supercluster.hardware import local
 
-    threads = max(1, (os.cpu_count() or 1) // ranks)
-    peaks = _MeasuredPeaks(threads)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // ranks)
+    peaks = _MeasuredPeaks(threads, share=min(1.0, cores / (ranks * threads)))
     return Accelerator(
         "local", "cpu", peaks, _memory_gib() / ranks, local.memory_bandwidth_tbps() / ranks, LOCAL_LINK_GBPS
     )

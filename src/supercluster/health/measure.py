@@ -83,12 +83,12 @@ def memory_bandwidth(nbytes: int, seconds: float) -> Measurement:
     """Device memory bandwidth of a large copy, counting read + write bytes (STREAM "copy")."""
     import torch
 
-    per_device = {}
-    for device in _devices():
+    def rate(device: str) -> float:  # a function, so that each device's buffers are freed before the next
         src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # touch every page
         dst = torch.zeros_like(src)
-        per_device[device] = _best_rate(lambda: dst.copy_(src), device, 2 * src.nbytes, seconds) / 1e9
-        del src, dst
+        return _best_rate(lambda: dst.copy_(src), device, 2 * src.nbytes, seconds) / 1e9
+
+    per_device = {device: rate(device) for device in _devices()}
     return Measurement(
         "memory_bandwidth", min(per_device.values()), "GB/s", {"bytes": nbytes, "per_device": per_device}
     )
@@ -103,14 +103,15 @@ def host_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
         return Measurement.skipped(
             "host_device_bandwidth", "GB/s", "no accelerator: a CPU node has no host<->device link", applies=False
         )
-    per_device = {}
-    for device in _devices():
+    def rates(device: str) -> dict:
         host = torch.ones(nbytes // 4, dtype=torch.float32, pin_memory=True)
         dev = torch.empty_like(host, device=device)
-        h2d = _best_rate(lambda: dev.copy_(host, non_blocking=True), device, host.nbytes, seconds) / 1e9
-        d2h = _best_rate(lambda: host.copy_(dev, non_blocking=True), device, host.nbytes, seconds) / 1e9
-        per_device[device] = {"host_to_device": h2d, "device_to_host": d2h}
-        del host, dev
+        return {
+            "host_to_device": _best_rate(lambda: dev.copy_(host, non_blocking=True), device, host.nbytes, seconds) / 1e9,
+            "device_to_host": _best_rate(lambda: host.copy_(dev, non_blocking=True), device, host.nbytes, seconds) / 1e9,
+        }
+
+    per_device = {device: rates(device) for device in _devices()}
     value = min(min(v.values()) for v in per_device.values())
     return Measurement("host_device_bandwidth", value, "GB/s", {"bytes": nbytes, "per_device": per_device})
 
@@ -125,9 +126,8 @@ def device_to_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
             "device_to_device_bandwidth", "GB/s", f"{count} accelerator(s): a peer copy needs 2", applies=False
         )
     devices = _devices()
-    per_pair = {}
-    for i, device in enumerate(devices):
-        peer = devices[(i + 1) % len(devices)]
+
+    def rate(device: str, peer: str) -> float:
         src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
         dst = torch.empty_like(src, device=peer)
 
@@ -135,8 +135,10 @@ def device_to_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
             dst.copy_(src)
             _sync(device)
 
-        per_pair[f"{device}->{peer}"] = _best_rate(copy, peer, src.nbytes, seconds) / 1e9
-        del src, dst
+        return _best_rate(copy, peer, src.nbytes, seconds) / 1e9
+
+    pairs = [(device, devices[(i + 1) % len(devices)]) for i, device in enumerate(devices)]
+    per_pair = {f"{a}->{b}": rate(a, b) for a, b in pairs}
     return Measurement(
         "device_to_device_bandwidth", min(per_pair.values()), "GB/s", {"bytes": nbytes, "per_pair": per_pair}
     )

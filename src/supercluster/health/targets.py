@@ -8,10 +8,14 @@ process, any other through the backend (`python -m supercluster.health.runner` o
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict
+
+import sqlalchemy as sa
 
 from supercluster.errors import UserError
 from supercluster.health import runner
@@ -22,42 +26,73 @@ def this_host() -> str:
     return socket.gethostname()  # what the local backend names this machine's node
 
 
-def _emulated(db) -> bool:
-    """Fleet settings say its GPUs are placeholders (emulated Slurm): judge nodes as CPU machines."""
-    from supercluster.cluster.state import open_db
-
-    database = open_db(db)
-    with database.transaction(lock=False) as s:
-        return bool(database.fleet(s).settings.get("emulated_gpus"))
-
-
-def _judged_gpu_type(node: dict, measurements: list[Measurement], db) -> str | None:
-    device_type = next((m.detail.get("device_type") for m in measurements if m.check == "accelerator_count"), None)
-    if device_type == "cpu" and _emulated(db):
-        return None
-    return node["gpu_type"]
-
-
-def _measure_remote(node: dict, level: str, params: runner.Params | None, db) -> tuple[str, float, list[Measurement]]:
-    from supercluster.cluster import fleet
+def _backend(db):
     from supercluster.cluster.backends import backend_for
     from supercluster.cluster.state import open_db
 
     database = open_db(db)
     with database.transaction(lock=False) as s:
         f = database.fleet(s)
-        backend = backend_for(f.backend, f.settings)
-    if not hasattr(backend, "run_on"):
-        raise UserError(f"The {fleet.fleet_backend(db)} backend cannot run commands on node {node['name']!r} yet; "
+        return backend_for(f.backend, f.settings)
+
+
+def _srun_env(backend) -> dict:
+    """srun's environment for the fleet's Slurm (its SLURM_CONF), until the backend offers one."""
+    if hasattr(backend, "srun_env"):
+        return backend.srun_env()
+    conf = backend.settings.get("slurm_conf")
+    return {**os.environ, **({"SLURM_CONF": conf} if conf else {})}
+
+
+def _reservation_args(cluster: str | None, db) -> list[str]:
+    """srun's `--reservation` for a cluster's Slurm reservation (a reserved node runs nothing else)."""
+    from supercluster.cluster.state import Cluster, open_db
+
+    if cluster is None:
+        return []
+    database = open_db(db)
+    with database.transaction(lock=False) as s:
+        ref = s.scalar(sa.select(Cluster.backend_ref).where(Cluster.name == cluster))
+    return [f"--reservation={ref}"] if ref else []
+
+
+def _run_on(backend, node: dict, argv: list[str], timeout: float, db=None) -> subprocess.CompletedProcess:
+    """Run `argv` on a fleet node through its backend.
+
+    Slurm starts nothing on a DRAINED node, yet that is exactly the node health re-checks; so
+    a node that health drained is resumed in Slurm alone for the check and drained again right
+    after it. Our books keep it drained throughout, so placement never picks it; `gate.record`
+    then resumes it in both if it passed. `--immediate` fails fast instead of queueing.
+    """
+    if hasattr(backend, "run_on"):
+        return backend.run_on(node["name"], argv, timeout)
+    if backend.name != "slurm":
+        raise UserError(f"The {backend.name} backend cannot run commands on node {node['name']!r}; "
                         f"run `supercluster health local` on that node instead.")
+    from supercluster.health.gate import DRAIN_PREFIX
+
+    reopen = node["state"] == "drain" and (node["reason"] or "").startswith(DRAIN_PREFIX)
+    reservation = _reservation_args(node["clusters"][0] if node["clusters"] else None, db)
+    command = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node['name']}", "--immediate=60", *reservation, *argv]
+    if reopen:
+        backend.resume(node["name"])
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=_srun_env(backend))
+    finally:
+        if reopen:
+            backend.drain(node["name"], node["reason"])
+
+
+def _measure_remote(node: dict, level: str, params: runner.Params | None, db) -> tuple[str, float, list[Measurement]]:
     argv = [sys.executable, "-m", "supercluster.health.runner", "--level", level]
     if params is not None:
         argv += ["--params", json.dumps(asdict(params))]
-    proc = backend.run_on(node["name"], argv, timeout=900)
+    proc = _run_on(_backend(db), node, argv, timeout=900, db=db)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout or "no output").strip().splitlines()[-1]
-        raise RuntimeError(f"health checks on {node['name']} exited {proc.returncode}: {tail}")
+        tail = ((proc.stderr or proc.stdout).strip() or "no output").splitlines()[-1]
+        raise UserError(f"The checks could not start on node {node['name']!r} ({tail}); "
+                        f"check the node with `scontrol show node {node['name']}` and try again.")
     data = json.loads(lines[-1])
     return data["machine_key"], data["started_at"], [Measurement.from_dict(m) for m in data["measurements"]]
 
@@ -71,8 +106,7 @@ def check_fleet_node(node: dict, level: str, params: runner.Params | None = None
         key, measurements = machine_key(), runner.measure_here(level, params)
     else:
         key, started, measurements = _measure_remote(node, level, params, db)
-    gpu_type = _judged_gpu_type(node, measurements, db)
-    return runner.judge_node(node["name"], key, level, measurements, started, gpu_type)
+    return runner.judge_node(node["name"], key, level, measurements, started, node["gpu_type"])
 
 
 def fleet_nodes(node: str | None = None, cluster: str | None = None, db=None) -> list[dict]:
@@ -102,7 +136,6 @@ def local_node(db=None) -> dict | None:
     return None
 
 
-
 def measure_cluster_fabric(cluster: str, level: str, params: runner.Params | None = None,
                            db=None) -> tuple[str, Measurement]:
     """A multi-node all-reduce over every node of `cluster`, launched through Slurm's srun.
@@ -110,27 +143,22 @@ def measure_cluster_fabric(cluster: str, level: str, params: runner.Params | Non
     Returns the baseline kind of the cluster's nodes and the measurement (skipped where the
     fleet's backend launches no multi-node jobs).
     """
-    from supercluster.cluster.backends import backend_for
-    from supercluster.cluster.state import Cluster, open_db
     from supercluster.hardware.local import machine_key
-    from supercluster.health import allreduce
+    from supercluster.health import allreduce, thresholds
 
-    database = open_db(db)
-    with database.transaction(lock=False) as s:
-        f = database.fleet(s)
-        backend, backend_name = backend_for(f.backend, f.settings), f.backend
-        emulated = bool(f.settings.get("emulated_gpus"))
-        reservation = s.query(Cluster.backend_ref).filter(Cluster.name == cluster).scalar()
-    nodes = fleet_nodes(cluster=cluster, db=db)
-    kind = runner.baseline_kind(None if emulated else nodes[0]["gpu_type"], machine_key())
-    if backend_name != "slurm" or not hasattr(backend, "srun_env"):
+    nodes = fleet_nodes(cluster=cluster, db=db)  # raises the "no such cluster" error first
+    backend = _backend(db)
+    kind = runner.baseline_kind(nodes[0]["gpu_type"], machine_key())
+    if backend.name != "slurm":
         return kind, Measurement.skipped("multinode_allreduce_busbw", "GB/s",
-                                         f"the {backend_name} backend launches no multi-node job", applies=False)
-    p = params or runner.level_params(level, "cpu" if emulated else "accelerator")
+                                         f"the {backend.name} backend launches no multi-node job", applies=False)
+    # GPU nodes: one rank per GPU, as training runs; CPU nodes: one rank per node probes the link
+    accelerators = thresholds.node_type_for(nodes[0]["gpu_type"]) is not None
+    p = params or runner.level_params(level, "accelerator" if accelerators else "cpu")
     return kind, allreduce.multi_node(
         [n["name"] for n in nodes], p.allreduce_bytes, p.allreduce_iters,
-        tasks_per_node=1 if emulated else max(1, nodes[0]["gpus"]),
-        srun_args=[f"--reservation={reservation}"] if reservation else [], env=backend.srun_env(),
+        tasks_per_node=nodes[0]["gpus"] if accelerators else 1,
+        srun_args=_reservation_args(cluster, db), env=_srun_env(backend),
     )
 
 
@@ -144,3 +172,30 @@ def check_cluster_fabric(cluster: str, level: str, params: runner.Params | None 
 
     kind, measurement = measure_cluster_fabric(cluster, level, params, db)
     return thresholds.judge(measurement, thresholds.rules_for(None, thresholds.load_baseline(kind), kind))
+
+
+def run_checks(node: str | None = None, cluster: str | None = None, level: str = "quick", record: bool = True,
+               db=None) -> tuple[list[dict], dict | None]:
+    """What `supercluster health` does: check this machine, a node or a cluster, and gate.
+
+    Returns the node reports (dicts with the gate's `action`) and, for a cluster, the judged
+    multi-node all-reduce (None otherwise).
+    """
+    from supercluster.health import gate
+
+    if node and cluster:
+        raise UserError("Pass either --node or --cluster, not both.")
+    runner.level_params(level, "cpu")  # validates the level before minutes of work
+    reports = []
+    if node or cluster:
+        for n in fleet_nodes(node, cluster, db):
+            report = check_fleet_node(n, level, db=db)
+            reports.append({**report.to_dict(), "action": gate.record(report, db) if record else "not recorded"})
+    elif (mine := local_node(db)) is not None:
+        report = check_fleet_node(mine, level, db=db)
+        reports.append({**report.to_dict(), "action": gate.record(report, db) if record else "not recorded"})
+    else:
+        report = runner.check_here(this_host(), level)
+        reports.append({**report.to_dict(), "action": "not recorded (this machine is not in the fleet)"})
+    fabric = check_cluster_fabric(cluster, level, db=db).to_dict() if cluster else None
+    return reports, fabric

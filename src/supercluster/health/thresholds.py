@@ -23,11 +23,12 @@ from supercluster.hardware import catalog
 from supercluster.hardware.local import home
 from supercluster.health.results import FAILED, PASSED, SKIPPED, CheckResult, Measurement
 
-# Tolerances below a baseline, per check. Chosen from bench/health.py's coefficient of variation
-# over 5 runs on the 2-core development machine while other engineers were running tests
-# (GEMM and copy bandwidth about 3-10 %, gloo all-reduce noisier): each sits at about three
-# times the CV measured there. A calibration that itself saw more noise widens its own tolerance
-# to NOISE_MULTIPLE x its CV (capped at MAX_TOLERANCE: beyond that a check tells nothing).
+# Tolerances below a baseline, per check: the floor of the pass band. Measured noise sets the
+# rest: a calibration widens its own tolerance to NOISE_MULTIPLE x the coefficient of variation
+# it saw over its repeats (capped at MAX_TOLERANCE: beyond that a check tells nothing).
+# bench/health.py on the shared 2-core development machine (load average 10-15 from other
+# engineers' tests) measured CVs of 30-55 % over 5 runs: there no CPU threshold can sit
+# outside the noise, and calibration hits the cap. Calibrate and check on a quiet machine.
 TOLERANCE = {
     "gemm_tflops": 0.25,
     "memory_bandwidth": 0.25,

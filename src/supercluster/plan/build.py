@@ -79,7 +79,13 @@ def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = 
     model = {"preset": cfg.preset or "small"}
     for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size"):
         model[key] = getattr(cfg, key)
+    if lay.tp > 1 and cfg.vocab_size % lay.tp:
+        # The vocabulary is split over tp ranks: pad it to a multiple of 128*tp, as Megatron-LM
+        # does (unused rows; GPT-2's 50257 becomes 51200 at tp 8).
+        model["vocab_size"] = -(-cfg.vocab_size // (128 * lay.tp)) * 128 * lay.tp
     model["max_seq_len"] = max(cfg.max_seq_len, req.work.seq_len)
+    if lay.pp > 1 and cfg.tie_embeddings:
+        model["tie_embeddings"] = False  # first and last stages each hold their own (the plan counts both)
     train = {
         "seq_len": req.work.seq_len,
         "micro_batch": lay.microbatch,
@@ -99,7 +105,7 @@ def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = 
         "tp": lay.tp,
         "pp": lay.pp,
         "cp": lay.cp,
-        "pp_schedule": "interleaved_1f1b" if lay.virtual_stages > 1 else "1f1b",
+        "pp_schedule": "interleaved1f1b" if lay.virtual_stages > 1 else "1f1b",  # parallel.dims.PP_SCHEDULES
         "virtual_stages": lay.virtual_stages,
     }
     if lay.pp > 1:

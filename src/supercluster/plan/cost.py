@@ -144,11 +144,8 @@ class Estimate:
 
 
 def load_constants() -> dict:
-    """The fitted constants (see plan.calibrate); defaults if the file is missing."""
-    try:
-        return json.loads(CONSTANTS_FILE.read_text())["constants"]
-    except (OSError, ValueError, KeyError):
-        return {"gemm_efficiency": 0.7}
+    """The fitted constants, as `python -m supercluster.plan.calibrate` wrote them."""
+    return json.loads(CONSTANTS_FILE.read_text())["constants"]
 
 
 # ---- rates ---------------------------------------------------------------------------------
@@ -175,15 +172,16 @@ class Rates:
         self.out = LINK_EFFICIENCY * node.scale_out_gbps_per_gpu / 8 * 1e9  # bytes/s per GPU
         self.gpus_per_node = node.gpus_per_node
 
-    def gemm(self, m: float, k: float, n: float) -> float:
-        """An (m x k) @ (k x n) matmul: FLOPs at the achievable rate plus operand traffic.
+    def gemm(self, m: float, k: float, n: float, batch: float = 1) -> float:
+        """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
+        operand traffic.
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
         """
         flops = 2 * m * k * n
         traffic = self.act_bytes * (m * k + k * n) + self.elem * m * n
-        return flops / self.gemm_rate + traffic / self.hbm + self.launch
+        return batch * (flops / self.gemm_rate + traffic / self.hbm) + self.launch
 
     def memory_pass(self, nbytes: float) -> float:
         return nbytes / self.hbm
@@ -236,17 +234,18 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
     if sw.flash_attention:
         # One fused kernel: causal masking skips half the square; backward recomputes the
         # scores (2.5x forward, Dao 2023). No s^2 traffic to memory.
-        attn_fwd = b * heads * 2 * r.gemm(q_len, d, s) / 2
+        attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads) / 2
         attn_bwd = 2.5 * attn_fwd
         softmax_bytes = 0.0
     else:
         # Unfused (2021-era): full squares; scores written, softmax/dropout read and write them.
-        attn_fwd = b * heads * 2 * r.gemm(q_len, d, s)
+        attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads)
         attn_bwd = 2 * attn_fwd
         softmax_bytes = r.elem * 4 * b * heads * q_len * s  # 4 passes over a*s elements
-    # Elementwise work (norms, activation, residual, dropout): Korthikanti's activation count
-    # read and written once forward; without sequence parallelism the norm/dropout/residual
-    # part (10 of 34 bytes per token*h) is repeated on every tp rank.
+    # Elementwise work (norms, activation, residual, dropout) is memory-bound: the tensors
+    # Korthikanti counts (34 bytes per token*h in 16 bits, i.e. 17 elements) are each written
+    # once and read once, 34 elements of traffic. Without sequence parallelism the
+    # norm/dropout/residual part (10 of the 34) is repeated on every tp rank.
     replicated = 10 * tokens * h
     sharded = 24 * tokens * h / t
     if lay.sequence_parallel:

@@ -8,10 +8,13 @@ adds communication), so memory decides them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 from supercluster.errors import UserError
-from supercluster.plan.cost import RECOMPUTE, RESERVED_GIB, Estimate, Layout, Software, System, Workload, estimate, load_constants, memory
+from supercluster.plan.cost import (
+    RECOMPUTE, RESERVED_GIB, Estimate, Layout, Software, System, Workload, estimate, load_constants, memory,
+)
 
 KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "sequence_parallel")
 MICROBATCHES = (1, 2, 4, 8, 16)
@@ -43,17 +46,18 @@ def _check_fixed(req: Request) -> None:
             raise UserError(f"--{knob.replace('_', '-')} must be at least 1, got {f[knob]}.")
     if "tp" in f:
         tp = f["tp"]
-        if cfg.heads % tp:
-            raise UserError(f"--tp {tp} does not divide the model's {cfg.heads} attention heads; choose a divisor of {cfg.heads}.")
+        if cfg.heads % tp or cfg.kv_heads % tp:
+            raise UserError(
+                f"--tp {tp} does not divide the model's {cfg.heads} attention heads and {cfg.kv_heads} key/value heads; "
+                f"choose a divisor of {cfg.kv_heads}."
+            )
         if tp > node.gpus_per_node:
             raise UserError(
                 f"--tp {tp} exceeds the {node.gpus_per_node} GPUs of one {node.name} node; tensor parallelism needs the "
                 f"scale-up link, so use --tp {node.gpus_per_node} or less."
             )
     degrees = [f[k] for k in ("tp", "pp", "dp", "cp") if k in f]
-    product = 1
-    for d in degrees:
-        product *= d
+    product = math.prod(degrees)
     if len(degrees) == 4 and product != req.gpus:
         raise UserError(
             f"tp*pp*dp*cp = {f['tp']}*{f['pp']}*{f['dp']}*{f['cp']} = {product}, not the {req.gpus} GPUs asked for; "
@@ -61,8 +65,11 @@ def _check_fixed(req: Request) -> None:
         )
     if req.gpus % product:
         raise UserError(f"The fixed degrees multiply to {product}, which does not divide {req.gpus} GPUs; choose divisors of {req.gpus}.")
-    if "pp" in f and f["pp"] > cfg.layers:
-        raise UserError(f"--pp {f['pp']} exceeds the model's {cfg.layers} layers; use --pp {cfg.layers} or less.")
+    if "pp" in f and cfg.layers % (f["pp"] * f.get("virtual_stages", 1)):
+        raise UserError(
+            f"--pp {f['pp']} x --virtual-stages {f.get('virtual_stages', 1)} does not divide the model's {cfg.layers} layers "
+            f"into equal stages; choose a divisor of {cfg.layers}."
+        )
     if f.get("virtual_stages", 1) > 1 and f.get("pp", 2) == 1:
         raise UserError("--virtual-stages above 1 needs pipeline parallelism; add --pp 2 or more.")
     if "zero" in f and f["zero"] not in (0, 1, 2, 3):
@@ -87,14 +94,19 @@ def _choices(req: Request, knob: str, default: list) -> list:
 def layouts(req: Request):
     """Every layout that divides the machine and the model evenly (memory not yet checked)."""
     cfg, s, batch, gpn = req.work.model, req.work.seq_len, req.work.global_batch, req.system.node.gpus_per_node
-    tps = [t for t in _divisors(min(req.gpus, gpn)) if req.gpus % t == 0 and cfg.heads % t == 0]
+    # Megatron-style TP splits heads, K/V heads and the MLP; sequence parallelism splits tokens.
+    tps = [
+        t for t in _divisors(min(req.gpus, gpn))
+        if req.gpus % t == 0 and cfg.heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_hidden % t == 0 and s % t == 0
+    ]
     cps = [c for c in (1, 2, 4, 8, 16) if s >= LONG_SEQUENCE and s % (2 * c) == 0] or [1]
     for tp in _choices(req, "tp", tps):
         for cp in _choices(req, "cp", cps):
-            if req.gpus % (tp * cp):
+            if req.gpus % (tp * cp) or (cp > 1 and s % (2 * cp * tp)):
                 continue
             rest = req.gpus // (tp * cp)
-            for pp in _choices(req, "pp", [p for p in _divisors(rest) if p <= cfg.layers]):
+            # Stages hold whole, equal numbers of layers (as Megatron-LM and the trainer require).
+            for pp in _choices(req, "pp", [p for p in _divisors(rest) if cfg.layers % p == 0]):
                 if rest % pp:
                     continue
                 dp = rest // pp
@@ -106,6 +118,7 @@ def layouts(req: Request):
                     if (batch // dp) % mb:
                         continue
                     m = batch // (dp * mb)
+                    # Interleaving needs whole chunks and a multiple of pp microbatches (Narayanan sec. 2.2.2).
                     vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers % (pp * v) == 0 and m % pp == 0)]
                     for v in _choices(req, "virtual_stages", vs):
                         sp = req.fixed.get("sequence_parallel", tp > 1)

@@ -268,7 +268,7 @@ class Trainer:
             while self.step < t.steps and not self._should_stop(started):
                 inject_fault(self.rank, self.step)
                 tic = time.perf_counter()
-                if self.step + 1 == measure_comm_at:
+                if self.world > 1 and self.step + 1 == measure_comm_at:  # the counter slows that step
                     with CollectiveBytes() as counter:
                         loss, grad_norm = self.train_step()
                     self.comm_bytes = self._gather_comm(counter)
@@ -286,8 +286,8 @@ class Trainer:
                     "mem_gib": mem, "step_time_s": step_time, "grad_norm": grad_norm,
                     **self.rank_stats.gather(self.rank_step_time, mem),
                 }
-                if self.step == measure_comm_at and self.comm_bytes is not None:
-                    last.update(self.comm_bytes)
+                if self.world > 1 and self.step == measure_comm_at:
+                    last.update(self.comm_bytes, comm_measured=True)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):

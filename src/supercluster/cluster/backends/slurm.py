@@ -187,7 +187,7 @@ if [ $code -ne 0 ]; then
   # so that it requeues the job (--requeue) instead of this script ending it as failed.
   timeout=$(scontrol show config | awk '/^SlurmdTimeout/ {{print $3}}')
   for _ in $(seq $(( ${{timeout:-300}} / 5 * 2 + 2 ))); do
-    if sinfo -h -N -n "$SLURM_JOB_NODELIST" -o %T | grep -qiE 'down|fail|no_resp|\*'; then
+    if sinfo -h -N -n "$SLURM_JOB_NODELIST" -o %T | grep -qiE 'down|fail|no_resp|\\*'; then
       echo "supercluster: a node of this job stopped responding; waiting for Slurm to requeue the job"
       sleep 600
     fi

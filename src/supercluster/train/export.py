@@ -1,0 +1,84 @@
+"""Export a run's latest checkpoint, whatever layout trained it, to one safetensors file
+with Llama (Hugging Face) tensor names, so other tools can load the model.
+
+DCP reshards the checkpoint into one plain model on this process; the names are then
+mapped (`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`, ...).
+RoPE here rotates the two halves of each head (x[:d/2], x[d/2:]), the convention of
+Hugging Face's Llama, so q and k need no permutation. The file's metadata holds the model
+config (`supercluster_config`) and a Hugging Face style `config` for loaders that want one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from supercluster.errors import UserError
+
+_BLOCK = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_TOP = {"tok_embeddings": "model.embed_tokens", "pos_embeddings": "model.embed_positions",
+        "norm": "model.norm", "output": "lm_head"}
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def llama_name(name: str) -> str:
+    """supercluster parameter name -> Hugging Face Llama name."""
+    match = _LAYER.match(name)
+    if match:
+        layer, module, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK[module]}.{kind}"
+    module, _, kind = name.rpartition(".")
+    return f"{_TOP[module]}.{kind}"
+
+
+def supercluster_name(name: str) -> str:
+    """The inverse of `llama_name`."""
+    for ours, theirs in {**_TOP, **{f"layers.{{}}.{k}": f"model.layers.{{}}.{v}" for k, v in _BLOCK.items()}}.items():
+        pattern = "^" + re.escape(theirs).replace(r"\{\}", r"(\d+)") + r"\.(weight|bias)$"
+        match = re.match(pattern, name)
+        if match:
+            *layer, kind = match.groups()
+            return ours.format(*layer) + "." + kind
+    raise KeyError(name)
+
+
+def hf_config(cfg) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.hidden,
+        "intermediate_size": cfg.ffn_hidden, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads, "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+        "hidden_act": "silu", "torch_dtype": "float32",
+    }
+
+
+def export_run(run_dir: Path, out: Path) -> dict:
+    """Write `out` (.safetensors) from the run's latest checkpoint; returns a summary."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from supercluster.train.sample import load_trained
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise UserError(f"The export file {str(out)!r} must end in .safetensors.")
+    model = load_trained(Path(run_dir))
+    cfg = model.cfg
+    # Tied embeddings: one tensor, stored once under the embedding's name (as Hugging Face does).
+    state = {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    tensors = {llama_name(name): tensor for name, tensor in state.items()}
+    metadata = {"format": "pt", "supercluster_config": json.dumps(asdict(cfg))}
+    if cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.position == "rope" and not cfg.bias:
+        metadata["config"] = json.dumps(hf_config(cfg))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(out)
+    return {"path": str(out), "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
+            "bytes": out.stat().st_size, "llama_compatible": "config" in metadata}

@@ -1,0 +1,185 @@
+"""4D parallel training on CPU ranks (gloo, real torchrun): every layout trains the same
+model to the same losses as one process, checkpoints move between layouts, a killed
+worker is restarted and resumes, and the result exports to safetensors.
+
+Each multi-rank run costs a torchrun start (torch imported by every rank on 2 cores), so
+runs are shared: the dp 2 x tp 2 run is also the checkpoint the resume tests start from,
+and the hsdp 2 x 2 run is the one whose worker is killed.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from supercluster.cli.main import main
+from supercluster.train.config import load_config
+from supercluster.train.launch import Launch, launch_training
+from supercluster.train.metrics import read_metrics
+
+STEPS = 8
+CHECKPOINT_AT = 3  # the resume tests continue from here: steps 4..8 in their own layout
+REL = 1e-4
+
+
+def overrides(corpus, run_dir, *extra):
+    # 4 layers: 2 pipeline ranks x 2 virtual stages; micro_batch 2: enough microbatches for them.
+    return ["model.preset=tiny", "model.layers=4", f"data.path={corpus}", f"run.dir={run_dir}", "train.precision=fp32",
+            "train.seq_len=64", "train.micro_batch=2", "train.global_batch=8", f"train.steps={STEPS}",
+            "train.warmup_steps=2", "train.eval_every=0", "train.checkpoint_every=0", "train.lr=3e-3", *extra]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """Loss per step; a resumed run logs the replayed steps again, the last entry wins."""
+    return {m["step"]: m["loss"] for m in read_metrics(Path(run_dir) / "metrics.jsonl")}
+
+
+def torchrun(corpus, run_dir, nproc, *extra, max_restarts=0, env=None) -> dict:
+    sets = [f"--set={o}" for o in overrides(corpus, run_dir, *extra)]
+    args = ["train", *sets, "--nproc", str(nproc), "--max-restarts", str(max_restarts), "--no-sample", "--json"]
+    result = subprocess.run([sys.executable, "-m", "supercluster.cli.main", *args], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def assert_same_losses(run_dir, reference, steps):
+    got = losses(run_dir)
+    assert sorted(got) == sorted(steps) or set(steps) <= set(got), sorted(got)
+    for step in steps:
+        assert got[step] == pytest.approx(reference[step], rel=REL), (step, got[step], reference[step])
+
+
+@pytest.fixture(scope="module")
+def corpus(small_corpus):
+    return small_corpus
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """One process, the same global batch: the losses every layout must reproduce."""
+    run = tmp_path_factory.mktemp("single")
+    launch_training(load_config(None, overrides(corpus, run)), Launch())
+    by_step = losses(run)
+    assert sorted(by_step) == list(range(1, STEPS + 1))
+    return by_step
+
+
+@pytest.fixture(scope="module")
+def tp_run(corpus, tmp_path_factory):
+    """dp 2 x tp 2 (sequence parallel on), checkpointing every 3 steps."""
+    run = tmp_path_factory.mktemp("dp2_tp2")
+    summary = torchrun(corpus, run, 4, "parallel.tp=2", f"train.checkpoint_every={CHECKPOINT_AT}", "train.keep_checkpoints=5")
+    return run, summary
+
+
+@pytest.mark.parametrize("name, nproc, extra", [
+    ("pp 2 interleaved 1F1B", 2, ["parallel.pp=2", "parallel.pp_schedule=interleaved1f1b", "parallel.virtual_stages=2"]),
+    ("tp 2 x pp 2 zero bubble (ZBV)", 4, ["parallel.tp=2", "parallel.pp=2", "parallel.pp_schedule=zbvzerobubble"]),
+    ("cp 2, full recompute", 2, ["parallel.cp=2", "train.recompute=full"]),
+])
+def test_layout_matches_single_process(corpus, reference, tmp_path, name, nproc, extra):
+    summary = torchrun(corpus, tmp_path / "run", nproc, *extra)
+    assert summary["world_size"] == nproc and summary["step"] == STEPS
+    assert_same_losses(tmp_path / "run", reference, range(1, STEPS + 1))
+
+
+def test_dp2_tp2_matches_and_reports_metrics(reference, tp_run):
+    run, summary = tp_run
+    assert summary["layout"] == "dp_shard 2 x tp 2"
+    assert_same_losses(run, reference, range(1, STEPS + 1))
+    record = read_metrics(run / "metrics.jsonl")[1]  # step 2: the step whose collectives are counted
+    assert record["comm_measured"]
+    # FSDP gathers the weights (all-gather) and scatters the gradients (reduce-scatter); sequence
+    # parallelism adds its own all-gathers and reduce-scatters of activations.
+    assert record["comm_bytes"]["all_gather"] > 0 and record["comm_bytes"]["reduce_scatter"] > 0
+    assert record["comm_bytes_world"]["all_gather"] >= 4 * record["comm_bytes"]["all_gather"] * 0.99
+    assert len(record["step_time_s_by_rank"]) == 4 and all(t > 0 for t in record["step_time_s_by_rank"])
+    assert len(record["mem_gib_by_rank"]) == 4 and record["stragglers"] == []
+
+
+@pytest.mark.parametrize("name, nproc, extra", [
+    ("dp 4 (fsdp)", 4, []),
+    ("pp 2 x dp 2, 1F1B", 4, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+])
+def test_checkpoint_from_dp2_tp2_resumes_in_another_layout(corpus, reference, tp_run, tmp_path, name, nproc, extra):
+    saved, _ = tp_run
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(saved / "checkpoints" / f"step_{CHECKPOINT_AT:08d}", run / "checkpoints" / f"step_{CHECKPOINT_AT:08d}")
+    summary = torchrun(corpus, run, nproc, *extra)
+    assert summary["resumed_from"].endswith(f"step_{CHECKPOINT_AT:08d}")
+    assert sorted(losses(run)) == list(range(CHECKPOINT_AT + 1, STEPS + 1))
+    assert_same_losses(run, reference, range(CHECKPOINT_AT + 1, STEPS + 1))
+
+
+def test_killed_worker_restarts_and_resumes_hsdp(corpus, reference, tmp_path):
+    """hsdp 2 x 2 with selective recompute; rank 1 dies after step 5 (checkpoint at 3): torchrun
+    restarts the workers, they resume from step 3 and finish with the uninterrupted losses."""
+    run, marker = tmp_path / "run", tmp_path / "killed-once"
+    summary = torchrun(corpus, run, 4, "parallel.dp_replicate=2", "train.recompute=selective",
+                       f"train.checkpoint_every={CHECKPOINT_AT}", max_restarts=1,
+                       env={"SUPERCLUSTER_FAULT_EXIT": f"1:5:{marker}"})
+    assert marker.is_file()
+    steps_logged = [m["step"] for m in read_metrics(run / "metrics.jsonl")]
+    assert steps_logged == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]  # the second attempt replays 4 and 5
+    assert summary["resumed_from"].endswith(f"step_{CHECKPOINT_AT:08d}")
+    assert summary["layout"] == "dp_replicate 2 x dp_shard 2"
+    assert_same_losses(run, reference, range(1, STEPS + 1))
+
+
+def test_export_to_llama_safetensors(tp_run, tmp_path, capsys):
+    """The dp 2 x tp 2 checkpoint as one file with Llama names, loadable into a plain model."""
+    from safetensors import safe_open
+
+    from supercluster.model.transformer import Transformer
+    from supercluster.train.export import supercluster_name
+    from supercluster.train.sample import load_trained
+
+    run, _ = tp_run
+    out = tmp_path / "model.safetensors"
+    main(["export", str(run), str(out), "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["llama_compatible"] and summary["tensors"] == 3 + 9 * 4
+    trained = load_trained(run)
+    with safe_open(str(out), "pt") as f:
+        names = set(f.keys())
+        assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+                "model.layers.0.self_attn.q_proj.weight", "model.layers.3.mlp.down_proj.weight",
+                "model.layers.2.post_attention_layernorm.weight"} <= names
+        config = json.loads(f.metadata()["config"])
+        assert config["num_hidden_layers"] == 4 and config["num_key_value_heads"] == 2
+        state = {supercluster_name(name): f.get_tensor(name) for name in names}
+    rebuilt = Transformer(trained.cfg)
+    rebuilt.load_state_dict(state)
+    tokens = torch.randint(0, trained.cfg.vocab_size, (2, 16))
+    torch.testing.assert_close(rebuilt(tokens), trained(tokens), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nproc", "4", "--set", "parallel.tp=3"], "not divisible by dp_replicate*tp*pp*cp"),
+    (["--nproc", "4", "--set", "parallel.dp_shard=3"], "make the degrees multiply"),
+    (["--nproc", "4", "--set", "parallel.tp=4"], "must divide the heads"),
+    (["--nproc", "2", "--set", "parallel.tp=2", "--set", "model.ffn_hidden=129"], "must divide model.ffn_hidden"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "model.layers=3"], "must be divisible by the pipeline's"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=1f2b"], "did you mean '1f1b'"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=interleaved1f1b"], "virtual_stages of at least 2"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.virtual_stages=2"], "runs one stage per rank"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "model.tie_embeddings=true"], "untied embeddings"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.microbatches=3"], "must divide the per-pipeline batch"),
+    (["--nproc", "2", "--set", "parallel.cp=2", "--set", "train.seq_len=66"], "divisible by 2 x cp"),
+    (["--nproc", "4", "--set", "parallel.tp=2", "--set", "parallel.cp=2", "--set", "train.seq_len=36"], "sequence parallelism"),
+])
+def test_invalid_layout_is_one_sentence(corpus, tmp_path, capsys, args, message):
+    base = [x for o in overrides(corpus, tmp_path / "run") for x in ("--set", o)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *base, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "checkpoints").exists()
