@@ -3,6 +3,7 @@ switches under one spine: import the fleet, run the real trainer on a 2-node clu
 survive a node's death mid-job (requeue on a replacement, resume from the checkpoint)."""
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -71,12 +72,16 @@ def reference(db, slurm, small_corpus, tmp_path_factory):
     """An uninterrupted run on a 2-node cluster: the job finishes with a checkpoint."""
     c = clusters.create_cluster(db, "ref", 4, wait=False)
     assert c["leaves"] == 1 and len(c["nodes"]) == 2 and c["reservation"] == "supercluster-ref"
+    shown = subprocess.run(["scontrol", "show", "reservation", "supercluster-ref"], env=slurm.env, capture_output=True, text=True)
+    assert f"Nodes={c['nodes'][0]['name']}," in shown.stdout.replace("node[1-2]", "node1,node2"), shown.stdout
     config = tmp_path_factory.mktemp("cfg") / "tiny.toml"
     config.write_text("[model]\npreset = 'tiny'\n")
     job = jobs.submit_job(db, "ref", str(config), overrides(small_corpus), max_restarts=0)
     final = jobs.wait_job(db, job["id"], timeout_s=240, poll_s=1)
     log = Path(jobs.log_path(db, job["id"])).read_text()
     clusters.delete_cluster(db, "ref")
+    gone = subprocess.run(["scontrol", "show", "reservation"], env=slurm.env, capture_output=True, text=True).stdout
+    assert "supercluster-ref" not in gone
     return final, log, config
 
 

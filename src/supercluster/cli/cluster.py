@@ -64,8 +64,8 @@ def fleet_init(
     if as_json:
         _print_json(info)
     else:
-        print(f"fleet on {info['backend']}: {info['nodes']} nodes, {info['gpus']} GPUs ({', '.join(info['gpu_types'])}), "
-              f"{len(info['leaves'])} leaf switches in {info['pods']} pods")
+        print(f"fleet on {info['backend']}: {_n(info['nodes'], 'node')}, {info['gpus']} GPUs ({', '.join(info['gpu_types'])}), "
+              f"{_n(len(info['leaves']), 'leaf switch', 'leaf switches')} in {_n(info['pods'], 'pod')}")
 
 
 @fleet_app.command("show")
@@ -93,11 +93,29 @@ def fleet_show(
                 for r in info["leaves"]])
 
 
+@fleet_app.command("watch")
+def fleet_watch(
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between passes.")] = 5.0,
+    db: DbOption = None,
+):
+    """Keep node and job states current and recover requeued jobs (run it beside a Slurm fleet)."""
+    from supercluster.cluster.jobs import refresh
+
+    while True:  # every job command does one such pass; this keeps doing them when nobody asks
+        refresh(db)
+        time.sleep(interval)
+
+
 # ---- cluster -----------------------------------------------------------------------------------
 
 
+def _n(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
 def _print_cluster(c: dict) -> None:
-    where = f"{len(c['nodes'])} nodes on {c['leaves']} leaf switches in {c['pods']} pods (lower bound {c['lower_bound']})"
+    where = (f"{_n(len(c['nodes']), 'node')} on {_n(c['leaves'] or 0, 'leaf switch', 'leaf switches')} in "
+             f"{_n(c['pods'] or 0, 'pod')} (lower bound {c['lower_bound']})")
     state = c["state"] if c["state"] != "queued" else f"queued (position {c['queue_position']})"
     print(f"cluster {c['name']}: {c['gpus']} x {c['gpu_type']}, {state}" + (f", {where}" if c["nodes"] else ""))
     if c["nodes"]:

@@ -19,6 +19,9 @@ app = typer.Typer(
 
 
 def _register_all():
+    if getattr(app, "_supercluster_registered", False):
+        return  # main() called again in one process (tests): registering twice duplicates every command
+    app._supercluster_registered = True
     from supercluster.cli import cluster, health, plan, train
 
     for module in (train, plan, cluster, health):

@@ -85,6 +85,14 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
     return True
 
 
+def sync_nodes(s: Session, fleet: Fleet) -> None:
+    """Copies the backend's live node states (Slurm's DOWN, DRAIN) into our books, where it has any."""
+    live = backend_for(fleet.backend, fleet.settings).node_states()
+    if live:
+        for node in s.scalars(sa.select(Node).where(Node.name.in_(list(live)))):
+            node.state, node.reason = live[node.name]
+
+
 def schedule(s: Session, fleet: Fleet) -> list[str]:
     """Places queued clusters, oldest first, with bounded backfill; returns the names placed."""
     placed, waiting = [], []
@@ -147,6 +155,7 @@ def create_cluster(
     db = open_db(db)
     with db.transaction() as s:
         fleet = db.fleet(s)
+        sync_nodes(s, fleet)  # never place on a node Slurm already knows is down
         gpu_type, node_gpus, bound = _validate_request(s, name, gpus, gpu_type, max_switches)
         cluster = Cluster(
             name=name, gpus=gpus, gpu_type=gpu_type, state="queued", max_switches=max_switches,
@@ -166,7 +175,7 @@ def create_cluster(
     return show_cluster(db, name)
 
 
-def _get(s: Session, name: str) -> Cluster:
+def get_cluster(s: Session, name: str) -> Cluster:
     cluster = s.scalar(sa.select(Cluster).where(Cluster.name == name))
     if cluster is None:
         names = s.scalars(sa.select(Cluster.name)).all()
@@ -194,7 +203,7 @@ def cluster_dict(s: Session, c: Cluster) -> dict:
 def show_cluster(db: Database | str | None, name: str) -> dict:
     db = open_db(db)
     with db.transaction(lock=False) as s:
-        return cluster_dict(s, _get(s, name))
+        return cluster_dict(s, get_cluster(s, name))
 
 
 def list_clusters(db: Database | str | None = None) -> list[dict]:
@@ -215,7 +224,7 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
     jobs.refresh(db)  # a job that ended since we last looked must not block the delete
     with db.transaction() as s:
         fleet = db.fleet(s)
-        cluster = _get(s, name)
+        cluster = get_cluster(s, name)
         active = s.scalars(sa.select(Job).where(Job.cluster_name == name, Job.state.in_(JOB_ACTIVE))).all()
         if active and not force:
             ids = ", ".join(str(j.id) for j in active)

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from supercluster.cluster.backends import BACKENDS, NodeSpec, backend_for
+from supercluster.cluster.backends import BACKENDS, backend_for
 from supercluster.cluster.state import (
     HEALTH_STATUSES,
     Allocation,

@@ -17,8 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
 from supercluster.cluster.backends import Backend, Launch, backend_for
-from supercluster.cluster.clusters import _get as get_cluster
-from supercluster.cluster.clusters import eligible
+from supercluster.cluster.clusters import eligible, get_cluster, sync_nodes
 from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Database, Fleet, Job, Node, now, open_db
 from supercluster.errors import UserError
 
@@ -80,11 +79,7 @@ def refresh(db: Database | str | None = None) -> None:
         if fleet is None:
             return
         backend = backend_for(fleet.backend, fleet.settings)
-        live = backend.node_states()
-        if live:
-            for node in s.scalars(sa.select(Node)):
-                if node.name in live:
-                    node.state, node.reason = live[node.name]
+        sync_nodes(s, fleet)
         for job in s.scalars(sa.select(Job).where(Job.state.in_(JOB_ACTIVE)).order_by(Job.id)).all():
             _refresh_job(s, fleet, backend, job)
 

@@ -16,6 +16,7 @@ from supercluster.health.results import FAILED, PASSED, CheckResult, NodeReport
 from supercluster.health.stragglers import Straggler
 
 DRAIN_PREFIX = "health: "
+MAX_REASON = 200  # a drain reason is a one-line note for `sinfo -R`; the history holds the details
 
 
 def _row(check: CheckResult, level: str) -> dict:
@@ -34,7 +35,7 @@ def record(report: NodeReport, db=None) -> str:
                         passed=report.status == PASSED, measured_at=report.started_at)
     node = next(n for n in fleet.nodes(db) if n["name"] == report.node)
     if report.status == FAILED:
-        fleet.drain_node(report.node, DRAIN_PREFIX + report.summary(), db=db)
+        fleet.drain_node(report.node, (DRAIN_PREFIX + report.summary())[:MAX_REASON], db=db)
         return "drained"
     if report.status == PASSED and node["state"] == "drain" and (node["reason"] or "").startswith(DRAIN_PREFIX):
         fleet.resume_node(report.node, db=db)

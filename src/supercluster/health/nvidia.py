@@ -94,11 +94,10 @@ def xid_errors(nvidia_node: bool) -> Measurement:
     return Measurement("xid_errors", float(len(fatal)), "events", {"fatal": fatal, "all_codes": sorted({e["xid"] for e in events})})
 
 
-def nvlink_inactive(nvidia_node: bool, expect_nvlink: bool = True) -> Measurement:
+def nvlink_inactive(nvidia_node: bool) -> Measurement:
+    """Links reported <inactive>; PCIe-only GPUs list no links and count zero."""
     if skip := _unavailable("nvlink_inactive", "links", nvidia_node):
         return skip
-    if not expect_nvlink:
-        return Measurement.skipped("nvlink_inactive", "links", "this node type has no NVLink", applies=False)
     inactive = parse_nvlink_status(_smi("nvlink", "--status"))
     return Measurement("nvlink_inactive", float(sum(inactive.values())), "links", {"inactive_per_gpu": inactive})
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @dataclass
@@ -131,55 +132,33 @@ def _tensor_bytes(value) -> list[int]:
     return []
 
 
-def _collective_bytes_mode():
-    from torch.utils._python_dispatch import TorchDispatchMode
+class CollectiveBytes(TorchDispatchMode):
+    """Bytes handed to each kind of collective while active (a `with` block), on this rank.
 
-    class Mode(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.bytes: dict[str, int] = {}
-            self.calls: dict[str, int] = {}
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = str(func)
-            if ("c10d" in name) and "wait" not in name:
-                kind = _collective_kind(name.split(".")[1] if "." in name else name)
-                if kind is not None:
-                    sizes = _tensor_bytes(list(args)) or [0]
-                    size = max(sizes)
-                    if "_c10d_functional" in name and kind == "all_gather":
-                        size *= int(args[1])  # the functional form gets the input and the group size
-                    self.bytes[kind] = self.bytes.get(kind, 0) + size
-                    self.calls[kind] = self.calls.get(kind, 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    return Mode()
-
-
-class CollectiveBytes:
-    """Bytes handed to each kind of collective during a block of code, on this rank.
-
-    Counted where every collective passes, the dispatcher (c10d ops from FSDP2, pipelining's
-    send/recv and plain torch.distributed; functional collectives from DTensor and context
-    parallelism): per call, the size of the whole tensor the collective works on (the
-    gathered output of an all-gather, the input of a reduce-scatter, the buffer of an
-    all-reduce or a send). A cost model turns that into wire bytes for its algorithm.
+    Counted where every collective passes, the dispatcher: c10d ops from FSDP2, pipelining's
+    send/recv and plain torch.distributed; functional collectives from DTensor (tensor and
+    sequence parallel) and context parallelism. Per call, the size of the whole tensor the
+    collective works on (the gathered output of an all-gather, the full input of a
+    reduce-scatter, an all-reduce's buffer, a send's tensor); a cost model turns that into
+    wire bytes for its algorithm. Costs a little time per op, so it is used for one step.
     """
 
     def __init__(self):
-        self.mode = _collective_bytes_mode()
+        super().__init__()
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
 
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
-
-    @property
-    def bytes(self) -> dict[str, int]:
-        return dict(sorted(self.mode.bytes.items()))
-
-    @property
-    def calls(self) -> dict[str, int]:
-        return dict(sorted(self.mode.calls.items()))
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)  # "c10d._allgather_base_.default", "_c10d_functional.all_reduce.default"
+        if "c10d" in name and "wait" not in name:
+            kind = _collective_kind(name.split(".")[1] if "." in name else name)
+            if kind is not None:
+                functional = "_c10d_functional" in name
+                # c10d ops take (output, input, ...), functional ones (input, ...).
+                which = 1 if kind == "reduce_scatter" and not functional else 0
+                size = sum(_tensor_bytes(args[which])) if len(args) > which else 0
+                if functional and kind == "all_gather":
+                    size *= int(args[1])  # (input, group_size, group_name)
+                self.bytes[kind] = self.bytes.get(kind, 0) + size
+                self.calls[kind] = self.calls.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))

@@ -61,8 +61,28 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and not dist.is_initialized():
         backend = "gloo" if device.type == "cpu" else f"cpu:gloo,{device.type}:{dist.Backend.default_device_backend_map.get(device.type, 'nccl')}"
-        dist.init_process_group(backend=backend)
+        store = _restart_safe_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]), world_size=world)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _restart_safe_store(world: int):
+    """torchrun's store, under a prefix of its own for each restart of the workers.
+
+    Workers restarted by torchrun (--max-restarts) share the agent's store with the attempt
+    that died, and with torch 2.13 gloo then reads the dead workers' addresses from it and
+    fails with "connectFullMesh ... Connection refused"; a prefix per attempt keeps them apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from datetime import timedelta
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"supercluster/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 class Trainer:
@@ -106,7 +126,7 @@ class Trainer:
             ids = [sid for sid, _ in stages]
             self.has_first_stage, self.has_last_stage = 0 in ids, self.dims.num_stages - 1 in ids
             self.schedule = build_schedule(list(zip(ids, self.model_parts)), self.dims, self.pp_mesh, self.device,
-                                           self.dims.pipeline_microbatches(t), self._pipeline_loss)
+                                           self.dims.pipeline_microbatches(t), cross_entropy)
         else:
             self.model_parts = [parallelize(model, self.dims, self.mesh, t, layout, self.precision)]
         self.model = self.model_parts[0]
@@ -116,7 +136,8 @@ class Trainer:
         self.tokens_per_step = t.global_batch * t.seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
         self.peak = device_peak(self.device, self.precision)
-        self.rank_stats = RankStats(self.world, self.rank, self.device)
+        self.rank_stats = RankStats(self.world, self.rank, self.device, window=max(1, min(10, t.steps // 2)))
+        self.injected_delay = injected_delay(self.rank)
         self.comm_bytes = None
         self.step = 0
         self.resumed_from = None
@@ -150,9 +171,6 @@ class Trainer:
     def loss_of(self, x, y):
         with self._autocast():
             logits = self.model(x)
-        return cross_entropy(logits, y)
-
-    def _pipeline_loss(self, logits, y):
         return cross_entropy(logits, y)
 
     def _run_pipeline(self, x, y, train: bool) -> torch.Tensor:
@@ -196,6 +214,8 @@ class Trainer:
         self.step += 1
         if self.device.type != "cpu":
             torch.accelerator.synchronize()
+        if self.injected_delay:
+            time.sleep(self.injected_delay)
         self.rank_step_time = time.perf_counter() - tic  # before the loss's all-reduce lines every rank up
         return self._mean_loss(total), grad_norm
 
@@ -338,6 +358,16 @@ def inject_fault(rank: int, step: int) -> None:
     if rank == int(fault_rank) and step == int(fault_step) and not os.path.exists(marker):
         Path(marker).write_text(f"rank {rank} exited at step {step}\n")
         os._exit(17)
+
+
+def injected_delay(rank: int) -> float:
+    """Test-only: SUPERCLUSTER_FAULT_SLOW="RANK:SECONDS" makes RANK that much slower every step,
+    as a throttled device would, so that straggler detection can be seen to work."""
+    spec = os.environ.get("SUPERCLUSTER_FAULT_SLOW")
+    if not spec:
+        return 0.0
+    slow_rank, seconds = spec.split(":")
+    return float(seconds) if rank == int(slow_rank) else 0.0
 
 
 class Progress:

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from supercluster.cluster.backends import Backend, JobStatus, Launch, NodeSpec, canonical_gpu_type, train_command
@@ -59,12 +60,16 @@ class SlurmBackend(Backend):
         if "slurm_conf" not in self.settings and os.environ.get("SLURM_CONF"):
             self.settings["slurm_conf"] = os.environ["SLURM_CONF"]
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def srun_env(self) -> dict:
+        """The environment for Slurm commands aimed at this fleet's cluster (its SLURM_CONF)."""
         env = dict(os.environ)
         if self.settings.get("slurm_conf"):
             env["SLURM_CONF"] = self.settings["slurm_conf"]
+        return env
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         try:
-            out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
+            out = subprocess.run(args, env=self.srun_env(), capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
             raise UserError(f"{args[0]} is not installed; install Slurm's client tools (scripts/install-slurm.sh).") from None
         if check and out.returncode != 0:
@@ -151,9 +156,14 @@ class SlurmBackend(Backend):
         self._run("scontrol", "update", f"ReservationName={ref}", f"Nodes={','.join(nodes)}")
 
     def release(self, ref: str) -> None:
-        out = self._run("scontrol", "delete", f"ReservationName={ref}", check=False)
-        if out.returncode != 0 and "does not exist" not in (out.stderr + out.stdout).lower():
-            raise UserError(f"Slurm refused to delete reservation {ref} ({out.stderr.strip()}); cancel its jobs first.")
+        # Jobs just cancelled may still be ending in the reservation: Slurm refuses until they are gone.
+        for _ in range(30):
+            out = self._run("scontrol", "delete", f"ReservationName={ref}", check=False)
+            text = (out.stderr + out.stdout).lower()
+            if out.returncode == 0 or "invalid reservation" in text or "does not exist" in text:
+                return
+            time.sleep(1)
+        raise UserError(f"Slurm refused to delete reservation {ref} ({out.stderr.strip()}); cancel its jobs first.")
 
     # ---- jobs -------------------------------------------------------------------------------
 
