@@ -197,3 +197,22 @@ PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
                         os.kill(int(proc.name), signal.SIGKILL)
                 except OSError:
                     pass
+
+
+if __name__ == "__main__":
+    # A dev cluster by hand: `python tests/slurm_emulator.py /tmp/slurm`, then in another shell
+    # `export SLURM_CONF=/tmp/slurm/slurm.conf; supercluster fleet init --backend slurm`.
+    import sys
+
+    emu = EmulatedSlurm(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/supercluster-slurm"))
+    reason = unavailable_reason()
+    if reason:
+        sys.exit(f"cannot start Slurm: {reason}")
+    emu.start()
+    print(f"Slurm up: export SLURM_CONF={emu.conf}  (Ctrl-C stops it)", flush=True)
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        emu.stop()

@@ -172,3 +172,11 @@ def test_mixed_fleet_needs_a_gpu_type(tmp_path):
         clusters.create_cluster(db, "x", 8)
     c = clusters.create_cluster(db, "x", 16, gpu_type="A100")  # alias of a100-80gb
     assert c["gpu_type"] == "a100-80gb" and c["switches"] == ["leaf0002"]
+
+
+def test_spread_requests_prefer_the_leaves_with_least_room_to_spare():
+    # 6 nodes need two leaves whichever we take; the two 3-node leaves do it and keep the 4s whole.
+    free = [placement.Free(f"{leaf}{i}", leaf, "pod", 8, 8) for leaf, n in (("F1", 4), ("F2", 4), ("P1", 3), ("P2", 3))
+            for i in range(n)]
+    p = placement.place(free, 48, 8)
+    assert p.leaves == 2 and {n[:2] for n, _ in p.nodes} == {"P1", "P2"}

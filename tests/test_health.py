@@ -279,7 +279,17 @@ def slurm(tmp_path_factory):
 
     if reason := unavailable_reason():
         pytest.skip(reason)
-    emulator = EmulatedSlurm(tmp_path_factory.mktemp("health-slurm"), nodes=2, nodes_per_leaf=2)
+
+    class HealthSlurm(EmulatedSlurm):
+        """Nodes named hnodeK: another suite's emulator killing its `nodeK` must not hit ours."""
+
+        def node_names(self):
+            return [f"hnode{i}" for i in range(1, self.nodes + 1)]
+
+        def _nodelist(self):
+            return f"hnode[1-{self.nodes}]"
+
+    emulator = HealthSlurm(tmp_path_factory.mktemp("health-slurm"), nodes=2, nodes_per_leaf=2)
     emulator.start()
     yield emulator
     emulator.stop()
@@ -287,11 +297,11 @@ def slurm(tmp_path_factory):
 
 @pytest.mark.slurm
 def test_multinode_allreduce_through_srun(slurm):
-    m = allreduce.multi_node(["node1", "node2"], 1 * MiB, 3, env=slurm.env, timeout_s=180)
+    m = allreduce.multi_node(["hnode1", "hnode2"], 1 * MiB, 3, env=slurm.env, timeout_s=180)
     assert m.check == "multinode_allreduce_busbw" and m.unit == "GB/s" and m.value > 0, m
-    assert m.detail["ranks"] == 2 and m.detail["nodes"] == ["node1", "node2"] and m.detail["backend"] == "gloo"
+    assert m.detail["ranks"] == 2 and m.detail["nodes"] == ["hnode1", "hnode2"] and m.detail["backend"] == "gloo"
     # a launch that cannot run is skipped with srun's reason, never passed
-    bad = allreduce.multi_node(["node1", "node9"], 1 * MiB, 3, env=slurm.env, timeout_s=60)
+    bad = allreduce.multi_node(["hnode1", "hnode9"], 1 * MiB, 3, env=slurm.env, timeout_s=60)
     assert bad.value is None and "srun exited" in bad.skip_reason
     assert thresholds.judge(bad, {}).status == SKIPPED
 
@@ -307,30 +317,30 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
     db = f"sqlite:///{tmp_path}/fleet.db"
     fleet.init_fleet(db, "slurm")
 
-    _scaled_baseline(machine_key(), measured, 1e4)  # node2 is "slow": it cannot reach the baseline
-    report = targets.check_fleet_node(targets.fleet_nodes(node="node2", db=db)[0], "quick", SMALL, db=db)  # via srun
-    assert report.node == "node2" and report.status == FAILED
+    _scaled_baseline(machine_key(), measured, 1e4)  # hnode2 is "slow": it cannot reach the baseline
+    report = targets.check_fleet_node(targets.fleet_nodes(node="hnode2", db=db)[0], "quick", SMALL, db=db)  # via srun
+    assert report.node == "hnode2" and report.status == FAILED
     assert report.checks[0].detail["device_type"] == "cpu"  # measured on the node, sent back as JSON
     assert gate.record(report, db) == "drained"
-    assert slurm.node_states()["node2"].startswith("drain")
+    assert slurm.node_states()["hnode2"].startswith("drain")
     with pytest.raises(UserError, match="do not fit"):  # 2 nodes x 2 GPUs: the drained node is not offered
         clusters.create_cluster(db, "hc", 4, wait=False)
 
     _scaled_baseline(machine_key(), measured, 1e-3)  # repaired: it passes again and returns
-    report = targets.check_fleet_node(targets.fleet_nodes(node="node2", db=db)[0], "quick", SMALL, db=db)
+    report = targets.check_fleet_node(targets.fleet_nodes(node="hnode2", db=db)[0], "quick", SMALL, db=db)
     assert report.status == PASSED, report.summary()
     assert gate.record(report, db) == "resumed"
-    assert slurm.node_states()["node2"].startswith("idle")  # "idle*": slurmd slow to answer under load
+    assert slurm.node_states()["hnode2"].startswith("idle")  # "idle*": slurmd slow to answer under load
     assert clusters.create_cluster(db, "hc", 4, wait=False)["state"] == "ready"
 
     # the whole cluster: per-node checks inside its reservation, then a multi-node all-reduce over srun
     monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
     main(["health", "--cluster", "hc", "--json", "--db", db])
     out = json.loads(capsys.readouterr().out)
-    assert [(r["node"], r["status"]) for r in out["nodes"]] == [("node1", PASSED), ("node2", PASSED)]
+    assert [(r["node"], r["status"]) for r in out["nodes"]] == [("hnode1", PASSED), ("hnode2", PASSED)]
     fabric = out["fabric"]
     assert fabric["check"] == "multinode_allreduce_busbw" and fabric["value"] > 0 and fabric["unit"] == "GB/s"
-    assert fabric["detail"]["nodes"] == ["node1", "node2"]
+    assert fabric["detail"]["nodes"] == ["hnode1", "hnode2"]
     assert fabric["status"] == SKIPPED and "calibrate" in fabric["reason"]  # no multi-node baseline yet
 
     # a known-good cluster's calibration adds the multi-node figure; later runs are judged by it

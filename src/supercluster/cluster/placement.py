@@ -118,10 +118,22 @@ def _greedy_leaf_count(sizes_desc: list[int], count: int) -> int:
 
 
 def _best_fit(candidates: list[str], free_per_leaf: dict[str, int], count: int, leaves: int) -> list[str]:
-    """`leaves` leaves from `candidates` (largest first) holding `count`, the last one the tightest fit."""
+    """`leaves` leaves from `candidates` (largest first) that hold `count` with the least room to spare.
+
+    Start from the largest leaves, then swap each (largest first) for the smallest unused leaf
+    that still leaves enough room: partly used leaves fill up and empty ones stay whole.
+    """
     if leaves == 1:
         return [min((leaf for leaf in candidates if free_per_leaf[leaf] >= count), key=lambda leaf: (free_per_leaf[leaf], leaf))]
-    head = candidates[: leaves - 1]
-    need = count - sum(free_per_leaf[leaf] for leaf in head)
-    rest = [leaf for leaf in candidates[leaves - 1 :] if free_per_leaf[leaf] >= need]
-    return head + [min(rest, key=lambda leaf: (free_per_leaf[leaf], leaf))]
+    chosen = candidates[:leaves]
+    spare = sorted(candidates[leaves:], key=lambda leaf: (free_per_leaf[leaf], leaf))
+    total = sum(free_per_leaf[leaf] for leaf in chosen)
+    for i in range(len(chosen)):
+        big = chosen[i]
+        for j, small in enumerate(spare):
+            if free_per_leaf[small] < free_per_leaf[big] and total - free_per_leaf[big] + free_per_leaf[small] >= count:
+                total += free_per_leaf[small] - free_per_leaf[big]
+                chosen[i], spare[j] = small, big
+                break
+    # Fill the largest first so that the smallest keeps what is left over.
+    return sorted(chosen, key=lambda leaf: (-free_per_leaf[leaf], leaf))

@@ -87,7 +87,11 @@ def _measure_remote(node: dict, level: str, params: runner.Params | None, db) ->
     argv = [sys.executable, "-m", "supercluster.health.runner", "--level", level]
     if params is not None:
         argv += ["--params", json.dumps(asdict(params))]
-    proc = _run_on(_backend(db), node, argv, timeout=900, db=db)
+    try:
+        proc = _run_on(_backend(db), node, argv, timeout=900, db=db)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"The checks on node {node['name']!r} did not finish in 15 minutes; "
+                        f"see `scontrol show node {node['name']}` and its slurmd log.") from None
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = ((proc.stderr or proc.stdout).strip() or "no output").splitlines()[-1]

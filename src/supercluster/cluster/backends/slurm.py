@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -184,10 +185,11 @@ class SlurmBackend(Backend):
 #SBATCH --output={job_dir}/slurm.log
 #SBATCH --open-mode=append
 #SBATCH --chdir={job_dir}
-# The rendezvous lives on the first node; a fresh port per restart avoids a stale store.
+# The rendezvous lives on the first node, where this script runs: a port free there now,
+# fresh for every restart so that a stale store from the last attempt is never joined.
 head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
 addr=$(scontrol show node "$head" | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
-port=$(( 20000 + (SLURM_JOB_ID * 16 + ${{SLURM_RESTART_COUNT:-0}}) % 20000 ))
+port=$({sys.executable} -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
 export SUPERCLUSTER_RDZV="$addr:$port"
 echo "supercluster: job $SLURM_JOB_ID restart ${{SLURM_RESTART_COUNT:-0}} on $SLURM_JOB_NODELIST, rendezvous $SUPERCLUSTER_RDZV"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 bash {job_dir}/node.sh
