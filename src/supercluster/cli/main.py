@@ -18,18 +18,13 @@ app = typer.Typer(
 )
 
 
-def _register_all():
-    if getattr(app, "_supercluster_registered", False):
-        return  # main() called again in one process (tests): registering twice duplicates every command
-    app._supercluster_registered = True
-    from supercluster.cli import cluster, health, plan, train
+from supercluster.cli import cluster, health, plan, train  # noqa: E402  (thin: heavy imports live in the commands)
 
-    for module in (train, plan, cluster, health):
-        module.register(app)
+for _area in (train, plan, cluster, health):
+    _area.register(app)
 
 
 def main(argv=None):
-    _register_all()
     try:
         app(args=argv, standalone_mode=False)
     except UserError as err:
