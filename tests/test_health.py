@@ -1,6 +1,7 @@
 """Health checks on CPU: real measurements, real gloo processes, the real fleet database."""
 
 import json
+import time
 
 import pytest
 
@@ -330,7 +331,12 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
     report = targets.check_fleet_node(targets.fleet_nodes(node="hnode2", db=db)[0], "quick", SMALL, db=db)
     assert report.status == PASSED, report.summary()
     assert gate.record(report, db) == "resumed"
-    assert slurm.node_states()["hnode2"].startswith("idle")  # "idle*": slurmd slow to answer under load
+    assert slurm.node_states()["hnode2"].startswith("idle")
+    # Slurm shows a resumed node as "idle*" (not responding) until its slurmd's next ping, and
+    # cluster create takes that as down: wait for the ping, as a user would see in `sinfo`.
+    deadline = time.monotonic() + 60
+    while slurm.node_states()["hnode2"] != "idle" and time.monotonic() < deadline:
+        time.sleep(1)
     assert clusters.create_cluster(db, "hc", 4, wait=False)["state"] == "ready"
 
     # the whole cluster: per-node checks inside its reservation, then a multi-node all-reduce over srun

@@ -133,11 +133,12 @@ def test_checkpoint_from_dp2_tp2_resumes_in_another_layout(corpus, reference, tp
 
 
 def test_killed_worker_restarts_and_resumes_hsdp(corpus, reference, tmp_path):
-    """hsdp 2 x 2 with selective recompute; rank 1 dies after step 5 (checkpoint at 3): torchrun
-    restarts the workers, they resume from step 3 and finish with the uninterrupted losses."""
+    """hsdp 2 x 2 with selective recompute and background checkpoints; rank 1 dies after step 5
+    (checkpoint at 3, committed after step 4): torchrun restarts the workers, they resume from
+    step 3 and finish with the uninterrupted losses (so the background copy was step 3's state)."""
     run, marker = tmp_path / "run", tmp_path / "killed-once"
     summary = torchrun(corpus, run, 4, "parallel.dp_replicate=2", "train.recompute=selective",
-                       f"train.checkpoint_every={CHECKPOINT_AT}", max_restarts=1,
+                       f"train.checkpoint_every={CHECKPOINT_AT}", "train.async_checkpoint=true", max_restarts=1,
                        env={"SUPERCLUSTER_FAULT_EXIT": f"1:5:{marker}"})
     assert marker.is_file()
     steps_logged = [m["step"] for m in read_metrics(run / "metrics.jsonl")]

@@ -69,8 +69,14 @@ def _state_dicts(models, optimizers) -> tuple[list[dict], list[dict]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int) -> Path:
-    """Save `model` and `optimizer` (or lists of them, one per pipeline stage on this rank)."""
+def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int, async_group=None):
+    """Save `model` and `optimizer` (or lists of them, one per pipeline stage on this rank).
+
+    With `async_group` (a process group of its own, so the background writes never interleave
+    with training's collectives) the state is copied and written in the background: the
+    returned `PendingSave` commits it once `wait()`ed on (the trainer does so before the next
+    step), and until then a crash leaves only the previous checkpoint. Without, it commits now.
+    """
     root = Path(root)
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
     if _rank() == 0:
@@ -79,17 +85,38 @@ def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int) 
     _barrier()
     model_sds, optim_sds = _state_dicts(model, optimizer)
     merged = lambda sds: {k: v for sd in sds for k, v in sd.items()}  # noqa: E731
-    dcp.save({"model": merged(model_sds), "optim": merged(optim_sds)}, checkpoint_id=str(tmp))
+    state = {"model": merged(model_sds), "optim": merged(optim_sds)}
     torch.save(torch.get_rng_state(), tmp / f"rng_{_rank()}.pt")
-    _barrier()
-    if _rank() == 0:
-        (tmp / TRAIN_STATE).write_text(json.dumps({**train_state, "step": step}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the commit point
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    pending = PendingSave(root, step, tmp, final, {**train_state, "step": step}, keep)
+    if async_group is not None:
+        pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
+        return pending
+    dcp.save(state, checkpoint_id=str(tmp))
+    pending.wait()
     return final
+
+
+class PendingSave:
+    """A checkpoint written to `step_N.tmp/` that becomes `step_N/` when every rank is done."""
+
+    def __init__(self, root, step, tmp, final, train_state, keep):
+        self.root, self.step, self.tmp, self.final, self.train_state, self.keep = root, step, tmp, final, train_state, keep
+        self.future = None
+
+    def wait(self) -> Path:
+        if self.future is not None:
+            result = self.future.result()
+            if hasattr(result, "upload_completion"):  # an AsyncSaveResponse
+                result.upload_completion.result()
+        _barrier()
+        if _rank() == 0:
+            (self.tmp / TRAIN_STATE).write_text(json.dumps(self.train_state))
+            shutil.rmtree(self.final, ignore_errors=True)
+            os.replace(self.tmp, self.final)  # the commit point
+            for _, old in list_checkpoints(self.root)[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+        return self.final
 
 
 def load(path: Path, model, optimizer) -> dict:

@@ -63,6 +63,7 @@ class TrainSection:
     eval_batches: int = 4
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # write checkpoints in the background, committed before the next step
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
 
 

@@ -139,6 +139,11 @@ class Trainer:
         self.rank_stats = RankStats(self.world, self.rank, self.device, window=max(1, min(10, t.steps // 2)))
         self.injected_delay = injected_delay(self.rank)
         self.comm_bytes = None
+        # Background checkpoint writes get a process group of their own (gloo: DCP stages on the CPU).
+        self.async_group = None
+        if t.async_checkpoint:
+            self.async_group = dist.new_group(backend="gloo") if self.world > 1 else None
+        self.pending_save = None
         self.step = 0
         self.resumed_from = None
         self._resume()
@@ -157,9 +162,19 @@ class Trainer:
         self.resumed_from = found[1]
 
     def save_checkpoint(self):
-        checkpoint.save(self.run_dir / "checkpoints", self.step, self.model_parts, self.optimizers,
-                        {"sampler": self.sampler.state_dict(), "tokens_seen": self.step * self.tokens_per_step},
-                        keep=self.cfg.train.keep_checkpoints)
+        self.commit_checkpoint()
+        pending = checkpoint.save(self.run_dir / "checkpoints", self.step, self.model_parts, self.optimizers,
+                                  {"sampler": self.sampler.state_dict(), "tokens_seen": self.step * self.tokens_per_step},
+                                  keep=self.cfg.train.keep_checkpoints,
+                                  async_group=self.async_group if self.cfg.train.async_checkpoint else None)
+        if isinstance(pending, checkpoint.PendingSave):
+            self.pending_save = pending
+
+    def commit_checkpoint(self):
+        """Finish a background save (if one is in flight) and make it the latest checkpoint."""
+        if self.pending_save is not None:
+            self.pending_save.wait()
+            self.pending_save = None
 
     # ---- one step ------------------------------------------------------------------
 
@@ -314,10 +329,12 @@ class Trainer:
                     last["val_loss"] = self.evaluate()
                 log.write(last)
                 progress.update(last)
+                self.commit_checkpoint()  # a background save overlaps one step, then becomes the latest
                 if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                     self.save_checkpoint()
             if self.step and (not t.checkpoint_every or self.step % t.checkpoint_every):
                 self.save_checkpoint()  # the end of a run is always resumable and sampleable
+            self.commit_checkpoint()
         finally:
             progress.close()
             log.close()
