@@ -188,11 +188,16 @@ def test_cli_json_is_stable(home, tmp_path, monkeypatch, capsys, measured):
         assert c["status"] in (PASSED, FAILED, SKIPPED)
         assert c["status"] != PASSED or c["value"] is not None
 
+    _scaled_baseline(machine_key(), measured, 1e-3)  # a pass exits 0 and returns the node
+    main(["health", "--json", "--db", db])
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["status"], r["action"]) for r in out["nodes"]] == [(PASSED, "resumed")]
+
     main(["health", "report", "--json", "--db", db])
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"nodes", "history"}
     assert set(out["nodes"][0]) == {"name", "state", "reason", "last_health_status", "last_health_at"}
-    assert out["nodes"][0]["state"] == "drain"
+    assert out["nodes"][0]["state"] == "up" and out["nodes"][0]["last_health_status"] == PASSED
     assert set(out["history"][0]) == {"node", "check", "value", "unit", "threshold", "status", "detail", "measured_at"}
     assert {h["detail"]["level"] for h in out["history"]} == {"quick"}
 

@@ -50,7 +50,7 @@ def _run(node: str | None, cluster: str | None, level: str, as_json: bool, recor
 
     reports, fabric = targets.run_checks(node, cluster, level, record, db)
     _print_reports(reports, fabric, as_json)
-    if any(r["status"] == FAILED for r in [*reports, fabric or {}]):
+    if any(r["status"] == FAILED for r in reports) or (fabric or {}).get("status") == FAILED:
         raise SystemExit(1)  # like NHC: scripts and Slurm prolog/epilog hooks can test the exit code
 
 

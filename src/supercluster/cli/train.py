@@ -63,7 +63,7 @@ def print_summary(run_dir, s: dict) -> None:
 
 def sample(
     run_dir: Path = typer.Argument(..., help="A run directory (holds config.toml and checkpoints/)."),
-    prompt: str = typer.Option("def ", "--prompt"),
+    prompt: str = typer.Option("def", "--prompt"),
     tokens: int = typer.Option(200, "--tokens", help="New tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature"),
     top_k: int = typer.Option(50, "--top-k", help="0 disables."),

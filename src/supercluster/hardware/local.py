@@ -82,13 +82,15 @@ def measure_matmul_tflops(dtype: str = "fp32", size: int = 1024, seconds: float 
     return best / 1e12
 
 
-def local_peak(dtype: str, threads: int | None = None) -> float:
-    """The CPU's matmul peak for `dtype`, measured once per thread count.
+def local_peak(dtype: str, threads: int | None = None, refresh: bool = False) -> float:
+    """The CPU's matmul peak for `dtype` and a thread count, measured once and cached.
 
     `threads=None` means torch's current thread count. A cached figure is returned without
-    importing torch, so the planner stays fast after the first measurement.
+    importing torch, so the planner stays fast after the first measurement. With `refresh`
+    the probe runs again and the cache keeps the best figure ever seen: other work on the
+    machine can only make a probe read low, and a low peak would inflate every MFU after it.
     """
-    if threads is not None:
+    if threads is not None and not refresh:
         value = cached_peak(dtype, threads)
         if value is not None:
             return value
@@ -97,12 +99,13 @@ def local_peak(dtype: str, threads: int | None = None) -> float:
     previous = torch.get_num_threads()
     threads = threads or previous
     value = cached_peak(dtype, threads)
-    if value is None:
+    if value is None or refresh:
         torch.set_num_threads(threads)
         try:
-            value = measure_matmul_tflops(dtype)
+            measured = measure_matmul_tflops(dtype, seconds=0.3 if refresh else 0.5)
         finally:
             torch.set_num_threads(previous)
+        value = max(measured, value or 0.0)
         save_peak(dtype, value, threads)
     return value
 

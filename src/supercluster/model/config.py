@@ -72,7 +72,8 @@ _LLAMA3 = dict(vocab_size=128256, max_seq_len=8192, rope_theta=500000.0)
 # (Brown et al. 2020, Table 2.1), Llama 3 (Dubey et al. 2024, Table 3).
 PRESETS: dict[str, dict] = {
     "tiny": dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab_size=512, max_seq_len=128),
-    "small": dict(layers=4, hidden=256, heads=8, kv_heads=4, ffn_hidden=768, vocab_size=4096, max_seq_len=256),
+    # small: sized for the demo, about 2 minutes on 2 CPU cores (near compute-optimal there)
+    "small": dict(layers=4, hidden=128, heads=4, kv_heads=2, ffn_hidden=384, vocab_size=2048, max_seq_len=256),
     "gpt2-124m": dict(layers=12, hidden=768, heads=12, vocab_size=50257, max_seq_len=1024, **_GPT),
     "gpt2-1.5b": dict(layers=48, hidden=1600, heads=25, vocab_size=50257, max_seq_len=1024, **_GPT),
     "gpt3-175b": dict(layers=96, hidden=12288, heads=96, vocab_size=50257, max_seq_len=2048, **_GPT),

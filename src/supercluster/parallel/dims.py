@@ -12,9 +12,14 @@ neighbouring ranks (one node); pipeline stages, the quietest, span nodes. Flatte
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 from supercluster.errors import UserError, closest
+
+# torch 2.13 still slices flattened dims from the root mesh (mesh["dp"]), torchtitan's way,
+# but warns on every slice that a later release may want them kept separately.
+warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mesh")
 
 # Config names -> torch.distributed.pipelining class names.
 PP_SCHEDULES = {

@@ -83,7 +83,7 @@ class ParallelSection:
 class RunSection:
     dir: str = "runs/default"
     resume: bool = True  # continue from the latest checkpoint in dir
-    sample_prompt: str = "def "
+    sample_prompt: str = "def"
     sample_tokens: int = 120
 
 

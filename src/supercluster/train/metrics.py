@@ -39,7 +39,7 @@ def device_peak(device: torch.device, dtype: str) -> Peak:
         return Peak(local.measure_matmul_tflops(dtype, size=8192, device=device.type),
                     f"measured:{name} {dtype} matmul")
     threads = torch.get_num_threads()
-    return Peak(local.local_peak(dtype), f"measured:cpu {dtype} matmul, {threads} thread{'s' * (threads > 1)}")
+    return Peak(local.local_peak(dtype, refresh=True), f"measured:cpu {dtype} matmul, {threads} thread{'s' * (threads > 1)}")
 
 
 def memory_gib(device: torch.device) -> float:

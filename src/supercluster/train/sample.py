@@ -40,4 +40,7 @@ def sample_run(run_dir: Path, prompt: str, tokens: int, samples: int = 1, temper
         decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
     prompt_ids = encode(prompt)
-    return [prompt + decode(generate(model, prompt_ids, tokens, temperature, top_k, top_p, gen)) for _ in range(samples)]
+    # Decode prompt and continuation together: byte-level BPE merges across the seam
+    # (a prompt's trailing space and the next word's leading one are the same character).
+    return [decode(prompt_ids + generate(model, prompt_ids, tokens, temperature, top_k, top_p, gen))
+            for _ in range(samples)]
