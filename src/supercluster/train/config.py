@@ -181,7 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
-def validate(cfg: Config, world_size: int = 1) -> ModelConfig:
+def validate(cfg: Config) -> ModelConfig:
     """Checks that need no data or devices; returns the model config. Parallel degrees are
     checked by `parallel.ParallelDims`."""
     model = cfg.model_config()

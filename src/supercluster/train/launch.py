@@ -47,7 +47,7 @@ def prepare_run(cfg: Config, launch: Launch) -> Path:
 
     launch.check()
     world = launch.nproc * launch.nnodes
-    model_cfg = validate(cfg, world)
+    model_cfg = validate(cfg)
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.validate_model(model_cfg, cfg.train)
     data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb)

@@ -25,17 +25,13 @@ class Peak:
 
 def device_peak(device: torch.device, dtype: str) -> Peak:
     from supercluster.hardware import local
+    from supercluster.hardware.catalog import match_device_name
 
     if device.type != "cpu":
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        try:
-            from supercluster.hardware.catalog import match_device_name
-
-            acc = match_device_name(name)
-            if acc is not None:
-                return Peak(acc.peak_tflops[dtype], f"catalog:{acc.name}")
-        except (ImportError, KeyError, AttributeError):
-            pass
+        acc = match_device_name(name)
+        if acc is not None and acc.peak_tflops.get(dtype):
+            return Peak(acc.peak(dtype), f"catalog:{acc.name}")
         return Peak(local.measure_matmul_tflops(dtype, size=8192, device=device.type),
                     f"measured:{name} {dtype} matmul")
     threads = torch.get_num_threads()

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from supercluster.data import BatchSampler, prepare_data
+from supercluster.data import BatchSampler, eval_batches, prepare_data
 from supercluster.model.config import flops_per_token
 from supercluster.model.transformer import Transformer
 from supercluster.parallel import ParallelDims
@@ -90,7 +90,7 @@ class Trainer:
         self.cfg = cfg
         self.device = pick_device()
         self.rank, self.world = init_distributed(self.device)
-        self.model_cfg = validate(cfg, self.world)
+        self.model_cfg = validate(cfg)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
         self.dims.validate_model(self.model_cfg, cfg.train)
         self.mesh = self.dims.build_mesh(self.device.type)
@@ -265,10 +265,10 @@ class Trainer:
         t = self.cfg.train
         for part in self.model_parts:
             part.eval()
-        val = BatchSampler(self.val_data, t.seq_len, t.global_batch, self.dp_rank, self.dims.dp, self.cfg.data.seed + 1)
+        batches = eval_batches(self.val_data, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
+                               self.cfg.data.seed + 1)
         total = torch.zeros((), device=self.device)
-        for _ in range(t.eval_batches):
-            x, y = val.next()
+        for x, y in batches:
             x, y = self.layout.shard(x.to(self.device), y.to(self.device))
             if self.schedule is not None:
                 total += self._run_pipeline(x, y, train=False)
