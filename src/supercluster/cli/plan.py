@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from supercluster.errors import UserError
+from supercluster.files import write_atomic
 
 JSON_KEYS = (
     "tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "sequence_parallel",
@@ -90,10 +91,7 @@ def plan(
         from supercluster.plan.build import train_config
 
         text = tomli_w.dumps(train_config(plans[0], req, n_steps, run_dir, lr))
-        emit_config.parent.mkdir(parents=True, exist_ok=True)
-        tmp = emit_config.with_name(emit_config.name + ".tmp")
-        tmp.write_text(f"# Written by `supercluster plan`: the fastest feasible layout for {gpus} x {req.system.accelerator.name}.\n{text}")
-        tmp.replace(emit_config)
+        write_atomic(emit_config, f"# Written by `supercluster plan`: the fastest feasible layout for {gpus} x {req.system.accelerator.name}.\n{text}")
 
     if as_json:
         print(json.dumps({"plans": rows}))

@@ -13,6 +13,8 @@ import socket
 import time
 from pathlib import Path
 
+from supercluster.files import write_atomic
+
 
 def home() -> Path:
     """supercluster's state folder: $SUPERCLUSTER_HOME, default ~/.supercluster."""
@@ -56,9 +58,7 @@ def save_peak(dtype: str, tflops: float, threads: int | None = None) -> None:
     except (OSError, ValueError):
         table = {}
     table.setdefault(machine_key(threads), {})[dtype] = tflops
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(path)  # atomic: a reader never sees half a file
+    write_atomic(path, json.dumps(table, indent=1))  # a reader never sees half a file
 
 
 def measure_matmul_tflops(dtype: str = "fp32", size: int = 1024, seconds: float = 0.5, device: str = "cpu") -> float:

@@ -13,12 +13,12 @@ against one baseline), otherwise `hardware.local.machine_key()` (host, CPU model
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from supercluster.files import write_atomic
 from supercluster.hardware import catalog
 from supercluster.hardware.local import home
 from supercluster.health.results import FAILED, PASSED, SKIPPED, CheckResult, Measurement
@@ -107,11 +107,7 @@ def save_baseline(kind: str, runs: list[list[Measurement]], merge: bool = False)
         entry[check] = {"median": median, "cv": cv, "unit": units[check], "runs": len(xs), "measured_at": time.time()}
     table = _read_all()
     table[kind] = {**table.get(kind, {}), **entry} if merge else entry
-    path = baseline_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(path)  # atomic: a concurrent reader sees the old table or the new one
+    write_atomic(baseline_file(), json.dumps(table, indent=1))  # a concurrent reader sees the old table or the new one
     return table[kind]
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from supercluster.errors import UserError
+from supercluster.files import write_atomic
 from supercluster.hardware.catalog import accelerator, node_type
 from supercluster.model.config import ModelConfig
 from supercluster.plan.cost import CONSTANTS_FILE, Software, System, Workload
@@ -186,9 +187,7 @@ def main(argv=None):
         "rows": len(rows),
         "mape": round(total, 4),
     }
-    tmp = CONSTANTS_FILE.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    tmp.replace(CONSTANTS_FILE)
+    write_atomic(CONSTANTS_FILE, json.dumps(out, indent=1) + "\n")
     print(f"wrote {CONSTANTS_FILE}")
 
 

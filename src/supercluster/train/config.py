@@ -14,6 +14,7 @@ from pathlib import Path
 import tomli_w
 
 from supercluster.errors import UserError, closest
+from supercluster.files import write_atomic
 from supercluster.model.config import ModelConfig, preset
 
 
@@ -109,11 +110,7 @@ class Config:
         return tomli_w.dumps(self.to_dict())
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".toml.tmp")
-        tmp.write_text(self.to_toml())
-        tmp.replace(path)
+        write_atomic(path, self.to_toml())
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from supercluster.errors import UserError
+from supercluster.files import write_atomic
 from supercluster.train.config import Config, validate
 
 
@@ -55,11 +55,12 @@ def prepare_run(cfg: Config, launch: Launch) -> Path:
         raise UserError(f"The corpus has {len(data.train)} training tokens, fewer than one sequence of {cfg.train.seq_len}; lower train.seq_len or add text.")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Every node of a job runs this on the same run directory at once: atomic writes only.
     cfg.save(run_dir / "config.toml")
     if data.tokenizer_path is not None:
-        shutil.copyfile(data.tokenizer_path, run_dir / "tokenizer.json")
-    (run_dir / "data.json").write_text(json.dumps({"source": data.source, "train_tokens": len(data.train),
-                                                   "val_tokens": len(data.val)}))
+        write_atomic(run_dir / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
+    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": len(data.train),
+                                                    "val_tokens": len(data.val)}))
     return run_dir
 
 

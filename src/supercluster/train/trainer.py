@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from supercluster.data import BatchSampler, eval_batches, prepare_data
 from supercluster.model.config import flops_per_token

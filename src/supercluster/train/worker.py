@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from supercluster.errors import UserError
+from supercluster.files import write_atomic
 from supercluster.train.config import Config, load_config
 
 
@@ -19,8 +20,7 @@ def run(cfg: Config) -> dict:
         summary = trainer.fit()
         if trainer.rank == 0:
             summary["resumed_from"] = str(trainer.resumed_from) if trainer.resumed_from else None
-            path = Path(cfg.run.dir) / "summary.json"
-            path.write_text(json.dumps(summary, indent=1))
+            write_atomic(Path(cfg.run.dir) / "summary.json", json.dumps(summary, indent=1))
         return summary
     finally:
         trainer.close()
