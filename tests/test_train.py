@@ -50,6 +50,17 @@ def test_loss_falls_and_run_dir_is_complete(small_corpus, tmp_path):
     assert steps == ["step_00000020", "step_00000030"]  # the last K=2 kept
 
 
+def test_time_limit_ends_the_run_evaluated_checkpointed_and_resumable(small_corpus, tmp_path):
+    # A limit that runs out during the first step: that step is the last, and it is treated
+    # as the run's end (validation loss, a checkpoint) so that the next launch resumes there.
+    overrides = tiny_overrides(small_corpus, tmp_path / "run", 50, "train.eval_every=40", "train.max_minutes=1e-6")
+    summary = launch_training(load_config(None, overrides), Launch())
+    assert summary["step"] == 1 and "val_loss" in summary
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000001"]
+    again = launch_training(load_config(None, overrides), Launch())
+    assert again["step"] == 2 and again["resumed_from"].endswith("step_00000001")
+
+
 def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path):
     run = tmp_path / "run"
     overrides = tiny_overrides(small_corpus, run, 8, "train.checkpoint_every=4", "train.keep_checkpoints=3")

@@ -298,8 +298,9 @@ class Trainer:
         for part in self.model_parts:
             part.train()
         measure_comm_at = self.step + (2 if t.steps - self.step >= 2 else 1)  # the 2nd step: no warm-up in it
+        stopping = False  # train.max_minutes ran out: this step is the run's last
         try:
-            while self.step < t.steps and not self._should_stop(started):
+            while self.step < t.steps and not stopping:
                 inject_fault(self.rank, self.step)
                 tic = time.perf_counter()
                 if self.world > 1 and self.step + 1 == measure_comm_at:  # the counter slows that step
@@ -324,7 +325,8 @@ class Trainer:
                     last.update(self.comm_bytes, comm_measured=True)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss} at step {self.step}")
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps):
+                stopping = self._should_stop(started)
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.steps or stopping):
                     last["val_loss"] = self.evaluate()
                 log.write(last)
                 progress.update(last)
