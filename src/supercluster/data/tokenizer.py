@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from supercluster.errors import UserError
+from supercluster.files import write_atomic
 
 EOT = "<|endoftext|>"  # separates documents in the token stream; id 0
 MIN_VOCAB = 256 + 1  # every byte, plus EOT
@@ -57,9 +58,7 @@ def _head(documents: list[str], max_chars: int):
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tokenizer.save(str(tmp))
-    os.replace(tmp, path)
+    write_atomic(path, tokenizer.to_str(pretty=True))
 
 
 def load_tokenizer(path: str | os.PathLike | None) -> Tokenizer:

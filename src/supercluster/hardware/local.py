@@ -52,7 +52,6 @@ def cached_peak(dtype: str, threads: int | None = None) -> float | None:
 
 def save_peak(dtype: str, tflops: float, threads: int | None = None) -> None:
     path = peak_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError):

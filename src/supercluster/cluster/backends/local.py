@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from supercluster.cluster.backends import Backend, JobStatus, Launch, NodeSpec, train_command
+from supercluster.files import write_atomic
 
 
 def _detect_gpus() -> tuple[str, int]:
@@ -85,9 +86,7 @@ def _run(job_dir: str, cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     code = proc.wait()
-    tmp = Path(job_dir) / "exit_code.tmp"
-    tmp.write_text(str(code))
-    tmp.replace(Path(job_dir) / "exit_code")
+    write_atomic(Path(job_dir) / "exit_code", str(code))
     return code
 
 
