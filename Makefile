@@ -2,16 +2,18 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# The versions the test suite last passed with; `make constraints` refreshes it from .venv.
+PIP_INSTALL := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench constraints clean
 
 # A venv with torch (the CPU wheel where no GPU is present) and supercluster, editable.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
-	else $(BIN)/pip install -q torch==2.13.0; fi
-	$(BIN)/pip install -q -e '.[test]'
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP_INSTALL) torch; \
+	else $(PIP_INSTALL) torch==2.13.0; fi
+	$(PIP_INSTALL) -e '.[test]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,11 +24,15 @@ demo: setup
 
 # The whole test suite, with a real Slurm started by the tests (installed here when missing).
 test: setup
-	-bash scripts/install-slurm.sh
+	bash scripts/install-slurm.sh
 	$(BIN)/pytest
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+
+# Run after the suite passes: pins every installed distribution (but supercluster itself).
+constraints:
+	$(BIN)/pip freeze --exclude-editable | sed -e 's/+cpu$$//' | sort > constraints.txt
 
 clean:
 	rm -rf runs $(VENV)

@@ -23,25 +23,45 @@ from supercluster.cli import cluster, health, plan, train  # noqa: E402  (thin: 
 for _area in (train, plan, cluster, health):
     _area.register(app)
 
+USAGE_EXIT = 2
+
+
+def _is_a(err: BaseException, class_name: str) -> bool:
+    """Whether `err` derives from click's class of that name, whichever click raised it.
+
+    Typer vendors its own copy of click (`typer._click`) in some releases and uses the
+    installed click in others; the two hierarchies share class names, not classes.
+    """
+    return any(cls.__name__ == class_name for cls in type(err).__mro__)
+
+
+def usage_line(err: BaseException) -> str:
+    """A click usage error as one line that names where to look for the fix."""
+    message = " ".join(err.format_message().split())  # click may break "Did you mean" onto its own line
+    ctx = getattr(err, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return f"error: {message.rstrip('.')}{where}."
+
 
 def main(argv=None):
     try:
         app(args=argv, standalone_mode=False)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(USAGE_EXIT)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
         raise
     except Exception as err:  # click's usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
+        if _is_a(err, "NoArgsIsHelpError"):
+            sys.exit(USAGE_EXIT)  # the help is already on the screen
+        if _is_a(err, "ClickException"):
+            print(usage_line(err), file=sys.stderr)
+            sys.exit(USAGE_EXIT)
+        if _is_a(err, "Abort"):
+            print("aborted", file=sys.stderr)
             sys.exit(1)
         raise
 

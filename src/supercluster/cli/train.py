@@ -37,9 +37,14 @@ def train(
         return
     print_summary(cfg.run.dir, summary)
     if sample:
-        from supercluster.train.sample import sample_run
+        from supercluster.train.sample import has_tokenizer, sample_run
 
-        for text in sample_run(Path(cfg.run.dir), cfg.run.sample_prompt, cfg.run.sample_tokens, samples=2):
+        prompt = cfg.run.sample_prompt
+        if not has_tokenizer(Path(cfg.run.dir)) and not prompt.replace(" ", "").isdigit():
+            print(f"no sample: this run has no tokenizer (pre-tokenized data) and run.sample_prompt {prompt!r} is text; "
+                  f"set it to token ids (e.g. --set run.sample_prompt='0') or use `supercluster sample` with ids.")
+            return
+        for text in sample_run(Path(cfg.run.dir), prompt, cfg.run.sample_tokens, samples=2):
             print("--- sample ---")
             print(text)
 
@@ -63,7 +68,11 @@ def print_summary(run_dir, s: dict) -> None:
 
 def sample(
     run_dir: Path = typer.Argument(..., help="A run directory (holds config.toml and checkpoints/)."),
-    prompt: str = typer.Option("def", "--prompt"),
+    prompt: str = typer.Option(
+        "def", "--prompt",
+        help="Text to continue; for a run trained on pre-tokenized data without a tokenizer, space-separated token ids "
+             "such as '0 17 42' (the continuation is printed as ids too).",
+    ),
     tokens: int = typer.Option(200, "--tokens", help="New tokens to generate."),
     temperature: float = typer.Option(0.8, "--temperature"),
     top_k: int = typer.Option(50, "--top-k", help="0 disables."),

@@ -25,21 +25,43 @@ def load_trained(run_dir: Path) -> Transformer:
     return model
 
 
+def has_tokenizer(run_dir: Path) -> bool:
+    """Runs trained on a pre-tokenized .bin without a tokenizer.json speak token ids only."""
+    return (Path(run_dir) / "tokenizer.json").is_file()
+
+
+def parse_token_ids(prompt: str, vocab_size: int) -> list[int]:
+    """A prompt of space-separated token ids ("0 17 42"), checked against the vocabulary."""
+    try:
+        ids = [int(t) for t in prompt.split()]
+    except ValueError:
+        raise UserError(
+            f"This run has no tokenizer (it was trained on pre-tokenized data), so the prompt must be "
+            f"space-separated token ids such as --prompt '0 17 42', not {prompt!r}."
+        ) from None
+    if not ids:
+        raise UserError("The prompt is empty; give at least one token id, e.g. --prompt '0'.")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"Token id {bad[0]} is outside the model's vocabulary of {vocab_size}; use ids 0..{vocab_size - 1}.")
+    return ids
+
+
 def sample_run(run_dir: Path, prompt: str, tokens: int, samples: int = 1, temperature: float = 0.8,
                top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0) -> list[str]:
+    """Text continuations of `prompt`; for a run without a tokenizer the prompt and the
+    continuations are space-separated token ids."""
     run_dir = Path(run_dir)
     model = load_trained(run_dir)
-    tok_path = run_dir / "tokenizer.json"
-    if tok_path.is_file():
+    if has_tokenizer(run_dir):
         from supercluster.data import load_tokenizer
 
-        tok = load_tokenizer(tok_path)
-        encode, decode = (lambda s: tok.encode(s).ids), tok.decode
-    else:  # a pre-tokenized corpus without its tokenizer: show token ids
-        encode = lambda s: [int(t) for t in s.split()] if s.strip() else [0]  # noqa: E731
+        tok = load_tokenizer(run_dir / "tokenizer.json")
+        prompt_ids, decode = tok.encode(prompt).ids, tok.decode
+    else:
+        prompt_ids = parse_token_ids(prompt, model.cfg.vocab_size)
         decode = lambda ids: " ".join(map(str, ids))  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
-    prompt_ids = encode(prompt)
     # Decode prompt and continuation together: byte-level BPE merges across the seam
     # (a prompt's trailing space and the next word's leading one are the same character).
     return [decode(prompt_ids + generate(model, prompt_ids, tokens, temperature, top_k, top_p, gen))
