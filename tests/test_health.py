@@ -1,6 +1,7 @@
 """Health checks on CPU: real measurements, real gloo processes, the real fleet database."""
 
 import json
+import os
 import time
 
 import pytest
@@ -9,7 +10,7 @@ from supercluster.cli.main import main
 from supercluster.cluster import fleet
 from supercluster.hardware.local import machine_key
 from supercluster.health import allreduce, gate, nvidia, runner, targets, thresholds
-from supercluster.health.results import FAILED, INCOMPLETE, PASSED, SKIPPED, Measurement
+from supercluster.health.results import EXIT_CODES, FAILED, INCOMPLETE, PASSED, SKIPPED, Measurement, run_status
 from supercluster.health.stragglers import StragglerMonitor, find_stragglers
 
 MiB = 2**20
@@ -220,7 +221,7 @@ def test_cli_user_errors(home, tmp_path, capsys, argv, message):
 
 
 def test_nvidia_parsers():
-    assert nvidia.parse_ecc("0, 0\n1, 3\n2, [N/A]\n") == {0: 0, 1: 3, 2: 0}
+    assert nvidia.parse_ecc("0, 0\n1, 3\n2, [N/A]\n") == {0: 0, 1: 3, 2: None}  # unknown is not zero
     log = ("[ 12.1] NVRM: Xid (PCI:0000:3b:00): 79, pid=123, GPU has fallen off the bus.\n"
            "[ 13.0] NVRM: Xid (PCI:0000:5d:00): 13, Graphics Exception\n")
     xids = nvidia.parse_xids(log)
@@ -228,14 +229,108 @@ def test_nvidia_parsers():
     status = ("GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n\t Link 0: 26.562 GB/s\n\t Link 1: <inactive>\n"
               "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)\n\t Link 0: 26.562 GB/s\n")
     assert nvidia.parse_nvlink_status(status) == {0: 1, 1: 0}
-    events = nvidia.parse_clock_events("0, 0x0000000000000004\n1, 0x0000000000000048\n")
-    assert events == {0: [], 1: ["hw_slowdown", "hw_thermal"]}
+    events = nvidia.parse_clock_events("0, 0x0000000000000004\n1, 0x0000000000000048\n2, [N/A]\n3, 0xZZ\n")
+    assert events == {0: [], 1: ["hw_slowdown", "hw_thermal"], 2: None, 3: None}
+    for garbage in ("", "Failed to initialize NVML: Driver/library version mismatch\n", "0, 1, 2\n"):
+        with pytest.raises(nvidia.Unreadable):
+            nvidia.parse_ecc(garbage)
+    with pytest.raises(nvidia.Unreadable):
+        nvidia.parse_nvlink_status("NVML: Unknown Error\n")
 
 
 def test_nvidia_checks_skip_with_reason_off_nvidia():
     for check in (nvidia.ecc_errors, nvidia.xid_errors, nvidia.clock_throttle):
         m = check(False)
         assert m.value is None and m.skip_reason == "not an NVIDIA node" and not m.applies
+
+
+FAKE_SMI = """#!/bin/sh
+# A stand-in for nvidia-smi: $FAKE_SMI_MODE picks how it answers.
+case "$FAKE_SMI_MODE" in
+  fail) echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver." >&2; exit 9 ;;
+  hang) exec sleep 30 ;;
+  garbage) echo "Failed to initialize NVML: Driver/library version mismatch"; exit 0 ;;
+esac
+case "$*" in
+  *ecc.errors*) printf '0, 0\\n1, %s\\n' "$FAKE_SMI_ECC" ;;
+  *clocks_event_reasons*) printf '0, 0x0000000000000000\\n1, %s\\n' "$FAKE_SMI_CLOCKS" ;;
+  nvlink*) printf 'GPU 0: NVIDIA H100 (UUID: GPU-1)\\n\\t Link 0: 26.562 GB/s\\nGPU 1: NVIDIA H100 (UUID: GPU-2)\\n' ;;
+  *) exit 2 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_smi(tmp_path, monkeypatch):
+    """A real `nvidia-smi` executable first on PATH (no GPU here), answering as FAKE_SMI_MODE says."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(nvidia, "SMI_TIMEOUT_S", 1.0)
+    monkeypatch.setenv("FAKE_SMI_ECC", "0")
+    monkeypatch.setenv("FAKE_SMI_CLOCKS", "0x0000000000000000")
+    return monkeypatch
+
+
+SMI_CHECKS = (nvidia.ecc_errors, nvidia.nvlink_inactive, nvidia.clock_throttle)
+
+
+@pytest.mark.parametrize("mode, reason", [
+    ("fail", "exited 9: NVIDIA-SMI has failed"), ("hang", "did not answer within 1 s"),
+    ("garbage", "unexpected nvidia-smi line"),
+])
+def test_nvidia_smi_failures_are_skips_with_the_reason(fake_smi, mode, reason):
+    fake_smi.setenv("FAKE_SMI_MODE", mode)
+    for check in SMI_CHECKS:
+        m = check(True)
+        assert m.value is None and m.applies, m
+        assert reason in m.skip_reason or (check is nvidia.nvlink_inactive and mode == "garbage"
+                                           and "listed no GPUs" in m.skip_reason), m
+    report = runner.judge_node("n1", "k", "quick", [check(True) for check in SMI_CHECKS], 0.0)
+    assert report.status == INCOMPLETE
+
+
+def test_unknown_fault_counts_are_not_passes(fake_smi):
+    fake_smi.setenv("FAKE_SMI_MODE", "ok")
+    assert [check(True).value for check in SMI_CHECKS] == [0.0, 0.0, 0.0]  # a healthy answer passes
+    ok = runner.judge_node("n1", "k", "quick", [check(True) for check in SMI_CHECKS], 0.0)
+    assert ok.status == PASSED
+    # ECC [N/A] and a clock mask that is not a number: unknown, so skipped with the GPU named
+    fake_smi.setenv("FAKE_SMI_ECC", "[N/A]")
+    fake_smi.setenv("FAKE_SMI_CLOCKS", "[Unknown Error]")
+    ecc, clocks = nvidia.ecc_errors(True), nvidia.clock_throttle(True)
+    assert ecc.value is None and ecc.skip_reason == "nvidia-smi reports no value for GPU 1"
+    assert clocks.value is None and clocks.skip_reason == "nvidia-smi reports no value for GPU 1"
+    report = runner.judge_node("n1", "k", "quick", [ecc, clocks], 0.0)
+    assert report.status == INCOMPLETE and "ecc_errors" in report.summary()
+    # a fault read on one GPU still fails the node when another GPU cannot be read
+    fake_smi.setenv("FAKE_SMI_CLOCKS", "0x0000000000000040")
+    fake_smi.setenv("FAKE_SMI_ECC", "[N/A]")
+    clocks = nvidia.clock_throttle(True)
+    assert clocks.value == 1.0 and clocks.detail["throttled"] == {1: ["hw_thermal"]}
+    assert runner.judge_node("n1", "k", "quick", [nvidia.ecc_errors(True), clocks], 0.0).status == FAILED
+
+
+def test_incomplete_run_exits_3_not_0(home, monkeypatch, capsys):
+    """No baseline for this machine: nothing measured can be judged, so a prolog must not pass it."""
+    monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["health", "local", "--json", "--no-record", "--db", f"sqlite:///{home}/fleet.db"])
+    assert exit_info.value.code == EXIT_CODES[INCOMPLETE] == 3
+    (report,) = json.loads(capsys.readouterr().out)["nodes"]
+    assert report["status"] == INCOMPLETE and "gemm_tflops" in report["summary"]
+
+
+def test_run_status_of_nodes_and_fabric():
+    assert run_status([PASSED, PASSED]) == PASSED
+    assert run_status([PASSED, INCOMPLETE]) == INCOMPLETE
+    assert run_status([INCOMPLETE, FAILED]) == FAILED
+    skipped_fabric = {"status": SKIPPED, "applies": True}
+    assert run_status([PASSED], skipped_fabric) == INCOMPLETE  # a cluster whose fabric was not judged
+    assert run_status([PASSED], {**skipped_fabric, "applies": False}) == PASSED  # no fabric to judge
+    assert run_status([PASSED], {"status": FAILED, "applies": True}) == FAILED
 
 
 # ---- stragglers ------------------------------------------------------------------------------

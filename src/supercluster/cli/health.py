@@ -46,16 +46,20 @@ def _print_reports(reports: list[dict], fabric: dict | None, as_json: bool) -> N
 
 def _run(node: str | None, cluster: str | None, level: str, as_json: bool, record: bool, db: str | None) -> None:
     from supercluster.health import targets
-    from supercluster.health.results import FAILED
+    from supercluster.health.results import EXIT_CODES, run_status
 
     reports, fabric = targets.run_checks(node, cluster, level, record, db)
     _print_reports(reports, fabric, as_json)
-    if any(r["status"] == FAILED for r in reports) or (fabric or {}).get("status") == FAILED:
-        raise SystemExit(1)  # like NHC: scripts and Slurm prolog/epilog hooks can test the exit code
+    code = EXIT_CODES[run_status([r["status"] for r in reports], fabric)]
+    if code:
+        raise SystemExit(code)
 
 
 def register(app: typer.Typer) -> None:
-    health = typer.Typer(help="Check nodes against pass marks and baselines; drain the ones that fail.",
+    health = typer.Typer(help="Check nodes against pass marks and baselines; drain the ones that fail.\n\n"
+                              "Exit code: 0 every check passed; 1 a check failed; 2 a usage error; "
+                              "3 incomplete (a check that applies could not be judged: a tool missing or "
+                              "failing, no baseline), so a Slurm prolog never passes a node nobody judged.",
                          invoke_without_command=True, no_args_is_help=False)
 
     @health.callback()
