@@ -29,6 +29,7 @@ from supercluster.cluster.state import (
     Job,
     Node,
     now,
+    on_rollback,
     open_db,
 )
 from supercluster.errors import UserError, closest
@@ -79,8 +80,14 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
     cluster.state, cluster.placed_at = "ready", now()
     cluster.leaves, cluster.pods = found.leaves, found.pods
     s.flush()
-    # Inside the transaction: if the backend refuses (e.g. scontrol fails) nothing is kept.
-    cluster.backend_ref = backend_for(fleet.backend, fleet.settings).reserve(cluster.name, [n for n, _ in found.nodes])
+    # Inside the transaction, so that a backend that refuses (scontrol fails) leaves nothing in
+    # our books; and undone if the transaction then rolls back, so that no reservation outlives
+    # it (one left behind would hold the nodes and the name from every later placement).
+    backend = backend_for(fleet.backend, fleet.settings)
+    ref = backend.reserve(cluster.name, [n for n, _ in found.nodes])
+    if ref is not None:
+        on_rollback(s, lambda: backend.release(ref))
+    cluster.backend_ref = ref
     s.flush()
     return True
 
@@ -232,6 +239,8 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
         for job in active:
             jobs.cancel_in_session(s, fleet, job)
         if cluster.backend_ref:
+            # Released before commit: if the commit then fails, the books still name a reservation
+            # that is gone, and the next delete finds nothing to release and goes on.
             backend_for(fleet.backend, fleet.settings).release(cluster.backend_ref)
         s.delete(cluster)
         s.flush()
