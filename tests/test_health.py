@@ -42,6 +42,17 @@ def _scaled_baseline(kind, measurements, factor):
     thresholds.baseline_file().write_text(json.dumps(table))
 
 
+def _assert_judged_by_baseline(report, kind):
+    """Every baseline-judged check's threshold is the stored median x (1 - tolerance), its verdict the comparison."""
+    baseline = json.loads(thresholds.baseline_file().read_text())[kind]
+    judged = [c for c in report.checks if c.check in baseline and c.check != "accelerator_count" and c.value is not None]
+    assert {c.check for c in judged} >= {"gemm_tflops", "memory_bandwidth", "allreduce_busbw"}
+    for c in judged:
+        e = baseline[c.check]
+        assert c.threshold == pytest.approx(e["median"] * (1 - thresholds.tolerance(c.check, e["cv"])), rel=1e-9)
+        assert c.status == (PASSED if c.value >= c.threshold else FAILED), c
+
+
 def test_every_check_measures_a_number_with_its_unit_or_says_why_not(measured):
     by_check = {m.check: m for m in measured}
     assert set(by_check) == {"accelerator_count", "gemm_tflops", "memory_bandwidth", "host_device_bandwidth",
@@ -134,6 +145,7 @@ def test_slow_node_is_drained_and_returns_after_passing(home, tmp_path, measured
 
     _scaled_baseline(kind, measured, 1e4)  # a baseline no 2-core machine reaches: a slow node
     report = targets.check_fleet_node(node, "quick", SMALL, db=db)
+    _assert_judged_by_baseline(report, kind)
     assert report.status == FAILED
     assert {c.check for c in report.failures} >= {"gemm_tflops", "memory_bandwidth"}
     assert gate.record(report, db) == "drained"
@@ -141,11 +153,13 @@ def test_slow_node_is_drained_and_returns_after_passing(home, tmp_path, measured
     assert node["state"] == "drain" and node["reason"].startswith("health: ") and "gemm_tflops" in node["reason"]
     assert node["last_health_status"] == "failed"
 
-    # Known-good again: the next passing run returns it to service. The baseline sits far below
-    # the figures measured above because this 2-core machine is shared by several engineers'
-    # tests: the same 256^2 GEMM was seen at 0.16 and at 0.0012 TFLOP/s minutes apart.
+    # Repaired: the next passing run returns it to service. What is under test is the gate, not
+    # this machine's speed, so the pass is arranged with a baseline far below the figures
+    # measured above (this 2-core machine is shared: the same 256^2 GEMM was seen at 0.16 and at
+    # 0.0012 TFLOP/s minutes apart); the verdicts must still come from that baseline's thresholds.
     _scaled_baseline(kind, measured, 1e-3)
     report = targets.check_fleet_node(node, "quick", SMALL, db=db)
+    _assert_judged_by_baseline(report, kind)
     assert report.status == PASSED, report.summary()
     assert gate.record(report, db) == "resumed"
     node = targets.fleet_nodes(node=node["name"], db=db)[0]
@@ -441,7 +455,9 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
 
     # the whole cluster: per-node checks inside its reservation, then a multi-node all-reduce over srun
     monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
-    main(["health", "--cluster", "hc", "--json", "--db", db])
+    with pytest.raises(SystemExit) as exit_info:  # the nodes pass, the fabric has no baseline yet: incomplete
+        main(["health", "--cluster", "hc", "--json", "--db", db])
+    assert exit_info.value.code == EXIT_CODES[INCOMPLETE]
     out = json.loads(capsys.readouterr().out)
     assert [(r["node"], r["status"]) for r in out["nodes"]] == [("hnode1", PASSED), ("hnode2", PASSED)]
     fabric = out["fabric"]
@@ -455,5 +471,6 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
     assert "gemm_tflops" in entry  # merged into the node baseline, not replacing it
     judged = targets.check_cluster_fabric("hc", "quick", db=db)
     tol = thresholds.tolerance("multinode_allreduce_busbw", entry["multinode_allreduce_busbw"]["cv"])
-    assert judged.status in (PASSED, FAILED) and judged.comparison == ">="
+    assert judged.comparison == ">=" and judged.value > 0
     assert judged.threshold == pytest.approx(entry["multinode_allreduce_busbw"]["median"] * (1 - tol))
+    assert judged.status == (PASSED if judged.value >= judged.threshold else FAILED)
