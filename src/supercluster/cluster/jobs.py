@@ -21,11 +21,10 @@ from supercluster.cluster.backends import Backend, Launch, backend_for
 from supercluster.cluster.clusters import eligible, get_cluster, sync_nodes
 from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Database, Fleet, Job, Node, now, on_rollback, open_db
 from supercluster.errors import UserError
+from supercluster.paths import home
 
 
 def jobs_root() -> Path:
-    from supercluster.hardware.local import home
-
     return home() / "jobs"
 
 

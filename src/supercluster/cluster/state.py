@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, rela
 
 from supercluster.cluster import migrations
 from supercluster.errors import UserError
+from supercluster.paths import home
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +145,6 @@ class HealthResult(Base):
 
 
 def default_url() -> str:
-    from supercluster.hardware.local import home
-
     if os.environ.get("SUPERCLUSTER_DB"):
         return os.environ["SUPERCLUSTER_DB"]
     path = home() / "fleet.db"
