@@ -2,7 +2,7 @@
 
 `init_fleet` imports the nodes from a backend (`local`: this machine; `slurm`: `scontrol`;
 `sim`: a fat tree built from a spec). The health hooks (`record_health`, `drain_node`,
-`resume_node`) are the API issue 6 builds on; see /work/notes/cluster-api.md.
+`resume_node`, `health_history`) are how health checks reach the fleet.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from supercluster.cluster.backends import BACKENDS, backend_for
+from supercluster.cluster.backends import BACKENDS, Backend
+from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.queue import place_queued
 from supercluster.cluster.state import (
     HEALTH_STATUSES,
     Allocation,
@@ -106,7 +108,7 @@ def summary(db: Database | str | None = None) -> dict:
         }
 
 
-# ---- health hooks (issue 6) -----------------------------------------------------------------
+# ---- health hooks --------------------------------------------------------------------------
 
 
 def _get_node(s, name: str) -> Node:
@@ -122,10 +124,12 @@ def has_node(db: Database | str | None, name: str) -> bool:
         return s.get(Node, name) is not None
 
 
-def fleet_backend(db: Database | str | None = None) -> str:
+def open_backend(db: Database | str | None = None) -> Backend:
+    """The fleet's backend, with its stored settings (e.g. the Slurm cluster's SLURM_CONF)."""
     db = open_db(db)
     with db.transaction(lock=False) as s:
-        return db.fleet(s).backend
+        fleet = db.fleet(s)
+        return backend_for(fleet.backend, fleet.settings)
 
 
 def nodes(db: Database | str | None = None, cluster: str | None = None) -> list[dict]:
@@ -188,12 +192,10 @@ def drain_node(node: str, reason: str, *, db: Database | str | None = None) -> N
 
 def resume_node(node: str, *, db: Database | str | None = None) -> None:
     """Returns a drained or down node to service and starts queued clusters that now fit."""
-    from supercluster.cluster.clusters import schedule
-
     db = open_db(db)
     with db.transaction() as s:
         n = _get_node(s, node)
         fleet = db.fleet(s)
         backend_for(fleet.backend, fleet.settings).resume(node)
         n.state, n.reason = "up", None
-        schedule(s, fleet)
+        place_queued(s, fleet)

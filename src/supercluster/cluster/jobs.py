@@ -17,9 +17,22 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
-from supercluster.cluster.backends import Backend, Launch, backend_for
-from supercluster.cluster.clusters import eligible, get_cluster, sync_nodes
-from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Database, Fleet, Job, Node, now, on_rollback, open_db
+from supercluster.cluster.backends import Backend, JobSpec
+from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.queue import eligible, sync_nodes
+from supercluster.cluster.state import (
+    JOB_ACTIVE,
+    Allocation,
+    Cluster,
+    Database,
+    Fleet,
+    Job,
+    Node,
+    get_cluster,
+    now,
+    on_rollback,
+    open_db,
+)
 from supercluster.errors import UserError
 from supercluster.paths import home
 
@@ -54,13 +67,13 @@ def submit_job(
         job_dir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=jobs_root()))
         on_rollback(s, lambda: shutil.rmtree(job_dir, ignore_errors=True))
         job.job_dir = str(job_dir)
-        launch = Launch(
+        spec = JobSpec(
             job_id=job.id, job_dir=str(job_dir), config=str(path), overrides=tuple(overrides),
             nodes=tuple(cluster.node_names), gpus_per_node=cluster.allocations[0].gpus,
             max_restarts=max_restarts, reservation=cluster.backend_ref,
         )
         backend = backend_for(fleet.backend, fleet.settings)
-        ref = backend.submit(launch)
+        ref = backend.submit(spec)
         # A job the books never record would run unseen: cancel it if this transaction fails.
         on_rollback(s, lambda: backend.cancel(ref, str(job_dir)))
         job.backend_ref = ref

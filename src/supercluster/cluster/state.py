@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from supercluster.cluster import migrations
-from supercluster.errors import UserError
+from supercluster.errors import UserError, closest
 from supercluster.paths import home
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,15 @@ def _run_undo(undo: list[Callable[[], None]]) -> None:
             action()
         except Exception as err:  # the original error matters more; say what is left outside
             log.warning("could not undo an external effect after a rollback: %s", err)
+
+
+def get_cluster(s: Session, name: str) -> Cluster:
+    """The cluster named `name`; a UserError naming the closest name when there is none."""
+    cluster = s.scalar(sa.select(Cluster).where(Cluster.name == name))
+    if cluster is None:
+        names = s.scalars(sa.select(Cluster.name)).all()
+        raise UserError(f"No cluster named {name!r}{closest(name, names)}; see `supercluster cluster list`.")
+    return cluster
 
 
 def open_db(db: Database | str | None = None) -> Database:
