@@ -8,6 +8,7 @@ import pytest
 
 from supercluster.cli.main import main
 from supercluster.cluster import fleet
+from supercluster.cluster.backends.registry import backend_for
 from supercluster.hardware.local import machine_key
 from supercluster.health import allreduce, gate, nvidia, runner, targets, thresholds
 from supercluster.health.results import EXIT_CODES, FAILED, INCOMPLETE, PASSED, SKIPPED, Measurement, run_status
@@ -412,12 +413,13 @@ def slurm(tmp_path_factory):
 
 @pytest.mark.slurm
 def test_multinode_allreduce_through_srun(slurm):
-    m = allreduce.multi_node(["hnode1", "hnode2"], 1 * MiB, 3, env=slurm.env, timeout_s=180)
+    backend = backend_for("slurm", {"slurm_conf": str(slurm.conf)})
+    m = allreduce.multi_node(backend, ["hnode1", "hnode2"], 1 * MiB, 3, timeout_s=180)
     assert m.check == "multinode_allreduce_busbw" and m.unit == "GB/s" and m.value > 0, m
     assert m.detail["ranks"] == 2 and m.detail["nodes"] == ["hnode1", "hnode2"] and m.detail["backend"] == "gloo"
     # a launch that cannot run is skipped with srun's reason, never passed
-    bad = allreduce.multi_node(["hnode1", "hnode9"], 1 * MiB, 3, env=slurm.env, timeout_s=60)
-    assert bad.value is None and "srun exited" in bad.skip_reason
+    bad = allreduce.multi_node(backend, ["hnode1", "hnode9"], 1 * MiB, 3, timeout_s=60)
+    assert bad.value is None and "the launch exited 1: srun" in bad.skip_reason, bad
     assert thresholds.judge(bad, {}).status == SKIPPED
 
 
@@ -466,7 +468,7 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
     assert fabric["status"] == SKIPPED and "calibrate" in fabric["reason"]  # no multi-node baseline yet
 
     # a known-good cluster's calibration adds the multi-node figure; later runs are judged by it
-    kind, entry = runner.calibrate_fabric("hc", "quick", repeats=2, db=db)
+    kind, entry = targets.calibrate_fabric("hc", "quick", repeats=2, db=db)
     assert kind == machine_key() and entry["multinode_allreduce_busbw"]["runs"] == 2
     assert "gemm_tflops" in entry  # merged into the node baseline, not replacing it
     judged = targets.check_cluster_fabric("hc", "quick", db=db)
@@ -474,3 +476,13 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
     assert judged.comparison == ">=" and judged.value > 0
     assert judged.threshold == pytest.approx(entry["multinode_allreduce_busbw"]["median"] * (1 - tol))
     assert judged.status == (PASSED if judged.value >= judged.threshold else FAILED)
+
+
+def test_fabric_check_skips_where_the_backend_launches_no_multi_node_job(home, tmp_path):
+    db = f"sqlite:///{tmp_path}/fleet.db"
+    fleet.init_fleet(db, "sim", spec={"nodes": 4, "gpus_per_node": 8, "gpu_type": "h100"})
+    from supercluster.cluster import clusters
+
+    clusters.create_cluster(db, "two", 16, wait=False)
+    _, m = targets.measure_cluster_fabric("two", "quick", SMALL, db=db)
+    assert m.value is None and not m.applies and m.skip_reason == "the sim backend launches no multi-node job"

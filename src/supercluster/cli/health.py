@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         from supercluster.health import runner, targets, thresholds
 
         if cluster:
-            kind, entry = runner.calibrate_fabric(cluster, level, repeats, db=db)
+            kind, entry = targets.calibrate_fabric(cluster, level, repeats, db=db)
         else:
             mine = targets.local_node(db)
             kind, entry = runner.calibrate_here(level, repeats, gpu_type=mine["gpu_type"] if mine else None)
@@ -112,18 +112,10 @@ def register(app: typer.Typer) -> None:
                limit: int = typer.Option(50, "--limit", help="newest results to show"),
                as_json: bool = JSON, db: str = DB):
         """Nodes' health state and the history of their check results, newest first."""
-        from supercluster.cluster import fleet
-        from supercluster.health import targets
+        from supercluster.health.history import health_report
 
-        nodes = targets.fleet_nodes(node, None, db) if node else fleet.nodes(db)
-        history = fleet.health_history(db, node=node, limit=limit)
-        for row in history:
-            try:
-                row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
-            except ValueError:  # written by something other than health: keep the text
-                row["detail"] = {"text": row["detail"]}
-        keys = ("name", "state", "reason", "last_health_status", "last_health_at")
-        data = {"nodes": [{k: n[k] for k in keys} for n in nodes], "history": history}
+        data = health_report(node, limit, db)
+        history = data["history"]
         if as_json:
             print(json.dumps(data, indent=1, sort_keys=True))
             return

@@ -103,21 +103,6 @@ def calibrate_here(level: str = "full", repeats: int = 3, params: Params | None 
     return kind, thresholds.save_baseline(kind, runs)
 
 
-def calibrate_fabric(cluster: str, level: str = "full", repeats: int = 3, db=None) -> tuple[str, dict]:
-    """Add a known-good cluster's multi-node all-reduce busbw to its nodes' baseline."""
-    from supercluster.health import targets
-
-    if repeats < 1:
-        raise UserError(f"--repeats must be at least 1, not {repeats}.")
-    runs = []
-    for _ in range(repeats):
-        kind, measurement = targets.measure_cluster_fabric(cluster, level, db=db)
-        if measurement.value is None:
-            raise UserError(f"Cannot calibrate cluster {cluster!r}: {measurement.skip_reason}.")
-        runs.append([measurement])
-    return kind, thresholds.save_baseline(kind, runs, merge=True)
-
-
 def main(argv=None):
     """Entry point on a remote node (under srun): print this node's measurements as one JSON line."""
     parser = argparse.ArgumentParser(description="Measure this node's health checks and print them as JSON.")
