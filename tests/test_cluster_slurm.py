@@ -109,6 +109,13 @@ def test_a_rolled_back_transaction_leaves_no_reservation_and_no_job(db, slurm, t
     clusters.delete_cluster(db, "undone")
     assert "supercluster-undone" not in reservations()
 
+    with failing_commit(), pytest.raises(RuntimeError, match="forced"):  # a drain is put back too
+        fleet.drain_node("node3", "health: test", db=db)
+    assert not slurm.node_states()["node3"].startswith("drain") and fleet.nodes(db)[2]["state"] == "up"
+    deadline = time.monotonic() + 30  # resumed: not-responding until slurmd answers a ping
+    while slurm.node_states()["node3"] != "idle" and time.monotonic() < deadline:
+        time.sleep(0.5)
+
 
 @pytest.fixture(scope="module")
 def reference(db, slurm, small_corpus, tmp_path_factory):

@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from supercluster.cluster import clusters, fleet, migrations
-from supercluster.cluster.state import Base, Database
+from supercluster.cluster.state import Base, Database, on_rollback
 from supercluster.errors import UserError
 
 PG_URL = os.environ.get("SUPERCLUSTER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -121,3 +121,37 @@ def test_concurrent_creates_never_share_a_node(url):
     assert len(flat) == len(set(flat)) == 5
     listed = clusters.list_clusters(Database(url))
     assert sorted(c["name"] for c in listed) == sorted(name for name, nodes in got if nodes)
+
+
+def test_external_effects_are_undone_only_when_the_transaction_does_not_commit(url):
+    """`on_rollback` undos run newest first on an error (ours or at COMMIT), never after a commit."""
+    db = Database(url)
+    fleet.init_fleet(db, "sim", spec={"nodes": 2, "nodes_per_leaf": 2})
+    undone = []
+    with db.transaction() as s:
+        on_rollback(s, lambda: undone.append("reservation"))
+    assert undone == []
+    with pytest.raises(RuntimeError, match="after the effects"):
+        with db.transaction() as s:
+            db.fleet(s).settings = {"changed": True}
+            on_rollback(s, lambda: undone.append("reservation"))
+            on_rollback(s, lambda: undone.append("job"))
+            raise RuntimeError("after the effects")
+    assert undone == ["job", "reservation"]
+    assert fleet.summary(db)["backend"] == "sim"  # and the database change was rolled back with them
+    with db.transaction(lock=False) as s:
+        assert db.fleet(s).settings != {"changed": True}
+
+
+def test_a_failing_undo_does_not_hide_the_error(tmp_path, caplog):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    fleet.init_fleet(db, "sim", spec={"nodes": 2, "nodes_per_leaf": 2})
+
+    def broken_undo():
+        raise OSError("scontrol: connection refused")
+
+    with pytest.raises(RuntimeError, match="the real error"):
+        with db.transaction() as s:
+            on_rollback(s, broken_undo)
+            raise RuntimeError("the real error")
+    assert "scontrol: connection refused" in caplog.text

@@ -338,6 +338,17 @@ def test_incomplete_run_exits_3_not_0(home, monkeypatch, capsys):
     assert report["status"] == INCOMPLETE and "gemm_tflops" in report["summary"]
 
 
+def test_health_help_documents_the_exit_codes():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "supercluster.cli.main", "health", "--help"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    assert "1 a check failed" in text and "3 incomplete" in text
+
+
 def test_run_status_of_nodes_and_fabric():
     assert run_status([PASSED, PASSED]) == PASSED
     assert run_status([PASSED, INCOMPLETE]) == INCOMPLETE

@@ -27,6 +27,7 @@ from supercluster.cluster.state import (
     HealthResult,
     Node,
     now,
+    on_rollback,
     open_db,
 )
 from supercluster.errors import UserError, closest
@@ -181,12 +182,25 @@ def health_history(db: Database | str | None = None, node: str | None = None, li
         ]
 
 
+def _restorer(backend: Backend, node: str, state: str, reason: str | None):
+    """Puts `node` back in the backend as our books had it, for a transaction that rolls back."""
+    def restore() -> None:
+        if state == "drain":
+            backend.drain(node, reason or "")
+        elif state == "up":
+            backend.resume(node)
+        # down: the hardware said so, not us; nothing to put back
+    return restore
+
+
 def drain_node(node: str, reason: str, *, db: Database | str | None = None) -> None:
     """Takes `node` out of placement; clusters already on it keep it until they are deleted."""
     db = open_db(db)
     with db.transaction() as s:
         n = _get_node(s, node)
-        backend_for(db.fleet(s).backend, db.fleet(s).settings).drain(node, reason)
+        backend = backend_for(db.fleet(s).backend, db.fleet(s).settings)
+        backend.drain(node, reason)
+        on_rollback(s, _restorer(backend, node, n.state, n.reason))
         n.state, n.reason = "drain", reason
 
 
@@ -196,6 +210,8 @@ def resume_node(node: str, *, db: Database | str | None = None) -> None:
     with db.transaction() as s:
         n = _get_node(s, node)
         fleet = db.fleet(s)
-        backend_for(fleet.backend, fleet.settings).resume(node)
+        backend = backend_for(fleet.backend, fleet.settings)
+        backend.resume(node)
+        on_rollback(s, _restorer(backend, node, n.state, n.reason))
         n.state, n.reason = "up", None
         place_queued(s, fleet)

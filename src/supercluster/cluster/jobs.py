@@ -181,6 +181,8 @@ def list_jobs(db: Database | str | None = None, cluster: str | None = None) -> l
 
 
 def cancel_in_session(s: Session, fleet: Fleet, job: Job) -> None:
+    # Not undone on rollback (a cancelled job cannot be restarted as it was); the books then
+    # still say running, and the next `refresh` reads the cancellation from the backend.
     backend_for(fleet.backend, fleet.settings).cancel(job.backend_ref, job.job_dir)
     job.state, job.ended_at = "cancelled", now()
 
