@@ -127,6 +127,17 @@ def test_calibrate_stores_median_and_noise(home):
     assert thresholds.load_baseline(kind) == json.loads(thresholds.baseline_file().read_text())[kind]
 
 
+def test_cli_calibrate_json(home, monkeypatch, capsys):
+    monkeypatch.setitem(runner.LEVELS, ("quick", "cpu"), SMALL)
+    main(["health", "calibrate", "--level", "quick", "--repeats", "1", "--json", "--db", f"sqlite:///{home}/fleet.db"])
+    out = json.loads(capsys.readouterr().out)
+    assert (out["kind"], out["level"], out["repeats"]) == (machine_key(), "quick", 1)
+    gemm = out["baseline"]["gemm_tflops"]
+    assert gemm["median"] > 0 and gemm["runs"] == 1
+    assert gemm["tolerance"] == pytest.approx(thresholds.tolerance("gemm_tflops", gemm["cv"]))
+    assert thresholds.load_baseline(machine_key())["gemm_tflops"]["median"] == gemm["median"]
+
+
 def test_throttled_worker_fails_the_allreduce_check(home, measured):
     healthy = next(m for m in measured if m.check == "allreduce_busbw")
     throttled = allreduce.intra_node(1 * MiB, 3, slow_rank=1, slowdown_s=0.3)

@@ -85,14 +85,9 @@ def register(app: typer.Typer) -> None:
                   cluster: str = typer.Option(None, "--cluster", help="add this cluster's multi-node all-reduce"),
                   as_json: bool = JSON, db: str = DB):
         """Record this known-good machine's (or cluster's) figures as the baseline for its kind."""
-        from supercluster.health import runner, targets, thresholds
+        from supercluster.health import targets
 
-        if cluster:
-            kind, entry = targets.calibrate_fabric(cluster, level, repeats, db=db)
-        else:
-            mine = targets.local_node(db)
-            kind, entry = runner.calibrate_here(level, repeats, gpu_type=mine["gpu_type"] if mine else None)
-        rows = {check: {**e, "tolerance": thresholds.tolerance(check, e["cv"])} for check, e in entry.items()}
+        kind, rows = targets.calibrate(level, repeats, cluster, db)
         if as_json:
             print(json.dumps({"kind": kind, "level": level, "repeats": repeats, "baseline": rows}, indent=1, sort_keys=True))
             return

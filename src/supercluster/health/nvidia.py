@@ -130,13 +130,29 @@ def _fault_count(check: str, unit: str, faults: dict[int, float | None], detail:
     return Measurement(check, float(known), unit, {**detail, "unknown_gpus": unknown})
 
 
-def ecc_errors(nvidia_node: bool) -> Measurement:
-    if skip := _unavailable("ecc_errors", "errors", nvidia_node):
-        return skip
+def _read(check: str, unit: str, nvidia_node: bool, parse, *queries: tuple[str, ...]):
+    """(parse(output of the first query nvidia-smi answers), None), or (None, a skip with the reason).
+
+    Later queries are fallbacks for drivers that do not know the first one's fields.
+    """
+    if skip := _unavailable(check, unit, nvidia_node):
+        return None, skip
     try:
-        counts = parse_ecc(_smi("--query-gpu=index,ecc.errors.uncorrected.volatile.total", "--format=csv,noheader,nounits"))
+        for args in queries[:-1]:
+            try:
+                return parse(_smi(*args)), None
+            except Unreadable:
+                continue
+        return parse(_smi(*queries[-1])), None
     except Unreadable as err:
-        return Measurement.skipped("ecc_errors", "errors", str(err))
+        return None, Measurement.skipped(check, unit, str(err))
+
+
+def ecc_errors(nvidia_node: bool) -> Measurement:
+    counts, skip = _read("ecc_errors", "errors", nvidia_node, parse_ecc,
+                         ("--query-gpu=index,ecc.errors.uncorrected.volatile.total", "--format=csv,noheader,nounits"))
+    if skip:
+        return skip
     return _fault_count("ecc_errors", "errors", counts, {"uncorrected_per_gpu": counts})
 
 
@@ -154,26 +170,19 @@ def xid_errors(nvidia_node: bool) -> Measurement:
 
 def nvlink_inactive(nvidia_node: bool) -> Measurement:
     """Links reported <inactive>; PCIe-only GPUs list no links and count zero."""
-    if skip := _unavailable("nvlink_inactive", "links", nvidia_node):
+    inactive, skip = _read("nvlink_inactive", "links", nvidia_node, parse_nvlink_status, ("nvlink", "--status"))
+    if skip:
         return skip
-    try:
-        inactive = parse_nvlink_status(_smi("nvlink", "--status"))
-    except Unreadable as err:
-        return Measurement.skipped("nvlink_inactive", "links", str(err))
     return Measurement("nvlink_inactive", float(sum(inactive.values())), "links", {"inactive_per_gpu": inactive})
 
 
 def clock_throttle(nvidia_node: bool) -> Measurement:
-    if skip := _unavailable("clock_throttle", "GPUs", nvidia_node):
+    # drivers before 535 know only the older name of the field
+    events, skip = _read("clock_throttle", "GPUs", nvidia_node, parse_clock_events,
+                         ("--query-gpu=index,clocks_event_reasons.active", "--format=csv,noheader"),
+                         ("--query-gpu=index,clocks_throttle_reasons.active", "--format=csv,noheader"))
+    if skip:
         return skip
-    try:
-        try:
-            csv = _smi("--query-gpu=index,clocks_event_reasons.active", "--format=csv,noheader")
-        except Unreadable:  # drivers before 535 know only the older name
-            csv = _smi("--query-gpu=index,clocks_throttle_reasons.active", "--format=csv,noheader")
-        events = parse_clock_events(csv)
-    except Unreadable as err:
-        return Measurement.skipped("clock_throttle", "GPUs", str(err))
     throttled = {gpu: names for gpu, names in events.items() if names}
     faults = {gpu: None if names is None else float(bool(names)) for gpu, names in events.items()}
     return _fault_count("clock_throttle", "GPUs", faults, {"throttled": throttled})

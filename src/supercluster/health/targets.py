@@ -127,6 +127,18 @@ def calibrate_fabric(cluster: str, level: str = "full", repeats: int = 3, db=Non
     return kind, thresholds.save_baseline(kind, runs, merge=True)
 
 
+def calibrate(level: str = "full", repeats: int = 3, cluster: str | None = None, db=None) -> tuple[str, dict]:
+    """What `supercluster health calibrate` does: this machine's baseline, or with `cluster` its
+    multi-node all-reduce added to its nodes' baseline. Returns the kind and, per check, the
+    stored entry with the tolerance it will be judged with."""
+    if cluster:
+        kind, entry = calibrate_fabric(cluster, level, repeats, db=db)
+    else:
+        mine = local_node(db)
+        kind, entry = runner.calibrate_here(level, repeats, gpu_type=mine["gpu_type"] if mine else None)
+    return kind, {check: {**e, "tolerance": thresholds.tolerance(check, e["cv"])} for check, e in entry.items()}
+
+
 def check_cluster_fabric(cluster: str, level: str, params: runner.Params | None = None, db=None):
     """The multi-node all-reduce judged against the calibrated baseline of the nodes' kind.
 
