@@ -149,7 +149,7 @@ def _env(slurm: str, generic: str, default: str | None = None) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="One rank of a multi-node all-reduce bandwidth test (under srun).")
+    parser = argparse.ArgumentParser(description="One rank of a multi-node all-reduce bandwidth test (started by the backend's launch_on).")
     parser.add_argument("--store", required=True, help="HOST:PORT of the launcher's TCPStore")
     parser.add_argument("--bytes", type=int, required=True)
     parser.add_argument("--iters", type=int, required=True)

@@ -1,7 +1,7 @@
 """Run the checks on this node at a level (quick or full), judge them, calibrate baselines.
 
-`measure_here` runs on the node being checked (in this process, or under srun through
-`python -m supercluster.health.runner`, which prints the measurements as JSON); `judge_node`
+`measure_here` runs on the node being checked (in this process, or through the fleet backend's
+`run_on` as `python -m supercluster.health.runner`, which prints the measurements as JSON); `judge_node`
 turns measurements into a `NodeReport` wherever the thresholds live.
 """
 
@@ -104,7 +104,7 @@ def calibrate_here(level: str = "full", repeats: int = 3, params: Params | None 
 
 
 def main(argv=None):
-    """Entry point on a remote node (under srun): print this node's measurements as one JSON line."""
+    """Entry point on a remote node (started by the backend's run_on, srun on Slurm): print this node's measurements as one JSON line."""
     parser = argparse.ArgumentParser(description="Measure this node's health checks and print them as JSON.")
     parser.add_argument("--level", default="quick")
     parser.add_argument("--params", help="JSON object of Params fields overriding the level's")
