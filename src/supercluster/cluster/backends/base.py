@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from supercluster.errors import UserError
+from supercluster.hardware import catalog
 
 BACKENDS = ("local", "slurm", "sim")
 
@@ -134,8 +135,6 @@ class Backend:
 
 def canonical_gpu_type(name: str) -> str:
     """The catalog's name for a GPU type ("H100-SXM" -> "h100"); "local" is this machine's CPU."""
-    from supercluster.hardware import catalog
-
     key = catalog.ALIASES.get(name.lower(), name.lower())
     if key == "local":
         return key  # catalog.accelerator("local") would measure the machine: not needed here
