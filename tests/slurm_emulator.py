@@ -2,7 +2,7 @@
 
 One slurmctld and one `slurmd -N nodeK` per node, all on private high ports with a private
 state directory, `topology/tree` leaf and spine switches, and fake GPUs: gres.conf `File=`
-lines pointing at placeholder files. Facts behind it: ../shared/ARCHITECTURE.md.
+lines pointing at placeholder files.
 """
 
 from __future__ import annotations

@@ -63,3 +63,13 @@ def test_cancel_and_forced_delete_stop_the_processes(local_db, small_corpus, tmp
     assert not Path(f"/proc/{pid}").exists()
     with pytest.raises(UserError, match="already ended"):
         jobs.cancel_job(local_db, job["id"])
+
+
+def test_run_on_runs_a_command_on_the_local_node(local_db):
+    import sys
+
+    backend = fleet.open_backend(local_db)
+    (node,) = fleet.nodes(local_db)
+    out = backend.run_on(node["name"], [sys.executable, "-c", "import socket; print(socket.gethostname())"], timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == node["name"]
+    assert backend.launch_on([node["name"]], ["true"], timeout=60) is None  # one node: no multi-node launch

@@ -2,7 +2,7 @@
 
 import pytest
 
-from supercluster.cluster import clusters, fleet, placement
+from supercluster.cluster import clusters, fleet, placement, queue
 from supercluster.cluster.state import Database
 from supercluster.errors import UserError
 
@@ -112,7 +112,7 @@ def test_queue_is_fifo_with_backfill(tmp_path):
 
 
 def test_backfill_stops_once_the_head_was_bypassed_enough(tmp_path, monkeypatch):
-    monkeypatch.setattr(clusters, "BACKFILL_LIMIT", 1)
+    monkeypatch.setattr(queue, "BACKFILL_LIMIT", 1)
     db = make_db(tmp_path, nodes=4, gpus_per_node=8, nodes_per_leaf=2, leaves_per_pod=2)
     clusters.create_cluster(db, "a", 16)
     clusters.create_cluster(db, "head", 32)

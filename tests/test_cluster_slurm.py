@@ -2,12 +2,15 @@
 switches under one spine: import the fleet, run the real trainer on a 2-node cluster, and
 survive a node's death mid-job (requeue on a replacement, resume from the checkpoint)."""
 
+import contextlib
 import json
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from slurm_emulator import EmulatedSlurm, unavailable_reason
 from supercluster.cluster import clusters, fleet, jobs
@@ -65,6 +68,53 @@ def test_fleet_import_from_scontrol(db, slurm):
         time.sleep(0.5)
     assert slurm.node_states()["node4"] == "idle"
     assert fleet.nodes(db)[3]["state"] == "up"
+
+
+@contextlib.contextmanager
+def failing_commit():
+    """The database refuses the next COMMIT (as a full disk or a PostgreSQL serialization failure would)."""
+    def refuse(session):
+        raise RuntimeError("forced: the database refused the commit")
+
+    sa.event.listen(Session, "before_commit", refuse)
+    try:
+        yield
+    finally:
+        sa.event.remove(Session, "before_commit", refuse)
+
+
+def test_a_rolled_back_transaction_leaves_no_reservation_and_no_job(db, slurm, tmp_path):
+    def reservations():
+        return subprocess.run(["scontrol", "show", "reservation"], env=slurm.env, capture_output=True, text=True).stdout
+
+    def live_jobs():
+        out = subprocess.run(["squeue", "-h", "-o", "%i %T"], env=slurm.env, capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if line.split()[1] in ("PENDING", "RUNNING", "CONFIGURING")]
+
+    with failing_commit(), pytest.raises(RuntimeError, match="forced"):
+        clusters.create_cluster(db, "undone", 4, wait=False)
+    assert "supercluster-undone" not in reservations() and clusters.list_clusters(db) == []
+    # nothing blocks the same request afterwards: the name and the nodes are free in Slurm too
+    c = clusters.create_cluster(db, "undone", 4, wait=False)
+    assert c["state"] == "ready" and c["reservation"] == "supercluster-undone"
+
+    config = tmp_path / "tiny.toml"
+    config.write_text("[model]\npreset = 'tiny'\n")
+    jobs.jobs_root().mkdir(parents=True, exist_ok=True)
+    dirs_before = set(jobs.jobs_root().iterdir())
+    with failing_commit(), pytest.raises(RuntimeError, match="forced"):
+        jobs.submit_job(db, "undone", str(config), ["train.steps=1000"], max_restarts=0)
+    assert jobs.list_jobs(db) == [] and live_jobs() == []  # sbatch'ed, then cancelled with the rollback
+    assert set(jobs.jobs_root().iterdir()) == dirs_before
+    clusters.delete_cluster(db, "undone")
+    assert "supercluster-undone" not in reservations()
+
+    with failing_commit(), pytest.raises(RuntimeError, match="forced"):  # a drain is put back too
+        fleet.drain_node("node3", "health: test", db=db)
+    assert not slurm.node_states()["node3"].startswith("drain") and fleet.nodes(db)[2]["state"] == "up"
+    deadline = time.monotonic() + 30  # resumed: not-responding until slurmd answers a ping
+    while slurm.node_states()["node3"] != "idle" and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")

@@ -2,37 +2,46 @@
 (real processes, on SQLite and on the PostgreSQL server when it is reachable)."""
 
 import multiprocessing
+import os
+import socket
 import uuid
 
 import pytest
 import sqlalchemy as sa
 
 from supercluster.cluster import clusters, fleet, migrations
-from supercluster.cluster.state import Base, Database
+from supercluster.cluster.state import Base, Database, on_rollback
 from supercluster.errors import UserError
 
-PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+PG_URL = os.environ.get("SUPERCLUSTER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _pg_available() -> str | None:
+def _pg_unavailable() -> str | None:
+    """Why there is no PostgreSQL server to test against, or None when there is one.
+
+    Only a missing driver or a server nobody listens for counts; a server that answers and then
+    refuses (bad credentials, no such database) is a broken setup and fails the test.
+    """
     try:
-        import psycopg2
-
-        psycopg2.connect(PG_URL, connect_timeout=3).close()
-        return None
-    except Exception as err:  # any failure means: no server to test against
-        return f"PostgreSQL at {PG_URL} is not reachable ({type(err).__name__}: {str(err).strip()[:80]})"
+        import psycopg2  # noqa: F401
+    except ImportError:
+        return "psycopg2 is not installed (pip install -e '.[test]')"
+    url = sa.make_url(PG_URL)
+    try:
+        socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=3).close()
+    except OSError as err:
+        return f"no PostgreSQL server listens at {url.host}:{url.port} ({err.strerror or err})"
+    return None
 
 
 @pytest.fixture
 def pg_url():
-    reason = _pg_available()
-    if reason:
+    if reason := _pg_unavailable():
         pytest.skip(reason)
     import psycopg2
 
     schema = f"sc_test_{uuid.uuid4().hex[:10]}"  # private schema: parallel runs never collide
-    conn = psycopg2.connect(PG_URL)
+    conn = psycopg2.connect(PG_URL, connect_timeout=10)
     conn.autocommit = True
     conn.cursor().execute(f"CREATE SCHEMA {schema}")
     yield f"{PG_URL}?options=-csearch_path%3D{schema}"
@@ -40,7 +49,7 @@ def pg_url():
     conn.close()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'fleet.db'}"
@@ -112,3 +121,37 @@ def test_concurrent_creates_never_share_a_node(url):
     assert len(flat) == len(set(flat)) == 5
     listed = clusters.list_clusters(Database(url))
     assert sorted(c["name"] for c in listed) == sorted(name for name, nodes in got if nodes)
+
+
+def test_external_effects_are_undone_only_when_the_transaction_does_not_commit(url):
+    """`on_rollback` undos run newest first on an error (ours or at COMMIT), never after a commit."""
+    db = Database(url)
+    fleet.init_fleet(db, "sim", spec={"nodes": 2, "nodes_per_leaf": 2})
+    undone = []
+    with db.transaction() as s:
+        on_rollback(s, lambda: undone.append("reservation"))
+    assert undone == []
+    with pytest.raises(RuntimeError, match="after the effects"):
+        with db.transaction() as s:
+            db.fleet(s).settings = {"changed": True}
+            on_rollback(s, lambda: undone.append("reservation"))
+            on_rollback(s, lambda: undone.append("job"))
+            raise RuntimeError("after the effects")
+    assert undone == ["job", "reservation"]
+    assert fleet.summary(db)["backend"] == "sim"  # and the database change was rolled back with them
+    with db.transaction(lock=False) as s:
+        assert db.fleet(s).settings != {"changed": True}
+
+
+def test_a_failing_undo_does_not_hide_the_error(tmp_path, caplog):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+    fleet.init_fleet(db, "sim", spec={"nodes": 2, "nodes_per_leaf": 2})
+
+    def broken_undo():
+        raise OSError("scontrol: connection refused")
+
+    with pytest.raises(RuntimeError, match="the real error"):
+        with db.transaction() as s:
+            on_rollback(s, broken_undo)
+            raise RuntimeError("the real error")
+    assert "scontrol: connection refused" in caplog.text

@@ -63,3 +63,13 @@ def test_runtime_device_names_map_to_the_catalog():
     assert match_device_name("AMD Instinct MI300X").name == "mi300x"
     assert match_device_name("NVIDIA H100 PCIe") is None  # other clocks than the SXM part
     assert match_device_name("cpu") is None
+
+
+def test_best_rate_keeps_the_fastest_of_synced_repeats():
+    from supercluster.hardware.timing import best_rate
+
+    calls = []
+    rate = best_rate(lambda: calls.append("work"), units=1000.0, seconds=0.0, min_repeats=3,
+                     sync=lambda: calls.append("sync"))
+    assert calls == ["work", "sync"] * 4  # one warm-up, then three timed calls, each waited for
+    assert rate > 0

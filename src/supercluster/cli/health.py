@@ -46,16 +46,20 @@ def _print_reports(reports: list[dict], fabric: dict | None, as_json: bool) -> N
 
 def _run(node: str | None, cluster: str | None, level: str, as_json: bool, record: bool, db: str | None) -> None:
     from supercluster.health import targets
-    from supercluster.health.results import FAILED
+    from supercluster.health.results import EXIT_CODES, run_status
 
     reports, fabric = targets.run_checks(node, cluster, level, record, db)
     _print_reports(reports, fabric, as_json)
-    if any(r["status"] == FAILED for r in reports) or (fabric or {}).get("status") == FAILED:
-        raise SystemExit(1)  # like NHC: scripts and Slurm prolog/epilog hooks can test the exit code
+    code = EXIT_CODES[run_status([r["status"] for r in reports], fabric)]
+    if code:
+        raise SystemExit(code)
 
 
 def register(app: typer.Typer) -> None:
-    health = typer.Typer(help="Check nodes against pass marks and baselines; drain the ones that fail.",
+    health = typer.Typer(help="Check nodes against pass marks and baselines; drain the ones that fail.\n\n"
+                              "Exit code: 0 every check passed; 1 a check failed; 2 a usage error; "
+                              "3 incomplete (a check that applies could not be judged: a tool missing or "
+                              "failing, no baseline), so a Slurm prolog never passes a node nobody judged.",
                          invoke_without_command=True, no_args_is_help=False)
 
     @health.callback()
@@ -81,14 +85,9 @@ def register(app: typer.Typer) -> None:
                   cluster: str = typer.Option(None, "--cluster", help="add this cluster's multi-node all-reduce"),
                   as_json: bool = JSON, db: str = DB):
         """Record this known-good machine's (or cluster's) figures as the baseline for its kind."""
-        from supercluster.health import runner, targets, thresholds
+        from supercluster.health import targets
 
-        if cluster:
-            kind, entry = runner.calibrate_fabric(cluster, level, repeats, db=db)
-        else:
-            mine = targets.local_node(db)
-            kind, entry = runner.calibrate_here(level, repeats, gpu_type=mine["gpu_type"] if mine else None)
-        rows = {check: {**e, "tolerance": thresholds.tolerance(check, e["cv"])} for check, e in entry.items()}
+        kind, rows = targets.calibrate(level, repeats, cluster, db)
         if as_json:
             print(json.dumps({"kind": kind, "level": level, "repeats": repeats, "baseline": rows}, indent=1, sort_keys=True))
             return
@@ -108,18 +107,10 @@ def register(app: typer.Typer) -> None:
                limit: int = typer.Option(50, "--limit", help="newest results to show"),
                as_json: bool = JSON, db: str = DB):
         """Nodes' health state and the history of their check results, newest first."""
-        from supercluster.cluster import fleet
-        from supercluster.health import targets
+        from supercluster.health.history import health_report
 
-        nodes = targets.fleet_nodes(node, None, db) if node else fleet.nodes(db)
-        history = fleet.health_history(db, node=node, limit=limit)
-        for row in history:
-            try:
-                row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
-            except ValueError:  # written by something other than health: keep the text
-                row["detail"] = {"text": row["detail"]}
-        keys = ("name", "state", "reason", "last_health_status", "last_health_at")
-        data = {"nodes": [{k: n[k] for k in keys} for n in nodes], "history": history}
+        data = health_report(node, limit, db)
+        history = data["history"]
         if as_json:
             print(json.dumps(data, indent=1, sort_keys=True))
             return

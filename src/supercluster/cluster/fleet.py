@@ -2,7 +2,7 @@
 
 `init_fleet` imports the nodes from a backend (`local`: this machine; `slurm`: `scontrol`;
 `sim`: a fat tree built from a spec). The health hooks (`record_health`, `drain_node`,
-`resume_node`) are the API issue 6 builds on; see /work/notes/cluster-api.md.
+`resume_node`, `health_history`) are how health checks reach the fleet.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from typing import Iterable
 
 import sqlalchemy as sa
 
-from supercluster.cluster.backends import BACKENDS, backend_for
+from supercluster.cluster.backends import BACKENDS, Backend
+from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.queue import place_queued
 from supercluster.cluster.state import (
     HEALTH_STATUSES,
     Allocation,
@@ -25,6 +27,7 @@ from supercluster.cluster.state import (
     HealthResult,
     Node,
     now,
+    on_rollback,
     open_db,
 )
 from supercluster.errors import UserError, closest
@@ -106,7 +109,7 @@ def summary(db: Database | str | None = None) -> dict:
         }
 
 
-# ---- health hooks (issue 6) -----------------------------------------------------------------
+# ---- health hooks --------------------------------------------------------------------------
 
 
 def _get_node(s, name: str) -> Node:
@@ -122,10 +125,12 @@ def has_node(db: Database | str | None, name: str) -> bool:
         return s.get(Node, name) is not None
 
 
-def fleet_backend(db: Database | str | None = None) -> str:
+def open_backend(db: Database | str | None = None) -> Backend:
+    """The fleet's backend, with its stored settings (e.g. the Slurm cluster's SLURM_CONF)."""
     db = open_db(db)
     with db.transaction(lock=False) as s:
-        return db.fleet(s).backend
+        fleet = db.fleet(s)
+        return backend_for(fleet.backend, fleet.settings)
 
 
 def nodes(db: Database | str | None = None, cluster: str | None = None) -> list[dict]:
@@ -177,23 +182,36 @@ def health_history(db: Database | str | None = None, node: str | None = None, li
         ]
 
 
+def _restorer(backend: Backend, node: str, state: str, reason: str | None):
+    """Puts `node` back in the backend as our books had it, for a transaction that rolls back."""
+    def restore() -> None:
+        if state == "drain":
+            backend.drain(node, reason or "")
+        elif state == "up":
+            backend.resume(node)
+        # down: the hardware said so, not us; nothing to put back
+    return restore
+
+
 def drain_node(node: str, reason: str, *, db: Database | str | None = None) -> None:
     """Takes `node` out of placement; clusters already on it keep it until they are deleted."""
     db = open_db(db)
     with db.transaction() as s:
         n = _get_node(s, node)
-        backend_for(db.fleet(s).backend, db.fleet(s).settings).drain(node, reason)
+        backend = backend_for(db.fleet(s).backend, db.fleet(s).settings)
+        backend.drain(node, reason)
+        on_rollback(s, _restorer(backend, node, n.state, n.reason))
         n.state, n.reason = "drain", reason
 
 
 def resume_node(node: str, *, db: Database | str | None = None) -> None:
     """Returns a drained or down node to service and starts queued clusters that now fit."""
-    from supercluster.cluster.clusters import schedule
-
     db = open_db(db)
     with db.transaction() as s:
         n = _get_node(s, node)
         fleet = db.fleet(s)
-        backend_for(fleet.backend, fleet.settings).resume(node)
+        backend = backend_for(fleet.backend, fleet.settings)
+        backend.resume(node)
+        on_rollback(s, _restorer(backend, node, n.state, n.reason))
         n.state, n.reason = "up", None
-        schedule(s, fleet)
+        place_queued(s, fleet)

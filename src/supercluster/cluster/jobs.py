@@ -9,6 +9,7 @@ latest checkpoint. After `max_restarts` requeues the job is cancelled and marked
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -16,15 +17,27 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
-from supercluster.cluster.backends import Backend, Launch, backend_for
-from supercluster.cluster.clusters import eligible, get_cluster, sync_nodes
-from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Database, Fleet, Job, Node, now, open_db
+from supercluster.cluster.backends import Backend, JobSpec
+from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.queue import eligible, sync_nodes
+from supercluster.cluster.state import (
+    JOB_ACTIVE,
+    Allocation,
+    Cluster,
+    Database,
+    Fleet,
+    Job,
+    Node,
+    get_cluster,
+    now,
+    on_rollback,
+    open_db,
+)
 from supercluster.errors import UserError
+from supercluster.paths import home
 
 
 def jobs_root() -> Path:
-    from supercluster.hardware.local import home
-
     return home() / "jobs"
 
 
@@ -52,13 +65,18 @@ def submit_job(
         jobs_root().mkdir(parents=True, exist_ok=True)
         # Unique even when several fleet databases share one $SUPERCLUSTER_HOME (ids restart per DB).
         job_dir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=jobs_root()))
+        on_rollback(s, lambda: shutil.rmtree(job_dir, ignore_errors=True))
         job.job_dir = str(job_dir)
-        launch = Launch(
+        spec = JobSpec(
             job_id=job.id, job_dir=str(job_dir), config=str(path), overrides=tuple(overrides),
             nodes=tuple(cluster.node_names), gpus_per_node=cluster.allocations[0].gpus,
             max_restarts=max_restarts, reservation=cluster.backend_ref,
         )
-        job.backend_ref = backend_for(fleet.backend, fleet.settings).submit(launch)
+        backend = backend_for(fleet.backend, fleet.settings)
+        ref = backend.submit(spec)
+        # A job the books never record would run unseen: cancel it if this transaction fails.
+        on_rollback(s, lambda: backend.cancel(ref, str(job_dir)))
+        job.backend_ref = ref
         return job_dict(job)
 
 
@@ -109,6 +127,7 @@ def _replace_failed_nodes(s: Session, fleet: Fleet, backend: Backend, job: Job) 
     at = now()
     failed = [a for a in cluster.allocations if s.get(Node, a.node_name).state != "up"]
     if failed:
+        before = [a.node_name for a in cluster.allocations]
         keep = [s.get(Node, a.node_name) for a in cluster.allocations if a not in failed]
         leaves, pods = {n.leaf for n in keep}, {n.pod for n in keep}
         spares = [
@@ -130,7 +149,9 @@ def _replace_failed_nodes(s: Session, fleet: Fleet, backend: Backend, job: Job) 
         nodes = [s.get(Node, n) for n in cluster.node_names]
         cluster.leaves, cluster.pods = len({n.leaf for n in nodes}), len({n.pod for n in nodes})
         if cluster.backend_ref:
-            backend.update_reservation(cluster.backend_ref, cluster.node_names)
+            ref = cluster.backend_ref
+            backend.update_reservation(ref, cluster.node_names)
+            on_rollback(s, lambda: backend.update_reservation(ref, before))
         job.detail = f"requeued on {', '.join(cluster.node_names)}"
     backend.release_requeued(job.backend_ref)
 
@@ -160,6 +181,8 @@ def list_jobs(db: Database | str | None = None, cluster: str | None = None) -> l
 
 
 def cancel_in_session(s: Session, fleet: Fleet, job: Job) -> None:
+    # Not undone on rollback (a cancelled job cannot be restarted as it was); the books then
+    # still say running, and the next `refresh` reads the cancellation from the backend.
     backend_for(fleet.backend, fleet.settings).cancel(job.backend_ref, job.job_dir)
     job.state, job.ended_at = "cancelled", now()
 

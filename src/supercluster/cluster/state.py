@@ -12,15 +12,19 @@ Times are float seconds since the epoch (portable across SQLite and PostgreSQL).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 from supercluster.cluster import migrations
-from supercluster.errors import UserError
+from supercluster.errors import UserError, closest
+from supercluster.paths import home
+
+log = logging.getLogger(__name__)
 
 # Node.state is what the operator or the hardware says; allocation is separate (Allocation rows),
 # as in Slurm where DRAIN is a flag on top of IDLE/ALLOCATED.
@@ -141,8 +145,6 @@ class HealthResult(Base):
 
 
 def default_url() -> str:
-    from supercluster.hardware.local import home
-
     if os.environ.get("SUPERCLUSTER_DB"):
         return os.environ["SUPERCLUSTER_DB"]
     path = home() / "fleet.db"
@@ -199,11 +201,22 @@ class Database:
 
         lock=True takes the fleet lock first, so that everything read inside is current until
         commit; every transaction on SQLite holds the write lock anyway (BEGIN IMMEDIATE).
+        An effect outside the database made inside the transaction (a Slurm reservation, a
+        submitted job) registers its undo with `on_rollback`: when the transaction does not
+        commit (an error in our code or at COMMIT itself), the undos run, newest first, so
+        nothing outside is left behind that our books do not know about.
         """
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            if lock:
-                session.execute(sa.select(Fleet.id).with_for_update())  # no-op on SQLite
-            yield session
+        with Session(self.engine, expire_on_commit=False) as session:
+            undo: list[Callable[[], None]] = []
+            session.info[_UNDO] = undo
+            try:
+                with session.begin():
+                    if lock:
+                        session.execute(sa.select(Fleet.id).with_for_update())  # no-op on SQLite
+                    yield session
+            except BaseException:
+                _run_undo(undo)
+                raise
 
     def fleet(self, session: Session) -> Fleet:
         fleet = session.get(Fleet, 1)
@@ -213,6 +226,31 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+_UNDO = "supercluster_on_rollback"
+
+
+def on_rollback(session: Session, undo: Callable[[], None]) -> None:
+    """Runs `undo` if the transaction of `session` (from `Database.transaction`) does not commit."""
+    session.info[_UNDO].append(undo)
+
+
+def _run_undo(undo: list[Callable[[], None]]) -> None:
+    for action in reversed(undo):
+        try:
+            action()
+        except Exception as err:  # the original error matters more; say what is left outside
+            log.warning("could not undo an external effect after a rollback: %s", err)
+
+
+def get_cluster(s: Session, name: str) -> Cluster:
+    """The cluster named `name`; a UserError naming the closest name when there is none."""
+    cluster = s.scalar(sa.select(Cluster).where(Cluster.name == name))
+    if cluster is None:
+        names = s.scalars(sa.select(Cluster.name)).all()
+        raise UserError(f"No cluster named {name!r}{closest(name, names)}; see `supercluster cluster list`.")
+    return cluster
 
 
 def open_db(db: Database | str | None = None) -> Database:

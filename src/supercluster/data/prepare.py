@@ -25,7 +25,7 @@ from supercluster.data.corpus import Corpus, load_corpus
 from supercluster.data.shards import encode_documents, max_token_id, open_tokens, write_tokens
 from supercluster.data.tokenizer import EOT, check_vocab_size, load_tokenizer, save_tokenizer, train_tokenizer
 from supercluster.errors import UserError
-from supercluster.hardware.local import home
+from supercluster.paths import home
 
 # Cap on the default (standard library) corpus: ~2.3M tokens at vocab 4096, several epochs
 # of the demo's budget, and about 10 s of tokenizer training plus encoding on 2 cores.

@@ -59,7 +59,7 @@ class NodeType:
     gpus_per_node: int
     scale_up_gbps: float  # per GPU, both directions summed (as Accelerator.scale_up_gbps)
     scale_out_gbps_per_gpu: float  # Gb/s (bits) of InfiniBand/RoCE per GPU
-    # Health pass marks (issue 6); None where the operator publishes none for this node type.
+    # Health pass marks; None where the operator publishes none for this node type.
     allreduce_busbw_gbps: float | None = None  # GB/s, NCCL all-reduce bus bandwidth inside one node
     h2d_gbps: float | None = None  # GB/s, host<->device copy per GPU
     d2d_gbps: float | None = None  # GB/s, device-to-device copy

@@ -10,15 +10,11 @@ import json
 import os
 import platform
 import socket
-import time
 from pathlib import Path
 
 from supercluster.files import write_atomic
-
-
-def home() -> Path:
-    """supercluster's state folder: $SUPERCLUSTER_HOME, default ~/.supercluster."""
-    return Path(os.environ.get("SUPERCLUSTER_HOME", Path.home() / ".supercluster"))
+from supercluster.hardware.timing import best_rate
+from supercluster.paths import home
 
 
 def _cpu_model() -> str:
@@ -68,17 +64,8 @@ def measure_matmul_tflops(dtype: str = "fp32", size: int = 1024, seconds: float 
     a = torch.randn(size, size, device=device, dtype=torch_dtype)
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     # synchronize the device the operands live on (the current device may be another GPU)
-    sync = (lambda: torch.accelerator.synchronize(a.device)) if device != "cpu" else (lambda: None)
-    for _ in range(1):  # warm up kernels and caches
-        a @ b
-    sync()
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline or best == 0.0:
-        start = time.perf_counter()
-        a @ b
-        sync()
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
-    return best / 1e12
+    sync = (lambda: torch.accelerator.synchronize(a.device)) if device != "cpu" else None
+    return best_rate(lambda: a @ b, 2 * size**3, seconds, sync=sync) / 1e12
 
 
 def local_peak(dtype: str, threads: int | None = None, refresh: bool = False) -> float:
@@ -121,12 +108,7 @@ def memory_bandwidth_tbps(megabytes: int = 256, repeats: int = 5, refresh: bool 
 
         src = np.ones(megabytes * 2**20 // 8)
         dst = np.empty_like(src)
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            np.copyto(dst, src)
-            best = min(best, time.perf_counter() - start)
-        value = 2 * src.nbytes / best / 1e12
+        value = best_rate(lambda: np.copyto(dst, src), 2 * src.nbytes, min_repeats=repeats) / 1e12
         save_peak("mem_tbps", value)
     return value
 

@@ -1,12 +1,13 @@
-"""All-reduce bus bandwidth, in a node (spawned processes) or across nodes (through `srun`).
+"""All-reduce bus bandwidth, in a node (spawned processes) or across nodes (the backend's launch, srun on Slurm).
 
 busbw follows nccl-tests: algbw = bytes / time per all-reduce, busbw = algbw * 2(n-1)/n, the
 rate each rank's link must sustain, comparable across rank counts. The backend is NCCL on
 NVIDIA/AMD GPUs and gloo on CPUs. Ranks meet at a TCPStore hosted by the launching process, so
 neither a free-port guess nor a shared filesystem is needed.
 
-Run as `python -m supercluster.health.allreduce --store HOST:PORT ...` under srun: each task
-takes its rank from SLURM_PROCID and its local device from SLURM_LOCALID.
+Run as `python -m supercluster.health.allreduce --store HOST:PORT ...` by `Backend.launch_on`:
+each task takes its rank from SLURM_PROCID (RANK) and its local device from SLURM_LOCALID
+(LOCAL_RANK).
 """
 
 from __future__ import annotations
@@ -111,45 +112,51 @@ def intra_node(nbytes: int, iters: int, ranks: int | None = None, slow_rank: int
     return Measurement("allreduce_busbw", result.pop("busbw"), "GB/s", result)
 
 
-def multi_node(nodes: list[str], nbytes: int, iters: int, tasks_per_node: int = 1,
-               srun_args: list[str] | None = None, env: dict | None = None, timeout_s: float = 600) -> Measurement:
-    """All-reduce busbw across `nodes`, launched with Slurm's srun, one task per device.
+def multi_node(backend, nodes: list[str], nbytes: int, iters: int, tasks_per_node: int = 1,
+               reservation: str | None = None, timeout_s: float = 600) -> Measurement:
+    """All-reduce busbw across `nodes`, launched as one step by the fleet's backend, one task per device.
 
-    `env` is srun's environment (SLURM_CONF of the fleet's cluster); `srun_args` adds e.g.
-    `--reservation=NAME` to run inside a cluster's reservation.
+    `backend` is a `supercluster.cluster.backends.Backend` (Slurm launches the step with srun);
+    `reservation` runs it inside a cluster's reservation.
     """
     check = "multinode_allreduce_busbw"
     if len(nodes) < 2:
         return Measurement.skipped(check, "GB/s", "one node: a multi-node all-reduce needs 2", applies=False)
     store = _master_store(len(nodes) * tasks_per_node)
-    command = [
-        "srun", f"--nodes={len(nodes)}", f"--ntasks-per-node={tasks_per_node}", f"--nodelist={','.join(nodes)}",
-        *(srun_args or []),
-        sys.executable, "-m", "supercluster.health.allreduce",
-        "--store", f"{socket.gethostname()}:{store.port}", "--bytes", str(nbytes), "--iters", str(iters),
-    ]
+    argv = [sys.executable, "-m", "supercluster.health.allreduce",
+            "--store", f"{socket.gethostname()}:{store.port}", "--bytes", str(nbytes), "--iters", str(iters)]
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+        proc = backend.launch_on(nodes, argv, tasks_per_node=tasks_per_node, timeout=timeout_s, reservation=reservation)
     except subprocess.TimeoutExpired:
-        return Measurement.skipped(check, "GB/s", f"srun did not finish within {timeout_s:.0f} s")
+        return Measurement.skipped(check, "GB/s", f"the launch did not finish within {timeout_s:.0f} s")
+    if proc is None:
+        return Measurement.skipped(check, "GB/s", f"the {backend.name} backend launches no multi-node job", applies=False)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             result = json.loads(line[len(RESULT_PREFIX):])
             result["nodes"] = nodes
             return Measurement(check, result.pop("busbw"), "GB/s", result)
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    return Measurement.skipped(check, "GB/s", f"srun exited {proc.returncode}: {tail[0]}")
+    return Measurement.skipped(check, "GB/s", f"the launch exited {proc.returncode}: {tail[0]}")
+
+
+def _env(slurm: str, generic: str, default: str | None = None) -> str:
+    """A task's placement from Slurm's variables, else the generic ones (see `Backend.launch_on`)."""
+    value = os.environ.get(slurm, os.environ.get(generic, default))
+    if value is None:
+        raise SystemExit(f"neither {slurm} nor {generic} is set: run this under the fleet backend's launch_on")
+    return value
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="One rank of a multi-node all-reduce bandwidth test (under srun).")
+    parser = argparse.ArgumentParser(description="One rank of a multi-node all-reduce bandwidth test (started by the backend's launch_on).")
     parser.add_argument("--store", required=True, help="HOST:PORT of the launcher's TCPStore")
     parser.add_argument("--bytes", type=int, required=True)
     parser.add_argument("--iters", type=int, required=True)
     args = parser.parse_args(argv)
     host, port = args.store.rsplit(":", 1)
-    rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
-    result = _run_rank(rank, world, host, int(port), args.bytes, args.iters, int(os.environ.get("SLURM_LOCALID", 0)))
+    rank, world = int(_env("SLURM_PROCID", "RANK")), int(_env("SLURM_NTASKS", "WORLD_SIZE"))
+    result = _run_rank(rank, world, host, int(port), args.bytes, args.iters, int(_env("SLURM_LOCALID", "LOCAL_RANK", "0")))
     if result is not None:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from supercluster.cluster import fleet
 from supercluster.health.results import FAILED, PASSED, CheckResult, NodeReport
 from supercluster.health.stragglers import Straggler
 
@@ -29,8 +30,6 @@ def _row(check: CheckResult, level: str) -> dict:
 
 def record(report: NodeReport, db=None) -> str:
     """Stores the report and applies the gate. Returns what happened: drained, resumed, recorded."""
-    from supercluster.cluster import fleet
-
     fleet.record_health(db, report.node, [_row(c, report.level) for c in report.checks],
                         passed=report.status == PASSED, measured_at=report.started_at)
     node = next(n for n in fleet.nodes(db) if n["name"] == report.node)
@@ -50,8 +49,6 @@ def report_stragglers(stragglers: list[Straggler], db=None, drain: bool = False)
     health check again; with `drain=True` it is also drained (running jobs keep it, as Slurm's
     DRAIN lets them finish). Hosts not in the fleet are skipped; returns the nodes counted.
     """
-    from supercluster.cluster import fleet
-
     counted = []
     for s in stragglers:
         if not fleet.has_node(db, s.host):
@@ -64,3 +61,4 @@ def report_stragglers(stragglers: list[Straggler], db=None, drain: bool = False)
             fleet.drain_node(s.host, DRAIN_PREFIX + s.describe(), db=db)
         counted.append(s.host)
     return counted
+

@@ -8,9 +8,9 @@ the per-device numbers go in `detail`. torch is imported inside the functions.
 from __future__ import annotations
 
 import os
-import time
 
 from supercluster.hardware.local import measure_matmul_tflops
+from supercluster.hardware.timing import best_rate
 from supercluster.health.results import Measurement
 
 
@@ -43,17 +43,8 @@ def _sync(device: str) -> None:
 
 
 def _best_rate(work, device: str, units: float, seconds: float) -> float:
-    """units/s of the fastest of repeated `work()` calls over about `seconds` (after one warm-up)."""
-    work()
-    _sync(device)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while True:
-        start = time.perf_counter()
-        work()
-        _sync(device)
-        best = max(best, units / (time.perf_counter() - start))
-        if time.perf_counter() >= deadline:
-            return best
+    """units/s of the fastest of repeated `work()` calls on `device` over about `seconds`."""
+    return best_rate(work, units, seconds, sync=lambda: _sync(device))
 
 
 def accelerator_count() -> Measurement:

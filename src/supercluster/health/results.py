@@ -13,6 +13,11 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 # no baseline): that is never counted as passed.
 INCOMPLETE = "incomplete"
 
+# The process exit code of a health run, for scripts and Slurm prolog/epilog hooks (as NHC's):
+# anything but 0 keeps the node from taking work. 2 is taken by usage errors (the CLI's
+# UserError), so a run nobody could fully judge gets 3, distinct from a failure.
+EXIT_CODES = {PASSED: 0, FAILED: 1, INCOMPLETE: 3}
+
 
 @dataclass
 class Measurement:
@@ -98,3 +103,16 @@ class NodeReport:
             "summary": self.summary(),
             "checks": [c.to_dict() for c in self.checks],
         }
+
+
+def run_status(node_statuses: list[str], fabric: dict | None = None) -> str:
+    """The verdict of a whole run: failed if anything failed, incomplete if anything applicable
+    went unjudged (a node, or the multi-node all-reduce of a cluster), else passed."""
+    statuses = list(node_statuses)
+    if fabric is not None and (fabric["status"] != SKIPPED or fabric["applies"]):
+        statuses.append(INCOMPLETE if fabric["status"] == SKIPPED else fabric["status"])
+    if FAILED in statuses:
+        return FAILED
+    if INCOMPLETE in statuses or not statuses:
+        return INCOMPLETE
+    return PASSED

@@ -1,7 +1,7 @@
 """Run the checks on this node at a level (quick or full), judge them, calibrate baselines.
 
-`measure_here` runs on the node being checked (in this process, or under srun through
-`python -m supercluster.health.runner`, which prints the measurements as JSON); `judge_node`
+`measure_here` runs on the node being checked (in this process, or through the fleet backend's
+`run_on` as `python -m supercluster.health.runner`, which prints the measurements as JSON); `judge_node`
 turns measurements into a `NodeReport` wherever the thresholds live.
 """
 
@@ -103,23 +103,8 @@ def calibrate_here(level: str = "full", repeats: int = 3, params: Params | None 
     return kind, thresholds.save_baseline(kind, runs)
 
 
-def calibrate_fabric(cluster: str, level: str = "full", repeats: int = 3, db=None) -> tuple[str, dict]:
-    """Add a known-good cluster's multi-node all-reduce busbw to its nodes' baseline."""
-    from supercluster.health import targets
-
-    if repeats < 1:
-        raise UserError(f"--repeats must be at least 1, not {repeats}.")
-    runs = []
-    for _ in range(repeats):
-        kind, measurement = targets.measure_cluster_fabric(cluster, level, db=db)
-        if measurement.value is None:
-            raise UserError(f"Cannot calibrate cluster {cluster!r}: {measurement.skip_reason}.")
-        runs.append([measurement])
-    return kind, thresholds.save_baseline(kind, runs, merge=True)
-
-
 def main(argv=None):
-    """Entry point on a remote node (under srun): print this node's measurements as one JSON line."""
+    """Entry point on a remote node (started by the backend's run_on, srun on Slurm): print this node's measurements as one JSON line."""
     parser = argparse.ArgumentParser(description="Measure this node's health checks and print them as JSON.")
     parser.add_argument("--level", default="quick")
     parser.add_argument("--params", help="JSON object of Params fields overriding the level's")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from supercluster.files import write_atomic
 from supercluster.hardware import catalog
-from supercluster.hardware.local import home
+from supercluster.paths import home
 from supercluster.health.results import FAILED, PASSED, SKIPPED, CheckResult, Measurement
 
 # Tolerances below a baseline, per check: the floor of the pass band. Measured noise sets the

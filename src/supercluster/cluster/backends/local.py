@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from supercluster.cluster.backends import Backend, JobStatus, Launch, NodeSpec, train_command
+from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, train_command
 from supercluster.files import write_atomic
 
 
@@ -46,9 +46,14 @@ class LocalBackend(Backend):
         self.settings["gpus"] = gpus
         return [NodeSpec(socket.gethostname(), gpu_type, gpus, "local", "local", "127.0.0.1")]
 
-    def submit(self, launch: Launch) -> str:
-        job_dir = Path(launch.job_dir)
-        cmd = train_command(launch, 1, torchrun_restarts=launch.max_restarts)
+    def run_on(self, node: str, argv: list[str], *, timeout: float, reservation: str | None = None,
+               drained_reason: str | None = None) -> subprocess.CompletedProcess:
+        """The fleet's one node is this machine: run here (no scheduler holds or drains it)."""
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+    def submit(self, spec: JobSpec) -> str:
+        job_dir = Path(spec.job_dir)
+        cmd = train_command(spec, 1, torchrun_restarts=spec.max_restarts)
         log = open(job_dir / "job.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "supercluster.cluster.backends.local", str(job_dir), "--", *cmd],

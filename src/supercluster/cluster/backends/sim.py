@@ -14,7 +14,7 @@ or several `[[group]]` tables with those keys for a mixed fleet.
 
 from __future__ import annotations
 
-from supercluster.cluster.backends import Backend, NodeSpec, canonical_gpu_type
+from supercluster.cluster.backends.base import Backend, NodeSpec, canonical_gpu_type
 from supercluster.errors import UserError
 
 DEFAULT_SPEC = {"gpu_type": "h100", "nodes": 1280, "gpus_per_node": 8, "nodes_per_leaf": 32, "leaves_per_pod": 16}

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from supercluster.cluster.backends import Backend, JobStatus, Launch, NodeSpec, canonical_gpu_type, train_command
+from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, canonical_gpu_type, train_command
 from supercluster.errors import UserError
 
 PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
@@ -145,6 +145,39 @@ class SlurmBackend(Backend):
         if out.returncode != 0 and "Invalid node state" not in out.stderr:  # already up: nothing to do
             raise UserError(f"Slurm refused to resume {node} ({out.stderr.strip()}); see `scontrol show node {node}`.")
 
+    # ---- commands on nodes ------------------------------------------------------------------
+
+    def _srun(self, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        try:
+            return subprocess.run(["srun", *args], capture_output=True, text=True, timeout=timeout, env=self.srun_env())
+        except FileNotFoundError:
+            raise UserError("srun is not installed; install Slurm's client tools (scripts/install-slurm.sh).") from None
+
+    def run_on(self, node: str, argv: list[str], *, timeout: float, reservation: str | None = None,
+               drained_reason: str | None = None) -> subprocess.CompletedProcess:
+        """One task on `node` through srun; `--immediate` fails fast instead of queueing behind jobs.
+
+        Slurm starts nothing on a DRAINED node, yet a drained node is exactly what a health
+        re-check runs on; so with `drained_reason` the node is resumed in Slurm alone for the
+        run and drained again with that reason right after (our books keep it drained, so
+        placement never picks it meanwhile).
+        """
+        args = ["--nodes=1", "--ntasks=1", f"--nodelist={node}", "--immediate=60"]
+        args += [f"--reservation={reservation}"] if reservation else []
+        if drained_reason is not None:
+            self.resume(node)
+        try:
+            return self._srun([*args, *argv], timeout)
+        finally:
+            if drained_reason is not None:
+                self.drain(node, drained_reason)
+
+    def launch_on(self, nodes: list[str], argv: list[str], *, tasks_per_node: int = 1, timeout: float,
+                  reservation: str | None = None) -> subprocess.CompletedProcess:
+        args = [f"--nodes={len(nodes)}", f"--ntasks-per-node={tasks_per_node}", f"--nodelist={','.join(nodes)}"]
+        args += [f"--reservation={reservation}"] if reservation else []
+        return self._srun([*args, *argv], timeout)
+
     # ---- clusters ---------------------------------------------------------------------------
 
     def reserve(self, cluster: str, nodes: list[str]) -> str:
@@ -168,19 +201,19 @@ class SlurmBackend(Backend):
 
     # ---- jobs -------------------------------------------------------------------------------
 
-    def submit(self, launch: Launch) -> str:
-        job_dir = Path(launch.job_dir)
-        nnodes = len(launch.nodes)
-        cmd = train_command(launch, nnodes, node_rank="__NODE_RANK__", rdzv="__RDZV__")
+    def submit(self, spec: JobSpec) -> str:
+        job_dir = Path(spec.job_dir)
+        nnodes = len(spec.nodes)
+        cmd = train_command(spec, nnodes, node_rank="__NODE_RANK__", rdzv="__RDZV__")
         line = " ".join(shlex.quote(a) for a in cmd)
         line = line.replace("__NODE_RANK__", '"$SLURM_NODEID"').replace("__RDZV__", '"$SUPERCLUSTER_RDZV"')
         (job_dir / "node.sh").write_text(f"#!/bin/bash\n# One node's share of the job: one torchrun.\nexec {line}\n")
-        reservation = f"#SBATCH --reservation={launch.reservation}\n" if launch.reservation else ""
+        reservation = f"#SBATCH --reservation={spec.reservation}\n" if spec.reservation else ""
         (job_dir / "job.sbatch").write_text(f"""#!/bin/bash
-#SBATCH --job-name=supercluster-{launch.job_id}
+#SBATCH --job-name=supercluster-{spec.job_id}
 #SBATCH --nodes={nnodes}
 #SBATCH --ntasks-per-node=1
-#SBATCH --gres=gpu:{launch.gpus_per_node}
+#SBATCH --gres=gpu:{spec.gpus_per_node}
 {reservation}#SBATCH --requeue
 #SBATCH --output={job_dir}/slurm.log
 #SBATCH --open-mode=append

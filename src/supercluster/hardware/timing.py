@@ -1,0 +1,32 @@
+"""The best of repeated timed bursts: how every throughput probe here is measured.
+
+A probe on a shared machine can only read low (another process took the cores, the caches, the
+memory bus), never high, so the fastest burst is the figure closest to what the hardware does.
+torch-free: the caller passes the work and, for a device that runs asynchronously, how to wait
+for it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def best_rate(work: Callable[[], object], units: float, seconds: float = 0.0, min_repeats: int = 1,
+              sync: Callable[[], object] | None = None) -> float:
+    """units/s of the fastest timed `work()` call, after one untimed warm-up call.
+
+    Repeats for about `seconds` and at least `min_repeats` times; `sync` waits for queued device
+    work (kernel launches return before the kernel ends), so it is part of every timed call.
+    """
+    sync = sync or (lambda: None)
+    work()  # warm up kernels, caches and page mappings
+    sync()
+    best, repeats, deadline = 0.0, 0, time.perf_counter() + seconds
+    while repeats < min_repeats or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        work()
+        sync()
+        best = max(best, units / max(time.perf_counter() - start, 1e-12))
+        repeats += 1
+    return best
