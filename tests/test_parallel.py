@@ -19,7 +19,7 @@ import torch
 
 from supercluster.cli.main import main
 from supercluster.train.config import load_config
-from supercluster.train.launch import Launch, launch_training
+from supercluster.train.launch import TorchrunSpec, launch_training
 from supercluster.train.metrics import read_metrics
 
 STEPS = 8
@@ -64,7 +64,7 @@ def corpus(small_corpus):
 def reference(corpus, tmp_path_factory):
     """One process, the same global batch: the losses every layout must reproduce."""
     run = tmp_path_factory.mktemp("single")
-    launch_training(load_config(None, overrides(corpus, run)), Launch())
+    launch_training(load_config(None, overrides(corpus, run)), TorchrunSpec())
     by_step = losses(run)
     assert sorted(by_step) == list(range(1, STEPS + 1))
     return by_step

@@ -69,8 +69,7 @@ def measure_matmul_tflops(dtype: str = "fp32", size: int = 1024, seconds: float 
     b = torch.randn(size, size, device=device, dtype=torch_dtype)
     # synchronize the device the operands live on (the current device may be another GPU)
     sync = (lambda: torch.accelerator.synchronize(a.device)) if device != "cpu" else (lambda: None)
-    for _ in range(1):  # warm up kernels and caches
-        a @ b
+    a @ b  # warm up kernels and caches
     sync()
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline or best == 0.0:
