@@ -118,6 +118,9 @@ def test_corrupt_checkpoint_is_one_clear_sentence(small_corpus, tmp_path):
         (["--nproc", "1000"], "ranks"),
         (["--set", "train.steps=abc"], "must be of type int"),
         (["--set", "model.preset=gpt5"], "Unknown model preset"),
+        (["--set", "train.keep_checkpoints=0"], "train.keep_checkpoints must be at least 1"),
+        # A validation split shorter than one sequence: refused, never replaced by training tokens.
+        (["--set", "data.val_fraction=0.0001"], "raise data.val_fraction"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(small_corpus, tmp_path, capsys, args, message):
@@ -129,3 +132,24 @@ def test_bad_input_is_one_sentence_and_exit_2(small_corpus, tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_without_validation_a_tiny_split_trains_and_logs_no_val_loss(small_corpus, tmp_path):
+    overrides = tiny_overrides(small_corpus, tmp_path / "run", 2, "data.val_fraction=0.0001")  # eval_every=0
+    summary = launch_training(load_config(None, overrides), TorchrunSpec())
+    assert summary["step"] == 2 and not any("val_loss" in m for m in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_tensorboard_events_hold_the_logged_losses(small_corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    launch_training(load_config(None, tiny_overrides(small_corpus, run, 3, "train.tensorboard=true",
+                                                     "train.eval_every=3")), TorchrunSpec())
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx(losses(run), rel=1e-6) and sorted(logged) == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/val_loss")] == [3]
+    assert {"train/lr", "train/tokens_per_s", "train/mfu", "train/grad_norm"} <= set(events.Tags()["scalars"])

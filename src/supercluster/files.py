@@ -72,8 +72,10 @@ def commit_directory(tmp: str | os.PathLike, final: str | os.PathLike, replace: 
     try:
         os.rename(tmp, final)  # the commit point (fails rather than merge into a folder that appeared meanwhile)
     except OSError:
-        if aside is not None and not final.exists():
-            os.rename(aside, final)
+        if aside is not None:  # the old folder goes back; the new one was not published
+            if not final.exists():
+                os.rename(aside, final)
+            raise
         if final.is_dir():  # another writer published it first: theirs stands
             shutil.rmtree(tmp, ignore_errors=True)
             return False
