@@ -1,6 +1,6 @@
 """Trainer throughput against a minimal plain-PyTorch loop of the same model and batch.
 
-Both run in this process, one after the other, on the same data and thread count, and at
+Both run in this process, a step of each in turn, on the same data and thread count, and at
 the same precision: the like-for-like ratio (trainer / plain) is what to read, since absolute
 numbers depend on the machine. The trainer's automatic precision (`train.precision = auto`:
 bf16 where the CPU runs it faster) is reported apart, against the plain loop in fp32, as the
@@ -12,7 +12,10 @@ trainer's overhead.
 
 import argparse
 import contextlib
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -27,39 +30,34 @@ from supercluster.train.metrics import device_peak
 from supercluster.train.trainer import Trainer, resolve_precision
 
 
-def plain_loop(cfg, data, steps: int, precision: str) -> list[float]:
+class PlainLoop:
     """nanoGPT's loop, nothing more: forward (under bf16 autocast for bf16, as nanoGPT does),
     backward, AdamW, with gradient accumulation."""
-    t, model_cfg = cfg.train, cfg.model_config()
-    torch.manual_seed(0)
-    model = Transformer(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=t.lr)
-    sampler = BatchSampler(data.train, t.seq_len, t.global_batch, seed=0)
-    accum = t.global_batch // t.micro_batch
-    times = []
-    for _ in range(steps):
-        tic = time.perf_counter()
-        x, y = sampler.next()
-        for i in range(accum):
-            sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
-            with torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext():
-                logits = model(x[sl])
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y[sl].flatten()) / accum
+
+    def __init__(self, cfg, data, precision: str):
+        t = cfg.train
+        torch.manual_seed(0)
+        self.model = Transformer(cfg.model_config())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr)
+        self.sampler = BatchSampler(data.train, t.seq_len, t.global_batch, seed=0)
+        self.micro, self.accum, self.precision = t.micro_batch, t.global_batch // t.micro_batch, precision
+
+    def step(self) -> None:
+        x, y = self.sampler.next()
+        for i in range(self.accum):
+            sl = slice(i * self.micro, (i + 1) * self.micro)
+            with torch.autocast("cpu", dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext():
+                logits = self.model(x[sl])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y[sl].flatten()) / self.accum
             loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append(time.perf_counter() - tic)
-    return times
+        self.opt.step()
+        self.opt.zero_grad()
 
 
-def trainer_steps(cfg, steps: int) -> tuple[list[float], str]:
-    trainer = Trainer(cfg)
-    times = []
-    for _ in range(steps):
-        tic = time.perf_counter()
-        trainer.train_step()
-        times.append(time.perf_counter() - tic)
-    return times, trainer.precision
+def timed(step) -> float:
+    tic = time.perf_counter()
+    step()
+    return time.perf_counter() - tic
 
 
 def main():
@@ -69,23 +67,45 @@ def main():
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the median")
     parser.add_argument("--precisions", default=None,
                         help="comma-separated, e.g. fp32,bf16 (default: fp32 and the automatic choice)")
+    parser.add_argument("--json", action="store_true", help="one line of tokens/s (used for one precision per process)")
     args = parser.parse_args()
     auto = resolve_precision(torch.device("cpu"), "auto")
     precisions = args.precisions.split(",") if args.precisions else sorted({"fp32", auto})
     base = [f"model.preset={args.preset}", f"train.steps={args.steps}", "train.eval_every=0",
             "train.checkpoint_every=0", "train.max_minutes=100"]
-    times: dict[tuple[str, str], list[float]] = {}
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg = load_config("configs/demo.toml", [*base, f"run.dir={run_dir}"])
-        data = prepare_data(cfg.data.path, cfg.model_config().vocab_size, max_mb=cfg.data.max_mb)
+    if len(precisions) > 1:
+        # One process per precision: after bf16 work, fp32 in the same process ran several times
+        # slower here (both loops alike), which would make the order of the runs the result.
+        tps = {}
         for precision in precisions:
-            cfg = load_config("configs/demo.toml", [*base, f"run.dir={run_dir}/{precision}", f"train.precision={precision}"])
-            times["trainer", precision], _ = trainer_steps(cfg, args.steps)
-            times["plain", precision] = plain_loop(cfg, data, args.steps, precision)
+            out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup), "--precisions", precision, "--json"],
+                                 check=True, capture_output=True, text=True).stdout
+            tps.update({(who, precision): rate for who, rate in json.loads(out.splitlines()[-1]).items()})
+        report(args, auto, precisions, tps)
+        return
+    precision = precisions[0]
+    times: dict[str, list[float]] = {"trainer": [], "plain": []}
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = load_config("configs/demo.toml", [*base, f"run.dir={run_dir}", f"train.precision={precision}"])
+        data = prepare_data(cfg.data.path, cfg.model_config().vocab_size, max_mb=cfg.data.max_mb)
+        trainer, plain = Trainer(cfg), PlainLoop(cfg, data, precision)
+        # Step by step in turn, so that other work on a shared machine slows both alike.
+        for _ in range(args.steps):
+            times["trainer"].append(timed(trainer.train_step))
+            times["plain"].append(timed(plain.step))
+    tokens = cfg.train.global_batch * cfg.train.seq_len
+    tps = {(who, precision): tokens / statistics.median(t[args.warmup:]) for who, t in times.items()}
+    if args.json:
+        print(json.dumps({who: rate for (who, _), rate in tps.items()}))
+        return
+    report(args, auto, precisions, tps)
 
+
+def report(args, auto: str, precisions: list[str], tps: dict) -> None:
+    cfg = load_config("configs/demo.toml", [f"model.preset={args.preset}"])
     tokens = cfg.train.global_batch * cfg.train.seq_len
     fpt = flops_per_token(cfg.model_config(), cfg.train.seq_len)
-    tps = {key: tokens / statistics.median(t[args.warmup:]) for key, t in times.items()}
     print(f"model {args.preset}, {tokens} tokens/step, {torch.get_num_threads()} threads, "
           f"automatic precision here: {auto}")
     for precision in precisions:

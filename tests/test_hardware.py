@@ -51,7 +51,7 @@ def test_unknown_names_suggest_the_closest():
 
 
 def test_catalog_imports_without_torch():
-    code = "import sys, supercluster.hardware; assert 'torch' not in sys.modules"
+    code = "import sys, supercluster.hardware, supercluster.hardware.device; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -63,3 +63,19 @@ def test_runtime_device_names_map_to_the_catalog():
     assert match_device_name("AMD Instinct MI300X").name == "mi300x"
     assert match_device_name("NVIDIA H100 PCIe") is None  # other clocks than the SXM part
     assert match_device_name("cpu") is None
+
+
+def test_local_devices_agree_with_torch():
+    """The one place devices are detected; on a machine without accelerators, the CPU."""
+    import torch
+
+    from supercluster.hardware.device import device_name, local_devices, select_device
+
+    found = local_devices()
+    if torch.accelerator.is_available():
+        assert found.type == torch.accelerator.current_accelerator().type
+        assert found.count == torch.accelerator.device_count() and found.name
+        assert select_device(found.count + 1) == torch.device(found.type, 1 % found.count)  # LOCAL_RANK wraps
+    else:
+        assert found == type(found)("cpu", 0, "cpu")
+        assert select_device(3) == torch.device("cpu") and device_name("cpu") == "cpu"
