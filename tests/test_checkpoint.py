@@ -82,6 +82,7 @@ def manager(root, every, keep, step_ref):
 def test_manager_saves_every_n_and_at_the_end_and_keeps_the_newest(tmp_path):
     root, step = tmp_path / "checkpoints", [0]
     ckpt = manager(root, every=3, keep=2, step_ref=step)
+    (root / "step_00000002.tmp").mkdir(parents=True)  # a save a crash cut short
     saved = []
     for step[0] in range(1, 8):
         if ckpt.step_done(step[0], last=step[0] == 7):
@@ -89,6 +90,7 @@ def test_manager_saves_every_n_and_at_the_end_and_keeps_the_newest(tmp_path):
     ckpt.close(7)
     assert saved == [3, 6, 7]
     assert [s for s, _ in checkpoint.list_checkpoints(root)] == [6, 7]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000006", "step_00000007"]
     state = json.loads((root / "step_00000007" / checkpoint.TRAIN_STATE).read_text())
     assert state == {"at": 7, "step": 7}
     # A run resumed at its last step ends without writing that step again.

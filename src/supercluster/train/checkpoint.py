@@ -130,6 +130,9 @@ def purge(root: Path, keep: int) -> list[Path]:
     if _rank() != 0:
         return []
     old = [path for _, path in list_checkpoints(root)[:-keep]]
+    # Saves a crash cut short, and checkpoints a crash left renamed aside: resume never reads them.
+    # (Called between saves, so no save of this run is in flight.)
+    old += [path for path in Path(root).glob("step_*.tmp")] + [path for path in Path(root).glob(".step_*.replaced-*")]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return old
