@@ -51,7 +51,7 @@ def test_unknown_names_suggest_the_closest():
 
 
 def test_catalog_imports_without_torch():
-    code = "import sys, supercluster.hardware; assert 'torch' not in sys.modules"
+    code = "import sys, supercluster.hardware, supercluster.hardware.device; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -73,3 +73,19 @@ def test_best_rate_keeps_the_fastest_of_synced_repeats():
                      sync=lambda: calls.append("sync"))
     assert calls == ["work", "sync"] * 4  # one warm-up, then three timed calls, each waited for
     assert rate > 0
+
+
+def test_local_devices_agree_with_torch():
+    """The one place devices are detected; on a machine without accelerators, the CPU."""
+    import torch
+
+    from supercluster.hardware.device import device_name, local_devices, select_device
+
+    found = local_devices()
+    if torch.accelerator.is_available():
+        assert found.type == torch.accelerator.current_accelerator().type
+        assert found.count == torch.accelerator.device_count() and found.name
+        assert select_device(found.count + 1) == torch.device(found.type, 1 % found.count)  # LOCAL_RANK wraps
+    else:
+        assert found == type(found)("cpu", 0, "cpu")
+        assert select_device(3) == torch.device("cpu") and device_name("cpu") == "cpu"

@@ -19,7 +19,7 @@ import torch
 
 from supercluster.cli.main import main
 from supercluster.train.config import load_config
-from supercluster.train.launch import Launch, launch_training
+from supercluster.train.launch import TorchrunSpec, launch_training
 from supercluster.train.metrics import read_metrics
 
 STEPS = 8
@@ -64,7 +64,7 @@ def corpus(small_corpus):
 def reference(corpus, tmp_path_factory):
     """One process, the same global batch: the losses every layout must reproduce."""
     run = tmp_path_factory.mktemp("single")
-    launch_training(load_config(None, overrides(corpus, run)), Launch())
+    launch_training(load_config(None, overrides(corpus, run)), TorchrunSpec())
     by_step = losses(run)
     assert sorted(by_step) == list(range(1, STEPS + 1))
     return by_step
@@ -146,6 +146,45 @@ def test_killed_worker_restarts_and_resumes_hsdp(corpus, reference, tmp_path):
     assert summary["resumed_from"].endswith(f"step_{CHECKPOINT_AT:08d}")
     assert summary["layout"] == "dp_replicate 2 x dp_shard 2"
     assert_same_losses(run, reference, range(1, STEPS + 1))
+
+
+CLIP = 0.05  # far below the unclipped gradient norm (about 0.6 here): every step is clipped
+
+
+@pytest.fixture(scope="module")
+def clipped_reference(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("single_clipped")
+    launch_training(load_config(None, overrides(corpus, run, f"train.grad_clip={CLIP}")), TorchrunSpec())
+    return read_metrics(run / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("dp 2 x tp 2", ["parallel.tp=2"]),  # the norm of DTensor shards over tp and fsdp
+    ("pp 2 x dp 2", ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),  # each stage holds part of the sum
+])
+def test_clipped_gradients_match_single_process(corpus, clipped_reference, tmp_path, name, extra):
+    """With clipping active the update depends on the whole model's gradient norm, so a layout
+    that reduced the norm over only part of the model (one stage, one tp shard) diverges."""
+    assert all(m["grad_norm"] > 2 * CLIP for m in clipped_reference)
+    torchrun(corpus, tmp_path / "run", 4, f"train.grad_clip={CLIP}", *extra)
+    got = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for mine, ref in zip(got, clipped_reference):
+        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=REL), mine["step"]
+        assert mine["loss"] == pytest.approx(ref["loss"], rel=REL), mine["step"]
+
+
+def test_bf16_on_two_fsdp_ranks_tracks_fp32_and_learns(corpus, reference, tmp_path):
+    """Autocast to bf16 with FSDP holding bf16 parameters (fp32 gradient reduction): the loss
+    follows the fp32 run to within bf16's rounding and falls."""
+    summary = torchrun(corpus, tmp_path / "run", 2, "train.precision=bf16")
+    assert summary["precision"] == "bf16" and summary["layout"] == "dp_shard 2"
+    got = losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(reference[step], rel=0.02), (step, got[step], reference[step])
+    assert got[STEPS] < got[1] - 0.25, got  # about 6.26 -> 5.85 in fp32 over these 8 steps
+    assert max(abs(got[s] - reference[s]) for s in got) > 0  # bf16 really ran: not bit-identical to fp32
 
 
 def test_export_to_llama_safetensors(tp_run, tmp_path, capsys):

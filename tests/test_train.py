@@ -11,7 +11,7 @@ import pytest
 
 from supercluster.cli.main import main
 from supercluster.train.config import load_config
-from supercluster.train.launch import Launch, launch_training
+from supercluster.train.launch import TorchrunSpec, launch_training
 from supercluster.train.metrics import read_metrics
 
 
@@ -36,7 +36,7 @@ def cli(*args) -> subprocess.CompletedProcess:
 def test_loss_falls_and_run_dir_is_complete(small_corpus, tmp_path):
     cfg = load_config(None, tiny_overrides(small_corpus, tmp_path / "run", 30, "train.eval_every=15",
                                            "train.checkpoint_every=10", "train.keep_checkpoints=2"))
-    summary = launch_training(cfg, Launch())
+    summary = launch_training(cfg, TorchrunSpec())
     by_step = losses(tmp_path / "run")
     assert sorted(by_step) == list(range(1, 31))
     first, last = by_step[1], sum(by_step[s] for s in range(26, 31)) / 5
@@ -54,22 +54,22 @@ def test_time_limit_ends_the_run_evaluated_checkpointed_and_resumable(small_corp
     # A limit that runs out during the first step: that step is the last, and it is treated
     # as the run's end (validation loss, a checkpoint) so that the next launch resumes there.
     overrides = tiny_overrides(small_corpus, tmp_path / "run", 50, "train.eval_every=40", "train.max_minutes=1e-6")
-    summary = launch_training(load_config(None, overrides), Launch())
+    summary = launch_training(load_config(None, overrides), TorchrunSpec())
     assert summary["step"] == 1 and "val_loss" in summary
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000001"]
-    again = launch_training(load_config(None, overrides), Launch())
+    again = launch_training(load_config(None, overrides), TorchrunSpec())
     assert again["step"] == 2 and again["resumed_from"].endswith("step_00000001")
 
 
 def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path):
     run = tmp_path / "run"
     overrides = tiny_overrides(small_corpus, run, 8, "train.checkpoint_every=4", "train.keep_checkpoints=3")
-    launch_training(load_config(None, overrides), Launch())
+    launch_training(load_config(None, overrides), TorchrunSpec())
     uninterrupted = losses(run)
     # A crash after step 6: the step-8 checkpoint and later metrics never happened.
     shutil.rmtree(run / "checkpoints" / "step_00000008")
     (run / "checkpoints" / "step_00000009.tmp").mkdir()  # a save that died half-way is ignored
-    summary = launch_training(load_config(None, overrides), Launch())
+    summary = launch_training(load_config(None, overrides), TorchrunSpec())
     assert summary["resumed_from"].endswith("step_00000004")
     resumed = losses(run)
     for step in range(5, 9):
@@ -78,7 +78,7 @@ def test_resume_reproduces_uninterrupted_run(small_corpus, tmp_path):
 
 def test_two_rank_data_parallel_matches_one_process(small_corpus, tmp_path):
     single, double = tmp_path / "one", tmp_path / "two"
-    launch_training(load_config(None, tiny_overrides(small_corpus, single, 5)), Launch())
+    launch_training(load_config(None, tiny_overrides(small_corpus, single, 5)), TorchrunSpec())
     sets = [f"--set={o}" for o in tiny_overrides(small_corpus, double, 5)]
     result = cli("train", *sets, "--nproc", "2", "--no-sample")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_two_rank_data_parallel_matches_one_process(small_corpus, tmp_path):
 
 
 def test_sample_from_trained_run(small_corpus, tmp_path, capsys):
-    launch_training(load_config(None, tiny_overrides(small_corpus, tmp_path / "run", 4)), Launch())
+    launch_training(load_config(None, tiny_overrides(small_corpus, tmp_path / "run", 4)), TorchrunSpec())
     main(["sample", str(tmp_path / "run"), "--prompt", "def ", "--tokens", "20", "--samples", "2"])
     out = capsys.readouterr().out
     assert out.count("def ") >= 2 and "--- sample 2 ---" in out
@@ -100,7 +100,7 @@ def test_sample_from_trained_run(small_corpus, tmp_path, capsys):
 def test_corrupt_checkpoint_is_one_clear_sentence(small_corpus, tmp_path):
     run = tmp_path / "run"
     overrides = tiny_overrides(small_corpus, run, 2)
-    launch_training(load_config(None, overrides), Launch())
+    launch_training(load_config(None, overrides), TorchrunSpec())
     shard = next((run / "checkpoints" / "step_00000002").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
     result = cli("train", *[f"--set={o}" for o in overrides], "--set=train.steps=4", "--no-sample")
@@ -118,6 +118,9 @@ def test_corrupt_checkpoint_is_one_clear_sentence(small_corpus, tmp_path):
         (["--nproc", "1000"], "ranks"),
         (["--set", "train.steps=abc"], "must be of type int"),
         (["--set", "model.preset=gpt5"], "Unknown model preset"),
+        (["--set", "train.keep_checkpoints=0"], "train.keep_checkpoints must be at least 1"),
+        # A validation split shorter than one sequence: refused, never replaced by training tokens.
+        (["--set", "data.val_fraction=0.0001"], "raise data.val_fraction"),
     ],
 )
 def test_bad_input_is_one_sentence_and_exit_2(small_corpus, tmp_path, capsys, args, message):
@@ -129,3 +132,24 @@ def test_bad_input_is_one_sentence_and_exit_2(small_corpus, tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert message in err and err.startswith("error: ") and err.count("\n") == 1
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_without_validation_a_tiny_split_trains_and_logs_no_val_loss(small_corpus, tmp_path):
+    overrides = tiny_overrides(small_corpus, tmp_path / "run", 2, "data.val_fraction=0.0001")  # eval_every=0
+    summary = launch_training(load_config(None, overrides), TorchrunSpec())
+    assert summary["step"] == 2 and not any("val_loss" in m for m in read_metrics(tmp_path / "run" / "metrics.jsonl"))
+
+
+def test_tensorboard_events_hold_the_logged_losses(small_corpus, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    launch_training(load_config(None, tiny_overrides(small_corpus, run, 3, "train.tensorboard=true",
+                                                     "train.eval_every=3")), TorchrunSpec())
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx(losses(run), rel=1e-6) and sorted(logged) == [1, 2, 3]
+    assert [e.step for e in events.Scalars("train/val_loss")] == [3]
+    assert {"train/lr", "train/tokens_per_s", "train/mfu", "train/grad_norm"} <= set(events.Tags()["scalars"])

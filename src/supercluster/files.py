@@ -28,3 +28,59 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Every file and folder under root (root included) on disk: files first, then the
+    folders that name them, so that a rename of root never publishes data still in cache."""
+    root = Path(root)
+    for folder, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+def commit_directory(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = False) -> bool:
+    """Publish the finished folder `tmp` as `final` in one rename; True if it was published.
+
+    A reader (or a process restarted after a crash at any instant) sees the old `final` or the
+    whole new one, never a part: tmp is fsynced before the rename and the parent folder after
+    it, so the rename cannot reach the disk ahead of the data it names. An existing `final` is
+    kept and `tmp` discarded (False), unless `replace`: then the old folder is renamed aside,
+    never deleted before the new one is in place, and removed only once the new one is durable.
+    `tmp` must sit beside `final` (a rename is atomic only within one file system).
+    """
+    import shutil
+
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    aside = None
+    if final.exists():
+        if not replace:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        aside = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+        os.rename(final, aside)
+    try:
+        os.rename(tmp, final)  # the commit point (fails rather than merge into a folder that appeared meanwhile)
+    except OSError:
+        if aside is not None:  # the old folder goes back; the new one was not published
+            if not final.exists():
+                os.rename(aside, final)
+            raise
+        if final.is_dir():  # another writer published it first: theirs stands
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        raise
+    _fsync_path(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return True

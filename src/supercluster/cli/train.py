@@ -25,10 +25,10 @@ def train(
 ):
     """Train a GPT model: one rank in this process, or N ranks through torchrun."""
     from supercluster.train.config import load_config
-    from supercluster.train.launch import Launch, launch_training
+    from supercluster.train.launch import TorchrunSpec, launch_training
 
     cfg = load_config(config, set_)
-    launch = Launch(nproc, nnodes, node_rank, rdzv, rdzv_id, max_restarts)
+    launch = TorchrunSpec(nproc, nnodes, node_rank, rdzv, rdzv_id, max_restarts)
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
         return

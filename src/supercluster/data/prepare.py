@@ -25,6 +25,7 @@ from supercluster.data.corpus import Corpus, load_corpus
 from supercluster.data.shards import encode_documents, max_token_id, open_tokens, write_tokens
 from supercluster.data.tokenizer import EOT, check_vocab_size, load_tokenizer, save_tokenizer, train_tokenizer
 from supercluster.errors import UserError
+from supercluster.files import commit_directory
 from supercluster.paths import home
 
 # Cap on the default (standard library) corpus: ~2.3M tokens at vocab 4096, several epochs
@@ -111,11 +112,9 @@ def _build(corpus: Corpus, vocab_size: int, val_fraction: float, folder: Path) -
         (tmp / "all.bin").unlink()
         meta = {"n_tokens": n_tokens, "vocab_size": vocab_size, "source": corpus.source, "format": CACHE_FORMAT}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        try:
-            os.rename(tmp, folder)  # the commit point: the folder appears complete or not at all
-        except OSError:
-            if not folder.is_dir():  # another process won a race the lock should have prevented (e.g. NFS)
-                raise
+        # The commit point: the folder appears complete or not at all; one built meanwhile by a
+        # process the lock did not hold back (e.g. on NFS) stands, and ours is dropped.
+        commit_directory(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -42,16 +42,15 @@ def _run_rank(rank: int, world: int, host: str, port: int, nbytes: int, iters: i
     import torch
     import torch.distributed as dist
 
-    kind = torch.accelerator.current_accelerator().type if torch.accelerator.is_available() else "cpu"
-    device = torch.device(kind, local_device) if kind != "cpu" else torch.device("cpu")
-    if kind != "cpu":
-        torch.accelerator.set_device_index(local_device)
+    from supercluster.hardware.device import select_device
+
+    device = select_device(local_device)
     backend = dist.get_default_backend_for_device(device)
     store = dist.TCPStore(host, port, world, is_master=False, timeout=TIMEOUT)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         tensor = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
-        sync = (lambda: torch.accelerator.synchronize(device)) if kind != "cpu" else (lambda: None)
+        sync = (lambda: torch.accelerator.synchronize(device)) if device.type != "cpu" else (lambda: None)
         for _ in range(2):
             dist.all_reduce(tensor)
         sync()

@@ -16,11 +16,10 @@ from supercluster.health.results import Measurement
 
 def accelerator() -> tuple[str, int]:
     """(device type, device count) of this node: ("cuda", 8) on a GPU node, ("cpu", 0) otherwise."""
-    import torch
+    from supercluster.hardware.device import local_devices
 
-    if torch.accelerator.is_available():
-        return torch.accelerator.current_accelerator().type, torch.accelerator.device_count()
-    return "cpu", 0
+    devices = local_devices()
+    return devices.type, devices.count
 
 
 def is_nvidia() -> bool:
@@ -53,9 +52,9 @@ def accelerator_count() -> Measurement:
     if kind == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return Measurement("accelerator_count", float(cores), "cores", {"device_type": "cpu"})
-    import torch
+    from supercluster.hardware.device import device_name
 
-    names = [torch.cuda.get_device_name(i) for i in range(count)] if kind == "cuda" else []
+    names = [device_name(f"{kind}:{i}") for i in range(count)]
     return Measurement("accelerator_count", float(count), "devices", {"device_type": kind, "names": names})
 
 

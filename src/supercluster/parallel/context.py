@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
 
-class SequenceLayout:
+class SequenceSharding:
     """The positions of the sequence this rank holds, and how to take them from a batch."""
 
     def __init__(self, seq_len: int, device, cp_mesh=None):
@@ -54,7 +54,7 @@ class SequenceLayout:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Route the model's positions (and, under cp, its attention) through this layout."""
+        """Route the model's positions (and, under cp, its attention) through this sharding."""
         model.register_forward_pre_hook(self._positions_hook, with_kwargs=True)
         if self.size > 1:
             for block in model.layers.values():

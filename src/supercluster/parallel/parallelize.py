@@ -11,17 +11,17 @@ from __future__ import annotations
 import torch
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from supercluster.parallel.context import SequenceLayout
+from supercluster.parallel.context import SequenceSharding
 from supercluster.parallel.dims import ParallelDims
 from supercluster.parallel.tensor import apply_tensor_parallel
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, train_cfg, layout: SequenceLayout | None = None,
+def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, train_cfg, sequence: SequenceSharding | None = None,
                 precision: str = "fp32") -> torch.nn.Module:
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    if layout is not None:
-        layout.attach(model)
+    if sequence is not None:
+        sequence.attach(model)
     if train_cfg.recompute != "none":
         apply_activation_checkpointing(model, train_cfg.recompute)
     if train_cfg.compile:

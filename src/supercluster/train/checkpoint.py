@@ -4,14 +4,15 @@ A checkpoint is the folder `checkpoints/step_NNNNNNNN/` holding DCP shards of th
 and optimizer (in any layout; DCP reshards on load; the optimizer state is flattened to
 one key per parameter name, so it moves between layouts that group parameters
 differently, pipeline stages included), `train_state.json` (step, sampler,
-tokens seen) and each rank's RNG state. It is written as `step_NNNNNNNN.tmp/` and renamed
-only once every rank has finished, so a crash mid-save leaves nothing resume would trust.
+tokens seen) and each rank's RNG state. It is written as `step_NNNNNNNN.tmp/`, fsynced, and
+renamed only once every rank has finished, so a crash at any instant leaves nothing resume
+would trust half-written, and never removes a committed checkpoint before its successor is
+durable. When to save and what to purge is `checkpointing.CheckpointManager`'s decision.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -24,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from supercluster.errors import UserError
+from supercluster.files import commit_directory, write_atomic
 
 # One process without a process group (tests, sampling) is a normal way to use DCP here.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -69,13 +71,15 @@ def _state_dicts(models, optimizers) -> tuple[list[dict], list[dict]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int, async_group=None):
+def save(root: Path, step: int, model, optimizer, train_state: dict, async_group=None, replace: bool = False):
     """Save `model` and `optimizer` (or lists of them, one per pipeline stage on this rank).
 
     With `async_group` (a process group of its own, so the background writes never interleave
     with training's collectives) the state is copied and written in the background: the
     returned `PendingSave` commits it once `wait()`ed on (the trainer does so before the next
     step), and until then a crash leaves only the previous checkpoint. Without, it commits now.
+    A committed `step_N/` is never overwritten unless `replace` (then the old one is renamed
+    aside until the new one is durable).
     """
     root = Path(root)
     final, tmp = root / f"step_{step:08d}", root / f"step_{step:08d}.tmp"
@@ -87,20 +91,20 @@ def save(root: Path, step: int, model, optimizer, train_state: dict, keep: int, 
     merged = lambda sds: {k: v for sd in sds for k, v in sd.items()}  # noqa: E731
     state = {"model": merged(model_sds), "optim": merged(optim_sds)}
     torch.save(torch.get_rng_state(), tmp / f"rng_{_rank()}.pt")
-    pending = PendingSave(root, step, tmp, final, {**train_state, "step": step}, keep)
+    pending = PendingSave(step, tmp, final, {**train_state, "step": step}, replace)
     if async_group is not None:
         pending.future = dcp.async_save(state, checkpoint_id=str(tmp), process_group=async_group)
         return pending
     dcp.save(state, checkpoint_id=str(tmp))
     pending.wait()
-    return final
+    return pending
 
 
 class PendingSave:
     """A checkpoint written to `step_N.tmp/` that becomes `step_N/` when every rank is done."""
 
-    def __init__(self, root, step, tmp, final, train_state, keep):
-        self.root, self.step, self.tmp, self.final, self.train_state, self.keep = root, step, tmp, final, train_state, keep
+    def __init__(self, step, tmp, final, train_state, replace=False):
+        self.step, self.tmp, self.final, self.train_state, self.replace = step, tmp, final, train_state, replace
         self.future = None
 
     def wait(self) -> Path:
@@ -110,13 +114,28 @@ class PendingSave:
                 result.upload_completion.result()
         _barrier()
         if _rank() == 0:
-            (self.tmp / TRAIN_STATE).write_text(json.dumps(self.train_state))
-            shutil.rmtree(self.final, ignore_errors=True)
-            os.replace(self.tmp, self.final)  # the commit point
-            for _, old in list_checkpoints(self.root)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            # train_state.json marks a checkpoint complete: written whole, inside the folder,
+            # before the folder's one atomic rename.
+            write_atomic(self.tmp / TRAIN_STATE, json.dumps(self.train_state))
+            commit_directory(self.tmp, self.final, replace=self.replace)
         _barrier()
         return self.final
+
+
+def purge(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` (at least one) complete checkpoints; returns those
+    deleted. Rank 0 deletes (other ranks return []): the folder is shared by all of them."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1, got {keep}")
+    if _rank() != 0:
+        return []
+    old = [path for _, path in list_checkpoints(root)[:-keep]]
+    # Saves a crash cut short, and checkpoints a crash left renamed aside: resume never reads them.
+    # (Called between saves, so no save of this run is in flight.)
+    old += [path for path in Path(root).glob("step_*.tmp")] + [path for path in Path(root).glob(".step_*.replaced-*")]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def load(path: Path, model, optimizer) -> dict:

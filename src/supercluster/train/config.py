@@ -7,6 +7,7 @@ written back, so a run can always be repeated or resumed from its own folder.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     async_checkpoint: bool = False  # write checkpoints in the background, committed before the next step
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
+    tensorboard: bool = False  # also log each step's scalars to run_dir/tensorboard (needs the tensorboard extra)
 
 
 @dataclass
@@ -197,6 +199,27 @@ def validate(cfg: Config) -> ModelConfig:
         raise UserError(f"train.recompute must be none, selective or full, got {t.recompute!r}.")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive, got {t.lr}.")
+    if t.eval_every < 0 or t.checkpoint_every < 0:
+        raise UserError(f"train.eval_every and train.checkpoint_every must be 0 (never) or positive, got {t.eval_every} and {t.checkpoint_every}.")
+    if t.keep_checkpoints < 1:
+        raise UserError(f"train.keep_checkpoints must be at least 1 (the newest checkpoints kept), got {t.keep_checkpoints}.")
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
+    if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("train.tensorboard needs the tensorboard package: pip install 'supercluster[tensorboard]', "
+                        "or set train.tensorboard=false.")
     return model
+
+
+def check_splits(cfg: Config, train_tokens: int, val_tokens: int) -> None:
+    """The data holds a training sequence and, when the run evaluates, a validation sequence:
+    validation loss is measured on held-out tokens or not at all, never on training tokens."""
+    need = cfg.train.seq_len + 1  # a sequence and its next-token targets
+    if train_tokens < need:
+        raise UserError(f"The corpus has {train_tokens} training tokens, fewer than one sequence of {cfg.train.seq_len}; "
+                        f"lower train.seq_len or add text.")
+    if cfg.train.eval_every > 0 and val_tokens < need:
+        raise UserError(
+            f"The validation split has {val_tokens} tokens, fewer than the {need} one sequence needs; lower train.seq_len, "
+            f"raise data.val_fraction (now {cfg.data.val_fraction}), or set train.eval_every=0 to train without validation."
+        )

@@ -16,11 +16,13 @@ from pathlib import Path
 
 from supercluster.errors import UserError
 from supercluster.files import write_atomic
-from supercluster.train.config import Config, validate
+from supercluster.train.config import Config, check_splits, validate
 
 
 @dataclass
-class Launch:
+class TorchrunSpec:
+    """How torchrun starts this node's ranks: its flags (a cluster job is described elsewhere)."""
+
     nproc: int = 1  # ranks on this node
     nnodes: int = 1
     node_rank: int = 0
@@ -40,7 +42,7 @@ class Launch:
             raise UserError(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}.")
 
 
-def prepare_run(cfg: Config, launch: Launch) -> Path:
+def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     """Checks, data and the run directory: everything that must happen once, before ranks start."""
     from supercluster.data import prepare_data
     from supercluster.parallel import ParallelDims
@@ -51,8 +53,7 @@ def prepare_run(cfg: Config, launch: Launch) -> Path:
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.validate_model(model_cfg, cfg.train)
     data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb)
-    if len(data.train) < cfg.train.seq_len + 1:
-        raise UserError(f"The corpus has {len(data.train)} training tokens, fewer than one sequence of {cfg.train.seq_len}; lower train.seq_len or add text.")
+    check_splits(cfg, len(data.train), len(data.val))
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every node of a job runs this on the same run directory at once: atomic writes only.
@@ -64,7 +65,7 @@ def prepare_run(cfg: Config, launch: Launch) -> Path:
     return run_dir
 
 
-def launch_training(cfg: Config, launch: Launch) -> dict:
+def launch_training(cfg: Config, launch: TorchrunSpec) -> dict:
     """Run the job to its end on this node; returns rank 0's summary (on node 0)."""
     run_dir = prepare_run(cfg, launch)
     if launch.nproc == 1 and launch.nnodes == 1 and launch.max_restarts == 0:
@@ -76,7 +77,7 @@ def launch_training(cfg: Config, launch: Launch) -> dict:
     return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
-def _torchrun(config_path: Path, launch: Launch) -> None:
+def _torchrun(config_path: Path, launch: TorchrunSpec) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 

@@ -26,9 +26,10 @@ class Peak:
 def device_peak(device: torch.device, dtype: str) -> Peak:
     from supercluster.hardware import local
     from supercluster.hardware.catalog import match_device_name
+    from supercluster.hardware.device import device_name
 
     if device.type != "cpu":
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+        name = device_name(device)
         acc = match_device_name(name)
         if acc is not None and acc.peak_tflops.get(dtype):
             return Peak(acc.peak(dtype), f"catalog:{acc.name}")
@@ -47,20 +48,35 @@ def memory_gib(device: torch.device) -> float:
 
 
 class MetricsLog:
-    """Appends one JSON object per step to metrics.jsonl (rank 0 only)."""
+    """Appends one JSON object per step to `run_dir/metrics.jsonl` (rank 0 only) and, with
+    `tensorboard`, the same step's scalars to TensorBoard event files in `run_dir/tensorboard/`
+    (where `tensorboard --logdir` and most training dashboards look)."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False):
         self.enabled = enabled
-        self.file = open(path, "a") if enabled else None
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if enabled else None
+        self.board = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.board = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.board.add_scalar(f"train/{key}", value, record["step"])
+            self.board.flush()
 
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -3,7 +3,8 @@
 `Trainer(cfg)` joins the process group that torchrun set up (or runs alone), builds the
 model on a device mesh through `parallel.parallelize` (whole, or cut into pipeline stages
 run by a torch schedule), resumes from the latest checkpoint in the run directory, and
-`fit()` trains to `train.steps`, writing `metrics.jsonl` and checkpoints as it goes.
+`fit()` trains to `train.steps`, writing `metrics.jsonl` as it goes and leaving when to
+checkpoint to a `CheckpointManager`, the bar to `Progress` and test faults to `Faults`.
 
 Data: every rank of one data-parallel group (its tp, cp and pp ranks) draws the same
 batch; context parallelism then keeps this rank's load-balanced chunks of each sequence.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -22,26 +22,19 @@ import torch
 import torch.distributed as dist
 
 from supercluster.data import BatchSampler, eval_batches, prepare_data
+from supercluster.hardware.device import select_device
 from supercluster.model.config import flops_per_token
 from supercluster.model.transformer import Transformer
 from supercluster.parallel import ParallelDims
-from supercluster.parallel.context import SequenceLayout
+from supercluster.parallel.context import SequenceSharding
 from supercluster.parallel.parallelize import parallelize
 from supercluster.parallel.pipeline import build_schedule, cross_entropy, split_model
-from supercluster.train import checkpoint
-from supercluster.train.config import Config, validate
+from supercluster.train.checkpointing import CheckpointManager
+from supercluster.train.config import Config, check_splits, validate
+from supercluster.train.faults import Faults
 from supercluster.train.metrics import CollectiveBytes, MetricsLog, RankStats, device_peak, memory_gib
 from supercluster.train.optim import build_optimizer, lr_at
-
-
-def pick_device() -> torch.device:
-    """The local accelerator for this rank (CUDA, ROCm, XPU...), or the CPU."""
-    if torch.accelerator.is_available():
-        acc = torch.accelerator.current_accelerator()
-        index = int(os.environ.get("LOCAL_RANK", 0)) % torch.accelerator.device_count()
-        torch.accelerator.set_device_index(index)
-        return torch.device(acc.type, index)
-    return torch.device("cpu")
+from supercluster.train.progress import Progress
 
 
 def resolve_precision(device: torch.device, requested: str) -> str:
@@ -87,7 +80,7 @@ def _restart_safe_store(world: int):
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.device = pick_device()
+        self.device = select_device()
         self.rank, self.world = init_distributed(self.device)
         self.model_cfg = validate(cfg)
         self.dims = ParallelDims.from_config(cfg.parallel, self.world)
@@ -100,14 +93,14 @@ class Trainer:
         dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
         self.data = prepare_data(cfg.data.path, self.model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
                                  max_mb=cfg.data.max_mb)
+        check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
         self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
-        self.val_data = self.data.val if len(self.data.val) > t.seq_len + 1 else self.data.train
         self.dp_rank = dp_rank
         # The ranks a loss is averaged over (data and context parallel), and the pipeline.
         self.loss_mesh = self.mesh["dp_cp"] if self.mesh is not None and self.dims.dp * self.dims.cp > 1 else None
         self.pp_mesh = self.mesh["pp"] if self.dims.pp > 1 else None
         cp_mesh = self.mesh["cp"] if self.dims.cp > 1 else None
-        self.layout = SequenceLayout(t.seq_len, self.device, cp_mesh)
+        self.sequence = SequenceSharding(t.seq_len, self.device, cp_mesh)
 
         self.precision = resolve_precision(self.device, t.precision)
         torch.manual_seed(t.seed)
@@ -115,65 +108,42 @@ class Trainer:
             model = Transformer(self.model_cfg)
         model.to_empty(device=self.device)
         model.init_weights(seed=t.seed)  # same weights on every rank and in every layout
-        # Positions are passed to the model by the layout when a rank holds only part of a
-        # sequence (cp) or a pipeline stage's input is hidden states (pp).
-        layout = self.layout if self.dims.cp > 1 or self.dims.pp > 1 else None
+        # Positions are passed to the model by the sequence sharding when a rank holds only
+        # part of a sequence (cp) or a pipeline stage's input is hidden states (pp).
+        sequence = self.sequence if self.dims.cp > 1 or self.dims.pp > 1 else None
         self.schedule = None
         if self.dims.pp > 1:
             stages = split_model(model, self.dims, self.pp_mesh.get_local_rank())
-            self.model_parts = [parallelize(part, self.dims, self.mesh, t, layout, self.precision) for _, part in stages]
+            self.model_parts = [parallelize(part, self.dims, self.mesh, t, sequence, self.precision) for _, part in stages]
             ids = [sid for sid, _ in stages]
             self.has_first_stage, self.has_last_stage = 0 in ids, self.dims.num_stages - 1 in ids
             self.schedule = build_schedule(list(zip(ids, self.model_parts)), self.dims, self.pp_mesh, self.device,
                                            self.dims.pipeline_microbatches(t), cross_entropy)
         else:
-            self.model_parts = [parallelize(model, self.dims, self.mesh, t, layout, self.precision)]
+            self.model_parts = [parallelize(model, self.dims, self.mesh, t, sequence, self.precision)]
         self.model = self.model_parts[0]
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.model_parts]
-        self.optimizer = self.optimizers[0]
         self.accum = t.global_batch // (self.dims.dp * t.micro_batch)
         self.tokens_per_step = t.global_batch * t.seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
         self.peak = device_peak(self.device, self.precision)
         self.rank_stats = RankStats(self.world, self.rank, self.device, window=max(1, min(10, t.steps // 2)))
-        self.injected_delay = injected_delay(self.rank)
+        self.faults = Faults(self.rank)
         self.comm_bytes = None
         # Background checkpoint writes get a process group of their own (gloo: DCP stages on the CPU).
-        self.async_group = None
-        if t.async_checkpoint:
-            self.async_group = dist.new_group(backend="gloo") if self.world > 1 else None
-        self.pending_save = None
+        async_group = dist.new_group(backend="gloo") if t.async_checkpoint and self.world > 1 else None
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", t, self.model_parts, self.optimizers,
+                                             self._train_state, async_group)
         self.step = 0
         self.resumed_from = None
-        self._resume()
+        if cfg.run.resume and (found := self.checkpoints.resume()) is not None:
+            state, self.resumed_from = found
+            self.step = state["step"]
+            self.sampler.load_state_dict(state["sampler"])
 
-    # ---- state ---------------------------------------------------------------------
-
-    def _resume(self):
-        if not self.cfg.run.resume:
-            return
-        found = checkpoint.latest(self.run_dir / "checkpoints")
-        if found is None:
-            return
-        state = checkpoint.load(found[1], self.model_parts, self.optimizers)
-        self.step = state["step"]
-        self.sampler.load_state_dict(state["sampler"])
-        self.resumed_from = found[1]
-
-    def save_checkpoint(self):
-        self.commit_checkpoint()
-        pending = checkpoint.save(self.run_dir / "checkpoints", self.step, self.model_parts, self.optimizers,
-                                  {"sampler": self.sampler.state_dict(), "tokens_seen": self.step * self.tokens_per_step},
-                                  keep=self.cfg.train.keep_checkpoints,
-                                  async_group=self.async_group if self.cfg.train.async_checkpoint else None)
-        if isinstance(pending, checkpoint.PendingSave):
-            self.pending_save = pending
-
-    def commit_checkpoint(self):
-        """Finish a background save (if one is in flight) and make it the latest checkpoint."""
-        if self.pending_save is not None:
-            self.pending_save.wait()
-            self.pending_save = None
+    def _train_state(self) -> dict:
+        """What a checkpoint holds besides the weights and optimizer: where the data stream is."""
+        return {"sampler": self.sampler.state_dict(), "tokens_seen": self.step * self.tokens_per_step}
 
     # ---- one step ------------------------------------------------------------------
 
@@ -209,7 +179,7 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         x_all, y_all = self.sampler.next()
-        x_all, y_all = self.layout.shard(x_all.to(self.device), y_all.to(self.device))
+        x_all, y_all = self.sequence.shard(x_all.to(self.device), y_all.to(self.device))
         if self.schedule is not None:
             total = self._run_pipeline(x_all, y_all, train=True)
         else:
@@ -228,8 +198,7 @@ class Trainer:
         self.step += 1
         if self.device.type != "cpu":
             torch.accelerator.synchronize()
-        if self.injected_delay:
-            time.sleep(self.injected_delay)
+        self.faults.after_step()
         self.rank_step_time = time.perf_counter() - tic  # before the loss's all-reduce lines every rank up
         return self._mean_loss(total), grad_norm
 
@@ -264,11 +233,11 @@ class Trainer:
         t = self.cfg.train
         for part in self.model_parts:
             part.eval()
-        batches = eval_batches(self.val_data, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
+        batches = eval_batches(self.data.val, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
                                self.cfg.data.seed + 1)
         total = torch.zeros((), device=self.device)
         for x, y in batches:
-            x, y = self.layout.shard(x.to(self.device), y.to(self.device))
+            x, y = self.sequence.shard(x.to(self.device), y.to(self.device))
             if self.schedule is not None:
                 total += self._run_pipeline(x, y, train=False)
             else:
@@ -292,7 +261,7 @@ class Trainer:
 
     def fit(self) -> dict:
         t, rank0 = self.cfg.train, self.rank == 0
-        log = MetricsLog(self.run_dir / "metrics.jsonl", enabled=rank0)
+        log = MetricsLog(self.run_dir, enabled=rank0, tensorboard=t.tensorboard)
         progress = Progress(rank0, start=self.step, total=t.steps)
         started, last = time.perf_counter(), {}
         for part in self.model_parts:
@@ -301,7 +270,7 @@ class Trainer:
         stopping = False  # train.max_minutes ran out: this step is the run's last
         try:
             while self.step < t.steps and not stopping:
-                inject_fault(self.rank, self.step)
+                self.faults.before_step(self.step)
                 tic = time.perf_counter()
                 if self.world > 1 and self.step + 1 == measure_comm_at:  # the counter slows that step
                     with CollectiveBytes() as counter:
@@ -330,12 +299,8 @@ class Trainer:
                     last["val_loss"] = self.evaluate()
                 log.write(last)
                 progress.update(last)
-                self.commit_checkpoint()  # a background save overlaps one step, then becomes the latest
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    self.save_checkpoint()
-            if self.step and (not t.checkpoint_every or self.step % t.checkpoint_every):
-                self.save_checkpoint()  # the end of a run is always resumable and sampleable
-            self.commit_checkpoint()
+                self.checkpoints.step_done(self.step, last=stopping or self.step == t.steps)
+            self.checkpoints.close(self.step)  # also a run resumed at its last step ends committed
         finally:
             progress.close()
             log.close()
@@ -364,55 +329,3 @@ class Trainer:
     def close(self):
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def inject_fault(rank: int, step: int) -> None:
-    """Test-only: SUPERCLUSTER_FAULT_EXIT="RANK:STEP:MARKER" makes RANK die when it reaches STEP,
-    once (the marker file records that it did), as a crashed node would: no cleanup, no message."""
-    spec = os.environ.get("SUPERCLUSTER_FAULT_EXIT")
-    if not spec:
-        return
-    fault_rank, fault_step, marker = spec.split(":", 2)
-    if rank == int(fault_rank) and step == int(fault_step) and not os.path.exists(marker):
-        Path(marker).write_text(f"rank {rank} exited at step {step}\n")
-        os._exit(17)
-
-
-def injected_delay(rank: int) -> float:
-    """Test-only: SUPERCLUSTER_FAULT_SLOW="RANK:SECONDS" makes RANK that much slower every step,
-    as a throttled device would, so that straggler detection can be seen to work."""
-    spec = os.environ.get("SUPERCLUSTER_FAULT_SLOW")
-    if not spec:
-        return 0.0
-    slow_rank, seconds = spec.split(":")
-    return float(seconds) if rank == int(slow_rank) else 0.0
-
-
-class Progress:
-    """A live bar on a terminal; a plain line every few steps in logs (Slurm, CI)."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self.enabled, self.total, self.bar = enabled, total, None
-        self.every = max(1, total // 20)
-        if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
-
-            self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[info]}"))
-            self.task = self.bar.add_task("train", total=total, completed=start, info="")
-            self.bar.start()
-
-    def update(self, m: dict):
-        if not self.enabled:
-            return
-        info = f"loss {m['loss']:.3f}  {m['tokens_per_s']:,.0f} tok/s  MFU {100 * m['mfu']:.1f}%"
-        if "val_loss" in m:
-            info += f"  val {m['val_loss']:.3f}"
-        if self.bar is not None:
-            self.bar.update(self.task, completed=m["step"], info=info)
-        elif m["step"] % self.every == 0 or m["step"] == self.total or "val_loss" in m:
-            print(f"step {m['step']:>6}/{self.total}  {info}", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.stop()

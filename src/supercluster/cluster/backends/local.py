@@ -20,19 +20,18 @@ from supercluster.files import write_atomic
 
 
 def _detect_gpus() -> tuple[str, int]:
-    import torch
+    from supercluster.hardware.device import local_devices
 
-    if torch.accelerator.is_available():
-        device = torch.accelerator.current_accelerator()
-        name = torch.cuda.get_device_name(0) if device.type == "cuda" else device.type
+    devices = local_devices()
+    if devices.count:
         from supercluster.cluster.backends import canonical_gpu_type
         from supercluster.errors import UserError
 
         try:
-            gpu_type = canonical_gpu_type(name.split()[-1])
+            gpu_type = canonical_gpu_type(devices.name.split()[-1])
         except UserError:
-            gpu_type = name.lower().replace(" ", "-")
-        return gpu_type, torch.accelerator.device_count()
+            gpu_type = devices.name.lower().replace(" ", "-")
+        return gpu_type, devices.count
     # No accelerator: the CPU is the "GPU" and each rank is a process sharing its cores.
     return "local", os.cpu_count() or 1
 
