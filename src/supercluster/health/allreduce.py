@@ -94,9 +94,9 @@ def intra_node(nbytes: int, iters: int, ranks: int | None = None, slow_rank: int
     """All-reduce busbw among processes on this node: one per GPU, or `ranks` (default 2) on CPU."""
     import torch.multiprocessing as mp
 
-    from supercluster.health.measure import accelerator
+    from supercluster.health.measure import device_kind
 
-    kind, count = accelerator()
+    kind, count = device_kind()
     ranks = ranks or (count if count else 2)
     if ranks < 2:
         return Measurement.skipped("allreduce_busbw", "GB/s", f"{ranks} accelerator: an all-reduce needs 2 ranks",

@@ -14,7 +14,7 @@ from supercluster.hardware.timing import best_rate
 from supercluster.health.results import Measurement
 
 
-def accelerator() -> tuple[str, int]:
+def device_kind() -> tuple[str, int]:
     """(device type, device count) of this node: ("cuda", 8) on a GPU node, ("cpu", 0) otherwise."""
     from supercluster.hardware.device import local_devices
 
@@ -26,11 +26,11 @@ def is_nvidia() -> bool:
     """NVIDIA GPUs (ROCm also reports the "cuda" device type, but sets torch.version.hip)."""
     import torch
 
-    return accelerator()[0] == "cuda" and torch.version.hip is None
+    return device_kind()[0] == "cuda" and torch.version.hip is None
 
 
 def _devices() -> list[str]:
-    kind, count = accelerator()
+    kind, count = device_kind()
     return [f"{kind}:{i}" for i in range(count)] or ["cpu"]
 
 
@@ -48,7 +48,7 @@ def _best_rate(work, device: str, units: float, seconds: float) -> float:
 
 def accelerator_count() -> Measurement:
     """GPUs seen by torch on accelerator nodes; usable CPU cores on CPU nodes."""
-    kind, count = accelerator()
+    kind, count = device_kind()
     if kind == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         return Measurement("accelerator_count", float(cores), "cores", {"device_type": "cpu"})
@@ -88,7 +88,7 @@ def host_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
     """Pinned host<->device copy GB/s, the slower direction of the slowest device."""
     import torch
 
-    kind, count = accelerator()
+    kind, count = device_kind()
     if count == 0:
         return Measurement.skipped(
             "host_device_bandwidth", "GB/s", "no accelerator: a CPU node has no host<->device link", applies=False
@@ -110,7 +110,7 @@ def device_to_device_bandwidth(nbytes: int, seconds: float) -> Measurement:
     """Peer copy GB/s from each device to the next one (NVLink/xGMI inside the node)."""
     import torch
 
-    _, count = accelerator()
+    _, count = device_kind()
     if count < 2:
         return Measurement.skipped(
             "device_to_device_bandwidth", "GB/s", f"{count} accelerator(s): a peer copy needs 2", applies=False

@@ -55,7 +55,7 @@ def level_params(level: str, device_type: str) -> Params:
 
 def measure_here(level: str = "quick", params: Params | None = None) -> list[Measurement]:
     """Every single-node check on this machine."""
-    p = params or level_params(level, measure.accelerator()[0])
+    p = params or level_params(level, measure.device_kind()[0])
     nvidia_node = measure.is_nvidia()
     return [
         measure.accelerator_count(),
