@@ -11,6 +11,9 @@ to every row of its stack: nothing is switched for particular runs.
   is the user's choice (train.compile), eager otherwise. TP collectives are not overlapped.
 - megatron: Megatron-LM / NeMo with Transformer Engine: hand-fused kernels, TP communication
   overlap, overlapped gradient reduce and parameter gather, distributed optimizer (ZeRO-1).
+- megatron-2021: the same stack as published in 2021-22 (Narayanan et al. 2021, Korthikanti
+  et al. 2022): fused bias/GELU/softmax kernels but attention unfused (scores stored, softmax
+  read and written), gradients all-reduced in 16 bits after the backward pass (no overlap).
 - deepspeed: DeepSpeed ZeRO stages 0-3; 16-bit gradient reduction, collectives across nodes
   that each GPU drives through its own NIC (no hierarchical rings), no overlap with compute.
 """
@@ -46,8 +49,11 @@ PROFILES: dict[str, Software] = {
     "megatron": Software(
         name="megatron", overlap_tp=True, shardings=("none", "optimizer"),
     ),
+    "megatron-2021": Software(
+        name="megatron-2021", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, shardings=("none",),
+    ),
     "deepspeed": Software(
-        name="deepspeed", overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
+        name="deepspeed", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
         shardings=("none", "optimizer", "keep_gathered", "full"),
     ),
 }
