@@ -69,15 +69,15 @@ class NodeType:
 
 # ---- accelerators -------------------------------------------------------------------------
 # A100: NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web), as quoted in
-# ../shared/calibration/NOTES.md: BF16 312, TF32 156, FP32 19.5 TFLOP/s dense; 40 GB HBM2 at
+# the calibration notes (plan/calibration/README.md): BF16 312, TF32 156, FP32 19.5 TFLOP/s dense; 40 GB HBM2 at
 # 1,555 GB/s, 80 GB HBM2e at 2,039 GB/s; NVLink3 12 links, 600 GB/s. No FP8 units.
-# H100 SXM5: NVIDIA H100 datasheet as quoted in NOTES.md: BF16 989.4, FP8 1,978.9 dense, TF32
+# H100 SXM5: NVIDIA H100 datasheet as quoted in the calibration notes: BF16 989.4, FP8 1,978.9 dense, TF32
 # 494.7, FP32 66.9; 80 GB HBM3 at 3.35 TB/s; NVLink4 18 links, 900 GB/s. The runtime reports
 # 81,559 MiB (79.6 GiB) of the 80 GB.
-# H200 SXM: same Hopper compute as H100 (NOTES.md); 141 GB HBM3e (MLCommons inference v4.1
+# H200 SXM: same Hopper compute as H100 (calibration notes); 141 GB HBM3e (MLCommons inference v4.1
 # system JSON H200-SXM-141GBx8), 4.8 TB/s (NVIDIA H200 page, via secondary pages: not verified
 # here); "18x 4th Gen NVLink, 900GB/s" (same JSON). Runtime reports 143,771 MiB (140.4 GiB).
-# MI300X: ROCm MI300 docs / spec table quoted in NOTES.md: BF16 1,307.4, FP8 2,614.9 dense,
+# MI300X: ROCm MI300 docs / spec table quoted in the calibration notes: BF16 1,307.4, FP8 2,614.9 dense,
 # TF32 653.7, FP32 (matrix) 163.4; 192 GB HBM3 at 5.3 TB/s; Infinity Fabric 7 peers x 64 GB/s
 # each way = 896 GB/s total (third-party aggregators, not verified here).
 # B200 (HGX B200, 1,000 W): NVIDIA HGX/DGX B200 datasheet: 72 PFLOP/s FP8 training and
