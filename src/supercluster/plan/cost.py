@@ -242,7 +242,11 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
     q_len = s / lay.cp
     if sw.flash_attention:
         # One fused kernel: causal masking skips half the square; backward recomputes the
-        # scores (2.5x forward, Dao 2023). No s^2 traffic to memory.
+        # scores (2.5x forward, Dao 2023). The kernel keeps its scores on chip, yet it is
+        # charged as a GEMM that writes its s x s output: that term is what stands in for
+        # flash attention's lower utilisation (FlashAttention-2 reaches ~35% of an H100's
+        # peak, Shah et al. 2024). Charging only Q, K, V, O traffic at a fixed 30-35% of peak
+        # was tried and predicts the long-context torchtitan runs 15-45% too fast, most at cp 8.
         attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads) / 2
         attn_bwd = 2.5 * attn_fwd
         softmax_bytes = 0.0
