@@ -50,8 +50,8 @@ def test_calibration_rows_carry_their_layout_in_columns(rows):
     assert len(rows) >= 60
     korthikanti_baselines = [r for r in rows if r.source == "korthikanti2022" and r.metric == "step_time_s"]
     assert len(korthikanti_baselines) == 4
-    assert all(r.fixed["sequence_parallel"] is False and r.fixed["recompute"] == "full" for r in korthikanti_baselines)
-    interleaved = [r for r in rows if r.fixed.get("virtual_stages") == 3]
+    assert all(r.stated["sequence_parallel"] is False and r.stated["recompute"] == "full" for r in korthikanti_baselines)
+    interleaved = [r for r in rows if r.stated.get("virtual_stages") == 3]
     assert len(interleaved) >= 6
     assert {r.stack for r in rows} == {"megatron", "megatron-2021", "deepspeed", "supercluster"}
 

@@ -20,7 +20,7 @@ import argparse
 import csv
 import itertools
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from supercluster.errors import UserError
@@ -52,9 +52,10 @@ class Row:
     system: System
     software: Software
     gpu_count: int
-    fixed: dict  # stated layout properties; the others are chosen
+    stated: dict  # layout properties the source states; the others are chosen
     metric: str
     published: float
+    feasible: list | None = field(default=None, repr=False)  # layouts that fit, found once
 
 
 def _int(text: str):
@@ -103,7 +104,7 @@ def load_rows(path: Path = DEFAULT_CSV) -> tuple[list[Row], list[str]]:
 
 def _layouts(row: Row):
     """Every layout the row's stated knobs allow, the unstated ones enumerated."""
-    f, cfg, w = row.fixed, row.work.model, row.work
+    f, cfg, w = row.stated, row.work.model, row.work
     total = row.gpu_count
     tps = [f["tp"]] if "tp" in f else [t for t in (1, 2, 4, 8) if cfg.heads % t == 0 and cfg.kv_heads % t == 0]
     cp = f.get("cp", 1)
@@ -145,6 +146,13 @@ def _layouts(row: Row):
 def best(row: Row, constants: dict) -> Estimate:
     """The fastest layout among those the row allows that fits in memory (the nearest miss
     when none does: a published run did fit, so the memory model is the one off)."""
+    estimates = [estimate(row.work, lay, row.system, row.software, constants) for lay in _feasible(row)]
+    return min(estimates, key=lambda e: e.step_time_s)
+
+
+def _feasible(row: Row) -> list[Layout]:
+    if row.feasible is not None:  # memory does not depend on the fitted constants: found once
+        return row.feasible
     cap = row.system.accelerator.hbm_gib
     fits, nearest = [], None
     for lay in _layouts(row):
@@ -154,9 +162,8 @@ def best(row: Row, constants: dict) -> Estimate:
             fits.append(lay)
         elif nearest is None or mem < nearest[0]:
             nearest = (mem, lay)
-    pool = fits or [nearest[1]]
-    estimates = [estimate(row.work, lay, row.system, row.software, constants) for lay in pool]
-    return min(estimates, key=lambda e: e.step_time_s)
+    row.feasible = fits or [nearest[1]]
+    return row.feasible
 
 
 def predict(row: Row, constants: dict) -> float:
