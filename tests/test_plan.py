@@ -8,6 +8,7 @@ import sys
 import tomllib
 
 import pytest
+from dataclasses import replace
 
 from supercluster.errors import UserError
 from supercluster.model.config import ModelConfig, layer_params
@@ -272,3 +273,64 @@ def test_llama3_run_keeps_over_90_percent_effective_training_time():
     assert g.failures_expected == pytest.approx(419, rel=0.1)
     worse = goodput.goodput(16384, 0.9 * 54 * 86400, 405e9, restart_s=3600)
     assert worse.effective_fraction < g.effective_fraction - 0.1
+
+
+# ---- the trainer's layout, charged as the trainer runs it ------------------------------------------
+
+
+LLAMA8B = build_model("llama3-8b")
+
+
+def _one(lay, stack="supercluster", precision="bf16", gpus=None, batch=64, model=LLAMA8B):
+    req = build_request(model, gpus or lay.gpus, "h100", seq_len=4096, global_batch=batch, precision=precision,
+                        software=PROFILES[stack])
+    return estimate(req.work, lay, req.system, req.software)
+
+
+def test_full_sharding_gathers_per_microbatch_and_keep_gathered_once_per_step():
+    """Without overlap (DeepSpeed's profile) the exposed data-parallel time is the collectives
+    themselves: "full" all-gathers 2 per microbatch, "keep_gathered" once per step."""
+    base = Layout(dp_shard=16, microbatch=1, recompute="full")  # 64/16 = 4 microbatches
+    kept = _one(replace(base, sharding="keep_gathered"), "deepspeed")
+    full = _one(replace(base, sharding="full"), "deepspeed")
+    none = _one(replace(base, sharding="none"), "deepspeed")
+    # reduce-scatter R + gather G once vs R + 8 G: the difference is 7 gathers.
+    gather = (full.exposed_comm_s - kept.exposed_comm_s) / 7
+    assert gather > 0
+    assert kept.exposed_comm_s == pytest.approx(none.exposed_comm_s / 2 + gather, rel=0.05)  # all-reduce = 2 R
+    assert kept.memory["weights"] > full.memory["weights"] * 8  # kept gathered: the whole model resident
+
+
+def test_uneven_stages_are_paced_by_the_busiest():
+    even = Layout(tp=8, pp=8, dp_shard=2, sharding="keep_gathered", microbatch=1, recompute="full")
+    llama405 = build_model("llama3-405b")
+    # 126 layers on 8 stages: as even as possible (16 x 6 + 15 x 2) or lighter ends, as Llama 3
+    # did for the embedding and the output layer.
+    auto = _one(even, model=llama405, batch=128)
+    lighter_ends = _one(replace(even, stage_layers=(15, 16, 16, 16, 16, 16, 16, 15)), model=llama405, batch=128)
+    lopsided = _one(replace(even, stage_layers=(9, 16, 16, 16, 16, 16, 16, 21)), model=llama405, batch=128)
+    assert lopsided.step_time_s > 1.2 * auto.step_time_s  # 21 layers set the pace
+    assert lighter_ends.step_time_s < auto.step_time_s  # the embedding is no longer on top of 16 layers
+
+
+def test_fp8_runs_linear_layers_at_the_fp8_rate_and_reports_mfu_against_bf16():
+    lay = Layout(dp_shard=8, sharding="full", microbatch=2, recompute="selective")
+    bf16, fp8 = _one(lay, batch=16), _one(lay, precision="fp8", batch=16)
+    speedup = bf16.step_time_s / fp8.step_time_s
+    assert 1.2 < speedup < 2.0  # GEMMs 2x at most; attention, norms, loss stay 16-bit
+    assert fp8.mfu == pytest.approx(bf16.mfu * speedup, rel=1e-6)  # same model FLOPs, same bf16 peak
+
+
+def test_selective_recompute_repeats_elementwise_ops_only():
+    lay = Layout(dp_shard=8, sharding="full", microbatch=2)
+    none, sel, full = (_one(replace(lay, recompute=r), batch=16) for r in ("none", "selective", "full"))
+    assert none.step_time_s < sel.step_time_s < 1.05 * none.step_time_s  # a memory-bound pass, a few %
+    assert full.step_time_s > 1.2 * none.step_time_s  # the whole forward again
+    assert sel.memory["activations"] < none.memory["activations"]
+    assert sel.hfu == sel.mfu and full.hfu > full.mfu
+
+
+def test_sequence_parallelism_only_when_the_layout_says_so():
+    on = Layout(tp=8, dp_shard=2, sharding="full", microbatch=1, recompute="none", sequence_parallel=True)
+    off = replace(on, sequence_parallel=False)
+    assert _one(on, batch=16).memory["activations"] < _one(off, batch=16).memory["activations"]
