@@ -16,7 +16,7 @@ from supercluster.plan import calibrate
 from supercluster.plan.build import build_model, build_request
 from supercluster.parallel.layout import Layout
 from supercluster.plan import goodput
-from supercluster.plan.cost import CONSTANTS_FILE, _activation_bytes_per_layer, estimate
+from supercluster.plan.cost import CONSTANTS_FILE, _activation_bytes_per_layer, estimate, load_constants
 from supercluster.plan.profiles import PROFILES
 from supercluster.plan.search import search
 
@@ -334,3 +334,14 @@ def test_sequence_parallelism_only_when_the_layout_says_so():
     on = Layout(tp=8, dp_shard=2, sharding="full", microbatch=1, recompute="none", sequence_parallel=True)
     off = replace(on, sequence_parallel=False)
     assert _one(on, batch=16).memory["activations"] < _one(off, batch=16).memory["activations"]
+
+
+def test_memory_model_matches_torchtitans_fsdp_runs(rows):
+    """Nothing in the memory model is fitted: torchtitan's 8B FSDP runs (the published layout,
+    selective recompute) report 62-82 GiB peaks, predicted within 10%. Its pipeline and
+    long-context runs are not: the model leaves out allocator slack and pipeline buffers there."""
+    fsdp = [r for r in rows if r.source == "torchtitan-2024" and r.stated.get("recompute") == "selective"]
+    assert len(fsdp) == 6
+    for row in fsdp:
+        predicted = calibrate.best(row, load_constants("supercluster")).memory_gib_per_gpu
+        assert predicted == pytest.approx(row.peak_memory_gib, rel=0.10), row.label

@@ -55,6 +55,7 @@ class Row:
     stated: dict  # layout properties the source states; the others are chosen
     metric: str
     published: float
+    peak_memory_gib: float | None  # as the source reports it (PyTorch's peak reserved memory)
     feasible: list | None = field(default=None, repr=False)  # layouts that fit, found once
 
 
@@ -85,7 +86,8 @@ def _parse(r: dict) -> Row | None:
     label = f"{r['model']} on {r['gpu_count']} GPUs ({r['source_id']})"
     system = System(accelerator(r["gpu"]), node_type(r["node"]), r["precision"])
     return Row(label, r["source_id"], r["stack"], Workload(model, int(r["seq_len"]), int(r["global_batch"])), system, sw,
-               int(r["gpu_count"]), fixed, r["metric"], float(r["published"]))
+               int(r["gpu_count"]), fixed, r["metric"], float(r["published"]),
+               float(r["peak_memory_gib"]) if r["peak_memory_gib"].strip() else None)
 
 
 def load_rows(path: Path = DEFAULT_CSV) -> tuple[list[Row], list[str]]:
