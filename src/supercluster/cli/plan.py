@@ -46,7 +46,7 @@ def plan(
     ),
     pp_schedule: Optional[str] = typer.Option(None, "--pp-schedule", help="1f1b, interleaved1f1b, ..."),
     stage_layers: Optional[str] = typer.Option(None, "--stage-layers", help="Layers per pipeline stage, e.g. 15,16,16,15."),
-    stack: str = typer.Option("supercluster", "--stack", help="Software profile: supercluster, megatron or deepspeed."),
+    stack: str = typer.Option("supercluster", "--stack", help="Software profile: supercluster, megatron, megatron-2021 or deepspeed."),
     failures_per_gpu_hour: Optional[float] = typer.Option(
         None, "--failures-per-gpu-hour", help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
     ),
