@@ -8,17 +8,21 @@ import sys
 import tomllib
 
 import pytest
+from dataclasses import replace
 
 from supercluster.errors import UserError
 from supercluster.model.config import ModelConfig, layer_params
 from supercluster.plan import calibrate
 from supercluster.plan.build import build_model, build_request
-from supercluster.plan.cost import CONSTANTS_FILE, Layout, Software, _activation_bytes_per_layer, estimate, load_constants
+from supercluster.parallel.layout import Layout
+from supercluster.plan import goodput
+from supercluster.plan.cost import CONSTANTS_FILE, _activation_bytes_per_layer, estimate, load_constants
+from supercluster.plan.profiles import PROFILES
 from supercluster.plan.search import search
 
 GPT = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True)
 GPT3 = ModelConfig(layers=96, hidden=12288, heads=96, vocab_size=51200, max_seq_len=2048, **GPT)
-MEGATRON_2021 = Software(flash_attention=False, overlap_dp=False, grad_reduce_bytes=2)  # as in Narayanan et al. 2021
+MEGATRON_2021 = PROFILES["megatron-2021"]
 
 
 # ---- accuracy against published runs ------------------------------------------------------------
@@ -26,30 +30,41 @@ MEGATRON_2021 = Software(flash_attention=False, overlap_dp=False, grad_reduce_by
 
 @pytest.fixture(scope="module")
 def rows():
-    if not calibrate.DEFAULT_CSV.exists():
-        pytest.skip(f"calibration data not present at {calibrate.DEFAULT_CSV}")
-    found, _ = calibrate.load_rows()
+    found, _ = calibrate.load_rows()  # the repository's own data: never skipped
     return found
 
 
-def test_published_runs_predicted_within_10_percent_mape(rows):
-    assert len(rows) >= 40  # every row with a model, GPU count, batch and figure is used
-    total, errors = calibrate.mape(rows, load_constants())
-    assert total <= 0.10
-    assert max(map(abs, errors)) < 0.30  # no row is wildly off either
+@pytest.fixture(scope="module")
+def loso(rows):
+    return calibrate.leave_one_source_out(rows)
 
 
-def test_constants_are_few_global_and_reproducible(rows):
-    stored = json.loads(CONSTANTS_FILE.read_text())
-    assert len(stored["constants"]) <= 3
+def test_every_left_out_source_is_predicted_within_10_percent(loso):
+    """Fitted on the other sources only, each source's runs are predicted within 10% MAPE."""
+    assert set(loso) == {"narayanan2021", "korthikanti2022", "megatron-readme-2024", "torchtitan-2024"}
+    for source, res in loso.items():
+        assert res["mape"] <= 0.10, source
+        assert res["max_error"] < 0.35, source  # no run is wildly off either
+
+
+def test_calibration_rows_carry_their_layout_in_columns(rows):
+    assert len(rows) >= 60
+    korthikanti_baselines = [r for r in rows if r.source == "korthikanti2022" and r.metric == "step_time_s"]
+    assert len(korthikanti_baselines) == 4
+    assert all(r.stated["sequence_parallel"] is False and r.stated["recompute"] == "full" for r in korthikanti_baselines)
+    interleaved = [r for r in rows if r.stated.get("virtual_stages") == 3]
+    assert len(interleaved) >= 6
+    assert {r.stack for r in rows} == {"megatron", "megatron-2021", "deepspeed", "supercluster"}
+
+
+def test_constants_are_few_per_profile_and_reproducible(rows):
+    stored = json.loads(CONSTANTS_FILE.read_text())["constants"]
+    assert set(stored) == set(PROFILES)
+    assert all(len(c) <= 2 for c in stored.values())
     refit = calibrate.fit(rows)
-    for key, value in refit.items():
-        assert value == pytest.approx(stored["constants"][key], abs=0.01)
-
-
-def test_each_source_is_predicted_on_its_own_convention(rows):
-    by_metric = {row.metric for row in rows}
-    assert by_metric == {"hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s"}
+    for stack, consts in refit.items():
+        for key, value in consts.items():
+            assert value == pytest.approx(stored[stack][key], abs=0.01)
 
 
 # ---- the paper formulas --------------------------------------------------------------------------
@@ -65,31 +80,35 @@ def test_activation_memory_is_korthikanti_table_2(t):
 
     assert act("none", False) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))  # eq. 2
     assert act("none", True) == pytest.approx(sbh / t * (34 + 5 * a * s / h))  # eq. 4
-    assert act("selective", False) == pytest.approx(sbh * (10 + 24 / t))
-    assert act("selective", True) == pytest.approx(34 * sbh / t)
+    # The trainer's selective policy drops norm outputs, dropout masks and the GELU output
+    # (4 + 2 replicated bytes, 8 split) and keeps the attention scores' inputs.
+    assert act("selective", False) == pytest.approx(sbh * (4 + (16 + 5 * a * s / h) / t))
     assert act("full", False) == pytest.approx(2 * sbh)
 
 
 def test_flops_bubble_and_memory_of_one_layout():
     req = build_request(GPT3, 64, "a100-80gb", seq_len=2048, global_batch=64, software=MEGATRON_2021)
-    lay = Layout(tp=8, pp=8, dp=1, microbatch=1, virtual_stages=3, zero=0, recompute="selective", sequence_parallel=True)
+    lay = Layout(tp=8, pp=8, microbatch=1, virtual_stages=3, pp_schedule="interleaved1f1b", sharding="none",
+                 recompute="selective", sequence_parallel=True)
     est = estimate(req.work, lay, req.system, req.software)
     B, L, s, h, V = 64, 96, 2048, 12288, 51200
     model_flops = 72 * B * L * s * h**2 * (1 + s / (6 * h) + V / (12 * h * L))  # Korthikanti eq. 7
     assert est.model_tflops_per_gpu * 1e12 * est.step_time_s * 64 == pytest.approx(model_flops, rel=1e-3)
     assert est.bubble_fraction == pytest.approx(7 / (3 * 64))  # (p-1)/(v*m)
-    assert est.hfu > est.mfu
+    assert est.hfu == est.mfu  # selective recompute repeats no GEMM
+    assert est.stack == "megatron-2021"
     # ZeRO-0 mixed-precision Adam: 2 + 4 + 12 bytes per parameter of a stage of 12 layers / tp 8.
     params = (12 * layer_params(GPT3) + V * h) / 8  # 12 layers and the embedding on the first stage
     states = est.memory["weights"] + est.memory["gradients"] + est.memory["optimizer"]
     assert states == pytest.approx(18 * params / 2**30)
-    assert est.memory["total"] < 80
+    flash = estimate(req.work, lay, req.system, PROFILES["megatron"])
+    assert est.memory["activations"] > flash.memory["activations"]  # unfused attention keeps its scores
 
 
 def test_chosen_175b_layout_on_1024_a100_is_close_to_the_published_one():
     """Megatron-LM trained GPT-3 175B on 1024 A100 with tp 8, pp 16, batch 1536 (its example
     script; Narayanan et al. 2021 sec. 5.1: 140 TFLOP/s per GPU)."""
-    fixed = {"zero": 0, "sequence_parallel": False, "recompute": "full"}  # the 2021 software
+    fixed = {"sharding": "none", "sequence_parallel": False, "recompute": "full"}  # the 2021 software
     req = build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536, fixed=fixed, software=MEGATRON_2021)
     best = search(req, top=1)[0]
     published = search(build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536,
@@ -100,10 +119,13 @@ def test_chosen_175b_layout_on_1024_a100_is_close_to_the_published_one():
 
 
 def test_fully_fixed_layout_is_evaluated_alone():
-    fixed = dict(tp=8, pp=8, dp=16, cp=1, microbatch=1, virtual_stages=3, zero=1, recompute="selective", sequence_parallel=True)
-    req = build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536, fixed=fixed)
+    fixed = dict(tp=8, pp=8, dp=16, cp=1, microbatch=1, virtual_stages=3, sharding="optimizer", recompute="selective",
+                 sequence_parallel=True, pp_schedule="interleaved1f1b")
+    req = build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536, fixed=fixed, software=PROFILES["megatron"])
     plans = search(req)
-    assert len(plans) == 1 and plans[0].layout == Layout(**fixed)
+    expected = {**fixed, "dp_shard": 16}
+    del expected["dp"]
+    assert len(plans) == 1 and plans[0].layout == Layout(**expected) and plans[0].stack == "megatron"
 
 
 def test_search_ranks_by_step_time_and_respects_fixed_knobs():
@@ -114,11 +136,11 @@ def test_search_ranks_by_step_time_and_respects_fixed_knobs():
     assert times == sorted(times)
     assert all(p.memory_gib_per_gpu <= 79.6 for p in plans)
     # MFU counts the model's FLOPs only, the same for every layout of one step: so it is inverse to
-    # step time (the fastest plan has the highest), and recomputation shows in HFU, never in MFU.
+    # step time (the fastest plan has the highest); full recomputation repeats the forward pass and
+    # shows in HFU, never in MFU (selective recompute repeats elementwise work only, no FLOPs).
     work = [p.mfu * p.step_time_s for p in plans]
     assert max(work) == pytest.approx(min(work), rel=1e-9) and plans[0].mfu == max(p.mfu for p in plans)
-    assert all((p.hfu > p.mfu * 1.001) == (p.layout.recompute != "none") for p in plans)
-    assert any(p.layout.recompute != "none" for p in plans)
+    assert all((p.hfu > p.mfu * 1.001) == (p.layout.recompute == "full") for p in plans)
 
 
 def test_more_memory_or_sharding_is_chosen_only_when_needed():
@@ -147,6 +169,8 @@ def run_cli(*args, env=None):
         (["llama3-405b", "--gpus", "8", "--global-batch", "16"], "GiB more than"),
         (["gpt3-175b", "--gpus", "64", "--recompute", "some"], "--recompute must be one of"),
         (["--layers", "4", "--gpus", "8"], "--hidden, --heads"),
+        (["gpt3-175b", "--gpus", "64", "--stack", "titan"], "Unknown stack 'titan'"),
+        (["gpt3-175b", "--gpus", "64", "--sharding", "optimizer"], "not run by the supercluster stack"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(args, needle):
@@ -163,7 +187,9 @@ def test_json_plans_and_emitted_config(tmp_path):
                    "--json", "--emit-config", str(out), "--tokens", "1e9", "--price", "3")
     assert proc.returncode == 0, proc.stderr
     plans = json.loads(proc.stdout)["plans"]
-    keys = {"tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "step_time_s",
+    assert json.loads(proc.stdout)["stack"] == "supercluster"
+    keys = {"tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "step_time_s", "stack",
+            "effective_training_fraction", "checkpoint_every_steps", "train_days_without_failures",
             "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
             "memory_gib_per_gpu", "bubble_fraction"}
     assert plans and all(keys <= set(p) for p in plans)
@@ -171,6 +197,8 @@ def test_json_plans_and_emitted_config(tmp_path):
     best = plans[0]
     assert best["tp"] * best["pp"] * best["dp"] * best["cp"] == 16
     assert best["train_cost"] == pytest.approx(best["train_days"] * 24 * 16 * 3)
+    assert best["train_days"] > best["train_days_without_failures"]
+    assert emitted_checkpoint(out) == best["checkpoint_every_steps"]
     emitted = tomllib.loads(out.read_text())
     assert emitted["model"]["preset"] == "llama3-8b"
     assert emitted["train"]["micro_batch"] == best["microbatch"] and emitted["train"]["global_batch"] == 64
@@ -219,3 +247,107 @@ def test_emitted_pipeline_config_passes_the_trainers_checks(tmp_path):
     assert cfg.parallel.pp_schedule in PP_SCHEDULES and cfg.parallel.pp_schedule != "1f1b"
     dims = ParallelDims.from_config(cfg.parallel, world_size=8)
     dims.validate_model(cfg.model_config(), cfg.train)  # raises UserError on any mismatch
+
+
+def emitted_checkpoint(path):
+    return tomllib.loads(path.read_text())["train"]["checkpoint_every"]
+
+
+# ---- failures and goodput --------------------------------------------------------------------------
+
+
+def test_young_and_daly_intervals_by_hand():
+    # delta = 60 s, M = 3 h = 10800 s: Young sqrt(2*60*10800) = 1138.4 s; Daly with
+    # x = 60/21600: 1138.4 * (1 + sqrt(x)/3 + x/9) - 60 = 1098.6 s.
+    assert goodput.young_interval(60, 10800) == pytest.approx(1138.42, abs=0.01)
+    assert goodput.daly_interval(60, 10800) == pytest.approx(1138.42 * (1 + (60 / 21600) ** 0.5 / 3 + 60 / 21600 / 9) - 60, rel=1e-6)
+    assert goodput.daly_interval(100, 40) == 40  # write time beyond 2M: checkpoint every M
+    # Daly's wall time, by hand: M e^(R/M) (e^((tau+delta)/M) - 1) T / tau.
+    import math
+
+    wall = goodput.wall_time(1e6, 1000, 60, 600, 10800)
+    assert wall == pytest.approx(10800 * math.exp(600 / 10800) * (math.exp(1060 / 10800) - 1) * 1e6 / 1000)
+    assert goodput.checkpoint_every_steps(1000, 7.0) == 143
+
+
+def test_llama3_run_keeps_over_90_percent_effective_training_time():
+    """Meta reports >90% effective training time for Llama 3 405B on 16,384 H100s with 419
+    interruptions in 54 days; the model predicts about as many failures and over 90%."""
+    g = goodput.goodput(16384, 0.9 * 54 * 86400, 405e9)
+    assert g.mtbf_hours == pytest.approx(54 * 24 / 419, rel=1e-9)
+    assert 0.90 < g.effective_fraction < 0.97
+    assert g.failures_expected == pytest.approx(419, rel=0.1)
+    worse = goodput.goodput(16384, 0.9 * 54 * 86400, 405e9, restart_s=3600)
+    assert worse.effective_fraction < g.effective_fraction - 0.1
+
+
+# ---- the trainer's layout, charged as the trainer runs it ------------------------------------------
+
+
+LLAMA8B = build_model("llama3-8b")
+
+
+def _one(lay, stack="supercluster", precision="bf16", gpus=None, batch=64, model=LLAMA8B):
+    req = build_request(model, gpus or lay.gpus, "h100", seq_len=4096, global_batch=batch, precision=precision,
+                        software=PROFILES[stack])
+    return estimate(req.work, lay, req.system, req.software)
+
+
+def test_full_sharding_gathers_per_microbatch_and_keep_gathered_once_per_step():
+    """Without overlap (DeepSpeed's profile) the exposed data-parallel time is the collectives
+    themselves: "full" all-gathers 2 per microbatch, "keep_gathered" once per step."""
+    base = Layout(dp_shard=16, microbatch=1, recompute="full")  # 64/16 = 4 microbatches
+    kept = _one(replace(base, sharding="keep_gathered"), "deepspeed")
+    full = _one(replace(base, sharding="full"), "deepspeed")
+    none = _one(replace(base, sharding="none"), "deepspeed")
+    # reduce-scatter R + gather G once vs R + 8 G: the difference is 7 gathers.
+    gather = (full.exposed_comm_s - kept.exposed_comm_s) / 7
+    assert gather > 0
+    assert kept.exposed_comm_s == pytest.approx(none.exposed_comm_s / 2 + gather, rel=0.05)  # all-reduce = 2 R
+    assert kept.memory["weights"] > full.memory["weights"] * 8  # kept gathered: the whole model resident
+
+
+def test_uneven_stages_are_paced_by_the_busiest():
+    even = Layout(tp=8, pp=8, dp_shard=2, sharding="keep_gathered", microbatch=1, recompute="full")
+    llama405 = build_model("llama3-405b")
+    # 126 layers on 8 stages: as even as possible (16 x 6 + 15 x 2) or lighter ends, as Llama 3
+    # did for the embedding and the output layer.
+    auto = _one(even, model=llama405, batch=128)
+    lighter_ends = _one(replace(even, stage_layers=(15, 16, 16, 16, 16, 16, 16, 15)), model=llama405, batch=128)
+    lopsided = _one(replace(even, stage_layers=(9, 16, 16, 16, 16, 16, 16, 21)), model=llama405, batch=128)
+    assert lopsided.step_time_s > 1.2 * auto.step_time_s  # 21 layers set the pace
+    assert lighter_ends.step_time_s < auto.step_time_s  # the embedding is no longer on top of 16 layers
+
+
+def test_fp8_runs_linear_layers_at_the_fp8_rate_and_reports_mfu_against_bf16():
+    lay = Layout(dp_shard=8, sharding="full", microbatch=2, recompute="selective")
+    bf16, fp8 = _one(lay, batch=16), _one(lay, precision="fp8", batch=16)
+    speedup = bf16.step_time_s / fp8.step_time_s
+    assert 1.2 < speedup < 2.0  # GEMMs 2x at most; attention, norms, loss stay 16-bit
+    assert fp8.mfu == pytest.approx(bf16.mfu * speedup, rel=1e-6)  # same model FLOPs, same bf16 peak
+
+
+def test_selective_recompute_repeats_elementwise_ops_only():
+    lay = Layout(dp_shard=8, sharding="full", microbatch=2)
+    none, sel, full = (_one(replace(lay, recompute=r), batch=16) for r in ("none", "selective", "full"))
+    assert none.step_time_s < sel.step_time_s < 1.05 * none.step_time_s  # a memory-bound pass, a few %
+    assert full.step_time_s > 1.2 * none.step_time_s  # the whole forward again
+    assert sel.memory["activations"] < none.memory["activations"]
+    assert sel.hfu == sel.mfu and full.hfu > full.mfu
+
+
+def test_sequence_parallelism_only_when_the_layout_says_so():
+    on = Layout(tp=8, dp_shard=2, sharding="full", microbatch=1, recompute="none", sequence_parallel=True)
+    off = replace(on, sequence_parallel=False)
+    assert _one(on, batch=16).memory["activations"] < _one(off, batch=16).memory["activations"]
+
+
+def test_memory_model_matches_torchtitans_fsdp_runs(rows):
+    """Nothing in the memory model is fitted: torchtitan's 8B FSDP runs (the published layout,
+    selective recompute) report 62-82 GiB peaks, predicted within 10%. Its pipeline and
+    long-context runs are not: the model leaves out allocator slack and pipeline buffers there."""
+    fsdp = [r for r in rows if r.source == "torchtitan-2024" and r.stated.get("recompute") == "selective"]
+    assert len(fsdp) == 6
+    for row in fsdp:
+        predicted = calibrate.best(row, load_constants("supercluster")).memory_gib_per_gpu
+        assert predicted == pytest.approx(row.peak_memory_gib, rel=0.10), row.label

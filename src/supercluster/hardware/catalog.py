@@ -69,15 +69,15 @@ class NodeType:
 
 # ---- accelerators -------------------------------------------------------------------------
 # A100: NVIDIA A100 datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web), as quoted in
-# ../shared/calibration/NOTES.md: BF16 312, TF32 156, FP32 19.5 TFLOP/s dense; 40 GB HBM2 at
+# the calibration notes (plan/calibration/README.md): BF16 312, TF32 156, FP32 19.5 TFLOP/s dense; 40 GB HBM2 at
 # 1,555 GB/s, 80 GB HBM2e at 2,039 GB/s; NVLink3 12 links, 600 GB/s. No FP8 units.
-# H100 SXM5: NVIDIA H100 datasheet as quoted in NOTES.md: BF16 989.4, FP8 1,978.9 dense, TF32
+# H100 SXM5: NVIDIA H100 datasheet as quoted in the calibration notes: BF16 989.4, FP8 1,978.9 dense, TF32
 # 494.7, FP32 66.9; 80 GB HBM3 at 3.35 TB/s; NVLink4 18 links, 900 GB/s. The runtime reports
 # 81,559 MiB (79.6 GiB) of the 80 GB.
-# H200 SXM: same Hopper compute as H100 (NOTES.md); 141 GB HBM3e (MLCommons inference v4.1
+# H200 SXM: same Hopper compute as H100 (calibration notes); 141 GB HBM3e (MLCommons inference v4.1
 # system JSON H200-SXM-141GBx8), 4.8 TB/s (NVIDIA H200 page, via secondary pages: not verified
 # here); "18x 4th Gen NVLink, 900GB/s" (same JSON). Runtime reports 143,771 MiB (140.4 GiB).
-# MI300X: ROCm MI300 docs / spec table quoted in NOTES.md: BF16 1,307.4, FP8 2,614.9 dense,
+# MI300X: ROCm MI300 docs / spec table quoted in the calibration notes: BF16 1,307.4, FP8 2,614.9 dense,
 # TF32 653.7, FP32 (matrix) 163.4; 192 GB HBM3 at 5.3 TB/s; Infinity Fabric 7 peers x 64 GB/s
 # each way = 896 GB/s total (third-party aggregators, not verified here).
 # B200 (HGX B200, 1,000 W): NVIDIA HGX/DGX B200 datasheet: 72 PFLOP/s FP8 training and
@@ -101,6 +101,14 @@ ACCELERATORS: dict[str, Accelerator] = {
     ),
     "mi300x": Accelerator(
         "mi300x", "amd", {"bf16": 1307.4, "fp8": 2614.9, "tf32": 653.7, "fp32": 163.4}, 192.0, 5.3, 896.0, {"bf16": 781.9}
+    ),
+    # Meta's Grand Teton H100 (torchtitan's benchmarks): 96 GB HBM2e at 2.4 TB/s, capped at 500 W.
+    # Its clocks under that cap are not published; a stated derating: peak interpolated by
+    # power between H100 NVL (400 W, 835 TFLOP/s BF16) and SXM (700 W, 989.4), i.e. 886.5, and
+    # the achievable matmul scaled by the same ratio. The runtime reports ~94.5 GB as 88 GiB.
+    "h100-gt96": Accelerator(
+        "h100-gt96", "nvidia", {"bf16": 886.5, "fp8": 1773.0, "tf32": 443.3, "fp32": 59.9}, 88.0, 2.4, 900.0,
+        {"bf16": 709.7, "fp8": 1302.2},
     ),
     "b200": Accelerator(
         "b200", "nvidia", {"bf16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 75.0}, 180.0, 8.0, 1800.0, {"bf16": 1745.0, "fp8": 3432.5}
@@ -155,6 +163,10 @@ NODE_TYPES: dict[str, NodeType] = {
         "nd-mi300x-v5", "mi300x", 8, 896.0, 400.0,
         source="Azure ND MI300X v5 (MicrosoftDocs): 8x MI300X fully connected by Infinity Fabric, 8x 400 Gb/s NDR IB",
     ),
+    "grand-teton": NodeType(
+        "grand-teton", "h100-gt96", 8, 900.0, 400.0,
+        source="Meta Grand Teton as in torchtitan's H100 benchmarks: 8x H100 96GB (500 W), NVLink, 400 Gb/s RDMA per GPU",
+    ),
     "dgx-b200": NodeType(
         "dgx-b200", "b200", 8, 1800.0, 400.0,
         source="DGX B200 datasheet: 8x B200, NVLink5 1.8 TB/s per GPU, 8x single-port ConnectX-7 400 Gb/s (not verified here)",
@@ -182,6 +194,7 @@ DEFAULT_NODE = {
     "h100": "nd-h100-v5",
     "h200": "nd-h200-v5",
     "mi300x": "nd-mi300x-v5",
+    "h100-gt96": "grand-teton",
     "b200": "dgx-b200",
     "local": "local",
 }

@@ -11,7 +11,8 @@ import dataclasses
 from supercluster.errors import UserError
 from supercluster.hardware.catalog import accelerator, default_node_type, node_type
 from supercluster.model.config import ModelConfig, preset
-from supercluster.plan.cost import Estimate, Software, System, Workload
+from supercluster.plan.cost import Estimate, System, Workload
+from supercluster.plan.profiles import Software, profile
 from supercluster.plan.search import Request
 
 DEFAULT_BATCH_TOKENS = 4 * 2**20  # 4 Mi tokens per step when --global-batch is not given (Llama 3's main stage)
@@ -69,11 +70,16 @@ def build_request(
     if global_batch < 1:
         raise UserError(f"--global-batch must be at least 1 sequence, got {global_batch}.")
     # Local ranks share cores and talk through gloo: nothing overlaps, no fused attention.
-    software = software or Software(flash_attention=not local, overlap_dp=not local, overlap_tp=False)
+    software = software or profile()
+    if local:  # local ranks share cores and talk through gloo: nothing overlaps, no fused attention
+        software = dataclasses.replace(software, flash_attention=False, overlap_dp=False, overlap_tp=False)
     return Request(Workload(model, seq_len, global_batch), System(acc, nt, precision), gpus, software, dict(fixed or {}))
 
 
-def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = None, lr: float | None = None) -> dict:
+def train_config(
+    est: Estimate, req: Request, steps: int, run_dir: str | None = None, lr: float | None = None,
+    checkpoint_every: int | None = None,
+) -> dict:
     """The sections of a train config (train.config.Config) that run this plan."""
     cfg, lay = req.work.model, est.layout
     model = {"preset": cfg.preset or "small"}
@@ -95,9 +101,9 @@ def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = 
     }
     if lr is not None:
         train["lr"] = lr
-    # ZeRO-0 is plain replication; any sharding stage runs as FSDP2 (which shards weights,
-    # gradients and optimizer state together, i.e. ZeRO-3).
-    sharded = lay.zero >= 1
+    if checkpoint_every is not None:
+        train["checkpoint_every"] = checkpoint_every
+    sharded = lay.sharding != "none"
     m = req.work.global_batch // (lay.dp * lay.microbatch)
     parallel = {
         "dp_replicate": 1 if sharded else lay.dp,

@@ -13,8 +13,13 @@ Every term is written next to the paper it comes from:
 * Chan et al. 2007 / NCCL's performance notes: ring collectives move (n-1)/n of the buffer per
   step, an all-reduce twice that ("bus bandwidth").
 
-Only the constants in `constants.json` are fitted (by `plan.calibrate`, once, against
-published runs); everything else is a count of FLOPs and bytes divided by a datasheet rate.
+The layout is `parallel.layout.Layout`, the one the trainer runs, and it is charged as the
+trainer runs it: "keep_gathered" gathers weights once per step, "full" before every
+microbatch's forward and backward, gradients are reduce-scattered once per step; "selective"
+recompute repeats the elementwise ops only; uneven pipeline stages are paced by the busiest.
+What the software stack does is a named profile (`plan.profiles`); only the constants in
+`constants.json` are fitted (by `plan.calibrate`, per profile, against published runs);
+everything else is a count of FLOPs and bytes divided by a datasheet rate.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from pathlib import Path
 
 from supercluster.hardware.catalog import Accelerator, NodeType
 from supercluster.model.config import ModelConfig, flops_per_token, layer_params, matmul_params
+from supercluster.parallel.layout import RECOMPUTE, Layout
+from supercluster.plan.profiles import PROFILES, Software
 
-RECOMPUTE = ("none", "selective", "full")
 CONSTANTS_FILE = Path(__file__).with_name("constants.json")
 
 # Physical constants, not fitted (each is a property of the hardware or software stack):
@@ -53,43 +59,6 @@ def state_bytes(precision: str) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One parallel configuration; tp*pp*dp*cp is the GPU count."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    microbatch: int = 1
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
-    zero: int = 1  # 0: replicated, 1: optimizer sharded, 2: + gradients, 3: + weights (FSDP)
-    recompute: str = "none"  # none | selective | full
-    sequence_parallel: bool = False
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
-
-
-@dataclass(frozen=True)
-class Software:
-    """What the training stack does, as opposed to what the layout is."""
-
-    flash_attention: bool = True  # attention scores never stored (Dao et al. 2022)
-    overlap_dp: bool = True  # gradient reduce / weight gather overlap backward / forward
-    overlap_tp: bool = False  # tensor-parallel collectives overlap GEMMs (TE tp-comm-overlap)
-    grad_reduce_bytes: int = 4  # fp32 gradient reduction (2 for 16-bit, as 2021 Megatron/DeepSpeed)
-    # Data-parallel collectives that use every NIC of a node and NVLink inside it (NCCL rings
-    # and trees do); False models collectives limited to one NIC's rate per GPU, as DeepSpeed's
-    # 2021 ZeRO-3 measured (Narayanan et al. 2021 Table 2: throughput falls as 1/dp).
-    hierarchical_dp: bool = True
-    # ZeRO stages the training stack implements. supercluster's trainer has plain replication
-    # and FSDP2 (fully_shard: weights, gradients and optimizer state, i.e. ZeRO-3);
-    # Megatron-LM's distributed optimizer is ZeRO-1, DeepSpeed has all four.
-    zero_stages: tuple = (0, 3)
-
-
-@dataclass(frozen=True)
 class Workload:
     model: ModelConfig
     seq_len: int
@@ -103,9 +72,15 @@ class System:
     precision: str = "bf16"  # dtype of the matmuls (fp8: FP8 GEMMs, 16-bit elsewhere)
 
 
+
+EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3 kernels per fused one)
+FP8_CAST_BYTES = 5  # per operand element: amax read (2), read 16-bit (2), write FP8 (1)
+
+
 @dataclass
 class Estimate:
     layout: Layout
+    stack: str  # the software profile this prediction assumed
     step_time_s: float
     compute_s: float  # forward + backward (+ recompute) of all microbatches, bubble excluded
     bubble_s: float
@@ -125,7 +100,10 @@ class Estimate:
 
     def as_dict(self) -> dict:
         out = asdict(self.layout)
+        out["stage_layers"] = list(self.layout.stage_layers) if self.layout.stage_layers else None
         out.update(
+            dp=self.layout.dp,
+            stack=self.stack,
             step_time_s=self.step_time_s,
             tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
             model_tflops_per_gpu=self.model_tflops_per_gpu,
@@ -143,9 +121,11 @@ class Estimate:
         return out
 
 
-def load_constants() -> dict:
-    """The fitted constants, as `python -m supercluster.plan.calibrate` wrote them."""
-    return json.loads(CONSTANTS_FILE.read_text())["constants"]
+def load_constants(stack: str | None = None) -> dict:
+    """The fitted constants of one profile (all profiles when `stack` is None), as
+    `python -m supercluster.plan.calibrate` wrote them."""
+    stored = json.loads(CONSTANTS_FILE.read_text())["constants"]
+    return stored if stack is None else stored[stack]
 
 
 # ---- rates ---------------------------------------------------------------------------------
@@ -154,15 +134,19 @@ def load_constants() -> dict:
 class Rates:
     """Seconds for a GEMM, a memory-bound pass and a collective on this system."""
 
-    def __init__(self, system: System, constants: dict):
+    def __init__(self, system: System, sw: Software, constants: dict):
         acc, node = system.accelerator, system.node
-        self.peak = acc.peak(system.precision) * 1e12  # FLOP/s, for MFU
-        # GEMMs run at the measured best-case matmul rate times the one fitted constant: the
-        # share of it a training framework's kernels keep at their own shapes.
-        self.gemm_rate = acc.achievable(system.precision) * 1e12 * constants["gemm_efficiency"]
+        precision = system.precision
+        self.fp8 = precision == "fp8"
+        self.peak = acc.peak("bf16" if self.fp8 else precision) * 1e12  # MFU against the 16-bit peak
+        # GEMMs run at the measured best-case matmul rate times the profile's fitted share of it
+        # that its kernels keep at their own shapes. FP8 runs only the linear layers in FP8
+        # (datasheet FP8 rate, measured where available); attention and the rest stay 16-bit.
+        eff = constants["gemm_efficiency"]
+        self.gemm_rate = acc.achievable("bf16" if self.fp8 else precision) * 1e12 * eff
+        self.linear_rate = acc.achievable(precision) * 1e12 * eff
         self.hbm = acc.hbm_tbps * 1e12 * MEMORY_EFFICIENCY  # bytes/s
-        self.elem = element_bytes(system.precision)  # activation bytes
-        self.act_bytes = 1 if system.precision == "fp8" else self.elem  # GEMM operand bytes
+        self.elem = element_bytes(precision)  # activation bytes
         self.cpu = acc.vendor == "cpu"
         self.launch = 0.0 if self.cpu else KERNEL_LAUNCH_S
         self.latency = 0.0 if self.cpu else COLLECTIVE_LATENCY_S
@@ -171,17 +155,23 @@ class Rates:
         self.up = (node.allreduce_busbw_gbps or LINK_EFFICIENCY * node.scale_up_gbps / 2) * 1e9
         self.out = LINK_EFFICIENCY * node.scale_out_gbps_per_gpu / 8 * 1e9  # bytes/s per GPU
         self.gpus_per_node = node.gpus_per_node
+        self.eager = 1.0 if sw.fused_elementwise else EAGER_TRAFFIC
 
-    def gemm(self, m: float, k: float, n: float, batch: float = 1) -> float:
+    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False) -> float:
         """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
-        operand traffic.
+        operand traffic. `linear`: a weight GEMM, FP8 when the run trains in FP8 (operands
+        cast with a per-tensor scale first: an amax pass and a cast over each operand).
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
         """
         flops = 2 * m * k * n
-        traffic = self.act_bytes * (m * k + k * n) + self.elem * m * n
-        return batch * (flops / self.gemm_rate + traffic / self.hbm) + self.launch
+        fp8 = linear and self.fp8
+        rate = self.linear_rate if linear else self.gemm_rate
+        traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
+        if fp8:
+            traffic += FP8_CAST_BYTES * (m * k + k * n)
+        return batch * (flops / rate + traffic / self.hbm) + self.launch
 
     def memory_pass(self, nbytes: float) -> float:
         return nbytes / self.hbm
@@ -210,6 +200,25 @@ class Rates:
 # ---- FLOPs and bytes of one layer ------------------------------------------------------------
 
 
+def _elementwise_elements(cfg: ModelConfig) -> tuple[float, float, float]:
+    """Per token, in units of h: (replicated across tp unless sequence parallel, split by tp,
+    recomputable by "selective") elements the elementwise ops of one layer write.
+
+    Korthikanti et al. 2022 count 34 bytes per token*h for GPT (17 16-bit elements): 10 bytes
+    replicated across tp (two norm inputs, two norm outputs, dropout masks) and 24 split
+    (Q, K, V, attention output, MLP hidden). The elementwise outputs (norm outputs, the
+    activation's output, dropout masks) are what "selective" recompute drops and rebuilds.
+    """
+    h = cfg.hidden
+    kv = cfg.kv_heads * cfg.head_dim
+    dropout = 1 if cfg.mlp == "gelu" else 0  # GPT-style dropout masks, 1 byte = half an element
+    mlp_hidden = (3 if cfg.mlp == "swiglu" else 2) * cfg.ffn_hidden / h  # up (+gate) + activation out
+    replicated = 4 + dropout  # two norm inputs and outputs, masks
+    sharded = 1 + 2 * kv / h + 1 + mlp_hidden  # Q, K+V, attention out, MLP
+    recomputable = 2 + dropout + cfg.ffn_hidden / h  # norm outputs, masks, activation output
+    return replicated, sharded, recomputable
+
+
 def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of one transformer layer for one microbatch on
     one GPU, compute only. Tokens are split over cp, weights over tp."""
@@ -220,20 +229,24 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
     up_cols = 2 * f if cfg.mlp == "swiglu" else f
     # The four linear blocks of Megatron's TP split (Narayanan sec. 2.3, Fig. 5).
     linears = [
-        r.gemm(tokens, h, (h + 2 * kv) / t),  # QKV, column-parallel
-        r.gemm(tokens, h / t, h),  # attention output, row-parallel
-        r.gemm(tokens, h, up_cols / t),  # MLP up (and gate), column-parallel
-        r.gemm(tokens, f / t, h),  # MLP down, row-parallel
+        r.gemm(tokens, h, (h + 2 * kv) / t, linear=True),  # QKV, column-parallel
+        r.gemm(tokens, h / t, h, linear=True),  # attention output, row-parallel
+        r.gemm(tokens, h, up_cols / t, linear=True),  # MLP up (and gate), column-parallel
+        r.gemm(tokens, f / t, h, linear=True),  # MLP down, row-parallel
     ]
     linear_fwd = sum(linears)
-    # Attention scores and values: 4*b*s^2*h FLOPs forward (Narayanan eq. 3 appendix), each
-    # head a (s x d) @ (d x s) batched GEMM. With cp a rank holds s/cp queries and all keys.
+    # Attention scores and values: 4*b*s^2*h FLOPs forward, each head a (s x d) @ (d x s)
+    # batched GEMM, 16-bit even in FP8 runs. With cp a rank holds s/cp queries and all keys.
     heads = cfg.heads / t
     d = cfg.head_dim
     q_len = s / lay.cp
     if sw.flash_attention:
         # One fused kernel: causal masking skips half the square; backward recomputes the
-        # scores (2.5x forward, Dao 2023). No s^2 traffic to memory.
+        # scores (2.5x forward, Dao 2023). The kernel keeps its scores on chip, yet it is
+        # charged as a GEMM that writes its s x s output: that term is what stands in for
+        # flash attention's lower utilisation (FlashAttention-2 reaches ~35% of an H100's
+        # peak, Shah et al. 2024). Charging only Q, K, V, O traffic at a fixed 30-35% of peak
+        # was tried and predicts the long-context torchtitan runs 15-45% too fast, most at cp 8.
         attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads) / 2
         attn_bwd = 2.5 * attn_fwd
         softmax_bytes = 0.0
@@ -241,100 +254,131 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
         # Unfused (2021-era): full squares; scores written, softmax/dropout read and write them.
         attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads)
         attn_bwd = 2 * attn_fwd
-        softmax_bytes = r.elem * 4 * b * heads * q_len * s  # 4 passes over a*s elements
-    # Elementwise work (norms, activation, residual, dropout) is memory-bound: the tensors
-    # Korthikanti counts (34 bytes per token*h in 16 bits, i.e. 17 elements) are each written
-    # once and read once, 34 elements of traffic. Without sequence parallelism the
-    # norm/dropout/residual part (10 of the 34) is repeated on every tp rank.
-    replicated = 10 * tokens * h
-    sharded = 24 * tokens * h / t
-    if lay.sequence_parallel:
+        softmax_bytes = r.elem * 4 * b * heads * q_len * s
+    # Elementwise work is memory-bound: each element written once and read once. Without
+    # sequence parallelism the norm/residual part is repeated on every tp rank.
+    replicated, sharded, recomputable = _elementwise_elements(cfg)
+    if lay.sequence_parallel and t > 1:
         replicated /= t
-    elementwise_fwd = r.memory_pass(r.elem * (replicated + sharded) + softmax_bytes)
+    elements = 2 * tokens * h * (replicated + sharded / t)
+    elementwise_fwd = r.memory_pass(r.eager * r.elem * elements + softmax_bytes)
     forward = linear_fwd + attn_fwd + elementwise_fwd
     # Backward: two GEMMs per forward GEMM (data and weight gradients), elementwise twice.
     backward = 2 * linear_fwd + attn_bwd + 2 * elementwise_fwd
     if lay.recompute == "full":
         recompute = forward
-    elif lay.recompute == "selective":  # recompute only the attention core (Korthikanti sec. 4.2)
-        recompute = attn_fwd + r.memory_pass(softmax_bytes)
+    elif lay.recompute == "selective":
+        # The trainer's selective policy keeps matmul and attention outputs and recomputes the
+        # elementwise ops that produced what it dropped: a memory-bound pass, no GEMM.
+        recompute = elementwise_fwd * recomputable / (replicated + sharded)
     else:
         recompute = 0.0
     return forward, backward, recompute
 
 
 def _logits_time(cfg: ModelConfig, lay: Layout, r: Rates, s: int) -> float:
-    """Forward + backward of the vocabulary-parallel output layer and its cross-entropy."""
+    """Forward + backward of the vocabulary-parallel output layer and its cross-entropy
+    (16-bit: FP8 recipes keep the output layer in 16 bits)."""
     tokens = lay.microbatch * s / lay.cp
     gemm = r.gemm(tokens, cfg.hidden, cfg.vocab_size / lay.tp)
     loss = r.memory_pass(4 * 4 * tokens * cfg.vocab_size / lay.tp)  # fp32 logits, ~4 passes
     return 3 * gemm + loss
 
 
+def _embedding_time(cfg: ModelConfig, lay: Layout, r: Rates, s: int) -> float:
+    """Embedding lookup forward and its scatter-add backward: memory-bound, on the first stage."""
+    tokens = lay.microbatch * s / lay.cp
+    return r.memory_pass(3 * r.elem * tokens * cfg.hidden / (lay.tp if lay.sequence_parallel else 1))
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+
+
+def stage_split(cfg: ModelConfig, lay: Layout) -> tuple[int, ...]:
+    """Layers per pipeline stage: the layout's own boundaries, else as even as whole layers
+    allow (the first stages take one more when the layers do not divide)."""
+    if lay.stage_layers:
+        return tuple(lay.stage_layers)
+    n = lay.num_stages
+    base, extra = divmod(cfg.layers, n)
+    return tuple(base + (1 if i < extra else 0) for i in range(n))
+
+
+def rank_layers(cfg: ModelConfig, lay: Layout) -> list[int]:
+    """Layers each pipeline rank holds: stage i lives on rank i mod pp (looped placement;
+    V schedules place the second half mirrored, which holds the same counts in total)."""
+    split = stage_split(cfg, lay)
+    per_rank = [0] * lay.pp
+    for i, n in enumerate(split):
+        rank = i % lay.pp if lay.pp_schedule not in ("zbvzerobubble", "dualpipev") else min(i, lay.num_stages - 1 - i)
+        per_rank[rank] += n
+    return per_rank
+
+
+def stage_layers(cfg: ModelConfig, lay: Layout) -> int:
+    """Layers on the busiest pipeline rank."""
+    return max(rank_layers(cfg, lay))
+
+
 # ---- memory ------------------------------------------------------------------------------------
 
 
 def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: int) -> float:
-    """Korthikanti et al. 2022, eq. 1-4 and Table 2, for b sequences of s/cp tokens.
-
-    34 = 10 (norm inputs, QKV and MLP inputs, dropout masks; replicated across tp unless
-    sequence parallel) + 24 (Q, K, V, attention output, MLP hidden; split by tp), generalised
-    here to grouped K/V and the MLP's width; 5*a*s/h is the stored attention scores, which
-    flash attention and selective recompute both avoid.
-    """
+    """Korthikanti et al. 2022, eq. 1-4 and Table 2, for b sequences of s/cp tokens, 16-bit,
+    generalised to grouped K/V and the MLP's width; 5*a*s/h is the stored attention scores,
+    which flash attention never stores. "selective" drops the elementwise outputs (norm and
+    activation outputs, dropout masks) and keeps matmul and attention outputs."""
     b, h, t = lay.microbatch, cfg.hidden, lay.tp
     sbh = (s / lay.cp) * b * h
+    sp = lay.sequence_parallel and t > 1
     if lay.recompute == "full":
-        return 2 * sbh / (t if lay.sequence_parallel else 1)  # only the layer input
-    kv = cfg.kv_heads * cfg.head_dim
-    dropout = 2 if cfg.mlp == "gelu" else 0  # GPT-style dropout masks, 1 byte each
-    mlp = (6 if cfg.mlp == "swiglu" else 4) * cfg.ffn_hidden / h
-    sharded = 2 + 4 * kv / h + 2 + mlp  # = 24 for GPT (kv = h, ffn = 4h)
-    replicated = 8 + dropout  # = 10 for GPT
-    scores = 0.0 if (sw.flash_attention or lay.recompute == "selective") else 5 * cfg.heads * s / h / lay.cp
-    if lay.sequence_parallel:
+        return 2 * sbh / (t if sp else 1)  # only the layer input
+    replicated, sharded, recomputable = (2 * x for x in _elementwise_elements(cfg))  # bytes
+    scores = 0.0 if sw.flash_attention else 5 * cfg.heads * s / h / lay.cp
+    if lay.recompute == "selective":
+        # Of the dropped bytes, norm outputs and masks are replicated, the activation output split.
+        replicated -= 4 + (2 if cfg.mlp == "gelu" else 0)
+        sharded -= 2 * cfg.ffn_hidden / h
+    if sp:
         return sbh / t * (replicated + sharded + scores)
     return sbh * (replicated + (sharded + scores) / t)
-
-
-def stage_layers(cfg: ModelConfig, lay: Layout) -> int:
-    """Layers on the busiest pipeline rank: chunks of ceil(L/(p*v)) layers, v per rank."""
-    return math.ceil(cfg.layers / (lay.pp * lay.virtual_stages)) * lay.virtual_stages
 
 
 def memory(
     cfg: ModelConfig, lay: Layout, sw: Software, s: int, microbatches: int, reserved_gib: float, precision: str = "bf16"
 ) -> dict:
-    """GiB per GPU on the busier of the first and last pipeline stages."""
+    """GiB per GPU on the pipeline rank that needs the most."""
     w_bytes, g_bytes, o_bytes = state_bytes(precision)
     scale = element_bytes(precision) / 2  # Korthikanti counts 16-bit activations
-    t, p, v = lay.tp, lay.pp, lay.virtual_stages
-    shards = lay.dp * lay.cp  # ZeRO shards over every rank that holds the same weights
+    t, p, v = lay.tp, lay.pp, lay.stages_per_rank
+    shards = lay.dp_shard * lay.cp  # ranks over which the state is sharded (HSDP replicates across dp_replicate)
+    if lay.sharding == "optimizer":
+        shards = lay.dp * lay.cp
     embed = cfg.vocab_size * cfg.hidden
     per_layer = layer_params(cfg)
-    layers = stage_layers(cfg, lay)
     act_layer = _activation_bytes_per_layer(cfg, lay, sw, s) * scale
     tokens = lay.microbatch * s / lay.cp
     logits = 2 * 4 * tokens * cfg.vocab_size / t  # fp32 logits and their gradient
     working = 0.0
     if lay.recompute == "full":  # one layer's activations rebuilt at a time
-        working = _activation_bytes_per_layer(cfg, replace(lay, recompute="selective"), sw, s) * scale
+        working = _activation_bytes_per_layer(cfg, replace(lay, recompute="none"), sw, s) * scale
+    per_rank = rank_layers(cfg, lay)
     stages = []
-    for first in (True, False) if p > 1 else (True,):
-        # The first stage holds the embedding, the last the output layer (a copy of the
-        # embedding when tied, as Megatron keeps it); with p == 1 both live on one rank.
-        heads = 1 if (p > 1 or cfg.tie_embeddings) else 2
+    for rank, layers in enumerate(per_rank):
+        first, last = rank == 0, rank == p - 1
+        heads = (1 if first else 0) + (1 if last and not (p == 1 and cfg.tie_embeddings) else 0)
         params = (layers * per_layer + heads * embed) / t
-        # 1F1B: the first stage keeps min(p, m) microbatches in flight, the last one;
-        # interleaving adds (1 + (p-1)/(p*v)) (Korthikanti sec. 4.2.3).
-        in_flight = min(p, microbatches) if first else 1
-        interleave = 1 + (p - 1) / (p * v) if (v > 1 and first) else 1
-        act = act_layer * layers * (in_flight if first else 1) * interleave
-        weights = w_bytes * params / (shards if lay.zero >= 3 else 1)
-        grads = g_bytes * params / (shards if lay.zero >= 2 else 1)
-        optimizer = o_bytes * params / (shards if lay.zero >= 1 else 1)
-        buffers = working + (logits if (not first or p == 1) else 0.0)
-        if lay.zero >= 3:
+        # 1F1B: rank i keeps min(p - i, m) microbatches in flight; interleaving adds
+        # (1 + (p-1)/(p*v)) on the first (Korthikanti sec. 4.2.3).
+        in_flight = min(p - rank, microbatches)
+        interleave = 1 + (p - 1) / (p * v) if v > 1 else 1
+        act = act_layer * layers * in_flight * interleave
+        sharded_weights = lay.sharding == "full"  # keep_gathered holds the whole stage's weights all step
+        weights = w_bytes * params / (shards if sharded_weights else 1)
+        grads = g_bytes * params / (shards if lay.sharding in ("keep_gathered", "full") else 1)
+        optimizer = o_bytes * params / (shards if lay.sharding != "none" else 1)
+        buffers = working + (logits if last else 0.0)
+        if sharded_weights:
             buffers += 2 * w_bytes * per_layer / t  # two unsharded layers in flight (prefetch)
         stages.append(
             {
@@ -353,18 +397,29 @@ def memory(
 # ---- one step ------------------------------------------------------------------------------------
 
 
-def estimate(work: Workload, lay: Layout, system: System, sw: Software = Software(), constants: dict | None = None) -> Estimate:
+def estimate(
+    work: Workload, lay: Layout, system: System, sw: Software = PROFILES["supercluster"], constants: dict | None = None
+) -> Estimate:
     cfg, s = work.model, work.seq_len
-    r = Rates(system, constants or load_constants())
-    t, p, v, c = lay.tp, lay.pp, lay.virtual_stages, lay.cp
+    constants = constants if constants is not None else load_constants(sw.name)
+    r = Rates(system, sw, constants)
+    t, p, c = lay.tp, lay.pp, lay.cp
+    v = lay.stages_per_rank
     m = work.global_batch // (lay.dp * lay.microbatch)  # microbatches per pipeline per step
     gpus = lay.gpus
 
-    # Compute of the busiest stage for one microbatch (Narayanan eq. 1's t_f + t_b).
+    # Compute of one microbatch per pipeline rank (Narayanan eq. 1's t_f + t_b): its layers,
+    # the embedding on the first rank, the output layer and loss on the last. The busiest
+    # rank sets the pace of every stage of the schedule.
     fwd, bwd, rec = _layer_time(cfg, lay, sw, r, s)
-    layers = stage_layers(cfg, lay)
-    # Stages hold equal layer counts, so the last one, which also runs the output layer, sets the pace.
-    per_mb = layers * (fwd + bwd + rec) + _logits_time(cfg, lay, r, s)
+    layer_time = fwd + bwd + rec
+    per_rank = rank_layers(cfg, lay)
+    loads = [n * layer_time for n in per_rank]
+    loads[0] += _embedding_time(cfg, lay, r, s)
+    loads[-1] += _logits_time(cfg, lay, r, s)
+    busiest = max(range(p), key=loads.__getitem__)
+    per_mb = loads[busiest]
+    layers = per_rank[busiest]
 
     # Tensor parallel (Narayanan sec. 3.2): per layer 2 all-reduces forward and 2 backward of
     # b*s*h activations (with sequence parallelism, all-gather + reduce-scatter pairs: the same
@@ -373,9 +428,8 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     tp_rounds = 4 + (2 if lay.recompute == "full" else 0)
     tp_comm = layers * tp_rounds * r.ring(act_bytes, t, r.up, passes=2) if t > 1 else 0.0
     if sw.overlap_tp:
-        # Transformer Engine splits each all-gather / reduce-scatter into chunks that run
-        # under the GEMM consuming or producing them: two of the four linears per collective
-        # pair, so about half of the layer's compute is a window to hide them in.
+        # Chunked all-gather / reduce-scatter run under the GEMM consuming or producing them:
+        # about half of the layer's compute is a window to hide them in.
         tp_comm = max(0.0, tp_comm - layers * (fwd + bwd) / 2)
     # Context parallel (Llama 3 sec. 3.3.2): all-gather K and V forward, reduce-scatter their
     # gradients backward, over the cp ranks next to tp in rank order.
@@ -385,7 +439,7 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     # scatter/gather optimisation or sequence parallelism; v times as many with interleaving.
     p2p = 0.0
     if p > 1:
-        p2p_bytes = act_bytes / (t if (t > 1) else 1)
+        p2p_bytes = act_bytes / t
         link = r.up if t * c * lay.dp < r.gpus_per_node else r.out
         p2p = 2 * v * (p2p_bytes / link + r.latency)
     per_mb_total = per_mb + tp_comm + cp_comm + p2p
@@ -394,54 +448,60 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     bubble = (p - 1) / v * per_mb_total
     pipeline = m * per_mb_total + bubble
 
-    # Data parallel over dp*cp ranks holding the same weights (Rajbhandari et al. 2020):
-    # ZeRO-0 all-reduces gradients; 1-2 reduce-scatter gradients and all-gather updated
-    # 16-bit weights; 3 also all-gathers weights for every microbatch's forward and backward.
+    # Data parallel over the dp*cp ranks that hold the same weights (Rajbhandari et al. 2020),
+    # as the trainer runs each strategy: "none" all-reduces gradients; "optimizer" reduce-
+    # scatters them and all-gathers the updated weights; "keep_gathered" all-gathers the
+    # weights once per step before the first forward and keeps them through every microbatch
+    # and backward; "full" gathers before every microbatch's forward and again for its
+    # backward. Gradients are reduce-scattered once per step.
     n = lay.dp * c
     local = min(n, max(1, r.gpus_per_node // t))  # ranks are ordered tp, cp, dp, pp (tp innermost)
     stage_params = (layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t
     grad_bytes = sw.grad_reduce_bytes * stage_params
-    weight_bytes = state_bytes(system.precision)[0] * stage_params
+    gather_elem = 1 if (system.precision == "fp8" and sw.fp8_all_gather) else state_bytes(system.precision)[0]
+    weight_bytes = gather_elem * stage_params
     aware = sw.hierarchical_dp
-    if lay.zero == 0:
+    shard_n = lay.dp_shard * c if lay.sharding in ("keep_gathered", "full") else n
+    gathers = {"none": 0, "optimizer": 1, "keep_gathered": 1, "full": 2 * m}[lay.sharding]
+    if lay.sharding == "none" or shard_n <= 1:
         reduce = r.hierarchical(grad_bytes, n, local, passes=2, topology_aware=aware)  # all-reduce
         gather = 0.0
     else:
-        reduce = r.hierarchical(grad_bytes, n, local, topology_aware=aware)  # reduce-scatter
-        gather = r.hierarchical(weight_bytes, n, local, topology_aware=aware)  # all-gather
-        if lay.zero >= 3:  # FSDP: weights gathered again for every microbatch, forward and backward
-            gather *= 2 * m
+        reduce = r.hierarchical(grad_bytes, shard_n, local, topology_aware=aware)  # reduce-scatter
+        if n > shard_n:  # HSDP: the shards' gradients are all-reduced across the replicas
+            reduce += r.hierarchical(grad_bytes / shard_n, n // shard_n, 1, passes=2, topology_aware=aware)
+        gather = gathers * r.hierarchical(weight_bytes, shard_n, local, topology_aware=aware)
     if sw.overlap_dp:
         # Gradients are reduced in buckets while the last microbatch's backward (and the
-        # pipeline drain) runs; weights are gathered ahead of the forward pass, and under
-        # ZeRO-3 ahead of every microbatch's forward and backward.
+        # pipeline drain) runs; weights are gathered ahead of the layer that needs them.
         reduce_window = bwd * layers + bubble / 2
-        gather_window = (fwd + bwd) * layers * m if lay.zero >= 3 else fwd * layers
+        gather_window = (fwd + bwd) * layers * m if lay.sharding == "full" else fwd * layers
         exposed_dp = max(0.0, reduce - reduce_window) + max(0.0, gather - gather_window)
     else:
         exposed_dp = reduce + gather
 
     # Optimizer step: memory-bound Adam over this rank's shard of the parameters.
-    opt_params = stage_params / (n if lay.zero >= 1 else 1)
+    opt_params = stage_params / (shard_n if lay.sharding != "none" else 1)
     optimizer = r.memory_pass(OPTIMIZER_BYTES_PER_PARAM * opt_params)
 
     step = pipeline + exposed_dp + optimizer
     exposed = m * (tp_comm + cp_comm + p2p) + exposed_dp
 
-    # FLOPs as the papers count them: model FLOPs (Korthikanti eq. 7, via flops_per_token)
-    # and hardware FLOPs adding what recomputation repeats (eq. 3 for full, eq. 8 in spirit
-    # for selective: the attention forward once more).
+    # FLOPs as the papers count them: model FLOPs (Korthikanti eq. 7, via flops_per_token);
+    # hardware FLOPs add what recomputation repeats (a full recompute repeats each layer's
+    # forward; the selective policy repeats only elementwise ops, which count no FLOPs).
     tokens = work.global_batch * s
     model_flops = flops_per_token(cfg, s) * tokens
     attention_fwd = 4 * cfg.layers * s * cfg.hidden
     layer_fwd = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden) + attention_fwd  # no LM head
-    extra = {"none": 0.0, "selective": attention_fwd, "full": layer_fwd}[lay.recompute] * tokens
+    extra = layer_fwd * tokens if lay.recompute == "full" else 0.0
     hardware_flops = model_flops + extra
     model_tflops = model_flops / step / gpus / 1e12
     hardware_tflops = hardware_flops / step / gpus / 1e12
     reserved = 0.0 if r.cpu else RESERVED_GIB
     return Estimate(
         layout=lay,
+        stack=sw.name,
         step_time_s=step,
         compute_s=m * per_mb,
         bubble_s=bubble,
@@ -455,4 +515,3 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
         hfu=hardware_tflops * 1e12 / r.peak,
         memory=memory(cfg, lay, sw, s, m, reserved, system.precision),
     )
-

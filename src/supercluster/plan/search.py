@@ -12,11 +12,14 @@ import math
 from dataclasses import dataclass, field, replace
 
 from supercluster.errors import UserError
-from supercluster.plan.cost import (
-    RECOMPUTE, RESERVED_GIB, Estimate, Layout, Software, System, Workload, estimate, load_constants, memory,
-)
+from supercluster.parallel.layout import RECOMPUTE, SHARDING, Layout
+from supercluster.plan.cost import RESERVED_GIB, Estimate, System, Workload, estimate, load_constants, memory
+from supercluster.plan.profiles import Software, profile
 
-KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "sequence_parallel")
+KNOBS = (
+    "tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel", "pp_schedule",
+    "stage_layers",
+)
 MICROBATCHES = (1, 2, 4, 8, 16)
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
 LONG_SEQUENCE = 8192  # context parallelism is only searched from here; below, it just adds traffic
@@ -27,7 +30,7 @@ class Request:
     work: Workload
     system: System
     gpus: int
-    software: Software = field(default_factory=Software)
+    software: Software = field(default_factory=profile)
     fixed: dict = field(default_factory=dict)  # knob -> value, from KNOBS
 
 
@@ -72,8 +75,11 @@ def _check_fixed(req: Request) -> None:
         )
     if f.get("virtual_stages", 1) > 1 and f.get("pp", 2) == 1:
         raise UserError("--virtual-stages above 1 needs pipeline parallelism; add --pp 2 or more.")
-    if "zero" in f and f["zero"] not in (0, 1, 2, 3):
-        raise UserError(f"--zero must be 0, 1, 2 or 3, got {f['zero']}.")
+    if "sharding" in f and f["sharding"] not in req.software.shardings:
+        raise UserError(
+            f"--sharding {f['sharding']} is not run by the {req.software.name} stack; choose one of "
+            f"{', '.join(req.software.shardings)}."
+        )
     if "recompute" in f and f["recompute"] not in RECOMPUTE:
         raise UserError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {f['recompute']!r}.")
     if "cp" in f and req.work.seq_len % (2 * f["cp"]) and f["cp"] > 1:
@@ -122,23 +128,27 @@ def layouts(req: Request):
                     vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers % (pp * v) == 0 and m % pp == 0)]
                     for v in _choices(req, "virtual_stages", vs):
                         sp = req.fixed.get("sequence_parallel", tp > 1)
-                        yield Layout(tp, pp, dp, cp, mb, v, 0, "none", sp)
+                        schedule = req.fixed.get("pp_schedule", "interleaved1f1b" if v > 1 else "1f1b")
+                        yield Layout(
+                            tp=tp, pp=pp, dp_shard=dp, cp=cp, sharding="none", pp_schedule=schedule, virtual_stages=v,
+                            stage_layers=req.fixed.get("stage_layers"), microbatch=mb, recompute="none", sequence_parallel=sp,
+                        )
 
 
 def _with_memory_choices(req: Request, base: Layout, reserved_gib: float):
-    """Per recompute mode, the lowest ZeRO stage that fits; yields (layout, memory) pairs,
+    """Per recompute mode, the least sharding that fits; yields (layout, memory) pairs,
     feasible or not, so that the caller can report the nearest miss."""
     shards = base.dp * base.cp
-    stages = sorted(req.software.zero_stages)
-    if 1 in stages and 0 in stages:
-        stages.remove(0)  # ZeRO-1 moves the same bytes as an all-reduce and holds less
-    zeros = _choices(req, "zero", [0] if shards == 1 else stages)
+    stages = [s for s in SHARDING if s in req.software.shardings]  # least sharded first
+    if "optimizer" in stages and "none" in stages:
+        stages.remove("none")  # ZeRO-1 moves the same bytes as an all-reduce and holds less
+    zeros = _choices(req, "sharding", ["none"] if shards == 1 else stages)
     m = req.work.global_batch // (base.dp * base.microbatch)
     capacity = req.system.accelerator.hbm_gib
     for recompute in _choices(req, "recompute", list(RECOMPUTE)):
         nearest = None
         for zero in zeros:
-            lay = replace(base, zero=zero, recompute=recompute)
+            lay = replace(base, sharding=zero, recompute=recompute)
             mem = memory(req.work.model, lay, req.software, req.work.seq_len, m, reserved_gib, req.system.precision)
             if mem["total"] <= capacity:
                 yield lay, mem, True
@@ -152,7 +162,7 @@ def _with_memory_choices(req: Request, base: Layout, reserved_gib: float):
 def search(req: Request, top: int = 10, constants: dict | None = None) -> list[Estimate]:
     """The `top` fastest feasible layouts, best first; UserError when none fits."""
     _check_fixed(req)
-    constants = constants or load_constants()
+    constants = constants or load_constants(req.software.name)
     reserved = 0.0 if req.system.accelerator.vendor == "cpu" else RESERVED_GIB
     plans, nearest, seen = [], None, 0
     for base in layouts(req):
@@ -172,9 +182,9 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
         cap = req.system.accelerator.hbm_gib
         raise UserError(
             f"The model fits no layout: the nearest (tp={lay.tp}, pp={lay.pp}, dp={lay.dp}, cp={lay.cp}, "
-            f"microbatch={lay.microbatch}, zero={lay.zero}, recompute={lay.recompute}) needs {mem['total']:.1f} GiB per GPU, "
+            f"microbatch={lay.microbatch}, sharding={lay.sharding}, recompute={lay.recompute}) needs {mem['total']:.1f} GiB per GPU, "
             f"{mem['total'] - cap:.1f} GiB more than the {cap:.0f} GiB of one {req.system.accelerator.name}; "
-            f"use more GPUs, a larger --pp or --tp, --recompute full, --zero 3 or a smaller --microbatch."
+            f"use more GPUs, a larger --pp or --tp, --recompute full, --sharding full or a smaller --microbatch."
         )
     plans.sort(key=lambda e: (e.step_time_s, e.memory_gib_per_gpu))
     return plans[:top]

@@ -1,0 +1,68 @@
+"""Software profiles: what a training stack does, as opposed to what the layout is.
+
+A profile is a handful of documented physical switches (which kernels fuse, which
+collectives overlap compute, what precision gradients are reduced in, which sharding
+strategies the stack runs) plus at most two constants fitted against that stack's published
+runs (`plan.calibrate` writes them to constants.json, per profile). The same profile applies
+to every row of its stack: nothing is switched for particular runs.
+
+- supercluster: this trainer, PyTorch-native like torchtitan: FSDP2 (fully_shard), DTensor
+  tensor parallelism, torch.distributed.pipelining, flash attention through SDPA; torch.compile
+  is the user's choice (train.compile), eager otherwise. TP collectives are not overlapped.
+- megatron: Megatron-LM / NeMo with Transformer Engine: hand-fused kernels, TP communication
+  overlap, overlapped gradient reduce and parameter gather, distributed optimizer (ZeRO-1).
+- megatron-2021: the same stack as published in 2021-22 (Narayanan et al. 2021, Korthikanti
+  et al. 2022): fused bias/GELU/softmax kernels but attention unfused (scores stored, softmax
+  read and written), gradients all-reduced in 16 bits after the backward pass (no overlap).
+- deepspeed: DeepSpeed ZeRO stages 0-3; 16-bit gradient reduction, collectives across nodes
+  that each GPU drives through its own NIC (no hierarchical rings), no overlap with compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from supercluster.errors import UserError, closest
+
+
+@dataclass(frozen=True)
+class Software:
+    name: str = "supercluster"
+    flash_attention: bool = True  # attention scores never stored (Dao et al. 2022)
+    # Elementwise ops (norms, activation, rotary, residual) fused into few kernels: by hand in
+    # Megatron/TE and DeepSpeed, by torch.compile here. Eager PyTorch runs each op as its own
+    # kernel, reading and writing its tensors again.
+    fused_elementwise: bool = True
+    overlap_dp: bool = True  # gradient reduce / weight gather overlap backward / forward
+    overlap_tp: bool = False  # TP collectives chunked under the GEMMs (TE tp-comm-overlap, AsyncTP)
+    grad_reduce_bytes: int = 4  # fp32 gradient reduction (2: 16-bit, as DeepSpeed and 2021 Megatron)
+    # Data-parallel collectives use NVLink inside a node and every NIC across nodes (NCCL
+    # rings/trees); False: each GPU's collectives run at its one NIC's rate.
+    hierarchical_dp: bool = True
+    fp8_all_gather: bool = False  # FSDP weight all-gathers in FP8 when training in FP8
+    shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
+    fitted: tuple[str, ...] = ("gemm_efficiency",)  # constants calibrated per profile (at most two)
+
+
+PROFILES: dict[str, Software] = {
+    "supercluster": Software(),
+    "megatron": Software(
+        name="megatron", overlap_tp=True, shardings=("none", "optimizer"),
+    ),
+    "megatron-2021": Software(
+        name="megatron-2021", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, shardings=("none",),
+    ),
+    "deepspeed": Software(
+        name="deepspeed", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
+        shardings=("none", "optimizer", "keep_gathered", "full"),
+    ),
+}
+DEFAULT = "supercluster"
+
+
+def profile(name: str | None = None) -> Software:
+    """The profile called `name` (default: this trainer's)."""
+    name = (name or DEFAULT).lower()
+    if name not in PROFILES:
+        raise UserError(f"Unknown stack {name!r}{closest(name, PROFILES)}; choose one of {', '.join(PROFILES)}.")
+    return PROFILES[name]
