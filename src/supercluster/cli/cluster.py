@@ -11,11 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-DbOption = Annotated[
-    Optional[str],
-    typer.Option("--db", envvar="SUPERCLUSTER_DB", help="SQLAlchemy URL of the fleet database (default: $SUPERCLUSTER_HOME/fleet.db)."),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON with stable keys instead of a table.")]
+from supercluster.cli.flags import DbOption, JsonOption, SetOption
 
 fleet_app = typer.Typer(help="The fleet: nodes, switches, pods.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Clusters: gang allocations of GPUs on the fleet.", no_args_is_help=True)
@@ -202,7 +198,7 @@ def _print_job(j: dict) -> None:
 def job_submit(
     config: str,
     cluster: Annotated[str, typer.Option("--cluster", help="Cluster to run on.")],
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Config override section.key=value (repeatable).")] = None,
+    overrides: SetOption = None,
     max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after a failure before giving up.")] = 3,
     db: DbOption = None,
     as_json: JsonOption = False,

@@ -11,9 +11,9 @@ import json
 
 import typer
 
+from supercluster.cli.flags import DbOption, JsonOption
+
 LEVEL = typer.Option("quick", "--level", help="quick (seconds) or full (larger sizes, longer runs)")
-JSON = typer.Option(False, "--json", help="print JSON with stable keys instead of a table")
-DB = typer.Option(None, "--db", help="fleet database URL (default $SUPERCLUSTER_DB or $SUPERCLUSTER_HOME/fleet.db)")
 
 
 def _fmt(value) -> str:
@@ -65,17 +65,17 @@ def register(app: typer.Typer) -> None:
     @health.callback()
     def check(ctx: typer.Context, node: str = typer.Option(None, "--node", help="a fleet node"),
               cluster: str = typer.Option(None, "--cluster", help="every node of a cluster"),
-              level: str = LEVEL, as_json: bool = JSON,
+              level: str = LEVEL, as_json: JsonOption = False,
               record: bool = typer.Option(True, "--record/--no-record", help="store results and drain/resume"),
-              db: str = DB):
+              db: DbOption = None):
         """Run the health checks on this machine (default), one node or a cluster."""
         if ctx.invoked_subcommand is None:
             _run(node, cluster, level, as_json, record, db)
 
     @health.command("local")
-    def local(level: str = LEVEL, as_json: bool = JSON,
+    def local(level: str = LEVEL, as_json: JsonOption = False,
               record: bool = typer.Option(True, "--record/--no-record", help="store results and drain/resume"),
-              db: str = DB):
+              db: DbOption = None):
         """Run the health checks on this machine."""
         _run(None, None, level, as_json, record, db)
 
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
     def calibrate(level: str = typer.Option("full", "--level", help="quick or full"),
                   repeats: int = typer.Option(3, "--repeats", help="runs to take the median and noise from"),
                   cluster: str = typer.Option(None, "--cluster", help="add this cluster's multi-node all-reduce"),
-                  as_json: bool = JSON, db: str = DB):
+                  as_json: JsonOption = False, db: DbOption = None):
         """Record this known-good machine's (or cluster's) figures as the baseline for its kind."""
         from supercluster.health import targets
 
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
     @health.command("report")
     def report(node: str = typer.Option(None, "--node", help="only this node"),
                limit: int = typer.Option(50, "--limit", help="newest results to show"),
-               as_json: bool = JSON, db: str = DB):
+               as_json: JsonOption = False, db: DbOption = None):
         """Nodes' health state and the history of their check results, newest first."""
         from supercluster.health.history import health_report
 

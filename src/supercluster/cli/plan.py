@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from supercluster.cli.flags import JsonOption
 from supercluster.errors import UserError
 from supercluster.files import write_atomic
 
@@ -57,7 +58,7 @@ def plan(
     tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens, for time and cost to train."),
     price: Optional[float] = typer.Option(None, "--price", help="Price per GPU-hour, for the cost to train."),
     top: int = typer.Option(10, "--top", help="Layouts to show."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"plans": [...]}, best first.'),
+    as_json: JsonOption = False,
     emit_config: Optional[Path] = typer.Option(None, "--emit-config", help="Write the best plan as a train config (TOML)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="train.steps in the emitted config (default: from --tokens, else 100)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="train.lr in the emitted config."),

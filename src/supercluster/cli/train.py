@@ -8,12 +8,13 @@ from typing import Optional
 
 import typer
 
+from supercluster.cli.flags import JsonOption, SetOption
 from supercluster.errors import UserError
 
 
 def train(
     config: Optional[Path] = typer.Argument(None, help="TOML config; defaults are used for anything it leaves out."),
-    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=50 (repeatable)."),
+    set_: SetOption = None,
     nproc: int = typer.Option(1, "--nproc", help="Ranks on this node (torchrun workers)."),
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0..nnodes-1."),
@@ -21,13 +22,13 @@ def train(
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by all nodes (default: from the config path)."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Restart failed workers this many times, resuming from the latest checkpoint."),
     sample: bool = typer.Option(True, "--sample/--no-sample", help="Print a sample from the trained model at the end."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: JsonOption = False,
 ):
     """Train a GPT model: one rank in this process, or N ranks through torchrun."""
     from supercluster.train.config import load_config
     from supercluster.train.launch import TorchrunSpec, launch_training
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_ or [])
     launch = TorchrunSpec(nproc, nnodes, node_rank, rdzv, rdzv_id, max_restarts)
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
@@ -94,7 +95,7 @@ def sample(
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory (holds config.toml and checkpoints/)."),
     out: Path = typer.Argument(..., help="The .safetensors file to write."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    as_json: JsonOption = False,
 ):
     """Write the latest checkpoint (any layout) as one safetensors file with Llama tensor names."""
     from supercluster.train.export import export_run
