@@ -27,7 +27,8 @@ from supercluster.model.config import flops_per_token
 from supercluster.model.transformer import Transformer
 from supercluster.train.config import load_config
 from supercluster.train.metrics import device_peak
-from supercluster.train.trainer import Trainer, resolve_precision
+from supercluster.hardware.device import resolve_precision
+from supercluster.train.trainer import Trainer
 
 
 class PlainLoop:

@@ -50,3 +50,15 @@ def select_device(local_rank: int | None = None):
     index = local_rank % devices.count
     torch.accelerator.set_device_index(index)
     return torch.device(devices.type, index)
+
+
+def resolve_precision(device, requested: str) -> str:
+    """bf16 where the device runs it faster than fp32, else fp32 (CPUs without AVX-512 BF16
+    emulate bf16 matmuls at a small fraction of fp32 speed, so the CPU is measured)."""
+    if requested != "auto":
+        return requested
+    if str(device).startswith("cpu"):
+        from supercluster.hardware.local import bf16_speedup
+
+        return "bf16" if bf16_speedup() > 1.2 else "fp32"
+    return "bf16"

@@ -83,6 +83,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if hasattr(cache, "attend"):  # a serving engine's paged cache: it stores k, v and attends
+            return self.wo(cache.attend(self.layer, q, k, v).reshape(b, s, -1))
         # Prefill (or training) is causal; one decoded token attends to the whole cache.
         causal = cache is None or cache.length() == 0
         if cache is not None:
@@ -146,10 +148,13 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_index: torch.Tensor | None = None):
         """tokens [b, s] (or hidden states [b, s, h] in a later pipeline stage) -> logits or hidden.
 
         positions: absolute positions of the s tokens; default 0..s-1 (after any cached ones).
+        logits_index: the token positions (along s) whose logits are wanted; a serving engine
+        that packs many sequences' tokens needs only each one's last, not [s, vocab] of them.
         """
         s = tokens.shape[1]
         if positions is None:
@@ -161,6 +166,8 @@ class Transformer(nn.Module):
         rope = self.rope[positions]
         for block in self.layers.values():
             h = block(h, rope, cache)
+        if logits_index is not None:
+            h = h[:, logits_index]
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h

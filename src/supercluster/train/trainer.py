@@ -35,18 +35,7 @@ from supercluster.train.faults import Faults
 from supercluster.train.metrics import CollectiveBytes, MetricsLog, RankStats, device_peak, memory_gib
 from supercluster.train.optim import build_optimizer, lr_at
 from supercluster.train.progress import Progress
-
-
-def resolve_precision(device: torch.device, requested: str) -> str:
-    """bf16 where the device runs it faster than fp32, else fp32 (CPUs without AVX-512 BF16
-    emulate bf16 matmuls at a small fraction of fp32 speed, so the CPU is measured)."""
-    if requested != "auto":
-        return requested
-    if device.type == "cpu":
-        from supercluster.hardware.local import bf16_speedup
-
-        return "bf16" if bf16_speedup() > 1.2 else "fp32"
-    return "bf16"
+from supercluster.hardware.device import resolve_precision
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:

@@ -1,0 +1,107 @@
+"""`supercluster serve` (the OpenAI-compatible server) and `supercluster chat` (a terminal chat)."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from supercluster.errors import UserError
+
+RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or made by `supercluster import`.")]
+
+
+def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int):
+    from supercluster.serve.engine import Engine, EngineConfig
+
+    if not (run_dir / "config.toml").is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml); train or import a model into it first.")
+    if kv_cache_gib <= 0 or max_running < 1 or max_queue < 0:
+        raise UserError("--kv-cache-gib must be positive, --max-running at least 1 and --max-queue at least 0.")
+    return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue))
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a busy port fails in a second."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"Cannot listen on {host}:{port} ({err.strerror}); pick another --port or stop what uses it.") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(
+    run_dir: RunDir,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="A key clients send as Bearer (repeatable); none: open.")] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond which new ones get 429.")] = 256,
+    max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
+    kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
+):
+    """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
+    import uvicorn
+
+    from supercluster.serve.api import create_app
+
+    sock = _listen(host, port)
+    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue)
+    app = create_app(engine, api_key or [], max_queue)
+    print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({engine.precision}, "
+          f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    finally:
+        engine.shutdown()
+
+
+def chat(
+    run_dir: RunDir,
+    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 256,
+    temperature: Annotated[float, typer.Option("--temperature")] = 0.7,
+):
+    """Chat with a model in the terminal (streaming; the model's own chat template)."""
+    import queue
+
+    from supercluster.serve.sampling import SamplingParams
+
+    engine = _engine(run_dir, 0.25, 1, 1)
+    messages = []
+    try:
+        while True:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
+                break
+            if not line:
+                continue
+            messages.append({"role": "user", "content": line})
+            prompt = engine.tokenizer.encode(engine.chat.render(messages), add_special_tokens=False).ids
+            budget = min(max_tokens, engine.max_len - len(prompt))
+            if budget < 1:
+                print("(the conversation is as long as the model's context; start a new chat)")
+                messages.clear()
+                continue
+            events: queue.Queue = queue.Queue()
+            engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=temperature), events.put)
+            reply, event = "", {}
+            print("model> ", end="", flush=True)
+            while "finish_reason" not in event and "error" not in event:
+                event = events.get()
+                reply += event.get("text", "")
+                print(event.get("text", ""), end="", flush=True)
+            print()
+            messages.append({"role": "assistant", "content": reply})
+    finally:
+        engine.shutdown()
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("chat")(chat)

@@ -1,0 +1,1 @@
+"""Serving: import real models into run directories; the inference engine and its OpenAI-compatible API."""

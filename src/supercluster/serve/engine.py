@@ -1,0 +1,216 @@
+"""The inference engine: a run directory's model, its paged KV cache, and a step loop that
+runs every scheduled sequence's new tokens in one forward pass.
+
+The loop lives in a thread of its own; callers (the HTTP API, the terminal chat) submit
+requests and receive events through a callback: {"token": id, "text": delta, "logprob": ...}
+as tokens arrive, then {"finish_reason": ...}. `abort` stops a request at the next step and
+frees its blocks, also in the middle of its prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from supercluster.errors import UserError
+from supercluster.serve.kv_cache import PagedKVCache, SeqSlice, StepAttention
+from supercluster.serve.sampling import SamplingParams, sample
+from supercluster.serve.scheduler import Scheduler, Sequence
+
+
+@dataclass
+class EngineConfig:
+    kv_cache_gib: float = 0.5
+    block_size: int = 16
+    max_running: int = 32  # sequences decoding at once
+    max_step_tokens: int = 512  # tokens per forward pass (chunked prefill beyond)
+    max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
+    precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    preemptions: int = 0
+    ttft_s: list[float] = field(default_factory=list)  # drained by the metrics exporter
+    tpot_s: list[float] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(self, run_dir: Path, config: EngineConfig | None = None):
+        from supercluster.hardware.device import resolve_precision, select_device
+        from supercluster.serve.tokens import load_chat, load_tokenizer_and_specials
+        from supercluster.train.sample import load_trained
+
+        self.config = config or EngineConfig()
+        run_dir = Path(run_dir)
+        self.device = select_device()
+        self.precision = resolve_precision(self.device, self.config.precision)
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.model = load_trained(run_dir).to(self.device, self.dtype).eval()
+        self.model.rope = self.model.rope.float()  # positions stay exact in any precision
+        self.cfg = self.model.cfg
+        self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
+        self.chat = load_chat(run_dir, self.tokenizer)
+        self.name = run_dir.name
+        blocks = PagedKVCache.blocks_for_budget(self.config.kv_cache_gib, self.cfg.layers, self.config.block_size,
+                                                self.cfg.kv_heads, self.cfg.head_dim, self.dtype)
+        self.cache = PagedKVCache(self.cfg.layers, blocks, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim,
+                                  self.dtype, self.device)
+        self.scheduler = Scheduler(self.cache.pool, self.config.block_size, self.config.max_running,
+                                   self.config.max_step_tokens)
+        self.stats = Stats()
+        self._lock = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- requests --------------------------------------------------------------------------
+
+    @property
+    def max_len(self) -> int:
+        return self.cfg.max_seq_len
+
+    def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise UserError("The prompt is empty; give at least one token.")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is beyond this "
+                            f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens.")
+        if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
+            raise UserError(f"Token ids must be in 0..{self.cfg.vocab_size - 1}.")
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self.scheduler.waiting) + len(self._inbox)
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit) -> str:
+        """Queue a request; `emit(event)` is called from the engine thread. Returns its id."""
+        self.check_request(prompt, params)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(uuid.uuid4().hex, list(prompt), params, emit, generator)
+        with self._lock:
+            self.stats.prompt_tokens += len(prompt)
+            self._inbox.append(seq)
+            self._lock.notify()
+        return seq.id
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+            self._lock.notify()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._inbox or self._aborts or self.scheduler.running or self.scheduler.waiting or self._stopping):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                for seq in self._inbox:
+                    self.scheduler.add(seq)
+                self._inbox.clear()
+                aborts, self._aborts = self._aborts, set()
+            for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                if seq.id in aborts:
+                    self.scheduler.finish(seq)
+                    seq.finish_reason = "abort"
+            try:
+                self.step()
+            except Exception as err:  # a bug must not hang every client: fail what was running
+                for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+                    self.scheduler.finish(seq)
+                    seq.emit({"error": f"{type(err).__name__}: {err}"})
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return
+        tokens, positions, write_slots, slices, last = [], [], [], [], []
+        for seq, count in batch:
+            start, stop = seq.computed, seq.computed + count
+            slices.append(SeqSlice(len(tokens), count, stop, self.cache.slots(seq.blocks, 0, stop)))
+            tokens += seq.tokens[start:stop]
+            positions += range(start, stop)
+            write_slots.append(self.cache.slots(seq.blocks, start, stop))
+            last.append(len(tokens) - 1)
+        cache = StepAttention(self.cache, torch.cat(write_slots).to(self.device), slices)
+        logits = self.model(torch.tensor([tokens], device=self.device), torch.tensor(positions, device=self.device),
+                            cache=cache, logits_index=torch.tensor(last, device=self.device))[0]
+        now = time.monotonic()
+        for (seq, count), row in zip(batch, logits):
+            seq.computed += count
+            self.scheduler.publish_full_blocks(seq)
+            if seq.computed < len(seq.tokens):
+                continue  # a prefill chunk: more of the prompt to go
+            drawn = sample(row, seq.params, seq.output, seq.generator)
+            self._append(seq, drawn, now)
+
+    def _append(self, seq: Sequence, drawn, now: float) -> None:
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats.ttft_s.append(now - seq.arrival)
+        else:
+            self.stats.tpot_s.append((now - seq.first_token_at) / max(1, len(seq.output)))
+        seq.output.append(drawn.token)
+        self.stats.generation_tokens += 1
+        p = seq.params
+        finish = None
+        if drawn.token in p.stop_token_ids or (drawn.token in self.eos_ids and not p.ignore_eos):
+            finish = "stop"
+        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
+        hold = 0
+        if p.stop:
+            hits = [h for h in (text.find(s) for s in p.stop) if h >= 0]
+            if hits:
+                text, finish = text[: min(hits)], "stop"
+            hold = max(map(len, p.stop)) - 1  # what could still be the start of a stop string is not sent yet
+        if finish is None and (len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_len):
+            finish = "length"
+        # A multi-byte character split across tokens decodes to U+FFFD until its last byte comes.
+        ready = len(text) if finish else max(seq.sent, len(text.rstrip("\ufffd")) - hold)
+        delta = text[seq.sent:ready]
+        seq.sent = max(seq.sent, ready)
+        event = {"token": drawn.token, "text": delta}
+        if p.logprobs is not None:
+            event["logprob"], event["top_logprobs"] = drawn.logprob, drawn.top
+        seq.emit(event)
+        if finish:
+            seq.finish_reason = finish
+            self.scheduler.finish(seq)
+            seq.emit({"finish_reason": finish, "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output)})
+
+    # ---- observability -------------------------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {
+                "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting) + len(self._inbox),
+                "kv_blocks_used": self.cache.pool.used,
+                "kv_blocks_total": self.cache.pool.num_blocks,
+                "prefix_cache_hits": self.cache.pool.prefix_hits,
+            }
+
+
+def describe(engine: Engine) -> str:
+    return json.dumps({"model": engine.name, "precision": engine.precision, "device": str(engine.device),
+                       "kv_blocks": engine.cache.pool.num_blocks, "block_size": engine.config.block_size})

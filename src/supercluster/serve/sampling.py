@@ -1,0 +1,65 @@
+"""Per-request sampling: penalties, temperature, top-k, top-p, min-p, a seeded generator,
+and the log-probabilities OpenAI's API returns (of the model's distribution, before any of
+the request's shaping, as vLLM reports them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+
+
+@dataclass
+class Sampled:
+    token: int
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generated: list[int], generator: torch.Generator | None) -> Sampled:
+    """One token from one sequence's next-token `logits` [vocab]."""
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.unique(torch.tensor(generated), return_counts=True)
+        logits = logits.clone()
+        logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
+    if params.temperature <= 0:
+        token = int(torch.argmax(logits))
+    else:
+        logits = logits / params.temperature
+        if params.top_k and params.top_k < logits.numel():
+            kth = torch.topk(logits, params.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if params.min_p > 0:
+            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+        if params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    if logprobs is None:
+        return Sampled(token)
+    top = []
+    if params.logprobs:
+        values, ids = torch.topk(logprobs, params.logprobs)
+        top = [(int(i), float(v)) for i, v in zip(ids, values)]
+    return Sampled(token, float(logprobs[token]), top)

@@ -1,0 +1,187 @@
+"""The serving engine and its OpenAI-compatible API, against a live `supercluster serve` on
+loopback, spoken to with the official `openai` client."""
+
+import concurrent.futures
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+SCRIPT = Path(sys.executable).with_name("supercluster")
+KEY = "test-key"
+PROMPTS = ["def parse(self, text):", "import os\nimport sys\n\n", "class Reader:\n    def __init__(self", "x = [", "return"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_corpus):
+    run = tmp_path_factory.mktemp("serve") / "tiny-run"
+    out = subprocess.run([str(SCRIPT), "train", "configs/tiny.toml", "--set", f"run.dir={run}", "--set", f"data.path={small_corpus}",
+                          "--set", "train.steps=30", "--set", "train.eval_every=0", "--no-sample"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
+def start_server(run_dir: Path, *args: str):
+    port = free_port()
+    proc = subprocess.Popen([str(SCRIPT), "serve", str(run_dir), "--port", str(port), "--api-key", KEY,
+                             "--kv-cache-gib", "0.01", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+    proc, base = start_server(run_dir)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    return float(re.search(rf"^{name}(?:_total)? (\S+)$", text, re.M).group(1))
+
+
+def complete(client, prompt, **kw):
+    kw = {"model": "tiny-run", "max_tokens": 24, "temperature": 0, **kw}
+    return client.completions.create(prompt=prompt, **kw).choices[0].text
+
+
+def test_completions_and_chat_sync_and_streaming(client):
+    whole = client.completions.create(model="tiny-run", prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert whole.choices[0].finish_reason in ("length", "stop") and whole.usage.completion_tokens <= 12
+    streamed = client.completions.create(model="tiny-run", prompt=PROMPTS[0], max_tokens=12, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text  # streaming changes nothing
+
+    messages = [{"role": "user", "content": "def"}]
+    reply = client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=10, temperature=0)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.prompt_tokens > 0
+    chunks = list(client.chat.completions.create(model="tiny-run", messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply.choices[0].message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert [m.id for m in client.models.list().data] == ["tiny-run"]
+
+
+def test_sampling_options(client):
+    seeded = [complete(client, PROMPTS[1], temperature=1.0, top_p=0.9, seed=7) for _ in range(2)]
+    assert seeded[0] == seeded[1]  # a seed makes sampling repeatable
+    few = client.completions.create(model="tiny-run", prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=3)
+    lp = few.choices[0].logprobs
+    assert len(lp.tokens) == 5 and all(v <= 0 for v in lp.token_logprobs) and all(len(t) == 3 for t in lp.top_logprobs)
+    text = complete(client, PROMPTS[1], max_tokens=30)
+    if len(text) > 3:  # a stop string cuts the text before it
+        stop = text[2:4]
+        assert complete(client, PROMPTS[1], max_tokens=30, stop=[stop]) == text[: text.find(stop)]
+    n = client.completions.create(model="tiny-run", prompt=PROMPTS[2], max_tokens=6, n=3, temperature=1.0, seed=1)
+    assert sorted(c.index for c in n.choices) == [0, 1, 2]
+    extra = client.completions.create(model="tiny-run", prompt="x", max_tokens=2,
+                                      extra_body={"ignore_eos": True, "repetition_penalty": 1.1, "user": "u"})
+    assert extra.usage.completion_tokens == 2
+
+
+def test_greedy_output_in_a_full_batch_equals_each_request_alone(client):
+    alone = [complete(client, p, max_tokens=20 + 4 * i) for i, p in enumerate(PROMPTS)]
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS) * 2) as pool:
+        together = list(pool.map(lambda i: complete(client, PROMPTS[i % len(PROMPTS)], max_tokens=20 + 4 * (i % len(PROMPTS))),
+                                 range(len(PROMPTS) * 2)))
+    assert together == alone + alone
+
+
+def test_prefix_reuse_is_hit_and_changes_nothing(client, server):
+    long_prompt = "import json\nimport os\n\ndef load(path):\n    with open(path) as f:\n        return json.load(f)\n"
+    first = complete(client, long_prompt, max_tokens=8)
+    before = metric(server, "supercluster_prefix_cache_hit_blocks")
+    second = complete(client, long_prompt, max_tokens=8)
+    assert metric(server, "supercluster_prefix_cache_hit_blocks") > before
+    assert second == first
+
+
+def test_a_cancelled_stream_frees_its_blocks(client, server):
+    stream = client.completions.create(model="tiny-run", prompt=PROMPTS[3], max_tokens=90, temperature=1.0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    assert metric(server, "supercluster_kv_cache_blocks_used") > 0
+    stream.close()  # the client goes away mid-generation
+    for _ in range(100):
+        if metric(server, "supercluster_kv_cache_blocks_used") == 0 and metric(server, "supercluster_num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert metric(server, "supercluster_kv_cache_blocks_used") == 0
+
+
+def test_errors_use_openai_bodies(client, server):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(f"{server}/health").status_code == 200  # open without a key
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "x", model="no-such-model")
+    with pytest.raises(openai.BadRequestError, match="context of 128 tokens"):
+        complete(client, "x", max_tokens=500)
+    bad = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, content=b"{not json")
+    assert bad.status_code == 400 and bad.json()["error"]["message"]
+    wrong_type = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                            json={"model": "tiny-run", "prompt": "x", "max_tokens": "many"})
+    assert wrong_type.status_code == 400 and "max_tokens" in wrong_type.json()["error"]["message"]
+
+
+def test_a_full_queue_answers_429(run_dir):
+    proc, base = start_server(run_dir, "--max-running", "1", "--max-queue", "1")
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+
+        def one(_):
+            try:
+                complete(client, PROMPTS[0], max_tokens=60, extra_body={"ignore_eos": True})
+                return 200
+            except openai.RateLimitError:
+                return 429
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(one, range(8)))
+        assert 429 in codes and 200 in codes
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(busy.getsockname()[1])],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Cannot listen" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run([str(SCRIPT), "serve", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120,
+                         env={**os.environ})
+    assert out.returncode == 2 and "not a run directory" in out.stderr
