@@ -70,13 +70,16 @@ class Node(Base):
 
     @property
     def status(self) -> str:
-        """What `fleet show` prints: idle, mixed, allocated, draining, drained or down (Slurm's words)."""
-        if self.state == "down":
-            return "down"
-        used = self.used_gpus
-        if self.state == "drain":
-            return "draining" if used else "drained"
-        return "idle" if not used else "allocated" if used >= self.gpus else "mixed"
+        return node_status(self.state, self.gpus, self.used_gpus)
+
+
+def node_status(state: str, gpus: int, used: int) -> str:
+    """What `fleet show` prints: idle, mixed, allocated, draining, drained or down (Slurm's words)."""
+    if state == "down":
+        return "down"
+    if state == "drain":
+        return "draining" if used else "drained"
+    return "idle" if not used else "allocated" if used >= gpus else "mixed"
 
 
 class Cluster(Base):
@@ -152,7 +155,7 @@ def default_url() -> str:
     return f"sqlite:///{path}"
 
 
-def _make_engine(url: str) -> sa.Engine:
+def make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         # timeout: a writer waits up to 60 s for another's lock instead of failing at once.
         engine = sa.create_engine(url, connect_args={"timeout": 60}, poolclass=sa.pool.NullPool)
@@ -185,7 +188,7 @@ class Database:
     def __init__(self, url: str | None = None):
         self.url = url or default_url()
         try:
-            self.engine = _make_engine(self.url)
+            self.engine = make_engine(self.url)
             migrations.upgrade(self.engine)
         except ModuleNotFoundError as err:
             raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
@@ -211,8 +214,8 @@ class Database:
             session.info[_UNDO] = undo
             try:
                 with session.begin():
-                    if lock:
-                        session.execute(sa.select(Fleet.id).with_for_update())  # no-op on SQLite
+                    if lock:  # the fleet row, locked (a no-op on SQLite) and kept for `fleet()`
+                        session.execute(sa.select(Fleet).with_for_update())
                     yield session
             except BaseException:
                 _run_undo(undo)
