@@ -30,6 +30,7 @@ from supercluster.cluster.state import (
     now,
     open_db,
 )
+from supercluster.cluster.usage import close_intervals
 from supercluster.errors import UserError, closest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -75,8 +76,14 @@ def create_cluster(
     max_switches: int | None = None,
     require_health: bool = False,
     health_max_age_s: float = DEFAULT_HEALTH_MAX_AGE_S,
+    owner: str | None = None,
+    priority: int = 0,
 ) -> dict:
-    """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error."""
+    """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error.
+
+    owner: an opaque tag (the service passes its project) that usage is grouped by.
+    priority: a request that does not fit may preempt clusters of lower priority (see `preempt`).
+    """
     db = open_db(db)
     with db.transaction() as s:
         fleet = db.fleet(s)
@@ -85,7 +92,7 @@ def create_cluster(
         cluster = Cluster(
             name=name, gpus=gpus, gpu_type=gpu_type, state="queued", max_switches=max_switches,
             require_health=require_health, health_max_age_s=health_max_age_s, bypassed=0, lower_bound=bound,
-            created_at=now(),
+            created_at=now(), owner=owner, priority=priority,
         )
         s.add(cluster)
         s.flush()
@@ -119,11 +126,13 @@ def cluster_dict(s: Session, c: Cluster) -> dict:
     nodes = _cluster_nodes(s, c)
     position = None
     if c.state == "queued":
-        position = s.scalar(sa.select(sa.func.count()).where(Cluster.state == "queued", Cluster.id <= c.id))
+        ahead = sa.or_(Cluster.priority > c.priority, sa.and_(Cluster.priority == c.priority, Cluster.id <= c.id))
+        position = s.scalar(sa.select(sa.func.count()).where(Cluster.state == "queued", ahead))
     return {
         "name": c.name, "state": c.state, "gpus": c.gpus, "gpu_type": c.gpu_type,
         "nodes": nodes, "switches": sorted({n["leaf"] for n in nodes}), "leaves": c.leaves, "pods": c.pods, "lower_bound": c.lower_bound,
         "max_switches": c.max_switches, "queue_position": position, "reservation": c.backend_ref,
+        "owner": c.owner, "priority": c.priority, "detail": c.detail,
         "created_at": c.created_at, "placed_at": c.placed_at,
         "jobs": list(s.scalars(sa.select(Job.id).where(Job.cluster_name == c.name).order_by(Job.id))),
     }
@@ -163,6 +172,7 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
             # that is gone, and the next delete finds nothing to release and goes on.
             backend_for(fleet.backend, fleet.settings).release(cluster.backend_ref)
         # Core deletes: the ORM cascade would load and delete each allocation on its own.
+        close_intervals(s, cluster.id, now(), "deleted")
         s.execute(sa.delete(Allocation).where(Allocation.cluster_id == cluster.id))
         s.execute(sa.delete(Cluster).where(Cluster.id == cluster.id))
         s.expire_all()

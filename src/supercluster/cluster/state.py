@@ -33,6 +33,7 @@ HEALTH_STATUSES = ("passed", "failed", "skipped")
 CLUSTER_STATES = ("queued", "ready")
 JOB_ACTIVE = ("pending", "running")
 JOB_STATES = ("pending", "running", "completed", "failed", "cancelled")
+# A job preempted with its cluster is pending with no backend_ref until the cluster is placed again.
 DEFAULT_HEALTH_MAX_AGE_S = 24 * 3600.0
 
 
@@ -99,6 +100,9 @@ class Cluster(Base):
     backend_ref: Mapped[str | None] = mapped_column(sa.String(128))  # e.g. the Slurm reservation
     created_at: Mapped[float]
     placed_at: Mapped[float | None]
+    owner: Mapped[str | None] = mapped_column(sa.String(128), index=True)  # opaque tag (the service's project)
+    priority: Mapped[int] = mapped_column(default=0)  # higher may reclaim nodes from lower (preemption)
+    detail: Mapped[str | None] = mapped_column(sa.Text)  # why it waits, e.g. who preempted it
     allocations: Mapped[list[Allocation]] = relationship(
         back_populates="cluster", cascade="all, delete-orphan", order_by="Allocation.node_name"
     )
@@ -117,6 +121,27 @@ class Allocation(Base):
     node: Mapped[Node] = relationship(back_populates="allocations")
 
 
+class AllocationInterval(Base):
+    """One span of time during which a cluster held a set of nodes: the source of GPU-seconds.
+
+    Opened when a cluster is placed; closed when it is deleted, preempted or has nodes swapped
+    (a swap opens the next interval on the new nodes). Never deleted with the cluster, so usage
+    over any past period can be summed.
+    """
+
+    __tablename__ = "allocation_intervals"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    cluster_id: Mapped[int] = mapped_column(index=True)  # no foreign key: outlives the cluster
+    cluster_name: Mapped[str] = mapped_column(sa.String(64))
+    owner: Mapped[str | None] = mapped_column(sa.String(128), index=True)
+    gpu_type: Mapped[str] = mapped_column(sa.String(64))
+    gpus: Mapped[int]
+    nodes: Mapped[list] = mapped_column(sa.JSON)  # node names
+    started_at: Mapped[float] = mapped_column(index=True)
+    ended_at: Mapped[float | None] = mapped_column(index=True)
+    end_reason: Mapped[str | None] = mapped_column(sa.String(32))  # deleted | preempted | nodes swapped
+
+
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
@@ -128,6 +153,7 @@ class Job(Base):
     backend_ref: Mapped[str | None] = mapped_column(sa.String(128))  # Slurm job id or local pid
     restarts: Mapped[int] = mapped_column(default=0)
     max_restarts: Mapped[int]
+    preemptions: Mapped[int] = mapped_column(default=0)  # times stopped to give its nodes to a higher priority
     exit_code: Mapped[int | None]
     detail: Mapped[str | None] = mapped_column(sa.Text)
     submitted_at: Mapped[float]
