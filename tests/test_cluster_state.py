@@ -140,6 +140,29 @@ def test_record_health_validates_and_keeps_history(tmp_path):
     assert fleet.nodes(db)[0]["last_health_status"] == "failed"
 
 
+def _open_worker(url, barrier, results):
+    barrier.wait()
+    try:
+        db = Database(url)
+        with db.engine.connect() as conn:
+            results.put(migrations.current_revision(conn))
+    except Exception as err:  # reported, so that the test shows what went wrong
+        results.put(repr(err))
+
+
+def test_concurrent_first_opens_migrate_once(url):
+    """Four processes open a fresh database at the same moment: one migrates, the others wait."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    workers = [ctx.Process(target=_open_worker, args=(url, barrier, results)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    got = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+    assert got == [migrations.head()] * 4
+
+
 def _create_worker(url, name, barrier, results):
     barrier.wait()  # all processes ask at the same moment
     try:

@@ -110,7 +110,7 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
                                              Job.backend_ref.is_(None)).order_by(Job.id)).all()
     for job in waiting:
         start_job(s, fleet, job, cluster)
-        job.detail = f"restarted after preemption {job.preemptions} on {', '.join(cluster.node_names)}"
+        job.detail = f"restarted on {', '.join(cluster.node_names)} after {job.preemptions} preemption(s)"
     return True
 
 
@@ -123,7 +123,8 @@ def sync_nodes(s: Session, fleet: Fleet) -> None:
 
 
 def place_queued(s: Session, fleet: Fleet) -> list[str]:
-    """Places queued clusters, oldest first, with bounded backfill; returns the names placed."""
+    """Places queued clusters, highest priority then oldest first, with bounded backfill and
+    preemption of lower priorities; returns the names placed."""
     placed, waiting = [], []
     queued = sa.select(Cluster).where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id)
     for cluster in s.scalars(queued).all():
