@@ -190,6 +190,12 @@ def make_engine(url: str) -> sa.Engine:
         def _no_implicit_transactions(dbapi_conn, _record):
             dbapi_conn.isolation_level = None  # let us issue BEGIN ourselves
             dbapi_conn.execute("PRAGMA foreign_keys=ON")
+            # Write-ahead log, still synchronous=FULL: a commit is one fsync of the log instead of
+            # the rollback journal's two or three, and stays durable. (Not for a network file
+            # system; point $SUPERCLUSTER_DB at PostgreSQL there.)
+            if url.removeprefix("sqlite://") not in ("", "/:memory:"):
+                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            dbapi_conn.execute("PRAGMA synchronous=FULL")
 
         @sa.event.listens_for(engine, "begin")
         def _begin_immediate(conn):
