@@ -87,3 +87,12 @@ def test_sim_fleet_runs_no_jobs(sim, capsys, tmp_path):
     assert code == 2 and "runs no jobs" in err
     code, out, _ = run(capsys, "job", "list", "--db", sim, "--json")
     assert code == 0 and json.loads(out) == []
+
+
+def test_priority_preempts_and_show_says_why(sim, capsys):
+    assert run(capsys, "cluster", "create", "bulk", "--gpus", "512", "--owner", "batch", "--db", sim)[0] == 0
+    code, out, _ = run(capsys, "cluster", "create", "urgent", "--gpus", "64", "--priority", "3", "--db", sim, "--json")
+    assert code == 0 and json.loads(out)["state"] == "ready" and json.loads(out)["priority"] == 3
+    code, out, _ = run(capsys, "cluster", "show", "bulk", "--db", sim)
+    assert code == 0 and "queued (position 1)" in out and "owner batch" in out
+    assert "preempted by cluster 'urgent' (priority 3 over 0)" in out

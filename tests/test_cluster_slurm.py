@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from slurm_emulator import EmulatedSlurm, unavailable_reason
 from supercluster.cluster import clusters, fleet, jobs
-from supercluster.cluster.state import Database
+from supercluster.cluster.state import AllocationInterval, Database
 
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
 
@@ -160,6 +160,11 @@ def test_node_death_requeues_on_a_replacement_and_matches_the_uninterrupted_loss
     assert final["state"] == "completed" and final["restarts"] >= 1, log[-4000:]
     after = [n["name"] for n in clusters.show_cluster(db, "tough")["nodes"]]
     assert victim not in after and before[0] in after and len(after) == 2
+    with db.transaction(lock=False) as s:  # usage: the swap closed one interval and opened the next
+        spans = s.scalars(sa.select(AllocationInterval).where(AllocationInterval.cluster_name == "tough")
+                          .order_by(AllocationInterval.id)).all()
+    assert [x.end_reason for x in spans] == ["nodes swapped", None]
+    assert spans[0].nodes == before and spans[1].nodes == after and spans[0].ended_at == spans[1].started_at
     got, want = losses(final["run_dir"]), losses(ref_final["run_dir"])
     assert max(got) == STEPS
     assert got[STEPS] == pytest.approx(want[STEPS], rel=1e-4)

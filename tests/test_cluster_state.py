@@ -9,8 +9,12 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
 from supercluster.cluster import clusters, fleet, migrations
-from supercluster.cluster.state import Base, Database, on_rollback
+from supercluster.cluster.state import Base, Database, make_engine, on_rollback
 from supercluster.errors import UserError
 
 PG_URL = os.environ.get("SUPERCLUSTER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -56,19 +60,62 @@ def url(request, tmp_path):
     return request.getfixturevalue("pg_url")
 
 
-def test_migrations_reach_the_models_and_record_the_version(tmp_path):
-    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
-    inspector = sa.inspect(db.engine)
-    for table in Base.metadata.sorted_tables:  # the frozen migrations and the models agree
-        migrated = {c["name"] for c in inspector.get_columns(table.name)}
-        assert migrated == {c.name for c in table.columns}, table.name
+def _same_float(context, inspected, metadata, inspected_type, metadata_type):
+    # SQLAlchemy 2.1 maps `float` to Double, the migrations say Float: both are REAL on SQLite
+    # and double precision on PostgreSQL. Any other type difference is left to Alembic.
+    if isinstance(inspected_type, sa.Float) and isinstance(metadata_type, sa.Float):
+        return False
+    return None
+
+
+def schema_diff(conn) -> list:
+    """Alembic's own comparison of the models with the migrated schema (tables, columns, types,
+    nullability, indexes, foreign keys)."""
+    return compare_metadata(MigrationContext.configure(conn, opts={"compare_type": _same_float}), Base.metadata)
+
+
+def test_migrations_reach_the_models_and_record_the_revision(url):
+    db = Database(url)
     with db.engine.connect() as conn:
-        assert migrations.current_version(conn) == migrations.LATEST
-    assert migrations.upgrade(db.engine) == migrations.LATEST  # idempotent: nothing left to apply
+        diff = schema_diff(conn)
+        assert diff == [], diff
+        assert migrations.current_revision(conn) == migrations.head() == "0002_tenancy"
+    assert migrations.upgrade(db.engine) == migrations.head()  # idempotent: nothing left to apply
     with db.engine.begin() as conn:
-        conn.execute(sa.text("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)"))
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))
     with pytest.raises(UserError, match="newer than this supercluster"):
         Database(db.url)
+    db.dispose()
+
+
+def test_a_database_from_before_alembic_is_adopted_with_its_data(url):
+    """A schema_version-1 database (the hand-written migrations' only version) is stamped and upgraded."""
+    engine = make_engine(url)
+    with engine.begin() as conn:  # what the old code left: revision 1's tables and schema_version = 1
+        command.upgrade(migrations.config(conn), "0001_initial")
+        conn.execute(sa.text("DROP TABLE alembic_version"))
+        conn.execute(sa.text("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at FLOAT)"))
+        conn.execute(sa.text("INSERT INTO schema_version VALUES (1, 0)"))
+        conn.execute(sa.text("""INSERT INTO fleet VALUES (1, 'sim', '{"spec": {"nodes": 2}}', 0)"""))
+        for name in ("sim00001", "sim00002"):
+            conn.execute(sa.text(f"INSERT INTO nodes (name, gpu_type, gpus, leaf, pod, state) "
+                                 f"VALUES ('{name}', 'h100', 8, 'leaf0001', 'pod001', 'up')"))
+        conn.execute(sa.text("INSERT INTO clusters (name, gpus, gpu_type, state, require_health, health_max_age_s, "
+                             "bypassed, leaves, pods, lower_bound, created_at, placed_at) "
+                             "VALUES ('kept', 8, 'h100', 'ready', false, 86400, 0, 1, 1, 1, 0, 0)"))
+        conn.execute(sa.text("INSERT INTO allocations SELECT id, 'sim00001', 8 FROM clusters WHERE name = 'kept'"))
+    engine.dispose()
+
+    db = Database(url)  # adopts (stamps 0001_initial), then upgrades to head
+    with db.engine.connect() as conn:
+        assert migrations.current_revision(conn) == migrations.head()
+        assert not sa.inspect(conn).has_table("schema_version")
+        assert schema_diff(conn) == []
+    kept = clusters.show_cluster(db, "kept")
+    assert kept["state"] == "ready" and [n["name"] for n in kept["nodes"]] == ["sim00001"]
+    assert (kept["priority"], kept["owner"], kept["detail"]) == (0, None, None)
+    assert clusters.create_cluster(db, "new", 8, owner="t")["nodes"][0]["name"] == "sim00002"
+    db.dispose()
 
 
 def test_bad_database_url_is_a_user_error(tmp_path):
@@ -91,6 +138,29 @@ def test_record_health_validates_and_keeps_history(tmp_path):
     hist = fleet.health_history(db, node="sim00001")
     assert [h["status"] for h in hist] == ["failed", "passed"]
     assert fleet.nodes(db)[0]["last_health_status"] == "failed"
+
+
+def _open_worker(url, barrier, results):
+    barrier.wait()
+    try:
+        db = Database(url)
+        with db.engine.connect() as conn:
+            results.put(migrations.current_revision(conn))
+    except Exception as err:  # reported, so that the test shows what went wrong
+        results.put(repr(err))
+
+
+def test_concurrent_first_opens_migrate_once(url):
+    """Four processes open a fresh database at the same moment: one migrates, the others wait."""
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    workers = [ctx.Process(target=_open_worker, args=(url, barrier, results)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    got = [results.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=60)
+    assert got == [migrations.head()] * 4
 
 
 def _create_worker(url, name, barrier, results):

@@ -122,6 +122,10 @@ def _print_cluster(c: dict) -> None:
         print(f"  nodes:    {', '.join(shown)}")
     if c["reservation"]:
         print(f"  reservation: {c['reservation']}")
+    if c["priority"] or c["owner"]:
+        print(f"  priority {c['priority']}" + (f", owner {c['owner']}" if c["owner"] else ""))
+    if c["detail"]:
+        print(f"  {c['detail']}")
 
 
 @cluster_app.command("create")
@@ -133,6 +137,8 @@ def cluster_create(
     max_switches: Annotated[Optional[int], typer.Option("--max-switches", help="Use at most this many leaf switches.")] = None,
     require_health: Annotated[bool, typer.Option("--require-health", help="Also refuse nodes that were never health-checked.")] = False,
     health_max_age: Annotated[float, typer.Option("--health-max-age", help="Seconds a passed health check stays valid.")] = 86400.0,
+    priority: Annotated[int, typer.Option("--priority", help="When it does not fit, preempt clusters of lower priority.")] = 0,
+    owner: Annotated[Optional[str], typer.Option("--owner", help="A tag (team, project) that usage is grouped by.")] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
@@ -140,7 +146,7 @@ def cluster_create(
     from supercluster.cluster.clusters import create_cluster
 
     c = create_cluster(db, name, gpus, gpu_type=gpu_type, wait=not no_wait, max_switches=max_switches,
-                       require_health=require_health, health_max_age_s=health_max_age)
+                       require_health=require_health, health_max_age_s=health_max_age, priority=priority, owner=owner)
     _print_json(c) if as_json else _print_cluster(c)
 
 
@@ -189,6 +195,7 @@ def cluster_delete(
 
 def _print_job(j: dict) -> None:
     print(f"job {j['id']} on {j['cluster']}: {j['state']}, restarts {j['restarts']}/{j['max_restarts']}"
+          + (f", preempted {j['preemptions']}x" if j["preemptions"] else "")
           + (f", exit code {j['exit_code']}" if j["exit_code"] is not None else "")
           + (f" ({j['detail']})" if j["detail"] else ""))
     print(f"  run dir: {j['run_dir']}")

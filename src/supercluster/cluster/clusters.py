@@ -11,23 +11,26 @@ import math
 import re
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from supercluster.cluster import jobs, placement
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.backends.registry import backend_for
-from supercluster.cluster.queue import capacity, free_nodes, geometry, place_queued, sync_nodes
+from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, type_geometry, used_gpus_per_node
 from supercluster.cluster.state import (
     DEFAULT_HEALTH_MAX_AGE_S,
     JOB_ACTIVE,
+    Allocation,
     Cluster,
     Database,
     Job,
     Node,
     get_cluster,
+    node_status,
     now,
     open_db,
 )
+from supercluster.cluster.usage import close_intervals
 from supercluster.errors import UserError, closest
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -40,7 +43,7 @@ def _validate_request(s: Session, name: str, gpus: int, gpu_type: str | None, ma
         raise UserError(f"A cluster named {name!r} already exists; choose another name or delete it first.")
     if gpus <= 0:
         raise UserError(f"--gpus must be a positive number of GPUs, got {gpus}.")
-    types = sorted(set(s.scalars(sa.select(Node.gpu_type))))
+    types = sorted(s.scalars(sa.select(Node.gpu_type).distinct()))
     if gpu_type is None:
         if len(types) > 1:
             raise UserError(f"The fleet has several GPU types; pass --gpu-type with one of {', '.join(types)}.")
@@ -49,9 +52,7 @@ def _validate_request(s: Session, name: str, gpus: int, gpu_type: str | None, ma
         gpu_type = canonical_gpu_type(gpu_type)  # unknown to the catalog: raises with "did you mean"
         if gpu_type not in types:
             raise UserError(f"The fleet has no {gpu_type} nodes{closest(gpu_type, types)}; use --gpu-type {' or '.join(types)}.")
-    nodes = capacity(s, gpu_type)
-    node_gpus, per_leaf = geometry(nodes)
-    total = sum(n.gpus for n in nodes)
+    node_gpus, per_leaf, total = type_geometry(s, gpu_type)
     if gpus > total:
         raise UserError(f"{gpus} GPUs is more than the fleet's {total} {gpu_type} GPUs; ask for at most {total}.")
     if gpus > node_gpus and gpus % node_gpus:
@@ -75,8 +76,14 @@ def create_cluster(
     max_switches: int | None = None,
     require_health: bool = False,
     health_max_age_s: float = DEFAULT_HEALTH_MAX_AGE_S,
+    owner: str | None = None,
+    priority: int = 0,
 ) -> dict:
-    """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error."""
+    """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error.
+
+    owner: an opaque tag (the service passes its project) that usage is grouped by.
+    priority: a request that does not fit may preempt clusters of lower priority (see `preempt`).
+    """
     db = open_db(db)
     with db.transaction() as s:
         fleet = db.fleet(s)
@@ -85,35 +92,49 @@ def create_cluster(
         cluster = Cluster(
             name=name, gpus=gpus, gpu_type=gpu_type, state="queued", max_switches=max_switches,
             require_health=require_health, health_max_age_s=health_max_age_s, bypassed=0, lower_bound=bound,
-            created_at=now(),
+            created_at=now(), owner=owner, priority=priority,
         )
         s.add(cluster)
         s.flush()
         place_queued(s, fleet)
         if cluster.state != "ready" and not wait:
-            free = sum(f.free for f in free_nodes(capacity(s, gpu_type), cluster, now())
-                       if gpus < node_gpus or f.free == f.total)
+            free = sum(f.free for f in free_capacity(s, cluster, node_gpus, now()))
             raise UserError(
                 f"{gpus} {gpu_type} GPUs do not fit now ({free} usable GPUs free"
                 f"{f' within {max_switches} leaf switches' if max_switches else ''}); drop --no-wait to queue the request."
             )
-    return show_cluster(db, name)
+        return cluster_dict(s, cluster)
+
+
+def _cluster_nodes(s: Session, c: Cluster) -> list[dict]:
+    """The cluster's nodes with their status, in one query (status needs each node's used GPUs)."""
+    used = used_gpus_per_node()
+    query = (
+        sa.select(Allocation.gpus, Node.name, Node.leaf, Node.pod, Node.address, Node.state, Node.gpus,
+                  sa.func.coalesce(used.c.used, 0))
+        .join(Node, Node.name == Allocation.node_name)
+        .outerjoin(used, used.c.node_name == Node.name)
+        .where(Allocation.cluster_id == c.id)
+        .order_by(Allocation.node_name)
+    )
+    return [{"name": name, "gpus": gpus, "leaf": leaf, "pod": pod, "address": address, "status": node_status(state, total, in_use)}
+            for gpus, name, leaf, pod, address, state, total, in_use in s.connection().execute(query)]
 
 
 def cluster_dict(s: Session, c: Cluster) -> dict:
-    by_name = {n.name: n for n in s.scalars(sa.select(Node).where(Node.name.in_(c.node_names)))}
-    nodes = [by_name[a.node_name] for a in c.allocations]
+    s.flush()
+    nodes = _cluster_nodes(s, c)
     position = None
     if c.state == "queued":
-        position = s.scalar(sa.select(sa.func.count()).where(Cluster.state == "queued", Cluster.id <= c.id))
+        ahead = sa.or_(Cluster.priority > c.priority, sa.and_(Cluster.priority == c.priority, Cluster.id <= c.id))
+        position = s.scalar(sa.select(sa.func.count()).where(Cluster.state == "queued", ahead))
     return {
         "name": c.name, "state": c.state, "gpus": c.gpus, "gpu_type": c.gpu_type,
-        "nodes": [{"name": n.name, "gpus": a.gpus, "leaf": n.leaf, "pod": n.pod, "address": n.address, "status": n.status}
-                  for a, n in zip(c.allocations, nodes)],
-        "switches": sorted({n.leaf for n in nodes}), "leaves": c.leaves, "pods": c.pods, "lower_bound": c.lower_bound,
+        "nodes": nodes, "switches": sorted({n["leaf"] for n in nodes}), "leaves": c.leaves, "pods": c.pods, "lower_bound": c.lower_bound,
         "max_switches": c.max_switches, "queue_position": position, "reservation": c.backend_ref,
+        "owner": c.owner, "priority": c.priority, "detail": c.detail,
         "created_at": c.created_at, "placed_at": c.placed_at,
-        "jobs": [j.id for j in s.scalars(sa.select(Job).where(Job.cluster_name == c.name).order_by(Job.id))],
+        "jobs": list(s.scalars(sa.select(Job.id).where(Job.cluster_name == c.name).order_by(Job.id))),
     }
 
 
@@ -126,7 +147,7 @@ def show_cluster(db: Database | str | None, name: str) -> dict:
 def list_clusters(db: Database | str | None = None) -> list[dict]:
     db = open_db(db)
     with db.transaction(lock=False) as s:
-        query = sa.select(Cluster).options(selectinload(Cluster.allocations)).order_by(Cluster.id)
+        query = sa.select(Cluster).order_by(Cluster.id)
         return [cluster_dict(s, c) for c in s.scalars(query)]
 
 
@@ -150,7 +171,9 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
             # Released before commit: if the commit then fails, the books still name a reservation
             # that is gone, and the next delete finds nothing to release and goes on.
             backend_for(fleet.backend, fleet.settings).release(cluster.backend_ref)
-        s.delete(cluster)
-        s.flush()
+        # Core deletes: the ORM cascade would load and delete each allocation on its own.
+        close_intervals(s, cluster.id, now(), "deleted")
+        s.execute(sa.delete(Allocation).where(Allocation.cluster_id == cluster.id))
+        s.execute(sa.delete(Cluster).where(Cluster.id == cluster.id))
         s.expire_all()
         return place_queued(s, fleet)

@@ -17,8 +17,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
-from supercluster.cluster.backends import Backend, JobSpec
+from supercluster.cluster.backends import Backend
 from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.launch import start_job
 from supercluster.cluster.queue import eligible, sync_nodes
 from supercluster.cluster.state import (
     JOB_ACTIVE,
@@ -33,6 +34,7 @@ from supercluster.cluster.state import (
     on_rollback,
     open_db,
 )
+from supercluster.cluster.usage import close_intervals, open_interval
 from supercluster.errors import UserError
 from supercluster.paths import home
 
@@ -59,7 +61,7 @@ def submit_job(
         if cluster.state != "ready":
             raise UserError(f"Cluster {cluster_name!r} is still queued; submit once `supercluster cluster show {cluster_name}` says ready.")
         job = Job(cluster_name=cluster_name, config=str(path), overrides=list(overrides), state="pending", job_dir="",
-                  restarts=0, max_restarts=max_restarts, submitted_at=now())
+                  restarts=0, max_restarts=max_restarts, preemptions=0, submitted_at=now())
         s.add(job)
         s.flush()
         jobs_root().mkdir(parents=True, exist_ok=True)
@@ -67,16 +69,7 @@ def submit_job(
         job_dir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=jobs_root()))
         on_rollback(s, lambda: shutil.rmtree(job_dir, ignore_errors=True))
         job.job_dir = str(job_dir)
-        spec = JobSpec(
-            job_id=job.id, job_dir=str(job_dir), config=str(path), overrides=tuple(overrides),
-            nodes=tuple(cluster.node_names), gpus_per_node=cluster.allocations[0].gpus,
-            max_restarts=max_restarts, reservation=cluster.backend_ref,
-        )
-        backend = backend_for(fleet.backend, fleet.settings)
-        ref = backend.submit(spec)
-        # A job the books never record would run unseen: cancel it if this transaction fails.
-        on_rollback(s, lambda: backend.cancel(ref, str(job_dir)))
-        job.backend_ref = ref
+        start_job(s, fleet, job, cluster)
         return job_dict(job)
 
 
@@ -84,7 +77,7 @@ def job_dict(j: Job) -> dict:
     return {
         "id": j.id, "cluster": j.cluster_name, "state": j.state, "config": j.config, "overrides": j.overrides,
         "job_dir": j.job_dir, "run_dir": f"{j.job_dir}/run", "backend_ref": j.backend_ref, "restarts": j.restarts,
-        "max_restarts": j.max_restarts, "exit_code": j.exit_code, "detail": j.detail,
+        "max_restarts": j.max_restarts, "preemptions": j.preemptions, "exit_code": j.exit_code, "detail": j.detail,
         "submitted_at": j.submitted_at, "ended_at": j.ended_at,
     }
 
@@ -98,7 +91,9 @@ def refresh(db: Database | str | None = None) -> None:
             return
         backend = backend_for(fleet.backend, fleet.settings)
         sync_nodes(s, fleet)
-        for job in s.scalars(sa.select(Job).where(Job.state.in_(JOB_ACTIVE)).order_by(Job.id)).all():
+        # A job without a backend_ref was preempted and waits for its cluster: nothing runs to ask about.
+        active = sa.select(Job).where(Job.state.in_(JOB_ACTIVE), Job.backend_ref.is_not(None)).order_by(Job.id)
+        for job in s.scalars(active).all():
             _refresh_job(s, fleet, backend, job)
 
 
@@ -148,6 +143,8 @@ def _replace_failed_nodes(s: Session, fleet: Fleet, backend: Backend, job: Job) 
         cluster = s.get(Cluster, cluster.id)
         nodes = [s.get(Node, n) for n in cluster.node_names]
         cluster.leaves, cluster.pods = len({n.leaf for n in nodes}), len({n.pod for n in nodes})
+        close_intervals(s, cluster.id, at, "nodes swapped")
+        open_interval(s, cluster, cluster.node_names, cluster.gpus, at)
         if cluster.backend_ref:
             ref = cluster.backend_ref
             backend.update_reservation(ref, cluster.node_names)
@@ -183,7 +180,8 @@ def list_jobs(db: Database | str | None = None, cluster: str | None = None) -> l
 def cancel_in_session(s: Session, fleet: Fleet, job: Job) -> None:
     # Not undone on rollback (a cancelled job cannot be restarted as it was); the books then
     # still say running, and the next `refresh` reads the cancellation from the backend.
-    backend_for(fleet.backend, fleet.settings).cancel(job.backend_ref, job.job_dir)
+    if job.backend_ref is not None:  # None: preempted, nothing runs
+        backend_for(fleet.backend, fleet.settings).cancel(job.backend_ref, job.job_dir)
     job.state, job.ended_at = "cancelled", now()
 
 

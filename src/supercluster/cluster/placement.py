@@ -14,11 +14,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Free:
-    """One eligible node's free capacity."""
+class Free(NamedTuple):
+    """One eligible node's free capacity (a tuple: a placement builds one per node of the fleet)."""
 
     name: str
     leaf: str

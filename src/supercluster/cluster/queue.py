@@ -1,7 +1,8 @@
 """The queue of clusters waiting for nodes, and the placing of them (the health gate included).
 
-FIFO with backfill: when the oldest waiting request does not fit, later ones that fit start
-anyway, but each time that happens the waiting request counts it, and after `BACKFILL_LIMIT`
+Highest priority first, then FIFO, with backfill; a request that does not fit may preempt
+clusters of lower priority (`preempt`). Backfill: when the oldest waiting request does not
+fit, later ones that fit start anyway, but each time that happens the waiting request counts it, and after `BACKFILL_LIMIT`
 such bypasses nothing behind it starts until it does (clusters have no end time to plan a
 reservation around, so this bounds starvation instead). Called inside the caller's fleet
 transaction whenever nodes may have been freed or added.
@@ -9,14 +10,15 @@ transaction whenever nodes may have been freed or added.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from supercluster.cluster import placement
+from supercluster.cluster import placement, preempt
 from supercluster.cluster.backends.registry import backend_for
-from supercluster.cluster.state import Allocation, Cluster, Fleet, Node, now, on_rollback
+from supercluster.cluster.launch import start_job
+from supercluster.cluster.state import Allocation, Cluster, Fleet, Job, Node, now, on_rollback
+from supercluster.cluster.usage import open_interval
 
 BACKFILL_LIMIT = 8
 
@@ -30,39 +32,71 @@ def eligible(node, cluster: Cluster, at: float) -> bool:
     return node.last_health_status == "passed" and at - (node.last_health_at or 0) <= cluster.health_max_age_s
 
 
-def capacity(s: Session, gpu_type: str) -> list[sa.Row]:
-    """Each node of a type with its used GPUs, as plain rows (one query: placement reads all nodes)."""
-    used = sa.func.coalesce(sa.func.sum(Allocation.gpus), 0).label("used_gpus")
+def eligible_sql(cluster: Cluster, at: float) -> sa.ColumnElement[bool]:
+    """`eligible` as a WHERE clause, so that the database filters the fleet instead of Python."""
+    fresh = sa.and_(Node.last_health_status == "passed", Node.last_health_at >= at - cluster.health_max_age_s)
+    checked_or_not = fresh if cluster.require_health else sa.or_(Node.last_health_status.is_(None), fresh)
+    return sa.and_(Node.state == "up", checked_or_not)
+
+
+def used_gpus_per_node(ignoring: set[int] = frozenset()) -> sa.Subquery:
+    query = sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus).label("used"))
+    if ignoring:
+        query = query.where(Allocation.cluster_id.not_in(ignoring))
+    return query.group_by(Allocation.node_name).subquery()
+
+
+def type_geometry(s: Session, gpu_type: str) -> tuple[int, int, int]:
+    """GPUs per node, the most nodes under one leaf switch, and all GPUs of a type (one query)."""
+    per_leaf = sa.func.count().over(partition_by=Node.leaf)
+    rows = sa.select(Node.gpus, per_leaf.label("per_leaf")).where(Node.gpu_type == gpu_type).subquery()
+    return tuple(s.execute(sa.select(sa.func.max(rows.c.gpus), sa.func.max(rows.c.per_leaf), sa.func.sum(rows.c.gpus))).one())
+
+
+def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignoring: set[int] = frozenset()) -> list[placement.Free]:
+    """The eligible nodes that could hold part of `cluster`, as `placement.Free` tuples.
+
+    Placement runs on every create over the whole fleet, so the database does the filtering
+    (health gate, and whole free nodes for a request of whole nodes) and the rows come back as
+    plain tuples on the session's connection, without the ORM's per-row bookkeeping.
+    ignoring: clusters whose allocations count as free (to ask what preempting them would give).
+    """
+    s.flush()  # the connection does not autoflush: pending node or allocation changes must count
+    used = used_gpus_per_node(ignoring)
+    free = Node.gpus - sa.func.coalesce(used.c.used, 0)
+    fits = used.c.used.is_(None) if cluster.gpus >= node_gpus else free >= cluster.gpus
     query = (
-        sa.select(Node.name, Node.leaf, Node.pod, Node.gpus, Node.state, Node.last_health_status, Node.last_health_at, used)
-        .outerjoin(Allocation, Allocation.node_name == Node.name)
-        .where(Node.gpu_type == gpu_type)
-        .group_by(Node.name)
+        sa.select(Node.name, Node.leaf, Node.pod, free, Node.gpus)
+        .outerjoin(used, used.c.node_name == Node.name)
+        .where(Node.gpu_type == cluster.gpu_type, eligible_sql(cluster, at), fits)
         .order_by(Node.name)
     )
-    return list(s.execute(query))
-
-
-def geometry(nodes: list[sa.Row]) -> tuple[int, int]:
-    """GPUs per node and the largest number of nodes under one leaf switch, for a GPU type."""
-    return max(n.gpus for n in nodes), max(Counter(n.leaf for n in nodes).values())
-
-
-def free_nodes(nodes: list[sa.Row], cluster: Cluster, at: float) -> list[placement.Free]:
-    return [placement.Free(n.name, n.leaf, n.pod, n.gpus - n.used_gpus, n.gpus) for n in nodes if eligible(n, cluster, at)]
+    return list(map(placement.Free._make, s.connection().execute(query).all()))
 
 
 def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
-    nodes = capacity(s, cluster.gpu_type)
-    node_gpus, _ = geometry(nodes)
-    found = placement.place(free_nodes(nodes, cluster, now()), cluster.gpus, node_gpus, cluster.max_switches)
+    node_gpus = s.scalar(sa.select(sa.func.max(Node.gpus)).where(Node.gpu_type == cluster.gpu_type))
+    at = now()
+
+    def find(ignoring: set[int] = frozenset()) -> placement.Placement | None:
+        return placement.place(free_capacity(s, cluster, node_gpus, at, ignoring), cluster.gpus, node_gpus, cluster.max_switches)
+
+    found = find()
+    if found is None:
+        pool = preempt.candidates(s, cluster)
+        victims = preempt.choose_victims(pool, lambda ids: find(ids) is not None) if pool else None
+        if victims:
+            preempt.preempt(s, fleet, victims, by=cluster)
+            found = find()
     if found is None:
         return False
-    for name, gpus in found.nodes:
-        s.add(Allocation(cluster_id=cluster.id, node_name=name, gpus=gpus))
-    cluster.state, cluster.placed_at = "ready", now()
+    # One multi-row INSERT instead of an ORM object per node.
+    s.connection().execute(sa.insert(Allocation), [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
+                                                   for name, gpus in found.nodes])
+    s.expire(cluster, ["allocations"])
+    cluster.state, cluster.placed_at, cluster.detail = "ready", now(), None
+    open_interval(s, cluster, [n for n, _ in found.nodes], cluster.gpus, cluster.placed_at)
     cluster.leaves, cluster.pods = found.leaves, found.pods
-    s.flush()
     # Inside the transaction, so that a backend that refuses (scontrol fails) leaves nothing in
     # our books; and undone if the transaction then rolls back, so that no reservation outlives
     # it (one left behind would hold the nodes and the name from every later placement).
@@ -71,7 +105,12 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
     if ref is not None:
         on_rollback(s, lambda: backend.release(ref))
     cluster.backend_ref = ref
-    s.flush()
+    # Jobs stopped by a preemption start again, in their own job dirs: they resume from checkpoints.
+    waiting = s.scalars(sa.select(Job).where(Job.cluster_name == cluster.name, Job.state == "pending",
+                                             Job.backend_ref.is_(None)).order_by(Job.id)).all()
+    for job in waiting:
+        start_job(s, fleet, job, cluster)
+        job.detail = f"restarted on {', '.join(cluster.node_names)} after {job.preemptions} preemption(s)"
     return True
 
 
@@ -84,9 +123,11 @@ def sync_nodes(s: Session, fleet: Fleet) -> None:
 
 
 def place_queued(s: Session, fleet: Fleet) -> list[str]:
-    """Places queued clusters, oldest first, with bounded backfill; returns the names placed."""
+    """Places queued clusters, highest priority then oldest first, with bounded backfill and
+    preemption of lower priorities; returns the names placed."""
     placed, waiting = [], []
-    for cluster in s.scalars(sa.select(Cluster).where(Cluster.state == "queued").order_by(Cluster.id)).all():
+    queued = sa.select(Cluster).where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id)
+    for cluster in s.scalars(queued).all():
         if any(w.bypassed >= BACKFILL_LIMIT for w in waiting):
             break
         if _try_place(s, fleet, cluster):

@@ -126,6 +126,12 @@ class Backend:
     def cancel(self, ref: str, job_dir: str) -> None:
         raise NotImplementedError
 
+    def preempt(self, ref: str, job_dir: str) -> None:
+        """Stops a job whose nodes go to a higher priority; it is submitted again later, in the same
+        job dir, and resumes from its latest checkpoint. The default is `cancel` (on Slurm, scancel
+        sends SIGTERM, then SIGKILL after KillWait: time for the trainer's final checkpoint)."""
+        self.cancel(ref, job_dir)
+
     def release_requeued(self, ref: str) -> None:
         """Lets a job that went back to pending after a failure start as soon as it fits."""
 

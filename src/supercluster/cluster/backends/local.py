@@ -8,11 +8,13 @@ ended. Restarts after a crash are torchrun's (`--max-restarts`), not ours.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, train_command
@@ -75,6 +77,34 @@ class LocalBackend(Backend):
             os.killpg(int(ref), signal.SIGTERM)  # the runner leads its own session: this reaches torchrun and its ranks
         except ProcessLookupError:
             pass
+
+
+    def preempt(self, ref: str, job_dir: str, grace_s: float = 60.0) -> None:
+        """SIGTERM to the job's process group (the trainer checkpoints), then wait for it to end,
+        SIGKILL past `grace_s`: the job restarts in the same run dir, which two trainers must
+        never share. The exit code it leaves is not the restarted job's, so it goes."""
+        self.cancel(ref, job_dir)
+        deadline = time.monotonic() + grace_s
+        while _group_alive(int(ref)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_alive(int(ref)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(ref), signal.SIGKILL)
+        while _alive(int(ref)) and time.monotonic() < deadline + 10:
+            time.sleep(0.1)  # the runner records an exit code as it ends: let it, then remove it
+        (Path(job_dir) / "exit_code").unlink(missing_ok=True)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (not zombie) process is still in process group `pgid`."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def _alive(pid: int) -> bool:

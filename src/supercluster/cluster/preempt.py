@@ -1,0 +1,72 @@
+"""Preemption: a waiting request of higher priority reclaims nodes from clusters of lower priority.
+
+As Kueue and Slurm's QOS preemption do: when a queued cluster does not fit, the clusters of
+lower priority on its GPU type are candidates, lowest priority first and, within one priority,
+the youngest (least work lost) first. Candidates are added until the request would fit on what
+they hold plus what is free, then any that turn out not to be needed are dropped again, so the
+set is small. Each victim's running jobs are stopped through the backend and go back to
+pending; the victim returns to the queue (at its old place, ahead of later requests), and when
+it is placed again its jobs are submitted again in the same job dir and resume from their
+latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Fleet, Job, now
+from supercluster.cluster.usage import close_intervals
+
+
+def candidates(s: Session, cluster: Cluster) -> list[Cluster]:
+    """Placed clusters of the same GPU type and lower priority, in the order they are taken."""
+    return list(s.scalars(
+        sa.select(Cluster)
+        .where(Cluster.state == "ready", Cluster.gpu_type == cluster.gpu_type, Cluster.priority < cluster.priority)
+        .order_by(Cluster.priority, Cluster.placed_at.desc(), Cluster.id.desc())
+    ))
+
+
+def choose_victims(pool: list[Cluster], fits: Callable[[set[int]], bool]) -> list[Cluster] | None:
+    """The clusters of `pool` (in order) to preempt so that `fits(their ids)`; None if all are not enough."""
+    victims: list[Cluster] = []
+    for c in pool:
+        victims.append(c)
+        if fits({v.id for v in victims}):
+            break
+    else:
+        return None
+    # Greedy order can take one that a later, larger one made unnecessary: drop those.
+    for v in reversed(victims[:-1]):
+        rest = [x for x in victims if x is not v]
+        if fits({x.id for x in rest}):
+            victims = rest
+    return victims
+
+
+def preempt(s: Session, fleet: Fleet, victims: Iterable[Cluster], by: Cluster) -> None:
+    """Stops the victims' jobs, frees their nodes and queues them again, with the reason recorded."""
+    backend = backend_for(fleet.backend, fleet.settings)
+    at = now()
+    for victim in victims:
+        reason = f"preempted by cluster {by.name!r} (priority {by.priority} over {victim.priority})"
+        # Not undone on rollback, like a cancel: a stopped job cannot be put back as it ran.
+        active = s.scalars(sa.select(Job).where(Job.cluster_name == victim.name, Job.state.in_(JOB_ACTIVE),
+                                                Job.backend_ref.is_not(None)))
+        for job in active.all():
+            backend.preempt(job.backend_ref, job.job_dir)
+            job.state, job.backend_ref, job.exit_code = "pending", None, None
+            job.preemptions += 1
+            job.detail = f"{reason}; restarts from its latest checkpoint when {victim.name!r} is placed again"
+        if victim.backend_ref:
+            backend.release(victim.backend_ref)
+        close_intervals(s, victim.id, at, "preempted")
+        s.execute(sa.delete(Allocation).where(Allocation.cluster_id == victim.id))
+        s.expire(victim, ["allocations"])
+        victim.state, victim.placed_at, victim.backend_ref = "queued", None, None
+        victim.leaves = victim.pods = None
+        victim.bypassed, victim.detail = 0, reason

@@ -1,0 +1,70 @@
+"""Usage at the source: GPU-seconds summed from the intervals during which clusters held nodes.
+
+Placement opens an interval (`open_interval`) and every release closes it (`close_intervals`:
+delete, preemption, a node swap, which opens the next one on the new nodes). An interval
+still open counts up to now. `usage` sums any period, clipping intervals to it, so a bill
+for a month is the same query as one for an hour.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from supercluster.cluster.state import AllocationInterval, Cluster, Database, now, open_db
+from supercluster.errors import UserError, closest
+
+GROUP_BY = {"owner": AllocationInterval.owner, "gpu_type": AllocationInterval.gpu_type,
+            "cluster": AllocationInterval.cluster_name}
+
+
+def open_interval(s: Session, cluster: Cluster, nodes: list[str], gpus: int, at: float) -> None:
+    s.add(AllocationInterval(cluster_id=cluster.id, cluster_name=cluster.name, owner=cluster.owner,
+                             gpu_type=cluster.gpu_type, gpus=gpus, nodes=list(nodes), started_at=at))
+
+
+def close_intervals(s: Session, cluster_id: int, at: float, reason: str) -> None:
+    s.execute(
+        sa.update(AllocationInterval)
+        .where(AllocationInterval.cluster_id == cluster_id, AllocationInterval.ended_at.is_(None))
+        .values(ended_at=at, end_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def usage(
+    db: Database | str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    group_by: tuple[str, ...] | list[str] = ("owner", "gpu_type"),
+) -> list[dict]:
+    """GPU-seconds per group over [since, until) (defaults: all time, now), largest first.
+
+    Each row has the group_by keys plus `gpu_seconds` and `gpu_hours`; `owner` is None for
+    clusters created without one.
+    """
+    for key in group_by:
+        if key not in GROUP_BY:
+            raise UserError(f"Cannot group usage by {key!r}{closest(key, GROUP_BY)}; use {', '.join(GROUP_BY)}.")
+    at = now()
+    until = at if until is None else until
+    since = 0.0 if since is None else since
+    if until < since:
+        raise UserError(f"The usage period ends ({until}) before it starts ({since}); swap since and until.")
+    # An open interval runs to now; every interval is clipped to [since, until].
+    end = sa.func.coalesce(AllocationInterval.ended_at, min(at, until))
+    end = sa.case((end > until, until), else_=end)
+    start = sa.case((AllocationInterval.started_at < since, since), else_=AllocationInterval.started_at)
+    seconds = sa.func.sum(AllocationInterval.gpus * (end - start))
+    columns = [GROUP_BY[key] for key in group_by]
+    query = (
+        sa.select(*columns, seconds)
+        .where(AllocationInterval.started_at < until,
+               sa.or_(AllocationInterval.ended_at > since, sa.and_(AllocationInterval.ended_at.is_(None), at > since)))
+        .group_by(*columns)
+    )
+    with open_db(db).transaction(lock=False) as s:
+        rows = [{**dict(zip(group_by, row[:-1])), "gpu_seconds": float(row[-1] or 0.0)} for row in s.execute(query)]
+    for row in rows:
+        row["gpu_hours"] = row["gpu_seconds"] / 3600.0
+    return sorted(rows, key=lambda r: (-r["gpu_seconds"], *(str(r[k]) for k in group_by)))
