@@ -1,0 +1,64 @@
+"""Request bodies: unknown fields are refused (extra="forbid"), sizes are bounded."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Name = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="lower-case letters, digits, '_' or '-'; up to 32")
+ClusterName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$", description="letters, digits, '_' or '-'; up to 48")
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrgIn(Body):
+    name: str = Name
+
+
+class ProjectIn(Body):
+    name: str = Name
+
+
+class UserIn(Body):
+    name: str = Name
+    org: str = Field(max_length=64)
+
+
+class TokenIn(Body):
+    user: str = Field(max_length=64)
+    project: str = Field(max_length=64)
+    role: Literal["viewer", "member", "admin"] = "viewer"  # least privilege unless asked
+    days: float | None = Field(default=None, gt=0, le=365, description="lifetime in days (default 30)")
+
+
+class ClusterIn(Body):
+    name: str = ClusterName
+    gpus: int = Field(ge=1, le=1_000_000)
+    gpu_type: str | None = Field(default=None, max_length=64)
+    max_switches: int | None = Field(default=None, ge=1, le=100_000)
+    require_health: bool = False
+
+
+class JobIn(Body):
+    cluster: str = ClusterName
+    config: dict = Field(description="the training config's sections, as the TOML file would hold them")
+    overrides: list[str] = Field(default_factory=list, max_length=64)
+    max_restarts: int = Field(default=3, ge=0, le=100)
+
+
+class QuotaIn(Body):
+    gpu_type: str = Field(max_length=64)
+    max_gpus: int | None = Field(default=None, ge=0, le=1_000_000)
+    gpu_hours: float | None = Field(default=None, ge=0, le=1e9)
+
+
+class PlanIn(Body):
+    model: str = Field(max_length=64, description="a model preset, e.g. llama3-8b")
+    gpus: int = Field(ge=1, le=100_000)
+    gpu: str = Field(default="h100", max_length=64)
+    seq_len: int | None = Field(default=None, ge=1, le=1_048_576)
+    global_batch: int | None = Field(default=None, ge=1, le=1_000_000)
+    top: int = Field(default=5, ge=1, le=50)
