@@ -56,10 +56,19 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         return JSONResponse({"detail": _sentence(err)}, status_code=422)
 
     @app.middleware("http")
-    async def _audit(request: Request, call_next):
-        response = await call_next(request)
+    async def _gate_and_audit(request: Request, call_next):
+        """Authenticates every /v1 call before anything else reads it (a malformed body from a
+        caller without a valid token gets 401, not a parse error), then audits it if it mutates."""
+        caller = None
+        try:
+            if request.url.path.startswith("/v1/"):
+                caller = await run_in_threadpool(_authenticate, store, request.headers.get("authorization"))
+                request.state.caller = caller
+                limiter.check(caller.token_id)
+            response = await call_next(request)
+        except ServiceError as err:
+            response = JSONResponse({"detail": err.message}, status_code=err.status, headers=err.headers)
         if request.method in MUTATING:
-            caller: Caller | None = getattr(request.state, "caller", None)
             row = Audit(at=time.time(), user_id=caller.user_id if caller else None, token_id=caller.token_id if caller else None,
                         project_id=caller.project_id if caller else None, method=request.method, path=request.url.path[:1000],
                         status=response.status_code, client=request.client.host if request.client else None)
@@ -67,12 +76,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         return response
 
     def caller(request: Request, _creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Caller:
-        header = request.headers.get("authorization")
-        with store.session() as s:
-            who = authenticate(s, header)
-        request.state.caller = who
-        limiter.check(who.token_id)
-        return who
+        return request.state.caller  # set by the gate above (declared here so OpenAPI shows the Bearer scheme)
 
     # ---- tenancy -----------------------------------------------------------------------------
 
@@ -230,6 +234,11 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         return {"plans": [e.as_dict() for e in search(req, top=body.top)]}
 
     return app
+
+
+def _authenticate(store: Store, header: str | None) -> Caller:
+    with store.session() as s:
+        return authenticate(s, header)
 
 
 def _write_audit(store: Store, row: Audit) -> None:
