@@ -167,6 +167,9 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
 
 def reconcile(store: Store) -> None:
     """Catches up with the fleet (clusters it placed since) and starts waiting requests the quota now allows."""
+    with store.session() as s:  # the common case, nothing waits anywhere: one cheap query and no lock
+        if not s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.state.in_(("queued", "waiting"))).limit(1)):
+            return
     with _lock:
         with store.session() as s:
             queued = [(sc.id, sc.fleet_name) for sc in s.scalars(sa.select(ServiceCluster).where(ServiceCluster.state == "queued"))]
