@@ -7,13 +7,14 @@ they make block only that thread.
 from __future__ import annotations
 
 import json
+from pathlib import Path as FilePath
 import time
 from typing import Literal
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
@@ -25,6 +26,7 @@ from supercluster.service.schemas import ClusterIn, JobIn, OrgIn, PlanIn, Projec
 from supercluster.service.store import Store
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+DASHBOARD = FilePath(__file__).parent / "static" / "dashboard.html"
 _bearer = HTTPBearer(auto_error=False, description="An API token from `supercluster server init` or POST /v1/tokens.")
 
 
@@ -223,6 +225,28 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         for node in info["node_list"]:
             node["clusters"] = sorted(mine[c] for c in node["clusters"] if c in mine)
         return info
+
+    @app.get("/v1/fleet/health", tags=["fleet"])
+    def fleet_health(limit: int = Query(100, ge=1, le=10_000), who: Caller = Depends(caller)) -> list[dict]:
+        """The latest health check results of the fleet's nodes, newest first."""
+        from supercluster.cluster.fleet import health_history
+
+        return health_history(store.fleet, limit=limit)
+
+    @app.get("/v1/whoami", tags=["tenancy"])
+    def whoami(who: Caller = Depends(caller)) -> dict:
+        return {"user": who.user, "role": who.role, "project": who.project, "operator": who.is_operator}
+
+    @app.get("/v1/projects/{project}/jobs/{job_id}/metrics", tags=["jobs"])
+    def job_metrics(project: str, job_id: int = Path(ge=1, le=2**31 - 1), who: Caller = Depends(caller)) -> dict:
+        """The job's training steps from its metrics.jsonl (step, loss, tokens_per_s, mfu, ...)."""
+        return {"id": job_id, "steps": resources.job_metrics(store, who, project, job_id)}
+
+    @app.get("/", include_in_schema=False)
+    @app.get("/dashboard", include_in_schema=False)
+    def dashboard():
+        """The dashboard: a static page; it asks for a token and calls the API with it."""
+        return HTMLResponse(DASHBOARD.read_text())
 
     @app.post("/v1/plans", tags=["plans"])
     def plans(body: PlanIn, who: Caller = Depends(caller)) -> dict:

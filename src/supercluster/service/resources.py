@@ -355,3 +355,24 @@ def fleet_names(s: Session, caller: Caller) -> dict[str, str]:
         projects = {p.id: p.name for p in s.scalars(sa.select(Project))}
         return {f: f"{projects[pid]}/{n}" for f, n, pid in rows}
     return {f: n for f, n, _ in rows}
+
+
+def job_metrics(store: Store, caller: Caller, project: str, job_id: int, limit: int = 5000) -> list[dict]:
+    """The last `limit` step records of the job's metrics.jsonl (a line still being written is skipped)."""
+    import json
+
+    _job(store, caller, project, job_id)
+    path = Path(fleet_jobs.job_status(store.fleet, job_id)["run_dir"]) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    steps = []
+    for line in lines[-limit:]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            steps.append(record)
+    return steps
