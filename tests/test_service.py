@@ -100,11 +100,11 @@ def world(url):
 
 
 def test_schema_migrates_with_alembic_and_init_prints_one_token(world, url):
-    assert world.store.revision == "0001"
+    assert world.store.revision == "0002"
     inspector = sa.inspect(world.store.fleet.engine)
     for table in ServiceBase.metadata.sorted_tables:  # the migration and the models agree
         assert {c["name"] for c in inspector.get_columns(table.name)} == {c.name for c in table.columns}, table.name
-    assert Store(url).revision == "0001"  # reopening applies nothing
+    assert Store(url).revision == "0002"  # reopening applies nothing
     with world.store.session() as s:
         hashes = s.scalars(sa.select(Token.token_hash)).all()
     assert world.op_token not in hashes and len(hashes) == 7  # stored hashed only
@@ -294,3 +294,30 @@ def test_rate_limit_per_token(url):
         assert w.call("GET", "/v1/projects/llm/quota", w.tokens["llm", "admin"]).status_code == 200  # per token
     finally:
         w.close()
+
+
+def test_a_higher_priority_request_preempts_and_the_lower_one_comes_back(world):
+    web, llm, op = world.tokens["web", "member"], world.tokens["llm", "member"], world.op
+    assert world.ok("POST", "/v1/projects/web/clusters", web, {"name": "big", "gpus": 128})["state"] == "ready"  # the whole fleet
+    # priority is granted by the operator per project: asking above it is refused, nothing changed
+    r = world.call("POST", "/v1/projects/llm/clusters", llm, {"name": "urgent", "gpus": 64, "priority": 5})
+    assert r.status_code == 403 and "priority up to 0" in r.json()["detail"]
+    # same priority: no preemption, it queues in the fleet
+    assert world.ok("POST", "/v1/projects/llm/clusters", llm, {"name": "plain", "gpus": 8})["state"] == "queued"
+    world.ok("DELETE", "/v1/projects/llm/clusters/plain", llm)
+    world.ok("PUT", "/v1/projects/llm/quota", op, {"gpu_type": "h100", "max_priority": 5})
+    urgent = world.ok("POST", "/v1/projects/llm/clusters", llm, {"name": "urgent", "gpus": 64, "priority": 5})
+    assert urgent["state"] == "ready" and len(urgent["nodes"]) == 8
+    big = world.ok("GET", "/v1/projects/web/clusters/big", web)
+    assert big["state"] in ("waiting", "queued") and big["reason"].startswith("preempted by llm/urgent (priority 5)")
+    assert big["nodes"] == []
+    world.ok("DELETE", "/v1/projects/llm/clusters/urgent", llm)
+    big = world.ok("GET", "/v1/projects/web/clusters/big", web)
+    assert big["state"] == "ready" and len(big["nodes"]) == 16 and big["reason"] is None
+    # web was charged for two intervals, not for the time it was preempted
+    with world.store.session() as s:
+        from supercluster.service.models import UsageInterval
+
+        spans = s.execute(sa.select(UsageInterval.start_at, UsageInterval.end_at).where(UsageInterval.cluster == "big")
+                          .order_by(UsageInterval.id)).all()
+    assert len(spans) == 2 and spans[0].end_at is not None and spans[1].start_at >= spans[0].end_at and spans[1].end_at is None

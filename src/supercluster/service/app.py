@@ -149,7 +149,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     def create_cluster(project: str, body: ClusterIn, who: Caller = Depends(caller)) -> dict:
         """Places the cluster or queues it; poll GET .../clusters/{name} until state is ready."""
         return resources.create_cluster(store, who, project, body.name, body.gpus, body.gpu_type, body.max_switches,
-                                        body.require_health)
+                                        body.require_health, body.priority)
 
     @app.get("/v1/projects/{project}/clusters", tags=["clusters"])
     def list_clusters(project: str, who: Caller = Depends(caller)) -> list[dict]:
@@ -197,7 +197,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         tenancy.require_operator(who)
         with store.session() as s:
             p = tenancy.visible_project(s, who, project)
-            return resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours)
+            return resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
 
     # ---- usage, fleet, plans -----------------------------------------------------------------
 

@@ -59,6 +59,7 @@ class Quota(ServiceBase):
     gpu_type: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     max_gpus: Mapped[int | None]  # concurrent GPUs; past it, requests wait
     gpu_hours: Mapped[float | None]  # budget; past it, requests are refused
+    max_priority: Mapped[int] = mapped_column(default=0, server_default="0")  # highest priority its requests may ask
 
 
 class ServiceCluster(ServiceBase):
@@ -77,6 +78,7 @@ class ServiceCluster(ServiceBase):
     require_health: Mapped[bool] = mapped_column(default=False)
     state: Mapped[str] = mapped_column(sa.String(16))  # waiting | queued | ready
     reason: Mapped[str | None] = mapped_column(sa.Text)
+    priority: Mapped[int] = mapped_column(default=0, server_default="0")  # a higher one may preempt it
     created_at: Mapped[float]
 
 
@@ -87,6 +89,13 @@ class ServiceJob(ServiceBase):
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
     cluster: Mapped[str] = mapped_column(sa.String(48))  # the cluster's name in the project
     created_at: Mapped[float]
+    # what it takes to submit it again, into the same run directory, after a preemption
+    config: Mapped[str | None] = mapped_column(sa.Text)
+    overrides: Mapped[list | None] = mapped_column(sa.JSON)
+    max_restarts: Mapped[int | None]
+    run_dir: Mapped[str | None] = mapped_column(sa.Text)
+    preempted: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    resumed_as: Mapped[int | None]  # the job that continues it from its checkpoint
 
 
 class UsageInterval(ServiceBase):

@@ -40,7 +40,7 @@ def fleet_name(project: Project, name: str) -> str:
 
 
 def cluster_view(sc: ServiceCluster, project: str, fleet: dict | None) -> dict:
-    view = {"name": sc.name, "project": project, "state": sc.state, "reason": sc.reason, "gpus": sc.gpus,
+    view = {"name": sc.name, "project": project, "state": sc.state, "reason": sc.reason, "priority": sc.priority, "gpus": sc.gpus,
             "gpu_type": sc.gpu_type, "created_at": sc.created_at, "nodes": [], "leaves": None, "pods": None,
             "queue_position": None, "placed_at": None, "jobs": []}
     if fleet is not None:
@@ -66,12 +66,14 @@ def quota_view(s: Session, project: Project) -> dict:
     for gpu_type in sorted(types):
         q = s.get(Quota, (project.id, gpu_type))
         rows.append({"gpu_type": gpu_type, "max_gpus": q.max_gpus if q else None, "gpu_hours": q.gpu_hours if q else None,
+                     "max_priority": q.max_priority if q else 0,
                      "used_gpus": _in_use(s, project.id, gpu_type),
                      "used_gpu_hours": usage.gpu_seconds(s, project.id, gpu_type) / 3600})
     return {"project": project.name, "quotas": rows}
 
 
-def set_quota(s: Session, project: Project, gpu_type: str, max_gpus: int | None, gpu_hours: float | None) -> dict:
+def set_quota(s: Session, project: Project, gpu_type: str, max_gpus: int | None, gpu_hours: float | None,
+              max_priority: int = 0) -> dict:
     gpu_type = _gpu_type(gpu_type)
     used = _in_use(s, project.id, gpu_type)
     if max_gpus is not None and max_gpus < used:
@@ -80,7 +82,7 @@ def set_quota(s: Session, project: Project, gpu_type: str, max_gpus: int | None,
     if gpu_hours is not None and gpu_hours < spent:
         raise ServiceError(409, f"Project {project.name!r} already used {spent:.3f} {gpu_type} GPU-hours; set gpu_hours to at least that.")
     q = s.get(Quota, (project.id, gpu_type)) or Quota(project_id=project.id, gpu_type=gpu_type)
-    q.max_gpus, q.gpu_hours = max_gpus, gpu_hours
+    q.max_gpus, q.gpu_hours, q.max_priority = max_gpus, gpu_hours, max_priority
     s.add(q)
     s.flush()
     return quota_view(s, project)
@@ -142,17 +144,22 @@ def _open_interval(s: Session, sc: ServiceCluster, start: float) -> None:
 
 
 def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: int, gpu_type: str | None,
-                   max_switches: int | None, require_health: bool) -> dict:
+                   max_switches: int | None, require_health: bool, priority: int = 0) -> dict:
     with _lock:
         with store.session() as s:
             p = visible_project(s, caller, project, "member")
             if s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == p.id, ServiceCluster.name == name)):
                 raise ServiceError(409, f"Project {project!r} already has a cluster named {name!r}; choose another name or delete it first.")
             gpu_type = _resolve_gpu_type(s, gpu_type)
+            if priority:
+                q = s.get(Quota, (p.id, gpu_type))
+                allowed = q.max_priority if q else 0
+                if priority > allowed:
+                    raise ServiceError(403, f"Project {project!r} may ask for priority up to {allowed} on {gpu_type}; ask the operator to raise it.")
             reason = _quota_decision(s, p, gpu_type, gpus)
             sc = ServiceCluster(project_id=p.id, user_id=caller.user_id, name=name, fleet_name=fleet_name(p, name), gpus=gpus,
                                 gpu_type=gpu_type, max_switches=max_switches, require_health=require_health,
-                                state="waiting", reason=reason, created_at=time.time())
+                                state="waiting", reason=reason, priority=priority, created_at=time.time())
         fleet = None
         if reason is None:
             fleet = _fleet_create(store, sc)  # refuses sizes that never fit: nothing kept on either side
@@ -162,7 +169,71 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
             s.flush()
             if sc.state == "ready":
                 _open_interval(s, sc, fleet["placed_at"])
+        if sc.state == "queued" and priority > 0:
+            fleet = _preempt_for(store, sc, project) or fleet
         return cluster_view(sc, project, fleet)
+
+
+def _preempt_for(store: Store, sc: ServiceCluster, project: str) -> dict | None:
+    """Reclaims nodes from lower-priority clusters, lowest and newest first, until `sc` is placed.
+
+    Their jobs are cancelled (they keep their periodic checkpoints) and submitted again into the
+    same run directory once their cluster is placed again, so they resume where they saved.
+    """
+    while True:
+        with store.session() as s:
+            victim = s.scalars(sa.select(ServiceCluster).where(
+                ServiceCluster.state == "ready", ServiceCluster.gpu_type == sc.gpu_type, ServiceCluster.priority < sc.priority,
+            ).order_by(ServiceCluster.priority, ServiceCluster.id.desc()).limit(1)).first()
+        if victim is None:
+            return None
+        _preempt(store, victim, f"preempted by {project}/{sc.name} (priority {sc.priority}); its jobs resume from their last checkpoint when it is placed again")
+        info = fleet_clusters.show_cluster(store.fleet, sc.fleet_name)
+        if info["state"] == "ready":
+            with store.session() as s:
+                row = s.get(ServiceCluster, sc.id)
+                row.state, row.reason = "ready", None
+                _open_interval(s, row, info["placed_at"])
+            sc.state, sc.reason = "ready", None
+            return info
+
+
+def _preempt(store: Store, victim: ServiceCluster, reason: str) -> None:
+    with store.session() as s:
+        jobs = s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == victim.project_id, ServiceJob.cluster == victim.name,
+                                                     ServiceJob.resumed_as.is_(None), ServiceJob.preempted.is_(False))).all()
+    for sj in jobs:
+        try:
+            fleet_jobs.cancel_job(store.fleet, sj.job_id)
+        except UserError:
+            continue  # already ended: nothing to resume
+        with store.session() as s:
+            s.get(ServiceJob, sj.job_id).preempted = True
+    fleet_clusters.delete_cluster(store.fleet, victim.fleet_name, force=True)
+    with store.session() as s:
+        s.execute(sa.update(UsageInterval).where(UsageInterval.project_id == victim.project_id, UsageInterval.cluster == victim.name,
+                                                 UsageInterval.end_at.is_(None)).values(end_at=time.time()))
+        row = s.get(ServiceCluster, victim.id)
+        row.state, row.reason = "waiting", reason
+
+
+def _resume_preempted(store: Store, sc_id: int) -> None:
+    """Submits the preempted jobs of a cluster that was just placed again, into their old run directories."""
+    with store.session() as s:
+        sc = s.get(ServiceCluster, sc_id)
+        jobs = s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == sc.project_id, ServiceJob.cluster == sc.name,
+                                                     ServiceJob.preempted.is_(True), ServiceJob.resumed_as.is_(None))).all()
+    for sj in jobs:
+        overrides = [*(sj.overrides or []), f"run.dir={sj.run_dir}"]  # last wins: the old run, its checkpoints
+        try:
+            job = fleet_jobs.submit_job(store.fleet, sc.fleet_name, sj.config, overrides, max_restarts=sj.max_restarts or 0)
+        except UserError:
+            continue
+        with store.session() as s:
+            s.add(ServiceJob(job_id=job["id"], project_id=sj.project_id, user_id=sj.user_id, cluster=sj.cluster,
+                             created_at=time.time(), config=sj.config, overrides=sj.overrides, max_restarts=sj.max_restarts,
+                             run_dir=sj.run_dir))
+            s.get(ServiceJob, sj.job_id).resumed_as = job["id"]
 
 
 def reconcile(store: Store) -> None:
@@ -183,6 +254,7 @@ def reconcile(store: Store) -> None:
                     sc = s.get(ServiceCluster, sc_id)
                     sc.state, sc.reason = "ready", None
                     _open_interval(s, sc, info["placed_at"])
+                _resume_preempted(store, sc_id)
         with store.session() as s:
             waiting = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.state == "waiting").order_by(ServiceCluster.id)).all()
             startable = []
@@ -209,9 +281,13 @@ def reconcile(store: Store) -> None:
             with store.session() as s:
                 row = s.get(ServiceCluster, sc_id)
                 row.state = fleet["state"]
-                row.reason = None if fleet["state"] == "ready" else "waiting for free nodes in the fleet"
                 if row.state == "ready":
+                    row.reason = None
                     _open_interval(s, row, fleet["placed_at"])
+                elif not (row.reason or "").startswith("preempted"):
+                    row.reason = "waiting for free nodes in the fleet"
+            if fleet["state"] == "ready":
+                _resume_preempted(store, sc_id)
 
 
 def _get(s: Session, p: Project, name: str) -> ServiceCluster:
@@ -271,9 +347,14 @@ def _configs_dir() -> Path:
     return home() / "service" / "configs"
 
 
-def job_view(job: dict, cluster: str) -> dict:
+def job_view(job: dict, cluster: str, sj: ServiceJob | None = None) -> dict:
     keep = ("id", "state", "overrides", "restarts", "max_restarts", "exit_code", "detail", "submitted_at", "ended_at")
-    return {**{k: job[k] for k in keep}, "cluster": cluster}
+    view = {**{k: job[k] for k in keep}, "cluster": cluster, "preempted": False, "resumed_as": None}
+    if sj is not None:
+        view["preempted"], view["resumed_as"] = sj.preempted, sj.resumed_as
+        if sj.preempted:
+            view["state"] = "preempted"  # cancelled by a higher priority, not by its owner
+    return view
 
 
 def submit_job(store: Store, caller: Caller, project: str, cluster: str, config: dict, overrides: list[str],
@@ -297,7 +378,8 @@ def submit_job(store: Store, caller: Caller, project: str, cluster: str, config:
         path.unlink(missing_ok=True)
         raise ServiceError(422, str(err)) from None
     with store.session() as s:
-        s.add(ServiceJob(job_id=job["id"], project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time()))
+        s.add(ServiceJob(job_id=job["id"], project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time(),
+                         config=str(path), overrides=list(overrides), max_restarts=max_restarts, run_dir=job["run_dir"]))
     return job_view(job, cluster)
 
 
@@ -312,16 +394,16 @@ def _job(store: Store, caller: Caller, project: str, job_id: int, role: str = "v
 
 def job_status(store: Store, caller: Caller, project: str, job_id: int) -> dict:
     sj = _job(store, caller, project, job_id)
-    return job_view(fleet_jobs.job_status(store.fleet, job_id), sj.cluster)
+    return job_view(fleet_jobs.job_status(store.fleet, job_id), sj.cluster, sj)
 
 
 def list_jobs(store: Store, caller: Caller, project: str) -> list[dict]:
     with store.session() as s:
         p = visible_project(s, caller, project)
-        mine = {sj.job_id: sj.cluster for sj in s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == p.id))}
+        mine = {sj.job_id: sj for sj in s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == p.id))}
     if not mine:
         return []
-    return [job_view(j, mine[j["id"]]) for j in fleet_jobs.list_jobs(store.fleet) if j["id"] in mine]
+    return [job_view(j, mine[j["id"]].cluster, mine[j["id"]]) for j in fleet_jobs.list_jobs(store.fleet) if j["id"] in mine]
 
 
 def cancel_job(store: Store, caller: Caller, project: str, job_id: int) -> dict:

@@ -40,6 +40,7 @@ class ClusterIn(Body):
     gpu_type: str | None = Field(default=None, max_length=64)
     max_switches: int | None = Field(default=None, ge=1, le=100_000)
     require_health: bool = False
+    priority: int = Field(default=0, ge=0, le=100, description="a higher one may preempt lower ones (up to the project's max_priority)")
 
 
 class JobIn(Body):
@@ -53,6 +54,7 @@ class QuotaIn(Body):
     gpu_type: str = Field(max_length=64)
     max_gpus: int | None = Field(default=None, ge=0, le=1_000_000)
     gpu_hours: float | None = Field(default=None, ge=0, le=1e9)
+    max_priority: int = Field(default=0, ge=0, le=100)
 
 
 class PlanIn(Body):
