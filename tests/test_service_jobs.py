@@ -35,6 +35,7 @@ def service(tmp_path):
             client.post("/v1/users", headers=op, json={"name": f"{project}-{role}", "org": org})
             token = client.post("/v1/tokens", headers=op, json={"user": f"{project}-{role}", "project": project, "role": role}).json()["token"]
             tokens[project, role] = {"Authorization": f"Bearer {token}"}
+    tokens["op"] = op
     yield client, tokens
     client.close()
     store.dispose()
@@ -97,3 +98,41 @@ def test_jobs_need_a_ready_cluster_of_the_project(service, small_corpus):
     assert r.status_code == 404
     r = client.post("/v1/projects/llm/jobs", headers=member, json={"cluster": "x", "config": {}, "overrides": ["nodot=1"]})
     assert r.status_code == 404  # the cluster is checked first; nothing was launched
+
+
+@pytest.mark.slow
+def test_a_preempted_job_resumes_from_its_checkpoint(service, small_corpus, tmp_path):
+    from pathlib import Path
+
+    client, tokens = service
+    web, llm = tokens["web", "member"], tokens["llm", "member"]
+    assert client.post("/v1/projects/web/clusters", headers=web, json={"name": "low", "gpus": 2}).json()["state"] == "ready"
+    config = tiny_config(small_corpus, 24)
+    config["train"]["checkpoint_every"] = 2
+    r = client.post("/v1/projects/web/jobs", headers=web, json={"cluster": "low", "config": config, "max_restarts": 0})
+    assert r.status_code == 202, r.text
+    jid = r.json()["id"]
+    deadline = time.monotonic() + 240
+    while len(client.get(f"/v1/projects/web/jobs/{jid}/metrics", headers=web).json()["steps"]) < 4:  # a checkpoint at step 2 or later
+        assert time.monotonic() < deadline and client.get(f"/v1/projects/web/jobs/{jid}", headers=web).json()["state"] == "running"
+        time.sleep(0.5)
+
+    r = client.put("/v1/projects/llm/quota", headers=tokens["op"], json={"gpu_type": "local", "max_priority": 5})
+    assert r.status_code == 200, r.text  # the operator grants llm a higher priority
+    urgent = client.post("/v1/projects/llm/clusters", headers=llm, json={"name": "urgent", "gpus": 2, "priority": 5}).json()
+    assert urgent["state"] == "ready", urgent
+    job = client.get(f"/v1/projects/web/jobs/{jid}", headers=web).json()
+    assert job["state"] == "preempted" and job["resumed_as"] is None
+    assert client.get("/v1/projects/web/clusters/low", headers=web).json()["reason"].startswith("preempted by llm/urgent")
+
+    assert client.delete("/v1/projects/llm/clusters/urgent", headers=llm).status_code == 200
+    assert client.get("/v1/projects/web/clusters/low", headers=web).json()["state"] == "ready"
+    resumed = client.get(f"/v1/projects/web/jobs/{jid}", headers=web).json()["resumed_as"]
+    assert resumed is not None
+    r = client.get(f"/v1/projects/web/jobs/{resumed}/logs?follow=true&timeout_s=300", headers=web)
+    final = client.get(f"/v1/projects/web/jobs/{resumed}", headers=web).json()
+    assert final["state"] == "completed", r.text[-3000:]
+    steps = [m["step"] for m in client.get(f"/v1/projects/web/jobs/{resumed}/metrics", headers=web).json()["steps"] if "loss" in m]
+    restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), 0)
+    assert steps[restart] > 1 and steps[-1] == 24, steps  # it went on from a checkpoint, not from step 1
+    assert client.delete("/v1/projects/web/clusters/low", headers=web).status_code == 200

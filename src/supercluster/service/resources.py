@@ -443,8 +443,9 @@ def job_metrics(store: Store, caller: Caller, project: str, job_id: int, limit: 
     """The last `limit` step records of the job's metrics.jsonl (a line still being written is skipped)."""
     import json
 
-    _job(store, caller, project, job_id)
-    path = Path(fleet_jobs.job_status(store.fleet, job_id)["run_dir"]) / "metrics.jsonl"
+    sj = _job(store, caller, project, job_id)
+    # a resumed job trains in the run directory of the one it continues, not in its own job folder
+    path = Path(sj.run_dir or fleet_jobs.job_status(store.fleet, job_id)["run_dir"]) / "metrics.jsonl"
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
