@@ -2,9 +2,6 @@
 requests that do not, on every route, as the operator and without a token, never get a 500.
 Bounded and derandomized examples, so it stays fast and repeatable."""
 
-import os
-import tempfile
-
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -15,13 +12,12 @@ from supercluster.service import tenancy
 from supercluster.service.app import create_app
 from supercluster.service.store import Store
 
-EXAMPLES = 5
+EXAMPLES = 4
 
 
-@pytest.fixture(scope="module")
-def api():
-    folder = tempfile.mkdtemp(prefix="sc-fuzz-")
-    store = Store(f"sqlite:///{os.path.join(folder, 'service.db')}")
+@pytest.fixture
+def api(service_url):
+    store = Store(service_url)
     with store.session() as s:
         token = tenancy.init_operator(s)
     init_fleet(store.fleet, "sim", spec={"gpu_type": "h100", "nodes": 8, "gpus_per_node": 8, "nodes_per_leaf": 4, "leaves_per_pod": 2})

@@ -64,6 +64,8 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         caller = None
         try:
             if request.url.path.startswith("/v1/"):
+                if "\x00" in request.url.path or any("\x00" in v for v in request.query_params.values()):
+                    raise ServiceError(422, "Names and query values cannot contain NUL characters.")
                 caller = await run_in_threadpool(_authenticate, store, request.headers.get("authorization"))
                 request.state.caller = caller
                 limiter.check(caller.token_id)
