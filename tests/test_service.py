@@ -296,3 +296,29 @@ def test_nul_characters_are_refused_before_the_database(world):
     assert world.call("POST", "/v1/tokens", h, {"user": "x\x00", "project": "llm"}).status_code == 422
     r = world.call("POST", "/v1/projects/llm/jobs", h, {"cluster": "c", "config": {}, "overrides": ["a.b=\x00"]})
     assert r.status_code == 422
+
+
+def test_past_the_budget_running_clusters_stop_and_resume_when_it_is_raised(world):
+    from supercluster.service import resources
+
+    member, op = world.tokens["llm", "member"], world.op
+    world.ok("POST", "/v1/projects/llm/clusters", member, {"name": "a", "gpus": 64})
+    world.ok("POST", "/v1/projects/web/clusters", world.tokens["web", "member"], {"name": "w", "gpus": 8})
+    world.ok("PUT", "/v1/projects/llm/quota", op, {"gpu_type": "h100", "gpu_hours": 10.0})
+    assert resources.enforce_budgets(world.store) == []  # well within it
+    # a budget that 64 GPUs use up in about half a second more (set again if the clock passed it meanwhile)
+    while True:
+        spent = world.ok("GET", "/v1/projects/llm/quota", member)["quotas"][0]["used_gpu_hours"]
+        budget = spent + 64 * 0.5 / 3600
+        if world.call("PUT", "/v1/projects/llm/quota", op, {"gpu_type": "h100", "gpu_hours": budget}).status_code == 200:
+            break
+    deadline = time.monotonic() + 60
+    while not (stopped := resources.enforce_budgets(world.store)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert stopped == ["llm/a"]
+    a = world.ok("GET", "/v1/projects/llm/clusters/a", member)
+    assert a["state"] == "waiting" and f"spent its {budget:g} h100 GPU-hour budget" in a["reason"] and a["nodes"] == []
+    assert world.ok("GET", "/v1/projects/web/clusters/w", world.tokens["web", "member"])["state"] == "ready"  # not web's
+    world.ok("PUT", "/v1/projects/llm/quota", op, {"gpu_type": "h100", "gpu_hours": 1000.0})
+    assert world.ok("GET", "/v1/projects/llm/clusters/a", member)["state"] == "ready"

@@ -36,7 +36,8 @@ def server(
 
     from supercluster.service.app import create_app
 
-    uvicorn.run(create_app(db), host=host, port=port, log_level="warning")
+    # every 5 s the server stops projects past their budget and starts what the queues allow
+    uvicorn.run(create_app(db, tick_s=5.0), host=host, port=port, log_level="warning")
 
 
 @server_app.command("init")

@@ -6,7 +6,10 @@ they make block only that thread.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import threading
 from pathlib import Path as FilePath
 import time
 from typing import Literal
@@ -37,12 +40,23 @@ def _sentence(err: RequestValidationError) -> str:
     return f"Field {where!r}: {first.get('msg', 'is not valid')}" + (f" (and {more} more problems)." if more else ".")
 
 
-def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, store: Store | None = None) -> FastAPI:
-    """The service on the database at `url`; `rate`/`burst`: requests per second per token (token bucket)."""
+def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, store: Store | None = None,
+               tick_s: float = 0.0) -> FastAPI:
+    """The service on the database at `url`; `rate`/`burst`: requests per second per token (token bucket);
+    `tick_s`: seconds between the server's own passes over budgets and queues (0: only when asked)."""
     store = store or Store(url)
     limiter = RateLimiter(rate, burst)
-    app = FastAPI(title="supercluster", version="1", description="Many teams share one fleet: tenants, tokens, quotas, "
-                  "clusters, jobs, usage and cost. Every route needs a Bearer token.")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        stop = threading.Event()
+        if tick_s > 0:
+            threading.Thread(target=_ticker, args=(store, tick_s, stop), daemon=True, name="service-tick").start()
+        yield
+        stop.set()
+
+    app = FastAPI(title="supercluster", version="1", lifespan=lifespan, description="Many teams share one fleet: tenants, "
+                  "tokens, quotas, clusters, jobs, usage and cost. Every route needs a Bearer token.")
     app.state.store = store
 
     @app.exception_handler(ServiceError)
@@ -260,6 +274,14 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         return {"plans": [e.as_dict() for e in search(req, top=body.top)]}
 
     return app
+
+
+def _ticker(store: Store, every_s: float, stop: threading.Event) -> None:
+    while not stop.wait(every_s):
+        try:
+            resources.tick(store)
+        except Exception:  # a failed pass must not end the loop; the next one tries again
+            logging.getLogger("supercluster.service").exception("budget and queue pass failed")
 
 
 def _authenticate(store: Store, header: str | None) -> Caller:

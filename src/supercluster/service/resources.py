@@ -459,3 +459,36 @@ def job_metrics(store: Store, caller: Caller, project: str, job_id: int, limit: 
         if isinstance(record, dict) and "step" in record:
             steps.append(record)
     return steps
+
+
+def enforce_budgets(store: Store, at: float | None = None) -> list[str]:
+    """Stops the clusters of every project past its GPU-hour budget (up to `at`, default now).
+
+    Their jobs stop as preempted ones do (keeping their last checkpoint) and the clusters wait,
+    saying why; if the operator raises the budget they are placed again and their jobs resume.
+    Returns the clusters stopped, as project/name.
+    """
+    at = time.time() if at is None else at
+    stopped = []
+    with _lock:
+        with store.session() as s:
+            over = [(q.project_id, q.gpu_type, q.gpu_hours) for q in s.scalars(sa.select(Quota).where(Quota.gpu_hours.is_not(None)))
+                    if usage.gpu_seconds(s, q.project_id, q.gpu_type, at) / 3600 >= q.gpu_hours]
+            victims = []
+            for project_id, gpu_type, budget in over:
+                name = s.get(Project, project_id).name
+                for sc in s.scalars(sa.select(ServiceCluster).where(
+                        ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
+                        ServiceCluster.state.in_(("queued", "ready")))):
+                    victims.append((sc, name, budget))
+        for sc, project, budget in victims:
+            _preempt(store, sc, f"stopped: project {project!r} spent its {budget:g} {sc.gpu_type} GPU-hour budget; "
+                                f"its jobs resume from their last checkpoint if the operator raises it")
+            stopped.append(f"{project}/{sc.name}")
+    return stopped
+
+
+def tick(store: Store) -> None:
+    """What the server does every few seconds without being asked: budgets, then the queues."""
+    enforce_budgets(store)
+    reconcile(store)
