@@ -105,7 +105,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/orgs", tags=["tenancy"])
     def list_orgs(who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_orgs(s, who)
 
     @app.get("/v1/orgs/{org}", tags=["tenancy"])
@@ -205,7 +205,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/projects/{project}/quota", tags=["quota"])
     def show_quota(project: str, who: Caller = Depends(caller)) -> dict:
-        with store.session() as s:
+        with store.reading() as s:
             return resources.quota_view(s, tenancy.visible_project(s, who, project))
 
     @app.put("/v1/projects/{project}/quota", tags=["quota"])
@@ -222,7 +222,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
                    until: float | None = Query(None, ge=0, le=1e11), format: Literal["json", "csv"] = "json",
                    who: Caller = Depends(caller)):
         """GPU-seconds, GPU-hours and cost by org, project or user and GPU type, in [since, until)."""
-        with store.session() as s:
+        with store.reading() as s:
             rows = usage.report(s, by=by, since=since, until=until, project_ids=None if who.is_operator else [who.project_id])
         if format == "csv":
             return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
@@ -285,7 +285,7 @@ def _ticker(store: Store, every_s: float, stop: threading.Event) -> None:
 
 
 def _authenticate(store: Store, header: str | None) -> Caller:
-    with store.session() as s:
+    with store.reading() as s:
         return authenticate(s, header)
 
 
