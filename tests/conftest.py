@@ -50,3 +50,32 @@ def small_corpus(tmp_path_factory) -> Path:
     for i, src in enumerate(sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py"))[:8]):
         (root / f"{i:02d}_{src.name}").write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
     return root
+
+
+SERVICE_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def service_url(request, tmp_path):
+    """A fresh service database: a SQLite file, and a private schema on the PostgreSQL server
+    (skipped with the reason when it is down, except under CI=true where that fails)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'service.db'}"
+        return
+    import uuid
+
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(SERVICE_PG_URL, connect_timeout=3)
+    except Exception as err:  # any failure means: no server to test against
+        reason = f"PostgreSQL at {SERVICE_PG_URL} is not reachable ({type(err).__name__})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    schema = f"sc_svc_{uuid.uuid4().hex[:10]}"
+    conn.autocommit = True
+    conn.cursor().execute(f"CREATE SCHEMA {schema}")
+    yield f"{SERVICE_PG_URL}?options=-csearch_path%3D{schema}"
+    conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
+    conn.close()

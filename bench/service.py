@@ -1,0 +1,177 @@
+"""The service under load: 200 concurrent API clients for 30 s on loopback (bounded).
+
+A real `supercluster server` process on a fresh database (SQLite by default, or --db URL) over a
+simulated fleet; each client has its own token in one of 4 projects and loops over a mix of
+routes: list and create clusters (8 GPUs, a unique name), delete one of its own, read the quota,
+usage and fleet. At the end it checks that no answer was a 5xx and that no cluster record was
+lost or duplicated (every 202 not deleted since is listed exactly once, every 200 delete is gone),
+and prints p50/p99 latency per route.
+
+    .venv/bin/python bench/service.py [--clients 200] [--seconds 30] [--db URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+import httpx
+
+PROJECTS = 4
+SPEC = {"gpu_type": "h100", "nodes": 256, "gpus_per_node": 8, "nodes_per_leaf": 16, "leaves_per_pod": 4}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(url: str, clients: int) -> tuple[str, list[tuple[str, str]]]:
+    """Initializes the service and the fleet in-process; returns the operator token and (project, token) per client."""
+    from fastapi.testclient import TestClient
+
+    from supercluster.cluster.fleet import init_fleet
+    from supercluster.service import tenancy
+    from supercluster.service.app import create_app
+    from supercluster.service.store import Store
+
+    store = Store(url)
+    with store.session() as s:
+        op_token = tenancy.init_operator(s)
+    init_fleet(store.fleet, "sim", spec=SPEC)
+    op = {"Authorization": f"Bearer {op_token}"}
+    out = []
+    with TestClient(create_app(store=store, rate=1e6, burst=10**6)) as c:
+        c.post("/v1/orgs", headers=op, json={"name": "bench"}).raise_for_status()
+        for p in range(PROJECTS):
+            c.post("/v1/orgs/bench/projects", headers=op, json={"name": f"p{p}"}).raise_for_status()
+        for i in range(clients):
+            project = f"p{i % PROJECTS}"
+            c.post("/v1/users", headers=op, json={"name": f"u{i}", "org": "bench"}).raise_for_status()
+            r = c.post("/v1/tokens", headers=op, json={"user": f"u{i}", "project": project, "role": "member"})
+            r.raise_for_status()
+            out.append((project, r.json()["token"]))
+    store.dispose()
+    return op_token, out
+
+
+async def client(i: int, base: str, project: str, token: str, until: float, lat, codes, created, deleted):
+    rng = random.Random(i)
+    mine: list[str] = []
+    n = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+        while time.monotonic() < until:
+            roll = rng.random()
+            if roll < 0.2:
+                name = f"c{i}-{n}"
+                n += 1
+                route, call = "POST clusters", http.post(f"/v1/projects/{project}/clusters", json={"name": name, "gpus": 8})
+            elif roll < 0.35 and mine:
+                name = mine.pop(rng.randrange(len(mine)))
+                route, call = "DELETE cluster", http.delete(f"/v1/projects/{project}/clusters/{name}")
+            elif roll < 0.6:
+                route, call = "GET clusters", http.get(f"/v1/projects/{project}/clusters")
+            elif roll < 0.75:
+                route, call = "GET quota", http.get(f"/v1/projects/{project}/quota")
+            elif roll < 0.9:
+                route, call = "GET usage", http.get("/v1/usage")
+            else:
+                route, call = "GET orgs", http.get("/v1/orgs")
+            start = time.perf_counter()
+            r = await call
+            lat[route].append(time.perf_counter() - start)
+            codes[r.status_code] += 1
+            if route == "POST clusters" and r.status_code == 202:
+                mine.append(name)
+                created[project].append(name)
+            elif route == "DELETE cluster":
+                if r.status_code == 200:
+                    deleted[project].append(name)
+                else:
+                    mine.append(name)
+
+
+async def load(base: str, tokens, seconds: float):
+    lat, codes, created, deleted = defaultdict(list), Counter(), defaultdict(list), defaultdict(list)
+    until = time.monotonic() + seconds
+    await asyncio.gather(*(client(i, base, p, t, until, lat, codes, created, deleted) for i, (p, t) in enumerate(tokens)))
+    return lat, codes, created, deleted
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--db", default=None, help="database URL (default: a fresh SQLite file)")
+    args = ap.parse_args(argv)
+    folder = tempfile.mkdtemp(prefix="sc-bench-service-")
+    os.environ.setdefault("SUPERCLUSTER_HOME", folder)
+    url = args.db or f"sqlite:///{folder}/service.db"
+    op_token, tokens = prepare(url, args.clients)
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base}/docs", timeout=2)
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    sys.exit("the server did not start")
+                time.sleep(0.3)
+        # the server's rate limit (50/s per token) is part of what is measured: 429s are counted, not errors
+        wall = time.monotonic()
+        lat, codes, created, deleted = asyncio.run(load(base, tokens, args.seconds))
+        wall = time.monotonic() - wall
+        op = {"Authorization": f"Bearer {op_token}"}
+        lost = duplicated = 0
+        for p in range(PROJECTS):
+            names = [c["name"] for c in httpx.get(f"{base}/v1/projects/p{p}/clusters", headers=op, timeout=120).json()]
+            counts = Counter(names)
+            expected = set(created[f"p{p}"]) - set(deleted[f"p{p}"])
+            lost += len(expected - set(names)) + len(set(deleted[f"p{p}"]) & set(names))
+            duplicated += sum(1 for v in counts.values() if v > 1) + len(set(names) - expected)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    total = sum(codes.values())
+    print(f"{args.clients} clients, {wall:.1f} s, {total} requests ({total / wall:.0f}/s), database "
+          f"{url.split(':', 1)[0]}; CPU: {_cpu()}")
+    print(f"{'route':16} {'n':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    for route in sorted(lat):
+        print(f"{route:16} {len(lat[route]):6d} {pct(lat[route], 0.5):8.1f} {pct(lat[route], 0.99):8.1f}")
+    fivexx = sum(v for k, v in codes.items() if k >= 500)
+    print(f"status codes: {dict(sorted(codes.items()))}; 5xx: {fivexx}; clusters created {sum(map(len, created.values()))}, "
+          f"deleted {sum(map(len, deleted.values()))}, lost {lost}, duplicated {duplicated}")
+    print(json.dumps({"fivexx": fivexx, "lost": lost, "duplicated": duplicated,
+                      "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}))
+    sys.exit(1 if fivexx or lost or duplicated else 0)
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    main()

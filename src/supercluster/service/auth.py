@@ -1,0 +1,99 @@
+"""Who is calling: bearer tokens (hashed at rest), roles, and per-token rate limits.
+
+A token is 32 random bytes, so one SHA-256 is enough to store it (a slow password hash guards
+guessable secrets; these are not guessable), and lookup stays one indexed query per request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+import threading
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from supercluster.service.models import ROLES, Project, Token, User
+
+TOKEN_PREFIX = "sct_"
+
+
+class ServiceError(Exception):
+    """An HTTP answer other than success: a status and one sentence."""
+
+    def __init__(self, status: int, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def rank(role: str) -> int:
+    return ROLES.index(role)
+
+
+@dataclasses.dataclass(frozen=True)
+class Caller:
+    """The authenticated caller of one request."""
+
+    user_id: int
+    user: str
+    token_id: int
+    role: str
+    project_id: int | None  # None only for the operator
+    project: str | None
+    org_id: int | None
+    is_operator: bool
+
+    def at_least(self, role: str) -> bool:
+        return self.is_operator or rank(self.role) >= rank(role)
+
+
+def authenticate(s: Session, header: str | None) -> Caller:
+    if not header:
+        raise ServiceError(401, "This route needs a token; send it as 'Authorization: Bearer <token>'.",
+                           {"WWW-Authenticate": "Bearer"})
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ServiceError(401, "The Authorization header must be 'Bearer <token>'.", {"WWW-Authenticate": "Bearer"})
+    row = s.scalar(sa.select(Token).where(Token.token_hash == hash_token(token.strip())))
+    if row is None:
+        raise ServiceError(401, "This token is not known; log in again with a valid token.", {"WWW-Authenticate": "Bearer"})
+    if row.revoked_at is not None:
+        raise ServiceError(401, "This token was revoked; ask your project admin for a new one.", {"WWW-Authenticate": "Bearer"})
+    if row.expires_at is not None and row.expires_at <= time.time():
+        raise ServiceError(401, "This token has expired; ask your project admin for a new one.", {"WWW-Authenticate": "Bearer"})
+    user = s.get(User, row.user_id)
+    project = s.get(Project, row.project_id) if row.project_id is not None else None
+    return Caller(user_id=user.id, user=user.name, token_id=row.id, role=row.role, project_id=row.project_id,
+                  project=project.name if project else None, org_id=user.org_id,
+                  is_operator=user.is_operator and row.project_id is None)
+
+
+class RateLimiter:
+    """A token bucket per API token: `rate` requests a second on average, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[int, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, token_id: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            level, last = self._buckets.get(token_id, (float(self.burst), now))
+            level = min(float(self.burst), level + (now - last) * self.rate)
+            if level < 1.0:
+                self._buckets[token_id] = (level, now)
+                wait = (1.0 - level) / self.rate
+                raise ServiceError(429, f"Too many requests for this token; retry in {wait:.1f} s.",
+                                   {"Retry-After": str(max(1, round(wait)))})
+            self._buckets[token_id] = (level - 1.0, now)

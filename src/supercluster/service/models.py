@@ -1,0 +1,125 @@
+"""The service's tables, beside the fleet's in the same database (names prefixed `svc_`).
+
+Times are float seconds since the epoch, as in the fleet's tables.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ROLES = ("viewer", "member", "admin")  # each may do what the ones before it may
+CLUSTER_STATES = ("waiting", "queued", "ready")  # waiting: held by the project's quota, not yet on the fleet
+
+
+class ServiceBase(DeclarativeBase):
+    pass
+
+
+class Org(ServiceBase):
+    __tablename__ = "svc_orgs"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    created_at: Mapped[float]
+
+
+class Project(ServiceBase):
+    __tablename__ = "svc_projects"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    org_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_orgs.id"), index=True)
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)  # global: it names the project in URLs
+    created_at: Mapped[float]
+
+
+class User(ServiceBase):
+    __tablename__ = "svc_users"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    org_id: Mapped[int | None] = mapped_column(sa.ForeignKey("svc_orgs.id"), index=True)  # None: the operator
+    name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    is_operator: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[float]
+
+
+class Token(ServiceBase):
+    __tablename__ = "svc_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"), index=True)
+    project_id: Mapped[int | None] = mapped_column(sa.ForeignKey("svc_projects.id"), index=True)  # None: operator
+    role: Mapped[str] = mapped_column(sa.String(16))
+    token_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)  # sha256 hex; the token itself is never stored
+    prefix: Mapped[str] = mapped_column(sa.String(16))  # shown in listings so a user can tell tokens apart
+    expires_at: Mapped[float | None]
+    revoked_at: Mapped[float | None]
+    created_at: Mapped[float]
+
+
+class Quota(ServiceBase):
+    __tablename__ = "svc_quotas"
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_projects.id"), primary_key=True)
+    gpu_type: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    max_gpus: Mapped[int | None]  # concurrent GPUs; past it, requests wait
+    gpu_hours: Mapped[float | None]  # budget; past it, requests are refused
+    max_priority: Mapped[int] = mapped_column(default=0, server_default="0")  # highest priority its requests may ask
+
+
+class ServiceCluster(ServiceBase):
+    """A project's cluster: its name in the project, and the fleet cluster that holds it."""
+
+    __tablename__ = "svc_clusters"
+    __table_args__ = (sa.UniqueConstraint("project_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
+    name: Mapped[str] = mapped_column(sa.String(48))
+    fleet_name: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    gpus: Mapped[int]
+    gpu_type: Mapped[str] = mapped_column(sa.String(64))
+    max_switches: Mapped[int | None]
+    require_health: Mapped[bool] = mapped_column(default=False)
+    state: Mapped[str] = mapped_column(sa.String(16))  # waiting | queued | ready
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    priority: Mapped[int] = mapped_column(default=0, server_default="0")  # a higher one may preempt it
+    created_at: Mapped[float]
+
+
+class ServiceJob(ServiceBase):
+    __tablename__ = "svc_jobs"
+    job_id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)  # the fleet's job id
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
+    cluster: Mapped[str] = mapped_column(sa.String(48))  # the cluster's name in the project
+    created_at: Mapped[float]
+    # what it takes to submit it again, into the same run directory, after a preemption
+    config: Mapped[str | None] = mapped_column(sa.Text)
+    overrides: Mapped[list | None] = mapped_column(sa.JSON)
+    max_restarts: Mapped[int | None]
+    run_dir: Mapped[str | None] = mapped_column(sa.Text)
+    preempted: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    resumed_as: Mapped[int | None]  # the job that continues it from its checkpoint
+
+
+class UsageInterval(ServiceBase):
+    """GPUs held from start_at to end_at (None: still held); usage is the sum of gpus x duration."""
+
+    __tablename__ = "svc_usage"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
+    cluster: Mapped[str] = mapped_column(sa.String(48))
+    gpu_type: Mapped[str] = mapped_column(sa.String(64))
+    gpus: Mapped[int]
+    start_at: Mapped[float]
+    end_at: Mapped[float | None]
+
+
+class Audit(ServiceBase):
+    __tablename__ = "svc_audit"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(index=True)
+    user_id: Mapped[int | None]
+    token_id: Mapped[int | None]
+    project_id: Mapped[int | None] = mapped_column(index=True)
+    method: Mapped[str] = mapped_column(sa.String(8))
+    path: Mapped[str] = mapped_column(sa.Text)
+    status: Mapped[int]
+    client: Mapped[str | None] = mapped_column(sa.String(64))

@@ -1,0 +1,73 @@
+"""Request bodies: unknown fields are refused (extra="forbid"), sizes are bounded."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Name = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="lower-case letters, digits, '_' or '-'; up to 32")
+ClusterName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$", description="letters, digits, '_' or '-'; up to 48")
+
+
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refuse it here, not as a database error
+
+
+def Text(max_length: int, **kw):
+    return Field(max_length=max_length, pattern=NO_NUL, **kw)
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OrgIn(Body):
+    name: str = Name
+
+
+class ProjectIn(Body):
+    name: str = Name
+
+
+class UserIn(Body):
+    name: str = Name
+    org: str = Text(64)
+
+
+class TokenIn(Body):
+    user: str = Text(64)
+    project: str = Text(64)
+    role: Literal["viewer", "member", "admin"] = "viewer"  # least privilege unless asked
+    days: float | None = Field(default=None, gt=0, le=365, description="lifetime in days (default 30)")
+
+
+class ClusterIn(Body):
+    name: str = ClusterName
+    gpus: int = Field(ge=1, le=1_000_000)
+    gpu_type: str | None = Text(64, default=None)
+    max_switches: int | None = Field(default=None, ge=1, le=100_000)
+    require_health: bool = False
+    priority: int = Field(default=0, ge=0, le=100, description="a higher one may preempt lower ones (up to the project's max_priority)")
+
+
+class JobIn(Body):
+    cluster: str = ClusterName
+    config: dict = Field(description="the training config's sections, as the TOML file would hold them")
+    overrides: list[Annotated[str, Text(500)]] = Field(default_factory=list, max_length=64)
+    max_restarts: int = Field(default=3, ge=0, le=100)
+
+
+class QuotaIn(Body):
+    gpu_type: str = Text(64)
+    max_gpus: int | None = Field(default=None, ge=0, le=1_000_000)
+    gpu_hours: float | None = Field(default=None, ge=0, le=1e9)
+    max_priority: int = Field(default=0, ge=0, le=100)
+
+
+class PlanIn(Body):
+    model: str = Text(64, description="a model preset, e.g. llama3-8b")
+    gpus: int = Field(ge=1, le=100_000)
+    gpu: str = Text(64, default="h100")
+    seq_len: int | None = Field(default=None, ge=1, le=1_048_576)
+    global_batch: int | None = Field(default=None, ge=1, le=1_000_000)
+    top: int = Field(default=5, ge=1, le=50)

@@ -1,0 +1,110 @@
+"""The dashboard in headless Chromium (Debian's, driven by Playwright): login with a token that never
+enters a URL, the fleet map, the project's clusters, a real job's loss plot growing as the job logs
+steps, and a viewer of another project who sees none of it."""
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from supercluster.cluster.fleet import init_fleet
+    from supercluster.service import tenancy
+    from supercluster.service.app import create_app
+    from supercluster.service.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'service.db'}")
+    with store.session() as s:
+        op = {"Authorization": f"Bearer {tenancy.init_operator(s)}"}
+    init_fleet(store.fleet, "local", gpus=2)
+    app = create_app(store=store)
+    tokens = {}
+    with TestClient(app) as c:
+        for org, project, role in (("acme", "llm", "member"), ("globex", "web", "viewer")):
+            c.post("/v1/orgs", headers=op, json={"name": org}).raise_for_status()
+            c.post(f"/v1/orgs/{org}/projects", headers=op, json={"name": project}).raise_for_status()
+            c.post("/v1/users", headers=op, json={"name": f"{project}-{role}", "org": org}).raise_for_status()
+            tokens[project] = c.post("/v1/tokens", headers=op, json={"user": f"{project}-{role}", "project": project,
+                                                                     "role": role}).json()["token"]
+    port = _port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", tokens
+    srv.should_exit = True
+    thread.join(timeout=30)
+    store.dispose()
+
+
+def _login(page, base, token):
+    page.goto(f"{base}/dashboard")
+    page.fill("#token", token)
+    page.click("#login-button")
+    page.wait_for_selector("#app", state="visible", timeout=30_000)
+    assert token not in page.url
+
+
+@pytest.mark.slow
+def test_dashboard_shows_the_fleet_clusters_and_a_live_loss_plot(server, small_corpus, tmp_path):
+    import httpx
+    from playwright.sync_api import sync_playwright
+
+    base, tokens = server
+    h = {"Authorization": f"Bearer {tokens['llm']}"}
+    httpx.post(f"{base}/v1/projects/llm/clusters", headers=h, json={"name": "here", "gpus": 2}).raise_for_status()
+    config = {"data": {"path": str(small_corpus)}, "model": {"preset": "tiny"},
+              "train": {"steps": 400, "checkpoint_every": 1000, "eval_every": 1000, "precision": "fp32", "seq_len": 32,
+                        "micro_batch": 2, "global_batch": 4}}
+    r = httpx.post(f"{base}/v1/projects/llm/jobs", headers=h, json={"cluster": "here", "config": config, "max_restarts": 0})
+    assert r.status_code == 202, r.text
+    job = r.json()["id"]
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 1000})
+            _login(page, base, tokens["llm"])
+            assert "llm-member" in page.inner_text("#who")
+            assert page.locator("#fleet .leaf").count() >= 1
+            page.wait_for_function("document.querySelector('#clusters').innerText.includes('here')", timeout=30_000)
+            loss = f"#job-{job} .plot[data-key=loss]"
+            page.wait_for_function(f"(document.querySelector('{loss}')?.dataset.points | 0) >= 2", timeout=240_000)
+            first = int(page.get_attribute(loss, "data-points"))
+            # the page polls; the plot must grow as the job logs more steps, without a reload
+            page.wait_for_function(f"(document.querySelector('{loss}')?.dataset.points | 0) > {first}", timeout=120_000)
+            assert page.locator(f"{loss} polyline").count() == 1
+            page.screenshot(path=str(tmp_path / "dashboard-member.png"), full_page=True)
+            assert page.evaluate("sessionStorage.getItem('token')") == tokens["llm"]
+
+            viewer = browser.new_page()
+            _login(viewer, base, tokens["web"])
+            viewer.wait_for_function("document.querySelector('#jobs').innerText.includes('no jobs')", timeout=30_000)
+            assert viewer.locator("#project option").all_inner_texts() == ["web"]
+            assert "here" not in viewer.inner_text("#clusters") and "here" not in viewer.inner_text("#fleet")
+            viewer.screenshot(path=str(tmp_path / "dashboard-viewer.png"), full_page=True)
+            shots = os.environ.get("SUPERCLUSTER_SCREENSHOTS")
+            if shots:  # keep them for a report
+                import shutil
+
+                for name in ("dashboard-member.png", "dashboard-viewer.png"):
+                    shutil.copy(tmp_path / name, os.path.join(shots, name))
+            browser.close()
+    finally:
+        httpx.delete(f"{base}/v1/projects/llm/jobs/{job}", headers=h)
