@@ -166,6 +166,19 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
+def materialize(model: Transformer, device) -> Transformer:
+    """Give a model built on the meta device real, uninitialised storage on `device`.
+
+    `to_empty` gives every parameter storage of its own, which would silently untie a tied
+    output head from the embedding; it is tied again here. The RoPE buffer is filled.
+    """
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings and model.output is not None and model.tok_embeddings is not None:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope.copy_(rope_cache(model.cfg, model.rope.device))
+    return model
+
+
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
              top_k: int | None = 50, top_p: float | None = 0.95, generator: torch.Generator | None = None) -> list[int]:

@@ -90,3 +90,11 @@ def load_weights(path: Path, model) -> None:
                 else f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the model {tuple(expected[wrong[0]].shape)}")
         raise UserError(f"Weights file {str(path)!r} does not fit the model in config.toml ({what}); import the model again.")
     model.load_state_dict(tensors, strict=False)  # a tied head follows the embedding it shares
+
+
+def imported_tokenizer(run_dir: Path) -> Path | None:
+    """An imported run's tokenizer, which any text it trains on must be encoded with (the
+    weights were learned with it); None for a run that trains its own."""
+    run_dir = Path(run_dir)
+    path = run_dir / "tokenizer.json"
+    return path if (run_dir / WEIGHTS_FILE).is_file() and path.is_file() else None

@@ -50,7 +50,10 @@ def prepare_run(cfg: Config, launch: Launch) -> Path:
     model_cfg = validate(cfg)
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.validate_model(model_cfg, cfg.train)
-    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb)
+    from supercluster.model.weights import imported_tokenizer
+
+    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
+                        tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
     if len(data.train) < cfg.train.seq_len + 1:
         raise UserError(f"The corpus has {len(data.train)} training tokens, fewer than one sequence of {cfg.train.seq_len}; lower train.seq_len or add text.")
     run_dir = Path(cfg.run.dir)

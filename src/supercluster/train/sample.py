@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from supercluster.errors import UserError
-from supercluster.model.transformer import Transformer, generate, rope_cache
+from supercluster.model.transformer import Transformer, generate, materialize
 from supercluster.model.weights import WEIGHTS_FILE, load_weights
 from supercluster.train import checkpoint
 from supercluster.train.config import load_config
@@ -28,8 +28,7 @@ def load_trained(run_dir: Path) -> Transformer:
     # costs seconds at real model sizes.
     with torch.device("meta"):
         model = Transformer(cfg.model_config())
-    model.to_empty(device="cpu")
-    model.rope.copy_(rope_cache(model.cfg))
+    materialize(model, "cpu")
     if found is not None:
         checkpoint.load_model_only(found[1], model)
     else:
