@@ -18,9 +18,9 @@ app = typer.Typer(
 )
 
 
-from supercluster.cli import cluster, health, plan, train  # noqa: E402  (thin: heavy imports live in the commands)
+from supercluster.cli import cluster, health, plan, serve_import, train  # noqa: E402  (thin: heavy imports live in the commands)
 
-for _area in (train, plan, cluster, health):
+for _area in (train, plan, cluster, health, serve_import):
     _area.register(app)
 
 

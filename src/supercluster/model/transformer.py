@@ -83,8 +83,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, s, -1, self.head_dim)
         if self.use_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        # Prefill (or training) is causal; one decoded token attends to the whole cache.
-        causal = cache is None or cache.length() == 0
+        # Prefill (or training) is causal; one decoded token attends to the whole cache. Asked of
+        # this layer's own cache: during prefill the earlier layers' caches are already filled.
+        causal = cache is None or self.layer not in cache.keys
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
