@@ -29,6 +29,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -380,6 +381,8 @@ def main():
     parser.add_argument("--start-timeout", type=float, default=300)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
+    # A terminated bench unwinds like an interrupted one, so the servers it started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.levels = [int(x) for x in args.levels.split(",")]
 
     report = {"cpu": cpu_name(), "threads": args.threads, "prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS,
