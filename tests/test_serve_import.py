@@ -219,6 +219,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     ("hf_gpt2", "'gpt2' model; only the llama architecture"),
     ("gguf_gpt2", "'gpt2' model; only the llama architecture"),
     ("gguf_q8_1", "Q8_1, a quantization the gguf package cannot dequantize"),
+    ("gguf_truncated", "is not a readable GGUF file"),
 ])
 def test_bad_input_one_sentence_exit_2_nothing_written(tmp_path, capsys, case, message):
     source = {
@@ -229,6 +230,8 @@ def test_bad_input_one_sentence_exit_2_nothing_written(tmp_path, capsys, case, m
         and tmp_path / "hf",
         "gguf_gpt2": lambda: write_gguf(tmp_path / "m.gguf", "gpt2"),
         "gguf_q8_1": lambda: write_gguf(tmp_path / "m.gguf", "llama", "Q8_1"),
+        "gguf_truncated": lambda: (tmp_path / "t.gguf").write_bytes(write_gguf(tmp_path / "m.gguf", "llama").read_bytes()[:200])
+        and tmp_path / "t.gguf",
     }[case]()
     out = tmp_path / "out" / "run"
     code, err = run_cli(capsys, "import", str(source), "--out", str(out))

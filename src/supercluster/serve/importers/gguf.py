@@ -71,6 +71,9 @@ def read_gguf(path: Path) -> ImportedModel:
         raise UserError(f"{str(path)!r} holds a {arch!r} model; only the llama architecture can be imported.")
     if meta.get("llama.rope.scaling.type", "none") not in ("none", "") or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UserError(f"{str(path)!r} uses RoPE scaling, which this model does not implement; import a model without it.")
+    for key in ("llama.attention.head_count", "llama.embedding_length", "llama.block_count", "llama.feed_forward_length"):
+        if key not in meta:
+            raise UserError(f"{str(path)!r} lacks the metadata key {key}, which every llama GGUF has; the file is incomplete.")
     heads = int(meta["llama.attention.head_count"])
     hidden = int(meta["llama.embedding_length"])
     kv_heads = int(meta.get("llama.attention.head_count_kv", heads))
