@@ -81,6 +81,7 @@ def read_gguf(path: Path) -> ImportedModel:
     if int(meta.get("llama.rope.dimension_count", head_dim)) != head_dim or int(meta.get("llama.attention.key_length", head_dim)) != head_dim:
         raise UserError(f"{str(path)!r} rotates or sizes only part of each attention head; this model needs "
                         f"head size = hidden / heads with RoPE on all of it.")
+    tokenizer_json, special = _tokenizer(meta, path)  # before the slow part: it may refuse the file
 
     tensors, names = {}, {t.name for t in reader.tensors}
     for t in reader.tensors:
@@ -108,7 +109,6 @@ def read_gguf(path: Path) -> ImportedModel:
         rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
         norm_eps=float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
     ).validate()
-    tokenizer_json, special = _tokenizer(meta, path)
     return ImportedModel(cfg, tensors, tokenizer_json, meta.get("tokenizer.chat_template"),
                          name=str(meta.get("general.name", Path(path).stem)), **special)
 
