@@ -187,11 +187,15 @@ def test_fine_tuning_starts_from_imported_weights(tmp_path, small_corpus):
 # ---- bad input ---------------------------------------------------------------------------
 
 
-def write_gguf(path: Path, arch: str, tensor_type=None):
+def write_gguf(path: Path, arch: str, tensor_type=None, tokenizer="gpt2"):
     import numpy as np
     from gguf import GGMLQuantizationType, GGUFWriter
 
     writer = GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model(tokenizer)
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([chr(ord("a") + i) for i in range(16)])
+    writer.add_token_types([1] * 16)
     for key, value in (("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 96),
                        ("attention.head_count", 4), ("context_length", 32)):
         getattr(writer, "add_uint32")(f"{arch}.{key}", value)
@@ -220,6 +224,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
     ("gguf_gpt2", "'gpt2' model; only the llama architecture"),
     ("gguf_q8_1", "Q8_1, a quantization the gguf package cannot dequantize"),
     ("gguf_truncated", "is not a readable GGUF file"),
+    ("gguf_spm", "has a 'llama' tokenizer; only byte-level BPE"),
 ])
 def test_bad_input_one_sentence_exit_2_nothing_written(tmp_path, capsys, case, message):
     source = {
@@ -230,6 +235,7 @@ def test_bad_input_one_sentence_exit_2_nothing_written(tmp_path, capsys, case, m
         and tmp_path / "hf",
         "gguf_gpt2": lambda: write_gguf(tmp_path / "m.gguf", "gpt2"),
         "gguf_q8_1": lambda: write_gguf(tmp_path / "m.gguf", "llama", "Q8_1"),
+        "gguf_spm": lambda: write_gguf(tmp_path / "m.gguf", "llama", tokenizer="llama"),
         "gguf_truncated": lambda: (tmp_path / "t.gguf").write_bytes(write_gguf(tmp_path / "m.gguf", "llama").read_bytes()[:200])
         and tmp_path / "t.gguf",
     }[case]()
