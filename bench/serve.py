@@ -287,8 +287,8 @@ def bench_engine(name: str, command: list[str] | None, url: str, args, log_dir: 
         for level in args.levels:
             n = max(args.min_requests, args.requests_per_slot * level)
             result = asyncio.run(run_level(url, model, level, n, args.api_key, seed=level))
-            print(f"  {name} c={level}: {result['output_tokens_per_s']:.1f} output tok/s "
-                  f"({result['completed']}/{result['requests']} requests)", file=sys.stderr)
+            # every level's full result as it finishes: a run cut short still leaves its numbers
+            print(json.dumps({"engine": name, **result}), file=sys.stderr, flush=True)
             levels.append(result)
         return {"engine": name, "url": url, "levels": levels}
     finally:
