@@ -17,7 +17,12 @@ with a message, where this checkout has no `serve` command). `llama-server` is b
 the `llama-cpp-python` sdist, which vendors llama.cpp, into $SUPERCLUSTER_HOME/llama.cpp/
 (a few minutes on 2 cores), or taken from --llama-server.
 
-    .venv/bin/python bench/serve.py [--levels 1,4,16,64] [--requests-per-slot 2] [--json]
+On a machine other work keeps busy (load average above the core count), llama.cpp's threads
+meet at a barrier after every operation and one descheduled thread stalls the rest: on 2 shared
+cores at load 5-8 it gave 1.5-6 output tokens/s at --threads 2 against 43 at --threads 1. The
+report records the load average; compare engines at the same --threads, on a quiet machine.
+
+    .venv/bin/python bench/serve.py [--levels 1,4,16,64] [--threads N] [--json]
     .venv/bin/python bench/serve.py --url http://127.0.0.1:8000   # any OpenAI-compatible server
 """
 
