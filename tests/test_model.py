@@ -49,7 +49,8 @@ def test_kv_cache_matches_full_forward():
         x = torch.randint(0, 512, (1, 20))
         full = model(x)[0, -1]
         cache = KVCache()
-        model(x[:, :12], cache=cache)
+        # prefill with a cache is causal in every layer (every position, not only the last)
+        torch.testing.assert_close(model(x[:, :12], cache=cache), model(x[:, :12]), rtol=1e-4, atol=1e-5)
         for t in range(12, 20):
             last = model(x[:, t : t + 1], cache=cache)[0, -1]
         torch.testing.assert_close(last, full, rtol=1e-4, atol=1e-5)

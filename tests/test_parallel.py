@@ -192,7 +192,7 @@ def test_export_to_llama_safetensors(tp_run, tmp_path, capsys):
     from safetensors import safe_open
 
     from supercluster.model.transformer import Transformer
-    from supercluster.train.export import supercluster_name
+    from supercluster.model.weights import supercluster_name
     from supercluster.train.sample import load_trained
 
     run, _ = tp_run

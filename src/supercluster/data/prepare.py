@@ -54,12 +54,14 @@ def prepare_data(
     cache_dir: Path | None = None,
     val_fraction: float = 0.05,
     max_mb: float | None = None,
+    tokenizer_path: Path | None = None,
 ) -> DataBundle:
     """Tokenized train/val splits of a corpus: the stdlib (path None), text file or folder, or .bin.
 
     `max_mb` caps the text read (default DEFAULT_STDLIB_MB for the stdlib, no cap otherwise);
     it does not apply to .bin files. Validation is the last `val_fraction` of the tokens
-    (val is empty when it is 0).
+    (val is empty when it is 0). `tokenizer_path`: encode with this tokenizer (an imported
+    model's) instead of training one.
     """
     if not 0 <= val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}.")
@@ -75,13 +77,14 @@ def prepare_data(
         max_mb = DEFAULT_STDLIB_MB
     corpus = load_corpus(path, max_mb)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = hashlib.sha256(f"{CACHE_FORMAT}|{vocab_size}|{val_fraction!r}|{corpus.digest()}".encode()).hexdigest()[:24]
+    given = hashlib.sha256(Path(tokenizer_path).read_bytes()).hexdigest() if tokenizer_path is not None else ""
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{vocab_size}|{val_fraction!r}|{corpus.digest()}|{given}".encode()).hexdigest()[:24]
     folder = cache_dir / key
     if not folder.is_dir():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with _locked(cache_dir / f".{key}.lock"):
             if not folder.is_dir():  # another process may have built it while we waited
-                _build(corpus, vocab_size, val_fraction, folder)
+                _build(corpus, vocab_size, val_fraction, folder, tokenizer_path)
     train = open_tokens(folder / "train.bin")
     val = open_tokens(folder / "val.bin") if (folder / "val.bin").stat().st_size else train[len(train) :]  # empty: nothing held out
     return DataBundle(train, val, folder / "tokenizer.json", vocab_size, corpus.source, len(train) + len(val))
@@ -94,16 +97,20 @@ def _locked(lock_path: Path):
         yield
 
 
-def _build(corpus: Corpus, vocab_size: int, val_fraction: float, folder: Path) -> None:
-    """Train the tokenizer, encode, split, and rename the finished folder into place."""
+def _build(corpus: Corpus, vocab_size: int, val_fraction: float, folder: Path, tokenizer_path: Path | None = None) -> None:
+    """Train the tokenizer (or take the given one), encode, split, and rename the finished folder into place."""
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     for stale in folder.parent.glob(f".tmp-{folder.name}-*"):  # left by a crashed build; we hold the lock
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        tokenizer = train_tokenizer(corpus.documents, vocab_size)
-        save_tokenizer(tokenizer, tmp / "tokenizer.json")
-        n_tokens = write_tokens(tmp / "all.bin", encode_documents(tokenizer, corpus.documents, tokenizer.token_to_id(EOT)))
+        if tokenizer_path is None:
+            tokenizer = train_tokenizer(corpus.documents, vocab_size)
+            save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        else:  # byte for byte: the cache key hashes the file, and the run directory gets this copy back
+            tokenizer = load_tokenizer(tokenizer_path)
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        n_tokens = write_tokens(tmp / "all.bin", encode_documents(tokenizer, corpus.documents, _separator(tokenizer, tokenizer_path)))
         n_val = _val_size(n_tokens, val_fraction, corpus.source)
         tokens = open_tokens(tmp / "all.bin")
         write_tokens(tmp / "train.bin", [tokens[: n_tokens - n_val]])
@@ -117,6 +124,20 @@ def _build(corpus: Corpus, vocab_size: int, val_fraction: float, folder: Path) -
         commit_directory(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _separator(tokenizer, tokenizer_path: Path | None) -> int:
+    """The id between documents: EOT, or for a given tokenizer without it the first end-of-sequence
+    token its `special_tokens.json` (written next to it on import) names."""
+    found = tokenizer.token_to_id(EOT)
+    if found is not None:
+        return found
+    special = Path(tokenizer_path).with_name("special_tokens.json") if tokenizer_path is not None else None
+    eos = json.loads(special.read_text()).get("eos") if special is not None and special.is_file() else None
+    if not eos:
+        raise UserError(f"The tokenizer {str(tokenizer_path)!r} has no {EOT} token and no end-of-sequence id in a "
+                        f"special_tokens.json next to it; documents cannot be separated.")
+    return int(eos[0])
 
 
 def _val_size(n_tokens: int, val_fraction: float, source: str) -> int:

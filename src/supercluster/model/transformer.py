@@ -85,8 +85,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if hasattr(cache, "attend"):  # a serving engine's paged cache: it stores k, v and attends
             return self.wo(cache.attend(self.layer, q, k, v).reshape(b, s, -1))
-        # Prefill (or training) is causal; one decoded token attends to the whole cache.
-        causal = cache is None or cache.length() == 0
+        # Prefill (or training) is causal; one decoded token attends to the whole cache. Asked of
+        # this layer's own cache: during prefill the earlier layers' caches are already filled.
+        causal = cache is None or self.layer not in cache.keys
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
         out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
@@ -171,6 +172,19 @@ class Transformer(nn.Module):
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
+
+
+def materialize(model: Transformer, device) -> Transformer:
+    """Give a model built on the meta device real, uninitialised storage on `device`.
+
+    `to_empty` gives every parameter storage of its own, which would silently untie a tied
+    output head from the embedding; it is tied again here. The RoPE buffer is filled.
+    """
+    model.to_empty(device=device)
+    if model.cfg.tie_embeddings and model.output is not None and model.tok_embeddings is not None:
+        model.output.weight = model.tok_embeddings.weight
+    model.rope.copy_(rope_cache(model.cfg, model.rope.device))
+    return model
 
 
 @torch.no_grad()

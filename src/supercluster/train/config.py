@@ -16,11 +16,13 @@ import tomli_w
 
 from supercluster.errors import UserError, closest
 from supercluster.files import write_atomic
-from supercluster.model.config import ModelConfig, preset
+from supercluster.model.config import PRESETS, ModelConfig, preset
 
 
 @dataclass
 class ModelSection:
+    # A named preset, or "custom": the Llama-style defaults of ModelConfig and the shape given
+    # here (how an imported model is written down).
     preset: str = "small"
     layers: int | None = None  # any field left None keeps the preset's value
     hidden: int | None = None
@@ -30,10 +32,24 @@ class ModelSection:
     vocab_size: int | None = None
     max_seq_len: int | None = None
     tie_embeddings: bool | None = None
+    rope_theta: float | None = None
+    norm_eps: float | None = None
 
     def build(self) -> ModelConfig:
         overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preset"}
-        return preset(self.preset, **overrides)
+        if self.preset != CUSTOM:
+            if self.preset not in PRESETS:
+                raise UserError(f"Unknown model preset {self.preset!r}{closest(self.preset, [*PRESETS, CUSTOM])}; "
+                                f"choose one of {', '.join(PRESETS)}, or {CUSTOM} with the shape given in [model].")
+            return preset(self.preset, **overrides)
+        missing = [name for name in CUSTOM_REQUIRED if overrides[name] is None]
+        if missing:
+            raise UserError(f"model.preset = \"{CUSTOM}\" needs model.{missing[0]} too (it has no default).")
+        return ModelConfig(**{k: v for k, v in overrides.items() if v is not None}).validate()
+
+
+CUSTOM = "custom"
+CUSTOM_REQUIRED = ("layers", "hidden", "heads", "vocab_size", "max_seq_len")
 
 
 @dataclass

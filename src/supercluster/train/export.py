@@ -2,7 +2,8 @@
 with Llama (Hugging Face) tensor names, so other tools can load the model.
 
 DCP reshards the checkpoint into one plain model on this process; the names are then
-mapped (`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`, ...).
+mapped (`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`, ...,
+see `model.weights`).
 RoPE here rotates the two halves of each head (x[:d/2], x[d/2:]), the convention of
 Hugging Face's Llama, so q and k need no permutation. The file's metadata holds the model
 config (`supercluster_config`) and a Hugging Face style `config` for loaders that want one.
@@ -11,40 +12,10 @@ config (`supercluster_config`) and a Hugging Face style `config` for loaders tha
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from supercluster.errors import UserError
-
-_BLOCK = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-_TOP = {"tok_embeddings": "model.embed_tokens", "pos_embeddings": "model.embed_positions",
-        "norm": "model.norm", "output": "lm_head"}
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def llama_name(name: str) -> str:
-    """supercluster parameter name -> Hugging Face Llama name."""
-    match = _LAYER.match(name)
-    if match:
-        layer, module, kind = match.groups()
-        return f"model.layers.{layer}.{_BLOCK[module]}.{kind}"
-    module, _, kind = name.rpartition(".")
-    return f"{_TOP[module]}.{kind}"
-
-
-def supercluster_name(name: str) -> str:
-    """The inverse of `llama_name`."""
-    for ours, theirs in {**_TOP, **{f"layers.{{}}.{k}": f"model.layers.{{}}.{v}" for k, v in _BLOCK.items()}}.items():
-        pattern = "^" + re.escape(theirs).replace(r"\{\}", r"(\d+)") + r"\.(weight|bias)$"
-        match = re.match(pattern, name)
-        if match:
-            *layer, kind = match.groups()
-            return ours.format(*layer) + "." + kind
-    raise KeyError(name)
+from supercluster.model.weights import llama_name
 
 
 def hf_config(cfg) -> dict:

@@ -52,7 +52,10 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     model_cfg = validate(cfg)
     dims = ParallelDims.from_config(cfg.parallel, world)
     dims.validate_model(model_cfg, cfg.train)
-    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb)
+    from supercluster.model.weights import imported_tokenizer
+
+    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
+                        tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
     check_splits(cfg, len(data.train), len(data.val))
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -7,21 +7,32 @@ from pathlib import Path
 import torch
 
 from supercluster.errors import UserError
-from supercluster.model.transformer import Transformer, generate
+from supercluster.model.transformer import Transformer, generate, materialize
+from supercluster.model.weights import WEIGHTS_FILE, load_weights
 from supercluster.train import checkpoint
 from supercluster.train.config import load_config
 
 
 def load_trained(run_dir: Path) -> Transformer:
+    """The run's model on the CPU: from its latest checkpoint, else from an imported
+    `weights.safetensors` (a run that fine-tunes imported weights has both; the checkpoint is newer)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (it has no config.toml).")
     cfg = load_config(run_dir / "config.toml")
     found = checkpoint.latest(run_dir / "checkpoints")
-    if found is None:
+    weights = run_dir / WEIGHTS_FILE
+    if found is None and not weights.is_file():
         raise UserError(f"Run {str(run_dir)!r} has no complete checkpoint yet; train it first.")
-    model = Transformer(cfg.model_config())
-    checkpoint.load_model_only(found[1], model)
+    # Built on the meta device: random initialisation of weights about to be overwritten
+    # costs seconds at real model sizes.
+    with torch.device("meta"):
+        model = Transformer(cfg.model_config())
+    materialize(model, "cpu")
+    if found is not None:
+        checkpoint.load_model_only(found[1], model)
+    else:
+        load_weights(weights, model)
     return model
 
 

@@ -24,11 +24,13 @@ import torch.distributed as dist
 from supercluster.data import BatchSampler, eval_batches, prepare_data
 from supercluster.hardware.device import select_device
 from supercluster.model.config import flops_per_token
-from supercluster.model.transformer import Transformer
+from supercluster.model.transformer import Transformer, materialize
+from supercluster.model.weights import WEIGHTS_FILE, imported_tokenizer, load_weights
 from supercluster.parallel import ParallelDims
 from supercluster.parallel.context import SequenceSharding
 from supercluster.parallel.parallelize import parallelize
 from supercluster.parallel.pipeline import build_schedule, cross_entropy, split_model
+from supercluster.train import checkpoint
 from supercluster.train.checkpointing import CheckpointManager
 from supercluster.train.config import Config, check_splits, validate
 from supercluster.train.faults import Faults
@@ -80,8 +82,9 @@ class Trainer:
 
         self.dp_mesh = self.dims.dp_mesh(self.mesh)
         dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
+        # An imported model reads text through its own tokenizer, whatever checkpoint it resumes from.
         self.data = prepare_data(cfg.data.path, self.model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
-                                 max_mb=cfg.data.max_mb)
+                                 max_mb=cfg.data.max_mb, tokenizer_path=imported_tokenizer(self.run_dir))
         check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
         self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
         self.dp_rank = dp_rank
@@ -95,8 +98,11 @@ class Trainer:
         torch.manual_seed(t.seed)
         with torch.device("meta"):
             model = Transformer(self.model_cfg)
-        model.to_empty(device=self.device)
+        materialize(model, self.device)
         model.init_weights(seed=t.seed)  # same weights on every rank and in every layout
+        self.imported_from = self._imported_weights()
+        if self.imported_from is not None:  # fine-tuning an imported model: start from its weights
+            load_weights(self.imported_from, model)
         # Positions are passed to the model by the sequence sharding when a rank holds only
         # part of a sequence (cp) or a pipeline stage's input is hidden states (pp).
         sequence = self.sequence if self.dims.cp > 1 or self.dims.pp > 1 else None
@@ -133,6 +139,15 @@ class Trainer:
     def _train_state(self) -> dict:
         """What a checkpoint holds besides the weights and optimizer: where the data stream is."""
         return {"sampler": self.sampler.state_dict(), "tokens_seen": self.step * self.tokens_per_step}
+
+    def _imported_weights(self) -> Path | None:
+        """The run's imported weights file, when training starts from it (no checkpoint to resume)."""
+        weights = self.run_dir / WEIGHTS_FILE
+        if not weights.is_file():
+            return None
+        if self.cfg.run.resume and checkpoint.latest(self.run_dir / "checkpoints") is not None:
+            return None  # the checkpoint is newer than the imported weights
+        return weights
 
     # ---- one step ------------------------------------------------------------------
 

