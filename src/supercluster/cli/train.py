@@ -14,8 +14,8 @@ from supercluster.errors import UserError
 def train(
     config: Optional[Path] = typer.Argument(None, help="TOML config; defaults are used for anything it leaves out."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.steps=50 (repeatable)."),
-    nproc: int = typer.Option(1, "--nproc", help="Ranks on this node (torchrun workers)."),
-    nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this node (torchrun workers; default: the config's launch.nproc, else 1)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes in the job (default: the config's launch.nnodes, else 1)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0..nnodes-1."),
     rdzv: Optional[str] = typer.Option(None, "--rdzv", help="HOST:PORT of the rendezvous, for several nodes."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by all nodes (default: from the config path)."),
@@ -28,7 +28,8 @@ def train(
     from supercluster.train.launch import Launch, launch_training
 
     cfg = load_config(config, set_)
-    launch = Launch(nproc, nnodes, node_rank, rdzv, rdzv_id, max_restarts)
+    launch = Launch.for_config(cfg, nproc, nnodes, node_rank=node_rank, rdzv=rdzv, rdzv_id=rdzv_id,
+                               max_restarts=max_restarts)
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
         return

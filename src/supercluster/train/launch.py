@@ -16,7 +16,7 @@ from pathlib import Path
 
 from supercluster.errors import UserError
 from supercluster.files import write_atomic
-from supercluster.train.config import Config, validate
+from supercluster.train.config import Config, layout_of, validate
 
 
 @dataclass
@@ -27,6 +27,11 @@ class Launch:
     rdzv: str | None = None  # HOST:PORT of the c10d rendezvous, for several nodes
     rdzv_id: str | None = None  # the job's id, the same on every node
     max_restarts: int = 0
+
+    @classmethod
+    def for_config(cls, cfg: Config, nproc: int | None = None, nnodes: int | None = None, **rest) -> "Launch":
+        """Flags win; else the size the config was planned for ([launch]); else one rank."""
+        return cls(nproc or cfg.launch.nproc or 1, nnodes or cfg.launch.nnodes or 1, **rest)
 
     def check(self) -> None:
         if self.nproc < 1 or self.nnodes < 1:
@@ -48,8 +53,7 @@ def prepare_run(cfg: Config, launch: Launch) -> Path:
     launch.check()
     world = launch.nproc * launch.nnodes
     model_cfg = validate(cfg)
-    dims = ParallelDims.from_config(cfg.parallel, world)
-    dims.validate_model(model_cfg, cfg.train)
+    ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
     data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb)
     if len(data.train) < cfg.train.seq_len + 1:
         raise UserError(f"The corpus has {len(data.train)} training tokens, fewer than one sequence of {cfg.train.seq_len}; lower train.seq_len or add text.")
