@@ -72,14 +72,15 @@ def test_activation_memory_is_korthikanti_table_2(t):
 
 def test_flops_bubble_and_memory_of_one_layout():
     req = build_request(GPT3, 64, "a100-80gb", seq_len=2048, global_batch=64, software=MEGATRON_2021)
-    lay = Layout(tp=8, pp=8, dp=1, microbatch=1, virtual_stages=3, zero=0, recompute="selective", sequence_parallel=True)
+    lay = Layout(tp=8, pp=8, dp_shard=1, microbatch=1, virtual_stages=3, sharding="none", recompute="selective",
+                 sequence_parallel=True, pp_schedule="interleaved1f1b")
     est = estimate(req.work, lay, req.system, req.software)
     B, L, s, h, V = 64, 96, 2048, 12288, 51200
     model_flops = 72 * B * L * s * h**2 * (1 + s / (6 * h) + V / (12 * h * L))  # Korthikanti eq. 7
     assert est.model_tflops_per_gpu * 1e12 * est.step_time_s * 64 == pytest.approx(model_flops, rel=1e-3)
     assert est.bubble_fraction == pytest.approx(7 / (3 * 64))  # (p-1)/(v*m)
     assert est.hfu > est.mfu
-    # ZeRO-0 mixed-precision Adam: 2 + 4 + 12 bytes per parameter of a stage of 12 layers / tp 8.
+    # Unsharded mixed-precision Adam: 2 + 4 + 12 bytes per parameter of a stage of 12 layers / tp 8.
     params = (12 * layer_params(GPT3) + V * h) / 8  # 12 layers and the embedding on the first stage
     states = est.memory["weights"] + est.memory["gradients"] + est.memory["optimizer"]
     assert states == pytest.approx(18 * params / 2**30)
@@ -89,7 +90,7 @@ def test_flops_bubble_and_memory_of_one_layout():
 def test_chosen_175b_layout_on_1024_a100_is_close_to_the_published_one():
     """Megatron-LM trained GPT-3 175B on 1024 A100 with tp 8, pp 16, batch 1536 (its example
     script; Narayanan et al. 2021 sec. 5.1: 140 TFLOP/s per GPU)."""
-    fixed = {"zero": 0, "sequence_parallel": False, "recompute": "full"}  # the 2021 software
+    fixed = {"sharding": "none", "sequence_parallel": False, "recompute": "full"}  # the 2021 software
     req = build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536, fixed=fixed, software=MEGATRON_2021)
     best = search(req, top=1)[0]
     published = search(build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536,
@@ -100,10 +101,13 @@ def test_chosen_175b_layout_on_1024_a100_is_close_to_the_published_one():
 
 
 def test_fully_fixed_layout_is_evaluated_alone():
-    fixed = dict(tp=8, pp=8, dp=16, cp=1, microbatch=1, virtual_stages=3, zero=1, recompute="selective", sequence_parallel=True)
+    fixed = dict(tp=8, pp=8, dp=16, cp=1, microbatch=1, virtual_stages=3, sharding="keep_gathered", recompute="selective",
+                 sequence_parallel=True, pp_schedule="interleaved1f1b", stage_layers=[4] * 24)
     req = build_request(GPT3, 1024, "a100-80gb", seq_len=2048, global_batch=1536, fixed=fixed)
     plans = search(req)
-    assert len(plans) == 1 and plans[0].layout == Layout(**fixed)
+    expected = {**fixed, "dp_shard": 16, "stage_layers": tuple(fixed["stage_layers"])}
+    del expected["dp"]
+    assert len(plans) == 1 and plans[0].layout == Layout(**expected)
 
 
 def test_search_ranks_by_step_time_and_respects_fixed_knobs():
@@ -136,7 +140,12 @@ def run_cli(*args, env=None):
     [
         (["gpt3-175b", "--gpus", "1024", "--tp", "8", "--pp", "8", "--dp", "8", "--cp", "1"], "not the 1024 GPUs"),
         (["gpt3-175b", "--gpus", "1024", "--tp", "5"], "does not divide the model's 96 attention heads"),
-        (["llama3-8b", "--gpus", "48", "--pp", "3"], "does not divide the model's 32 layers"),
+        (["llama3-8b", "--gpus", "48", "--pp", "3", "--stage-layers", "10,10,10"], "sums to 30 layers but the model has 32"),
+        (["llama3-8b", "--gpus", "16", "--pp", "2", "--stage-layers", "16,16", "--virtual-stages", "2"], "lists 2 stages"),
+        (["llama3-8b", "--gpus", "16", "--sharding", "optimizer"], "not something this training stack runs"),
+        (["llama3-8b", "--gpus", "16", "--sharding", "ful"], "did you mean 'full'"),
+        (["llama3-8b", "--gpus", "16", "--pp", "2", "--pp-schedule", "1f2b"], "did you mean '1f1b'"),
+        (["llama3-8b", "--gpus", "16", "--pp", "2", "--pp-schedule", "gpipe", "--virtual-stages", "2"], "runs one stage per rank"),
         (["gpt3-175b", "--gpus", "1024", "--tp", "16"], "exceeds the 8 GPUs of one"),
         (["gpt3-175b", "--gpus", "1024", "--gpu", "h1000"], "did you mean 'h100'"),
         (["llama3-405b", "--gpus", "8", "--global-batch", "16"], "GiB more than"),
@@ -158,7 +167,7 @@ def test_json_plans_and_emitted_config(tmp_path):
                    "--json", "--emit-config", str(out), "--tokens", "1e9", "--price", "3")
     assert proc.returncode == 0, proc.stderr
     plans = json.loads(proc.stdout)["plans"]
-    keys = {"tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "step_time_s",
+    keys = {"tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "step_time_s",
             "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
             "memory_gib_per_gpu", "bubble_fraction"}
     assert plans and all(keys <= set(p) for p in plans)
@@ -203,8 +212,9 @@ def test_plan_imports_no_torch_and_local_reads_the_cached_peak(tmp_path):
 def test_emitted_pipeline_config_passes_the_trainers_checks(tmp_path):
     """A GPT preset (tied embeddings, vocabulary 50257) on tp 2 x pp 2 interleaved: the emitted
     config must satisfy the trainer's own layout rules."""
-    from supercluster.parallel.dims import PP_SCHEDULES, ParallelDims
-    from supercluster.train.config import load_config
+    from supercluster.parallel.dims import ParallelDims
+    from supercluster.parallel.layout import PP_SCHEDULES
+    from supercluster.train.config import layout_of, load_config
 
     out = tmp_path / "pp.toml"
     proc = run_cli("plan", "gpt2-124m", "--gpus", "8", "--tp", "2", "--pp", "2", "--virtual-stages", "2",
@@ -212,5 +222,5 @@ def test_emitted_pipeline_config_passes_the_trainers_checks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(out, [])
     assert cfg.parallel.pp_schedule in PP_SCHEDULES and cfg.parallel.pp_schedule != "1f1b"
-    dims = ParallelDims.from_config(cfg.parallel, world_size=8)
-    dims.validate_model(cfg.model_config(), cfg.train)  # raises UserError on any mismatch
+    # Raises UserError on any mismatch with the trainer's rules.
+    ParallelDims.of(layout_of(cfg, 8), 8, cfg.model_config(), cfg.train.seq_len, cfg.train.global_batch, 8)

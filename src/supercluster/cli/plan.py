@@ -9,10 +9,10 @@ from typing import Optional
 import typer
 
 from supercluster.errors import UserError
-from supercluster.files import write_atomic
 
 JSON_KEYS = (
-    "tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "zero", "recompute", "sequence_parallel",
+    "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "microbatch", "virtual_stages", "sharding", "recompute",
+    "sequence_parallel", "pp_schedule", "stage_layers",
     "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
     "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s",
 )
@@ -40,9 +40,11 @@ def plan(
     cp: Optional[int] = typer.Option(None, "--cp"),
     microbatch: Optional[int] = typer.Option(None, "--microbatch"),
     virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages"),
-    zero: Optional[int] = typer.Option(
-        None, "--zero", help="0..3 (searched: 0 or 3, what the trainer runs; an emitted config runs 1-2 as FSDP2, i.e. 3)."
+    sharding: Optional[str] = typer.Option(
+        None, "--sharding", help="none, optimizer, keep_gathered or full (searched: what the stack runs)."
     ),
+    pp_schedule: Optional[str] = typer.Option(None, "--pp-schedule", help="1f1b, interleaved1f1b, gpipe, zbvzerobubble, ..."),
+    stage_layers: Optional[str] = typer.Option(None, "--stage-layers", help="Layers per pipeline stage, e.g. 7,8,8,7 (default: balanced)."),
     recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full"),
     sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel"),
     tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens, for time and cost to train."),
@@ -65,9 +67,16 @@ def plan(
     if tokens is not None and tokens <= 0:
         raise UserError(f"--tokens must be positive, got {tokens}.")
     cfg = build_model(model, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab_size=vocab)
+    stages = None
+    if stage_layers is not None:
+        try:
+            stages = [int(x) for x in stage_layers.split(",")]
+        except ValueError:
+            raise UserError(f"--stage-layers must be comma-separated layer counts like 7,8,8,7, got {stage_layers!r}.") from None
     knobs = dict(
         tp=tp, pp=pp, dp=dp, cp=cp, microbatch=microbatch, virtual_stages=virtual_stages,
-        zero=zero, recompute=recompute, sequence_parallel=sequence_parallel,
+        sharding=sharding, recompute=recompute, sequence_parallel=sequence_parallel, pp_schedule=pp_schedule,
+        stage_layers=stages,
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
     req = build_request(cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed)
@@ -77,6 +86,8 @@ def plan(
     rows = []
     for est in plans:
         row = {k: v for k, v in est.as_dict().items() if k in JSON_KEYS}
+        if est.layout.pp > 1:  # the split the trainer will run, balanced when not given
+            row["stage_layers"] = list(est.layout.split(req.work.model))
         if tokens:
             seconds = tokens / step_tokens * est.step_time_s
             row["train_days"] = seconds / 86400
@@ -84,22 +95,20 @@ def plan(
                 row["train_cost"] = seconds / 3600 * gpus * price
         rows.append(row)
 
+    command = None
     if emit_config:
-        import tomli_w
+        from supercluster.plan.build import write_config
 
         n_steps = steps or (max(1, round(tokens / step_tokens)) if tokens else 100)
-        from supercluster.plan.build import train_config
-
-        text = tomli_w.dumps(train_config(plans[0], req, n_steps, run_dir, lr))
-        write_atomic(emit_config, f"# Written by `supercluster plan`: the fastest feasible layout for {gpus} x {req.system.accelerator.name}.\n{text}")
+        command = write_config(emit_config, plans[0], req, n_steps, run_dir, lr)
 
     if as_json:
-        print(json.dumps({"plans": rows}))
+        print(json.dumps({"plans": rows, **({"config": str(emit_config), "command": command} if command else {})}))
         return
-    _print_table(req, rows, emit_config)
+    _print_table(req, rows, emit_config, command)
 
 
-def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
+def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -111,7 +120,7 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
         f"batch {work.global_batch} seqs on {req.gpus} x {system.accelerator.name} ({system.node.name}, {system.precision})"
     )
     table = Table(title=title, caption="comm s: communication not hidden behind compute, per step; bubble: (p-1)/(v*m)")
-    headers = ["layout", "zero", "recompute", "step s", "tok/s/GPU", "model TF", "hw TF", "MFU", "HFU", "mem GiB",
+    headers = ["layout", "sharding", "recompute", "step s", "tok/s/GPU", "model TF", "hw TF", "MFU", "HFU", "mem GiB",
                "bubble", "comm s"]
     has_days = any("train_days" in r for r in rows)
     has_cost = any("train_cost" in r for r in rows)
@@ -121,8 +130,9 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
     for r in rows:
         cells = [
             f"tp{r['tp']} pp{r['pp']} dp{r['dp']} cp{r['cp']} mb{r['microbatch']} v{r['virtual_stages']}"
-            + (" sp" if r["sequence_parallel"] else ""),
-            r["zero"], r["recompute"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_gpu']:,.0f}",
+            + (" sp" if r["sequence_parallel"] and r["tp"] > 1 else "")
+            + (f" stages {'/'.join(map(str, r['stage_layers']))}" if r["stage_layers"] else ""),
+            r["sharding"], r["recompute"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_gpu']:,.0f}",
             f"{r['model_tflops_per_gpu']:.4g}", f"{r['hardware_tflops_per_gpu']:.4g}", f"{100 * r['mfu']:.1f}%",
             f"{100 * r['hfu']:.1f}%", f"{r['memory_gib_per_gpu']:.1f}", f"{100 * r['bubble_fraction']:.1f}%",
             f"{r['exposed_comm_s']:.3g}",
@@ -140,7 +150,7 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
     parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")
     console.print(f"best layout memory per GPU (GiB): {parts}; of {system.accelerator.hbm_gib:.0f} GiB")
     if emitted:
-        console.print(f"wrote {emitted}: run it with `supercluster train {emitted}`")
+        console.print(f"wrote {emitted}: run it with `{command}`")
 
 
 def register(app: typer.Typer) -> None:

@@ -56,7 +56,13 @@ def print_summary(run_dir, s: dict) -> None:
         ("tokens/s", f"{s.get('tokens_per_s', 0):,.0f} ({s.get('world_size', 1)} ranks)"),
         ("MFU", f"{100 * s.get('mfu', 0):.1f}% of {s.get('peak_source', '?')}"),
         ("precision", s.get("precision", "?")), ("peak memory", f"{s.get('mem_gib', 0):.2f} GiB per rank"),
+        ("layout", s.get("layout", "?")),
     ]
+    if s.get("measured_step_time_s") is not None:
+        step = f"{s['measured_step_time_s']:.3g} s measured (median)"
+        if s.get("predicted_step_time_s"):
+            step += f", {s['predicted_step_time_s']:.3g} s predicted by the plan ({s['measured_over_predicted']:.2f}x)"
+        rows.append(("step time", step))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

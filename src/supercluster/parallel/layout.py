@@ -27,6 +27,7 @@ output layer and loss on the last (Llama 3 405B: 126 layers on 16 stages as 7, 8
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -242,7 +243,11 @@ def balanced_split(model, stages: int) -> tuple[int, ...]:
         return (layers,)
     if layers < stages:
         raise UserError(f"The model's {layers} layers cannot fill {stages} pipeline stages; lower pp or virtual_stages.")
-    layer, first, last = stage_costs(model)
+    return _split(layers, stages, *stage_costs(model))
+
+
+@functools.lru_cache(maxsize=4096)  # the planner asks for the same few splits thousands of times
+def _split(layers: int, stages: int, layer: float, first: float, last: float) -> tuple[int, ...]:
     extra = [first if s == 0 else 0.0 for s in range(stages)]
     extra[-1] += last
 

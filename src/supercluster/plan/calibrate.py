@@ -55,16 +55,16 @@ def _software(source: str, notes: str) -> Software:
         # Megatron-Core 2024: TE flash attention, --overlap-grad-reduce --overlap-param-gather
         # --tp-comm-overlap (stated in the row), fp32 gradient reduction.
         # Its distributed optimizer is ZeRO-1.
-        return Software(flash_attention=True, overlap_dp=True, overlap_tp=True, grad_reduce_bytes=4, zero_stages=(0, 1))
+        return Software(flash_attention=True, overlap_dp=True, overlap_tp=True, grad_reduce_bytes=4, shardings=("none", "optimizer"))
     if "ZeRO-3 (DeepSpeed)" in notes:
         # DeepSpeed ZeRO-3 in 2021: 16-bit gathers and reductions at one NIC's rate per GPU.
         return Software(
             flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2, hierarchical_dp=False,
-            zero_stages=(3,),
+            shardings=("full",),
         )
     # Megatron-LM 2021-22: unfused-by-flash attention, gradient all-reduce after the backward
     # pass ("no overlap", Korthikanti sec. 6.3), 16-bit gradients.
-    return Software(flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2, zero_stages=(0,))
+    return Software(flash_attention=False, overlap_dp=False, overlap_tp=False, grad_reduce_bytes=2, shardings=("none",))
 
 
 def _fixed(r: dict) -> dict:
@@ -77,9 +77,9 @@ def _fixed(r: dict) -> dict:
     if source.startswith(("Narayanan", "Korthikanti")):
         # No distributed optimizer in Megatron-LM then; sequence parallelism is Korthikanti's.
         fixed["sequence_parallel"] = "sequence parallel" in recompute
-        fixed["zero"] = 0
+        fixed["sharding"] = "none"
     if "ZeRO-3" in notes:
-        fixed.update(zero=3, tp=1, pp=1)
+        fixed.update(sharding="full", tp=1, pp=1)
     if source.startswith("Korthikanti"):
         fixed["virtual_stages"] = 3 if "interleaved schedule with 3" in notes else 1
     return fixed

@@ -26,8 +26,7 @@ from pathlib import Path
 
 from supercluster.hardware.catalog import Accelerator, NodeType
 from supercluster.model.config import ModelConfig, flops_per_token, layer_params, matmul_params
-
-RECOMPUTE = ("none", "selective", "full")
+from supercluster.parallel.layout import RECOMPUTE, TRAINER_SHARDING, Layout  # noqa: F401 (re-exported)
 CONSTANTS_FILE = Path(__file__).with_name("constants.json")
 
 # Physical constants, not fitted (each is a property of the hardware or software stack):
@@ -53,25 +52,6 @@ def state_bytes(precision: str) -> tuple[int, int, int]:
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One parallel configuration; tp*pp*dp*cp is the GPU count."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    cp: int = 1
-    microbatch: int = 1
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved 1F1B when > 1)
-    zero: int = 1  # 0: replicated, 1: optimizer sharded, 2: + gradients, 3: + weights (FSDP)
-    recompute: str = "none"  # none | selective | full
-    sequence_parallel: bool = False
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.dp * self.cp
-
-
-@dataclass(frozen=True)
 class Software:
     """What the training stack does, as opposed to what the layout is."""
 
@@ -83,10 +63,10 @@ class Software:
     # and trees do); False models collectives limited to one NIC's rate per GPU, as DeepSpeed's
     # 2021 ZeRO-3 measured (Narayanan et al. 2021 Table 2: throughput falls as 1/dp).
     hierarchical_dp: bool = True
-    # ZeRO stages the training stack implements. supercluster's trainer has plain replication
-    # and FSDP2 (fully_shard: weights, gradients and optimizer state, i.e. ZeRO-3);
-    # Megatron-LM's distributed optimizer is ZeRO-1, DeepSpeed has all four.
-    zero_stages: tuple = (0, 3)
+    # Sharding strategies (parallel.layout.SHARDING) the training stack implements.
+    # supercluster's trainer: replicas, FSDP2 keeping weights gathered, FSDP2 full shard;
+    # Megatron-LM's distributed optimizer is "optimizer", DeepSpeed has every one.
+    shardings: tuple = TRAINER_SHARDING
 
 
 @dataclass(frozen=True)
@@ -126,6 +106,8 @@ class Estimate:
     def as_dict(self) -> dict:
         out = asdict(self.layout)
         out.update(
+            dp=self.layout.dp,
+            stage_layers=list(self.layout.stage_layers) if self.layout.stage_layers is not None else None,
             step_time_s=self.step_time_s,
             tokens_per_s_per_gpu=self.tokens_per_s_per_gpu,
             model_tflops_per_gpu=self.model_tflops_per_gpu,
@@ -297,9 +279,27 @@ def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: 
     return sbh * (replicated + (sharded + scores) / t)
 
 
+def rank_layers(cfg: ModelConfig, lay: Layout) -> list[tuple[int, bool]]:
+    """(layers, holds the last stage) for each pipeline rank, from the layout's stage split."""
+    if lay.pp == 1:
+        return [(cfg.layers, True)]
+    split, last = lay.split(cfg), lay.num_stages - 1
+    return [(sum(split[i] for i in lay.stage_ids(r)), last in lay.stage_ids(r)) for r in range(lay.pp)]
+
+
 def stage_layers(cfg: ModelConfig, lay: Layout) -> int:
-    """Layers on the busiest pipeline rank: chunks of ceil(L/(p*v)) layers, v per rank."""
-    return math.ceil(cfg.layers / (lay.pp * lay.virtual_stages)) * lay.virtual_stages
+    """Layers on the busiest pipeline rank."""
+    return max(n for n, _ in rank_layers(cfg, lay))
+
+
+# Which model state each sharding strategy splits over the data-parallel ranks: (weights,
+# gradients, optimizer). "keep_gathered" holds whole weights from forward to backward.
+SHARDED_STATE = {
+    "none": (False, False, False),
+    "optimizer": (False, False, True),
+    "keep_gathered": (False, True, True),
+    "full": (True, True, True),
+}
 
 
 def memory(
@@ -330,11 +330,12 @@ def memory(
         in_flight = min(p, microbatches) if first else 1
         interleave = 1 + (p - 1) / (p * v) if (v > 1 and first) else 1
         act = act_layer * layers * (in_flight if first else 1) * interleave
-        weights = w_bytes * params / (shards if lay.zero >= 3 else 1)
-        grads = g_bytes * params / (shards if lay.zero >= 2 else 1)
-        optimizer = o_bytes * params / (shards if lay.zero >= 1 else 1)
+        shard_w, shard_g, shard_o = SHARDED_STATE[lay.sharding]
+        weights = w_bytes * params / (shards if shard_w else 1)
+        grads = g_bytes * params / (shards if shard_g else 1)
+        optimizer = o_bytes * params / (shards if shard_o else 1)
         buffers = working + (logits if (not first or p == 1) else 0.0)
-        if lay.zero >= 3:
+        if shard_w:
             buffers += 2 * w_bytes * per_layer / t  # two unsharded layers in flight (prefetch)
         stages.append(
             {
@@ -363,8 +364,9 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     # Compute of the busiest stage for one microbatch (Narayanan eq. 1's t_f + t_b).
     fwd, bwd, rec = _layer_time(cfg, lay, sw, r, s)
     layers = stage_layers(cfg, lay)
-    # Stages hold equal layer counts, so the last one, which also runs the output layer, sets the pace.
-    per_mb = layers * (fwd + bwd + rec) + _logits_time(cfg, lay, r, s)
+    # The busiest pipeline rank sets the pace: its layers, and the output layer where it holds the last stage.
+    logits = _logits_time(cfg, lay, r, s)
+    per_mb = max(n * (fwd + bwd + rec) + (logits if last else 0.0) for n, last in rank_layers(cfg, lay))
 
     # Tensor parallel (Narayanan sec. 3.2): per layer 2 all-reduces forward and 2 backward of
     # b*s*h activations (with sequence parallelism, all-gather + reduce-scatter pairs: the same
@@ -395,34 +397,38 @@ def estimate(work: Workload, lay: Layout, system: System, sw: Software = Softwar
     pipeline = m * per_mb_total + bubble
 
     # Data parallel over dp*cp ranks holding the same weights (Rajbhandari et al. 2020):
-    # ZeRO-0 all-reduces gradients; 1-2 reduce-scatter gradients and all-gather updated
-    # 16-bit weights; 3 also all-gathers weights for every microbatch's forward and backward.
+    # replicas all-reduce gradients; sharded optimizer state reduce-scatters gradients and
+    # all-gathers updated 16-bit weights; FSDP gathers weights for every microbatch's forward
+    # ("keep_gathered": kept for its backward, and a pipeline keeps them across microbatches)
+    # and again for its backward ("full").
     n = lay.dp * c
     local = min(n, max(1, r.gpus_per_node // t))  # ranks are ordered tp, cp, dp, pp (tp innermost)
     stage_params = (layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t
     grad_bytes = sw.grad_reduce_bytes * stage_params
     weight_bytes = state_bytes(system.precision)[0] * stage_params
     aware = sw.hierarchical_dp
-    if lay.zero == 0:
+    if lay.sharding == "none":
         reduce = r.hierarchical(grad_bytes, n, local, passes=2, topology_aware=aware)  # all-reduce
         gather = 0.0
     else:
         reduce = r.hierarchical(grad_bytes, n, local, topology_aware=aware)  # reduce-scatter
         gather = r.hierarchical(weight_bytes, n, local, topology_aware=aware)  # all-gather
-        if lay.zero >= 3:  # FSDP: weights gathered again for every microbatch, forward and backward
+        if lay.sharding == "full":
             gather *= 2 * m
+        elif lay.sharding == "keep_gathered":
+            gather *= 1 if p > 1 else m
     if sw.overlap_dp:
         # Gradients are reduced in buckets while the last microbatch's backward (and the
         # pipeline drain) runs; weights are gathered ahead of the forward pass, and under
-        # ZeRO-3 ahead of every microbatch's forward and backward.
+        # FSDP ahead of every microbatch's forward and backward.
         reduce_window = bwd * layers + bubble / 2
-        gather_window = (fwd + bwd) * layers * m if lay.zero >= 3 else fwd * layers
+        gather_window = (fwd + bwd) * layers * m if lay.sharding in ("full", "keep_gathered") else fwd * layers
         exposed_dp = max(0.0, reduce - reduce_window) + max(0.0, gather - gather_window)
     else:
         exposed_dp = reduce + gather
 
     # Optimizer step: memory-bound Adam over this rank's shard of the parameters.
-    opt_params = stage_params / (n if lay.zero >= 1 else 1)
+    opt_params = stage_params / (n if lay.sharding != "none" else 1)
     optimizer = r.memory_pass(OPTIMIZER_BYTES_PER_PARAM * opt_params)
 
     step = pipeline + exposed_dp + optimizer

@@ -67,6 +67,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     async_checkpoint: bool = False  # write checkpoints in the background, committed before the next step
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
+    predicted_step_time_s: float | None = None  # the planner's prediction, shown beside the measured step time
 
 
 @dataclass
