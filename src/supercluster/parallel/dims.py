@@ -33,12 +33,12 @@ class ParallelDims:
     def of(cls, layout: Layout, world_size: int, model, seq_len: int, global_batch: int,
            gpus_per_node: int | None = None) -> "ParallelDims":
         """The layout checked against the model and the world it must fill exactly."""
-        layout.validate(model, seq_len, global_batch, gpus_per_node)
-        if layout.gpus != world_size:
+        if layout.gpus != world_size and min(layout.tp, layout.pp, layout.dp, layout.cp) >= 1:
             raise UserError(
                 f"dp_replicate*dp_shard*tp*pp*cp = {layout.gpus} but the job has {world_size} ranks; "
                 f"make the degrees multiply to the number of ranks."
             )
+        layout.validate(model, seq_len, global_batch, gpus_per_node)
         return cls(layout, world_size)
 
     def __getattr__(self, name):

@@ -241,14 +241,22 @@ class Trainer:
         """Clip by the norm of the whole model's gradient: over tp and dp shards (DTensor) and
         over pipeline stages (each rank holds only its stages' part of the sum)."""
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        # Gradients live on different meshes (tp-sharded, dp-sharded, both, or plain tensors
+        # replicated on every rank without sequence parallelism): a norm per mesh, then combined.
+        groups: dict = {}
+        for p in params:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+        squares = []
+        for group in groups.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+            squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).pow(2))
+        norm = torch.stack(squares).sum().sqrt()
         if self.pp_mesh is not None:
             norm = norm.pow(2)
             dist.all_reduce(norm, group=self.pp_mesh.get_group())
             norm = norm.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
         return float(norm)
 
     def _mean_loss(self, value: torch.Tensor) -> float:
