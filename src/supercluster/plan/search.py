@@ -121,7 +121,7 @@ def layouts(req: Request):
     cps = [c for c in (1, 2, 4, 8, 16) if s >= LONG_SEQUENCE and s % (2 * c) == 0] or [1]
     for tp in _choices(req, "tp", tps):
         for cp in _choices(req, "cp", cps):
-            if req.gpus % (tp * cp) or (cp > 1 and s % (2 * cp * tp)):
+            if req.gpus % (tp * cp):
                 continue
             rest = req.gpus // (tp * cp)
             # Stages hold whole layers, uneven where they must (the balanced split).
