@@ -166,7 +166,7 @@ def test_plan_emits_a_config_that_runs_as_printed(small_corpus, tmp_path, name, 
     ran = subprocess.run(shlex.split(command) + ["--no-sample", "--json"], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
     assert ran.returncode == 0, ran.stderr[-4000:]
-    summary = json.loads(ran.stdout)
+    summary = json.loads(ran.stdout.strip().splitlines()[-1])  # progress lines come first
     assert summary["world_size"] == 4 and summary["step"] == 2
     cfg = Config()
     for section, keys in emitted.items():
