@@ -175,7 +175,7 @@ def test_killed_worker_restarts_and_resumes_hsdp(corpus, reference, tmp_path):
     steps_logged = [m["step"] for m in read_metrics(run / "metrics.jsonl")]
     assert steps_logged == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]  # the second attempt replays 4 and 5
     assert summary["resumed_from"].endswith(f"step_{CHECKPOINT_AT:08d}")
-    assert summary["layout"] == "dp_replicate 2 x dp_shard 2"
+    assert summary["layout"] == "tp1 pp1 dp2x2 cp1 mb2 full recompute selective"
     assert_same_losses(run, reference, range(1, STEPS + 1))
 
 
