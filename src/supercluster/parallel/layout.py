@@ -115,6 +115,16 @@ class Layout:
             start += n
         return out
 
+    def parallel_keys(self, model) -> dict:
+        """The [parallel] section of a train config that runs this layout (train.micro_batch and
+        train.recompute complete it); pipelines name their stage split explicitly."""
+        out = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp,
+               "cp": self.cp, "sharding": self.sharding, "sequence_parallel": self.sequence_parallel,
+               "pp_schedule": self.pp_schedule, "virtual_stages": self.virtual_stages}
+        if self.pp > 1:
+            out["stage_layers"] = list(self.split(model))
+        return out
+
     def describe(self) -> str:
         """One line naming every choice, the same from the planner and the trainer."""
         parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp_replicate}x{self.dp_shard}", f"cp{self.cp}",

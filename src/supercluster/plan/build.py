@@ -101,15 +101,11 @@ def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = 
         train["lr"] = lr
     if checkpoint_every is not None:
         train["checkpoint_every"] = checkpoint_every
-    # The layout's [parallel] keys, the same names the trainer reads (train.config.layout_section).
-    parallel = {"dp_replicate": lay.dp_replicate, "dp_shard": lay.dp_shard, "tp": lay.tp, "pp": lay.pp, "cp": lay.cp,
-                "sharding": lay.sharding, "sequence_parallel": lay.sequence_parallel,
-                "pp_schedule": lay.pp_schedule, "virtual_stages": lay.virtual_stages}
-    if lay.pp > 1:
-        parallel["stage_layers"] = list(lay.split(cfg))
+    parallel = lay.parallel_keys(cfg)
     gpn = req.system.node.gpus_per_node
     nproc = min(req.gpus, gpn)
     out = {"model": model, "train": train, "parallel": parallel,
+           # The launch size: `supercluster train FILE` starts these ranks, so the file runs as printed.
            "launch": {"nproc": nproc, "nnodes": -(-req.gpus // nproc)}}
     if run_dir:
         out["run"] = {"dir": run_dir}

@@ -20,7 +20,6 @@ published runs); everything else is a count of FLOPs and bytes divided by a data
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 

@@ -235,16 +235,6 @@ def layout_of(cfg: Config, world_size: int) -> Layout:
     )
 
 
-def layout_section(layout: Layout) -> dict:
-    """The [parallel] keys that give back `layout` (train.micro_batch and train.recompute aside)."""
-    out = {"dp_replicate": layout.dp_replicate, "dp_shard": layout.dp_shard, "tp": layout.tp, "pp": layout.pp,
-           "cp": layout.cp, "sharding": layout.sharding, "sequence_parallel": layout.sequence_parallel,
-           "pp_schedule": layout.pp_schedule, "virtual_stages": layout.virtual_stages}
-    if layout.stage_layers is not None:
-        out["stage_layers"] = list(layout.stage_layers)
-    return out
-
-
 def validate(cfg: Config) -> ModelConfig:
     """Checks that need no data or devices; returns the model config. The layout is checked
     by `parallel.ParallelDims.of` once the world is known."""
