@@ -52,6 +52,8 @@ def test_balanced_split_keeps_even_splits_and_lightens_the_output_stage():
     (Layout(pp=2, pp_schedule="gpipe", virtual_stages=2), "runs one stage per rank"),
     (Layout(pp=2, pp_schedule="zbvzerobubble", virtual_stages=3), "exactly 2 stages per rank"),
     (Layout(tp=16), "exceeds the 8 GPUs of one node"),
+    (Layout(pp=2, dp_shard=2, pp_schedule="zbvzerobubble"), "use sharding keep_gathered"),
+    (Layout(pp=2, pp_schedule="dualpipev", microbatch=8), "at least as many microbatches per step as stages"),
     (Layout(recompute="some"), "Recompute 'some'"),
 ])
 def test_each_broken_rule_is_one_sentence(layout, needle):

@@ -48,6 +48,10 @@ PP_SCHEDULES = {
 }
 SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")  # one stage per rank; the others run several
 V_SCHEDULES = ("zbvzerobubble", "dualpipev")  # exactly two stages per rank, placed in a V
+# Schedules that split backward into input and weight gradients. With FSDP2 resharding after
+# forward they train to different losses than one process (torch 2.13, seen on CPU ranks), so
+# they run with weights kept gathered.
+ZERO_BUBBLE_SCHEDULES = ("interleavedzerobubble", "zbvzerobubble", "dualpipev")
 
 
 def schedule_name(name: str) -> str:
@@ -222,8 +226,14 @@ class Layout:
         if model.tie_embeddings:
             out.append("Pipeline parallelism needs untied embeddings (the first and last stages hold them apart); "
                        "set model.tie_embeddings=false or pp to 1.")
+        if self.pp_schedule in ZERO_BUBBLE_SCHEDULES and self.sharding == "full" and self.dp * self.cp > 1:
+            out.append(f"Pipeline schedule {self.pp_schedule!r} splits weight gradients from the backward pass, which "
+                       f"FSDP2's full sharding does not run correctly; use sharding keep_gathered (or none).")
         n = self.microbatches(global_batch)
-        if self.stages_per_rank > 1 and 0 < n < self.pp:
+        if self.pp_schedule == "dualpipev" and 0 < n < self.num_stages:
+            out.append(f"The dualpipev schedule needs at least as many microbatches per step as stages "
+                       f"({self.num_stages}), got {n}; lower the microbatch size or raise the global batch.")
+        elif self.stages_per_rank > 1 and 0 < n < self.pp:
             out.append(f"The {self.pp_schedule} schedule needs at least pp ({self.pp}) microbatches per step, got {n}; "
                        f"lower the microbatch size or raise the global batch.")
         return out

@@ -168,14 +168,14 @@ def with_sharding(lay: Layout, sharding: str) -> Layout:
     return replace(lay, sharding=sharding, dp_replicate=1, dp_shard=lay.dp)
 
 
-def _with_memory_choices(req: Request, base: Layout, reserved_gib: float):
+def _with_memory_choices(req: Request, base: Layout, reserved_gib: float, allowed: list):
     """Per recompute mode, the least sharding that fits; yields (layout, memory) pairs,
     feasible or not, so that the caller can report the nearest miss."""
     shards = base.dp * base.cp
-    stages = [s for s in SHARDING if s in req.software.shardings]  # least sharded first
+    stages = [s for s in SHARDING if s in allowed]  # least sharded first
     if "optimizer" in stages and "none" in stages:
         stages.remove("none")  # a sharded optimizer moves the same bytes as an all-reduce and holds less
-    unsharded = "none" if "none" in req.software.shardings else stages[0]
+    unsharded = "none" if "none" in allowed else stages[0]
     choices = _choices(req, "sharding", [unsharded] if shards == 1 else stages)
     m = req.work.global_batch // (base.dp * base.microbatch)
     capacity = req.system.accelerator.hbm_gib
@@ -204,12 +204,18 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
         seen += 1
         # Only what the trainer runs: the same rules `supercluster train` applies (the
         # sharding choices below are the stack's own).
-        problems = base.problems(runnable_model(req.work.model, base), req.work.seq_len, req.work.global_batch, gpn,
-                                 SHARDING)
-        if problems:
-            refused = refused or problems[0]
+        model = runnable_model(req.work.model, base)
+        allowed = []
+        for sharding in ([req.fixed["sharding"]] if "sharding" in req.fixed else req.software.shardings):
+            found = with_sharding(base, sharding).problems(model, req.work.seq_len, req.work.global_batch, gpn,
+                                                           req.software.shardings)
+            if found:
+                refused = refused or found[0]
+            else:
+                allowed.append(sharding)
+        if not allowed:
             continue
-        for lay, mem, fits in _with_memory_choices(req, base, reserved):
+        for lay, mem, fits in _with_memory_choices(req, base, reserved, allowed):
             if fits:
                 plans.append(estimate(req.work, lay, req.system, req.software, constants))
             elif nearest is None or mem["total"] < nearest[1]["total"]:
