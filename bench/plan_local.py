@@ -77,22 +77,26 @@ def case(nproc: int, steps: int, train: dict, preset: str) -> None:
         before = concurrent_matmul_tflops(nproc, threads)
         local.save_peak("fp32", before, threads)
         first = plan(nproc, train, preset, steps, run_dir, config)
-        supercluster("train", str(config), "--nproc", str(nproc), "--no-sample", "--json",
+        # No --nproc: the emitted config carries its launch size ([launch]), as the printed command relies on.
+        summary = supercluster("train", str(config), "--no-sample", "--json",
                      "--set", "train.eval_every=100000", "--set", "train.checkpoint_every=100000",
                      "--set", "train.warmup_steps=1")
         after = concurrent_matmul_tflops(nproc, threads)
         local.save_peak("fp32", (before + after) / 2, threads)
         around = plan(nproc, train, preset, steps, run_dir, None)
+        summary = json.loads(summary.strip().splitlines()[-1])
         steps_seen = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [m["step_time_s"] for m in steps_seen if "step_time_s" in m][WARMUP_STEPS:]
     if not times:
         sys.exit(f"no step times after {WARMUP_STEPS} warm-up steps")
     measured = statistics.median(times)
     print(f"{nproc} rank(s) x {threads} thread(s): tp{first['tp']} pp{first['pp']} dp{first['dp']} mb{first['microbatch']} "
-          f"zero{first['zero']}, global batch {train['global_batch']}")
+          f"{first['sharding']}, global batch {train['global_batch']}")
     print(f"  matmul rate per rank, {nproc} at once: {before * 1e3:.1f} GFLOP/s before, {after * 1e3:.1f} after "
           f"({100 * (after / before - 1):+.0f}%)")
-    print(f"  measured median step {measured:.3f} s over {len(times)} steps")
+    print(f"  measured median step {measured:.3f} s over {len(times)} steps "
+          f"(the run's own summary: {summary['measured_step_time_s']:.3f} s measured, "
+          f"{summary['predicted_step_time_s']:.3f} s predicted)")
     for label, p in (("rate before (the emitted plan)", first), ("mean rate around the run", around)):
         ratio = p["step_time_s"] / measured
         verdict = "within" if abs(ratio - 1) <= 0.25 else "OUTSIDE"

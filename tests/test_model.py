@@ -80,4 +80,10 @@ def test_bad_shapes_are_user_errors(bad, message):
 def test_unknown_preset_suggests_closest():
     with pytest.raises(UserError, match="did you mean 'llama3-8b'"):
         preset("llama3-8")
-    assert set(PUBLISHED) | {"tiny", "small"} == set(PRESETS)
+    assert set(PUBLISHED) | {"tiny", "small", "llama-1b"} == set(PRESETS)
+
+
+def test_llama_1b_has_llama_3_2_1b_blocks():
+    """With Llama 3's 128,256-token vocabulary (tied) it is Llama 3.2 1B: 1.24B parameters."""
+    assert num_params(preset("llama-1b", vocab_size=128256)) == pytest.approx(1.236e9, rel=0.005)
+    assert num_params(preset("llama-1b")) == pytest.approx(1.04e9, rel=0.01)

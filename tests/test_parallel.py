@@ -88,12 +88,45 @@ def test_layout_matches_single_process(corpus, reference, tmp_path, name, nproc,
     assert_same_losses(tmp_path / "run", reference, range(1, STEPS + 1))
 
 
+@pytest.mark.parametrize("name, nproc, extra, stages", [
+    ("pp 2, uneven stages 1 + 3, unsharded", 2, ["parallel.pp=2", "parallel.stage_layers=[1,3]", "parallel.sharding=none"],
+     [1, 3]),
+    ("pp 2 x dp 2 keep_gathered, uneven 3 + 1", 4, ["parallel.pp=2", "parallel.stage_layers=[3,1]",
+                                                    "parallel.sharding=keep_gathered"], [3, 1]),
+    ("pp 2 x dp 2 zero bubble (ZBV), weights kept gathered", 4, ["parallel.pp=2", "parallel.pp_schedule=zbvzerobubble",
+                                                                  "parallel.sharding=keep_gathered"], [1, 1, 1, 1]),
+    ("dp 2 replicas x tp 2 without sequence parallelism", 4, ["parallel.tp=2", "parallel.sharding=none",
+                                                               "parallel.sequence_parallel=false"], None),
+])
+def test_layout_choices_match_single_process(corpus, reference, tmp_path, name, nproc, extra, stages):
+    """Uneven pipeline stages, unsharded replicas (gradients all-reduced), weights kept gathered,
+    and TP without SP train to the single-process losses; the summary names the layout run."""
+    summary = torchrun(corpus, tmp_path / "run", nproc, *extra)
+    assert summary["stage_layers"] == stages
+    if "sharding=none" in " ".join(extra):
+        assert " none " in summary["layout"]
+    if "sequence_parallel=false" in " ".join(extra):
+        assert summary["layout"].endswith("no-sp")
+    assert_same_losses(tmp_path / "run", reference, range(1, STEPS + 1))
+
+
+def test_interleaved_balanced_uneven_split_matches_single_process(corpus, tmp_path):
+    """5 layers on pp 2 x 2 virtual stages: the balanced split is uneven (the last stage, with
+    the output layer, gets fewer), and interleaved 1F1B still reproduces one process's losses."""
+    single, piped = tmp_path / "single", tmp_path / "piped"
+    launch_training(load_config(None, overrides(corpus, single, "model.layers=5")), Launch())
+    summary = torchrun(corpus, piped, 2, "model.layers=5", "parallel.pp=2", "parallel.pp_schedule=interleaved1f1b",
+                       "parallel.virtual_stages=2")
+    assert sum(summary["stage_layers"]) == 5 and len(set(summary["stage_layers"])) > 1
+    assert_same_losses(piped, losses(single), range(1, STEPS + 1))
+
+
 def test_context_parallel_matches_and_flags_a_straggler(corpus, reference, tmp_path):
     """cp 2 (load-balanced chunks, keys and values all-gathered), full recompute; rank 1 made
     1 s slower per step: the losses still match, and rank 1 is named a straggler with its host."""
     summary = torchrun(corpus, tmp_path / "run", 2, "parallel.cp=2", "train.recompute=full",
                        env={"SUPERCLUSTER_FAULT_SLOW": "1:1.0"})
-    assert summary["layout"] == "cp 2"
+    assert summary["layout"] == "tp1 pp1 dp1x1 cp2 mb2 full recompute full"
     assert_same_losses(tmp_path / "run", reference, range(1, STEPS + 1))
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert all(r["stragglers"] == [] for r in records[:3])  # not before a whole window (4 steps) of evidence
@@ -105,7 +138,7 @@ def test_context_parallel_matches_and_flags_a_straggler(corpus, reference, tmp_p
 
 def test_dp2_tp2_matches_and_reports_metrics(reference, tp_run):
     run, summary = tp_run
-    assert summary["layout"] == "dp_shard 2 x tp 2"
+    assert summary["layout"] == "tp2 pp1 dp1x2 cp1 mb2 full recompute none sp"
     assert_same_losses(run, reference, range(1, STEPS + 1))
     record = read_metrics(run / "metrics.jsonl")[1]  # step 2: the step whose collectives are counted
     assert record["comm_measured"]
@@ -144,7 +177,7 @@ def test_killed_worker_restarts_and_resumes_hsdp(corpus, reference, tmp_path):
     steps_logged = [m["step"] for m in read_metrics(run / "metrics.jsonl")]
     assert steps_logged == [1, 2, 3, 4, 5, 4, 5, 6, 7, 8]  # the second attempt replays 4 and 5
     assert summary["resumed_from"].endswith(f"step_{CHECKPOINT_AT:08d}")
-    assert summary["layout"] == "dp_replicate 2 x dp_shard 2"
+    assert summary["layout"] == "tp1 pp1 dp2x2 cp1 mb2 full recompute selective"
     assert_same_losses(run, reference, range(1, STEPS + 1))
 
 
@@ -220,13 +253,19 @@ def test_export_to_llama_safetensors(tp_run, tmp_path, capsys):
     (["--nproc", "4", "--set", "parallel.dp_shard=3"], "make the degrees multiply"),
     (["--nproc", "4", "--set", "parallel.tp=4"], "must divide the heads"),
     (["--nproc", "2", "--set", "parallel.tp=2", "--set", "model.ffn_hidden=129"], "must divide model.ffn_hidden"),
-    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "model.layers=3"], "must be divisible by the pipeline's"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.stage_layers=[1,2]"], "sums to 3 layers but the model has 4"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.stage_layers=[4]"], "lists 1 stages but the pipeline has 2"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.stage_layers=[0,4]"], "needs at least one layer"),
+    (["--nproc", "2", "--set", "parallel.sharding=optimizer"], "not something this training stack runs"),
+    (["--nproc", "2", "--set", "parallel.sharding=ful"], "did you mean 'full'"),
+    (["--nproc", "4", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=zbvzerobubble"], "use sharding keep_gathered"),
+    (["--nproc", "2", "--set", "parallel.sharding=none", "--set", "parallel.dp_shard=2"], "dp_shard must be 1"),
     (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=1f2b"], "did you mean '1f1b'"),
     (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=interleaved1f1b"], "virtual_stages of at least 2"),
     (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.virtual_stages=2"], "runs one stage per rank"),
     (["--nproc", "2", "--set", "parallel.pp=2", "--set", "model.tie_embeddings=true"], "untied embeddings"),
-    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.microbatches=3"], "must divide the per-pipeline batch"),
-    (["--nproc", "2", "--set", "parallel.cp=2", "--set", "train.seq_len=66"], "divisible by 2 x cp"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.microbatches=3"], "divisor of the per-pipeline batch"),
+    (["--nproc", "2", "--set", "parallel.cp=2", "--set", "train.seq_len=66"], "2 x cp"),
     (["--nproc", "4", "--set", "parallel.tp=2", "--set", "parallel.cp=2", "--set", "train.seq_len=36"], "sequence parallelism"),
 ])
 def test_invalid_layout_is_one_sentence(corpus, tmp_path, capsys, args, message):

@@ -163,7 +163,12 @@ def run_cli(*args, env=None):
     [
         (["gpt3-175b", "--gpus", "1024", "--tp", "8", "--pp", "8", "--dp", "8", "--cp", "1"], "not the 1024 GPUs"),
         (["gpt3-175b", "--gpus", "1024", "--tp", "5"], "does not divide the model's 96 attention heads"),
-        (["llama3-8b", "--gpus", "48", "--pp", "3"], "does not divide the model's 32 layers"),
+        (["llama3-8b", "--gpus", "48", "--pp", "3", "--stage-layers", "10,10,10"], "sums to 30 layers but the model has 32"),
+        (["llama3-8b", "--gpus", "16", "--pp", "2", "--stage-layers", "16,16", "--virtual-stages", "2"], "lists 2 stages"),
+        (["llama3-8b", "--gpus", "16", "--sharding", "optimizer"], "not something this training stack runs"),
+        (["llama3-8b", "--gpus", "16", "--sharding", "ful"], "did you mean 'full'"),
+        (["llama3-8b", "--gpus", "16", "--pp", "2", "--pp-schedule", "1f2b"], "did you mean '1f1b'"),
+        (["llama3-8b", "--gpus", "16", "--pp", "2", "--pp-schedule", "gpipe", "--virtual-stages", "2"], "runs one stage per rank"),
         (["gpt3-175b", "--gpus", "1024", "--tp", "16"], "exceeds the 8 GPUs of one"),
         (["gpt3-175b", "--gpus", "1024", "--gpu", "h1000"], "did you mean 'h100'"),
         (["llama3-405b", "--gpus", "8", "--global-batch", "16"], "GiB more than"),
@@ -236,8 +241,9 @@ def test_plan_imports_no_torch_and_local_reads_the_cached_peak(tmp_path):
 def test_emitted_pipeline_config_passes_the_trainers_checks(tmp_path):
     """A GPT preset (tied embeddings, vocabulary 50257) on tp 2 x pp 2 interleaved: the emitted
     config must satisfy the trainer's own layout rules."""
-    from supercluster.parallel.dims import PP_SCHEDULES, ParallelDims
-    from supercluster.train.config import load_config
+    from supercluster.parallel.dims import ParallelDims
+    from supercluster.parallel.layout import PP_SCHEDULES
+    from supercluster.train.config import layout_of, load_config
 
     out = tmp_path / "pp.toml"
     proc = run_cli("plan", "gpt2-124m", "--gpus", "8", "--tp", "2", "--pp", "2", "--virtual-stages", "2",
@@ -245,8 +251,8 @@ def test_emitted_pipeline_config_passes_the_trainers_checks(tmp_path):
     assert proc.returncode == 0, proc.stderr
     cfg = load_config(out, [])
     assert cfg.parallel.pp_schedule in PP_SCHEDULES and cfg.parallel.pp_schedule != "1f1b"
-    dims = ParallelDims.from_config(cfg.parallel, world_size=8)
-    dims.validate_model(cfg.model_config(), cfg.train)  # raises UserError on any mismatch
+    # Raises UserError on any mismatch with the trainer's rules.
+    ParallelDims.of(layout_of(cfg, 8), 8, cfg.model_config(), cfg.train.seq_len, cfg.train.global_batch, 8)
 
 
 def emitted_checkpoint(path):

@@ -10,7 +10,6 @@ import typer
 
 from supercluster.cli.flags import JsonOption
 from supercluster.errors import UserError
-from supercluster.files import write_atomic
 
 JSON_KEYS = (
     "stack", "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "microbatch", "virtual_stages", "pp_schedule",
@@ -75,14 +74,16 @@ def plan(
     if tokens is not None and tokens <= 0:
         raise UserError(f"--tokens must be positive, got {tokens}.")
     cfg = build_model(model, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab_size=vocab)
+    stages = None
     if stage_layers is not None:
         try:
-            stage_layers = tuple(int(x) for x in stage_layers.split(","))
+            stages = [int(x) for x in stage_layers.split(",")]
         except ValueError:
-            raise UserError(f"--stage-layers takes whole layer counts separated by commas (e.g. 15,16,16,15), got {stage_layers!r}.")
+            raise UserError(f"--stage-layers must be comma-separated layer counts like 7,8,8,7, got {stage_layers!r}.") from None
     knobs = dict(
-        tp=tp, pp=pp, dp=dp, cp=cp, microbatch=microbatch, virtual_stages=virtual_stages, sharding=sharding,
-        recompute=recompute, sequence_parallel=sequence_parallel, pp_schedule=pp_schedule, stage_layers=stage_layers,
+        tp=tp, pp=pp, dp=dp, cp=cp, microbatch=microbatch, virtual_stages=virtual_stages,
+        sharding=sharding, recompute=recompute, sequence_parallel=sequence_parallel, pp_schedule=pp_schedule,
+        stage_layers=stages,
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
     from supercluster.plan.goodput import DEFAULT_RESTART_S, DEFAULT_WRITE_GBPS, LLAMA3_FAILURES_PER_GPU_HOUR, training_time
@@ -104,6 +105,8 @@ def plan(
     rows = []
     for est in plans:
         row = {k: v for k, v in est.as_dict().items() if k in JSON_KEYS}
+        if est.layout.pp > 1:  # the split the trainer will run, balanced when not given
+            row["stage_layers"] = list(est.layout.split(req.work.model))
         # Checkpoint interval and effective training time do not depend on the run's length;
         # days and cost need --tokens.
         timing = training_time(
@@ -114,23 +117,22 @@ def plan(
         row.update(timing)
         rows.append(row)
 
+    command = None
     if emit_config:
-        import tomli_w
+        from supercluster.plan.build import write_config
 
         n_steps = steps or (max(1, round(tokens / step_tokens)) if tokens else 100)
-        from supercluster.plan.build import train_config
-
-        config = train_config(plans[0], req, n_steps, run_dir, lr, checkpoint_every=rows[0]["checkpoint_every_steps"])
-        text = tomli_w.dumps(config)
-        write_atomic(emit_config, f"# Written by `supercluster plan`: the fastest feasible layout for {gpus} x {req.system.accelerator.name}.\n{text}")
+        command = write_config(emit_config, plans[0], req, n_steps, run_dir, lr,
+                               checkpoint_every=rows[0]["checkpoint_every_steps"])
 
     if as_json:
-        print(json.dumps({"stack": req.software.name, "plans": rows}))
+        print(json.dumps({"stack": req.software.name, "plans": rows,
+                          **({"config": str(emit_config), "command": command} if command else {})}))
         return
-    _print_table(req, rows, emit_config)
+    _print_table(req, rows, emit_config, command)
 
 
-def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
+def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -153,7 +155,8 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
     for r in rows:
         cells = [
             f"tp{r['tp']} pp{r['pp']} dp{r['dp']} cp{r['cp']} mb{r['microbatch']} v{r['virtual_stages']}"
-            + (" sp" if r["sequence_parallel"] else ""),
+            + (" sp" if r["sequence_parallel"] and r["tp"] > 1 else "")
+            + (f" stages {'/'.join(map(str, r['stage_layers']))}" if r["stage_layers"] else ""),
             r["sharding"], r["recompute"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_gpu']:,.0f}",
             f"{r['model_tflops_per_gpu']:.4g}", f"{r['hardware_tflops_per_gpu']:.4g}", f"{100 * r['mfu']:.1f}%",
             f"{100 * r['hfu']:.1f}%", f"{r['memory_gib_per_gpu']:.1f}", f"{100 * r['bubble_fraction']:.1f}%",
@@ -179,7 +182,7 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path]) -> None:
         + (f"; {best['train_days']:.1f} days with failures, {best['train_days_without_failures']:.1f} without" if "train_days" in best else "")
     )
     if emitted:
-        console.print(f"wrote {emitted}: run it with `supercluster train {emitted}`")
+        console.print(f"wrote {emitted}: run it with `{command}`")
 
 
 def register(app: typer.Typer) -> None:

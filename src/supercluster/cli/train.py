@@ -15,8 +15,8 @@ from supercluster.errors import UserError
 def train(
     config: Optional[Path] = typer.Argument(None, help="TOML config; defaults are used for anything it leaves out."),
     set_: SetOption = None,
-    nproc: int = typer.Option(1, "--nproc", help="Ranks on this node (torchrun workers)."),
-    nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this node (torchrun workers; default: the config's launch.nproc, else 1)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes in the job (default: the config's launch.nnodes, else 1)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0..nnodes-1."),
     rdzv: Optional[str] = typer.Option(None, "--rdzv", help="HOST:PORT of the rendezvous, for several nodes."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by all nodes (default: from the config path)."),
@@ -29,7 +29,8 @@ def train(
     from supercluster.train.launch import TorchrunSpec, launch_training
 
     cfg = load_config(config, set_ or [])
-    launch = TorchrunSpec(nproc, nnodes, node_rank, rdzv, rdzv_id, max_restarts)
+    launch = TorchrunSpec.for_config(cfg, nproc, nnodes, node_rank=node_rank, rdzv=rdzv, rdzv_id=rdzv_id,
+                                     max_restarts=max_restarts)
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
         return
@@ -61,7 +62,13 @@ def print_summary(run_dir, s: dict) -> None:
         ("tokens/s", f"{s.get('tokens_per_s', 0):,.0f} ({s.get('world_size', 1)} ranks)"),
         ("MFU", f"{100 * s.get('mfu', 0):.1f}% of {s.get('peak_source', '?')}"),
         ("precision", s.get("precision", "?")), ("peak memory", f"{s.get('mem_gib', 0):.2f} GiB per rank"),
+        ("layout", s.get("layout", "?")),
     ]
+    if s.get("measured_step_time_s") is not None:
+        step = f"{s['measured_step_time_s']:.3g} s measured (median)"
+        if s.get("predicted_step_time_s"):
+            step += f", {s['predicted_step_time_s']:.3g} s predicted by the plan ({s['measured_over_predicted']:.2f}x)"
+        rows.append(("step time", step))
     for key, value in rows:
         table.add_row(key, value)
     Console().print(table)

@@ -80,6 +80,10 @@ PRESETS: dict[str, dict] = {
     "llama3-8b": dict(layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, **_LLAMA3),
     "llama3-70b": dict(layers=80, hidden=8192, heads=64, kv_heads=8, ffn_hidden=28672, **_LLAMA3),
     "llama3-405b": dict(layers=126, hidden=16384, heads=128, kv_heads=8, ffn_hidden=53248, **_LLAMA3),
+    # Llama 3.2 1B's blocks (Meta's model card) with a 32,000-token vocabulary (Llama 2's size),
+    # which the uint16 token shards hold: 1.04B parameters, the one-GPU check's model.
+    "llama-1b": dict(layers=16, hidden=2048, heads=32, kv_heads=8, ffn_hidden=8192, vocab_size=32000, max_seq_len=8192,
+                     rope_theta=500000.0, tie_embeddings=True),
 }
 
 

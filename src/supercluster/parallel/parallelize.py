@@ -1,9 +1,12 @@
-"""One `parallelize(model, dims, mesh, cfg)`: how a model (or one pipeline stage of it) is
-spread over its device mesh.
+"""One `parallelize(model, dims, mesh, ...)`: how a model (or one pipeline stage of it) is
+spread over its device mesh, exactly as its `Layout` says.
 
-Applied in torchtitan's order: tensor/sequence parallel, context parallel attention,
-activation checkpointing, compile, then FSDP2 per block and at the root (HSDP when
-dp_replicate > 1). Each step keeps parameter names, so checkpoints reshard across layouts.
+Applied in torchtitan's order: tensor (and, if the layout asks, sequence) parallel, context
+parallel attention, activation checkpointing, compile, then the sharding strategy:
+- "full":          FSDP2 per block and at the root, reshard_after_forward=True
+- "keep_gathered": the same with reshard_after_forward=False (gathered once for forward and backward)
+- "none":          no FSDP; replicas whose gradients the trainer all-reduces (`all_reduce_gradients`)
+HSDP when dp_replicate > 1. Each step keeps parameter names, so checkpoints reshard across layouts.
 """
 
 from __future__ import annotations
@@ -16,15 +19,15 @@ from supercluster.parallel.dims import ParallelDims
 from supercluster.parallel.tensor import apply_tensor_parallel
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, train_cfg, sequence: SequenceSharding | None = None,
-                precision: str = "fp32") -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, sequence: SequenceSharding | None = None,
+                precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
     if dims.tp > 1:
-        apply_tensor_parallel(model, mesh["tp"])
+        apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel)
     if sequence is not None:
         sequence.attach(model)
-    if train_cfg.recompute != "none":
-        apply_activation_checkpointing(model, train_cfg.recompute)
-    if train_cfg.compile:
+    if dims.recompute != "none":
+        apply_activation_checkpointing(model, dims.recompute)
+    if compile:
         for block in model.layers.values():
             block.compile()  # in place: parameter names stay as they are
     fsdp_mesh = dims.fsdp_mesh(mesh)
@@ -33,9 +36,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, train_cfg, seq
         # over many ranks is where bf16 rounding would hurt.
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                       reduce_dtype=torch.float32)
-        # A pipeline runs several microbatches per step through each stage: keep the
-        # gathered weights between them instead of gathering again for every one.
-        reshard = dims.pp == 1
+        reshard = dims.sharding == "full"
         for block in model.layers.values():
             fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
@@ -54,6 +55,9 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
                 torch.ops.aten._scaled_dot_product_flash_attention.default,
                 torch.ops.aten._scaled_dot_product_efficient_attention.default,
                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+        for name in ("_scaled_dot_product_cudnn_attention", "_scaled_mm"):  # cuDNN attention (H100), FP8 GEMMs
+            if hasattr(torch.ops.aten, name):
+                keep.add(getattr(torch.ops.aten, name).default)
 
         def policy(ctx, op, *args, **kw):
             return CheckpointPolicy.MUST_SAVE if op in keep else CheckpointPolicy.PREFER_RECOMPUTE
@@ -61,3 +65,20 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> None:
         kwargs["context_fn"] = lambda: create_selective_checkpoint_contexts(policy)
     for name, block in list(model.layers.items()):
         model.layers[name] = checkpoint_wrapper(block, **kwargs)
+
+
+def all_reduce_gradients(parts: list[torch.nn.Module], group_mesh) -> None:
+    """Sharding "none": average every gradient over the replicas (data and context parallel
+    ranks), one all-reduce per tensor after the step's last backward, as DDP without buckets."""
+    import torch.distributed as dist
+
+    if group_mesh is None:
+        return
+    group, n = group_mesh.get_group(), group_mesh.size()
+    for part in parts:
+        for p in part.parameters():
+            if p.grad is None:
+                continue
+            local = getattr(p.grad, "_local_tensor", p.grad)  # a tp-sharded DTensor: this rank's shard
+            dist.all_reduce(local, group=group)
+            local.div_(n)

@@ -1,7 +1,8 @@
 """Pipeline parallelism: the model cut by layers into stages, run by a torch schedule.
 
-Stage s of S holds layers [s*L/S, (s+1)*L/S); the first also holds the embedding, the last
-the final norm and the head. Each pipeline rank holds one stage (GPipe, 1F1B), several in
+Stage s holds the layers the layout gives it (`Layout.layer_ranges`: explicit
+`stage_layers`, uneven allowed, or the balanced split); the first also holds the embedding,
+the last the final norm and the head. Each pipeline rank holds one stage (GPipe, 1F1B), several in
 a loop (interleaved schedules: rank r holds r, r+pp, r+2pp, ...), or two in a V (ZBV,
 DualPipeV: rank r holds r and 2pp-1-r). Stages are the model with the other layers
 deleted, so every parameter keeps its full name and checkpoints move between layouts.
@@ -16,22 +17,17 @@ import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle, get_schedule_class
 
-from supercluster.parallel.dims import PP_SCHEDULES, V_SCHEDULES, ParallelDims
-
-
-def stage_ids(dims: ParallelDims, pp_rank: int) -> list[int]:
-    if dims.pp_schedule in V_SCHEDULES:
-        return [pp_rank, 2 * dims.pp - 1 - pp_rank]
-    return [pp_rank + i * dims.pp for i in range(dims.stages_per_rank)]
+from supercluster.parallel.dims import ParallelDims
+from supercluster.parallel.layout import PP_SCHEDULES
 
 
 def split_model(model: torch.nn.Module, dims: ParallelDims, pp_rank: int) -> list[tuple[int, torch.nn.Module]]:
     """This rank's stages as (stage index, module) pairs, carved out of the full model."""
-    ids, last = stage_ids(dims, pp_rank), dims.num_stages - 1
-    per_stage = len(model.layers) // dims.num_stages
+    ids, last = dims.stage_ids(pp_rank), dims.num_stages - 1
+    ranges = dims.layout.layer_ranges(model.cfg)
     parts = [(sid, model if len(ids) == 1 else copy.deepcopy(model)) for sid in ids]
     for sid, part in parts:
-        keep = {str(i) for i in range(sid * per_stage, (sid + 1) * per_stage)}
+        keep = {str(i) for i in ranges[sid]}
         for name in [n for n in part.layers if n not in keep]:
             del part.layers[name]
         if sid != 0:

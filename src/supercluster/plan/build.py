@@ -1,19 +1,22 @@
 """From what a user types to a plan request, and from a plan to a train config.
 
-The CLI passes its flags straight to `build_request`; `train_config` writes the TOML
-sections `supercluster train` reads (train.config), with only keys the plan decides.
+The CLI passes its flags straight to `build_request`; `write_config` writes the TOML
+`supercluster train` reads (train.config), with only keys the plan decides, its launch size
+and the predicted step time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from supercluster.errors import UserError
+from supercluster.files import write_atomic
 from supercluster.hardware.catalog import accelerator, default_node_type, node_type
 from supercluster.model.config import ModelConfig, preset
 from supercluster.plan.cost import Estimate, System, Workload
 from supercluster.plan.profiles import Software, profile
-from supercluster.plan.search import Request
+from supercluster.plan.search import Request, runnable_model
 
 DEFAULT_BATCH_TOKENS = 4 * 2**20  # 4 Mi tokens per step when --global-batch is not given (Llama 3's main stage)
 
@@ -76,47 +79,54 @@ def build_request(
     return Request(Workload(model, seq_len, global_batch), System(acc, nt, precision), gpus, software, dict(fixed or {}))
 
 
-def train_config(
-    est: Estimate, req: Request, steps: int, run_dir: str | None = None, lr: float | None = None,
-    checkpoint_every: int | None = None,
-) -> dict:
-    """The sections of a train config (train.config.Config) that run this plan."""
-    cfg, lay = req.work.model, est.layout
+def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = None, lr: float | None = None,
+                 checkpoint_every: int | None = None) -> dict:
+    """The sections of a train config (train.config.Config) that run this plan on as many
+    ranks as it was planned for, with the prediction kept beside it for the run's summary."""
+    lay = est.layout
+    cfg = runnable_model(req.work.model, lay)
     model = {"preset": cfg.preset or "small"}
     for key in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size"):
         model[key] = getattr(cfg, key)
-    if lay.tp > 1 and cfg.vocab_size % lay.tp:
-        # The vocabulary is split over tp ranks: pad it to a multiple of 128*tp, as Megatron-LM
-        # does (unused rows; GPT-2's 50257 becomes 51200 at tp 8).
-        model["vocab_size"] = -(-cfg.vocab_size // (128 * lay.tp)) * 128 * lay.tp
     model["max_seq_len"] = max(cfg.max_seq_len, req.work.seq_len)
-    if lay.pp > 1 and cfg.tie_embeddings:
-        model["tie_embeddings"] = False  # first and last stages each hold their own (the plan counts both)
+    model["tie_embeddings"] = cfg.tie_embeddings
     train = {
         "seq_len": req.work.seq_len,
         "micro_batch": lay.microbatch,
         "global_batch": req.work.global_batch,
         "steps": steps,
         "recompute": lay.recompute,
+        "predicted_step_time_s": est.step_time_s,
     }
+    if req.system.precision in ("fp32", "bf16"):
+        train["precision"] = req.system.precision
     if lr is not None:
         train["lr"] = lr
     if checkpoint_every is not None:
         train["checkpoint_every"] = checkpoint_every
-    sharded = lay.sharding != "none"
-    m = req.work.global_batch // (lay.dp * lay.microbatch)
-    parallel = {
-        "dp_replicate": 1 if sharded else lay.dp,
-        "dp_shard": lay.dp if sharded else 1,
-        "tp": lay.tp,
-        "pp": lay.pp,
-        "cp": lay.cp,
-        "pp_schedule": "interleaved1f1b" if lay.virtual_stages > 1 else "1f1b",  # parallel.dims.PP_SCHEDULES
-        "virtual_stages": lay.virtual_stages,
-    }
-    if lay.pp > 1:
-        parallel["microbatches"] = m
-    out = {"model": model, "train": train, "parallel": parallel}
+    parallel = lay.parallel_keys(cfg)
+    gpn = req.system.node.gpus_per_node
+    nproc = min(req.gpus, gpn)
+    out = {"model": model, "train": train, "parallel": parallel,
+           # The launch size: `supercluster train FILE` starts these ranks, so the file runs as printed.
+           "launch": {"nproc": nproc, "nnodes": -(-req.gpus // nproc)}}
     if run_dir:
         out["run"] = {"dir": run_dir}
     return out
+
+
+def write_config(path: Path, est: Estimate, req: Request, steps: int, run_dir: str | None = None,
+                 lr: float | None = None, checkpoint_every: int | None = None) -> str:
+    """Write the plan as a train config; returns the command that runs it exactly as written."""
+    import tomli_w
+
+    sections = train_config(est, req, steps, run_dir, lr, checkpoint_every)
+    header = (f"# Written by `supercluster plan`: the fastest feasible layout for {req.gpus} x "
+              f"{req.system.accelerator.name}, predicted {est.step_time_s:.3g} s per step.\n")
+    write_atomic(path, header + tomli_w.dumps(sections))
+    launch = sections["launch"]
+    if launch["nnodes"] > 1:
+        # Every node runs the same line with its own --node-rank and the first node's address.
+        return (f"supercluster train {path} --nnodes {launch['nnodes']} --node-rank N --rdzv HOST:PORT"
+                f"  (on each of the {launch['nnodes']} nodes)")
+    return f"supercluster train {path}"

@@ -1,9 +1,12 @@
 """The search: every layout the fixed knobs allow, checked for memory, ranked by step time.
 
 What the user fixes is kept, what is not is searched; with every knob fixed exactly one
-layout is evaluated. Recomputation and ZeRO stage are not free choices: for each layout
-the search takes, per recompute mode, the lowest ZeRO stage that fits (a higher stage only
-adds communication), so memory decides them.
+layout is evaluated. Only layouts the training stack runs are searched: its sharding
+strategies (`Software.shardings`), and for this repository's trainer whatever
+`Layout.validate` accepts. Pipelines whose stages cannot hold equal layer counts get the
+balanced uneven split. Recomputation and sharding are not free choices: for each layout the
+search takes, per recompute mode, the least sharding that fits (more only adds
+communication), so memory decides them.
 """
 
 from __future__ import annotations
@@ -11,15 +14,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from supercluster.errors import UserError
-from supercluster.parallel.layout import RECOMPUTE, SHARDING, Layout
+from supercluster.errors import UserError, closest
+from supercluster.model.config import ModelConfig
+from supercluster.parallel.layout import PP_SCHEDULES, RECOMPUTE, SHARDING, Layout, schedule_name
 from supercluster.plan.cost import RESERVED_GIB, Estimate, System, Workload, estimate, load_constants, memory
 from supercluster.plan.profiles import Software, profile
 
-KNOBS = (
-    "tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel", "pp_schedule",
-    "stage_layers",
-)
+KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
+         "pp_schedule", "stage_layers")
 MICROBATCHES = (1, 2, 4, 8, 16)
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
 LONG_SEQUENCE = 8192  # context parallelism is only searched from here; below, it just adds traffic
@@ -68,18 +70,28 @@ def _check_fixed(req: Request) -> None:
         )
     if req.gpus % product:
         raise UserError(f"The fixed degrees multiply to {product}, which does not divide {req.gpus} GPUs; choose divisors of {req.gpus}.")
-    if "pp" in f and cfg.layers % (f["pp"] * f.get("virtual_stages", 1)):
+    if "pp" in f and cfg.layers < f["pp"] * f.get("virtual_stages", 1):
         raise UserError(
-            f"--pp {f['pp']} x --virtual-stages {f.get('virtual_stages', 1)} does not divide the model's {cfg.layers} layers "
-            f"into equal stages; choose a divisor of {cfg.layers}."
+            f"--pp {f['pp']} x --virtual-stages {f.get('virtual_stages', 1)} stages is more than the model's "
+            f"{cfg.layers} layers; every stage needs one."
         )
     if f.get("virtual_stages", 1) > 1 and f.get("pp", 2) == 1:
         raise UserError("--virtual-stages above 1 needs pipeline parallelism; add --pp 2 or more.")
-    if "sharding" in f and f["sharding"] not in req.software.shardings:
-        raise UserError(
-            f"--sharding {f['sharding']} is not run by the {req.software.name} stack; choose one of "
-            f"{', '.join(req.software.shardings)}."
-        )
+    if "sharding" in f:
+        if f["sharding"] not in SHARDING:
+            raise UserError(f"--sharding must be one of {', '.join(SHARDING)}, got {f['sharding']!r}"
+                            f"{closest(f['sharding'], SHARDING)}.")
+        if f["sharding"] not in req.software.shardings:
+            raise UserError(f"--sharding {f['sharding']} is not something this training stack runs; "
+                            f"use one of {', '.join(req.software.shardings)}.")
+    if "pp_schedule" in f and schedule_name(f["pp_schedule"]) not in PP_SCHEDULES:
+        raise UserError(f"--pp-schedule must be one of {', '.join(PP_SCHEDULES)}, got {f['pp_schedule']!r}"
+                        f"{closest(schedule_name(f['pp_schedule']), PP_SCHEDULES)}.")
+    if "stage_layers" in f:
+        stages = tuple(f["stage_layers"])
+        if sum(stages) != cfg.layers or min(stages) < 1:
+            raise UserError(f"--stage-layers {','.join(map(str, stages))} sums to {sum(stages)} layers but the model has "
+                            f"{cfg.layers}; give every stage at least one layer and make them add up.")
     if "recompute" in f and f["recompute"] not in RECOMPUTE:
         raise UserError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {f['recompute']!r}.")
     if "cp" in f and req.work.seq_len % (2 * f["cp"]) and f["cp"] > 1:
@@ -108,11 +120,11 @@ def layouts(req: Request):
     cps = [c for c in (1, 2, 4, 8, 16) if s >= LONG_SEQUENCE and s % (2 * c) == 0] or [1]
     for tp in _choices(req, "tp", tps):
         for cp in _choices(req, "cp", cps):
-            if req.gpus % (tp * cp) or (cp > 1 and s % (2 * cp * tp)):
+            if req.gpus % (tp * cp):
                 continue
             rest = req.gpus // (tp * cp)
-            # Stages hold whole, equal numbers of layers (as Megatron-LM and the trainer require).
-            for pp in _choices(req, "pp", [p for p in _divisors(rest) if cfg.layers % p == 0]):
+            # Stages hold whole layers, uneven where they must (the balanced split).
+            for pp in _choices(req, "pp", [p for p in _divisors(rest) if p <= cfg.layers]):
                 if rest % pp:
                     continue
                 dp = rest // pp
@@ -124,31 +136,52 @@ def layouts(req: Request):
                     if (batch // dp) % mb:
                         continue
                     m = batch // (dp * mb)
-                    # Interleaving needs whole chunks and a multiple of pp microbatches (Narayanan sec. 2.2.2).
-                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers % (pp * v) == 0 and m % pp == 0)]
+                    # Interleaving needs a stage per chunk and a multiple of pp microbatches (Narayanan sec. 2.2.2).
+                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers >= pp * v and m % pp == 0)]
                     for v in _choices(req, "virtual_stages", vs):
                         sp = req.fixed.get("sequence_parallel", tp > 1)
-                        schedule = req.fixed.get("pp_schedule", "interleaved1f1b" if v > 1 else "1f1b")
-                        yield Layout(
-                            tp=tp, pp=pp, dp_shard=dp, cp=cp, sharding="none", pp_schedule=schedule, virtual_stages=v,
-                            stage_layers=req.fixed.get("stage_layers"), microbatch=mb, recompute="none", sequence_parallel=sp,
-                        )
+                        default = "interleaved1f1b" if v > 1 else "1f1b"
+                        schedule = schedule_name(req.fixed.get("pp_schedule", default))
+                        stages = req.fixed.get("stage_layers")
+                        yield Layout(tp=tp, pp=pp, dp_replicate=1, dp_shard=dp, cp=cp, microbatch=mb, virtual_stages=v,
+                                     sharding="full", recompute="none", sequence_parallel=sp, pp_schedule=schedule,
+                                     stage_layers=tuple(stages) if stages is not None else None)
 
 
-def _with_memory_choices(req: Request, base: Layout, reserved_gib: float):
+def runnable_model(model: ModelConfig, lay: Layout) -> ModelConfig:
+    """The model as the trainer builds it for this layout: the vocabulary padded to a multiple
+    of 128*tp when tp does not divide it (Megatron-LM's padding: GPT-2's 50257 becomes 51200
+    at tp 8), and untied embeddings under pipelining (first and last stages each hold one)."""
+    changes = {}
+    if lay.tp > 1 and model.vocab_size % lay.tp:
+        changes["vocab_size"] = -(-model.vocab_size // (128 * lay.tp)) * 128 * lay.tp
+    if lay.pp > 1 and model.tie_embeddings:
+        changes["tie_embeddings"] = False
+    return replace(model, **changes) if changes else model
+
+
+def with_sharding(lay: Layout, sharding: str) -> Layout:
+    """Unsharded data parallelism is replication: its ranks move to dp_replicate."""
+    if sharding == "none":
+        return replace(lay, sharding=sharding, dp_replicate=lay.dp, dp_shard=1)
+    return replace(lay, sharding=sharding, dp_replicate=1, dp_shard=lay.dp)
+
+
+def _with_memory_choices(req: Request, base: Layout, reserved_gib: float, allowed: list):
     """Per recompute mode, the least sharding that fits; yields (layout, memory) pairs,
     feasible or not, so that the caller can report the nearest miss."""
     shards = base.dp * base.cp
-    stages = [s for s in SHARDING if s in req.software.shardings]  # least sharded first
+    stages = [s for s in SHARDING if s in allowed]  # least sharded first
     if "optimizer" in stages and "none" in stages:
-        stages.remove("none")  # ZeRO-1 moves the same bytes as an all-reduce and holds less
-    zeros = _choices(req, "sharding", ["none"] if shards == 1 else stages)
+        stages.remove("none")  # a sharded optimizer moves the same bytes as an all-reduce and holds less
+    unsharded = "none" if "none" in allowed else stages[0]
+    choices = _choices(req, "sharding", [unsharded] if shards == 1 else stages)
     m = req.work.global_batch // (base.dp * base.microbatch)
     capacity = req.system.accelerator.hbm_gib
     for recompute in _choices(req, "recompute", list(RECOMPUTE)):
         nearest = None
-        for zero in zeros:
-            lay = replace(base, sharding=zero, recompute=recompute)
+        for sharding in choices:
+            lay = replace(with_sharding(base, sharding), recompute=recompute)
             mem = memory(req.work.model, lay, req.software, req.work.seq_len, m, reserved_gib, req.system.precision)
             if mem["total"] <= capacity:
                 yield lay, mem, True
@@ -164,10 +197,24 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
     _check_fixed(req)
     constants = constants or load_constants(req.software.name)
     reserved = 0.0 if req.system.accelerator.vendor == "cpu" else RESERVED_GIB
-    plans, nearest, seen = [], None, 0
+    plans, nearest, seen, refused = [], None, 0, None
+    gpn = req.system.node.gpus_per_node
     for base in layouts(req):
         seen += 1
-        for lay, mem, fits in _with_memory_choices(req, base, reserved):
+        # Only what the trainer runs: the same rules `supercluster train` applies (the
+        # sharding choices below are the stack's own).
+        model = runnable_model(req.work.model, base)
+        allowed = []
+        for sharding in ([req.fixed["sharding"]] if "sharding" in req.fixed else req.software.shardings):
+            found = with_sharding(base, sharding).problems(model, req.work.seq_len, req.work.global_batch, gpn,
+                                                           req.software.shardings)
+            if found:
+                refused = refused or found[0]
+            else:
+                allowed.append(sharding)
+        if not allowed:
+            continue
+        for lay, mem, fits in _with_memory_choices(req, base, reserved, allowed):
             if fits:
                 plans.append(estimate(req.work, lay, req.system, req.software, constants))
             elif nearest is None or mem["total"] < nearest[1]["total"]:
@@ -177,6 +224,8 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
             f"No layout of {req.gpus} GPUs divides this model and a global batch of {req.work.global_batch} sequences; "
             f"make --global-batch a multiple of the data-parallel size or free a fixed degree."
         )
+    if not plans and nearest is None:
+        raise UserError(refused)
     if not plans:
         lay, mem = nearest
         cap = req.system.accelerator.hbm_gib

@@ -17,6 +17,7 @@ import tomli_w
 from supercluster.errors import UserError, closest
 from supercluster.files import write_atomic
 from supercluster.model.config import PRESETS, ModelConfig, preset
+from supercluster.parallel.layout import RECOMPUTE, Layout, schedule_name
 
 
 @dataclass
@@ -84,18 +85,34 @@ class TrainSection:
     async_checkpoint: bool = False  # write checkpoints in the background, committed before the next step
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall time
     tensorboard: bool = False  # also log each step's scalars to run_dir/tensorboard (needs the tensorboard extra)
+    predicted_step_time_s: float | None = None  # the planner's prediction, shown beside the measured step time
 
 
 @dataclass
 class ParallelSection:
+    """The layout (`parallel.layout.Layout`) in readable keys; train.micro_batch and
+    train.recompute complete it."""
+
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: whatever the other degrees leave of the world
     tp: int = 1
     pp: int = 1
     cp: int = 1
+    sharding: str = "full"  # none | keep_gathered | full (FSDP2; HSDP when dp_replicate > 1)
+    sequence_parallel: bool = True  # with tp > 1
     pp_schedule: str = "1f1b"
     virtual_stages: int = 1
+    stage_layers: list | None = None  # layers per pipeline stage, e.g. [7, 8, 8, 7]; None: balanced split
     microbatches: int | None = None  # pipeline microbatches; None: global_batch / (dp * micro_batch)
+
+
+@dataclass
+class LaunchSection:
+    """How many ranks the config was planned for: `supercluster train FILE` starts them
+    when no --nproc/--nnodes is given."""
+
+    nproc: int | None = None  # ranks per node
+    nnodes: int | None = None
 
 
 @dataclass
@@ -113,6 +130,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
     run: RunSection = field(default_factory=RunSection)
+    launch: LaunchSection = field(default_factory=LaunchSection)
 
     def model_config(self) -> ModelConfig:
         return self.model.build()
@@ -148,6 +166,9 @@ def _check_type(key: str, value, f: dataclasses.Field):
         ok = isinstance(value, bool)
     elif "int" in kind:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "list" in kind:
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        kind = "list of integers"
     elif "float" in kind:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
@@ -196,9 +217,45 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+def layout_of(cfg: Config, world_size: int) -> Layout:
+    """The config's parallel layout on a world of ranks (dp_shard=-1 takes what is left)."""
+    p, t = cfg.parallel, cfg.train
+    for name in ("dp_replicate", "tp", "pp", "cp", "virtual_stages"):
+        if getattr(p, name) < 1:
+            raise UserError(f"parallel.{name} must be at least 1, got {getattr(p, name)}.")
+    dp_shard, dp_replicate = p.dp_shard, p.dp_replicate
+    if dp_shard == -1 and p.sharding == "none" and dp_replicate == 1:
+        # Unsharded, every data-parallel rank is a replica: the rest of the world replicates.
+        dp_replicate = 0
+    if dp_shard == -1:
+        fixed = max(1, dp_replicate) * p.tp * p.pp * p.cp
+        if world_size % fixed:
+            raise UserError(f"The world of {world_size} ranks is not divisible by dp_replicate*tp*pp*cp = {fixed}; "
+                            f"change the degrees or the number of ranks.")
+        dp_shard = world_size // fixed
+        if dp_replicate == 0:
+            dp_replicate, dp_shard = dp_shard, 1
+    if dp_shard < 1:
+        raise UserError(f"parallel.dp_shard must be at least 1 (or -1 for the rest), got {dp_shard}.")
+    microbatch = t.micro_batch
+    if p.microbatches is not None:
+        # A pipeline's microbatch count fixes the microbatch size.
+        local = t.global_batch // (dp_replicate * dp_shard)
+        if p.microbatches < 1 or local % p.microbatches:
+            raise UserError(f"parallel.microbatches ({p.microbatches}) must be a positive divisor of the "
+                            f"per-pipeline batch of {local} sequences.")
+        microbatch = local // p.microbatches
+    return Layout(
+        tp=p.tp, pp=p.pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=p.cp, sharding=p.sharding,
+        pp_schedule=schedule_name(p.pp_schedule), virtual_stages=p.virtual_stages,
+        stage_layers=tuple(p.stage_layers) if p.stage_layers is not None else None,
+        microbatch=microbatch, recompute=t.recompute, sequence_parallel=p.sequence_parallel,
+    )
+
+
 def validate(cfg: Config) -> ModelConfig:
-    """Checks that need no data or devices; returns the model config. Parallel degrees are
-    checked by `parallel.ParallelDims`."""
+    """Checks that need no data or devices; returns the model config. The layout is checked
+    by `parallel.ParallelDims.of` once the world is known."""
     model = cfg.model_config()
     t = cfg.train
     for name in ("seq_len", "micro_batch", "global_batch", "steps"):
@@ -211,8 +268,11 @@ def validate(cfg: Config) -> ModelConfig:
         )
     if t.precision not in ("auto", "fp32", "bf16"):
         raise UserError(f"train.precision must be auto, fp32 or bf16, got {t.precision!r}.")
-    if t.recompute not in ("none", "selective", "full"):
-        raise UserError(f"train.recompute must be none, selective or full, got {t.recompute!r}.")
+    if t.recompute not in RECOMPUTE:
+        raise UserError(f"train.recompute must be one of {', '.join(RECOMPUTE)}, got {t.recompute!r}{closest(t.recompute, RECOMPUTE)}.")
+    for name in ("nproc", "nnodes"):
+        if getattr(cfg.launch, name) is not None and getattr(cfg.launch, name) < 1:
+            raise UserError(f"launch.{name} must be at least 1, got {getattr(cfg.launch, name)}.")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive, got {t.lr}.")
     if t.eval_every < 0 or t.checkpoint_every < 0:

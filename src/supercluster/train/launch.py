@@ -16,7 +16,7 @@ from pathlib import Path
 
 from supercluster.errors import UserError
 from supercluster.files import write_atomic
-from supercluster.train.config import Config, check_splits, validate
+from supercluster.train.config import Config, check_splits, layout_of, validate
 
 
 @dataclass
@@ -29,6 +29,11 @@ class TorchrunSpec:
     rdzv: str | None = None  # HOST:PORT of the c10d rendezvous, for several nodes
     rdzv_id: str | None = None  # the job's id, the same on every node
     max_restarts: int = 0
+
+    @classmethod
+    def for_config(cls, cfg: Config, nproc: int | None = None, nnodes: int | None = None, **rest) -> "TorchrunSpec":
+        """Flags win; else the size the config was planned for ([launch]); else one rank."""
+        return cls(nproc or cfg.launch.nproc or 1, nnodes or cfg.launch.nnodes or 1, **rest)
 
     def check(self) -> None:
         if self.nproc < 1 or self.nnodes < 1:
@@ -50,8 +55,7 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     launch.check()
     world = launch.nproc * launch.nnodes
     model_cfg = validate(cfg)
-    dims = ParallelDims.from_config(cfg.parallel, world)
-    dims.validate_model(model_cfg, cfg.train)
+    ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
     from supercluster.model.weights import imported_tokenizer
 
     data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,

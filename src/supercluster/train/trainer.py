@@ -28,11 +28,11 @@ from supercluster.model.transformer import Transformer, materialize
 from supercluster.model.weights import WEIGHTS_FILE, imported_tokenizer, load_weights
 from supercluster.parallel import ParallelDims
 from supercluster.parallel.context import SequenceSharding
-from supercluster.parallel.parallelize import parallelize
+from supercluster.parallel.parallelize import all_reduce_gradients, parallelize
 from supercluster.parallel.pipeline import build_schedule, cross_entropy, split_model
 from supercluster.train import checkpoint
 from supercluster.train.checkpointing import CheckpointManager
-from supercluster.train.config import Config, check_splits, validate
+from supercluster.train.config import Config, check_splits, layout_of, validate
 from supercluster.train.faults import Faults
 from supercluster.train.metrics import CollectiveBytes, MetricsLog, RankStats, device_peak, memory_gib
 from supercluster.train.optim import build_optimizer, lr_at
@@ -74,11 +74,11 @@ class Trainer:
         self.device = select_device()
         self.rank, self.world = init_distributed(self.device)
         self.model_cfg = validate(cfg)
-        self.dims = ParallelDims.from_config(cfg.parallel, self.world)
-        self.dims.validate_model(self.model_cfg, cfg.train)
+        t = cfg.train
+        self.dims = ParallelDims.of(layout_of(cfg, self.world), self.world, self.model_cfg, t.seq_len, t.global_batch,
+                                    int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
         self.mesh = self.dims.build_mesh(self.device.type)
         self.run_dir = Path(cfg.run.dir)
-        t = cfg.train
 
         self.dp_mesh = self.dims.dp_mesh(self.mesh)
         dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
@@ -109,16 +109,19 @@ class Trainer:
         self.schedule = None
         if self.dims.pp > 1:
             stages = split_model(model, self.dims, self.pp_mesh.get_local_rank())
-            self.model_parts = [parallelize(part, self.dims, self.mesh, t, sequence, self.precision) for _, part in stages]
+            self.model_parts = [parallelize(part, self.dims, self.mesh, sequence, self.precision, t.compile)
+                                for _, part in stages]
             ids = [sid for sid, _ in stages]
             self.has_first_stage, self.has_last_stage = 0 in ids, self.dims.num_stages - 1 in ids
             self.schedule = build_schedule(list(zip(ids, self.model_parts)), self.dims, self.pp_mesh, self.device,
-                                           self.dims.pipeline_microbatches(t), cross_entropy)
+                                           self.dims.microbatches(t.global_batch), cross_entropy)
         else:
-            self.model_parts = [parallelize(model, self.dims, self.mesh, t, sequence, self.precision)]
+            self.model_parts = [parallelize(model, self.dims, self.mesh, sequence, self.precision, t.compile)]
+        self.replica_mesh = self.dims.replica_mesh(self.mesh)
         self.model = self.model_parts[0]
         self.optimizers = [build_optimizer(part, t, self.device) for part in self.model_parts]
-        self.accum = t.global_batch // (self.dims.dp * t.micro_batch)
+        self.accum = self.dims.microbatches(t.global_batch)
+        self.micro_batch = self.dims.microbatch
         self.tokens_per_step = t.global_batch * t.seq_len
         self.flops_per_token = flops_per_token(self.model_cfg, t.seq_len)
         self.peak = device_peak(self.device, self.precision)
@@ -191,10 +194,11 @@ class Trainer:
             for i in range(self.accum):
                 if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
                     self.model.set_requires_gradient_sync(i == self.accum - 1)
-                sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
+                sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
                 loss = self.loss_of(x_all[sl], y_all[sl]) / self.accum
                 loss.backward()
                 total += loss.detach()
+        all_reduce_gradients(self.model_parts, self.replica_mesh)
         grad_norm = self._clip_gradients(t.grad_clip)
         for optimizer in self.optimizers:
             optimizer.step()
@@ -210,14 +214,22 @@ class Trainer:
         """Clip by the norm of the whole model's gradient: over tp and dp shards (DTensor) and
         over pipeline stages (each rank holds only its stages' part of the sum)."""
         params = [p for part in self.model_parts for p in part.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        # Gradients live on different meshes (tp-sharded, dp-sharded, both, or plain tensors
+        # replicated on every rank without sequence parallelism): a norm per mesh, then combined.
+        groups: dict = {}
+        for p in params:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+        squares = []
+        for group in groups.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in group], foreach=True)
+            squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).pow(2))
+        norm = torch.stack(squares).sum().sqrt()
         if self.pp_mesh is not None:
             norm = norm.pow(2)
             dist.all_reduce(norm, group=self.pp_mesh.get_group())
             norm = norm.sqrt()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        for group in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, norm, foreach=True)
         return float(norm)
 
     def _mean_loss(self, value: torch.Tensor) -> float:
@@ -246,7 +258,7 @@ class Trainer:
                 total += self._run_pipeline(x, y, train=False)
             else:
                 for i in range(self.accum):
-                    sl = slice(i * t.micro_batch, (i + 1) * t.micro_batch)
+                    sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
                     total += self.loss_of(x[sl], y[sl]) / self.accum
         for part in self.model_parts:
             part.train()
@@ -309,14 +321,8 @@ class Trainer:
             progress.close()
             log.close()
         return {**last, **(self.comm_bytes or {}), "peak_source": self.peak.source, "precision": self.precision,
-                "world_size": self.world, "layout": self.layout_name()}
-
-    def layout_name(self) -> str:
-        d = self.dims
-        parts = [f"{n} {getattr(d, n)}" for n in ("dp_replicate", "dp_shard", "tp", "pp", "cp") if getattr(d, n) > 1]
-        if d.pp > 1:
-            parts.append(d.pp_schedule)
-        return " x ".join(parts) or "single"
+                "world_size": self.world, "layout": self.dims.layout.describe(),
+                "stage_layers": list(self.dims.layout.split(self.model_cfg)) if self.dims.pp > 1 else None}
 
     def _gather_comm(self, counter: CollectiveBytes) -> dict:
         """Bytes per collective kind in one step: this rank's (rank 0 logs them) and the world's sum."""

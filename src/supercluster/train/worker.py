@@ -19,11 +19,27 @@ def run(cfg: Config) -> dict:
     try:
         summary = trainer.fit()
         if trainer.rank == 0:
+            summary.update(step_time_vs_plan(Path(cfg.run.dir) / "metrics.jsonl", cfg.train.predicted_step_time_s))
             summary["resumed_from"] = str(trainer.resumed_from) if trainer.resumed_from else None
             write_atomic(Path(cfg.run.dir) / "summary.json", json.dumps(summary, indent=1))
         return summary
     finally:
         trainer.close()
+
+
+def step_time_vs_plan(metrics_path: Path, predicted: float | None) -> dict:
+    """The run's typical step time (median, first step and the step whose collectives were
+    counted left out: warm-up and instrumentation) beside the planner's prediction."""
+    from statistics import median
+
+    from supercluster.train.metrics import read_metrics
+
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    times = [r["step_time_s"] for r in records[1:] if not r.get("comm_measured")] or [r["step_time_s"] for r in records]
+    out = {"measured_step_time_s": median(times) if times else None, "predicted_step_time_s": predicted}
+    if predicted and times:
+        out["measured_over_predicted"] = out["measured_step_time_s"] / predicted
+    return out
 
 
 def main(argv=None) -> None:
