@@ -165,7 +165,7 @@ def run_cli(*args, env=None):
         (["gpt3-175b", "--gpus", "1024", "--tp", "5"], "does not divide the model's 96 attention heads"),
         (["llama3-8b", "--gpus", "48", "--pp", "3", "--stage-layers", "10,10,10"], "sums to 30 layers but the model has 32"),
         (["llama3-8b", "--gpus", "16", "--pp", "2", "--stage-layers", "16,16", "--virtual-stages", "2"], "lists 2 stages"),
-        (["llama3-8b", "--gpus", "16", "--sharding", "optimizer"], "not something this training stack runs"),
+        (["llama3-8b", "--gpus", "16", "--sharding", "optimizer"], "not run by the supercluster stack"),
         (["llama3-8b", "--gpus", "16", "--sharding", "ful"], "did you mean 'full'"),
         (["llama3-8b", "--gpus", "16", "--pp", "2", "--pp-schedule", "1f2b"], "did you mean '1f1b'"),
         (["llama3-8b", "--gpus", "16", "--pp", "2", "--pp-schedule", "gpipe", "--virtual-stages", "2"], "runs one stage per rank"),

@@ -82,7 +82,7 @@ def _check_fixed(req: Request) -> None:
             raise UserError(f"--sharding must be one of {', '.join(SHARDING)}, got {f['sharding']!r}"
                             f"{closest(f['sharding'], SHARDING)}.")
         if f["sharding"] not in req.software.shardings:
-            raise UserError(f"--sharding {f['sharding']} is not something this training stack runs; "
+            raise UserError(f"--sharding {f['sharding']} is not run by the {req.software.name} stack; "
                             f"use one of {', '.join(req.software.shardings)}.")
     if "pp_schedule" in f and schedule_name(f["pp_schedule"]) not in PP_SCHEDULES:
         raise UserError(f"--pp-schedule must be one of {', '.join(PP_SCHEDULES)}, got {f['pp_schedule']!r}"
