@@ -153,3 +153,34 @@ def test_tensorboard_events_hold_the_logged_losses(small_corpus, tmp_path):
     assert logged == pytest.approx(losses(run), rel=1e-6) and sorted(logged) == [1, 2, 3]
     assert [e.step for e in events.Scalars("train/val_loss")] == [3]
     assert {"train/lr", "train/tokens_per_s", "train/mfu", "train/grad_norm"} <= set(events.Tags()["scalars"])
+
+
+def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path, small_corpus):
+    """A preemption (or a Slurm requeue, or an operator) sends SIGTERM: the run finishes its
+    step, checkpoints it, exits 143, and running the same command again resumes from there."""
+    import signal
+    import time
+
+    script = Path(sys.executable).with_name("supercluster")
+    run = tmp_path / "run"
+    def cmd(steps):
+        return [str(script), "train", "configs/tiny.toml", "--set", f"run.dir={run}", "--set", f"data.path={small_corpus}",
+                "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0", "--no-sample"]
+
+    proc = subprocess.Popen(cmd(100000), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    saved = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert saved == [f"step_{steps[-1]:08d}"]  # checkpoint_every=0: only the stop saved one
+
+    resumed = subprocess.run(cmd(steps[-1] + 2), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"].endswith(f"step_{steps[-1]:08d}") and summary["step"] == steps[-1] + 2

@@ -45,7 +45,7 @@ def usage_line(err: BaseException) -> str:
 
 def main(argv=None):
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USAGE_EXIT)
@@ -64,6 +64,8 @@ def main(argv=None):
             print("aborted", file=sys.stderr)
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:  # a command's typer.Exit(code): click returns it outside standalone mode
+        sys.exit(code)
 
 
 if __name__ == "__main__":

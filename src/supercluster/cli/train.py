@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -34,6 +35,12 @@ def train(
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
         return
+    if summary.get("stopped_by"):
+        from supercluster.train.worker import STOPPED_EXIT
+
+        print(f"stopped by {summary['stopped_by']} at step {summary.get('step', 0)}, checkpointed; "
+              f"the same command resumes the run.", file=sys.stderr)
+        raise typer.Exit(STOPPED_EXIT)
     if as_json:
         print(json.dumps(summary))
         return

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -267,13 +269,17 @@ class Trainer:
     # ---- the loop --------------------------------------------------------------------
 
     def _should_stop(self, started: float) -> bool:
+        """Whether this step is the run's last: train.max_minutes ran out, or SIGTERM arrived
+        (a preemption, a Slurm requeue, an operator): the run then checkpoints and stops."""
         limit = self.cfg.train.max_minutes
-        if limit is None:
-            return False
-        over = torch.tensor(float(time.perf_counter() - started > limit * 60))
+        over = limit is not None and time.perf_counter() - started > limit * 60
+        flag = torch.tensor(float(over or self.stop_signal is not None))
         if self.world > 1:  # every rank must stop at the same step, or the collectives hang
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        return bool(over)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+    def _on_stop_signal(self, signum, _frame) -> None:
+        self.stop_signal = signal.Signals(signum).name
 
     def fit(self) -> dict:
         t, rank0 = self.cfg.train, self.rank == 0
@@ -283,7 +289,10 @@ class Trainer:
         for part in self.model_parts:
             part.train()
         measure_comm_at = self.step + (2 if t.steps - self.step >= 2 else 1)  # the 2nd step: no warm-up in it
-        stopping = False  # train.max_minutes ran out: this step is the run's last
+        stopping = False  # train.max_minutes ran out or SIGTERM came: this step is the run's last
+        self.stop_signal = None
+        in_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
+        previous = signal.signal(signal.SIGTERM, self._on_stop_signal) if in_main else None
         try:
             while self.step < t.steps and not stopping:
                 self.faults.before_step(self.step)
@@ -318,8 +327,12 @@ class Trainer:
                 self.checkpoints.step_done(self.step, last=stopping or self.step == t.steps)
             self.checkpoints.close(self.step)  # also a run resumed at its last step ends committed
         finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
             progress.close()
             log.close()
+        if self.stop_signal is not None:
+            last["stopped_by"] = self.stop_signal
         return {**last, **(self.comm_bytes or {}), "peak_source": self.peak.source, "precision": self.precision,
                 "world_size": self.world, "layout": self.dims.layout.describe(),
                 "stage_layers": list(self.dims.layout.split(self.model_cfg)) if self.dims.pp > 1 else None}

@@ -10,6 +10,8 @@ from supercluster.errors import UserError
 from supercluster.files import write_atomic
 from supercluster.train.config import Config, load_config
 
+STOPPED_EXIT = 143  # 128 + SIGTERM, as a shell reports a process SIGTERM ended
+
 
 def run(cfg: Config) -> dict:
     """Train in this process (one rank of the job); rank 0 writes summary.json."""
@@ -45,10 +47,12 @@ def step_time_vs_plan(metrics_path: Path, predicted: float | None) -> dict:
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        run(load_config(argv[0], argv[1:]))
+        summary = run(load_config(argv[0], argv[1:]))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    if summary.get("stopped_by"):  # checkpointed and stopped early: not a completed run
+        sys.exit(STOPPED_EXIT)
 
 
 if __name__ == "__main__":
