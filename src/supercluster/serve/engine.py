@@ -53,9 +53,12 @@ class Engine:
         run_dir = Path(run_dir)
         self.device = select_device()
         self.precision = resolve_precision(self.device, self.config.precision)
+        # bf16 as training runs it: fp32 weights and residual stream, matmuls in bf16 under autocast
+        # (its weight-cast cache lives as long as the engine's loop, so weights are cast once). A
+        # model cast to bf16 whole loses small updates to the residual stream's large outlier
+        # features (SmolLM2's reach 2.5e4, where bf16 steps by 128) and stops answering right.
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.model = load_trained(run_dir).to(self.device, self.dtype).eval()
-        self.model.rope = self.model.rope.float()  # positions stay exact in any precision
+        self.model = load_trained(run_dir).to(self.device).eval()
         self.cfg = self.model.cfg
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
@@ -118,6 +121,10 @@ class Engine:
     # ---- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            self._serve_forever()
+
+    def _serve_forever(self) -> None:
         while True:
             with self._lock:
                 while not (self._inbox or self._aborts or self.scheduler.running or self.scheduler.waiting or self._stopping):
