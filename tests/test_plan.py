@@ -215,17 +215,15 @@ def test_json_plans_and_emitted_config(tmp_path):
     assert cfg.parallel.tp == best["tp"] and cfg.train.recompute == best["recompute"]
 
 
-def test_plan_imports_no_torch_and_local_reads_the_cached_peak(tmp_path):
+def test_plan_imports_no_torch_and_local_reads_the_cached_peak(tmp_path, monkeypatch):
     from supercluster.hardware import local
 
     env = {**os.environ, "SUPERCLUSTER_HOME": str(tmp_path)}
-    os.environ["SUPERCLUSTER_HOME"] = str(tmp_path)
-    try:
+    with monkeypatch.context() as patch:  # the session's own home comes back afterwards
+        patch.setenv("SUPERCLUSTER_HOME", str(tmp_path))
         threads = max(1, (os.cpu_count() or 1) // 2)
         local.save_peak("fp32", 0.05, threads)  # a measured figure, as `local_peak` would have cached
         local.save_peak("mem_tbps", 0.01)
-    finally:
-        del os.environ["SUPERCLUSTER_HOME"]
     code = (
         "import sys, json; from supercluster.cli.main import main\n"
         "try: main(['plan', 'tiny', '--gpus', '2', '--gpu', 'local', '--global-batch', '8', '--json'])\n"

@@ -157,7 +157,7 @@ def test_fine_tuning_starts_from_imported_weights(tmp_path, small_corpus):
     from safetensors.torch import load_file
 
     from supercluster.train.config import load_config
-    from supercluster.train.launch import Launch, launch_training
+    from supercluster.train.launch import TorchrunSpec, launch_training
 
     folder, _, _ = tiny_hf_folder(tmp_path, small_corpus, tied=True)
     run = tmp_path / "run"
@@ -167,7 +167,7 @@ def test_fine_tuning_starts_from_imported_weights(tmp_path, small_corpus):
     cfg = load_config(run / "config.toml", [f"data.path={small_corpus}", "train.steps=2", "train.lr=1e-9",
                                            "train.seq_len=32", "train.precision=fp32", "train.eval_every=0",
                                            "train.checkpoint_every=2"])
-    summary = launch_training(cfg, Launch())
+    summary = launch_training(cfg, TorchrunSpec())
     assert summary["step"] == 2
     assert (run / "checkpoints").is_dir()
     imported = load_file(str(run / WEIGHTS_FILE))

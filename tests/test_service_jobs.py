@@ -103,7 +103,6 @@ def test_jobs_need_a_ready_cluster_of_the_project(service, small_corpus):
 
 @pytest.mark.slow
 def test_a_preempted_job_resumes_from_its_checkpoint(service, small_corpus, tmp_path):
-    from pathlib import Path
 
     client, tokens = service
     web, llm = tokens["web", "member"], tokens["llm", "member"]

@@ -25,13 +25,12 @@ everything else is a count of FLOPs and bytes divided by a datasheet rate.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from supercluster.hardware.catalog import Accelerator, NodeType
 from supercluster.model.config import ModelConfig, flops_per_token, layer_params, matmul_params
-from supercluster.parallel.layout import RECOMPUTE, Layout
+from supercluster.parallel.layout import Layout
 from supercluster.plan.profiles import PROFILES, Software
 
 CONSTANTS_FILE = Path(__file__).with_name("constants.json")
