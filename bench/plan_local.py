@@ -3,7 +3,7 @@ config, train it briefly with `supercluster train`, and compare the step times.
 
     python bench/plan_local.py [--steps 12] [--nproc 2]
 
-Target (issue 4): predicted step time within 25% of the trainer's measured median step
+Target: predicted step time within 25% of the trainer's measured median step
 time (steps after the first few, which include warm-up).
 
 The planner is only as right as the matmul rate it is given, and a shared or virtual

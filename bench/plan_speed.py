@@ -2,7 +2,7 @@
 
     python bench/plan_speed.py
 
-Targets (issue 4): GPT-3 175B on 1024 GPUs under 1 s; a 1T model on 16,384 GPUs under 5 s.
+Targets: GPT-3 175B on 1024 GPUs under 1 s; a 1T model on 16,384 GPUs under 5 s.
 Each case runs the real command in a fresh process, best of a few runs. Wall time depends on
 what else the machine runs, so the CPU time the child used is printed too, and two
 references are measured in the same run: a bare interpreter start, and the CLI framework

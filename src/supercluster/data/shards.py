@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -56,16 +55,13 @@ def encode_documents(tokenizer: Tokenizer, documents: list[str], eot_id: int) ->
 
 
 def write_tokens(path: Path, chunks: Iterable[np.ndarray]) -> int:
-    """Write uint16 chunks to `path` atomically (temporary file, fsync, rename); returns the count."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    """Write uint16 chunks to `path`; returns the count. Written into a folder that is then
+    committed whole (`files.commit_directory`), so the file itself needs no rename of its own."""
     count = 0
-    with open(tmp, "wb") as f:
+    with open(path, "wb") as f:
         for chunk in chunks:
             f.write(np.ascontiguousarray(chunk, dtype=DTYPE).tobytes())
             count += len(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return count
 
 
