@@ -185,3 +185,53 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
     out = subprocess.run([str(SCRIPT), "serve", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120,
                          env={**os.environ})
     assert out.returncode == 2 and "not a run directory" in out.stderr
+
+
+def engine_outputs(run_dir, prompts, max_tokens, **config):
+    """Greedy continuations of all prompts submitted at once to an engine built with `config`."""
+    import queue
+
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
+
+    engine = Engine(run_dir, EngineConfig(**config))
+    try:
+        streams = []
+        for text in prompts:
+            events = queue.Queue()
+            engine.submit(engine.tokenizer.encode(text).ids, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                             ignore_eos=True), events.put)
+            streams.append(events)
+        outputs = []
+        for events in streams:
+            tokens = []
+            while "finish_reason" not in (event := events.get(timeout=120)):
+                tokens.append(event["token"])
+            outputs.append(tokens)
+        return outputs, engine.snapshot()
+    finally:
+        engine.shutdown()
+
+
+def test_chunked_prefill_and_preemption_change_no_greedy_output(run_dir):
+    """Prompts cut into 5-token prefill chunks, and a KV pool so small that sequences are
+    preempted and recomputed, give the same greedy tokens as a roomy engine."""
+    prompts = [p * 3 for p in PROMPTS[:4]]
+    reference, _ = engine_outputs(run_dir, prompts, 24, kv_cache_gib=0.01)
+    chunked, _ = engine_outputs(run_dir, prompts, 24, max_step_tokens=5, kv_cache_gib=0.01)
+    assert chunked == reference
+    longest = max(len(p) for p in prompts) + 24  # characters bound tokens from above
+    squeezed, snap = engine_outputs(run_dir, prompts, 24, block_size=4, num_blocks=-(-longest // 4) + 2)
+    assert snap["preemptions"] > 0 and squeezed == reference
+    assert snap["kv_blocks_used"] == 0  # every finished sequence gave its blocks back
+
+
+def test_stop_strings_cut_streams_and_whole_responses_alike(client):
+    text = complete(client, PROMPTS[2], max_tokens=30)
+    if len(text) < 6:
+        pytest.skip(f"the tiny model's continuation {text!r} is too short to stop inside")
+    stop = text[3:5]
+    whole = complete(client, PROMPTS[2], max_tokens=30, stop=[stop])
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny-run", prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=[stop], stream=True))
+    assert whole == streamed == text[: text.find(stop)]

@@ -27,6 +27,7 @@ from supercluster.serve.scheduler import Scheduler, Sequence
 @dataclass
 class EngineConfig:
     kv_cache_gib: float = 0.5
+    num_blocks: int | None = None  # KV blocks, instead of sizing the pool by kv_cache_gib
     block_size: int = 16
     max_running: int = 32  # sequences decoding at once
     max_step_tokens: int = 512  # tokens per forward pass (chunked prefill beyond)
@@ -38,7 +39,6 @@ class EngineConfig:
 class Stats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    preemptions: int = 0
     ttft_s: list[float] = field(default_factory=list)  # drained by the metrics exporter
     tpot_s: list[float] = field(default_factory=list)
 
@@ -63,8 +63,8 @@ class Engine:
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
         self.name = run_dir.name
-        blocks = PagedKVCache.blocks_for_budget(self.config.kv_cache_gib, self.cfg.layers, self.config.block_size,
-                                                self.cfg.kv_heads, self.cfg.head_dim, self.dtype)
+        blocks = self.config.num_blocks or PagedKVCache.blocks_for_budget(
+            self.config.kv_cache_gib, self.cfg.layers, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim, self.dtype)
         self.cache = PagedKVCache(self.cfg.layers, blocks, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim,
                                   self.dtype, self.device)
         self.scheduler = Scheduler(self.cache.pool, self.config.block_size, self.config.max_running,
@@ -215,6 +215,7 @@ class Engine:
                 "kv_blocks_used": self.cache.pool.used,
                 "kv_blocks_total": self.cache.pool.num_blocks,
                 "prefix_cache_hits": self.cache.pool.prefix_hits,
+                "preemptions": self.scheduler.preemptions,
             }
 
 

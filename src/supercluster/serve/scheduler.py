@@ -51,6 +51,7 @@ class Scheduler:
         self.max_running, self.max_step_tokens = max_running, max_step_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -72,6 +73,7 @@ class Scheduler:
         self.running.remove(victim)
         self.free(victim)
         victim.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(victim)
         return victim
 
