@@ -13,14 +13,20 @@ from supercluster.errors import UserError
 RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or made by `supercluster import`.")]
 
 
-def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int):
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto"):
     from supercluster.serve.engine import Engine, EngineConfig
 
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml); train or import a model into it first.")
     if kv_cache_gib <= 0 or max_running < 1 or max_queue < 0:
         raise UserError("--kv-cache-gib must be positive, --max-running at least 1 and --max-queue at least 0.")
-    return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue))
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
+                                        precision=precision))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -44,6 +50,7 @@ def serve(
     max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond which new ones get 429.")] = 256,
     max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
     import uvicorn
@@ -51,7 +58,7 @@ def serve(
     from supercluster.serve.api import create_app
 
     sock = _listen(host, port)
-    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue)
+    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision)
     app = create_app(engine, api_key or [], max_queue)
     print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({engine.precision}, "
           f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)

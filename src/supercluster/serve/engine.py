@@ -45,20 +45,20 @@ class Stats:
 
 class Engine:
     def __init__(self, run_dir: Path, config: EngineConfig | None = None):
-        from supercluster.hardware.device import resolve_precision, select_device
+        from supercluster.hardware.device import select_device
         from supercluster.serve.tokens import load_chat, load_tokenizer_and_specials
         from supercluster.train.sample import load_trained
 
         self.config = config or EngineConfig()
         run_dir = Path(run_dir)
         self.device = select_device()
-        self.precision = resolve_precision(self.device, self.config.precision)
         # bf16 as training runs it: fp32 weights and residual stream, matmuls in bf16 under autocast
         # (its weight-cast cache lives as long as the engine's loop, so weights are cast once). A
         # model cast to bf16 whole loses small updates to the residual stream's large outlier
         # features (SmolLM2's reach 2.5e4, where bf16 steps by 128) and stops answering right.
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.model = load_trained(run_dir).to(self.device).eval()
+        self.precision = self.config.precision if self.config.precision != "auto" else self._faster_precision()
+        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.cfg = self.model.cfg
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
@@ -76,6 +76,26 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
+
+    @torch.inference_mode()
+    def _faster_precision(self, tokens: int = 16, repeats: int = 3) -> str:
+        """bf16 on accelerators; on a CPU whichever runs this model's decode step faster. The
+        trainer's matmul probe is no guide here: decoding multiplies a few rows at a time, where
+        a CPU's bf16 kernels can lose to fp32 even when they win on square matrices."""
+        if self.device.type != "cpu":
+            return "bf16"
+        x = torch.zeros((1, tokens), dtype=torch.long, device=self.device)
+        positions = torch.arange(tokens, device=self.device)
+
+        def seconds(bf16: bool) -> float:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                self.model(x, positions, logits_index=positions)  # warm-up
+                start = time.perf_counter()
+                for _ in range(repeats):
+                    self.model(x, positions, logits_index=positions)
+                return time.perf_counter() - start
+
+        return "bf16" if seconds(True) < seconds(False) else "fp32"
 
     # ---- requests --------------------------------------------------------------------------
 
