@@ -106,7 +106,8 @@ def test_a_preempted_job_resumes_from_the_step_it_was_stopped_at(service, small_
     client, tokens = service
     web, llm = tokens["web", "member"], tokens["llm", "member"]
     assert client.post("/v1/projects/web/clusters", headers=web, json={"name": "low", "gpus": 2}).json()["state"] == "ready"
-    config = tiny_config(small_corpus, 40)
+    steps = 60  # enough that it is still running when preempted
+    config = tiny_config(small_corpus, steps)
     config["train"]["checkpoint_every"] = 1000  # no periodic checkpoint: only the one taken when it is stopped
     r = client.post("/v1/projects/web/jobs", headers=web, json={"cluster": "low", "config": config, "max_restarts": 0})
     assert r.status_code == 202, r.text
@@ -132,10 +133,8 @@ def test_a_preempted_job_resumes_from_the_step_it_was_stopped_at(service, small_
     r = client.get(f"/v1/projects/web/jobs/{jid}/logs?follow=true&timeout_s=300", headers=web)
     final = client.get(f"/v1/projects/web/jobs/{jid}", headers=web).json()
     assert final["state"] == "completed", r.text[-3000:]
-    # the same job ran on: nothing after step 1 was redone, though no periodic checkpoint was ever taken
-    steps = [m["step"] for m in client.get(f"/v1/projects/web/jobs/{jid}/metrics", headers=web).json()["steps"] if "loss" in m]
-    assert steps[-1] == 40 and sorted(set(steps)) == list(range(1, 41)), steps
-    assert len(steps) - len(set(steps)) <= 1, steps  # at most the step it was in when stopped is logged twice
-    restarted = steps[steps.index(stopped_at) + 1]
-    assert stopped_at < restarted <= stopped_at + 2, (stopped_at, steps)
+    # the same job ran on and redid no step, though no periodic checkpoint was ever taken
+    logged = [m["step"] for m in client.get(f"/v1/projects/web/jobs/{jid}/metrics", headers=web).json()["steps"] if "loss" in m]
+    # the step it was in when stopped was finished and checkpointed: the restart begins right after it
+    assert logged == list(range(1, steps + 1)) and 3 <= stopped_at < steps, (stopped_at, logged)
     assert client.delete("/v1/projects/web/clusters/low", headers=web).status_code == 200
