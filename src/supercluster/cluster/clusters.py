@@ -187,7 +187,7 @@ def hold_cluster(db: Database | str | None, name: str, reason: str) -> dict:
     with db.transaction() as s:
         fleet = db.fleet(s)
         cluster = get_cluster(s, name)
-        preempt.stop(s, fleet, cluster, reason, state="held")
+        preempt.stop(s, fleet, cluster, reason, state="held", end_reason="held")
         place_queued(s, fleet)
         return cluster_dict(s, cluster)
 

@@ -54,7 +54,7 @@ def preempt(s: Session, fleet: Fleet, victims: Iterable[Cluster], by: Cluster) -
         stop(s, fleet, victim, f"preempted by cluster {by.name!r} (priority {by.priority} over {victim.priority})")
 
 
-def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "queued") -> None:
+def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "queued", end_reason: str = "preempted") -> None:
     """Stops a placed cluster's jobs (back to pending, restarted in their job dirs when it is placed
     again), frees its nodes, closes its usage interval and leaves it in `state` saying why."""
     backend = backend_for(fleet.backend, fleet.settings)
@@ -70,7 +70,7 @@ def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "q
     if victim.backend_ref:
         backend.release(victim.backend_ref)
     if victim.state == "ready":
-        close_intervals(s, victim.id, at, "preempted")
+        close_intervals(s, victim.id, at, end_reason)
     s.execute(sa.delete(Allocation).where(Allocation.cluster_id == victim.id))
     s.expire(victim, ["allocations"])
     victim.state, victim.placed_at, victim.backend_ref = state, None, None

@@ -139,7 +139,7 @@ class AllocationInterval(Base):
     nodes: Mapped[list] = mapped_column(sa.JSON)  # node names
     started_at: Mapped[float] = mapped_column(index=True)
     ended_at: Mapped[float | None] = mapped_column(index=True)
-    end_reason: Mapped[str | None] = mapped_column(sa.String(32))  # deleted | preempted | nodes swapped
+    end_reason: Mapped[str | None] = mapped_column(sa.String(32))  # deleted | preempted | held | nodes swapped
 
 
 class Job(Base):
