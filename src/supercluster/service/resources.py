@@ -205,7 +205,6 @@ def reconcile(store: Store) -> None:
                         sc.state = "queued"  # counted in use at once, so the next waiting one sees it
                 except ServiceError as err:  # budget spent while it waited: it stays, saying why
                     sc.reason = err.message
-            s.expunge_all()
         for sc_id, was in startable:
             with store.session() as s:
                 sc = s.get(ServiceCluster, sc_id)
