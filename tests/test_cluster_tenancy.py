@@ -98,6 +98,21 @@ def test_preemption_takes_as_few_clusters_as_it_can(tmp_path, clock):
         clusters.create_cluster(db, "more", 16, priority=2, wait=False)
 
 
+def test_a_held_cluster_frees_its_nodes_stops_being_charged_and_comes_back_when_released(tmp_path, clock):
+    db = sim_db(tmp_path, nodes=2, per_leaf=2)
+    clusters.create_cluster(db, "a", 16, owner="team-a")
+    clock["now"] += 100
+    held = clusters.hold_cluster(db, "a", "budget spent")
+    assert held["state"] == "held" and held["nodes"] == [] and held["detail"] == "budget spent"
+    assert clusters.create_cluster(db, "b", 8)["state"] == "ready"  # its nodes went to the queue
+    clock["now"] += 100
+    assert by_owner(usage.usage(db)) == {("team-a", "h100"): pytest.approx(16 * 100), (None, "h100"): pytest.approx(8 * 100)}
+    clusters.delete_cluster(db, "b")
+    assert clusters.show_cluster(db, "a")["state"] == "held"  # freed nodes never go to a held cluster
+    back = clusters.release_cluster(db, "a")
+    assert back["state"] == "ready" and len(back["nodes"]) == 2 and back["detail"] is None
+
+
 def tiny(corpus, steps):
     return [f"data.path={corpus}", "model.preset=tiny", f"train.steps={steps}", "train.checkpoint_every=4",
             "train.eval_every=1000", "train.precision=fp32", "train.seq_len=32", "train.micro_batch=2", "train.global_batch=4"]

@@ -13,7 +13,7 @@ import re
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from supercluster.cluster import jobs, placement
+from supercluster.cluster import jobs, placement, preempt
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.backends.registry import backend_for
 from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, type_geometry, used_gpus_per_node
@@ -177,3 +177,28 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
         s.execute(sa.delete(Cluster).where(Cluster.id == cluster.id))
         s.expire_all()
         return place_queued(s, fleet)
+
+
+def hold_cluster(db: Database | str | None, name: str, reason: str) -> dict:
+    """Takes a cluster off the fleet until `release_cluster`: its jobs stop as preempted ones do
+    (back to pending, resumed from their checkpoints when it is placed again) and its nodes go to
+    the queue. For an owner that must stop paying (a spent budget), not for the fleet's own use."""
+    db = open_db(db)
+    with db.transaction() as s:
+        fleet = db.fleet(s)
+        cluster = get_cluster(s, name)
+        preempt.stop(s, fleet, cluster, reason, state="held", end_reason="held")
+        place_queued(s, fleet)
+        return cluster_dict(s, cluster)
+
+
+def release_cluster(db: Database | str | None, name: str) -> dict:
+    """Puts a held cluster back in the queue (at its old place) and places what fits."""
+    db = open_db(db)
+    with db.transaction() as s:
+        fleet = db.fleet(s)
+        cluster = get_cluster(s, name)
+        if cluster.state == "held":
+            cluster.state, cluster.detail = "queued", None
+            place_queued(s, fleet)
+        return cluster_dict(s, cluster)

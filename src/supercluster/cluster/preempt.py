@@ -50,23 +50,29 @@ def choose_victims(pool: list[Cluster], fits: Callable[[set[int]], bool]) -> lis
 
 def preempt(s: Session, fleet: Fleet, victims: Iterable[Cluster], by: Cluster) -> None:
     """Stops the victims' jobs, frees their nodes and queues them again, with the reason recorded."""
+    for victim in victims:
+        stop(s, fleet, victim, f"preempted by cluster {by.name!r} (priority {by.priority} over {victim.priority})")
+
+
+def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "queued", end_reason: str = "preempted") -> None:
+    """Stops a placed cluster's jobs (back to pending, restarted in their job dirs when it is placed
+    again), frees its nodes, closes its usage interval and leaves it in `state` saying why."""
     backend = backend_for(fleet.backend, fleet.settings)
     at = now()
-    for victim in victims:
-        reason = f"preempted by cluster {by.name!r} (priority {by.priority} over {victim.priority})"
-        # Not undone on rollback, like a cancel: a stopped job cannot be put back as it ran.
-        active = s.scalars(sa.select(Job).where(Job.cluster_name == victim.name, Job.state.in_(JOB_ACTIVE),
-                                                Job.backend_ref.is_not(None)))
-        for job in active.all():
-            backend.preempt(job.backend_ref, job.job_dir)
-            job.state, job.backend_ref, job.exit_code = "pending", None, None
-            job.preemptions += 1
-            job.detail = f"{reason}; restarts from its latest checkpoint when {victim.name!r} is placed again"
-        if victim.backend_ref:
-            backend.release(victim.backend_ref)
-        close_intervals(s, victim.id, at, "preempted")
-        s.execute(sa.delete(Allocation).where(Allocation.cluster_id == victim.id))
-        s.expire(victim, ["allocations"])
-        victim.state, victim.placed_at, victim.backend_ref = "queued", None, None
-        victim.leaves = victim.pods = None
-        victim.bypassed, victim.detail = 0, reason
+    # Not undone on rollback, like a cancel: a stopped job cannot be put back as it ran.
+    active = s.scalars(sa.select(Job).where(Job.cluster_name == victim.name, Job.state.in_(JOB_ACTIVE),
+                                            Job.backend_ref.is_not(None)))
+    for job in active.all():
+        backend.preempt(job.backend_ref, job.job_dir)
+        job.state, job.backend_ref, job.exit_code = "pending", None, None
+        job.preemptions += 1
+        job.detail = f"{reason}; restarts from its latest checkpoint when {victim.name!r} is placed again"
+    if victim.backend_ref:
+        backend.release(victim.backend_ref)
+    if victim.state == "ready":
+        close_intervals(s, victim.id, at, end_reason)
+    s.execute(sa.delete(Allocation).where(Allocation.cluster_id == victim.id))
+    s.expire(victim, ["allocations"])
+    victim.state, victim.placed_at, victim.backend_ref = state, None, None
+    victim.leaves = victim.pods = None
+    victim.bypassed, victim.detail = 0, reason

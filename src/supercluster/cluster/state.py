@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # as in Slurm where DRAIN is a flag on top of IDLE/ALLOCATED.
 NODE_STATES = ("up", "drain", "down")
 HEALTH_STATUSES = ("passed", "failed", "skipped")
-CLUSTER_STATES = ("queued", "ready")
+CLUSTER_STATES = ("queued", "ready", "held")  # held: taken off the queue by its owner (a budget), not placed
 JOB_ACTIVE = ("pending", "running")
 JOB_STATES = ("pending", "running", "completed", "failed", "cancelled")
 # A job preempted with its cluster is pending with no backend_ref until the cluster is placed again.
@@ -89,7 +89,7 @@ class Cluster(Base):
     name: Mapped[str] = mapped_column(sa.String(64), unique=True)
     gpus: Mapped[int]
     gpu_type: Mapped[str] = mapped_column(sa.String(64))
-    state: Mapped[str] = mapped_column(sa.String(16))  # queued | ready
+    state: Mapped[str] = mapped_column(sa.String(16))  # queued | ready | held
     max_switches: Mapped[int | None]
     require_health: Mapped[bool]
     health_max_age_s: Mapped[float]
@@ -139,7 +139,7 @@ class AllocationInterval(Base):
     nodes: Mapped[list] = mapped_column(sa.JSON)  # node names
     started_at: Mapped[float] = mapped_column(index=True)
     ended_at: Mapped[float | None] = mapped_column(index=True)
-    end_reason: Mapped[str | None] = mapped_column(sa.String(32))  # deleted | preempted | nodes swapped
+    end_reason: Mapped[str | None] = mapped_column(sa.String(32))  # deleted | preempted | held | nodes swapped
 
 
 class Job(Base):

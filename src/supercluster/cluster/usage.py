@@ -43,6 +43,17 @@ def usage(
     Each row has the group_by keys plus `gpu_seconds` and `gpu_hours`; `owner` is None for
     clusters created without one.
     """
+    with open_db(db).transaction(lock=False) as s:
+        return usage_in(s, since, until, group_by)
+
+
+def usage_in(
+    s: Session,
+    since: float | None = None,
+    until: float | None = None,
+    group_by: tuple[str, ...] | list[str] = ("owner", "gpu_type"),
+) -> list[dict]:
+    """`usage` inside a session the caller holds (the service reads it beside its own tables)."""
     for key in group_by:
         if key not in GROUP_BY:
             raise UserError(f"Cannot group usage by {key!r}{closest(key, GROUP_BY)}; use {', '.join(GROUP_BY)}.")
@@ -63,8 +74,7 @@ def usage(
                sa.or_(AllocationInterval.ended_at > since, sa.and_(AllocationInterval.ended_at.is_(None), at > since)))
         .group_by(*columns)
     )
-    with open_db(db).transaction(lock=False) as s:
-        rows = [{**dict(zip(group_by, row[:-1])), "gpu_seconds": float(row[-1] or 0.0)} for row in s.execute(query)]
+    rows = [{**dict(zip(group_by, row[:-1])), "gpu_seconds": float(row[-1] or 0.0)} for row in s.execute(query)]
     for row in rows:
         row["gpu_hours"] = row["gpu_seconds"] / 3600.0
     return sorted(rows, key=lambda r: (-r["gpu_seconds"], *(str(r[k]) for k in group_by)))

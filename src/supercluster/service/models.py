@@ -9,7 +9,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROLES = ("viewer", "member", "admin")  # each may do what the ones before it may
-CLUSTER_STATES = ("waiting", "queued", "ready")  # waiting: held by the project's quota, not yet on the fleet
+CLUSTER_STATES = ("waiting", "held", "queued", "ready")
+# waiting: held back by the project's quota, not yet on the fleet; held: on the fleet, stopped for its budget;
+# queued, ready: handed to the fleet, whose own state is the one shown
 
 
 class ServiceBase(DeclarativeBase):
@@ -76,7 +78,7 @@ class ServiceCluster(ServiceBase):
     gpu_type: Mapped[str] = mapped_column(sa.String(64))
     max_switches: Mapped[int | None]
     require_health: Mapped[bool] = mapped_column(default=False)
-    state: Mapped[str] = mapped_column(sa.String(16))  # waiting | queued | ready
+    state: Mapped[str] = mapped_column(sa.String(16))  # see CLUSTER_STATES
     reason: Mapped[str | None] = mapped_column(sa.Text)
     priority: Mapped[int] = mapped_column(default=0, server_default="0")  # a higher one may preempt it
     created_at: Mapped[float]
@@ -89,27 +91,6 @@ class ServiceJob(ServiceBase):
     user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
     cluster: Mapped[str] = mapped_column(sa.String(48))  # the cluster's name in the project
     created_at: Mapped[float]
-    # what it takes to submit it again, into the same run directory, after a preemption
-    config: Mapped[str | None] = mapped_column(sa.Text)
-    overrides: Mapped[list | None] = mapped_column(sa.JSON)
-    max_restarts: Mapped[int | None]
-    run_dir: Mapped[str | None] = mapped_column(sa.Text)
-    preempted: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
-    resumed_as: Mapped[int | None]  # the job that continues it from its checkpoint
-
-
-class UsageInterval(ServiceBase):
-    """GPUs held from start_at to end_at (None: still held); usage is the sum of gpus x duration."""
-
-    __tablename__ = "svc_usage"
-    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
-    project_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_projects.id"), index=True)
-    user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
-    cluster: Mapped[str] = mapped_column(sa.String(48))
-    gpu_type: Mapped[str] = mapped_column(sa.String(64))
-    gpus: Mapped[int]
-    start_at: Mapped[float]
-    end_at: Mapped[float | None]
 
 
 class Audit(ServiceBase):

@@ -13,6 +13,7 @@ concurrent requests from interleaving.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -28,7 +29,7 @@ from supercluster.cluster.state import Node
 from supercluster.errors import UserError
 from supercluster.service import usage
 from supercluster.service.auth import Caller, ServiceError
-from supercluster.service.models import Project, Quota, ServiceCluster, ServiceJob, UsageInterval
+from supercluster.service.models import Project, Quota, ServiceCluster, ServiceJob
 from supercluster.service.store import Store
 from supercluster.service.tenancy import visible_project
 
@@ -39,13 +40,32 @@ def fleet_name(project: Project, name: str) -> str:
     return f"p{project.id}.{name}"
 
 
-def cluster_view(sc: ServiceCluster, project: str, fleet: dict | None) -> dict:
+def project_names(store: Store) -> dict[int, str]:
+    with store.reading() as s:  # no write lock: callers may be between calls into the fleet
+        return dict(s.execute(sa.select(Project.id, Project.name)).all())
+
+
+def fleet_text(names: dict[int, str], text: str | None) -> str | None:
+    """The fleet's words with its cluster names (`p<id>.<name>`) written as the service's `project/name`."""
+    if not text:
+        return text
+    return _FLEET_NAME.sub(lambda m: f"{names.get(int(m[1]), 'p' + m[1])}/{m[2]}", text)
+
+
+_FLEET_NAME = re.compile(r"(?:cluster )?'p(\d+)\.([A-Za-z0-9._-]+)'")
+
+
+def cluster_view(names: dict[int, str], sc: ServiceCluster, project: str, fleet: dict | None) -> dict:
+    """The fleet's state and reason (a preemption, a budget hold), or the quota's while it waits here."""
     view = {"name": sc.name, "project": project, "state": sc.state, "reason": sc.reason, "priority": sc.priority, "gpus": sc.gpus,
             "gpu_type": sc.gpu_type, "created_at": sc.created_at, "nodes": [], "leaves": None, "pods": None,
             "queue_position": None, "placed_at": None, "jobs": []}
     if fleet is not None:
         view.update({k: fleet[k] for k in ("nodes", "leaves", "pods", "queue_position", "placed_at", "jobs")})
         view["nodes"] = [{k: n[k] for k in ("name", "gpus", "leaf", "pod", "status")} for n in fleet["nodes"]]
+        # held: stopped for the project's budget, it waits for the operator as a quota wait does
+        view["state"] = "waiting" if fleet["state"] == "held" else fleet["state"]
+        view["reason"] = None if fleet["state"] == "ready" else (fleet_text(names, fleet["detail"]) or "waiting for free nodes in the fleet")
     return view
 
 
@@ -131,16 +151,13 @@ def _quota_decision(s: Session, project: Project, gpu_type: str, gpus: int) -> s
 
 
 def _fleet_create(store: Store, sc: ServiceCluster) -> dict:
+    """Hands the cluster to the fleet, which places it, queues it or preempts lower priorities for it."""
     try:
         return fleet_clusters.create_cluster(store.fleet, sc.fleet_name, sc.gpus, gpu_type=sc.gpu_type, wait=True,
-                                             max_switches=sc.max_switches, require_health=sc.require_health)
+                                             max_switches=sc.max_switches, require_health=sc.require_health,
+                                             owner=usage.owner_tag(sc.project_id, sc.user_id), priority=sc.priority)
     except UserError as err:
         raise ServiceError(422, str(err)) from None
-
-
-def _open_interval(s: Session, sc: ServiceCluster, start: float) -> None:
-    s.add(UsageInterval(project_id=sc.project_id, user_id=sc.user_id, cluster=sc.name, gpu_type=sc.gpu_type, gpus=sc.gpus,
-                        start_at=start, end_at=None))
 
 
 def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: int, gpu_type: str | None,
@@ -163,131 +180,47 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
         fleet = None
         if reason is None:
             fleet = _fleet_create(store, sc)  # refuses sizes that never fit: nothing kept on either side
-            sc.state, sc.reason = fleet["state"], None if fleet["state"] == "ready" else "waiting for free nodes in the fleet"
+            sc.state = fleet["state"]
         with store.session() as s:
             s.add(sc)
             s.flush()
-            if sc.state == "ready":
-                _open_interval(s, sc, fleet["placed_at"])
-        if sc.state == "queued" and priority > 0:
-            fleet = _preempt_for(store, sc, project) or fleet
-        return cluster_view(sc, project, fleet)
-
-
-def _preempt_for(store: Store, sc: ServiceCluster, project: str) -> dict | None:
-    """Reclaims nodes from lower-priority clusters, lowest and newest first, until `sc` is placed.
-
-    Their jobs are cancelled (they keep their periodic checkpoints) and submitted again into the
-    same run directory once their cluster is placed again, so they resume where they saved.
-    """
-    while True:
-        with store.session() as s:
-            victim = s.scalars(sa.select(ServiceCluster).where(
-                ServiceCluster.state == "ready", ServiceCluster.gpu_type == sc.gpu_type, ServiceCluster.priority < sc.priority,
-            ).order_by(ServiceCluster.priority, ServiceCluster.id.desc()).limit(1)).first()
-        if victim is None:
-            return None
-        _preempt(store, victim, f"preempted by {project}/{sc.name} (priority {sc.priority}); its jobs resume from their last checkpoint when it is placed again")
-        info = fleet_clusters.show_cluster(store.fleet, sc.fleet_name)
-        if info["state"] == "ready":
-            with store.session() as s:
-                row = s.get(ServiceCluster, sc.id)
-                row.state, row.reason = "ready", None
-                _open_interval(s, row, info["placed_at"])
-            sc.state, sc.reason = "ready", None
-            return info
-
-
-def _preempt(store: Store, victim: ServiceCluster, reason: str) -> None:
-    with store.session() as s:
-        jobs = s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == victim.project_id, ServiceJob.cluster == victim.name,
-                                                     ServiceJob.resumed_as.is_(None), ServiceJob.preempted.is_(False))).all()
-    for sj in jobs:
-        try:
-            fleet_jobs.cancel_job(store.fleet, sj.job_id)
-        except UserError:
-            continue  # already ended: nothing to resume
-        with store.session() as s:
-            s.get(ServiceJob, sj.job_id).preempted = True
-    fleet_clusters.delete_cluster(store.fleet, victim.fleet_name, force=True)
-    with store.session() as s:
-        s.execute(sa.update(UsageInterval).where(UsageInterval.project_id == victim.project_id, UsageInterval.cluster == victim.name,
-                                                 UsageInterval.end_at.is_(None)).values(end_at=time.time()))
-        row = s.get(ServiceCluster, victim.id)
-        row.state, row.reason = "waiting", reason
-
-
-def _resume_preempted(store: Store, sc_id: int) -> None:
-    """Submits the preempted jobs of a cluster that was just placed again, into their old run directories."""
-    with store.session() as s:
-        sc = s.get(ServiceCluster, sc_id)
-        jobs = s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == sc.project_id, ServiceJob.cluster == sc.name,
-                                                     ServiceJob.preempted.is_(True), ServiceJob.resumed_as.is_(None))).all()
-    for sj in jobs:
-        overrides = [*(sj.overrides or []), f"run.dir={sj.run_dir}"]  # last wins: the old run, its checkpoints
-        try:
-            job = fleet_jobs.submit_job(store.fleet, sc.fleet_name, sj.config, overrides, max_restarts=sj.max_restarts or 0)
-        except UserError:
-            continue
-        with store.session() as s:
-            s.add(ServiceJob(job_id=job["id"], project_id=sj.project_id, user_id=sj.user_id, cluster=sj.cluster,
-                             created_at=time.time(), config=sj.config, overrides=sj.overrides, max_restarts=sj.max_restarts,
-                             run_dir=sj.run_dir))
-            s.get(ServiceJob, sj.job_id).resumed_as = job["id"]
+        return cluster_view(project_names(store), sc, project, fleet)
 
 
 def reconcile(store: Store) -> None:
-    """Catches up with the fleet (clusters it placed since) and starts waiting requests the quota now allows."""
-    with store.session() as s:  # the common case, nothing waits anywhere: one cheap query and no lock
-        if not s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.state.in_(("queued", "waiting"))).limit(1)):
+    """Hands the fleet the clusters the quota held back (or a budget stopped) once the quota allows them."""
+    with store.session() as s:  # the common case, nothing waits here: one cheap query and no lock
+        if not s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.state.in_(("waiting", "held"))).limit(1)):
             return
     with _lock:
         with store.session() as s:
-            queued = [(sc.id, sc.fleet_name) for sc in s.scalars(sa.select(ServiceCluster).where(ServiceCluster.state == "queued"))]
-        for sc_id, name in queued:
-            try:
-                info = fleet_clusters.show_cluster(store.fleet, name)
-            except UserError:
-                continue
-            if info["state"] == "ready":
-                with store.session() as s:
-                    sc = s.get(ServiceCluster, sc_id)
-                    sc.state, sc.reason = "ready", None
-                    _open_interval(s, sc, info["placed_at"])
-                _resume_preempted(store, sc_id)
-        with store.session() as s:
-            waiting = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.state == "waiting").order_by(ServiceCluster.id)).all()
+            waiting = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.state.in_(("waiting", "held")))
+                                .order_by(ServiceCluster.id)).all()
             startable = []
             for sc in waiting:
                 p = s.get(Project, sc.project_id)
                 try:
                     if _quota_decision(s, p, sc.gpu_type, sc.gpus) is None:
+                        startable.append((sc.id, sc.state))
                         sc.state = "queued"  # counted in use at once, so the next waiting one sees it
-                        startable.append(sc)
                 except ServiceError as err:  # budget spent while it waited: it stays, saying why
                     sc.reason = err.message
-            ids = [sc.id for sc in startable]
-        for sc_id in ids:
+        for sc_id, was in startable:
             with store.session() as s:
                 sc = s.get(ServiceCluster, sc_id)
             try:
-                fleet = fleet_clusters.create_cluster(store.fleet, sc.fleet_name, sc.gpus, gpu_type=sc.gpu_type, wait=True,
-                                                      max_switches=sc.max_switches, require_health=sc.require_health)
-            except UserError as err:
+                if was == "held":
+                    fleet = fleet_clusters.release_cluster(store.fleet, sc.fleet_name)
+                else:
+                    fleet = _fleet_create(store, sc)
+            except (UserError, ServiceError) as err:
                 with store.session() as s:
                     row = s.get(ServiceCluster, sc_id)
-                    row.state, row.reason = "waiting", str(err)
+                    row.state, row.reason = was, getattr(err, "message", str(err))
                 continue
             with store.session() as s:
                 row = s.get(ServiceCluster, sc_id)
-                row.state = fleet["state"]
-                if row.state == "ready":
-                    row.reason = None
-                    _open_interval(s, row, fleet["placed_at"])
-                elif not (row.reason or "").startswith("preempted"):
-                    row.reason = "waiting for free nodes in the fleet"
-            if fleet["state"] == "ready":
-                _resume_preempted(store, sc_id)
+                row.state, row.reason = fleet["state"], None
 
 
 def _get(s: Session, p: Project, name: str) -> ServiceCluster:
@@ -310,7 +243,7 @@ def show_cluster(store: Store, caller: Caller, project: str, name: str) -> dict:
     reconcile(store)
     with store.session() as s:
         sc = _get(s, visible_project(s, caller, project), name)
-    return cluster_view(sc, project, _fleet_view(store, sc))
+    return cluster_view(project_names(store), sc, project, _fleet_view(store, sc))
 
 
 def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
@@ -318,7 +251,8 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     with store.session() as s:
         p = visible_project(s, caller, project)
         rows = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)).all()
-    return [cluster_view(sc, project, _fleet_view(store, sc)) for sc in rows]
+    names = project_names(store)
+    return [cluster_view(names, sc, project, _fleet_view(store, sc)) for sc in rows]
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
@@ -331,8 +265,6 @@ def delete_cluster(store: Store, caller: Caller, project: str, name: str, force:
             except UserError as err:
                 raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
         with store.session() as s:
-            s.execute(sa.update(UsageInterval).where(UsageInterval.project_id == sc.project_id, UsageInterval.cluster == sc.name,
-                                                     UsageInterval.end_at.is_(None)).values(end_at=time.time()))
             s.execute(sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id))
     reconcile(store)
     return {"name": name, "project": project, "state": "deleted"}
@@ -347,13 +279,12 @@ def _configs_dir() -> Path:
     return home() / "service" / "configs"
 
 
-def job_view(job: dict, cluster: str, sj: ServiceJob | None = None) -> dict:
-    keep = ("id", "state", "overrides", "restarts", "max_restarts", "exit_code", "detail", "submitted_at", "ended_at")
-    view = {**{k: job[k] for k in keep}, "cluster": cluster, "preempted": False, "resumed_as": None}
-    if sj is not None:
-        view["preempted"], view["resumed_as"] = sj.preempted, sj.resumed_as
-        if sj.preempted:
-            view["state"] = "preempted"  # cancelled by a higher priority, not by its owner
+def job_view(job: dict, cluster: str, names: dict[int, str] | None = None) -> dict:
+    """The fleet's job; `detail` says why a preempted one waits (it restarts from its checkpoint)."""
+    keep = ("id", "state", "overrides", "restarts", "max_restarts", "preemptions", "exit_code", "detail", "submitted_at", "ended_at")
+    view = {**{k: job[k] for k in keep}, "cluster": cluster}
+    if names is not None:
+        view["detail"] = fleet_text(names, view["detail"])
     return view
 
 
@@ -378,8 +309,7 @@ def submit_job(store: Store, caller: Caller, project: str, cluster: str, config:
         path.unlink(missing_ok=True)
         raise ServiceError(422, str(err)) from None
     with store.session() as s:
-        s.add(ServiceJob(job_id=job["id"], project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time(),
-                         config=str(path), overrides=list(overrides), max_restarts=max_restarts, run_dir=job["run_dir"]))
+        s.add(ServiceJob(job_id=job["id"], project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time()))
     return job_view(job, cluster)
 
 
@@ -394,7 +324,7 @@ def _job(store: Store, caller: Caller, project: str, job_id: int, role: str = "v
 
 def job_status(store: Store, caller: Caller, project: str, job_id: int) -> dict:
     sj = _job(store, caller, project, job_id)
-    return job_view(fleet_jobs.job_status(store.fleet, job_id), sj.cluster, sj)
+    return job_view(fleet_jobs.job_status(store.fleet, job_id), sj.cluster, project_names(store))
 
 
 def list_jobs(store: Store, caller: Caller, project: str) -> list[dict]:
@@ -403,7 +333,8 @@ def list_jobs(store: Store, caller: Caller, project: str) -> list[dict]:
         mine = {sj.job_id: sj for sj in s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == p.id))}
     if not mine:
         return []
-    return [job_view(j, mine[j["id"]].cluster, mine[j["id"]]) for j in fleet_jobs.list_jobs(store.fleet) if j["id"] in mine]
+    names = project_names(store)
+    return [job_view(j, mine[j["id"]].cluster, names) for j in fleet_jobs.list_jobs(store.fleet) if j["id"] in mine]
 
 
 def cancel_job(store: Store, caller: Caller, project: str, job_id: int) -> dict:
@@ -443,9 +374,8 @@ def job_metrics(store: Store, caller: Caller, project: str, job_id: int, limit: 
     """The last `limit` step records of the job's metrics.jsonl (a line still being written is skipped)."""
     import json
 
-    sj = _job(store, caller, project, job_id)
-    # a resumed job trains in the run directory of the one it continues, not in its own job folder
-    path = Path(sj.run_dir or fleet_jobs.job_status(store.fleet, job_id)["run_dir"]) / "metrics.jsonl"
+    _job(store, caller, project, job_id)
+    path = Path(fleet_jobs.job_status(store.fleet, job_id)["run_dir"]) / "metrics.jsonl"
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -464,9 +394,9 @@ def job_metrics(store: Store, caller: Caller, project: str, job_id: int, limit: 
 def enforce_budgets(store: Store, at: float | None = None) -> list[str]:
     """Stops the clusters of every project past its GPU-hour budget (up to `at`, default now).
 
-    Their jobs stop as preempted ones do (keeping their last checkpoint) and the clusters wait,
-    saying why; if the operator raises the budget they are placed again and their jobs resume.
-    Returns the clusters stopped, as project/name.
+    The fleet holds them (`hold_cluster`): their jobs stop as preempted ones do, checkpointing the
+    step they are in, and the clusters wait, saying why; if the operator raises the budget they go
+    back to the fleet's queue and their jobs resume. Returns the clusters stopped, as project/name.
     """
     at = time.time() if at is None else at
     stopped = []
@@ -480,11 +410,15 @@ def enforce_budgets(store: Store, at: float | None = None) -> list[str]:
                 for sc in s.scalars(sa.select(ServiceCluster).where(
                         ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
                         ServiceCluster.state.in_(("queued", "ready")))):
-                    victims.append((sc, name, budget))
-        for sc, project, budget in victims:
-            _preempt(store, sc, f"stopped: project {project!r} spent its {budget:g} {sc.gpu_type} GPU-hour budget; "
-                                f"its jobs resume from their last checkpoint if the operator raises it")
-            stopped.append(f"{project}/{sc.name}")
+                    victims.append((sc.id, sc.name, sc.fleet_name, sc.gpu_type, name, budget))
+        for sc_id, cluster, fleet_cluster, gpu_type, project, budget in victims:
+            reason = (f"stopped: project {project!r} spent its {budget:g} {gpu_type} GPU-hour budget; "
+                      f"its jobs resume from their checkpoints if the operator raises it")
+            fleet_clusters.hold_cluster(store.fleet, fleet_cluster, reason)
+            with store.session() as s:
+                row = s.get(ServiceCluster, sc_id)
+                row.state, row.reason = "held", reason
+            stopped.append(f"{project}/{cluster}")
     return stopped
 
 

@@ -1,47 +1,60 @@
-"""Usage: GPU-seconds from allocation intervals, clipped to a period, grouped and priced."""
+"""Usage and cost from the fleet's allocation intervals (`cluster.usage`), named and priced here.
+
+The service hands every cluster to the fleet with an owner tag naming the project and the user
+who asked (`owner_tag`), so the fleet's books alone say who held which GPUs when; this module
+turns tags back into org, project and user names and prices GPU-hours with `prices`.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import time
+import re
 from collections import defaultdict
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from supercluster.cluster import usage as fleet_usage
 from supercluster.service import prices
-from supercluster.service.models import Org, Project, UsageInterval, User
+from supercluster.service.models import Org, Project, User
 
 GROUPS = ("org", "project", "user")
 COLUMNS = ("org", "project", "user", "gpu_type", "gpu_seconds", "gpu_hours", "usd_per_gpu_hour", "cost_usd")
+_TAG = re.compile(r"^p(\d+)/u(\d+)$")
+
+
+def owner_tag(project_id: int, user_id: int) -> str:
+    """The fleet owner of a service cluster (ids, not names: they never change)."""
+    return f"p{project_id}/u{user_id}"
+
+
+def _parse(owner: str | None) -> tuple[int, int] | None:
+    m = _TAG.match(owner or "")
+    return (int(m[1]), int(m[2])) if m else None
 
 
 def gpu_seconds(s: Session, project_id: int, gpu_type: str, at: float | None = None) -> float:
     """GPU-seconds a project has held of one type, up to `at` (default now)."""
-    at = time.time() if at is None else at
-    end = sa.func.coalesce(UsageInterval.end_at, at)
-    total = s.scalar(sa.select(sa.func.coalesce(sa.func.sum(UsageInterval.gpus * (end - UsageInterval.start_at)), 0.0))
-                     .where(UsageInterval.project_id == project_id, UsageInterval.gpu_type == gpu_type))
-    return float(total)
+    return sum(r["gpu_seconds"] for r in fleet_usage.usage_in(s, until=at)
+               if r["gpu_type"] == gpu_type and (_parse(r["owner"]) or (None,))[0] == project_id)
 
 
 def report(s: Session, *, by: str = "project", since: float | None = None, until: float | None = None,
            project_ids: list[int] | None = None) -> list[dict]:
     """Usage rows grouped by `by` (org, project or user; finer keys show as None) and GPU type."""
-    until = time.time() if until is None else until
-    since = 0.0 if since is None else since
-    query = (sa.select(UsageInterval, Project.name, Org.name, User.name)
-             .join(Project, Project.id == UsageInterval.project_id).join(Org, Org.id == Project.org_id)
-             .join(User, User.id == UsageInterval.user_id)
-             .where(UsageInterval.start_at < until, sa.or_(UsageInterval.end_at.is_(None), UsageInterval.end_at > since)))
-    if project_ids is not None:
-        query = query.where(UsageInterval.project_id.in_(project_ids))
+    projects = {p.id: p for p in s.scalars(sa.select(Project))}
+    orgs = {o.id: o.name for o in s.scalars(sa.select(Org))}
+    users = {u.id: u.name for u in s.scalars(sa.select(User))}
     totals: dict[tuple, float] = defaultdict(float)
-    for interval, project, org, user in s.execute(query):
-        start, end = max(interval.start_at, since), min(interval.end_at or until, until)
-        key = (org, project if by in ("project", "user") else None, user if by == "user" else None, interval.gpu_type)
-        totals[key] += interval.gpus * max(0.0, end - start)
+    for row in fleet_usage.usage_in(s, since=since, until=until):
+        ids = _parse(row["owner"])
+        if ids is None or ids[0] not in projects or (project_ids is not None and ids[0] not in project_ids):
+            continue  # a cluster the service did not create
+        p = projects[ids[0]]
+        key = (orgs.get(p.org_id), p.name if by in ("project", "user") else None,
+               users.get(ids[1]) if by == "user" else None, row["gpu_type"])
+        totals[key] += row["gpu_seconds"]
     rows = []
     for (org, project, user, gpu_type), seconds in sorted(totals.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         price = prices.per_gpu_hour(gpu_type)
