@@ -3,7 +3,6 @@ token, its log streamed as server-sent events to the end, invisible to the other
 cancel through the API."""
 
 import json
-import re
 import time
 
 import pytest
