@@ -9,10 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-DbOption = Annotated[
-    Optional[str],
-    typer.Option("--db", envvar="SUPERCLUSTER_DB", help="SQLAlchemy URL of the database (default: $SUPERCLUSTER_HOME/fleet.db)."),
-]
+from supercluster.cli.flags import DbOption, JsonOption
+
 ServerOption = Annotated[
     Optional[str],
     typer.Option("--server", envvar="SUPERCLUSTER_SERVER", help="URL of a supercluster server (default: the local database)."),
@@ -41,7 +39,7 @@ def server(
 
 
 @server_app.command("init")
-def server_init(db: DbOption = None, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False):
+def server_init(db: DbOption = None, as_json: JsonOption = False):
     """Create the service's tables and print the operator's token (shown this once)."""
     from supercluster.errors import UserError
     from supercluster.service import tenancy
@@ -93,7 +91,7 @@ def usage(
     until: Annotated[Optional[str], typer.Option("--until", help="End of the period (ISO date; default now).")] = None,
     server: ServerOption = None,
     db: DbOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON with stable keys.")] = False,
+    as_json: JsonOption = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ):
     """GPU-hours and cost by org, project or user and GPU type."""
