@@ -100,7 +100,8 @@ class PagedKVCache:
     def slots(self, block_table: list[int], start: int, stop: int) -> torch.Tensor:
         """Flat slot indices of token positions [start, stop) of a sequence."""
         bs = self.block_size
-        return torch.tensor([block_table[p // bs] * bs + p % bs for p in range(start, stop)], dtype=torch.long)
+        positions = torch.arange(start, stop)
+        return torch.tensor(block_table, dtype=torch.long)[positions // bs] * bs + positions % bs
 
 
 @dataclass
@@ -115,10 +116,26 @@ class SeqSlice:
 
 class StepAttention:
     """The `cache` one forward pass of the engine hands the model: packed tokens of many
-    sequences in one [1, T] batch, each attending only to its own context."""
+    sequences in one [1, T] batch, each attending only to its own context.
+
+    Sequences with a single new token (decoding) attend in one padded call per layer; the padded
+    keys are masked out, so each row still sees exactly its own context. Prefill chunks attend
+    one sequence at a time with their causal mask."""
 
     def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, seqs: list[SeqSlice]):
-        self.cache, self.write_slots, self.seqs = cache, write_slots, seqs
+        self.cache, self.write_slots = cache, write_slots
+        self.prefills = [seq for seq in seqs if seq.count > 1]
+        decodes = [seq for seq in seqs if seq.count == 1]
+        self.decode_rows = None
+        if decodes:
+            # Built once per step, shared by every layer.
+            longest = max(seq.context for seq in decodes)
+            self.decode_rows = torch.tensor([seq.start for seq in decodes], device=write_slots.device)
+            self.decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long, device=write_slots.device)
+            for i, seq in enumerate(decodes):
+                self.decode_slots[i, :seq.context] = seq.key_slots
+            lengths = torch.tensor([seq.context for seq in decodes], device=write_slots.device)
+            self.decode_mask = (torch.arange(longest, device=write_slots.device)[None, :] < lengths[:, None])[:, None, None, :]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [1, T, heads, d] for the packed tokens; returns [1, T, heads, d]."""
@@ -126,16 +143,21 @@ class StepAttention:
         k_pool.index_copy_(0, self.write_slots, k[0].to(k_pool.dtype))
         v_pool.index_copy_(0, self.write_slots, v[0].to(v_pool.dtype))
         out = torch.empty_like(q)
-        for seq in self.seqs:
+        gqa = q.shape[2] != k_pool.shape[1]
+        for seq in self.prefills:
             # One sequence at a time: its result never depends on which others share the step.
             qs = q[0, seq.start:seq.start + seq.count].transpose(0, 1)  # [heads, n, d]
             ks = k_pool[seq.key_slots].transpose(0, 1).to(q.dtype)  # [kv_heads, L, d]
             vs = v_pool[seq.key_slots].transpose(0, 1).to(q.dtype)
-            mask = None
-            if seq.count > 1:  # query i sits at position context-count+i and sees keys up to it
-                q_pos = torch.arange(seq.context - seq.count, seq.context)
-                mask = torch.arange(seq.context)[None, :] <= q_pos[:, None]
-            o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask,
-                                               enable_gqa=qs.shape[0] != ks.shape[0])
+            # query i sits at position context-count+i and sees keys up to it
+            q_pos = torch.arange(seq.context - seq.count, seq.context, device=q.device)
+            mask = torch.arange(seq.context, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa)
             out[0, seq.start:seq.start + seq.count] = o[0].transpose(0, 1)
+        if self.decode_rows is not None:
+            qs = q[0, self.decode_rows][:, :, None]  # [B, heads, 1, d]
+            ks = k_pool[self.decode_slots].transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, d]
+            vs = v_pool[self.decode_slots].transpose(1, 2).to(q.dtype)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)
+            out[0, self.decode_rows] = o[:, :, 0]
         return out
