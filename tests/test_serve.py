@@ -194,7 +194,7 @@ def engine_outputs(run_dir, prompts, max_tokens, **config):
     from supercluster.serve.engine import Engine, EngineConfig
     from supercluster.serve.sampling import SamplingParams
 
-    engine = Engine(run_dir, EngineConfig(**config))
+    engine = Engine(run_dir, EngineConfig(precision="fp32", **config))  # bf16 rounding differs with the rows a matmul sees
     try:
         streams = []
         for text in prompts:
