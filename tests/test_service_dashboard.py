@@ -82,7 +82,7 @@ def test_dashboard_shows_the_fleet_clusters_and_a_live_loss_plot(server, small_c
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
             _login(page, base, tokens["llm"])
             assert "llm-member" in page.inner_text("#who")
-            assert page.locator("#fleet .leaf").count() >= 1
+            page.wait_for_selector("#fleet .leaf", timeout=30_000)  # the page fetches the fleet after login
             page.wait_for_function("document.querySelector('#clusters').innerText.includes('here')", timeout=30_000)
             loss = f"#job-{job} .plot[data-key=loss]"
             page.wait_for_function(f"(document.querySelector('{loss}')?.dataset.points | 0) >= 2", timeout=240_000)
