@@ -9,7 +9,7 @@ frees its blocks, also in the middle of its prefill.
 
 from __future__ import annotations
 
-import json
+from collections import deque
 import threading
 import time
 import uuid
@@ -39,8 +39,9 @@ class EngineConfig:
 class Stats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
-    ttft_s: list[float] = field(default_factory=list)  # drained by the metrics exporter
-    tpot_s: list[float] = field(default_factory=list)
+    # Drained by the metrics exporter; bounded, so a server nobody scrapes does not grow forever.
+    ttft_s: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    tpot_s: deque = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class Engine:
@@ -238,7 +239,3 @@ class Engine:
                 "preemptions": self.scheduler.preemptions,
             }
 
-
-def describe(engine: Engine) -> str:
-    return json.dumps({"model": engine.name, "precision": engine.precision, "device": str(engine.device),
-                       "kv_blocks": engine.cache.pool.num_blocks, "block_size": engine.config.block_size})
