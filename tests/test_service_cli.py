@@ -1,5 +1,6 @@
 """`supercluster server init | server | login | usage`: a real server process on loopback, a token
-stored 0600, usage as CSV through the server and as JSON from the local database."""
+stored 0600, usage as CSV through the server and as JSON from the local database; and the
+`cluster` and `job` commands as the server's clients (--server, $SUPERCLUSTER_SERVER, --project)."""
 
 import csv
 import io
@@ -13,6 +14,7 @@ import time
 import urllib.request
 
 import pytest
+import tomli_w
 
 from supercluster.cli.main import main
 
@@ -39,6 +41,7 @@ def server(tmp_path, capsys):
     token = json.loads(out)["token"]
     code, _, err = run(capsys, "server", "init", "--db", url)
     assert code == 2 and "already initialized" in err
+    assert run(capsys, "fleet", "init", "--backend", "local", "--gpus", "2", "--db", url)[0] == 0
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url],
                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -83,3 +86,124 @@ def test_login_stores_the_token_privately_and_usage_goes_through_the_server(serv
     assert code == 0 and json.loads(out)["rows"] == []
     code, _, err = run(capsys, "usage", "--db", url, "--by", "team")
     assert code == 2 and "--by 'team'" in err
+
+
+def _tenants(base, op_token) -> dict:
+    """Project llm in org acme with a member and a viewer; the tokens by role."""
+    from supercluster.service.client import call
+
+    call(base, "POST", "/v1/orgs", token=op_token, body={"name": "acme"})
+    call(base, "POST", "/v1/orgs/acme/projects", token=op_token, body={"name": "llm"})
+    tokens = {}
+    for role in ("member", "viewer"):
+        call(base, "POST", "/v1/users", token=op_token, body={"name": f"llm-{role}", "org": "acme"})
+        tokens[role] = call(base, "POST", "/v1/tokens", token=op_token,
+                            body={"user": f"llm-{role}", "project": "llm", "role": role})["token"]
+    return tokens
+
+
+def one_error_line(err: str) -> str:
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+def test_cluster_commands_go_to_the_server_named_by_flag_or_environment(server, capsys, monkeypatch):
+    base, op_token, url = server
+    tokens = _tenants(base, op_token)
+    assert run(capsys, "login", "--server", base, "--token", op_token)[0] == 0
+    code, _, err = run(capsys, "cluster", "list", "--server", base)
+    assert code == 2 and "pass --project" in one_error_line(err)  # the operator's token has no project of its own
+    code, out, _ = run(capsys, "cluster", "list", "--server", base, "--project", "llm", "--json")
+    assert code == 0 and json.loads(out) == []
+
+    code, out, _ = run(capsys, "login", "--server", base, "--token", tokens["member"])
+    assert code == 0 and "llm-member (member in llm)" in out
+    code, out, err = run(capsys, "cluster", "create", "dev", "--gpus", "1", "--server", base)  # project: the token's
+    assert code == 0 and out.startswith("cluster dev: 1 x ") and "ready" in out, err
+    code, _, err = run(capsys, "cluster", "create", "dev", "--gpus", "1", "--server", base)
+    assert code == 2 and "409: Project 'llm' already has a cluster named 'dev'" in one_error_line(err)
+    code, _, err = run(capsys, "cluster", "create", "tagged", "--gpus", "1", "--owner", "ml", "--server", base)
+    assert code == 2 and "--owner works on the local database only" in one_error_line(err)
+
+    monkeypatch.setenv("SUPERCLUSTER_SERVER", base)
+    code, out, _ = run(capsys, "cluster", "list", "--json")
+    listed = json.loads(out)
+    assert code == 0 and [(c["name"], c["project"], c["state"], c["gpus"]) for c in listed] == [("dev", "llm", "ready", 1)]
+    code, out, _ = run(capsys, "cluster", "list")
+    assert code == 0 and "dev" in out and "ready" in out
+    code, out, _ = run(capsys, "cluster", "show", "dev", "--json")
+    assert code == 0 and json.loads(out)["nodes"] == listed[0]["nodes"] and len(listed[0]["nodes"]) == 1
+    code, out, _ = run(capsys, "cluster", "show", "dev")
+    assert code == 0 and out.startswith("cluster dev: 1 x ") and "nodes:" in out
+    monkeypatch.setenv("SUPERCLUSTER_PROJECT", "web")
+    code, _, err = run(capsys, "cluster", "show", "dev")
+    assert code == 2 and "404: No project named 'web' is visible to this token." in one_error_line(err)
+    monkeypatch.delenv("SUPERCLUSTER_PROJECT")
+    code, _, err = run(capsys, "cluster", "list", "--db", url)
+    assert code == 2 and "--db and --server" in one_error_line(err)
+
+    # a viewer reads, and is refused with the server's sentence when it would change anything
+    assert run(capsys, "login", "--server", base, "--token", tokens["viewer"])[0] == 0
+    assert json.loads(run(capsys, "cluster", "list", "--json")[1])[0]["name"] == "dev"
+    for args in (("cluster", "create", "mine", "--gpus", "1"), ("cluster", "delete", "dev")):
+        code, _, err = run(capsys, *args)
+        assert code != 0 and "403: This needs the member role; your token has viewer." in one_error_line(err)
+
+    assert run(capsys, "login", "--server", base, "--token", tokens["member"])[0] == 0
+    code, out, _ = run(capsys, "cluster", "delete", "dev", "--json")
+    assert code == 0 and json.loads(out) == {"deleted": "dev", "started": []}
+    code, _, err = run(capsys, "cluster", "show", "dev")
+    assert code == 2 and "404: Project 'llm' has no cluster named 'dev'." in one_error_line(err)
+    monkeypatch.delenv("SUPERCLUSTER_SERVER")
+    code, _, err = run(capsys, "cluster", "list", "--server", "http://127.0.0.1:1")
+    assert code == 2 and "No token for http://127.0.0.1:1" in one_error_line(err)  # the stored token is another server's
+    code, out, _ = run(capsys, "cluster", "list", "--json", "--db", url)  # no server: the local database, as before
+    assert code == 0 and [c["name"] for c in json.loads(out)] == []
+
+
+@pytest.mark.slow
+def test_job_commands_through_the_server(server, capsys, tmp_path, small_corpus):
+    base, op_token, _ = server
+    tokens = _tenants(base, op_token)
+    assert run(capsys, "login", "--server", base, "--token", tokens["member"])[0] == 0
+    remote = ("--server", base)
+    assert run(capsys, "cluster", "create", "dev", "--gpus", "1", *remote)[0] == 0
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps({
+        "data": {"path": str(small_corpus)}, "model": {"preset": "tiny"},
+        "train": {"steps": 3, "checkpoint_every": 3, "eval_every": 100, "precision": "fp32", "seq_len": 32,
+                  "micro_batch": 2, "global_batch": 2}}))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nstep = 3\n')
+    code, _, err = run(capsys, "job", "submit", str(bad), "--cluster", "dev", *remote)
+    assert code == 2 and "Unknown config key 'train.step'" in one_error_line(err)  # refused here, nothing sent
+
+    code, out, err = run(capsys, "job", "submit", str(config), "--cluster", "dev", "--max-restarts", "0", "--json", *remote)
+    assert code == 0, err
+    job = json.loads(out)
+    jid = job["id"]
+    assert job["cluster"] == "dev" and job["state"] in ("pending", "running") and job["max_restarts"] == 0
+    code, out, _ = run(capsys, "job", "list", "--json", *remote)
+    assert code == 0 and [j["id"] for j in json.loads(out)] == [jid]
+    code, out, _ = run(capsys, "job", "list", "--cluster", "other", "--json", *remote)
+    assert code == 0 and json.loads(out) == []
+    code, followed, _ = run(capsys, "job", "logs", str(jid), "--follow", *remote)  # streams until the job ends
+    assert code == 0 and "step" in followed
+    code, out, _ = run(capsys, "job", "status", str(jid), "--wait", *remote)
+    assert code == 0 and out.startswith(f"job {jid} on dev: completed") and "exit code 0" in out, followed[-2000:]
+    code, out, _ = run(capsys, "job", "logs", str(jid), *remote)
+    assert code == 0 and out == followed
+
+    code, out, _ = run(capsys, "job", "submit", str(config), "--cluster", "dev", "--set", "train.steps=10000", "--json", *remote)
+    jid2 = json.loads(out)["id"]
+    code, out, _ = run(capsys, "job", "cancel", str(jid2), *remote)
+    assert code == 0 and out.startswith(f"job {jid2} on dev: cancelled")
+    code, out, _ = run(capsys, "job", "status", str(jid2), "--json", *remote)
+    assert code == 0 and json.loads(out)["state"] == "cancelled"
+    code, _, err = run(capsys, "job", "cancel", str(jid2), *remote)
+    assert code != 0 and "409" in one_error_line(err)
+
+    assert run(capsys, "login", "--server", base, "--token", tokens["viewer"])[0] == 0
+    code, _, err = run(capsys, "job", "submit", str(config), "--cluster", "dev", *remote)
+    assert code != 0 and "403: This needs the member role; your token has viewer." in one_error_line(err)
+    assert run(capsys, "job", "status", str(jid), *remote)[0] == 0  # reading is a viewer's right

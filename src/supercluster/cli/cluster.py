@@ -1,4 +1,5 @@
-"""`supercluster fleet | cluster | job`: thin wrappers over `supercluster.cluster`."""
+"""`supercluster fleet | cluster | job`: thin wrappers over `supercluster.cluster`, or, with
+--server, over a server's routes (`service.client.ProjectClient`) in the same shapes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, SetOption
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, SetOption, server_for
 
 fleet_app = typer.Typer(help="The fleet: nodes, switches, pods.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Clusters: gang allocations of GPUs on the fleet.", no_args_is_help=True)
@@ -105,27 +106,43 @@ def fleet_watch(
 # ---- cluster -----------------------------------------------------------------------------------
 
 
+def _remote(server: str | None, project: str | None, db: str | None, **local_only):
+    """A client of the server's project when one is named, else None (the local database).
+    `local_only`: flags the server has no counterpart for, as {flag: value given or None}."""
+    url = server_for(server, db)
+    if url is None:
+        return None
+    from supercluster.errors import UserError
+    from supercluster.service.client import ProjectClient
+
+    for flag, value in local_only.items():
+        if value:
+            raise UserError(f"{flag} works on the local database only; leave it out with --server.")
+    return ProjectClient(url, project)
+
+
 def _n(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def _print_cluster(c: dict) -> None:
     where = (f"{_n(len(c['nodes']), 'node')} on {_n(c['leaves'] or 0, 'leaf switch', 'leaf switches')} in "
-             f"{_n(c['pods'] or 0, 'pod')} (lower bound {c['lower_bound']})")
+             f"{_n(c['pods'] or 0, 'pod')}" + (f" (lower bound {c['lower_bound']})" if c.get("lower_bound") else ""))
     state = c["state"] if c["state"] != "queued" else f"queued (position {c['queue_position']})"
     print(f"cluster {c['name']}: {c['gpus']} x {c['gpu_type']}, {state}" + (f", {where}" if c["nodes"] else ""))
-    if c["nodes"]:
+    if c["nodes"] and c.get("switches"):
         switches = c["switches"] if len(c["switches"]) <= 8 else [*c["switches"][:4], "...", *c["switches"][-2:]]
         print(f"  switches: {', '.join(switches)}")
+    if c["nodes"]:
         names = [n["name"] for n in c["nodes"]]
         shown = names if len(names) <= 8 else [*names[:4], "...", *names[-2:]]
         print(f"  nodes:    {', '.join(shown)}")
-    if c["reservation"]:
+    if c.get("reservation"):
         print(f"  reservation: {c['reservation']}")
-    if c["priority"] or c["owner"]:
-        print(f"  priority {c['priority']}" + (f", owner {c['owner']}" if c["owner"] else ""))
-    if c["detail"]:
-        print(f"  {c['detail']}")
+    if c["priority"] or c.get("owner"):
+        print(f"  priority {c['priority']}" + (f", owner {c['owner']}" if c.get("owner") else ""))
+    if c.get("detail") or c.get("reason"):  # the server says `reason`
+        print(f"  {c.get('detail') or c.get('reason')}")
 
 
 @cluster_app.command("create")
@@ -139,37 +156,54 @@ def cluster_create(
     health_max_age: Annotated[float, typer.Option("--health-max-age", help="Seconds a passed health check stays valid.")] = 86400.0,
     priority: Annotated[int, typer.Option("--priority", help="When it does not fit, preempt clusters of lower priority.")] = 0,
     owner: Annotated[Optional[str], typer.Option("--owner", help="A tag (team, project) that usage is grouped by.")] = None,
+    server: ServerOption = None,
+    project: ProjectOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
     """Allocate a gang of GPUs, placed on the fewest leaf switches."""
-    from supercluster.cluster.clusters import create_cluster
+    remote = _remote(server, project, db, **{"--no-wait": no_wait, "--owner": owner,
+                                             "--health-max-age": health_max_age != 86400.0})
+    if remote:
+        c = remote.create_cluster(name, gpus, gpu_type=gpu_type, max_switches=max_switches, require_health=require_health,
+                                  priority=priority)
+    else:
+        from supercluster.cluster.clusters import create_cluster
 
-    c = create_cluster(db, name, gpus, gpu_type=gpu_type, wait=not no_wait, max_switches=max_switches,
-                       require_health=require_health, health_max_age_s=health_max_age, priority=priority, owner=owner)
+        c = create_cluster(db, name, gpus, gpu_type=gpu_type, wait=not no_wait, max_switches=max_switches,
+                           require_health=require_health, health_max_age_s=health_max_age, priority=priority, owner=owner)
     _print_json(c) if as_json else _print_cluster(c)
 
 
 @cluster_app.command("list")
-def cluster_list(db: DbOption = None, as_json: JsonOption = False):
+def cluster_list(server: ServerOption = None, project: ProjectOption = None, db: DbOption = None, as_json: JsonOption = False):
     """All clusters, placed and queued."""
-    from supercluster.cluster.clusters import list_clusters
+    remote = _remote(server, project, db)
+    if remote:
+        clusters = remote.list_clusters()
+    else:
+        from supercluster.cluster.clusters import list_clusters
 
-    clusters = list_clusters(db)
+        clusters = list_clusters(db)
     if as_json:
         _print_json(clusters)
         return
     _table("clusters", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs"],
-           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c["lower_bound"], len(c["jobs"])]
+           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c.get("lower_bound"), len(c["jobs"])]
             for c in clusters])
 
 
 @cluster_app.command("show")
-def cluster_show(name: str, db: DbOption = None, as_json: JsonOption = False):
+def cluster_show(name: str, server: ServerOption = None, project: ProjectOption = None, db: DbOption = None,
+                 as_json: JsonOption = False):
     """One cluster: its nodes, switches used and the lower bound for its size."""
-    from supercluster.cluster.clusters import show_cluster
+    remote = _remote(server, project, db)
+    if remote:
+        c = remote.show_cluster(name)
+    else:
+        from supercluster.cluster.clusters import show_cluster
 
-    c = show_cluster(db, name)
+        c = show_cluster(db, name)
     _print_json(c) if as_json else _print_cluster(c)
 
 
@@ -177,13 +211,20 @@ def cluster_show(name: str, db: DbOption = None, as_json: JsonOption = False):
 def cluster_delete(
     name: str,
     force: Annotated[bool, typer.Option("--force", help="Cancel the cluster's running jobs.")] = False,
+    server: ServerOption = None,
+    project: ProjectOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
     """Release a cluster's nodes (queued clusters that now fit start)."""
-    from supercluster.cluster.clusters import delete_cluster
+    remote = _remote(server, project, db)
+    if remote:
+        remote.delete_cluster(name, force=force)
+        started = []  # the server starts what now fits without naming it: another project's may be among them
+    else:
+        from supercluster.cluster.clusters import delete_cluster
 
-    started = delete_cluster(db, name, force=force)
+        started = delete_cluster(db, name, force=force)
     if as_json:
         _print_json({"deleted": name, "started": started})
     else:
@@ -198,7 +239,8 @@ def _print_job(j: dict) -> None:
           + (f", preempted {j['preemptions']}x" if j["preemptions"] else "")
           + (f", exit code {j['exit_code']}" if j["exit_code"] is not None else "")
           + (f" ({j['detail']})" if j["detail"] else ""))
-    print(f"  run dir: {j['run_dir']}")
+    if j.get("run_dir"):  # the server keeps its paths to itself
+        print(f"  run dir: {j['run_dir']}")
 
 
 @job_app.command("submit")
@@ -207,44 +249,73 @@ def job_submit(
     cluster: Annotated[str, typer.Option("--cluster", help="Cluster to run on.")],
     overrides: SetOption = None,
     max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after a failure before giving up.")] = 3,
+    server: ServerOption = None,
+    project: ProjectOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
-    """Run a training config on a cluster (one torchrun per node)."""
-    from supercluster.cluster.jobs import submit_job
+    """Run a training config on a cluster (one torchrun per node). With --server the file's content
+    is sent; paths in it (data.path) are read on the server's machines."""
+    remote = _remote(server, project, db)
+    if remote:
+        j = remote.submit_job(cluster, _config_table(config, overrides or []), overrides or [], max_restarts)
+    else:
+        from supercluster.cluster.jobs import submit_job
 
-    j = submit_job(db, cluster, config, overrides or [], max_restarts=max_restarts)
+        j = submit_job(db, cluster, config, overrides or [], max_restarts=max_restarts)
     _print_json(j) if as_json else _print_job(j)
+
+
+def _config_table(path: str, overrides: list[str]) -> dict:
+    """The TOML's sections as written, once they load as a training config (a typo fails here, not on the fleet)."""
+    import tomllib
+
+    from supercluster.train.config import load_config
+
+    load_config(path, overrides)
+    return tomllib.loads(Path(path).read_text())
 
 
 @job_app.command("list")
 def job_list(
     cluster: Annotated[Optional[str], typer.Option("--cluster", help="Only this cluster's jobs.")] = None,
+    server: ServerOption = None,
+    project: ProjectOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
     """All jobs with their states."""
-    from supercluster.cluster.jobs import list_jobs
+    remote = _remote(server, project, db)
+    if remote:
+        jobs = [j for j in remote.list_jobs() if cluster is None or j["cluster"] == cluster]
+    else:
+        from supercluster.cluster.jobs import list_jobs
 
-    jobs = list_jobs(db, cluster)
+        jobs = list_jobs(db, cluster)
     if as_json:
         _print_json(jobs)
         return
     _table("jobs", ["id", "cluster", "state", "restarts", "exit", "submitted", "config"],
-           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["config"]] for j in jobs])
+           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j.get("config")] for j in jobs])
 
 
 @job_app.command("status")
 def job_status(
     job_id: int,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends.")] = False,
+    server: ServerOption = None,
+    project: ProjectOption = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
     """One job's state (with --wait: its final state; exit code 1 unless it completed)."""
-    from supercluster.cluster import jobs
+    remote = _remote(server, project, db)
+    if remote:
+        j = remote.wait_job(job_id) if wait else remote.job_status(job_id)
+    else:
+        from supercluster.cluster import jobs
 
-    j = jobs.wait_job(db, job_id, timeout_s=float("inf")) if wait else jobs.job_status(db, job_id)
+        j = jobs.wait_job(db, job_id, timeout_s=float("inf")) if wait else jobs.job_status(db, job_id)
     _print_json(j) if as_json else _print_job(j)
     if wait and j["state"] != "completed":
         raise typer.Exit(1)
@@ -254,9 +325,17 @@ def job_status(
 def job_logs(
     job_id: int,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
+    server: ServerOption = None,
+    project: ProjectOption = None,
     db: DbOption = None,
 ):
     """Print a job's output."""
+    remote = _remote(server, project, db)
+    if remote:
+        for line in remote.job_logs(job_id, follow=follow):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        return
     from supercluster.cluster import jobs
 
     path = jobs.log_path(db, job_id)
@@ -279,11 +358,16 @@ def job_logs(
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: int, db: DbOption = None, as_json: JsonOption = False):
+def job_cancel(job_id: int, server: ServerOption = None, project: ProjectOption = None, db: DbOption = None,
+               as_json: JsonOption = False):
     """Stop a job."""
-    from supercluster.cluster.jobs import cancel_job
+    remote = _remote(server, project, db)
+    if remote:
+        j = remote.cancel_job(job_id)
+    else:
+        from supercluster.cluster.jobs import cancel_job
 
-    j = cancel_job(db, job_id)
+        j = cancel_job(db, job_id)
     _print_json(j) if as_json else _print_job(j)
 
 

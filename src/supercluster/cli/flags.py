@@ -17,3 +17,25 @@ SetOption = Annotated[
     Optional[list[str]],
     typer.Option("--set", help="Override a config key: --set train.steps=50 (repeatable)."),
 ]
+ServerOption = Annotated[
+    Optional[str],
+    typer.Option("--server", envvar="SUPERCLUSTER_SERVER", help="URL of a supercluster server (default: the local database)."),
+]
+ProjectOption = Annotated[
+    Optional[str],
+    typer.Option("--project", envvar="SUPERCLUSTER_PROJECT",
+                 help="With --server: the project to act in (default: the one the stored token is scoped to)."),
+]
+
+
+def server_for(server: str | None, db: str | None) -> str | None:
+    """The server to talk to (--server or $SUPERCLUSTER_SERVER), or None for the local database;
+    naming both a server and a database is refused, since only one of them would be used."""
+    from supercluster.errors import UserError
+    from supercluster.service.client import server_url
+
+    url = server_url(server)
+    if url and db:
+        raise UserError("--db and --server (or $SUPERCLUSTER_DB and $SUPERCLUSTER_SERVER) cannot be used together; "
+                        "pass --db for the local database or --server for a server.")
+    return url

@@ -9,12 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption
-
-ServerOption = Annotated[
-    Optional[str],
-    typer.Option("--server", envvar="SUPERCLUSTER_SERVER", help="URL of a supercluster server (default: the local database)."),
-]
+from supercluster.cli.flags import DbOption, JsonOption, ServerOption, server_for
 
 server_app = typer.Typer(help="The multi-tenant service: REST API over the fleet (OpenAPI at /docs).",
                          invoke_without_command=True)
@@ -69,10 +64,9 @@ def login(
 
     if token is None:
         token = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
-    mine = client.call(server, "GET", "/v1/tokens", token=token)
+    who = client.call(server, "GET", "/v1/whoami", token=token)
     path = client.save_login(server, token)
-    who = mine[0] if mine else {}
-    print(f"logged in to {server} as {who.get('user', '?')} ({who.get('role', '?')} in {who.get('project') or 'the fleet'}); "
+    print(f"logged in to {server} as {who['user']} ({who['role']} in {who['project'] or 'the fleet'}); "
           f"token stored in {path}")
 
 
@@ -101,7 +95,7 @@ def usage(
     if by not in usage_mod.GROUPS:
         raise UserError(f"--by {by!r} is not one of {', '.join(usage_mod.GROUPS)}; pick one.")
     query = {"by": by, "since": _epoch(since), "until": _epoch(until)}
-    url = client.server_url(server)
+    url = server_for(server, db)
     if url:
         rows = client.call(url, "GET", "/v1/usage", query=query)["rows"]
     else:
