@@ -130,7 +130,7 @@ def test_cluster_commands_go_to_the_server_named_by_flag_or_environment(server, 
     listed = json.loads(out)
     assert code == 0 and [(c["name"], c["project"], c["state"], c["gpus"]) for c in listed] == [("dev", "llm", "ready", 1)]
     code, out, _ = run(capsys, "cluster", "list")
-    assert code == 0 and "dev" in out and "ready" in out
+    assert code == 0 and "clusters of project llm" in out and "dev" in out and "ready" in out
     code, out, _ = run(capsys, "cluster", "show", "dev", "--json")
     assert code == 0 and json.loads(out)["nodes"] == listed[0]["nodes"] and len(listed[0]["nodes"]) == 1
     code, out, _ = run(capsys, "cluster", "show", "dev")
@@ -185,6 +185,8 @@ def test_job_commands_through_the_server(server, capsys, tmp_path, small_corpus)
     assert job["cluster"] == "dev" and job["state"] in ("pending", "running") and job["max_restarts"] == 0
     code, out, _ = run(capsys, "job", "list", "--json", *remote)
     assert code == 0 and [j["id"] for j in json.loads(out)] == [jid]
+    code, out, _ = run(capsys, "job", "list", *remote)
+    assert code == 0 and "jobs of project llm" in out and "dev" in out
     code, out, _ = run(capsys, "job", "list", "--cluster", "other", "--json", *remote)
     assert code == 0 and json.loads(out) == []
     code, followed, _ = run(capsys, "job", "logs", str(jid), "--follow", *remote)  # streams until the job ends

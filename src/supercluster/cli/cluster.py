@@ -121,13 +121,16 @@ def _remote(server: str | None, project: str | None, db: str | None, **local_onl
     return ProjectClient(url, project)
 
 
+HEALTH_MAX_AGE_S = 86400.0
+
+
 def _n(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def _print_cluster(c: dict) -> None:
     where = (f"{_n(len(c['nodes']), 'node')} on {_n(c['leaves'] or 0, 'leaf switch', 'leaf switches')} in "
-             f"{_n(c['pods'] or 0, 'pod')}" + (f" (lower bound {c['lower_bound']})" if c.get("lower_bound") else ""))
+             f"{_n(c['pods'] or 0, 'pod')}" + (f" (lower bound {c['lower_bound']})" if c.get("lower_bound") is not None else ""))
     state = c["state"] if c["state"] != "queued" else f"queued (position {c['queue_position']})"
     print(f"cluster {c['name']}: {c['gpus']} x {c['gpu_type']}, {state}" + (f", {where}" if c["nodes"] else ""))
     if c["nodes"] and c.get("switches"):
@@ -153,7 +156,7 @@ def cluster_create(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of queueing when the request does not fit now.")] = False,
     max_switches: Annotated[Optional[int], typer.Option("--max-switches", help="Use at most this many leaf switches.")] = None,
     require_health: Annotated[bool, typer.Option("--require-health", help="Also refuse nodes that were never health-checked.")] = False,
-    health_max_age: Annotated[float, typer.Option("--health-max-age", help="Seconds a passed health check stays valid.")] = 86400.0,
+    health_max_age: Annotated[float, typer.Option("--health-max-age", help="Seconds a passed health check stays valid.")] = HEALTH_MAX_AGE_S,
     priority: Annotated[int, typer.Option("--priority", help="When it does not fit, preempt clusters of lower priority.")] = 0,
     owner: Annotated[Optional[str], typer.Option("--owner", help="A tag (team, project) that usage is grouped by.")] = None,
     server: ServerOption = None,
@@ -163,7 +166,7 @@ def cluster_create(
 ):
     """Allocate a gang of GPUs, placed on the fewest leaf switches."""
     remote = _remote(server, project, db, **{"--no-wait": no_wait, "--owner": owner,
-                                             "--health-max-age": health_max_age != 86400.0})
+                                             "--health-max-age": health_max_age != HEALTH_MAX_AGE_S})
     if remote:
         c = remote.create_cluster(name, gpus, gpu_type=gpu_type, max_switches=max_switches, require_health=require_health,
                                   priority=priority)
@@ -188,8 +191,13 @@ def cluster_list(server: ServerOption = None, project: ProjectOption = None, db:
     if as_json:
         _print_json(clusters)
         return
+    if remote:  # a server tells tenants their state and why, not the fleet's lower bound
+        _table(f"clusters of project {remote.project}", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "jobs", "reason"],
+               [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], len(c["jobs"]), c["reason"]]
+                for c in clusters])
+        return
     _table("clusters", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs"],
-           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c.get("lower_bound"), len(c["jobs"])]
+           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c["lower_bound"], len(c["jobs"])]
             for c in clusters])
 
 
@@ -295,8 +303,12 @@ def job_list(
     if as_json:
         _print_json(jobs)
         return
+    if remote:  # the server keeps the config's path on its side
+        _table(f"jobs of project {remote.project}", ["id", "cluster", "state", "restarts", "exit", "submitted", "detail"],
+               [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["detail"]] for j in jobs])
+        return
     _table("jobs", ["id", "cluster", "state", "restarts", "exit", "submitted", "config"],
-           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j.get("config")] for j in jobs])
+           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["config"]] for j in jobs])
 
 
 @job_app.command("status")
