@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
+
+from supercluster.errors import UserError
 
 SCRIPT = Path(sys.executable).with_name("supercluster")
 KEY = "test-key"
@@ -185,6 +188,10 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
     out = subprocess.run([str(SCRIPT), "serve", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120,
                          env={**os.environ})
     assert out.returncode == 2 and "not a run directory" in out.stderr
+    for flags, message in ((["--quantize", "int3"], "--quantize must be one of"), (["--threads", "0"], "--threads must be")):
+        out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), *flags],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def engine_outputs(run_dir, prompts, max_tokens, **config):
@@ -235,3 +242,23 @@ def test_stop_strings_cut_streams_and_whole_responses_alike(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny-run", prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=[stop], stream=True))
     assert whole == streamed == text[: text.find(stop)]
+
+
+def test_int8_linear_matches_its_dequantized_weight():
+    """Int8Linear computes x @ (q * scale).T + b: against that product in fp32, only the bf16
+    rounding of activations and scales remains; an unknown method is one sentence."""
+    from supercluster.serve.quantize import Int8Linear, quantize
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    layer = Int8Linear(linear)
+    x = torch.randn(5, 3, 96)
+    dequantized = layer.qweight.float() * layer.scale.float()[:, None]
+    half_step = layer.scale.float()[:, None] / 2
+    assert ((dequantized - linear.weight).abs() <= half_step * 1.01).all()
+    expected = x @ dequantized.T + linear.bias
+    got = layer(x)
+    assert got.shape == (5, 3, 40) and got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item())
+    with pytest.raises(UserError, match="--quantize must be one of"):
+        quantize(torch.nn.Sequential(linear), "int3")

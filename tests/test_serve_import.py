@@ -256,15 +256,17 @@ def test_missing_default_model_names_the_pip_command(monkeypatch):
         default_model_path()
 
 
-def test_the_engine_answers_like_the_reference_in_its_default_precision(smol_run):
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_the_engine_answers_like_the_reference_in_its_default_precision(smol_run, quantize):
     """The serving engine on the imported model, in the precision it picks on this machine (bf16
-    where the CPU runs it faster), answers the chat question as the fp32 reference does."""
+    where the CPU runs it faster), with and without int8 weights, answers the chat question as
+    the fp32 reference does."""
     import queue
 
     from supercluster.serve.engine import Engine, EngineConfig
     from supercluster.serve.sampling import SamplingParams
 
-    engine = Engine(smol_run, EngineConfig(kv_cache_gib=0.05))
+    engine = Engine(smol_run, EngineConfig(kv_cache_gib=0.05, quantize=quantize))
     try:
         prompt = engine.tokenizer.encode(render(smol_run, MESSAGES[0], True), add_special_tokens=False).ids
         events, tokens = queue.Queue(), []
@@ -274,3 +276,22 @@ def test_the_engine_answers_like_the_reference_in_its_default_precision(smol_run
         assert "Paris" in engine.tokenizer.decode(tokens), (engine.precision, engine.tokenizer.decode(tokens))
     finally:
         engine.shutdown()
+
+
+def test_int8_weights_keep_the_imported_models_predictions(smol_run):
+    """Weight-only int8 on the real model, against its own fp32 logits on natural text: the same
+    next tokens almost everywhere and a small divergence, so a served answer barely changes."""
+    import copy
+
+    from supercluster.serve.quantize import Int8Linear, quantize
+
+    model = load_trained(smol_run).eval()
+    tok = our_tokenizer(smol_run)
+    ids = torch.tensor([tok.encode(" ".join(TEXTS[:1] + [render(smol_run, m, False) for m in MESSAGES])).ids])
+    quantized = quantize(copy.deepcopy(model), "int8")
+    assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == 7 * model.cfg.layers + 1
+    with torch.inference_mode():
+        exact, approx = model(ids)[0].log_softmax(-1), quantized(ids)[0].log_softmax(-1)
+    kl = (exact.exp() * (exact - approx)).sum(-1)
+    assert kl.mean() < 0.02, kl.mean()
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() > 0.9

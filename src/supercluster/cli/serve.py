@@ -16,8 +16,12 @@ RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto"):
+def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto",
+            quantize: str = "none", threads: int | None = None):
+    import torch
+
     from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.quantize import QUANTIZATIONS
 
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml); train or import a model into it first.")
@@ -25,8 +29,14 @@ def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int
         raise UserError("--kv-cache-gib must be positive, --max-running at least 1 and --max-queue at least 0.")
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if quantize not in QUANTIZATIONS:
+        raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}.")
+        torch.set_num_threads(threads)
     return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
-                                        precision=precision))
+                                        precision=precision, quantize=quantize))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -51,6 +61,9 @@ def serve(
     max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
+    quantize: Annotated[str, typer.Option("--quantize", help="none, or int8: weight-only int8 linear layers, about "
+                                          "twice the decode speed on CPUs (logits within about 1%).")] = "none",
+    threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model (default: all cores).")] = None,
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
     import uvicorn
@@ -58,9 +71,10 @@ def serve(
     from supercluster.serve.api import create_app
 
     sock = _listen(host, port)
-    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision)
+    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads)
     app = create_app(engine, api_key or [], max_queue)
-    print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({engine.precision}, "
+    weights = "int8 weights, " if quantize == "int8" else ""
+    print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.precision}, "
           f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

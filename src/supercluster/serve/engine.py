@@ -20,6 +20,7 @@ import torch
 
 from supercluster.errors import UserError
 from supercluster.serve.kv_cache import PagedKVCache, SeqSlice, StepAttention
+from supercluster.serve.quantize import quantize
 from supercluster.serve.sampling import SamplingParams, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
 
@@ -33,6 +34,7 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per forward pass (chunked prefill beyond)
     max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
     precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
+    quantize: str = "none"  # int8: weight-only int8 linear layers (a quarter of fp32's bytes a token)
 
 
 @dataclass
@@ -57,7 +59,7 @@ class Engine:
         # (its weight-cast cache lives as long as the engine's loop, so weights are cast once). A
         # model cast to bf16 whole loses small updates to the residual stream's large outlier
         # features (SmolLM2's reach 2.5e4, where bf16 steps by 128) and stops answering right.
-        self.model = load_trained(run_dir).to(self.device).eval()
+        self.model = quantize(load_trained(run_dir).to(self.device).eval(), self.config.quantize)
         self.precision = self.config.precision if self.config.precision != "auto" else self._faster_precision()
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.cfg = self.model.cfg

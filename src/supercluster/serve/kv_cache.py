@@ -147,8 +147,8 @@ class StepAttention:
         for seq in self.prefills:
             # One sequence at a time: its result never depends on which others share the step.
             qs = q[0, seq.start:seq.start + seq.count].transpose(0, 1)  # [heads, n, d]
-            ks = k_pool[seq.key_slots].transpose(0, 1).to(q.dtype)  # [kv_heads, L, d]
-            vs = v_pool[seq.key_slots].transpose(0, 1).to(q.dtype)
+            ks = k_pool.index_select(0, seq.key_slots).transpose(0, 1).to(q.dtype)  # [kv_heads, L, d]
+            vs = v_pool.index_select(0, seq.key_slots).transpose(0, 1).to(q.dtype)
             # query i sits at position context-count+i and sees keys up to it
             q_pos = torch.arange(seq.context - seq.count, seq.context, device=q.device)
             mask = torch.arange(seq.context, device=q.device)[None, :] <= q_pos[:, None]
@@ -156,8 +156,10 @@ class StepAttention:
             out[0, seq.start:seq.start + seq.count] = o[0].transpose(0, 1)
         if self.decode_rows is not None:
             qs = q[0, self.decode_rows][:, :, None]  # [B, heads, 1, d]
-            ks = k_pool[self.decode_slots].transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, d]
-            vs = v_pool[self.decode_slots].transpose(1, 2).to(q.dtype)
+            # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
+            ks = k_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
+            vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
+            ks, vs = ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, d]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)
             out[0, self.decode_rows] = o[:, :, 0]
         return out
