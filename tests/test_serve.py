@@ -235,3 +235,61 @@ def test_stop_strings_cut_streams_and_whole_responses_alike(client):
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny-run", prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=[stop], stream=True))
     assert whole == streamed == text[: text.find(stop)]
+
+
+def children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(c) for c in path.read_text().split()} if path.exists() else set()
+
+
+def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
+    """tp 2 (two CPU processes, each with half the heads) gives the same greedy tokens as one
+    rank, for requests of different lengths sharing steps (prefill chunks next to decodes);
+    its worker is gone after shutdown, and a worker that dies fails requests instead of hanging."""
+    import queue
+
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
+
+    prompts = [PROMPTS[0] * 3, PROMPTS[1], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[4] * 4]
+    reference, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01)
+    split, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01, tp=2)
+    assert split == reference
+
+    engine = Engine(run_dir, EngineConfig(precision="fp32", kv_cache_gib=0.01, tp=2))
+    (worker,) = engine.runner.workers
+    try:
+        assert engine.cache.k.shape[2] == engine.cfg.kv_heads // 2  # each rank caches its own heads
+        worker.kill()
+        worker.wait()
+        events = queue.Queue()
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=4), events.put)
+        assert "rank 1 exited" in events.get(timeout=60)["error"]
+    finally:
+        engine.shutdown()
+    assert engine.runner.workers == [] and worker.returncode is not None
+
+
+def test_tensor_parallel_server_and_its_workers_end_together(run_dir):
+    proc, base = start_server(run_dir, "--tp", "2", "--precision", "fp32")
+    try:
+        workers = children(proc.pid)
+        assert len(workers) == 1
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        assert complete(client, PROMPTS[0], max_tokens=8)
+    finally:
+        proc.kill()  # no clean shutdown: the worker must notice by itself
+        proc.wait(timeout=30)
+    assert "tp 2" in proc.stdout.readline()
+    for _ in range(100):
+        if not any(Path(f"/proc/{pid}").exists() for pid in workers):
+            break
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+@pytest.mark.parametrize("tp, message", [("0", "--tp must be at least 1"), ("3", "--tp 3 must divide the model's 4")])
+def test_bad_tp_is_one_sentence(run_dir, tp, message):
+    out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), "--tp", tp],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or 
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto"):
+def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto", tp: int = 1):
     from supercluster.serve.engine import Engine, EngineConfig
 
     if not (run_dir / "config.toml").is_file():
@@ -26,7 +26,7 @@ def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
-                                        precision=precision))
+                                        precision=precision, tp=tp))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -51,6 +51,7 @@ def serve(
     max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
+    tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes.")] = 1,
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
     import uvicorn
@@ -58,11 +59,11 @@ def serve(
     from supercluster.serve.api import create_app
 
     sock = _listen(host, port)
-    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision)
-    app = create_app(engine, api_key or [], max_queue)
-    print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({engine.precision}, "
-          f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
+    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, tp)
     try:
+        app = create_app(engine, api_key or [], max_queue)
+        print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({engine.precision}, tp {tp}, "
+              f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -40,16 +40,22 @@ from supercluster.serve.runner import LocalRunner, StepBatch
 TIMEOUT = timedelta(seconds=120)  # a collective (or the rendezvous) waiting longer than this fails
 
 
+def cpus() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the whole machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def check_tp(tp: int, heads: int, kv_heads: int) -> None:
-    cpus = os.cpu_count() or 1
-    if tp < 1 or tp > cpus:
-        raise UserError(f"--tp must be between 1 and this machine's {cpus} CPUs, got {tp}.")
+    if tp < 1:
+        raise UserError(f"--tp must be at least 1, got {tp}.")
     if heads % tp or kv_heads % tp:
         raise UserError(f"--tp {tp} must divide the model's {heads} attention heads and {kv_heads} key/value heads.")
+    if tp > cpus():  # each rank needs a core of its own, or the ranks wait on each other at every collective
+        raise UserError(f"--tp {tp} is more than the {cpus()} CPUs this process may use; use at most {cpus()}.")
 
 
 def threads_per_rank(tp: int) -> int:
-    return max(1, (os.cpu_count() or 1) // tp)
+    return max(1, cpus() // tp)
 
 
 @dataclass
@@ -91,6 +97,7 @@ class TensorParallelRunner(LocalRunner):
         self.workers: list[subprocess.Popen] = []
         self.conns: list[Connection] = []
         self._old_threads = torch.get_num_threads()
+        self.failed = ""  # why no step may run any more
         # Hosted here on a port the OS picks: no guessed free port that another process could take first.
         self.store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
         spec = RankSpec(Path(run_dir), tp, self.store.port, num_blocks, block_size, bf16)
@@ -121,18 +128,31 @@ class TensorParallelRunner(LocalRunner):
                     raise RuntimeError(f"Tensor-parallel rank {rank} exited (code {worker.returncode}) while starting.")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Tensor-parallel rank {rank} did not start within {TIMEOUT.total_seconds():.0f} s.")
-            answer = conn.recv()
+            try:
+                answer = conn.recv()
+            except EOFError:
+                answer = f"it exited (code {worker.wait()})"
             if answer != word:
                 raise RuntimeError(f"Tensor-parallel rank {rank} failed to start: {answer}")
 
     def run(self, batch: StepBatch) -> torch.Tensor:
-        for rank, (worker, conn) in enumerate(zip(self.workers, self.conns), start=1):
+        if self.failed:
+            raise RuntimeError(f"The tensor-parallel ranks are out of step since an earlier step failed ({self.failed}); "
+                               "restart the server.")
+        for rank, worker in enumerate(self.workers, start=1):
             if worker.poll() is not None:  # fail at once, not after a collective's timeout
-                raise RuntimeError(f"Tensor-parallel rank {rank} exited (code {worker.returncode}); restart the server.")
-        message = pickle.dumps(batch)
-        for conn in self.conns:
-            conn.send_bytes(message)
-        return super().run(batch)
+                self.failed = f"rank {rank} exited with code {worker.returncode}"
+                return self.run(batch)
+        try:
+            message = pickle.dumps(batch)
+            for conn in self.conns:
+                conn.send_bytes(message)
+            return super().run(batch)
+        except Exception as err:
+            # Another rank may still wait in this step's collectives: a next step would meet them
+            # there and pair its own with the wrong ones. No step runs after a failed one.
+            self.failed = f"{type(err).__name__}: {err}"
+            raise
 
     def close(self) -> None:
         import torch.distributed as dist
