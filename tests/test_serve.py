@@ -189,28 +189,33 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
 
 def engine_outputs(run_dir, prompts, max_tokens, **config):
     """Greedy continuations of all prompts submitted at once to an engine built with `config`."""
-    import queue
-
     from supercluster.serve.engine import Engine, EngineConfig
-    from supercluster.serve.sampling import SamplingParams
 
     engine = Engine(run_dir, EngineConfig(precision="fp32", **config))  # bf16 rounding differs with the rows a matmul sees
     try:
-        streams = []
-        for text in prompts:
-            events = queue.Queue()
-            engine.submit(engine.tokenizer.encode(text).ids, SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                             ignore_eos=True), events.put)
-            streams.append(events)
-        outputs = []
-        for events in streams:
-            tokens = []
-            while "finish_reason" not in (event := events.get(timeout=120)):
-                tokens.append(event["token"])
-            outputs.append(tokens)
-        return outputs, engine.snapshot()
+        return greedy(engine, prompts, max_tokens), engine.snapshot()
     finally:
         engine.shutdown()
+
+
+def greedy(engine, prompts, max_tokens):
+    import queue
+
+    from supercluster.serve.sampling import SamplingParams
+
+    streams = []
+    for text in prompts:
+        events = queue.Queue()
+        engine.submit(engine.tokenizer.encode(text).ids, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                         ignore_eos=True), events.put)
+        streams.append(events)
+    outputs = []
+    for events in streams:
+        tokens = []
+        while "finish_reason" not in (event := events.get(timeout=120)):
+            tokens.append(event["token"])
+        outputs.append(tokens)
+    return outputs
 
 
 def test_chunked_prefill_and_preemption_change_no_greedy_output(run_dir):
@@ -253,13 +258,11 @@ def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
 
     prompts = [PROMPTS[0] * 3, PROMPTS[1], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[4] * 4]
     reference, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01)
-    split, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01, tp=2)
-    assert split == reference
-
-    engine = Engine(run_dir, EngineConfig(precision="fp32", kv_cache_gib=0.01, tp=2))
+    engine = Engine(run_dir, EngineConfig(precision="fp32", max_step_tokens=24, kv_cache_gib=0.01, tp=2))
     (worker,) = engine.runner.workers
     try:
         assert engine.cache.k.shape[2] == engine.cfg.kv_heads // 2  # each rank caches its own heads
+        assert greedy(engine, prompts, 20) == reference
         worker.kill()
         worker.wait()
         events = queue.Queue()
