@@ -2,17 +2,19 @@
 
 Rank 0 is the engine's own process: it owns the scheduler and the block pool. Ranks 1..N-1 are
 worker processes (`python -m supercluster.serve.tp_worker`: a fresh interpreter, so nothing
-depends on how the engine's own program was started). Every rank loads the run's model, shards it the way training does
-(`apply_tensor_parallel` without sequence parallelism: attention heads and MLP columns split,
-the residual stream and the logits replicated) and keeps a paged KV cache of its own heads,
-with the same blocks at the same slots as rank 0's pool decides.
+depends on how the engine's own program was started). Every rank loads the run's model, keeps
+its share of it (`shard_for_inference`: training's Megatron split without sequence parallelism,
+attention heads and MLP columns split, the residual stream and the logits replicated, on plain
+tensors since DTensor's dispatch outweighs a decode step's matmuls) and keeps a paged KV cache
+of its own heads, with the same blocks at the same slots as rank 0's pool decides.
 
 Each step rank 0 pickles the `StepBatch` down a socket pair to every worker, then all ranks run
 the same forward; the model's all-reduces and its final all-gather keep them in lockstep, and
 rank 0 samples from the replicated logits. The step goes down the socket rather than a gloo
 broadcast so that an idle worker waits there, where no collective timeout runs out while nobody
-asks for anything, and a worker whose engine died (even by SIGKILL) reads end-of-file and exits. Collectives do have a
-timeout: a rank that hangs mid-step fails the step instead of holding the server forever.
+asks for anything, and a worker whose engine died (even by SIGKILL) reads end-of-file and exits.
+Collectives do have a timeout: a rank that hangs mid-step fails the step instead of holding the
+server forever.
 
 Each rank runs torch with cpus // N threads (at least one), so N ranks do not oversubscribe
 the cores between them.
@@ -71,15 +73,14 @@ class RankSpec:
 
 
 def shard(model: torch.nn.Module, rank: int, spec: RankSpec) -> LocalRunner:
-    """Join the ranks' process group and shard `model` over it: the rank's runner."""
+    """Join the ranks' process group and keep this rank's share of `model`: the rank's runner."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
-    from supercluster.parallel.tensor import apply_tensor_parallel
+    from supercluster.parallel.tensor import shard_for_inference
 
     store = dist.TCPStore("127.0.0.1", spec.store_port, spec.world, is_master=False, timeout=TIMEOUT)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=spec.world, timeout=TIMEOUT)
-    apply_tensor_parallel(model, init_device_mesh("cpu", (spec.world,)), sequence_parallel=False)
+    shard_for_inference(model, rank, spec.world)
     cfg = model.cfg
     cache = PagedKVCache(cfg.layers, spec.num_blocks, spec.block_size, cfg.kv_heads // spec.world, cfg.head_dim,
                          torch.bfloat16 if spec.bf16 else torch.float32, torch.device("cpu"))
