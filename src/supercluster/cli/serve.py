@@ -51,7 +51,7 @@ def serve(
     max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
-    tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes.")] = 1,
+    tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes (they share --kv-cache-gib).")] = 1,
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
     import uvicorn

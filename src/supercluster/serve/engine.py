@@ -5,6 +5,10 @@ The loop lives in a thread of its own; callers (the HTTP API, the terminal chat)
 requests and receive events through a callback: {"token": id, "text": delta, "logprob": ...}
 as tokens arrive, then {"finish_reason": ...}. `abort` stops a request at the next step and
 frees its blocks, also in the middle of its prefill.
+
+A runner (`serve/runner.py`) runs each step's forward pass: in this process, or with `tp` > 1
+split tensor-parallel over that many CPU processes (`serve/tensor_parallel.py`); scheduling and
+sampling stay here either way.
 """
 
 from __future__ import annotations
