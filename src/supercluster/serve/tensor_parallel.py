@@ -137,13 +137,11 @@ class TensorParallelRunner(LocalRunner):
                 raise RuntimeError(f"Tensor-parallel rank {rank} failed to start: {answer}")
 
     def run(self, batch: StepBatch) -> torch.Tensor:
-        if self.failed:
-            raise RuntimeError(f"The tensor-parallel ranks are out of step since an earlier step failed ({self.failed}); "
-                               "restart the server.")
         for rank, worker in enumerate(self.workers, start=1):
             if worker.poll() is not None:  # fail at once, not after a collective's timeout
                 self.failed = f"rank {rank} exited with code {worker.returncode}"
-                return self.run(batch)
+        if self.failed:
+            raise RuntimeError(f"The tensor-parallel ranks cannot run another step ({self.failed}); restart the server.")
         try:
             message = pickle.dumps(batch)
             for conn in self.conns:
