@@ -196,28 +196,33 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
 
 def engine_outputs(run_dir, prompts, max_tokens, **config):
     """Greedy continuations of all prompts submitted at once to an engine built with `config`."""
-    import queue
-
     from supercluster.serve.engine import Engine, EngineConfig
-    from supercluster.serve.sampling import SamplingParams
 
     engine = Engine(run_dir, EngineConfig(precision="fp32", **config))  # bf16 rounding differs with the rows a matmul sees
     try:
-        streams = []
-        for text in prompts:
-            events = queue.Queue()
-            engine.submit(engine.tokenizer.encode(text).ids, SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                             ignore_eos=True), events.put)
-            streams.append(events)
-        outputs = []
-        for events in streams:
-            tokens = []
-            while "finish_reason" not in (event := events.get(timeout=120)):
-                tokens.append(event["token"])
-            outputs.append(tokens)
-        return outputs, engine.snapshot()
+        return greedy(engine, prompts, max_tokens), engine.snapshot()
     finally:
         engine.shutdown()
+
+
+def greedy(engine, prompts, max_tokens):
+    import queue
+
+    from supercluster.serve.sampling import SamplingParams
+
+    streams = []
+    for text in prompts:
+        events = queue.Queue()
+        engine.submit(engine.tokenizer.encode(text).ids, SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                         ignore_eos=True), events.put)
+        streams.append(events)
+    outputs = []
+    for events in streams:
+        tokens = []
+        while "finish_reason" not in (event := events.get(timeout=120)):
+            tokens.append(event["token"])
+        outputs.append(tokens)
+    return outputs
 
 
 def test_chunked_prefill_and_preemption_change_no_greedy_output(run_dir):
@@ -262,3 +267,59 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item())
     with pytest.raises(UserError, match="--quantize must be one of"):
         quantize(torch.nn.Sequential(linear), "int3")
+
+
+def children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(c) for c in path.read_text().split()} if path.exists() else set()
+
+
+def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
+    """tp 2 (two CPU processes, each with half the heads) gives the same greedy tokens as one
+    rank, for requests of different lengths sharing steps (prefill chunks next to decodes);
+    its worker is gone after shutdown, and a worker that dies fails requests instead of hanging."""
+    import queue
+
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
+
+    prompts = [PROMPTS[0] * 3, PROMPTS[1], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[4] * 4]
+    reference, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01)
+    engine = Engine(run_dir, EngineConfig(precision="fp32", max_step_tokens=24, kv_cache_gib=0.01, tp=2))
+    (worker,) = engine.runner.workers
+    try:
+        assert engine.cache.k.shape[2] == engine.cfg.kv_heads // 2  # each rank caches its own heads
+        assert greedy(engine, prompts, 20) == reference
+        worker.kill()
+        worker.wait()
+        events = queue.Queue()
+        engine.submit([1, 2, 3], SamplingParams(max_tokens=4), events.put)
+        assert "rank 1 exited" in events.get(timeout=60)["error"]
+    finally:
+        engine.shutdown()
+    assert engine.runner.workers == [] and worker.returncode is not None
+
+
+def test_tensor_parallel_server_and_its_workers_end_together(run_dir):
+    proc, base = start_server(run_dir, "--tp", "2", "--precision", "fp32")
+    try:
+        workers = children(proc.pid)
+        assert len(workers) == 1
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        assert complete(client, PROMPTS[0], max_tokens=8)
+    finally:
+        proc.kill()  # no clean shutdown: the worker must notice by itself
+        proc.wait(timeout=30)
+    assert "tp 2" in proc.stdout.readline()
+    for _ in range(100):
+        if not any(Path(f"/proc/{pid}").exists() for pid in workers):
+            break
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+@pytest.mark.parametrize("tp, message", [("0", "--tp must be at least 1"), ("3", "--tp 3 must divide the model's 4")])
+def test_bad_tp_is_one_sentence(run_dir, tp, message):
+    out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), "--tp", tp],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1

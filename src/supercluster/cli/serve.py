@@ -17,7 +17,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto",
-            quantize: str = "none", threads: int | None = None):
+            quantize: str = "none", threads: int | None = None, tp: int = 1):
     import torch
 
     from supercluster.serve.engine import Engine, EngineConfig
@@ -31,12 +31,14 @@ def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if quantize not in QUANTIZATIONS:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    if tp > 1 and quantize != "none":
+        raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be at least 1, got {threads}.")
         torch.set_num_threads(threads)
     return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
-                                        precision=precision, quantize=quantize))
+                                        precision=precision, quantize=quantize, tp=tp))
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -64,6 +66,7 @@ def serve(
     quantize: Annotated[str, typer.Option("--quantize", help="none, or int8: weight-only int8 linear layers, about "
                                           "twice the decode speed on CPUs (logits within about 1%).")] = "none",
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model (default: all cores).")] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes (they share --kv-cache-gib).")] = 1,
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
     import uvicorn
@@ -71,12 +74,12 @@ def serve(
     from supercluster.serve.api import create_app
 
     sock = _listen(host, port)
-    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads)
-    app = create_app(engine, api_key or [], max_queue)
-    weights = "int8 weights, " if quantize == "int8" else ""
-    print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.precision}, "
-          f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
+    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads, tp)
     try:
+        app = create_app(engine, api_key or [], max_queue)
+        weights = "int8 weights, " if quantize == "int8" else ""
+        print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.precision}, tp {tp}, "
+              f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -5,6 +5,10 @@ The loop lives in a thread of its own; callers (the HTTP API, the terminal chat)
 requests and receive events through a callback: {"token": id, "text": delta, "logprob": ...}
 as tokens arrive, then {"finish_reason": ...}. `abort` stops a request at the next step and
 frees its blocks, also in the middle of its prefill.
+
+A runner (`serve/runner.py`) runs each step's forward pass: in this process, or with `tp` > 1
+split tensor-parallel over that many CPU processes (`serve/tensor_parallel.py`); scheduling and
+sampling stay here either way.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from pathlib import Path
 import torch
 
 from supercluster.errors import UserError
-from supercluster.serve.kv_cache import PagedKVCache, SeqSlice, StepAttention
+from supercluster.serve.kv_cache import PagedKVCache
 from supercluster.serve.quantize import quantize
+from supercluster.serve.runner import LocalRunner, StepBatch
 from supercluster.serve.sampling import SamplingParams, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
+from supercluster.serve.tensor_parallel import TensorParallelRunner, check_tp
 
 
 @dataclass
@@ -35,6 +41,7 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
     precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
     quantize: str = "none"  # int8: weight-only int8 linear layers (a quarter of fp32's bytes a token)
+    tp: int = 1  # tensor-parallel CPU ranks (processes) the model is split over
 
 
 @dataclass
@@ -54,22 +61,34 @@ class Engine:
 
         self.config = config or EngineConfig()
         run_dir = Path(run_dir)
-        self.device = select_device()
+        # Tensor-parallel ranks are local CPU processes joined by gloo.
+        self.device = select_device() if self.config.tp == 1 else torch.device("cpu")
         # bf16 as training runs it: fp32 weights and residual stream, matmuls in bf16 under autocast
         # (its weight-cast cache lives as long as the engine's loop, so weights are cast once). A
         # model cast to bf16 whole loses small updates to the residual stream's large outlier
         # features (SmolLM2's reach 2.5e4, where bf16 steps by 128) and stops answering right.
-        self.model = quantize(load_trained(run_dir).to(self.device).eval(), self.config.quantize)
+        self.model = load_trained(run_dir).to(self.device).eval()
+        self.cfg = self.model.cfg
+        check_tp(self.config.tp, self.cfg.heads, self.cfg.kv_heads)
+        if self.config.tp > 1 and self.config.quantize != "none":
+            raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
+        self.model = quantize(self.model, self.config.quantize)
         self.precision = self.config.precision if self.config.precision != "auto" else self._faster_precision()
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.cfg = self.model.cfg
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
         self.name = run_dir.name
+        # Sized for all of the heads: under tensor parallelism the ranks share kv_cache_gib between them.
         blocks = self.config.num_blocks or PagedKVCache.blocks_for_budget(
             self.config.kv_cache_gib, self.cfg.layers, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim, self.dtype)
-        self.cache = PagedKVCache(self.cfg.layers, blocks, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim,
-                                  self.dtype, self.device)
+        if self.config.tp == 1:
+            self.runner = LocalRunner(self.model, PagedKVCache(self.cfg.layers, blocks, self.config.block_size,
+                                                               self.cfg.kv_heads, self.cfg.head_dim, self.dtype, self.device),
+                                      self.device)
+        else:
+            self.runner = TensorParallelRunner(self.model, run_dir, self.config.tp, blocks, self.config.block_size,
+                                               self.precision == "bf16")
+        self.cache = self.runner.cache
         self.scheduler = Scheduler(self.cache.pool, self.config.block_size, self.config.max_running,
                                    self.config.max_step_tokens)
         self.stats = Stats()
@@ -140,6 +159,7 @@ class Engine:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout=10)
+        self.runner.close()
 
     # ---- the loop -----------------------------------------------------------------------------
 
@@ -174,17 +194,11 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return
-        tokens, positions, write_slots, slices, last = [], [], [], [], []
+        step = StepBatch([], [])
         for seq, count in batch:
-            start, stop = seq.computed, seq.computed + count
-            slices.append(SeqSlice(len(tokens), count, stop, self.cache.slots(seq.blocks, 0, stop)))
-            tokens += seq.tokens[start:stop]
-            positions += range(start, stop)
-            write_slots.append(self.cache.slots(seq.blocks, start, stop))
-            last.append(len(tokens) - 1)
-        cache = StepAttention(self.cache, torch.cat(write_slots).to(self.device), slices)
-        logits = self.model(torch.tensor([tokens], device=self.device), torch.tensor(positions, device=self.device),
-                            cache=cache, logits_index=torch.tensor(last, device=self.device))[0]
+            step.tokens += seq.tokens[seq.computed:seq.computed + count]
+            step.seqs.append((seq.computed, count, seq.blocks))
+        logits = self.runner.run(step)
         now = time.monotonic()
         for (seq, count), row in zip(batch, logits):
             seq.computed += count

@@ -1,0 +1,50 @@
+"""What runs the model for the engine: one step's packed batch in, each sequence's last logits out.
+
+The engine's scheduler decides what a step computes and describes it as a `StepBatch` of plain
+Python values; a runner turns that into tensors, hands the model its `StepAttention` and returns
+the logits. `LocalRunner` does it in this process; the tensor-parallel runner
+(`supercluster.serve.tensor_parallel`) sends the same batch to its other ranks first, and each
+rank runs this same code on its share of the heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from supercluster.serve.kv_cache import PagedKVCache, SeqSlice, StepAttention
+
+
+@dataclass
+class StepBatch:
+    """One forward pass: small enough to pickle to every rank each step."""
+
+    tokens: list[int]  # every sequence's new tokens, packed in order
+    seqs: list[tuple[int, int, list[int]]]  # per sequence: position of its first new token, new tokens, block table
+
+
+class LocalRunner:
+    """The model and its KV cache in this process."""
+
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+        self.model, self.cache, self.device = model, cache, device
+
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [sequences, vocab] at each sequence's last new token."""
+        positions, write_slots, slices, last = [], [], [], []
+        offset = 0
+        for start, count, blocks in batch.seqs:
+            stop = start + count
+            slices.append(SeqSlice(offset, count, stop, self.cache.slots(blocks, 0, stop)))
+            positions += range(start, stop)
+            write_slots.append(self.cache.slots(blocks, start, stop))
+            offset += count
+            last.append(offset - 1)
+        cache = StepAttention(self.cache, torch.cat(write_slots).to(self.device), slices)
+        return self.model(torch.tensor([batch.tokens], device=self.device), torch.tensor(positions, device=self.device),
+                          cache=cache, logits_index=torch.tensor(last, device=self.device))[0]
+
+    def close(self) -> None:
+        pass
