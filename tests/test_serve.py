@@ -290,8 +290,10 @@ def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
     try:
         assert engine.cache.k.shape[2] == engine.cfg.kv_heads // 2  # each rank caches its own heads
         assert greedy(engine, prompts, 20) == reference
+        assert engine.runner.problem() == ""
         worker.kill()
         worker.wait()
+        assert "rank 1 exited" in engine.runner.problem()  # what /health answers 503 with
         events = queue.Queue()
         engine.submit([1, 2, 3], SamplingParams(max_tokens=4), events.put)
         assert "rank 1 exited" in events.get(timeout=60)["error"]

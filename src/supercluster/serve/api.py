@@ -131,6 +131,9 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
 
     @app.get("/health")
     async def health():
+        problem = engine.runner.problem()  # e.g. a tensor-parallel rank that died: load balancers look here
+        if problem:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")

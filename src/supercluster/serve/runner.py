@@ -46,5 +46,9 @@ class LocalRunner:
         return self.model(torch.tensor([batch.tokens], device=self.device), torch.tensor(positions, device=self.device),
                           cache=cache, logits_index=torch.tensor(last, device=self.device))[0]
 
+    def problem(self) -> str:
+        """Why this runner cannot run a step, or "" when it can."""
+        return ""
+
     def close(self) -> None:
         pass

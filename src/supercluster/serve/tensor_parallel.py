@@ -136,11 +136,14 @@ class TensorParallelRunner(LocalRunner):
             if answer != word:
                 raise RuntimeError(f"Tensor-parallel rank {rank} failed to start: {answer}")
 
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def problem(self) -> str:
         for rank, worker in enumerate(self.workers, start=1):
-            if worker.poll() is not None:  # fail at once, not after a collective's timeout
+            if worker.poll() is not None and not self.failed:
                 self.failed = f"rank {rank} exited with code {worker.returncode}"
-        if self.failed:
+        return self.failed
+
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        if self.problem():  # fail at once, not after a collective's timeout
             raise RuntimeError(f"The tensor-parallel ranks cannot run another step ({self.failed}); restart the server.")
         try:
             message = pickle.dumps(batch)
