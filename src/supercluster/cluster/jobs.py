@@ -44,12 +44,17 @@ def jobs_root() -> Path:
 
 
 def submit_job(
-    db: Database | str | None, cluster_name: str, config: str, overrides: list[str] = (), *, max_restarts: int = 3
+    db: Database | str | None, cluster_name: str, config: str, overrides: list[str] = (), *, max_restarts: int = 3,
+    command: list[str] | None = None,
 ) -> dict:
+    """Start a training run of `config` on the cluster, or with `command` that argv instead on its
+    first node (a serving job; `config` then names what it serves)."""
     db = open_db(db)
-    path = Path(config).resolve()
-    if not path.is_file():
-        raise UserError(f"Config file {config!r} does not exist; pass the path of a training TOML.")
+    if command is None:
+        path = Path(config).resolve()
+        if not path.is_file():
+            raise UserError(f"Config file {config!r} does not exist; pass the path of a training TOML.")
+        config = str(path)
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise UserError(f"--set {item!r} is not section.key=value; write it like train.steps=10.")
@@ -60,8 +65,8 @@ def submit_job(
         cluster = get_cluster(s, cluster_name)
         if cluster.state != "ready":
             raise UserError(f"Cluster {cluster_name!r} is still queued; submit once `supercluster cluster show {cluster_name}` says ready.")
-        job = Job(cluster_name=cluster_name, config=str(path), overrides=list(overrides), state="pending", job_dir="",
-                  restarts=0, max_restarts=max_restarts, preemptions=0, submitted_at=now())
+        job = Job(cluster_name=cluster_name, config=config, overrides=list(overrides), command=command, state="pending",
+                  job_dir="", restarts=0, max_restarts=max_restarts, preemptions=0, submitted_at=now())
         s.add(job)
         s.flush()
         jobs_root().mkdir(parents=True, exist_ok=True)
@@ -76,6 +81,7 @@ def submit_job(
 def job_dict(j: Job) -> dict:
     return {
         "id": j.id, "cluster": j.cluster_name, "state": j.state, "config": j.config, "overrides": j.overrides,
+        "command": j.command,
         "job_dir": j.job_dir, "run_dir": f"{j.job_dir}/run", "backend_ref": j.backend_ref, "restarts": j.restarts,
         "max_restarts": j.max_restarts, "preemptions": j.preemptions, "exit_code": j.exit_code, "detail": j.detail,
         "submitted_at": j.submitted_at, "ended_at": j.ended_at,

@@ -13,7 +13,7 @@ def job_spec(job: Job, cluster: Cluster) -> JobSpec:
     return JobSpec(
         job_id=job.id, job_dir=job.job_dir, config=job.config, overrides=tuple(job.overrides),
         nodes=tuple(cluster.node_names), gpus_per_node=cluster.allocations[0].gpus,
-        max_restarts=job.max_restarts, reservation=cluster.backend_ref,
+        max_restarts=job.max_restarts, reservation=cluster.backend_ref, command=tuple(job.command or ()),
     )
 
 

@@ -148,6 +148,7 @@ class Job(Base):
     cluster_name: Mapped[str] = mapped_column(sa.String(64), index=True)
     config: Mapped[str] = mapped_column(sa.Text)
     overrides: Mapped[list] = mapped_column(sa.JSON)  # ["section.key=value", ...]
+    command: Mapped[list | None] = mapped_column(sa.JSON)  # argv run instead of training (a serving job)
     state: Mapped[str] = mapped_column(sa.String(16))
     job_dir: Mapped[str] = mapped_column(sa.Text)  # holds the log, the launch script and run/
     backend_ref: Mapped[str | None] = mapped_column(sa.String(128))  # Slurm job id or local pid

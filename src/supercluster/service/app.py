@@ -9,26 +9,31 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 from pathlib import Path as FilePath
 import time
 from typing import Literal
 
+import httpx
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from supercluster.errors import UserError
-from supercluster.service import resources, tenancy, usage
+from supercluster.service import endpoints, resources, tenancy, usage
 from supercluster.service.auth import Caller, RateLimiter, ServiceError, authenticate
 from supercluster.service.models import Audit
-from supercluster.service.schemas import ClusterIn, JobIn, OrgIn, PlanIn, ProjectIn, QuotaIn, TokenIn, UserIn
+from supercluster.service.schemas import ClusterIn, EndpointIn, JobIn, OrgIn, PlanIn, ProjectIn, QuotaIn, TokenIn, UserIn
 from supercluster.service.store import Store
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
+# Calls to a model through an endpoint change nothing: they are counted for usage, not audited.
+MODEL_CALL = re.compile(r"^/v1/projects/[^/]+/endpoints/[^/]+/v1/")
+PROXIED = ("chat/completions", "completions", "models")
 DASHBOARD = FilePath(__file__).parent / "static" / "dashboard.html"
 _bearer = HTTPBearer(auto_error=False, description="An API token from `supercluster server init` or POST /v1/tokens.")
 
@@ -52,7 +57,10 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         stop = threading.Event()
         if tick_s > 0:
             threading.Thread(target=_ticker, args=(store, tick_s, stop), daemon=True, name="service-tick").start()
-        yield
+        # to endpoints' model servers: generations take long, connecting must not
+        async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
+            _app.state.http = client
+            yield
         stop.set()
 
     app = FastAPI(title="supercluster", version="1", lifespan=lifespan, description="Many teams share one fleet: tenants, "
@@ -86,7 +94,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             response = await call_next(request)
         except ServiceError as err:
             response = JSONResponse({"detail": err.message}, status_code=err.status, headers=err.headers)
-        if request.method in MUTATING:
+        if request.method in MUTATING and not MODEL_CALL.match(request.url.path):
             row = Audit(at=time.time(), user_id=caller.user_id if caller else None, token_id=caller.token_id if caller else None,
                         project_id=caller.project_id if caller else None, method=request.method, path=request.url.path[:1000],
                         status=response.status_code, client=request.client.host if request.client else None)
@@ -215,6 +223,84 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             p = tenancy.visible_project(s, who, project)
             return resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
 
+    # ---- endpoints: models served from a project's clusters ------------------------------------
+
+    @app.post("/v1/projects/{project}/endpoints", status_code=202, tags=["endpoints"])
+    def create_endpoint(project: str, body: EndpointIn, who: Caller = Depends(caller)) -> dict:
+        """Serve a run directory from one of the project's clusters; poll until its state is ready."""
+        return endpoints.create(store, who, project, body.name, body.cluster, body.run_dir, body.job, body.max_running,
+                                body.quantize)
+
+    @app.get("/v1/projects/{project}/endpoints", tags=["endpoints"])
+    def list_endpoints(project: str, who: Caller = Depends(caller)) -> list[dict]:
+        return endpoints.list_all(store, who, project)
+
+    @app.get("/v1/projects/{project}/endpoints/{name}", tags=["endpoints"])
+    def show_endpoint(project: str, name: str, who: Caller = Depends(caller)) -> dict:
+        return endpoints.show(store, who, project, name)
+
+    @app.delete("/v1/projects/{project}/endpoints/{name}", tags=["endpoints"])
+    def delete_endpoint(project: str, name: str, who: Caller = Depends(caller)) -> dict:
+        """Stop the endpoint's server (its calls stay counted)."""
+        return endpoints.delete(store, who, project, name)
+
+    @app.api_route("/v1/projects/{project}/endpoints/{name}/v1/{path:path}", methods=["GET", "POST"], tags=["endpoints"])
+    async def call_endpoint(project: str, name: str, path: str, request: Request, who: Caller = Depends(caller)):
+        """The endpoint's OpenAI API (`chat/completions`, `completions`, `models`) with a member's project token:
+        point an OpenAI client's base_url here."""
+        if path not in PROXIED:
+            return _openai_error(404, f"Endpoints answer {', '.join('/v1/' + p for p in PROXIED)}; not /v1/{path}.")
+        try:
+            endpoint_id, url, secret = await run_in_threadpool(endpoints.upstream, store, who, project, name)
+        except ServiceError as err:
+            return _openai_error(err.status, err.message)
+        body, stream, wants_usage = await request.body(), False, False
+        if request.method == "POST":
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                return _openai_error(400, "The request body is not JSON.")
+            if isinstance(payload, dict) and payload.get("stream"):
+                # The final usage chunk is what the call is counted by: asked for always, passed on if the client asked.
+                options = payload.get("stream_options") if isinstance(payload.get("stream_options"), dict) else {}
+                stream, wants_usage = True, bool(options.get("include_usage"))
+                payload["stream_options"] = {**options, "include_usage": True}
+                body = json.dumps(payload).encode()
+        client: httpx.AsyncClient = request.app.state.http
+        upstream = client.build_request(request.method, f"{url}/v1/{path}", content=body if request.method == "POST" else None,
+                                        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+        try:
+            answer = await client.send(upstream, stream=True)
+        except httpx.HTTPError as err:
+            return _openai_error(502, f"Endpoint {name!r} does not answer ({type(err).__name__}); see its state and job log.")
+        counted = request.method == "POST" and answer.status_code == 200
+        if not stream or answer.status_code != 200:
+            data = await answer.aread()
+            await answer.aclose()
+            if counted:
+                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, _usage_of(data))
+            return Response(data, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
+
+        async def relay():
+            seen = None
+            try:
+                buffer = b""
+                async for chunk in answer.aiter_bytes():
+                    buffer += chunk
+                    while b"\n\n" in buffer:
+                        event, buffer = buffer.split(b"\n\n", 1)
+                        usage_here = _usage_chunk(event)
+                        if usage_here is not None:
+                            seen = usage_here
+                            if not wants_usage:
+                                continue
+                        yield event + b"\n\n"
+            finally:
+                await answer.aclose()
+                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, seen)
+
+        return StreamingResponse(relay(), media_type="text/event-stream")
+
     # ---- usage, fleet, plans -----------------------------------------------------------------
 
     @app.get("/v1/usage", tags=["usage"], responses={200: {"content": {"text/csv": {}}}})
@@ -228,7 +314,10 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
         from supercluster.service import prices
 
-        return {"by": by, "since": since, "until": until, "rows": rows, "prices": prices.table()}
+        with store.reading() as s:
+            tokens = endpoints.token_report(s, by=by, since=since, until=until,
+                                            project_ids=None if who.is_operator else [who.project_id])
+        return {"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()}
 
     @app.get("/v1/fleet", tags=["fleet"])
     def fleet(who: Caller = Depends(caller)) -> dict:
@@ -276,10 +365,35 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     return app
 
 
+def _openai_error(status: int, message: str) -> JSONResponse:
+    """An error as OpenAI's clients expect it on the model routes."""
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status)
+
+
+def _usage_of(data: bytes) -> dict | None:
+    try:
+        return json.loads(data).get("usage")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _usage_chunk(event: bytes) -> dict | None:
+    """The usage of a stream's final `data:` chunk (no choices, a usage), else None."""
+    if not event.startswith(b"data: {"):
+        return None
+    try:
+        chunk = json.loads(event[6:])
+    except ValueError:
+        return None
+    return chunk["usage"] if chunk.get("usage") and not chunk.get("choices") else None
+
+
 def _ticker(store: Store, every_s: float, stop: threading.Event) -> None:
     while not stop.wait(every_s):
         try:
             resources.tick(store)
+            endpoints.refresh_all(store)
         except Exception:  # a failed pass must not end the loop; the next one tries again
             logging.getLogger("supercluster.service").exception("budget and queue pass failed")
 

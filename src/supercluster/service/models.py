@@ -104,3 +104,37 @@ class Audit(ServiceBase):
     path: Mapped[str] = mapped_column(sa.Text)
     status: Mapped[int]
     client: Mapped[str | None] = mapped_column(sa.String(64))
+
+
+ENDPOINT_STATES = ("starting", "ready", "failed", "stopped")
+
+
+class Endpoint(ServiceBase):
+    """A project's model server: `supercluster serve` running as a job on one of its clusters."""
+
+    __tablename__ = "svc_endpoints"
+    __table_args__ = (sa.UniqueConstraint("project_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_projects.id"), index=True)
+    user_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_users.id"))
+    name: Mapped[str] = mapped_column(sa.String(48))
+    cluster: Mapped[str] = mapped_column(sa.String(48))  # the cluster's name in the project
+    run_dir: Mapped[str] = mapped_column(sa.Text)
+    job_id: Mapped[int | None]  # the fleet's serving job
+    url: Mapped[str] = mapped_column(sa.String(256))  # where the server listens, on the cluster's first node
+    secret: Mapped[str] = mapped_column(sa.String(64))  # the server's API key: only the service calls it
+    state: Mapped[str] = mapped_column(sa.String(16))  # see ENDPOINT_STATES
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[float]
+
+
+class EndpointCall(ServiceBase):
+    """One answered request through an endpoint, for usage: who asked, when, how many tokens."""
+
+    __tablename__ = "svc_endpoint_calls"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_endpoints.id"), index=True)
+    user_id: Mapped[int | None]
+    at: Mapped[float] = mapped_column(index=True)
+    prompt_tokens: Mapped[int]
+    completion_tokens: Mapped[int]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Name = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="lower-case letters, digits, '_' or '-'; up to 32")
 ClusterName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$", description="letters, digits, '_' or '-'; up to 48")
@@ -71,3 +71,18 @@ class PlanIn(Body):
     seq_len: int | None = Field(default=None, ge=1, le=1_048_576)
     global_batch: int | None = Field(default=None, ge=1, le=1_000_000)
     top: int = Field(default=5, ge=1, le=50)
+
+
+class EndpointIn(Body):
+    name: str = ClusterName
+    cluster: str = ClusterName
+    run_dir: str | None = Text(1000, default=None, description="a run directory in the model library ($SUPERCLUSTER_HOME/models)")
+    job: int | None = Field(default=None, ge=1, le=2**31 - 1, description="or: serve the run of this project's training job")
+    max_running: int = Field(default=32, ge=1, le=1024, description="sequences the server decodes at once")
+    quantize: Literal["none", "int8"] = "none"
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.run_dir is None) == (self.job is None):
+            raise ValueError("give exactly one of run_dir and job")
+        return self

@@ -7,6 +7,6 @@ simulated fleet for placement (it runs no jobs). Each implements `Backend` (base
 
 from __future__ import annotations
 
-from supercluster.cluster.backends.base import BACKENDS, Backend, JobSpec, JobStatus, NodeSpec, canonical_gpu_type, train_command
+from supercluster.cluster.backends.base import BACKENDS, Backend, JobSpec, JobStatus, NodeSpec, canonical_gpu_type, node_command, train_command
 
-__all__ = ["BACKENDS", "Backend", "JobSpec", "JobStatus", "NodeSpec", "canonical_gpu_type", "train_command"]
+__all__ = ["BACKENDS", "Backend", "JobSpec", "JobStatus", "NodeSpec", "canonical_gpu_type", "node_command", "train_command"]

@@ -43,6 +43,7 @@ class JobSpec:
     gpus_per_node: int  # processes per node (one per GPU)
     max_restarts: int
     reservation: str | None = None
+    command: tuple[str, ...] = ()  # an argv to run on the first node instead of training (a serving job)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class JobStatus:
     restarts: int = 0
     detail: str | None = None
     nodes: tuple[str, ...] = field(default=())
+
+
+def node_command(spec: JobSpec, nnodes: int, **train_args) -> list[str]:
+    """What one node of `spec` runs: its own command, or its share of the training run."""
+    return list(spec.command) if spec.command else train_command(spec, nnodes, **train_args)
 
 
 def train_command(spec: JobSpec, nnodes: int, node_rank: str = "0", rdzv: str | None = None, torchrun_restarts: int = 0) -> list[str]:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, train_command
+from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, node_command
 from supercluster.files import write_atomic
 
 
@@ -54,7 +54,7 @@ class LocalBackend(Backend):
 
     def submit(self, spec: JobSpec) -> str:
         job_dir = Path(spec.job_dir)
-        cmd = train_command(spec, 1, torchrun_restarts=spec.max_restarts)
+        cmd = node_command(spec, 1, torchrun_restarts=spec.max_restarts)
         log = open(job_dir / "job.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "supercluster.cluster.backends.local", str(job_dir), "--", *cmd],

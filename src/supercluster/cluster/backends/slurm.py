@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, canonical_gpu_type, train_command
+from supercluster.cluster.backends.base import Backend, JobSpec, JobStatus, NodeSpec, canonical_gpu_type, node_command
 from supercluster.errors import UserError
 
 PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
@@ -203,8 +203,8 @@ class SlurmBackend(Backend):
 
     def submit(self, spec: JobSpec) -> str:
         job_dir = Path(spec.job_dir)
-        nnodes = len(spec.nodes)
-        cmd = train_command(spec, nnodes, node_rank="__NODE_RANK__", rdzv="__RDZV__")
+        nnodes = 1 if spec.command else len(spec.nodes)  # a command of its own runs on the first node only
+        cmd = node_command(spec, nnodes, node_rank="__NODE_RANK__", rdzv="__RDZV__")
         line = " ".join(shlex.quote(a) for a in cmd)
         line = line.replace("__NODE_RANK__", '"$SLURM_NODEID"').replace("__RDZV__", '"$SUPERCLUSTER_RDZV"')
         (job_dir / "node.sh").write_text(f"#!/bin/bash\n# One node's share of the job: one torchrun.\nexec {line}\n")

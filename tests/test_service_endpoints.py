@@ -1,0 +1,156 @@
+"""Endpoints: the fleet trains a model and serves it. A tiny training job of a project, then its
+run served from the project's cluster; the official `openai` client (sync and streaming) calls it
+through the service with the project's token, another tenant cannot, usage counts the tokens, and
+deleting the endpoint stops its server."""
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from supercluster.cluster.fleet import init_fleet
+from supercluster.service import tenancy
+from supercluster.service.app import create_app
+from supercluster.service.store import Store
+
+from test_service_jobs import tiny_config
+
+
+@pytest.fixture
+def live(tmp_path):
+    """A real server on loopback (the openai client speaks HTTP) with two tenants' tokens."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    store = Store(f"sqlite:///{tmp_path / 'service.db'}")
+    with store.session() as s:
+        op = {"Authorization": f"Bearer {tenancy.init_operator(s)}"}
+    init_fleet(store.fleet, "local", gpus=2)
+    app = create_app(store=store)
+    tokens = {}
+    with TestClient(app) as c:
+        for org, project in (("acme", "llm"), ("globex", "web")):
+            c.post("/v1/orgs", headers=op, json={"name": org}).raise_for_status()
+            c.post(f"/v1/orgs/{org}/projects", headers=op, json={"name": project}).raise_for_status()
+            for role in ("member", "viewer"):
+                c.post("/v1/users", headers=op, json={"name": f"{project}-{role}", "org": org}).raise_for_status()
+                tokens[project, role] = c.post("/v1/tokens", headers=op, json={
+                    "user": f"{project}-{role}", "project": project, "role": role}).json()["token"]
+    tokens["op"] = op["Authorization"].removeprefix("Bearer ")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        yield client, tokens
+    server.should_exit = True
+    thread.join(timeout=30)
+    store.dispose()
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wait_for(client, path: str, headers: dict, done, timeout: float = 240) -> dict:
+    deadline = time.monotonic() + timeout
+    while not done(body := client.get(path, headers=headers).json()):
+        assert time.monotonic() < deadline, body
+        time.sleep(0.5)
+    return body
+
+
+@pytest.mark.slow
+def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_path):
+    client, tokens = live
+    member, viewer, other = (bearer(tokens[k]) for k in (("llm", "member"), ("llm", "viewer"), ("web", "member")))
+    assert client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 2}).json()["state"] == "ready"
+    jid = client.post("/v1/projects/llm/jobs", headers=member,
+                      json={"cluster": "here", "config": tiny_config(small_corpus, 4), "max_restarts": 0}).json()["id"]
+    assert wait_for(client, f"/v1/projects/llm/jobs/{jid}", member, lambda j: j["state"] not in ("pending", "running"))["state"] == "completed"
+
+    # what may be served: this project's runs and the model library, nothing else
+    body = {"name": "chat", "cluster": "here", "job": jid}
+    assert client.post("/v1/projects/web/endpoints", headers=other, json={**body, "cluster": "here"}).status_code == 404
+    r = client.post("/v1/projects/llm/endpoints", headers=member, json={"name": "x", "cluster": "here", "run_dir": str(tmp_path)})
+    assert r.status_code == 403 and "model library" in r.json()["detail"]
+    assert client.post("/v1/projects/llm/endpoints", headers=member, json={**body, "run_dir": "a"}).status_code == 422
+    assert client.post("/v1/projects/llm/endpoints", headers=viewer, json=body).status_code == 403
+
+    r = client.post("/v1/projects/llm/endpoints", headers=member, json=body)
+    assert r.status_code == 202 and r.json()["state"] == "starting", r.text
+    assert client.post("/v1/projects/llm/endpoints", headers=member, json=body).status_code == 409  # the name is taken
+    ready = wait_for(client, "/v1/projects/llm/endpoints/chat", viewer, lambda e: e["state"] != "starting")
+    assert ready["state"] == "ready", ready
+    assert "secret" not in ready and "url" not in ready
+
+    base = f"{client.base_url}{ready['base_url']}"
+    oai = openai.OpenAI(base_url=base, api_key=tokens["llm", "member"], max_retries=0)
+    (model,) = [m.id for m in oai.models.list()]
+    whole = oai.completions.create(model=model, prompt="def parse(self, text):", max_tokens=6, temperature=0)
+    assert whole.usage.completion_tokens == 6 and whole.choices[0].text
+    chunks = list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "import os"}],
+                                              max_tokens=5, temperature=0, stream=True))
+    assert all(c.choices for c in chunks)  # the usage chunk the service asked for is not passed on unasked
+    streamed = list(oai.completions.create(model=model, prompt="def parse(self, text):", max_tokens=6, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
+    assert streamed[-1].usage.completion_tokens == 6
+
+    # other tenants and viewers cannot call it; a bad key is a 401
+    for token, status in ((tokens["web", "member"], 404), (tokens["llm", "viewer"], 403), ("sc_nope", 401)):
+        denied = openai.OpenAI(base_url=base, api_key=token, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            denied.completions.create(model=model, prompt="x", max_tokens=2)
+        assert err.value.status_code == status
+        assert "does not answer" not in str(err.value)
+
+    # three answered calls, 6 + 5 + 6 completion tokens, in the endpoint and in usage; no audit rows for them
+    shown = client.get("/v1/projects/llm/endpoints/chat", headers=viewer).json()
+    assert (shown["requests"], shown["completion_tokens"]) == (3, 17) and shown["prompt_tokens"] > 0
+    (row,) = client.get("/v1/usage", headers=member).json()["tokens"]
+    assert row["project"] == "llm" and row["endpoint"] == "chat" and (row["requests"], row["completion_tokens"]) == (3, 17)
+    by_user = client.get("/v1/usage?by=user", headers=member).json()["tokens"]
+    assert [r["user"] for r in by_user] == ["llm-member"]
+    assert client.get("/v1/usage", headers=other).json()["tokens"] == []
+    audit = client.get("/v1/audit?limit=1000", headers=bearer(tokens["op"])).json()
+    assert any(a["path"] == "/v1/projects/llm/endpoints" and a["status"] == 202 for a in audit)
+    assert not any("/endpoints/chat/v1/" in a["path"] for a in audit)
+
+    # deleting stops the server: the endpoint says stopped, the fleet job is cancelled, calls get 503
+    stopped = client.delete("/v1/projects/llm/endpoints/chat", headers=member).json()
+    assert stopped["state"] == "stopped" and stopped["requests"] == 3
+    job = client.get(f"/v1/projects/llm/jobs/{jid}", headers=member).json()
+    assert job["state"] == "completed"  # the training job is untouched
+    with pytest.raises(openai.APIStatusError) as err:
+        oai.completions.create(model=model, prompt="x", max_tokens=2)
+    assert err.value.status_code == 503 and "stopped" in err.value.message
+    assert client.delete("/v1/projects/llm/clusters/here", headers=member).status_code == 200
+
+
+def test_endpoint_requests_are_checked_before_anything_starts(live, tmp_path):
+    client, tokens = live
+    member = bearer(tokens["llm", "member"])
+    r = client.post("/v1/projects/llm/endpoints", headers=member, json={"name": "e", "cluster": "none", "run_dir": "m"})
+    assert r.status_code == 404 and "no cluster named 'none'" in r.json()["detail"]
+    client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 2}).raise_for_status()
+    for body, status, words in (
+        ({"name": "e", "cluster": "here"}, 422, "exactly one of run_dir and job"),
+        ({"name": "e", "cluster": "here", "job": 999}, 404, "no job 999"),
+        ({"name": "e", "cluster": "here", "run_dir": "../../etc"}, 403, "model library"),
+        ({"name": "e", "cluster": "here", "run_dir": "missing"}, 422, "no config.toml"),
+        ({"name": "e", "cluster": "here", "run_dir": "m", "quantize": "int3"}, 422, "quantize"),
+        ({"name": "e", "cluster": "here", "run_dir": "m", "extra": 1}, 422, "extra"),
+    ):
+        r = client.post("/v1/projects/llm/endpoints", headers=member, json=body)
+        assert r.status_code == status and words in r.json()["detail"], (body, r.text)
+    assert client.get("/v1/projects/llm/endpoints", headers=member).json() == []
+    assert client.get("/v1/projects/llm/endpoints/e", headers=member).status_code == 404
+    r = client.post("/v1/projects/llm/endpoints/e/v1/completions", headers=member, json={"prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["message"].startswith("Project 'llm' has no endpoint")
+    r = client.get("/v1/projects/llm/endpoints/e/v1/embeddings", headers=member)
+    assert r.status_code == 404 and "/v1/chat/completions" in r.json()["error"]["message"]
