@@ -3,6 +3,7 @@ run served from the project's cluster; the official `openai` client (sync and st
 through the service with the project's token, another tenant cannot, usage counts the tokens, and
 deleting the endpoint stops its server."""
 
+import json
 import threading
 import time
 
@@ -15,6 +16,7 @@ from supercluster.service import tenancy
 from supercluster.service.app import create_app
 from supercluster.service.store import Store
 
+from test_service_cli import run
 from test_service_jobs import tiny_config
 
 
@@ -65,7 +67,7 @@ def wait_for(client, path: str, headers: dict, done, timeout: float = 240) -> di
 
 
 @pytest.mark.slow
-def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_path):
+def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_path, capsys):
     client, tokens = live
     member, viewer, other = (bearer(tokens[k]) for k in (("llm", "member"), ("llm", "viewer"), ("web", "member")))
     assert client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 2}).json()["state"] == "ready"
@@ -87,6 +89,10 @@ def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_pat
     ready = wait_for(client, "/v1/projects/llm/endpoints/chat", viewer, lambda e: e["state"] != "starting")
     assert ready["state"] == "ready", ready
     assert "secret" not in ready and "url" not in ready
+    server = str(client.base_url)  # the CLI, as the server's client
+    assert run(capsys, "login", "--server", server, "--token", tokens["llm", "member"])[0] == 0
+    code, out, _ = run(capsys, "endpoint", "list", "--server", server, "--json")
+    assert code == 0 and [e["name"] for e in json.loads(out)] == ["chat"]
 
     base = f"{client.base_url}{ready['base_url']}"
     oai = openai.OpenAI(base_url=base, api_key=tokens["llm", "member"], max_retries=0)
@@ -117,6 +123,8 @@ def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_pat
     by_user = client.get("/v1/usage?by=user", headers=member).json()["tokens"]
     assert [r["user"] for r in by_user] == ["llm-member"]
     assert client.get("/v1/usage", headers=other).json()["tokens"] == []
+    code, out, _ = run(capsys, "usage", "--server", server, "--json")
+    assert code == 0 and json.loads(out)["tokens"][0]["completion_tokens"] == 17
     audit = client.get("/v1/audit?limit=1000", headers=bearer(tokens["op"])).json()
     assert any(a["path"] == "/v1/projects/llm/endpoints" and a["status"] == 202 for a in audit)
     assert not any("/endpoints/chat/v1/" in a["path"] for a in audit)

@@ -1,4 +1,4 @@
-"""`supercluster server | login | usage`: run the multi-tenant service, or talk to one."""
+"""`supercluster server | login | usage | endpoint`: run the multi-tenant service, or talk to one."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, ServerOption, server_for
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, server_for
 
 server_app = typer.Typer(help="The multi-tenant service: REST API over the fleet (OpenAPI at /docs).",
                          invoke_without_command=True)
@@ -96,19 +96,24 @@ def usage(
         raise UserError(f"--by {by!r} is not one of {', '.join(usage_mod.GROUPS)}; pick one.")
     query = {"by": by, "since": _epoch(since), "until": _epoch(until)}
     url = server_for(server, db)
+    tokens = []
     if url:
-        rows = client.call(url, "GET", "/v1/usage", query=query)["rows"]
+        answer = client.call(url, "GET", "/v1/usage", query=query)
+        rows, tokens = answer["rows"], answer.get("tokens", [])
     else:
         from supercluster.service.store import Store
 
         store = Store(db)
         try:
+            from supercluster.service.endpoints import token_report
+
             with store.session() as s:
                 rows = usage_mod.report(s, by=by, since=query["since"], until=query["until"])
+                tokens = token_report(s, by=by, since=query["since"], until=query["until"])
         finally:
             store.dispose()
     if as_json:
-        print(json.dumps({"by": by, "rows": rows}, indent=1, sort_keys=True))
+        print(json.dumps({"by": by, "rows": rows, "tokens": tokens}, indent=1, sort_keys=True))
     elif as_csv:
         sys.stdout.write(usage_mod.to_csv(rows))
     else:
@@ -123,9 +128,97 @@ def usage(
                           "-" if r["usd_per_gpu_hour"] is None else f"{r['usd_per_gpu_hour']:.2f}",
                           "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}")
         Console().print(table)
+        if tokens:
+            table = Table(title=f"endpoint calls by {by}")
+            for col in ("org", "project", "user", "endpoint", "requests", "prompt tokens", "completion tokens"):
+                table.add_column(col)
+            for r in tokens:
+                table.add_row(r["org"] or "-", r["project"] or "-", r["user"] or "-", r["endpoint"] or "-", str(r["requests"]),
+                              str(r["prompt_tokens"]), str(r["completion_tokens"]))
+            Console().print(table)
+
+
+endpoint_app = typer.Typer(help="Models a project serves from its clusters, called with its tokens (a server's feature).")
+
+
+def _endpoints(server: str | None, project: str | None):
+    from supercluster.errors import UserError
+    from supercluster.service.client import ProjectClient, server_url
+
+    url = server_url(server)
+    if not url:
+        raise UserError("Endpoints live on a server: pass --server URL or set $SUPERCLUSTER_SERVER "
+                        "(on this machine alone, `supercluster serve RUN_DIR` serves a model).")
+    return ProjectClient(url, project)
+
+
+def _print_endpoints(endpoints: list[dict], server: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="endpoints")
+    for col in ("name", "state", "cluster", "serves", "requests", "prompt tokens", "completion tokens", "OpenAI base URL"):
+        table.add_column(col)
+    for e in endpoints:
+        table.add_row(e["name"], e["state"] + (f" ({e['detail']})" if e["detail"] else ""), e["cluster"], e["run_dir"],
+                      str(e["requests"]), str(e["prompt_tokens"]), str(e["completion_tokens"]), server.rstrip("/") + e["base_url"])
+    Console(width=200).print(table)
+
+
+@endpoint_app.command("deploy")
+def endpoint_deploy(
+    name: str,
+    cluster: Annotated[str, typer.Option("--cluster", help="One of the project's clusters, ready.")],
+    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="A run directory in the server's model library.")] = None,
+    job: Annotated[Optional[int], typer.Option("--job", help="Or: serve what this training job of the project wrote.")] = None,
+    quantize: Annotated[str, typer.Option("--quantize", help="none or int8 (weight-only int8 linear layers).")] = "none",
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it answers (or fails).")] = True,
+    server: ServerOption = None,
+    project: ProjectOption = None,
+    as_json: JsonOption = False,
+):
+    """Serve a model from one of the project's clusters (OpenAI API, with the project's tokens)."""
+    from supercluster.errors import UserError
+
+    if (run_dir is None) == (job is None):
+        raise UserError("Give exactly one of --run-dir and --job.")
+    remote = _endpoints(server, project)
+    source = {"run_dir": run_dir} if run_dir is not None else {"job": job}
+    endpoint = remote.deploy_endpoint(name, cluster, quantize=quantize, **source)
+    if wait:
+        endpoint = remote.wait_endpoint(name)
+    if as_json:
+        print(json.dumps(endpoint, indent=1, sort_keys=True))
+    else:
+        _print_endpoints([endpoint], remote.server)
+    if endpoint["state"] == "failed":
+        raise typer.Exit(1)
+
+
+@endpoint_app.command("list")
+def endpoint_list(server: ServerOption = None, project: ProjectOption = None, as_json: JsonOption = False):
+    """The project's endpoints: state, what they serve, requests and tokens."""
+    remote = _endpoints(server, project)
+    endpoints = remote.list_endpoints()
+    if as_json:
+        print(json.dumps(endpoints, indent=1, sort_keys=True))
+    else:
+        _print_endpoints(endpoints, remote.server)
+
+
+@endpoint_app.command("delete")
+def endpoint_delete(name: str, server: ServerOption = None, project: ProjectOption = None, as_json: JsonOption = False):
+    """Stop an endpoint's server (its calls stay counted in usage)."""
+    remote = _endpoints(server, project)
+    endpoint = remote.delete_endpoint(name)
+    if as_json:
+        print(json.dumps(endpoint, indent=1, sort_keys=True))
+    else:
+        print(f"endpoint {name} stopped after {endpoint['requests']} requests")
 
 
 def register(app: typer.Typer) -> None:
     app.add_typer(server_app, name="server")
+    app.add_typer(endpoint_app, name="endpoint")
     app.command("login")(login)
     app.command("usage")(usage)

@@ -160,6 +160,23 @@ class ProjectClient:
     def cancel_job(self, job_id: int) -> dict:
         return self._call("DELETE", "jobs", job_id)
 
+    def deploy_endpoint(self, name: str, cluster: str, **source) -> dict:
+        return self._call("POST", "endpoints", body={"name": name, "cluster": cluster, **source})
+
+    def list_endpoints(self) -> list[dict]:
+        return self._call("GET", "endpoints")
+
+    def show_endpoint(self, name: str) -> dict:
+        return self._call("GET", "endpoints", name)
+
+    def wait_endpoint(self, name: str, poll_s: float = 1.0) -> dict:
+        while (endpoint := self.show_endpoint(name))["state"] == "starting":
+            time.sleep(poll_s)
+        return endpoint
+
+    def delete_endpoint(self, name: str) -> dict:
+        return self._call("DELETE", "endpoints", name)
+
     def job_logs(self, job_id: int, follow: bool = False) -> Iterator[str]:
         """The job's log lines; with `follow`, until the job ends. A stream the server or a quiet
         socket closes while the job runs is opened again, past the lines already given."""
