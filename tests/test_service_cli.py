@@ -80,7 +80,7 @@ def test_login_stores_the_token_privately_and_usage_goes_through_the_server(serv
     assert code == 0 and next(csv.reader(io.StringIO(out)))[:4] == ["org", "project", "user", "gpu_type"]
     monkeypatch.setenv("SUPERCLUSTER_SERVER", base)
     code, out, _ = run(capsys, "usage", "--json")
-    assert code == 0 and json.loads(out) == {"by": "project", "rows": []}
+    assert code == 0 and json.loads(out) == {"by": "project", "rows": [], "tokens": []}
     monkeypatch.delenv("SUPERCLUSTER_SERVER")
     code, out, _ = run(capsys, "usage", "--db", url, "--json", "--since", "2026-01-01")  # no server: the local database
     assert code == 0 and json.loads(out)["rows"] == []
