@@ -173,14 +173,22 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
     """Places queued clusters, highest priority then oldest first, with bounded backfill and
     preemption of lower priorities; returns the names placed."""
     placed, waiting = [], []
+    # Requests alike in all that placement reads: once one does not fit, the next cannot either
+    # until something is placed (a placement only takes nodes, but its preemptions may free more
+    # than it takes). So a long queue of one size costs one search, not one per request.
+    refused: set[tuple] = set()
     queued = sa.select(Cluster).where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id)
     for cluster in s.scalars(queued).all():
         if any(w.bypassed >= BACKFILL_LIMIT for w in waiting):
             break
-        if _try_place(s, fleet, cluster):
+        alike = (cluster.gpu_type, cluster.gpus, cluster.max_switches, cluster.require_health, cluster.health_max_age_s,
+                 cluster.priority)
+        if alike not in refused and _try_place(s, fleet, cluster):
             placed.append(cluster.name)
+            refused.clear()
             for w in waiting:
                 w.bypassed += 1
         else:
             waiting.append(cluster)
+            refused.add(alike)
     return placed

@@ -287,12 +287,9 @@ class Database:
     def reading(self) -> Iterator[Session]:
         """A session for reads only: no fleet lock, and on SQLite no write lock either, so readers
         run beside each other and beside a writer (each on its own snapshot); anything it changes
-        is rolled back."""
-        with Session(self._reader) as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
+        is rolled back. Objects read stay readable after it (closed, not expired)."""
+        with Session(self._reader) as session:  # closing rolls back, and detaches what it loaded as loaded
+            yield session
 
     def fleet(self, session: Session) -> Fleet:
         fleet = session.get(Fleet, 1)

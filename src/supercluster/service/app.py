@@ -110,7 +110,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/orgs/{org}", tags=["tenancy"])
     def show_org(org: str, who: Caller = Depends(caller)) -> dict:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.org_dict(tenancy.visible_org(s, who, org))
 
     @app.post("/v1/orgs/{org}/projects", status_code=201, tags=["tenancy"])
@@ -120,7 +120,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/orgs/{org}/projects", tags=["tenancy"])
     def list_projects(org: str, who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_projects(s, who, org)
 
     @app.post("/v1/users", status_code=201, tags=["tenancy"])
@@ -130,7 +130,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/users", tags=["tenancy"])
     def list_users(who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_users(s, who)
 
     @app.post("/v1/tokens", status_code=201, tags=["tenancy"])
@@ -141,7 +141,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/tokens", tags=["tenancy"])
     def list_tokens(who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_tokens(s, who)
 
     @app.delete("/v1/tokens/{token_id}", tags=["tenancy"])
@@ -152,7 +152,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     @app.get("/v1/audit", tags=["tenancy"])
     def audit(limit: int = Query(100, ge=1, le=10_000), who: Caller = Depends(caller)) -> list[dict]:
         tenancy.require(who, "admin")
-        with store.session() as s:
+        with store.reading() as s:
             query = sa.select(Audit).order_by(Audit.id.desc()).limit(limit)
             if not who.is_operator:
                 query = query.where(Audit.project_id == who.project_id)
@@ -236,7 +236,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         from supercluster.cluster.fleet import summary
 
         info = summary(store.fleet)
-        with store.session() as s:
+        with store.reading() as s:
             mine = resources.fleet_names(s, who)
         for node in info["node_list"]:
             node["clusters"] = sorted(mine[c] for c in node["clusters"] if c in mine)
