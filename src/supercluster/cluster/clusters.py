@@ -130,8 +130,8 @@ def cluster_dict(s: Session, c: Cluster) -> dict:
     return cluster_dicts(s, [c])[0]
 
 
-def cluster_dicts(s: Session, cs: list[Cluster]) -> list[dict]:
-    """What `cluster show` prints, for many clusters in a few queries (not a few per cluster)."""
+def cluster_dicts(s: Session, cs: list) -> list[dict]:
+    """What `cluster show` prints, for many clusters (`Cluster`s or rows of its table) in a few queries."""
     s.flush()
     if not cs:
         return []
@@ -168,8 +168,9 @@ def show_clusters(db: Database | str | None, names: list[str]) -> dict[str, dict
     """`show_cluster` of each of `names` that exists, by name, read at one moment."""
     db = open_db(db)
     with db.reading() as s:
-        found = s.scalars(sa.select(Cluster).where(Cluster.name.in_(names)).order_by(Cluster.id)).all() if names else []
-        return {d["name"]: d for d in cluster_dicts(s, found)}
+        # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
+        query = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(names)).order_by(Cluster.id)
+        return {d["name"]: d for d in cluster_dicts(s, s.execute(query).all() if names else [])}
 
 
 def list_clusters(db: Database | str | None = None) -> list[dict]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -251,6 +252,10 @@ class Database:
             self.engine = make_engine(self.url)
             migrations.upgrade(self.engine)
             self._reader = self.engine.execution_options(**{READ_ONLY: True})  # same pool
+            # SQLite has one writer at a time, and one that finds the lock taken sleeps and polls
+            # (up to 100 ms a nap), so threads of this process queue here instead, each going
+            # the moment the one before commits. Other processes still meet at SQLite's lock.
+            self._writers = threading.RLock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
         except ModuleNotFoundError as err:
             raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
         except sa.exc.ArgumentError as err:
@@ -270,7 +275,7 @@ class Database:
         commit (an error in our code or at COMMIT itself), the undos run, newest first, so
         nothing outside is left behind that our books do not know about.
         """
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._writers, Session(self.engine, expire_on_commit=False) as session:
             undo: list[Callable[[], None]] = []
             session.info[_UNDO] = undo
             try:

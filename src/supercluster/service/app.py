@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 
 from supercluster.errors import UserError
 from supercluster.service import resources, tenancy, usage
-from supercluster.service.auth import Caller, RateLimiter, ServiceError, authenticate
+from supercluster.service.auth import Caller, CallerCache, RateLimiter, ServiceError, authenticate_hash, bearer_hash
 from supercluster.service.models import Audit
 from supercluster.service.schemas import ClusterIn, JobIn, OrgIn, PlanIn, ProjectIn, QuotaIn, TokenIn, UserIn
 from supercluster.service.store import Store
@@ -46,6 +46,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     `tick_s`: seconds between the server's own passes over budgets and queues (0: only when asked)."""
     store = store or Store(url)
     limiter = RateLimiter(rate, burst)
+    callers = CallerCache()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -80,7 +81,8 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             if request.url.path.startswith("/v1/"):
                 if "\x00" in request.url.path or any("\x00" in v for v in request.query_params.values()):
                     raise ServiceError(422, "Names and query values cannot contain NUL characters.")
-                caller = await run_in_threadpool(_authenticate, store, request.headers.get("authorization"))
+                token_hash = bearer_hash(request.headers.get("authorization"))
+                caller = callers.get(token_hash) or await run_in_threadpool(_authenticate, store, callers, token_hash)
                 request.state.caller = caller
                 limiter.check(caller.token_id)
             response = await call_next(request)
@@ -147,7 +149,9 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     @app.delete("/v1/tokens/{token_id}", tags=["tenancy"])
     def revoke_token(token_id: int = Path(ge=1, le=2**31 - 1), who: Caller = Depends(caller)) -> dict:
         with store.session() as s:
-            return tenancy.revoke_token(s, who, token_id)
+            revoked = tenancy.revoke_token(s, who, token_id)
+        callers.forget()  # after the commit: a request in between would keep it for another ttl
+        return revoked
 
     @app.get("/v1/audit", tags=["tenancy"])
     def audit(limit: int = Query(100, ge=1, le=10_000), who: Caller = Depends(caller)) -> list[dict]:
@@ -284,9 +288,12 @@ def _ticker(store: Store, every_s: float, stop: threading.Event) -> None:
             logging.getLogger("supercluster.service").exception("budget and queue pass failed")
 
 
-def _authenticate(store: Store, header: str | None) -> Caller:
+def _authenticate(store: Store, callers: CallerCache, token_hash: str) -> Caller:
+    generation = callers.generation
     with store.reading() as s:
-        return authenticate(s, header)
+        caller, expires_at = authenticate_hash(s, token_hash)
+    callers.put(token_hash, caller, expires_at, generation)
+    return caller
 
 
 def _write_audit(store: Store, row: Audit) -> None:

@@ -163,7 +163,7 @@ def _fleet_create(store: Store, sc: ServiceCluster) -> dict:
 def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: int, gpu_type: str | None,
                    max_switches: int | None, require_health: bool, priority: int = 0) -> dict:
     with _lock:
-        with store.session() as s:
+        with store.reading() as s:  # reads only; the lock keeps this server's other writers out meanwhile
             p = visible_project(s, caller, project, "member")
             if s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == p.id, ServiceCluster.name == name)):
                 raise ServiceError(409, f"Project {project!r} already has a cluster named {name!r}; choose another name or delete it first.")
@@ -230,7 +230,7 @@ def _get(s: Session, p: Project, name: str) -> ServiceCluster:
     return sc
 
 
-def _fleet_views(store: Store, scs: list[ServiceCluster]) -> dict[str, dict]:
+def _fleet_views(store: Store, scs) -> dict[str, dict]:
     """The fleet's view of each cluster handed to it, by fleet name (one read for all of them)."""
     return fleet_clusters.show_clusters(store.fleet, [sc.fleet_name for sc in scs if sc.state != "waiting"])
 
@@ -246,7 +246,9 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     reconcile(store)
     with store.reading() as s:
         p = visible_project(s, caller, project)
-        rows = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)).all()
+        # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
+        query = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)
+        rows = s.execute(query).all()
     names = project_names(store)
     fleet = _fleet_views(store, rows)
     return [cluster_view(names, sc, project, fleet.get(sc.fleet_name)) for sc in rows]
