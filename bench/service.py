@@ -1,9 +1,9 @@
 """The service under load: 200 concurrent API clients for 30 s on loopback (bounded).
 
-A real `supercluster server` process on a fresh database (SQLite by default, or --db URL) over a
-simulated fleet; each client has its own token in one of 4 projects and loops over a mix of
-routes: list and create clusters (8 GPUs, a unique name), delete one of its own, read the quota,
-usage and fleet. At the end it checks that no answer was a 5xx and that no cluster record was
+A real `supercluster server` process on a fresh database (a new SQLite file by default, or a
+schema of its own on the server at --db URL, dropped at the end) over a simulated fleet; each
+client has its own token in one of 4 projects and loops over a mix of routes: list and create
+clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At the end it checks that no answer was a 5xx and that no cluster record was
 lost or duplicated (every 202 not deleted since is listed exactly once, every 200 delete is gone),
 and prints p50/p99 latency per route.
 
@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 
 import httpx
+from placement import fresh_db  # bench/placement.py, beside this file
 
 PROJECTS = 4
 SPEC = {"gpu_type": "h100", "nodes": 256, "gpus_per_node": 8, "nodes_per_leaf": 16, "leaves_per_pod": 4}
@@ -130,11 +131,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--db", default=None, help="database URL (default: a fresh SQLite file)")
+    ap.add_argument("--db", default=None, help="a PostgreSQL URL to run against (default: a temporary SQLite file)")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="sc-bench-service-")
     os.environ.setdefault("SUPERCLUSTER_HOME", folder)
-    url = args.db or f"sqlite:///{folder}/service.db"
+    with fresh_db(args.db) as url:  # a new SQLite file, or a schema of its own on a server, dropped at the end
+        run(args, url)
+
+
+def run(args, url: str) -> None:
     op_token, tokens = prepare(url, args.clients)
     port = _port()
     base = f"http://127.0.0.1:{port}"
@@ -178,7 +183,8 @@ def main(argv=None):
           f"deleted {sum(map(len, deleted.values()))}, lost {lost}, duplicated {duplicated}")
     print(json.dumps({"fivexx": fivexx, "lost": lost, "duplicated": duplicated,
                       "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}))
-    sys.exit(1 if fivexx or lost or duplicated else 0)
+    if fivexx or lost or duplicated:
+        raise SystemExit(1)
 
 
 def _cpu_seconds(pid: int) -> float:
