@@ -3,9 +3,10 @@
 A real `supercluster server` process on a fresh database (a new SQLite file by default, or a
 schema of its own on the server at --db URL, dropped at the end) over a simulated fleet; each
 client has its own token in one of 4 projects and loops over a mix of routes: list and create
-clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At the end it checks that no answer was a 5xx and that no cluster record was
-lost or duplicated (every 202 not deleted since is listed exactly once, every 200 delete is gone),
-and prints p50/p99 latency per route.
+clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At
+the end it checks that no answer was a 5xx and that no cluster record was lost or duplicated
+(every 202 not deleted since is listed exactly once, every 200 delete is gone), and prints p50/p99
+latency per route and the server's CPU time per request.
 
     .venv/bin/python bench/service.py [--clients 200] [--seconds 30] [--db URL]
 """
