@@ -166,11 +166,17 @@ def show_cluster(db: Database | str | None, name: str) -> dict:
 
 def show_clusters(db: Database | str | None, names: list[str]) -> dict[str, dict]:
     """`show_cluster` of each of `names` that exists, by name, read at one moment."""
-    db = open_db(db)
-    with db.reading() as s:
-        # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
-        query = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(names)).order_by(Cluster.id)
-        return {d["name"]: d for d in cluster_dicts(s, s.execute(query).all() if names else [])}
+    with open_db(db).reading() as s:
+        return show_clusters_in(s, names)
+
+
+def show_clusters_in(s: Session, names: list[str]) -> dict[str, dict]:
+    """`show_clusters` in a session the caller holds (the service reads its own tables beside)."""
+    if not names:
+        return {}
+    # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
+    query = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(names)).order_by(Cluster.id)
+    return {d["name"]: d for d in cluster_dicts(s, s.execute(query).all())}
 
 
 def list_clusters(db: Database | str | None = None) -> list[dict]:

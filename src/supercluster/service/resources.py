@@ -42,7 +42,11 @@ def fleet_name(project: Project, name: str) -> str:
 
 def project_names(store: Store) -> dict[int, str]:
     with store.reading() as s:  # no write lock: callers may be between calls into the fleet
-        return dict(s.execute(sa.select(Project.id, Project.name)).all())
+        return project_names_in(s)
+
+
+def project_names_in(s: Session) -> dict[int, str]:
+    return dict(s.execute(sa.select(Project.id, Project.name)).all())
 
 
 def fleet_text(names: dict[int, str], text: str | None) -> str | None:
@@ -230,27 +234,26 @@ def _get(s: Session, p: Project, name: str) -> ServiceCluster:
     return sc
 
 
-def _fleet_views(store: Store, scs) -> dict[str, dict]:
+def _fleet_views(s: Session, scs) -> dict[str, dict]:
     """The fleet's view of each cluster handed to it, by fleet name (one read for all of them)."""
-    return fleet_clusters.show_clusters(store.fleet, [sc.fleet_name for sc in scs if sc.state != "waiting"])
+    return fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs if sc.state != "waiting"])
 
 
 def show_cluster(store: Store, caller: Caller, project: str, name: str) -> dict:
     reconcile(store)
-    with store.reading() as s:
+    with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         sc = _get(s, visible_project(s, caller, project), name)
-    return cluster_view(project_names(store), sc, project, _fleet_views(store, [sc]).get(sc.fleet_name))
+        return cluster_view(project_names_in(s), sc, project, _fleet_views(s, [sc]).get(sc.fleet_name))
 
 
 def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     reconcile(store)
-    with store.reading() as s:
+    with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
         query = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)
         rows = s.execute(query).all()
-    names = project_names(store)
-    fleet = _fleet_views(store, rows)
+        names, fleet = project_names_in(s), _fleet_views(s, rows)
     return [cluster_view(names, sc, project, fleet.get(sc.fleet_name)) for sc in rows]
 
 
