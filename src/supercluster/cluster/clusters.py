@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -80,11 +81,14 @@ def create_cluster(
     health_max_age_s: float = DEFAULT_HEALTH_MAX_AGE_S,
     owner: str | None = None,
     priority: int = 0,
+    record: Callable[[Session, dict], None] | None = None,
 ) -> dict:
     """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error.
 
     owner: an opaque tag (the service passes its project) that usage is grouped by.
     priority: a request that does not fit may preempt clusters of lower priority (see `preempt`).
+    record: called with the session and the new cluster's dict inside this transaction, so that
+    the caller's own books (the service's row for it) commit with the fleet's, or neither does.
     """
     db = open_db(db)
     with db.transaction() as s:
@@ -105,7 +109,10 @@ def create_cluster(
                 f"{gpus} {gpu_type} GPUs do not fit now ({free} usable GPUs free"
                 f"{f' within {max_switches} leaf switches' if max_switches else ''}); drop --no-wait to queue the request."
             )
-        return cluster_dict(s, cluster)
+        shown = cluster_dict(s, cluster)
+        if record is not None:
+            record(s, shown)
+        return shown
 
 
 # Built once (building a statement costs more than running these): the nodes of some clusters with
@@ -185,10 +192,11 @@ def list_clusters(db: Database | str | None = None) -> list[dict]:
         return cluster_dicts(s, s.scalars(sa.select(Cluster).order_by(Cluster.id)).all())
 
 
-def delete_cluster(db: Database | str | None, name: str, *, force: bool = False) -> list[str]:
+def delete_cluster(db: Database | str | None, name: str, *, force: bool = False,
+                   record: Callable[[Session], None] | None = None) -> list[str]:
     """Releases a cluster's nodes; refuses while it runs jobs unless force (which cancels them).
 
-    Returns the queued clusters that started on the freed nodes.
+    Returns the queued clusters that started on the freed nodes. record: as for `create_cluster`.
     """
     db = open_db(db)
     jobs.refresh(db)  # a job that ended since we last looked must not block the delete
@@ -210,7 +218,10 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
         s.execute(sa.delete(Allocation).where(Allocation.cluster_id == cluster.id))
         s.execute(sa.delete(Cluster).where(Cluster.id == cluster.id))
         s.expire_all()
-        return place_queued(s, fleet)
+        started = place_queued(s, fleet)
+        if record is not None:
+            record(s)
+        return started
 
 
 def hold_cluster(db: Database | str | None, name: str, reason: str) -> dict:

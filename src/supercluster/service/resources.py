@@ -7,8 +7,9 @@ enough; past the `gpu_hours` budget a new request is refused. A cluster holds GP
 charged, from the moment the fleet places it until it is deleted (one usage interval).
 
 Calls into `cluster` open their own transactions, so a request reads and writes the service
-tables around them, never across them; one lock per server process keeps those steps of
-concurrent requests from interleaving.
+tables around them, never across them, except for a cluster's own row, which its `record` hook
+writes inside the fleet's transaction that creates or deletes the cluster (so the two books never
+disagree); one lock per server process keeps those steps of concurrent requests from interleaving.
 """
 
 from __future__ import annotations
@@ -154,12 +155,13 @@ def _quota_decision(s: Session, project: Project, gpu_type: str, gpus: int) -> s
 # ---- clusters ------------------------------------------------------------------------------------
 
 
-def _fleet_create(store: Store, sc: ServiceCluster) -> dict:
+def _fleet_create(store: Store, sc: ServiceCluster, record=None) -> dict:
     """Hands the cluster to the fleet, which places it, queues it or preempts lower priorities for it."""
     try:
         return fleet_clusters.create_cluster(store.fleet, sc.fleet_name, sc.gpus, gpu_type=sc.gpu_type, wait=True,
                                              max_switches=sc.max_switches, require_health=sc.require_health,
-                                             owner=usage.owner_tag(sc.project_id, sc.user_id), priority=sc.priority)
+                                             owner=usage.owner_tag(sc.project_id, sc.user_id), priority=sc.priority,
+                                             record=record)
     except UserError as err:
         raise ServiceError(422, str(err)) from None
 
@@ -183,12 +185,15 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
                                 state="waiting", reason=reason, priority=priority, created_at=time.time())
         fleet = None
         if reason is None:
-            fleet = _fleet_create(store, sc)  # refuses sizes that never fit: nothing kept on either side
-            sc.state = fleet["state"]
-        with store.session() as s:
-            s.add(sc)
-            s.flush()
-        return cluster_view(project_names(store), sc, project, fleet)
+            def record(s: Session, shown: dict) -> None:  # in the fleet's transaction: both rows or neither
+                sc.state = shown["state"]
+                s.add(sc)
+
+            fleet = _fleet_create(store, sc, record)  # refuses sizes that never fit: nothing kept on either side
+        else:
+            with store.session() as s:
+                s.add(sc)
+    return cluster_view(project_names(store), sc, project, fleet)
 
 
 def reconcile(store: Store) -> None:
@@ -259,15 +264,17 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
     with _lock:
-        with store.session() as s:
+        with store.reading() as s:  # reads only; the lock keeps this server's other writers out meanwhile
             sc = _get(s, visible_project(s, caller, project, "member"), name)
+        forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
         if sc.state != "waiting":
-            try:
-                fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force)
+            try:  # the service's row goes in the fleet's transaction: both or neither
+                fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
             except UserError as err:
                 raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
-        with store.session() as s:
-            s.execute(sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id))
+        else:
+            with store.session() as s:
+                s.execute(forget)
     reconcile(store)
     return {"name": name, "project": project, "state": "deleted"}
 
