@@ -35,13 +35,6 @@ def eligible(node, cluster: Cluster, at: float) -> bool:
     return node.last_health_status == "passed" and at - (node.last_health_at or 0) <= cluster.health_max_age_s
 
 
-def used_gpus_per_node(ignoring: set[int] = frozenset()) -> sa.Subquery:
-    query = sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus).label("used"))
-    if ignoring:
-        query = query.where(Allocation.cluster_id.not_in(ignoring))
-    return query.group_by(Allocation.node_name).subquery()
-
-
 @dataclass(frozen=True)
 class Topology:
     """The fleet's nodes and where they sit, per GPU type: fixed from `fleet init` to the next one."""
@@ -52,8 +45,8 @@ class Topology:
     total: dict[str, int]  # all GPUs of the type
 
 
-# Placement runs on every create and reads the whole fleet; the nodes' places never change but
-# with `fleet init`, which writes a new fleet row, so one load per (database, fleet row) is kept.
+# Placement runs on every create over the whole fleet. Where nodes sit changes only by `fleet init`,
+# which writes a new fleet row, so one load per (database, fleet row) is kept.
 _topologies: dict[tuple[str, float], Topology] = {}
 _TOPOLOGIES_KEPT = 16  # databases one process may use at once (tests open many)
 
@@ -75,7 +68,7 @@ def topology(s: Session, fleet: Fleet) -> Topology:
             total={k: sum(f.total for f in v) for k, v in empty.items()},
         )
         while len(_topologies) >= _TOPOLOGIES_KEPT:
-            _topologies.pop(next(iter(_topologies)))
+            _topologies.pop(next(iter(_topologies)), None)  # another thread may have taken it
         _topologies[key] = found
     return found
 
@@ -95,6 +88,14 @@ _GATES = sa.select(Node.name, Node.state, Node.last_health_status, Node.last_hea
 _GATED = _GATES.where(sa.not_(sa.and_(Node.state == "up", Node.last_health_status.is_(None))))
 
 
+class _Gate(NamedTuple):
+    """A node's columns that `eligible` reads, without loading the node."""
+
+    state: str
+    last_health_status: str | None
+    last_health_at: float | None
+
+
 def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignoring: set[int] = frozenset()) -> list[placement.Free]:
     """The eligible nodes that could hold part of `cluster`, as `placement.Free` tuples in name order.
 
@@ -106,19 +107,13 @@ def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignor
     conn = s.connection()
     fleet = s.get(Fleet, 1)
     used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
-    refused = {name for name, state, status, checked_at in conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type})
-               if not eligible(_Gate(state, status, checked_at), cluster, at)}
+    gates = conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type})
+    refused = {name for name, *gate in gates if not eligible(_Gate(*gate), cluster, at)}
     nodes = topology(s, fleet).empty.get(cluster.gpu_type, ())
     if cluster.gpus >= node_gpus:  # whole nodes: only those nothing runs on
         return [n for n in nodes if n.name not in used and n.name not in refused]
     free = (n._replace(free=n.total - used[n.name]) if n.name in used else n for n in nodes if n.name not in refused)
     return [n for n in free if n.free >= cluster.gpus]
-
-
-class _Gate(NamedTuple):
-    state: str
-    last_health_status: str | None
-    last_health_at: float | None
 
 
 def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:

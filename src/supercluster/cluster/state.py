@@ -4,7 +4,8 @@ SQLite file `$SUPERCLUSTER_HOME/fleet.db` by default; any SQLAlchemy URL through
 `$SUPERCLUSTER_DB` or `--db` (PostgreSQL is tested). Every change goes through
 `Database.transaction()`, which takes the fleet's write lock first (SQLite `BEGIN IMMEDIATE`,
 PostgreSQL `SELECT ... FOR UPDATE` on the one fleet row), so two commands that race for nodes
-are served one after the other and never see the same node as free.
+are served one after the other and never see the same node as free. A read that changes nothing
+uses `Database.reading()` instead, which takes neither lock.
 
 Times are float seconds since the epoch (portable across SQLite and PostgreSQL).
 """
@@ -182,8 +183,9 @@ def default_url() -> str:
     return f"sqlite:///{path}"
 
 
-# Connections each process keeps open: the service runs up to 40 request threads (FastAPI's pool)
-# plus its own; a thread past this waits for one (PostgreSQL counts them against max_connections).
+# Connections of one Database: up to POOL_SIZE kept open between uses, and as many more at once as
+# POOL_OVERFLOW, for the service's up to 40 request threads (FastAPI's pool) and its own; a thread
+# past that waits for one. (PostgreSQL counts them against its max_connections.)
 POOL_SIZE, POOL_OVERFLOW = 10, 40
 READ_ONLY = "supercluster_read_only"  # execution option of `Database.reading()`'s engine
 
