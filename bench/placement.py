@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import math
 import random
 import statistics
@@ -113,6 +114,8 @@ def run_db(n: int, seed: int, url: str | None = None) -> dict:
     with fresh_db(url) as db_url:
         db = Database(db_url)
         fleet.init_fleet(db, "sim")
+        gc.collect()
+        gc.freeze()  # as the server does once started: full collections then skip what lives forever
 
         def create(name, size):
             try:

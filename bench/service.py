@@ -1,11 +1,12 @@
 """The service under load: 200 concurrent API clients for 30 s on loopback (bounded).
 
-A real `supercluster server` process on a fresh database (SQLite by default, or --db URL) over a
-simulated fleet; each client has its own token in one of 4 projects and loops over a mix of
-routes: list and create clusters (8 GPUs, a unique name), delete one of its own, read the quota,
-usage and fleet. At the end it checks that no answer was a 5xx and that no cluster record was
-lost or duplicated (every 202 not deleted since is listed exactly once, every 200 delete is gone),
-and prints p50/p99 latency per route.
+A real `supercluster server` process on a fresh database (a new SQLite file by default, or a
+schema of its own on the server at --db URL, dropped at the end) over a simulated fleet; each
+client has its own token in one of 4 projects and loops over a mix of routes: list and create
+clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At
+the end it checks that no answer was a 5xx and that no cluster record was lost or duplicated
+(every 202 not deleted since is listed exactly once, every 200 delete is gone), and prints p50/p99
+latency per route and the server's CPU time per request.
 
     .venv/bin/python bench/service.py [--clients 200] [--seconds 30] [--db URL]
 """
@@ -18,6 +19,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import time
 from collections import Counter, defaultdict
 
 import httpx
+from placement import fresh_db  # bench/placement.py, beside this file
 
 PROJECTS = 4
 SPEC = {"gpu_type": "h100", "nodes": 256, "gpus_per_node": 8, "nodes_per_leaf": 16, "leaves_per_pod": 4}
@@ -65,13 +68,14 @@ def prepare(url: str, clients: int) -> tuple[str, list[tuple[str, str]]]:
     return op_token, out
 
 
-async def client(i: int, base: str, project: str, token: str, until: float, lat, codes, created, deleted):
+async def client(i: int, http: httpx.AsyncClient, project: str, start: asyncio.Event, until: list[float], lat, codes, created,
+                 deleted):
     rng = random.Random(i)
     mine: list[str] = []
     n = 0
-    headers = {"Authorization": f"Bearer {token}"}
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
-        while time.monotonic() < until:
+    async with http:
+        await start.wait()
+        while time.monotonic() < until[0]:
             roll = rng.random()
             if roll < 0.2:
                 name = f"c{i}-{n}"
@@ -104,9 +108,20 @@ async def client(i: int, base: str, project: str, token: str, until: float, lat,
 
 async def load(base: str, tokens, seconds: float):
     lat, codes, created, deleted = defaultdict(list), Counter(), defaultdict(list), defaultdict(list)
-    until = time.monotonic() + seconds
-    await asyncio.gather(*(client(i, base, p, t, until, lat, codes, created, deleted) for i, (p, t) in enumerate(tokens)))
-    return lat, codes, created, deleted
+    # Each client has its own connection; all are made before the clock starts, with one TLS
+    # context between them (httpx loads the CA bundle for each client otherwise, some 50 ms of
+    # CPU apiece, which the first requests would wait behind and count as server latency).
+    tls = ssl.create_default_context()
+    https = [httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {t}"}, timeout=60, verify=tls) for _, t in tokens]
+    start, until = asyncio.Event(), [0.0]
+    tasks = [asyncio.create_task(client(i, http, p, start, until, lat, codes, created, deleted))
+             for i, (http, (p, _)) in enumerate(zip(https, tokens))]
+    await asyncio.sleep(0)
+    wall = time.monotonic()
+    until[0] = wall + seconds
+    start.set()
+    await asyncio.gather(*tasks)
+    return lat, codes, created, deleted, time.monotonic() - wall
 
 
 def pct(values: list[float], q: float) -> float:
@@ -117,11 +132,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--db", default=None, help="database URL (default: a fresh SQLite file)")
+    ap.add_argument("--db", default=None, help="a PostgreSQL URL to run against (default: a temporary SQLite file)")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="sc-bench-service-")
     os.environ.setdefault("SUPERCLUSTER_HOME", folder)
-    url = args.db or f"sqlite:///{folder}/service.db"
+    with fresh_db(args.db) as url:  # a new SQLite file, or a schema of its own on a server, dropped at the end
+        run(args, url)
+
+
+def run(args, url: str) -> None:
     op_token, tokens = prepare(url, args.clients)
     port = _port()
     base = f"http://127.0.0.1:{port}"
@@ -137,9 +156,9 @@ def main(argv=None):
                     sys.exit("the server did not start")
                 time.sleep(0.3)
         # the server's rate limit (50/s per token) is part of what is measured: 429s are counted, not errors
-        wall = time.monotonic()
-        lat, codes, created, deleted = asyncio.run(load(base, tokens, args.seconds))
-        wall = time.monotonic() - wall
+        server_cpu = _cpu_seconds(server.pid)
+        lat, codes, created, deleted, wall = asyncio.run(load(base, tokens, args.seconds))
+        server_cpu = _cpu_seconds(server.pid) - server_cpu
         op = {"Authorization": f"Bearer {op_token}"}
         lost = duplicated = 0
         for p in range(PROJECTS):
@@ -153,7 +172,10 @@ def main(argv=None):
         server.wait(timeout=30)
     total = sum(codes.values())
     print(f"{args.clients} clients, {wall:.1f} s, {total} requests ({total / wall:.0f}/s), database "
-          f"{url.split(':', 1)[0]}; CPU: {_cpu()}")
+          f"{url.split(':', 1)[0]}; CPU: {_cpu()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    # CPU time per request does not depend on what else the machine runs; latency at a fixed
+    # number of clients does (it is clients / throughput), so both are printed.
+    print(f"server CPU {server_cpu:.1f} s, {1e3 * server_cpu / max(1, sum(codes.values())):.1f} ms per request")
     print(f"{'route':16} {'n':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for route in sorted(lat):
         print(f"{route:16} {len(lat[route]):6d} {pct(lat[route], 0.5):8.1f} {pct(lat[route], 0.99):8.1f}")
@@ -162,7 +184,17 @@ def main(argv=None):
           f"deleted {sum(map(len, deleted.values()))}, lost {lost}, duplicated {duplicated}")
     print(json.dumps({"fivexx": fivexx, "lost": lost, "duplicated": duplicated,
                       "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}))
-    sys.exit(1 if fivexx or lost or duplicated else 0)
+    if fivexx or lost or duplicated:
+        raise SystemExit(1)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _cpu() -> str:

@@ -180,3 +180,23 @@ def test_spread_requests_prefer_the_leaves_with_least_room_to_spare():
             for i in range(n)]
     p = placement.place(free, 48, 8)
     assert p.leaves == 2 and {n[:2] for n, _ in p.nodes} == {"P1", "P2"}
+
+
+def test_requests_alike_are_placed_in_turn_until_one_does_not_fit(tmp_path):
+    """The queue searches once for requests alike that do not fit, but tries again after a placement."""
+    db = make_db(tmp_path, nodes=4, gpus_per_node=8, nodes_per_leaf=2, leaves_per_pod=2)
+    clusters.create_cluster(db, "a", 32)
+    for name in ("b", "c", "d"):
+        assert clusters.create_cluster(db, name, 16)["state"] == "queued"
+    assert clusters.delete_cluster(db, "a") == ["b", "c"]  # d finds the fleet full again
+    assert clusters.show_cluster(db, "d")["queue_position"] == 1
+    assert clusters.delete_cluster(db, "b") == ["d"]
+
+
+def test_a_new_fleet_replaces_the_topology_placement_keeps(tmp_path):
+    db = make_db(tmp_path, nodes=4, gpus_per_node=8, nodes_per_leaf=2, leaves_per_pod=2)
+    clusters.create_cluster(db, "a", 32)  # the first fleet's nodes, as placement keeps them
+    clusters.delete_cluster(db, "a")
+    fleet.init_fleet(db, "sim", spec={"nodes": 8, "gpus_per_node": 8, "nodes_per_leaf": 4, "leaves_per_pod": 2}, force=True)
+    big = clusters.create_cluster(db, "big", 64, wait=False)  # more GPUs than the first fleet had
+    assert len(big["nodes"]) == 8 and big["leaves"] == big["lower_bound"] == 2

@@ -4,6 +4,7 @@
 import multiprocessing
 import os
 import socket
+import threading
 import uuid
 
 import pytest
@@ -225,3 +226,29 @@ def test_a_failing_undo_does_not_hide_the_error(tmp_path, caplog):
             on_rollback(s, broken_undo)
             raise RuntimeError("the real error")
     assert "scontrol: connection refused" in caplog.text
+
+
+def test_readers_neither_wait_for_a_writer_nor_see_what_it_has_not_committed(url):
+    """`Database.reading` runs beside an open write transaction (on SQLite too, whose writers
+    take the one write lock at BEGIN) and reads the last committed state."""
+    db = Database(url)
+    fleet.init_fleet(db, "sim", spec={"nodes": 2, "nodes_per_leaf": 2})
+    writing, read = threading.Event(), threading.Event()
+    seen = []
+
+    def reader():
+        writing.wait(30)
+        with db.reading() as s:
+            seen.append(db.fleet(s).settings)
+        read.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    with db.transaction() as s:
+        db.fleet(s).settings = {"uncommitted": True}
+        s.flush()
+        writing.set()
+        done = read.wait(30)  # a reader that waited for this lock would only run after the commit
+    thread.join(30)
+    assert done and seen and seen[0] != {"uncommitted": True}
+    db.dispose()

@@ -25,12 +25,20 @@ def server(
     """Serve the API (run `supercluster server init` once first)."""
     if ctx.invoked_subcommand is not None:
         return
+    import gc
+
     import uvicorn
 
     from supercluster.service.app import create_app
 
     # every 5 s the server stops projects past their budget and starts what the queues allow
-    uvicorn.run(create_app(db, tick_s=5.0), host=host, port=port, log_level="warning")
+    app = create_app(db, tick_s=5.0)
+    # Everything loaded by now (the libraries, the app) lives as long as the server. Frozen out of
+    # the collector's sight, a full collection scans only what requests made: a few ms instead of
+    # the 40-60 ms that were the slowest requests' tail. (Garbage first, so none is frozen with it.)
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @server_app.command("init")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections import defaultdict
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -16,13 +18,14 @@ from sqlalchemy.orm import Session
 from supercluster.cluster import jobs, placement, preempt
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.backends.registry import backend_for
-from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, type_geometry, used_gpus_per_node
+from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, topology, type_geometry
 from supercluster.cluster.state import (
     DEFAULT_HEALTH_MAX_AGE_S,
     JOB_ACTIVE,
     Allocation,
     Cluster,
     Database,
+    Fleet,
     Job,
     Node,
     get_cluster,
@@ -36,14 +39,14 @@ from supercluster.errors import UserError, closest
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
-def _validate_request(s: Session, name: str, gpus: int, gpu_type: str | None, max_switches: int | None) -> tuple[str, int, int]:
+def _validate_request(s: Session, fleet: Fleet, name: str, gpus: int, gpu_type: str | None, max_switches: int | None) -> tuple[str, int, int]:
     if not NAME_RE.match(name):
         raise UserError(f"Cluster name {name!r} is not valid; use up to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.")
     if s.scalar(sa.select(Cluster.id).where(Cluster.name == name)) is not None:
         raise UserError(f"A cluster named {name!r} already exists; choose another name or delete it first.")
     if gpus <= 0:
         raise UserError(f"--gpus must be a positive number of GPUs, got {gpus}.")
-    types = sorted(s.scalars(sa.select(Node.gpu_type).distinct()))
+    types = sorted(topology(s, fleet).empty)
     if gpu_type is None:
         if len(types) > 1:
             raise UserError(f"The fleet has several GPU types; pass --gpu-type with one of {', '.join(types)}.")
@@ -52,7 +55,7 @@ def _validate_request(s: Session, name: str, gpus: int, gpu_type: str | None, ma
         gpu_type = canonical_gpu_type(gpu_type)  # unknown to the catalog: raises with "did you mean"
         if gpu_type not in types:
             raise UserError(f"The fleet has no {gpu_type} nodes{closest(gpu_type, types)}; use --gpu-type {' or '.join(types)}.")
-    node_gpus, per_leaf, total = type_geometry(s, gpu_type)
+    node_gpus, per_leaf, total = type_geometry(s, fleet, gpu_type)
     if gpus > total:
         raise UserError(f"{gpus} GPUs is more than the fleet's {total} {gpu_type} GPUs; ask for at most {total}.")
     if gpus > node_gpus and gpus % node_gpus:
@@ -78,17 +81,20 @@ def create_cluster(
     health_max_age_s: float = DEFAULT_HEALTH_MAX_AGE_S,
     owner: str | None = None,
     priority: int = 0,
+    record: Callable[[Session, dict], None] | None = None,
 ) -> dict:
     """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error.
 
     owner: an opaque tag (the service passes its project) that usage is grouped by.
     priority: a request that does not fit may preempt clusters of lower priority (see `preempt`).
+    record: called with the session and the new cluster's dict inside this transaction, so that
+    the caller's own books (the service's row for it) commit with the fleet's, or neither does.
     """
     db = open_db(db)
     with db.transaction() as s:
         fleet = db.fleet(s)
         sync_nodes(s, fleet)  # never place on a node Slurm already knows is down
-        gpu_type, node_gpus, bound = _validate_request(s, name, gpus, gpu_type, max_switches)
+        gpu_type, node_gpus, bound = _validate_request(s, fleet, name, gpus, gpu_type, max_switches)
         cluster = Cluster(
             name=name, gpus=gpus, gpu_type=gpu_type, state="queued", max_switches=max_switches,
             require_health=require_health, health_max_age_s=health_max_age_s, bypassed=0, lower_bound=bound,
@@ -103,58 +109,94 @@ def create_cluster(
                 f"{gpus} {gpu_type} GPUs do not fit now ({free} usable GPUs free"
                 f"{f' within {max_switches} leaf switches' if max_switches else ''}); drop --no-wait to queue the request."
             )
-        return cluster_dict(s, cluster)
+        shown = cluster_dict(s, cluster)
+        if record is not None:
+            record(s, shown)
+        return shown
 
 
-def _cluster_nodes(s: Session, c: Cluster) -> list[dict]:
-    """The cluster's nodes with their status, in one query (status needs each node's used GPUs)."""
-    used = used_gpus_per_node()
-    query = (
-        sa.select(Allocation.gpus, Node.name, Node.leaf, Node.pod, Node.address, Node.state, Node.gpus,
-                  sa.func.coalesce(used.c.used, 0))
-        .join(Node, Node.name == Allocation.node_name)
-        .outerjoin(used, used.c.node_name == Node.name)
-        .where(Allocation.cluster_id == c.id)
-        .order_by(Allocation.node_name)
-    )
-    return [{"name": name, "gpus": gpus, "leaf": leaf, "pod": pod, "address": address, "status": node_status(state, total, in_use)}
-            for gpus, name, leaf, pod, address, state, total, in_use in s.connection().execute(query)]
+# Built once (building a statement costs more than running these): the nodes of some clusters with
+# their status, which needs every allocation on those nodes, not only the clusters' own.
+_IDS = sa.bindparam("ids", expanding=True)
+_USED_THERE = (sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus).label("used"))
+               .where(Allocation.node_name.in_(sa.select(Allocation.node_name).where(Allocation.cluster_id.in_(_IDS))))
+               .group_by(Allocation.node_name).subquery())
+_NODES_OF = (
+    sa.select(Allocation.cluster_id, Allocation.gpus, Node.name, Node.leaf, Node.pod, Node.address, Node.state, Node.gpus,
+              sa.func.coalesce(_USED_THERE.c.used, 0))
+    .join(Node, Node.name == Allocation.node_name)
+    .outerjoin(_USED_THERE, _USED_THERE.c.node_name == Node.name)
+    .where(Allocation.cluster_id.in_(_IDS))
+    .order_by(Allocation.cluster_id, Allocation.node_name)
+)
+_JOBS_OF = sa.select(Job.cluster_name, Job.id).where(Job.cluster_name.in_(sa.bindparam("names", expanding=True))).order_by(Job.id)
+_QUEUED = sa.select(Cluster.id, Cluster.priority).where(Cluster.state == "queued")
 
 
 def cluster_dict(s: Session, c: Cluster) -> dict:
+    return cluster_dicts(s, [c])[0]
+
+
+def cluster_dicts(s: Session, cs: list) -> list[dict]:
+    """What `cluster show` prints, for many clusters (`Cluster`s or rows of its table) in a few queries."""
     s.flush()
-    nodes = _cluster_nodes(s, c)
-    position = None
-    if c.state == "queued":
-        ahead = sa.or_(Cluster.priority > c.priority, sa.and_(Cluster.priority == c.priority, Cluster.id <= c.id))
-        position = s.scalar(sa.select(sa.func.count()).where(Cluster.state == "queued", ahead))
-    return {
+    if not cs:
+        return []
+    conn = s.connection()
+    nodes: dict[int, list[dict]] = defaultdict(list)
+    for cluster_id, gpus, name, leaf, pod, address, state, total, in_use in conn.execute(_NODES_OF, {"ids": [c.id for c in cs]}):
+        nodes[cluster_id].append({"name": name, "gpus": gpus, "leaf": leaf, "pod": pod, "address": address,
+                                  "status": node_status(state, total, in_use)})
+    jobs: dict[str, list[int]] = defaultdict(list)
+    for cluster_name, job_id in conn.execute(_JOBS_OF, {"names": [c.name for c in cs]}):
+        jobs[cluster_name].append(job_id)
+    positions = {}
+    if any(c.state == "queued" for c in cs):
+        # The queue's order (`place_queued`): highest priority first, then oldest.
+        queued = sorted(conn.execute(_QUEUED).all(), key=lambda row: (-row.priority, row.id))
+        positions = {row.id: i for i, row in enumerate(queued, 1)}
+    return [{
         "name": c.name, "state": c.state, "gpus": c.gpus, "gpu_type": c.gpu_type,
-        "nodes": nodes, "switches": sorted({n["leaf"] for n in nodes}), "leaves": c.leaves, "pods": c.pods, "lower_bound": c.lower_bound,
-        "max_switches": c.max_switches, "queue_position": position, "reservation": c.backend_ref,
+        "nodes": nodes[c.id], "switches": sorted({n["leaf"] for n in nodes[c.id]}), "leaves": c.leaves, "pods": c.pods,
+        "lower_bound": c.lower_bound, "max_switches": c.max_switches,
+        "queue_position": positions.get(c.id) if c.state == "queued" else None, "reservation": c.backend_ref,
         "owner": c.owner, "priority": c.priority, "detail": c.detail,
-        "created_at": c.created_at, "placed_at": c.placed_at,
-        "jobs": list(s.scalars(sa.select(Job.id).where(Job.cluster_name == c.name).order_by(Job.id))),
-    }
+        "created_at": c.created_at, "placed_at": c.placed_at, "jobs": jobs[c.name],
+    } for c in cs]
 
 
 def show_cluster(db: Database | str | None, name: str) -> dict:
     db = open_db(db)
-    with db.transaction(lock=False) as s:
+    with db.reading() as s:
         return cluster_dict(s, get_cluster(s, name))
+
+
+def show_clusters(db: Database | str | None, names: list[str]) -> dict[str, dict]:
+    """`show_cluster` of each of `names` that exists, by name, read at one moment."""
+    with open_db(db).reading() as s:
+        return show_clusters_in(s, names)
+
+
+def show_clusters_in(s: Session, names: list[str]) -> dict[str, dict]:
+    """`show_clusters` in a session the caller holds (the service reads its own tables beside)."""
+    if not names:
+        return {}
+    # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
+    query = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(names)).order_by(Cluster.id)
+    return {d["name"]: d for d in cluster_dicts(s, s.execute(query).all())}
 
 
 def list_clusters(db: Database | str | None = None) -> list[dict]:
     db = open_db(db)
-    with db.transaction(lock=False) as s:
-        query = sa.select(Cluster).order_by(Cluster.id)
-        return [cluster_dict(s, c) for c in s.scalars(query)]
+    with db.reading() as s:
+        return cluster_dicts(s, s.scalars(sa.select(Cluster).order_by(Cluster.id)).all())
 
 
-def delete_cluster(db: Database | str | None, name: str, *, force: bool = False) -> list[str]:
+def delete_cluster(db: Database | str | None, name: str, *, force: bool = False,
+                   record: Callable[[Session], None] | None = None) -> list[str]:
     """Releases a cluster's nodes; refuses while it runs jobs unless force (which cancels them).
 
-    Returns the queued clusters that started on the freed nodes.
+    Returns the queued clusters that started on the freed nodes. record: as for `create_cluster`.
     """
     db = open_db(db)
     jobs.refresh(db)  # a job that ended since we last looked must not block the delete
@@ -176,7 +218,10 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False)
         s.execute(sa.delete(Allocation).where(Allocation.cluster_id == cluster.id))
         s.execute(sa.delete(Cluster).where(Cluster.id == cluster.id))
         s.expire_all()
-        return place_queued(s, fleet)
+        started = place_queued(s, fleet)
+        if record is not None:
+            record(s)
+        return started
 
 
 def hold_cluster(db: Database | str | None, name: str, reason: str) -> dict:

@@ -84,7 +84,7 @@ def node_dict(n: Node) -> dict:
 def summary(db: Database | str | None = None) -> dict:
     """Nodes grouped by pod and leaf switch, with GPU counts by state (`fleet show`)."""
     db = open_db(db)
-    with db.transaction(lock=False) as s:
+    with db.reading() as s:
         fleet = db.fleet(s)
         nodes = s.scalars(sa.select(Node).options(sa.orm.selectinload(Node.allocations).selectinload(Allocation.cluster))).all()
         leaves: dict[tuple[str, str], dict] = {}
@@ -136,7 +136,7 @@ def open_backend(db: Database | str | None = None) -> Backend:
 def nodes(db: Database | str | None = None, cluster: str | None = None) -> list[dict]:
     """All nodes, or those of one cluster, as dicts (see `node_dict`)."""
     db = open_db(db)
-    with db.transaction(lock=False) as s:
+    with db.reading() as s:
         query = sa.select(Node).order_by(Node.name)
         if cluster is not None:
             c = s.scalar(sa.select(Cluster).where(Cluster.name == cluster))
@@ -171,7 +171,7 @@ def _float_or_none(value):
 
 
 def health_history(db: Database | str | None = None, node: str | None = None, limit: int = 100) -> list[dict]:
-    with open_db(db).transaction(lock=False) as s:
+    with open_db(db).reading() as s:
         query = sa.select(HealthResult).order_by(HealthResult.measured_at.desc(), HealthResult.id.desc()).limit(limit)
         if node is not None:
             query = query.where(HealthResult.node_name == node)

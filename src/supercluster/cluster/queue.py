@@ -10,6 +10,9 @@ transaction whenever nodes may have been freed or added.
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -32,50 +35,89 @@ def eligible(node, cluster: Cluster, at: float) -> bool:
     return node.last_health_status == "passed" and at - (node.last_health_at or 0) <= cluster.health_max_age_s
 
 
-def eligible_sql(cluster: Cluster, at: float) -> sa.ColumnElement[bool]:
-    """`eligible` as a WHERE clause, so that the database filters the fleet instead of Python."""
-    fresh = sa.and_(Node.last_health_status == "passed", Node.last_health_at >= at - cluster.health_max_age_s)
-    checked_or_not = fresh if cluster.require_health else sa.or_(Node.last_health_status.is_(None), fresh)
-    return sa.and_(Node.state == "up", checked_or_not)
+@dataclass(frozen=True)
+class Topology:
+    """The fleet's nodes and where they sit, per GPU type: fixed from `fleet init` to the next one."""
+
+    empty: dict[str, tuple[placement.Free, ...]]  # every node of a type as if nothing ran on it, by name
+    node_gpus: dict[str, int]  # GPUs per node (the most, for a mixed type)
+    per_leaf: dict[str, int]  # the most nodes of the type under one leaf switch
+    total: dict[str, int]  # all GPUs of the type
 
 
-def used_gpus_per_node(ignoring: set[int] = frozenset()) -> sa.Subquery:
-    query = sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus).label("used"))
-    if ignoring:
-        query = query.where(Allocation.cluster_id.not_in(ignoring))
-    return query.group_by(Allocation.node_name).subquery()
+# Placement runs on every create over the whole fleet. Where nodes sit changes only by `fleet init`,
+# which writes a new fleet row, so one load per (database, fleet row) is kept.
+_topologies: dict[tuple[str, float], Topology] = {}
+_TOPOLOGIES_KEPT = 16  # databases one process may use at once (tests open many)
 
 
-def type_geometry(s: Session, gpu_type: str) -> tuple[int, int, int]:
-    """GPUs per node, the most nodes under one leaf switch, and all GPUs of a type (one query)."""
-    per_leaf = sa.func.count().over(partition_by=Node.leaf)
-    rows = sa.select(Node.gpus, per_leaf.label("per_leaf")).where(Node.gpu_type == gpu_type).subquery()
-    return tuple(s.execute(sa.select(sa.func.max(rows.c.gpus), sa.func.max(rows.c.per_leaf), sa.func.sum(rows.c.gpus))).one())
+def topology(s: Session, fleet: Fleet) -> Topology:
+    key = (s.get_bind().url.render_as_string(hide_password=False), fleet.created_at)
+    found = _topologies.get(key)
+    if found is None:
+        rows = s.connection().execute(sa.select(Node.name, Node.gpu_type, Node.gpus, Node.leaf, Node.pod).order_by(Node.name)).all()
+        empty: dict[str, list[placement.Free]] = defaultdict(list)
+        leaves: dict[str, Counter] = defaultdict(Counter)
+        for name, gpu_type, gpus, leaf, pod in rows:
+            empty[gpu_type].append(placement.Free(name, leaf, pod, gpus, gpus))
+            leaves[gpu_type][leaf] += 1
+        found = Topology(
+            empty={k: tuple(v) for k, v in empty.items()},
+            node_gpus={k: max(f.total for f in v) for k, v in empty.items()},
+            per_leaf={k: max(c.values()) for k, c in leaves.items()},
+            total={k: sum(f.total for f in v) for k, v in empty.items()},
+        )
+        while len(_topologies) >= _TOPOLOGIES_KEPT:
+            _topologies.pop(next(iter(_topologies)), None)  # another thread may have taken it
+        _topologies[key] = found
+    return found
+
+
+def type_geometry(s: Session, fleet: Fleet, gpu_type: str) -> tuple[int, int, int]:
+    """GPUs per node, the most nodes under one leaf switch, and all GPUs of a type."""
+    topo = topology(s, fleet)
+    return topo.node_gpus[gpu_type], topo.per_leaf[gpu_type], topo.total[gpu_type]
+
+
+# Built once: building and caching a statement costs more than running these small ones.
+_USED = sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus)).group_by(Allocation.node_name)
+_USED_IGNORING = _USED.where(Allocation.cluster_id.not_in(sa.bindparam("ignoring", expanding=True)))
+# The nodes the health gate may turn away: all when health is required, else those that are not
+# simply up and never checked (usually none).
+_GATES = sa.select(Node.name, Node.state, Node.last_health_status, Node.last_health_at).where(Node.gpu_type == sa.bindparam("gpu_type"))
+_GATED = _GATES.where(sa.not_(sa.and_(Node.state == "up", Node.last_health_status.is_(None))))
+
+
+class _Gate(NamedTuple):
+    """A node's columns that `eligible` reads, without loading the node."""
+
+    state: str
+    last_health_status: str | None
+    last_health_at: float | None
 
 
 def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignoring: set[int] = frozenset()) -> list[placement.Free]:
-    """The eligible nodes that could hold part of `cluster`, as `placement.Free` tuples.
+    """The eligible nodes that could hold part of `cluster`, as `placement.Free` tuples in name order.
 
-    Placement runs on every create over the whole fleet, so the database does the filtering
-    (health gate, and whole free nodes for a request of whole nodes) and the rows come back as
-    plain tuples on the session's connection, without the ORM's per-row bookkeeping.
+    Placement runs on every create over the whole fleet, so only what changes is read: GPUs in
+    use per node and the nodes the health gate may refuse; where nodes sit comes from `topology`.
     ignoring: clusters whose allocations count as free (to ask what preempting them would give).
     """
     s.flush()  # the connection does not autoflush: pending node or allocation changes must count
-    used = used_gpus_per_node(ignoring)
-    free = Node.gpus - sa.func.coalesce(used.c.used, 0)
-    fits = used.c.used.is_(None) if cluster.gpus >= node_gpus else free >= cluster.gpus
-    query = (
-        sa.select(Node.name, Node.leaf, Node.pod, free, Node.gpus)
-        .outerjoin(used, used.c.node_name == Node.name)
-        .where(Node.gpu_type == cluster.gpu_type, eligible_sql(cluster, at), fits)
-        .order_by(Node.name)
-    )
-    return list(map(placement.Free._make, s.connection().execute(query).all()))
+    conn = s.connection()
+    fleet = s.get(Fleet, 1)
+    used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
+    gates = conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type})
+    refused = {name for name, *gate in gates if not eligible(_Gate(*gate), cluster, at)}
+    nodes = topology(s, fleet).empty.get(cluster.gpu_type, ())
+    if cluster.gpus >= node_gpus:  # whole nodes: only those nothing runs on
+        return [n for n in nodes if n.name not in used and n.name not in refused]
+    free = (n._replace(free=n.total - used[n.name]) if n.name in used else n for n in nodes if n.name not in refused)
+    return [n for n in free if n.free >= cluster.gpus]
 
 
 def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
-    node_gpus = s.scalar(sa.select(sa.func.max(Node.gpus)).where(Node.gpu_type == cluster.gpu_type))
+    node_gpus = topology(s, fleet).node_gpus[cluster.gpu_type]
     at = now()
 
     def find(ignoring: set[int] = frozenset()) -> placement.Placement | None:
@@ -126,14 +168,22 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
     """Places queued clusters, highest priority then oldest first, with bounded backfill and
     preemption of lower priorities; returns the names placed."""
     placed, waiting = [], []
+    # Requests alike in all that placement reads: once one does not fit, the next cannot either
+    # until something is placed (a placement only takes nodes, but its preemptions may free more
+    # than it takes). So a long queue of one size costs one search, not one per request.
+    refused: set[tuple] = set()
     queued = sa.select(Cluster).where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id)
     for cluster in s.scalars(queued).all():
         if any(w.bypassed >= BACKFILL_LIMIT for w in waiting):
             break
-        if _try_place(s, fleet, cluster):
+        alike = (cluster.gpu_type, cluster.gpus, cluster.max_switches, cluster.require_health, cluster.health_max_age_s,
+                 cluster.priority)
+        if alike not in refused and _try_place(s, fleet, cluster):
             placed.append(cluster.name)
+            refused.clear()
             for w in waiting:
                 w.bypassed += 1
         else:
             waiting.append(cluster)
+            refused.add(alike)
     return placed

@@ -4,7 +4,8 @@ SQLite file `$SUPERCLUSTER_HOME/fleet.db` by default; any SQLAlchemy URL through
 `$SUPERCLUSTER_DB` or `--db` (PostgreSQL is tested). Every change goes through
 `Database.transaction()`, which takes the fleet's write lock first (SQLite `BEGIN IMMEDIATE`,
 PostgreSQL `SELECT ... FOR UPDATE` on the one fleet row), so two commands that race for nodes
-are served one after the other and never see the same node as free.
+are served one after the other and never see the same node as free. A read that changes nothing
+uses `Database.reading()` instead, which takes neither lock.
 
 Times are float seconds since the epoch (portable across SQLite and PostgreSQL).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -182,10 +184,21 @@ def default_url() -> str:
     return f"sqlite:///{path}"
 
 
+# Connections of one Database: up to POOL_SIZE kept open between uses, and as many more at once as
+# POOL_OVERFLOW, for the service's up to 40 request threads (FastAPI's pool) and its own; a thread
+# past that waits for one. (PostgreSQL counts them against its max_connections.)
+POOL_SIZE, POOL_OVERFLOW = 10, 40
+READ_ONLY = "supercluster_read_only"  # execution option of `Database.reading()`'s engine
+
+
 def make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         # timeout: a writer waits up to 60 s for another's lock instead of failing at once.
-        engine = sa.create_engine(url, connect_args={"timeout": 60}, poolclass=sa.pool.NullPool)
+        # Pooled, not a connection per transaction: closing the last connection to a WAL database
+        # checkpoints it (an fsync of the database file) and opening one reads the schema again,
+        # which cost more than the transaction itself.
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False},
+                                  poolclass=sa.pool.QueuePool, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
 
         @sa.event.listens_for(engine, "connect")
         def _no_implicit_transactions(dbapi_conn, _record):
@@ -201,18 +214,36 @@ def make_engine(url: str) -> sa.Engine:
         @sa.event.listens_for(engine, "begin")
         def _begin_immediate(conn):
             # Take the write lock at BEGIN, not at the first write: a reader-then-writer
-            # transaction can then never deadlock or act on a stale read.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            # transaction can then never deadlock or act on a stale read. A read-only one
+            # (`Database.reading`) reads its own snapshot of the log beside the writer instead.
+            conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
-        return engine
-    parsed = sa.make_url(url)
-    if parsed.drivername == "postgresql":
-        # SQLAlchemy 2.1 means psycopg (3) by a bare postgresql://; use psycopg2 when that is what is installed.
-        import importlib.util
+    else:
+        parsed = sa.make_url(url)
+        if parsed.drivername == "postgresql":
+            # SQLAlchemy 2.1 means psycopg (3) by a bare postgresql://; use psycopg2 when that is what is installed.
+            import importlib.util
 
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            parsed = parsed.set(drivername="postgresql+psycopg2")
-    return sa.create_engine(parsed, pool_pre_ping=True)
+            if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+                parsed = parsed.set(drivername="postgresql+psycopg2")
+        engine = sa.create_engine(parsed, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
+    _fork_safe(engine)
+    return engine
+
+
+def _fork_safe(engine: sa.Engine) -> None:
+    """A forked child never uses a pooled connection of its parent (two processes on one
+    connection corrupt it): the pool drops it and opens its own (SQLAlchemy's recipe)."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _owner(_dbapi_conn, record):
+        record.info["pid"] = os.getpid()
+
+    @sa.event.listens_for(engine, "checkout")
+    def _same_process(_dbapi_conn, record, proxy):
+        if record.info.get("pid") != os.getpid():
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise sa.exc.DisconnectionError("connection opened by another process; opening a new one")
 
 
 class Database:
@@ -223,6 +254,11 @@ class Database:
         try:
             self.engine = make_engine(self.url)
             migrations.upgrade(self.engine)
+            self._reader = self.engine.execution_options(**{READ_ONLY: True})  # same pool
+            # SQLite has one writer at a time, and one that finds the lock taken sleeps and polls
+            # (up to 100 ms a nap), so threads of this process queue here instead, each going
+            # the moment the one before commits. Other processes still meet at SQLite's lock.
+            self._writers = threading.RLock() if self.engine.dialect.name == "sqlite" else contextlib.nullcontext()
         except ModuleNotFoundError as err:
             raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
         except sa.exc.ArgumentError as err:
@@ -242,17 +278,26 @@ class Database:
         commit (an error in our code or at COMMIT itself), the undos run, newest first, so
         nothing outside is left behind that our books do not know about.
         """
-        with Session(self.engine, expire_on_commit=False) as session:
+        with self._writers, Session(self.engine, expire_on_commit=False) as session:
             undo: list[Callable[[], None]] = []
             session.info[_UNDO] = undo
             try:
                 with session.begin():
                     if lock:  # the fleet row, locked (a no-op on SQLite) and kept for `fleet()`
-                        session.execute(sa.select(Fleet).with_for_update())
+                        # (held here: the session's identity map keeps only objects someone holds)
+                        session.info[_FLEET] = session.execute(sa.select(Fleet).with_for_update()).scalar()
                     yield session
             except BaseException:
                 _run_undo(undo)
                 raise
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only: no fleet lock, and on SQLite no write lock either, so readers
+        run beside each other and beside a writer (each on its own snapshot); anything it changes
+        is rolled back. Objects read stay readable after it (closed, not expired)."""
+        with Session(self._reader) as session:  # closing rolls back, and detaches what it loaded as loaded
+            yield session
 
     def fleet(self, session: Session) -> Fleet:
         fleet = session.get(Fleet, 1)
@@ -265,6 +310,7 @@ class Database:
 
 
 _UNDO = "supercluster_on_rollback"
+_FLEET = "supercluster_fleet"
 
 
 def on_rollback(session: Session, undo: Callable[[], None]) -> None:

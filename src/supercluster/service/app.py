@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from supercluster.errors import UserError
 from supercluster.service import endpoints, resources, tenancy, usage
-from supercluster.service.auth import Caller, RateLimiter, ServiceError, authenticate
+from supercluster.service.auth import Caller, CallerCache, RateLimiter, ServiceError, authenticate_hash, bearer_hash
 from supercluster.service.models import Audit
 from supercluster.service.schemas import ClusterIn, EndpointIn, JobIn, OrgIn, PlanIn, ProjectIn, QuotaIn, TokenIn, UserIn
 from supercluster.service.store import Store
@@ -51,6 +51,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     `tick_s`: seconds between the server's own passes over budgets and queues (0: only when asked)."""
     store = store or Store(url)
     limiter = RateLimiter(rate, burst)
+    callers = CallerCache()
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -88,7 +89,8 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             if request.url.path.startswith("/v1/"):
                 if "\x00" in request.url.path or any("\x00" in v for v in request.query_params.values()):
                     raise ServiceError(422, "Names and query values cannot contain NUL characters.")
-                caller = await run_in_threadpool(_authenticate, store, request.headers.get("authorization"))
+                token_hash = bearer_hash(request.headers.get("authorization"))
+                caller = callers.get(token_hash) or await run_in_threadpool(_authenticate, store, callers, token_hash)
                 request.state.caller = caller
                 limiter.check(caller.token_id)
             response = await call_next(request)
@@ -118,7 +120,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/orgs/{org}", tags=["tenancy"])
     def show_org(org: str, who: Caller = Depends(caller)) -> dict:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.org_dict(tenancy.visible_org(s, who, org))
 
     @app.post("/v1/orgs/{org}/projects", status_code=201, tags=["tenancy"])
@@ -128,7 +130,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/orgs/{org}/projects", tags=["tenancy"])
     def list_projects(org: str, who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_projects(s, who, org)
 
     @app.post("/v1/users", status_code=201, tags=["tenancy"])
@@ -138,7 +140,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/users", tags=["tenancy"])
     def list_users(who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_users(s, who)
 
     @app.post("/v1/tokens", status_code=201, tags=["tenancy"])
@@ -149,18 +151,20 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
 
     @app.get("/v1/tokens", tags=["tenancy"])
     def list_tokens(who: Caller = Depends(caller)) -> list[dict]:
-        with store.session() as s:
+        with store.reading() as s:
             return tenancy.list_tokens(s, who)
 
     @app.delete("/v1/tokens/{token_id}", tags=["tenancy"])
     def revoke_token(token_id: int = Path(ge=1, le=2**31 - 1), who: Caller = Depends(caller)) -> dict:
         with store.session() as s:
-            return tenancy.revoke_token(s, who, token_id)
+            revoked = tenancy.revoke_token(s, who, token_id)
+        callers.forget()  # after the commit: a request in between would keep it for another ttl
+        return revoked
 
     @app.get("/v1/audit", tags=["tenancy"])
     def audit(limit: int = Query(100, ge=1, le=10_000), who: Caller = Depends(caller)) -> list[dict]:
         tenancy.require(who, "admin")
-        with store.session() as s:
+        with store.reading() as s:
             query = sa.select(Audit).order_by(Audit.id.desc()).limit(limit)
             if not who.is_operator:
                 query = query.where(Audit.project_id == who.project_id)
@@ -325,7 +329,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         from supercluster.cluster.fleet import summary
 
         info = summary(store.fleet)
-        with store.session() as s:
+        with store.reading() as s:
             mine = resources.fleet_names(s, who)
         for node in info["node_list"]:
             node["clusters"] = sorted(mine[c] for c in node["clusters"] if c in mine)
@@ -398,9 +402,12 @@ def _ticker(store: Store, every_s: float, stop: threading.Event) -> None:
             logging.getLogger("supercluster.service").exception("budget and queue pass failed")
 
 
-def _authenticate(store: Store, header: str | None) -> Caller:
+def _authenticate(store: Store, callers: CallerCache, token_hash: str) -> Caller:
+    generation = callers.generation
     with store.reading() as s:
-        return authenticate(s, header)
+        caller, expires_at = authenticate_hash(s, token_hash)
+    callers.put(token_hash, caller, expires_at, generation)
+    return caller
 
 
 def _write_audit(store: Store, row: Audit) -> None:

@@ -7,8 +7,9 @@ enough; past the `gpu_hours` budget a new request is refused. A cluster holds GP
 charged, from the moment the fleet places it until it is deleted (one usage interval).
 
 Calls into `cluster` open their own transactions, so a request reads and writes the service
-tables around them, never across them; one lock per server process keeps those steps of
-concurrent requests from interleaving.
+tables around them, never across them, except for a cluster's own row, which its `record` hook
+writes inside the fleet's transaction that creates or deletes the cluster (so the two books never
+disagree); one lock per server process keeps those steps of concurrent requests from interleaving.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def fleet_name(project: Project, name: str) -> str:
 
 def project_names(store: Store) -> dict[int, str]:
     with store.reading() as s:  # no write lock: callers may be between calls into the fleet
-        return dict(s.execute(sa.select(Project.id, Project.name)).all())
+        return project_names_in(s)
+
+
+def project_names_in(s: Session) -> dict[int, str]:
+    return dict(s.execute(sa.select(Project.id, Project.name)).all())
 
 
 def fleet_text(names: dict[int, str], text: str | None) -> str | None:
@@ -150,12 +155,13 @@ def _quota_decision(s: Session, project: Project, gpu_type: str, gpus: int) -> s
 # ---- clusters ------------------------------------------------------------------------------------
 
 
-def _fleet_create(store: Store, sc: ServiceCluster) -> dict:
+def _fleet_create(store: Store, sc: ServiceCluster, record=None) -> dict:
     """Hands the cluster to the fleet, which places it, queues it or preempts lower priorities for it."""
     try:
         return fleet_clusters.create_cluster(store.fleet, sc.fleet_name, sc.gpus, gpu_type=sc.gpu_type, wait=True,
                                              max_switches=sc.max_switches, require_health=sc.require_health,
-                                             owner=usage.owner_tag(sc.project_id, sc.user_id), priority=sc.priority)
+                                             owner=usage.owner_tag(sc.project_id, sc.user_id), priority=sc.priority,
+                                             record=record)
     except UserError as err:
         raise ServiceError(422, str(err)) from None
 
@@ -163,7 +169,7 @@ def _fleet_create(store: Store, sc: ServiceCluster) -> dict:
 def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: int, gpu_type: str | None,
                    max_switches: int | None, require_health: bool, priority: int = 0) -> dict:
     with _lock:
-        with store.session() as s:
+        with store.reading() as s:  # reads only; the lock keeps this server's other writers out meanwhile
             p = visible_project(s, caller, project, "member")
             if s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == p.id, ServiceCluster.name == name)):
                 raise ServiceError(409, f"Project {project!r} already has a cluster named {name!r}; choose another name or delete it first.")
@@ -179,17 +185,20 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
                                 state="waiting", reason=reason, priority=priority, created_at=time.time())
         fleet = None
         if reason is None:
-            fleet = _fleet_create(store, sc)  # refuses sizes that never fit: nothing kept on either side
-            sc.state = fleet["state"]
-        with store.session() as s:
-            s.add(sc)
-            s.flush()
-        return cluster_view(project_names(store), sc, project, fleet)
+            def record(s: Session, shown: dict) -> None:  # in the fleet's transaction: both rows or neither
+                sc.state = shown["state"]
+                s.add(sc)
+
+            fleet = _fleet_create(store, sc, record)  # refuses sizes that never fit: nothing kept on either side
+        else:
+            with store.session() as s:
+                s.add(sc)
+    return cluster_view(project_names(store), sc, project, fleet)
 
 
 def reconcile(store: Store) -> None:
     """Hands the fleet the clusters the quota held back (or a budget stopped) once the quota allows them."""
-    with store.session() as s:  # the common case, nothing waits here: one cheap query and no lock
+    with store.reading() as s:  # the common case, nothing waits here: one cheap query and no lock
         if not s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.state.in_(("waiting", "held"))).limit(1)):
             return
     with _lock:
@@ -230,42 +239,42 @@ def _get(s: Session, p: Project, name: str) -> ServiceCluster:
     return sc
 
 
-def _fleet_view(store: Store, sc: ServiceCluster) -> dict | None:
-    if sc.state == "waiting":
-        return None
-    try:
-        return fleet_clusters.show_cluster(store.fleet, sc.fleet_name)
-    except UserError:
-        return None
+def _fleet_views(s: Session, scs) -> dict[str, dict]:
+    """The fleet's view of each cluster handed to it, by fleet name (one read for all of them)."""
+    return fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs if sc.state != "waiting"])
 
 
 def show_cluster(store: Store, caller: Caller, project: str, name: str) -> dict:
     reconcile(store)
-    with store.session() as s:
+    with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         sc = _get(s, visible_project(s, caller, project), name)
-    return cluster_view(project_names(store), sc, project, _fleet_view(store, sc))
+        return cluster_view(project_names_in(s), sc, project, _fleet_views(s, [sc]).get(sc.fleet_name))
 
 
 def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     reconcile(store)
-    with store.session() as s:
+    with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         p = visible_project(s, caller, project)
-        rows = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)).all()
-    names = project_names(store)
-    return [cluster_view(names, sc, project, _fleet_view(store, sc)) for sc in rows]
+        # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
+        query = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)
+        rows = s.execute(query).all()
+        names, fleet = project_names_in(s), _fleet_views(s, rows)
+    return [cluster_view(names, sc, project, fleet.get(sc.fleet_name)) for sc in rows]
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
     with _lock:
-        with store.session() as s:
+        with store.reading() as s:  # reads only; the lock keeps this server's other writers out meanwhile
             sc = _get(s, visible_project(s, caller, project, "member"), name)
+        forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
         if sc.state != "waiting":
-            try:
-                fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force)
+            try:  # the service's row goes in the fleet's transaction: both or neither
+                fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
             except UserError as err:
                 raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
-        with store.session() as s:
-            s.execute(sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id))
+        else:
+            with store.session() as s:
+                s.execute(forget)
     reconcile(store)
     return {"name": name, "project": project, "state": "deleted"}
 

@@ -7,7 +7,6 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from supercluster.cluster.state import Database
@@ -38,12 +37,6 @@ class Store:
         self.fleet = Database(url)
         self.url = self.fleet.url
         self.revision = migrate(self.fleet)
-        # The fleet's SQLite engine takes the write lock at every BEGIN (placement must never act
-        # on a stale read). A read-only session needs no such lock: its own engine lets readers,
-        # such as the token lookup every request makes, run beside each other.
-        self._read_engine = self.fleet.engine
-        if self.fleet.engine.dialect.name == "sqlite":
-            self._read_engine = sa.create_engine(self.url, connect_args={"timeout": 60}, poolclass=sa.pool.NullPool)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -54,14 +47,10 @@ class Store:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
-        """A session for reads only (no write lock on SQLite); anything it changes is rolled back."""
-        with Session(self._read_engine) as s:
-            try:
-                yield s
-            finally:
-                s.rollback()
+        """A session for reads only (no write lock on SQLite: readers, such as the token lookup every
+        request makes, run beside each other and beside a writer); anything it changes is rolled back."""
+        with self.fleet.reading() as s:
+            yield s
 
     def dispose(self) -> None:
-        if self._read_engine is not self.fleet.engine:
-            self._read_engine.dispose()
         self.fleet.dispose()

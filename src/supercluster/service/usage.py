@@ -45,7 +45,7 @@ def report(s: Session, *, by: str = "project", since: float | None = None, until
     """Usage rows grouped by `by` (org, project or user; finer keys show as None) and GPU type."""
     projects = {p.id: p for p in s.scalars(sa.select(Project))}
     orgs = {o.id: o.name for o in s.scalars(sa.select(Org))}
-    users = {u.id: u.name for u in s.scalars(sa.select(User))}
+    users = dict(s.execute(sa.select(User.id, User.name)).all()) if by == "user" else {}
     totals: dict[tuple, float] = defaultdict(float)
     for row in fleet_usage.usage_in(s, since=since, until=until):
         ids = _parse(row["owner"])
