@@ -136,6 +136,13 @@ class StepAttention:
                 self.decode_slots[i, :seq.context] = seq.key_slots
             lengths = torch.tensor([seq.context for seq in decodes], device=write_slots.device)
             self.decode_mask = (torch.arange(longest, device=write_slots.device)[None, :] < lengths[:, None])[:, None, None, :]
+            # One sequence whose blocks lie end to end in the pool (the usual case for a lone
+            # request) reads its keys and values as a view: no gather at every layer.
+            self.decode_span = None
+            if len(decodes) == 1:
+                first = int(decodes[0].key_slots[0])
+                if torch.equal(decodes[0].key_slots, torch.arange(first, first + longest)):
+                    self.decode_span = (first, first + longest)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [1, T, heads, d] for the packed tokens; returns [1, T, heads, d]."""
@@ -157,8 +164,11 @@ class StepAttention:
         if self.decode_rows is not None:
             qs = q[0, self.decode_rows][:, :, None]  # [B, heads, 1, d]
             # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
-            ks = k_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
-            vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
+            if self.decode_span is not None:
+                ks, vs = k_pool[slice(*self.decode_span)][None], v_pool[slice(*self.decode_span)][None]
+            else:
+                ks = k_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
+                vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
             ks, vs = ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, d]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)
             out[0, self.decode_rows] = o[:, :, 0]
