@@ -79,3 +79,47 @@ def service_url(request, tmp_path):
     yield f"{SERVICE_PG_URL}?options=-csearch_path%3D{schema}"
     conn.cursor().execute(f"DROP SCHEMA {schema} CASCADE")
     conn.close()
+
+
+@pytest.fixture
+def live_service(tmp_path):
+    """The service on a local 2-GPU fleet, served by uvicorn on a loopback port (for clients that
+    speak real HTTP: a browser, the openai SDK). Yields (base URL, tokens): tokens["op"] is the
+    operator's; `grant(project, role)` gives tokens[project, role] (orgs and users made as needed)."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from supercluster.cluster.fleet import init_fleet
+    from supercluster.service import tenancy
+    from supercluster.service.app import create_app
+    from supercluster.service.store import Store
+
+    store = Store(f"sqlite:///{tmp_path / 'service.db'}")
+    with store.session() as s:
+        tokens = {"op": tenancy.init_operator(s)}
+    init_fleet(store.fleet, "local", gpus=2)
+    app = create_app(store=store)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    def grant(org: str, project: str, role: str) -> str:
+        op = {"Authorization": f"Bearer {tokens['op']}"}
+        with httpx.Client(base_url=base, timeout=60) as c:
+            c.post("/v1/orgs", headers=op, json={"name": org})  # 409 when it exists: fine
+            c.post(f"/v1/orgs/{org}/projects", headers=op, json={"name": project})
+            c.post("/v1/users", headers=op, json={"name": f"{project}-{role}", "org": org}).raise_for_status()
+            tokens[project, role] = c.post("/v1/tokens", headers=op, json={
+                "user": f"{project}-{role}", "project": project, "role": role}).json()["token"]
+        return tokens[project, role]
+
+    yield base, tokens, grant
+    server.should_exit = True
+    thread.join(timeout=30)
+    store.dispose()

@@ -3,9 +3,6 @@ enters a URL, the fleet map, the project's clusters, a real job's loss plot grow
 steps, and a viewer of another project who sees none of it."""
 
 import os
-import socket
-import threading
-import time
 
 import pytest
 
@@ -13,45 +10,12 @@ CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(tmp_path):
-    import uvicorn
-    from fastapi.testclient import TestClient
-
-    from supercluster.cluster.fleet import init_fleet
-    from supercluster.service import tenancy
-    from supercluster.service.app import create_app
-    from supercluster.service.store import Store
-
-    store = Store(f"sqlite:///{tmp_path / 'service.db'}")
-    with store.session() as s:
-        op = {"Authorization": f"Bearer {tenancy.init_operator(s)}"}
-    init_fleet(store.fleet, "local", gpus=2)
-    app = create_app(store=store)
-    tokens = {}
-    with TestClient(app) as c:
-        for org, project, role in (("acme", "llm", "member"), ("globex", "web", "viewer")):
-            c.post("/v1/orgs", headers=op, json={"name": org}).raise_for_status()
-            c.post(f"/v1/orgs/{org}/projects", headers=op, json={"name": project}).raise_for_status()
-            c.post("/v1/users", headers=op, json={"name": f"{project}-{role}", "org": org}).raise_for_status()
-            tokens[project] = c.post("/v1/tokens", headers=op, json={"user": f"{project}-{role}", "project": project,
-                                                                     "role": role}).json()["token"]
-    port = _port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", tokens
-    srv.should_exit = True
-    thread.join(timeout=30)
-    store.dispose()
+def server(live_service):
+    base, tokens, grant = live_service
+    grant("acme", "llm", "member")
+    grant("globex", "web", "viewer")
+    yield base, {"llm": tokens["llm", "member"], "web": tokens["web", "viewer"]}
 
 
 def _login(page, base, token):

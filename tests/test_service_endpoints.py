@@ -4,54 +4,25 @@ through the service with the project's token, another tenant cannot, usage count
 deleting the endpoint stops its server."""
 
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 
-from supercluster.cluster.fleet import init_fleet
-from supercluster.service import tenancy
-from supercluster.service.app import create_app
-from supercluster.service.store import Store
 
 from test_service_cli import run
 from test_service_jobs import tiny_config
 
 
 @pytest.fixture
-def live(tmp_path):
-    """A real server on loopback (the openai client speaks HTTP) with two tenants' tokens."""
-    import uvicorn
-    from fastapi.testclient import TestClient
-
-    store = Store(f"sqlite:///{tmp_path / 'service.db'}")
-    with store.session() as s:
-        op = {"Authorization": f"Bearer {tenancy.init_operator(s)}"}
-    init_fleet(store.fleet, "local", gpus=2)
-    app = create_app(store=store)
-    tokens = {}
-    with TestClient(app) as c:
-        for org, project in (("acme", "llm"), ("globex", "web")):
-            c.post("/v1/orgs", headers=op, json={"name": org}).raise_for_status()
-            c.post(f"/v1/orgs/{org}/projects", headers=op, json={"name": project}).raise_for_status()
-            for role in ("member", "viewer"):
-                c.post("/v1/users", headers=op, json={"name": f"{project}-{role}", "org": org}).raise_for_status()
-                tokens[project, role] = c.post("/v1/tokens", headers=op, json={
-                    "user": f"{project}-{role}", "project": project, "role": role}).json()["token"]
-    tokens["op"] = op["Authorization"].removeprefix("Bearer ")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+def live(live_service):
+    base, tokens, grant = live_service
+    for org, project in (("acme", "llm"), ("globex", "web")):
+        for role in ("member", "viewer"):
+            grant(org, project, role)
+    with httpx.Client(base_url=base, timeout=120) as client:
         yield client, tokens
-    server.should_exit = True
-    thread.join(timeout=30)
-    store.dispose()
 
 
 def bearer(token: str) -> dict:
