@@ -50,7 +50,7 @@ def test_dashboard_shows_the_fleet_clusters_and_a_live_loss_plot(server, small_c
             page.wait_for_function("document.querySelector('#clusters').innerText.includes('here')", timeout=30_000)
             # the project's endpoints (none yet) and the calls they answered
             page.wait_for_function("document.querySelector('#endpoints').innerText.includes('OpenAI base URL')", timeout=30_000)
-            assert "completion tokens" in page.inner_text("#tokens")
+            page.wait_for_function("document.querySelector('#tokens').innerText.includes('completion tokens')", timeout=30_000)
             loss = f"#job-{job} .plot[data-key=loss]"
             page.wait_for_function(f"(document.querySelector('{loss}')?.dataset.points | 0) >= 2", timeout=240_000)
             first = int(page.get_attribute(loss, "data-points"))
