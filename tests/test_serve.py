@@ -188,7 +188,10 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
     out = subprocess.run([str(SCRIPT), "serve", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120,
                          env={**os.environ})
     assert out.returncode == 2 and "not a run directory" in out.stderr
-    for flags, message in ((["--quantize", "int3"], "--quantize must be one of"), (["--threads", "0"], "--threads must be")):
+    (tmp_path / "empty.key").write_text("\n")
+    for flags, message in ((["--quantize", "int3"], "--quantize must be one of"), (["--threads", "0"], "--threads must be"),
+                           (["--api-key-file", str(tmp_path / "missing.key")], "Cannot read --api-key-file"),
+                           (["--api-key-file", str(tmp_path / "empty.key")], "holds no key")):
         out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), *flags],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

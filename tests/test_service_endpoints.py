@@ -3,12 +3,16 @@ run served from the project's cluster; the official `openai` client (sync and st
 through the service with the project's token, another tenant cannot, usage counts the tokens, and
 deleting the endpoint stops its server."""
 
+import contextlib
 import json
+import os
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 
 
 from test_service_cli import run
@@ -60,6 +64,16 @@ def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_pat
     ready = wait_for(client, "/v1/projects/llm/endpoints/chat", viewer, lambda e: e["state"] != "starting")
     assert ready["state"] == "ready", ready
     assert "secret" not in ready and "url" not in ready
+    # the server's key is in a file of the service's: neither on any command line nor in the fleet's books
+    with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
+        secret, url = conn.execute(sa.text("SELECT secret, url FROM svc_endpoints WHERE name = 'chat'")).one()
+        commands = conn.execute(sa.text("SELECT command FROM jobs")).scalars().all()
+    assert len(commands) == 2 and not any(secret in str(c) for c in commands)
+    cmdlines = []
+    for path in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmdlines.append(path.read_bytes())
+    assert any(b"--api-key-file" in c for c in cmdlines) and not any(secret.encode() in c for c in cmdlines)
     server = str(client.base_url)  # the CLI, as the server's client
     assert run(capsys, "login", "--server", server, "--token", tokens["llm", "member"])[0] == 0
     code, out, _ = run(capsys, "endpoint", "list", "--server", server, "--json")
@@ -78,7 +92,9 @@ def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_pat
     assert "".join(c.choices[0].text for c in streamed if c.choices) == whole.choices[0].text
     assert streamed[-1].usage.completion_tokens == 6
 
-    # other tenants and viewers cannot call it; a bad key is a 401
+    # other tenants and viewers cannot call it; a bad key is a 401; all in OpenAI's error body
+    r = httpx.post(f"{base}/completions", json={"model": model, "prompt": "x"})
+    assert r.status_code == 401 and r.json()["error"]["message"] and r.headers["www-authenticate"] == "Bearer"
     for token, status in ((tokens["web", "member"], 404), (tokens["llm", "viewer"], 403), ("sc_nope", 401)):
         denied = openai.OpenAI(base_url=base, api_key=token, max_retries=0)
         with pytest.raises(openai.APIStatusError) as err:
@@ -101,8 +117,12 @@ def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_pat
     assert not any("/endpoints/chat/v1/" in a["path"] for a in audit)
 
     # deleting stops the server: the endpoint says stopped, the fleet job is cancelled, calls get 503
+    assert httpx.get(f"{url}/health").status_code == 200
     stopped = client.delete("/v1/projects/llm/endpoints/chat", headers=member).json()
     assert stopped["state"] == "stopped" and stopped["requests"] == 3
+    with pytest.raises(httpx.TransportError):  # the delete answered once the server was gone
+        httpx.get(f"{url}/health", timeout=5)
+    assert not list((Path(os.environ["SUPERCLUSTER_HOME"]) / "service" / "endpoint-keys").iterdir())
     job = client.get(f"/v1/projects/llm/jobs/{jid}", headers=member).json()
     assert job["state"] == "completed"  # the training job is untouched
     with pytest.raises(openai.APIStatusError) as err:

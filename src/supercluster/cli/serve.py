@@ -59,6 +59,7 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 8000,
     api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="A key clients send as Bearer (repeatable); none: open.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="A file of keys, one a line (kept out of the process list).")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond which new ones get 429.")] = 256,
     max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
@@ -73,10 +74,18 @@ def serve(
 
     from supercluster.serve.api import create_app
 
+    keys = list(api_key or [])
+    if api_key_file is not None:
+        try:
+            keys += [line.strip() for line in api_key_file.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise UserError(f"Cannot read --api-key-file {str(api_key_file)!r} ({err.strerror}); pass a readable file.") from None
+        if not keys:
+            raise UserError(f"--api-key-file {str(api_key_file)!r} holds no key; write one a line.")
     sock = _listen(host, port)
     engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads, tp)
     try:
-        app = create_app(engine, api_key or [], max_queue)
+        app = create_app(engine, keys, max_queue)
         weights = "int8 weights, " if quantize == "int8" else ""
         print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.precision}, tp {tp}, "
               f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)

@@ -15,6 +15,7 @@ from pathlib import Path as FilePath
 import time
 from typing import Literal
 
+import anyio
 import httpx
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -95,7 +96,10 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
                 limiter.check(caller.token_id)
             response = await call_next(request)
         except ServiceError as err:
-            response = JSONResponse({"detail": err.message}, status_code=err.status, headers=err.headers)
+            if MODEL_CALL.match(request.url.path):  # a bad token or too many calls, told as OpenAI's clients expect
+                response = _openai_error(err.status, err.message, err.headers)
+            else:
+                response = JSONResponse({"detail": err.message}, status_code=err.status, headers=err.headers)
         if request.method in MUTATING and not MODEL_CALL.match(request.url.path):
             row = Audit(at=time.time(), user_id=caller.user_id if caller else None, token_id=caller.token_id if caller else None,
                         project_id=caller.project_id if caller else None, method=request.method, path=request.url.path[:1000],
@@ -248,7 +252,9 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         """Stop the endpoint's server (its calls stay counted)."""
         return endpoints.delete(store, who, project, name)
 
-    @app.api_route("/v1/projects/{project}/endpoints/{name}/v1/{path:path}", methods=["GET", "POST"], tags=["endpoints"])
+    # One function, two routes with their own operation ids (one route of both methods shares one id in OpenAPI).
+    @app.get("/v1/projects/{project}/endpoints/{name}/v1/{path:path}", tags=["endpoints"], operation_id="endpoint_get")
+    @app.post("/v1/projects/{project}/endpoints/{name}/v1/{path:path}", tags=["endpoints"], operation_id="endpoint_post")
     async def call_endpoint(project: str, name: str, path: str, request: Request, who: Caller = Depends(caller)):
         """The endpoint's OpenAI API (`chat/completions`, `completions`, `models`) with a member's project token:
         point an OpenAI client's base_url here."""
@@ -300,8 +306,10 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
                                 continue
                         yield event + b"\n\n"
             finally:
-                await answer.aclose()
-                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, seen)
+                # Also when the caller left mid-stream and this task is being cancelled: the call still counts.
+                with anyio.CancelScope(shield=True):
+                    await answer.aclose()
+                    await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, seen)
 
         return StreamingResponse(relay(), media_type="text/event-stream")
 
@@ -369,10 +377,11 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     return app
 
 
-def _openai_error(status: int, message: str) -> JSONResponse:
+def _openai_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     """An error as OpenAI's clients expect it on the model routes."""
     kind = "invalid_request_error" if status < 500 else "service_unavailable"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status,
+                        headers=headers)
 
 
 def _usage_of(data: bytes) -> dict | None:

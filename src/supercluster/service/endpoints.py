@@ -13,6 +13,8 @@ never a path elsewhere, which could be another tenant's run.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import secrets
 import socket
 import sys
@@ -33,6 +35,7 @@ from supercluster.service.store import Store
 from supercluster.service.tenancy import visible_project
 
 
+STOP_WAIT_S = 30.0  # how long a delete waits for the server to stop answering
 _lock = threading.Lock()  # one create at a time per server: two of the same name must not both start a server
 
 
@@ -82,6 +85,32 @@ def _run_dir(store: Store, p: Project, run_dir: str | None, job: int | None) -> 
     return path
 
 
+def _key_file(secret: str) -> Path:
+    """Where the server reads its key: a file of the service's, not its command line, which `ps`
+    shows every user of the node and the fleet's books keep (and print) with the job."""
+    return home() / "service" / "endpoint-keys" / f"{hashlib.sha256(secret.encode()).hexdigest()[:32]}.key"
+
+
+def _write_key(secret: str) -> Path:
+    path = _key_file(secret)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+    return path
+
+
+def _wait_silent(url: str) -> None:
+    """Until the server at `url` stops answering: a cancelled job's processes take a moment to end."""
+    deadline = time.monotonic() + STOP_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/health", timeout=1.0)
+        except httpx.HTTPError:
+            return
+        time.sleep(0.1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -115,11 +144,13 @@ def _create(store: Store, caller: Caller, project: str, name: str, cluster: str,
         # A server on another machine would need that machine's address and an open port there.
         raise ServiceError(409, f"Endpoints run on fleets of local nodes for now; this fleet's backend is {backend}.")
     port, secret = _free_port(), secrets.token_urlsafe(32)
+    key_file = _write_key(secret)
     command = [sys.executable, "-m", "supercluster.cli.main", "serve", str(path), "--host", "127.0.0.1", "--port",
-               str(port), "--api-key", secret, "--max-running", str(max_running), "--quantize", quantize]
+               str(port), "--api-key-file", str(key_file), "--max-running", str(max_running), "--quantize", quantize]
     try:
         fleet_job = fleet_jobs.submit_job(store.fleet, fleet_name, str(path), command=command, max_restarts=0)
     except UserError as err:
+        key_file.unlink(missing_ok=True)
         raise ServiceError(409, str(err)) from None
     with store.session() as s:
         # A stopped or failed endpoint of the same name is started again: its calls stay counted.
@@ -142,6 +173,7 @@ def refresh(store: Store, endpoints: list[Endpoint]) -> None:
         state, detail = e.state, e.detail
         if job["state"] not in ("pending", "running"):
             state, detail = "failed", f"its serving job {job['state']}" + (f" ({job['detail']})" if job["detail"] else "")
+            _key_file(e.secret).unlink(missing_ok=True)  # nothing reads it any more
         elif e.state == "starting":
             try:
                 if httpx.get(f"{e.url}/health", timeout=1.0).status_code == 200:
@@ -178,15 +210,18 @@ def list_all(store: Store, caller: Caller, project: str) -> list[dict]:
 
 
 def delete(store: Store, caller: Caller, project: str, name: str) -> dict:
+    """Stops the endpoint's server and answers once it no longer does (or after STOP_WAIT_S, saying so)."""
     with store.session() as s:
         p = visible_project(s, caller, project, "member")
         e = _get(s, p, name)
-        job_id, active = e.job_id, e.state in ("starting", "ready")
+        job_id, active, url, secret = e.job_id, e.state in ("starting", "ready"), e.url, e.secret
     if active:
         try:
             fleet_jobs.cancel_job(store.fleet, job_id)
         except UserError:
             pass  # it had ended by itself: nothing left to stop
+        _wait_silent(url)
+    _key_file(secret).unlink(missing_ok=True)
     with store.session() as s:
         e = _get(s, p, name)
         e.state, e.detail = "stopped", None
