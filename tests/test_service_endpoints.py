@@ -82,6 +82,7 @@ def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_pat
     base = f"{client.base_url}{ready['base_url']}"
     oai = openai.OpenAI(base_url=base, api_key=tokens["llm", "member"], max_retries=0)
     (model,) = [m.id for m in oai.models.list()]
+    assert model == "chat"  # served under the endpoint's name, not its run directory's
     whole = oai.completions.create(model=model, prompt="def parse(self, text):", max_tokens=6, temperature=0)
     assert whole.usage.completion_tokens == 6 and whole.choices[0].text
     chunks = list(oai.chat.completions.create(model=model, messages=[{"role": "user", "content": "import os"}],

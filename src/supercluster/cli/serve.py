@@ -68,6 +68,7 @@ def serve(
                                           "twice the decode speed on CPUs (logits within about 1%).")] = "none",
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model (default: all cores).")] = None,
     tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes (they share --kv-cache-gib).")] = 1,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's id in the API (default: the run directory's name).")] = None,
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
     import uvicorn
@@ -82,9 +83,12 @@ def serve(
             raise UserError(f"Cannot read --api-key-file {str(api_key_file)!r} ({err.strerror}); pass a readable file.") from None
         if not keys:
             raise UserError(f"--api-key-file {str(api_key_file)!r} holds no key; write one a line.")
+    if served_model_name is not None and not served_model_name.strip():
+        raise UserError("--served-model-name is empty; give the id clients should send as `model`.")
     sock = _listen(host, port)
     engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads, tp)
     try:
+        engine.name = served_model_name or engine.name
         app = create_app(engine, keys, max_queue)
         weights = "int8 weights, " if quantize == "int8" else ""
         print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.precision}, tp {tp}, "

@@ -146,7 +146,8 @@ def _create(store: Store, caller: Caller, project: str, name: str, cluster: str,
     port, secret = _free_port(), secrets.token_urlsafe(32)
     key_file = _write_key(secret)
     command = [sys.executable, "-m", "supercluster.cli.main", "serve", str(path), "--host", "127.0.0.1", "--port",
-               str(port), "--api-key-file", str(key_file), "--max-running", str(max_running), "--quantize", quantize]
+               str(port), "--api-key-file", str(key_file), "--max-running", str(max_running), "--quantize", quantize,
+               "--served-model-name", name]
     try:
         fleet_job = fleet_jobs.submit_job(store.fleet, fleet_name, str(path), command=command, max_restarts=0)
     except UserError as err:
