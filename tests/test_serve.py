@@ -197,11 +197,20 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
+def test_int8_weights_decode_in_every_precision(run_dir):
+    """int8 linears hand attention fp32 activations, while autocast's attention answers in bf16:
+    the engine runs both ways."""
+    for precision in ("fp32", "bf16"):
+        outputs, _ = engine_outputs(run_dir, PROMPTS[:2], 6, quantize="int8", precision=precision)
+        assert [len(o) for o in outputs] == [6, 6], precision
+
+
 def engine_outputs(run_dir, prompts, max_tokens, **config):
     """Greedy continuations of all prompts submitted at once to an engine built with `config`."""
     from supercluster.serve.engine import Engine, EngineConfig
 
-    engine = Engine(run_dir, EngineConfig(precision="fp32", **config))  # bf16 rounding differs with the rows a matmul sees
+    config.setdefault("precision", "fp32")  # bf16 rounding differs with the rows a matmul sees
+    engine = Engine(run_dir, EngineConfig(**config))
     try:
         return greedy(engine, prompts, max_tokens), engine.snapshot()
     finally:
@@ -223,6 +232,7 @@ def greedy(engine, prompts, max_tokens):
     for events in streams:
         tokens = []
         while "finish_reason" not in (event := events.get(timeout=120)):
+            assert "error" not in event, event["error"]
             tokens.append(event["token"])
         outputs.append(tokens)
     return outputs

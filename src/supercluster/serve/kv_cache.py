@@ -160,7 +160,7 @@ class StepAttention:
             q_pos = torch.arange(seq.context - seq.count, seq.context, device=q.device)
             mask = torch.arange(seq.context, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa)
-            out[0, seq.start:seq.start + seq.count] = o[0].transpose(0, 1)
+            out[0, seq.start:seq.start + seq.count] = o[0].transpose(0, 1).to(out.dtype)  # autocast may answer in bf16
         if self.decode_rows is not None:
             qs = q[0, self.decode_rows][:, :, None]  # [B, heads, 1, d]
             # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
@@ -171,5 +171,5 @@ class StepAttention:
                 vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
             ks, vs = ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, d]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)
-            out[0, self.decode_rows] = o[:, :, 0]
+            out[0, self.decode_rows] = o[:, :, 0].to(out.dtype)
         return out
