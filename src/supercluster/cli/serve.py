@@ -91,7 +91,7 @@ def serve(
         engine.name = served_model_name or engine.name
         app = create_app(engine, keys, max_queue)
         weights = "int8 weights, " if quantize == "int8" else ""
-        print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.precision}, tp {tp}, "
+        print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.describe_precision()}, tp {tp}, "
               f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:

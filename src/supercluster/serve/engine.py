@@ -13,6 +13,7 @@ sampling stay here either way.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 import threading
 import time
@@ -73,7 +74,12 @@ class Engine:
         if self.config.tp > 1 and self.config.quantize != "none":
             raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
         self.model = quantize(self.model, self.config.quantize)
-        self.precision = self.config.precision if self.config.precision != "auto" else self._faster_precision()
+        # bf16 from this many tokens a step on (None: never, or always when precision is bf16)
+        self.bf16_from_tokens: int | None = None
+        if self.config.precision != "auto":
+            self.precision = self.config.precision
+        else:
+            self.precision, self.bf16_from_tokens = self._faster_precision(batched=self.config.tp == 1)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
@@ -100,16 +106,18 @@ class Engine:
         self._thread.start()
 
     @torch.inference_mode()
-    def _faster_precision(self, tokens: int = 16, repeats: int = 3) -> str:
-        """bf16 on accelerators; on a CPU whichever runs this model's decode step faster. The
-        trainer's matmul probe is no guide here: decoding multiplies a few rows at a time, where
-        a CPU's bf16 kernels can lose to fp32 even when they win on square matrices."""
+    def _faster_precision(self, batched: bool = True, rows: int = 16, repeats: int = 3) -> tuple[str, int | None]:
+        """bf16 on accelerators; on a CPU whichever runs this model's steps faster: a decode step
+        of one sequence (one row through every matrix) and, where `batched`, one of `rows`
+        sequences. CPUs whose bf16 kernels win on many rows can lose on one, where a step just
+        reads the weights: then steps of `rows` tokens or more run in bf16 and smaller ones in
+        fp32 ("fp32", rows). The trainer's square-matmul probe is no guide to either."""
         if self.device.type != "cpu":
-            return "bf16"
-        x = torch.zeros((1, tokens), dtype=torch.long, device=self.device)
-        positions = torch.arange(tokens, device=self.device)
+            return "bf16", None
 
-        def seconds(bf16: bool) -> float:
+        def seconds(tokens: int, bf16: bool) -> float:
+            x = torch.zeros((1, tokens), dtype=torch.long, device=self.device)
+            positions = torch.arange(tokens, device=self.device)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 self.model(x, positions, logits_index=positions)  # warm-up
                 start = time.perf_counter()
@@ -117,7 +125,14 @@ class Engine:
                     self.model(x, positions, logits_index=positions)
                 return time.perf_counter() - start
 
-        return "bf16" if seconds(True) < seconds(False) else "fp32"
+        if seconds(1, True) < seconds(1, False):
+            return "bf16", None
+        if batched and seconds(rows, True) < seconds(rows, False):
+            return "fp32", rows
+        return "fp32", None
+
+    def describe_precision(self) -> str:
+        return self.precision + (f", bf16 from {self.bf16_from_tokens} tokens a step" if self.bf16_from_tokens else "")
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -164,7 +179,9 @@ class Engine:
     # ---- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        # One autocast region for the loop's life, so each weight is cast to bf16 once, not every step.
+        bf16 = self.precision == "bf16" or self.bf16_from_tokens is not None
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             self._serve_forever()
 
     def _serve_forever(self) -> None:
@@ -198,7 +215,9 @@ class Engine:
         for seq, count in batch:
             step.tokens += seq.tokens[seq.computed:seq.computed + count]
             step.seqs.append((seq.computed, count, seq.blocks))
-        logits = self.runner.run(step)
+        small = self.bf16_from_tokens is not None and len(step.tokens) < self.bf16_from_tokens
+        with torch.autocast(self.device.type, enabled=False) if small else contextlib.nullcontext():
+            logits = self.runner.run(step)
         now = time.monotonic()
         for (seq, count), row in zip(batch, logits):
             seq.computed += count
