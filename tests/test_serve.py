@@ -191,7 +191,8 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
     (tmp_path / "empty.key").write_text("\n")
     for flags, message in ((["--quantize", "int3"], "--quantize must be one of"), (["--threads", "0"], "--threads must be"),
                            (["--api-key-file", str(tmp_path / "missing.key")], "Cannot read --api-key-file"),
-                           (["--api-key-file", str(tmp_path / "empty.key")], "holds no key")):
+                           (["--api-key-file", str(tmp_path / "empty.key")], "holds no key"),
+                           (["--tp", "2", "--quantize", "int8"], "--quantize runs on one rank")):
         out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), *flags],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

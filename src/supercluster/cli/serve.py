@@ -31,8 +31,6 @@ def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if quantize not in QUANTIZATIONS:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
-    if tp > 1 and quantize != "none":
-        raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be at least 1, got {threads}.")

@@ -288,7 +288,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             data = await answer.aread()
             await answer.aclose()
             if counted:
-                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, _usage_of(data))
+                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, endpoints.usage_of_answer(data))
             return Response(data, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
         async def relay():
@@ -299,7 +299,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
                     buffer += chunk
                     while b"\n\n" in buffer:
                         event, buffer = buffer.split(b"\n\n", 1)
-                        usage_here = _usage_chunk(event)
+                        usage_here = endpoints.usage_of_event(event)
                         if usage_here is not None:
                             seen = usage_here
                             if not wants_usage:
@@ -319,16 +319,16 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     def show_usage(by: Literal["org", "project", "user"] = "project", since: float | None = Query(None, ge=0, le=1e11),
                    until: float | None = Query(None, ge=0, le=1e11), format: Literal["json", "csv"] = "json",
                    who: Caller = Depends(caller)):
-        """GPU-seconds, GPU-hours and cost by org, project or user and GPU type, in [since, until)."""
+        """GPU-seconds, GPU-hours and cost by org, project or user and GPU type, in [since, until); in JSON
+        also `tokens`: the requests and tokens the project's endpoints answered."""
+        mine = None if who.is_operator else [who.project_id]
         with store.reading() as s:
-            rows = usage.report(s, by=by, since=since, until=until, project_ids=None if who.is_operator else [who.project_id])
+            rows = usage.report(s, by=by, since=since, until=until, project_ids=mine)
+            tokens = endpoints.token_report(s, by=by, since=since, until=until, project_ids=mine)
         if format == "csv":
             return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
         from supercluster.service import prices
 
-        with store.reading() as s:
-            tokens = endpoints.token_report(s, by=by, since=since, until=until,
-                                            project_ids=None if who.is_operator else [who.project_id])
         return {"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()}
 
     @app.get("/v1/fleet", tags=["fleet"])
@@ -382,24 +382,6 @@ def _openai_error(status: int, message: str, headers: dict | None = None) -> JSO
     kind = "invalid_request_error" if status < 500 else "service_unavailable"
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status,
                         headers=headers)
-
-
-def _usage_of(data: bytes) -> dict | None:
-    try:
-        return json.loads(data).get("usage")
-    except (ValueError, AttributeError):
-        return None
-
-
-def _usage_chunk(event: bytes) -> dict | None:
-    """The usage of a stream's final `data:` chunk (no choices, a usage), else None."""
-    if not event.startswith(b"data: {"):
-        return None
-    try:
-        chunk = json.loads(event[6:])
-    except ValueError:
-        return None
-    return chunk["usage"] if chunk.get("usage") and not chunk.get("choices") else None
 
 
 def _ticker(store: Store, every_s: float, stop: threading.Event) -> None:

@@ -14,6 +14,7 @@ never a path elsewhere, which could be another tenant's run.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import socket
@@ -30,7 +31,7 @@ from supercluster.cluster import jobs as fleet_jobs
 from supercluster.errors import UserError
 from supercluster.paths import home
 from supercluster.service.auth import Caller, ServiceError
-from supercluster.service.models import Endpoint, EndpointCall, Project, ServiceCluster, ServiceJob
+from supercluster.service.models import Endpoint, EndpointCall, Org, Project, ServiceCluster, ServiceJob, User
 from supercluster.service.store import Store
 from supercluster.service.tenancy import visible_project
 
@@ -248,6 +249,25 @@ def upstream(store: Store, caller: Caller, project: str, name: str) -> tuple[int
     return e_id, url, secret
 
 
+def usage_of_answer(data: bytes) -> dict | None:
+    """The usage of a whole (not streamed) OpenAI answer, else None."""
+    try:
+        return json.loads(data).get("usage")
+    except (ValueError, AttributeError):
+        return None
+
+
+def usage_of_event(event: bytes) -> dict | None:
+    """The usage of a stream's final `data:` chunk (no choices, a usage), else None."""
+    if not event.startswith(b"data: {"):
+        return None
+    try:
+        chunk = json.loads(event[6:])
+    except ValueError:
+        return None
+    return chunk["usage"] if chunk.get("usage") and not chunk.get("choices") else None
+
+
 def record(store: Store, endpoint_id: int, user_id: int | None, usage: dict | None) -> None:
     usage = usage or {}
     with store.session() as s:
@@ -267,8 +287,6 @@ def refresh_all(store: Store) -> None:
 def token_report(s: Session, *, by: str = "project", since: float | None = None, until: float | None = None,
                  project_ids: list[int] | None = None) -> list[dict]:
     """Requests and tokens answered by endpoints, grouped by org, project or user and endpoint."""
-    from supercluster.service.models import Org, User
-
     query = (sa.select(Org.name, Project.name, User.name, Endpoint.name, sa.func.count(),
                        sa.func.sum(EndpointCall.prompt_tokens), sa.func.sum(EndpointCall.completion_tokens))
              .select_from(EndpointCall).join(Endpoint, Endpoint.id == EndpointCall.endpoint_id)
