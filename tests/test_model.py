@@ -87,3 +87,30 @@ def test_llama_1b_has_llama_3_2_1b_blocks():
     """With Llama 3's 128,256-token vocabulary (tied) it is Llama 3.2 1B: 1.24B parameters."""
     assert num_params(preset("llama-1b", vocab_size=128256)) == pytest.approx(1.236e9, rel=0.005)
     assert num_params(preset("llama-1b")) == pytest.approx(1.04e9, rel=0.01)
+
+
+@pytest.mark.parametrize("style", [{}, dict(norm="layernorm", mlp="gelu", position="learned", bias=True)],
+                         ids=["llama", "gpt2"])
+def test_fused_projections_compute_what_the_separate_ones_did(style):
+    """Serving's fused q|k|v and gate|up matrices give the model's logits, with and without a KV
+    cache, for the Llama layout (SwiGLU, GQA, RoPE) and GPT-2's (GELU, learned positions, biases)."""
+    cfg = preset("tiny", **style)
+    model = Transformer(cfg).eval()
+    model.init_weights(seed=1)
+    with torch.no_grad():  # biases start at zero: give them values the fusion must carry
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        expected = model(tokens)
+        cache = KVCache()
+        model(tokens[:, :8], cache=cache)
+        expected_step = model(tokens[:, 8:], cache=cache)
+        model.fuse_projections()
+        assert model.layers["0"].attention.wqkv is not None and not hasattr(model.layers["0"].attention, "wq")
+        torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
+        cache = KVCache()
+        model(tokens[:, :8], cache=cache)
+        torch.testing.assert_close(model(tokens[:, 8:], cache=cache), expected_step, atol=1e-5, rtol=1e-5)

@@ -283,6 +283,26 @@ def test_int8_linear_matches_its_dequantized_weight():
         quantize(torch.nn.Sequential(linear), "int3")
 
 
+def test_packed_linear_keeps_fp32_results_and_autocast():
+    """The default serving form of a linear layer (oneDNN-packed fp32) computes nn.Linear's product,
+    for any number of rows; under bf16 autocast it is autocast's bf16 linear."""
+    from supercluster.serve.quantize import PackedLinear
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch build has no oneDNN: linears stay as they are")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=True).requires_grad_(False)
+    packed = PackedLinear.pack(linear)
+    assert isinstance(packed, PackedLinear)
+    for shape in ((1, 1, 96), (3, 17, 96), (300, 96)):
+        x = torch.randn(shape)
+        torch.testing.assert_close(packed(x), linear(x), atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(4, 96)
+        assert packed(x).dtype == torch.bfloat16
+        torch.testing.assert_close(packed(x), linear(x))
+
+
 def children(pid: int) -> set[int]:
     path = Path(f"/proc/{pid}/task/{pid}/children")
     return {int(c) for c in path.read_text().split()} if path.exists() else set()

@@ -62,6 +62,18 @@ class KVCache:
         return next(iter(self.keys.values())).shape[1] if self.keys else 0
 
 
+def fused_linear(*linears: nn.Linear) -> nn.Linear:
+    """One nn.Linear whose output is the given layers' outputs side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None,
+                      device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias.detach() for m in linears]))
+    return fused.requires_grad_(False)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -71,18 +83,35 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.wv = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.wqkv, self.qkv_heads = None, None  # set by fuse_projections, for serving
         # Context parallelism swaps this for an all-gather of keys and values over its group.
         self.sdpa = lambda q, k, v, is_causal: F.scaled_dot_product_attention(
             q, k, v, is_causal=is_causal, enable_gqa=q.shape[1] != k.shape[1]
         )
 
+    def fuse_projections(self) -> None:
+        """One [q | k | v] matrix instead of three, for serving: a decode step multiplies a few rows
+        by each matrix, so one call costs about what one of the three did. Training keeps the three
+        (tensor parallelism shards them by name)."""
+        self.qkv_heads = [w.out_features // self.head_dim for w in (self.wq, self.wk, self.wv)]
+        self.wqkv = fused_linear(self.wq, self.wk, self.wv)
+        del self.wq, self.wk, self.wv
+
     def forward(self, x, rope, cache: KVCache | None = None):
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
-        k = self.wk(x).view(b, s, -1, self.head_dim)
-        v = self.wv(x).view(b, s, -1, self.head_dim)
-        if self.use_rope:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.wqkv is not None:
+            heads, kv_heads, _ = self.qkv_heads
+            qkv = self.wqkv(x).view(b, s, -1, self.head_dim)
+            qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
+            if self.use_rope:  # queries and keys rotate in one call
+                qk = apply_rope(qk, rope)
+            q, k = qk[:, :, :heads], qk[:, :, heads:]
+        else:
+            q = self.wq(x).view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
+            k = self.wk(x).view(b, s, -1, self.head_dim)
+            v = self.wv(x).view(b, s, -1, self.head_dim)
+            if self.use_rope:
+                q, k = apply_rope(q, rope), apply_rope(k, rope)
         if hasattr(cache, "attend"):  # a serving engine's paged cache: it stores k, v and attends
             return self.wo(cache.attend(self.layer, q, k, v).reshape(b, s, -1))
         # Prefill (or training) is causal; one decoded token attends to the whole cache. Asked of
@@ -101,8 +130,18 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.hidden, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=cfg.bias) if self.swiglu else None
+        self.w13 = None  # set by fuse_projections, for serving
+
+    def fuse_projections(self) -> None:
+        """One [gate | up] matrix instead of two, for serving (see Attention.fuse_projections)."""
+        if self.swiglu:
+            self.w13 = fused_linear(self.w1, self.w3)
+            del self.w1, self.w3
 
     def forward(self, x):
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         if self.swiglu:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return self.w2(F.gelu(self.w1(x), approximate="tanh"))
@@ -132,6 +171,14 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", rope_cache(cfg), persistent=False)
         self.init_weights()
+
+    def fuse_projections(self) -> "Transformer":
+        """Serving's layout: q, k, v in one matrix and gate and up in one (fewer, larger matmuls
+        a step). Its parameters are no longer the checkpoint's, so only for inference."""
+        for block in self.layers.values():
+            block.attention.fuse_projections()
+            block.feed_forward.fuse_projections()
+        return self
 
     def init_weights(self, seed: int | None = None):
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2L).

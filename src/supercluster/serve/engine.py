@@ -73,7 +73,8 @@ class Engine:
         check_tp(self.config.tp, self.cfg.heads, self.cfg.kv_heads)
         if self.config.tp > 1 and self.config.quantize != "none":
             raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
-        self.model = quantize(self.model, self.config.quantize)
+        if self.config.tp == 1:  # the tensor-parallel split shards q, k, v (and gate, up) one by one
+            self.model = quantize(self.model.fuse_projections(), self.config.quantize)
         # bf16 from this many tokens a step on (None: never, or always when precision is bf16)
         self.bf16_from_tokens: int | None = None
         if self.config.precision != "auto":
@@ -219,15 +220,20 @@ class Engine:
         with torch.autocast(self.device.type, enabled=False) if small else contextlib.nullcontext():
             logits = self.runner.run(step)
         now = time.monotonic()
+        outbox: list[tuple[object, dict]] = []
         for (seq, count), row in zip(batch, logits):
             seq.computed += count
             self.scheduler.publish_full_blocks(seq)
             if seq.computed < len(seq.tokens):
                 continue  # a prefill chunk: more of the prompt to go
             drawn = sample(row, seq.params, seq.output, seq.generator)
-            self._append(seq, drawn, now)
+            self._append(seq, drawn, now, outbox)
+        # The step's events leave together, after its work: a listener woken by the first (the
+        # API's event loop) finds them all at once instead of taking the CPU once per sequence.
+        for emit, event in outbox:
+            emit(event)
 
-    def _append(self, seq: Sequence, drawn, now: float) -> None:
+    def _append(self, seq: Sequence, drawn, now: float, outbox: list) -> None:
         if seq.first_token_at is None:
             seq.first_token_at = now
             self.stats.ttft_s.append(now - seq.arrival)
@@ -255,11 +261,12 @@ class Engine:
         event = {"token": drawn.token, "text": delta}
         if p.logprobs is not None:
             event["logprob"], event["top_logprobs"] = drawn.logprob, drawn.top
-        seq.emit(event)
+        outbox.append((seq.emit, event))
         if finish:
             seq.finish_reason = finish
             self.scheduler.finish(seq)
-            seq.emit({"finish_reason": finish, "prompt_tokens": len(seq.prompt), "completion_tokens": len(seq.output)})
+            outbox.append((seq.emit, {"finish_reason": finish, "prompt_tokens": len(seq.prompt),
+                                      "completion_tokens": len(seq.output)}))
 
     # ---- observability -------------------------------------------------------------------------
 
