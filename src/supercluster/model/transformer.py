@@ -30,12 +30,21 @@ def rope_cache(cfg: ModelConfig, device=None) -> torch.Tensor:
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :half], x[..., half:]) of x [b, s, heads, d] by rope [s, d]."""
-    half = x.shape[-1] // 2
+def rope_tables(rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos | cos) and (-sin | sin) of rope rows [s, d], shaped [s, 1, d]: made once a forward
+    pass, so that each layer rotates in three kernels."""
+    half = rope.shape[-1] // 2
     cos, sin = rope[:, None, :half], rope[:, None, half:]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs (x[..., :half], x[..., half:]) of x [b, s, heads, d] by rope_tables' (cos, sin):
+    (x1 cos - x2 sin, x2 cos + x1 sin), in fp32."""
+    cos, sin = rope
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    return torch.addcmul(x * cos, swapped, sin).type_as(x)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -211,7 +220,7 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         if self.pos_embeddings is not None:
             h = h + self.pos_embeddings(positions)
-        rope = self.rope[positions]
+        rope = rope_tables(self.rope[positions])
         for block in self.layers.values():
             h = block(h, rope, cache)
         if logits_index is not None:

@@ -127,6 +127,7 @@ class StepAttention:
         self.prefills = [seq for seq in seqs if seq.count > 1]
         decodes = [seq for seq in seqs if seq.count == 1]
         self.decode_rows = None
+        self.decode_only = not self.prefills  # then the packed tokens are the decode rows, in order
         if decodes:
             # Built once per step, shared by every layer.
             longest = max(seq.context for seq in decodes)
@@ -147,10 +148,12 @@ class StepAttention:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [1, T, heads, d] for the packed tokens; returns [1, T, heads, d]."""
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool.index_copy_(0, self.write_slots, k[0].to(k_pool.dtype))
-        v_pool.index_copy_(0, self.write_slots, v[0].to(v_pool.dtype))
-        out = torch.empty_like(q)
+        k_pool.index_copy_(0, self.write_slots, k[0] if k.dtype == k_pool.dtype else k[0].to(k_pool.dtype))
+        v_pool.index_copy_(0, self.write_slots, v[0] if v.dtype == v_pool.dtype else v[0].to(v_pool.dtype))
         gqa = q.shape[2] != k_pool.shape[1]
+        if self.decode_only:
+            return self._decode(q[0][:, :, None], k_pool, v_pool, gqa)[None]
+        out = torch.empty_like(q)
         for seq in self.prefills:
             # One sequence at a time: its result never depends on which others share the step.
             qs = q[0, seq.start:seq.start + seq.count].transpose(0, 1)  # [heads, n, d]
@@ -162,14 +165,19 @@ class StepAttention:
             o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa)
             out[0, seq.start:seq.start + seq.count] = o[0].transpose(0, 1).to(out.dtype)  # autocast may answer in bf16
         if self.decode_rows is not None:
-            qs = q[0, self.decode_rows][:, :, None]  # [B, heads, 1, d]
-            # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
-            if self.decode_span is not None:
-                ks, vs = k_pool[slice(*self.decode_span)][None], v_pool[slice(*self.decode_span)][None]
-            else:
-                ks = k_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
-                vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
-            ks, vs = ks.transpose(1, 2).to(q.dtype), vs.transpose(1, 2).to(q.dtype)  # [B, kv_heads, L, d]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)
-            out[0, self.decode_rows] = o[:, :, 0].to(out.dtype)
+            out[0, self.decode_rows] = self._decode(q[0, self.decode_rows][:, :, None], k_pool, v_pool, gqa)
         return out
+
+    def _decode(self, qs: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, gqa: bool) -> torch.Tensor:
+        """Every decoding sequence's one query [B, heads, 1, d] against its context: [B, heads, d]."""
+        # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
+        if self.decode_span is not None:
+            ks, vs = k_pool[slice(*self.decode_span)][None], v_pool[slice(*self.decode_span)][None]
+        else:
+            ks = k_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
+            vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
+        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, kv_heads, L, d]
+        if ks.dtype != qs.dtype:
+            ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)[:, :, 0]
+        return o if o.dtype == qs.dtype else o.to(qs.dtype)  # autocast may answer in bf16
