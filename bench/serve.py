@@ -47,6 +47,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from supercluster.hardware.local import cpu_model
+
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp builds llama-server
 PROMPT_WORDS = 100
 OUTPUT_TOKENS = 128
@@ -65,13 +67,6 @@ WORDS = (
 
 def home() -> Path:
     return Path(os.environ.get("SUPERCLUSTER_HOME", Path.home() / ".supercluster"))
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def free_port() -> int:
@@ -395,7 +390,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.levels = [int(x) for x in args.levels.split(",")]
 
-    report = {"cpu": cpu_name(), "threads": args.threads, "prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS,
+    report = {"cpu": cpu_model(), "threads": args.threads, "prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS,
               "load_average_before": os.getloadavg()[0], "engines": [], "notes": []}
     with tempfile.TemporaryDirectory() as logs:
         logs = Path(logs)

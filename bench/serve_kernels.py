@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import torch
 from torch import nn
 
+from supercluster.hardware.local import cpu_model
 from supercluster.serve.quantize import Int8Linear, PackedLinear
 
 HIDDEN, KV, FFN, LAYERS, VOCAB = 576, 192, 1536, 30, 49152  # SmolLM2-135M
@@ -41,6 +41,7 @@ class Int4Reference(nn.Module):
 
     def __init__(self, out_features: int, in_features: int):
         super().__init__()
+        self.in_features = in_features
         q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
         self.scales_zeros = (torch.rand(in_features // 32, out_features, 2) * 0.01).to(torch.bfloat16)
@@ -67,7 +68,7 @@ def seconds(modules: list[nn.Module], rows: int, repeats: int) -> float:
 
     def once():
         for m in modules:
-            m(inputs[m.in_features if hasattr(m, "in_features") else m.scales_zeros.shape[0] * 32])
+            m(inputs[m.in_features])
 
     once()
     start = time.perf_counter()
@@ -85,7 +86,7 @@ def main():
     torch.set_num_threads(args.threads)
     rows = [int(r) for r in args.rows.split(",")]
     params = sum(n * k for n, k in model_shapes())
-    print(f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
+    print(f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}; {params / 1e6:.1f}M weights a pass")
     formats = {"fp32 (nn.Linear)": 4, "fp32 oneDNN-packed": 4, "int8": 1, "int4 g32": 0.5 + 4 / 32}  # bytes a weight
     base = {}

@@ -27,14 +27,9 @@ import statistics
 import time
 from pathlib import Path
 
+from supercluster.hardware.local import cpu_model
+
 PROMPT = "The history of the river and the mountain, told by the people of the valley, begins"
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def splittable_smollm2(smollm2: Path, out: Path) -> Path:
@@ -114,7 +109,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for tp in tps:
             rates[tp].append(trial(run_dir, tp, args.requests, args.tokens, args.precision)["decode_tokens_per_s"])
-    report = {"cpu": cpu_name(), "cores": os.cpu_count(), "load_average": [load_before, os.getloadavg()[0]],
+    report = {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": [load_before, os.getloadavg()[0]],
               "model": str(run_dir), "requests": args.requests, "tokens": args.tokens, "precision": args.precision,
               "decode_tokens_per_s": {tp: statistics.median(r) for tp, r in rates.items()},
               "trials": rates}

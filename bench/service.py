@@ -27,6 +27,8 @@ import time
 from collections import Counter, defaultdict
 
 import httpx
+
+from supercluster.hardware.local import cpu_model
 from placement import fresh_db  # bench/placement.py, beside this file
 
 PROJECTS = 4
@@ -172,7 +174,7 @@ def run(args, url: str) -> None:
         server.wait(timeout=30)
     total = sum(codes.values())
     print(f"{args.clients} clients, {wall:.1f} s, {total} requests ({total / wall:.0f}/s), database "
-          f"{url.split(':', 1)[0]}; CPU: {_cpu()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+          f"{url.split(':', 1)[0]}; CPU: {cpu_model()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     # CPU time per request does not depend on what else the machine runs; latency at a fixed
     # number of clients does (it is clients / throughput), so both are printed.
     print(f"server CPU {server_cpu:.1f} s, {1e3 * server_cpu / max(1, sum(codes.values())):.1f} ms per request")
@@ -195,13 +197,6 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _cpu() -> str:
-    try:
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from supercluster.hardware.timing import best_rate
 from supercluster.paths import home
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it (figures are only comparable on the same one)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -30,7 +31,7 @@ def _cpu_model() -> str:
 def machine_key(threads: int | None = None) -> str:
     """Identifies what the figure is valid for: host, CPU model and thread count."""
     threads = threads or os.cpu_count() or 1
-    return f"{socket.gethostname()}|{_cpu_model()}|{threads}"
+    return f"{socket.gethostname()}|{cpu_model()}|{threads}"
 
 
 def peak_file() -> Path:
