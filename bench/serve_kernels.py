@@ -9,8 +9,9 @@ in each form `supercluster serve` can hold them:
 - `fp32 (nn.Linear)`: PyTorch's own `F.linear`, which repacks every weight at every call;
 - `fp32 oneDNN-packed`: what `serve` runs by default on CPUs (`PackedLinear`);
 - `int8`: `serve --quantize int8` (`Int8Linear`, bf16 activations);
-- `int4 g32`, for reference: PyTorch's 4-bit kernel (`_weight_int4pack_mm_for_cpu`), which
-  holds llama.cpp's Q4_1 blocks; `serve` does not offer it.
+- `int4`: `serve --quantize int4` (`BlockLinear`): 4-bit blocks (GGUF's Q4_1; the output head
+  8-bit, Q8_0) times int8-quantized activations in supercluster's own kernel
+  (`serve/kernels/blocks_linear.cpp`), the arithmetic of llama.cpp's CPU path.
 
 Every format runs in the same process, one after another, so the ratios compare like with like;
 the absolute times move with the machine's load (printed with the results).
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from supercluster.hardware.local import cpu_model
-from supercluster.serve.quantize import Int8Linear, PackedLinear
+from supercluster.serve.quantize import BlockLinear, Int8Linear, PackedLinear
 
 HIDDEN, KV, FFN, LAYERS, VOCAB = 576, 192, 1536, 30, 49152  # SmolLM2-135M
 
@@ -36,29 +37,14 @@ def model_shapes() -> list[tuple[int, int]]:
     return per_layer * LAYERS + [(VOCAB, HIDDEN)]
 
 
-class Int4Reference(nn.Module):
-    """Random 4-bit weights in groups of 32 through PyTorch's int4 CPU kernel (bf16 activations)."""
-
-    def __init__(self, out_features: int, in_features: int):
-        super().__init__()
-        self.in_features = in_features
-        q = torch.randint(0, 16, (out_features, in_features), dtype=torch.int32)
-        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
-        self.scales_zeros = (torch.rand(in_features // 32, out_features, 2) * 0.01).to(torch.bfloat16)
-
-    def forward(self, x):
-        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, 32, self.scales_zeros).to(x.dtype)
-
-
 def layers(fmt: str) -> list[nn.Module]:
     out = []
     for n, k in model_shapes():
-        if fmt == "int4 g32":
-            out.append(Int4Reference(n, k))
-            continue
         linear = nn.Linear(k, n, bias=False).requires_grad_(False)
         out.append({"fp32 (nn.Linear)": lambda m: m, "fp32 oneDNN-packed": PackedLinear.pack,
-                    "int8": Int8Linear}[fmt](linear))
+                    "int8": Int8Linear,
+                    # as serve --quantize int4 holds them: 4-bit blocks, the output head 8-bit ones
+                    "int4": lambda m: BlockLinear(m, 8 if n == VOCAB else 4)}[fmt](linear))
     return out
 
 
@@ -88,7 +74,7 @@ def main():
     params = sum(n * k for n, k in model_shapes())
     print(f"{cpu_model()}, {args.threads} threads, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}; {params / 1e6:.1f}M weights a pass")
-    formats = {"fp32 (nn.Linear)": 4, "fp32 oneDNN-packed": 4, "int8": 1, "int4 g32": 0.5 + 4 / 32}  # bytes a weight
+    formats = {"fp32 (nn.Linear)": 4, "fp32 oneDNN-packed": 4, "int8": 1, "int4": 0.5 + 4 / 32}  # bytes a weight
     base = {}
     for fmt, width in formats.items():
         modules = layers(fmt)

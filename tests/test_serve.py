@@ -3,6 +3,7 @@ loopback, spoken to with the official `openai` client."""
 
 import concurrent.futures
 import os
+import platform
 import re
 import socket
 import subprocess
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
+import torch.nn.functional as F
 
 from supercluster.errors import UserError
 
@@ -206,6 +208,18 @@ def test_int8_weights_decode_in_every_precision(run_dir):
         assert [len(o) for o in outputs] == [6, 6], precision
 
 
+def test_int4_weights_give_every_request_its_own_greedy_output_in_any_batch(run_dir):
+    """int4 quantizes each row of activations on its own, so a request's greedy tokens do not
+    depend on what else runs in its steps: a full batch with chunked prefill equals each request
+    alone. Asked for bf16, an int4 engine still runs (its kernel takes fp32)."""
+    prompts = [p * 2 for p in PROMPTS[:4]]
+    together, _ = engine_outputs(run_dir, prompts, 12, quantize="int4", max_step_tokens=7)
+    alone = [engine_outputs(run_dir, [p], 12, quantize="int4")[0][0] for p in prompts]
+    assert together == alone and all(len(o) == 12 for o in together)
+    outputs, _ = engine_outputs(run_dir, prompts[:1], 4, quantize="int4", precision="bf16")
+    assert len(outputs[0]) == 4
+
+
 def engine_outputs(run_dir, prompts, max_tokens, **config):
     """Greedy continuations of all prompts submitted at once to an engine built with `config`."""
     from supercluster.serve.engine import Engine, EngineConfig
@@ -281,6 +295,42 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert torch.allclose(got, expected, atol=0.02 * expected.abs().max().item())
     with pytest.raises(UserError, match="--quantize must be one of"):
         quantize(torch.nn.Sequential(linear), "int3")
+
+
+@pytest.mark.parametrize("arch", ["native", "avx2", "portable"])
+def test_block_linear_computes_its_integer_arithmetic(arch):
+    """BlockLinear's kernel (each of its code paths: this CPU's, AVX2, portable C++) computes
+    x_q @ W_q.T + b, with W_q its 4- or 8-bit blocks and x_q the activations rounded to int8 blocks
+    of 32 as llama.cpp rounds them, to fp32 rounding; W_q lies within half a step of the weight.
+    Shapes are ragged (padded panels and blocks) and rows span one row tile to many."""
+    from supercluster.serve.quantize import BlockLinear
+
+    if arch != "native" and platform.machine() != "x86_64":
+        pytest.skip(f"the {arch} build targets x86-64")
+    if arch == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    torch.manual_seed(0)
+    for bits in (4, 8):
+        linear = torch.nn.Linear(100, 70, bias=True).requires_grad_(False)
+        layer = BlockLinear(linear, bits, arch)
+        weight = layer.dequantized()
+        padded = F.pad(linear.weight, (0, 28)).view(70, 4, 32)
+        step = (padded.amax(2) - padded.amin(2)) / 15 if bits == 4 else padded.abs().amax(2) / 127
+        error = F.pad(weight - linear.weight, (0, 28)).view(70, 4, 32).abs()
+        assert (error <= step[..., None] * 0.5 * 1.01 + 1e-6).all(), bits
+        for shape in ((1, 100), (5, 3, 100), (37, 100)):
+            x = torch.randn(shape) * torch.linspace(0.1, 30, 100)  # outlier features, as real models have
+            blocks = F.pad(x.reshape(-1, 100), (0, 28)).view(-1, 4, 32)
+            amax = blocks.abs().amax(2, keepdim=True)
+            x_q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0)) * amax / 127
+            expected = (x_q.view(-1, 128)[:, :100].double() @ weight.double().T + linear.bias).view(*shape[:-1], 70)
+            got = layer(x)
+            assert got.shape == expected.shape and got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        # and close to the fp32 product: 4-bit weights are coarse, 8-bit ones close
+        x = torch.randn(8, 100)
+        relative = ((layer(x) - linear(x)).norm() / linear(x).norm()).item()
+        assert relative < (0.1 if bits == 4 else 0.02), (bits, relative)
 
 
 def test_packed_linear_keeps_fp32_results_and_autocast():

@@ -62,8 +62,8 @@ def serve(
     max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
-    quantize: Annotated[str, typer.Option("--quantize", help="none, or int8: weight-only int8 linear layers, faster "
-                                          "single streams on CPUs, slower batches (next tokens agree over 90%).")] = "none",
+    quantize: Annotated[str, typer.Option("--quantize", help="none; int8: weight-only int8 linear layers; or int4: "
+                                          "4-bit blocks multiplied in integers, as llama.cpp does (a C++ kernel built at first use).")] = "none",
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model (default: all cores).")] = None,
     tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes (they share --kv-cache-gib).")] = 1,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's id in the API (default: the run directory's name).")] = None,
@@ -88,7 +88,7 @@ def serve(
     try:
         engine.name = served_model_name or engine.name
         app = create_app(engine, keys, max_queue)
-        weights = "int8 weights, " if quantize == "int8" else ""
+        weights = f"{quantize} weights, " if quantize != "none" else ""
         print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.describe_precision()}, tp {tp}, "
               f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])

@@ -179,7 +179,7 @@ def endpoint_deploy(
     cluster: Annotated[str, typer.Option("--cluster", help="One of the project's clusters, ready.")],
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="A run directory in the server's model library.")] = None,
     job: Annotated[Optional[int], typer.Option("--job", help="Or: serve what this training job of the project wrote.")] = None,
-    quantize: Annotated[str, typer.Option("--quantize", help="none or int8 (weight-only int8 linear layers).")] = "none",
+    quantize: Annotated[str, typer.Option("--quantize", help="none, int8 or int4 (as serve --quantize).")] = "none",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it answers (or fails).")] = True,
     server: ServerOption = None,
     project: ProjectOption = None,

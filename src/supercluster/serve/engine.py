@@ -41,7 +41,7 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per forward pass (chunked prefill beyond)
     max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
     precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
-    quantize: str = "none"  # int8: weight-only int8 linear layers (a quarter of fp32's bytes a token)
+    quantize: str = "none"  # int8: weight-only int8 linear layers; int4: 4-bit blocks in integer arithmetic
     tp: int = 1  # tensor-parallel CPU ranks (processes) the model is split over
 
 
@@ -79,6 +79,8 @@ class Engine:
         self.bf16_from_tokens: int | None = None
         if self.config.precision != "auto":
             self.precision = self.config.precision
+        elif self.config.quantize == "int4":  # its kernel computes in integers: bf16 would only add casts
+            self.precision = "fp32"
         else:
             self.precision, self.bf16_from_tokens = self._faster_precision(batched=self.config.tp == 1)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32

@@ -25,7 +25,7 @@ from torch import nn
 
 from supercluster.errors import UserError
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 class Int8Linear(nn.Module):
@@ -51,6 +51,86 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class BlockLinear(nn.Module):
+    """A frozen nn.Linear whose weight is held in blocks of 32 inputs, multiplied in integers by
+    activations quantized to int8 blocks inside the kernel (`serve/kernels/blocks_linear.cpp`),
+    as llama.cpp does on CPUs.
+
+    - 4 bits: each block has an fp16 scale d and minimum m, w = d*q + m with q in 0..15, GGUF's
+      Q4_1. A Q4_1 GGUF's own weights come back exactly to their own blocks.
+    - 8 bits: each block has an fp16 scale, w = d*q with q in -127..127, GGUF's Q8_0.
+
+    Output features are laid out in panels of 16, each block's inputs in groups of 4, so that the
+    kernel multiplies one row's 4 inputs into 16 features at a time (see the kernel's header).
+    """
+
+    PANEL, BLOCK = 16, 32
+
+    def __init__(self, linear: nn.Linear, bits: int, arch: str = "native"):
+        super().__init__()
+        from supercluster.serve.kernels import blocks_linear
+
+        if bits not in (4, 8):
+            raise ValueError(f"blocks of 4 or 8 bits, not {bits}")
+        self.kernel = blocks_linear(arch)  # arch: which of the kernel's code paths (tests pick each)
+        weight = linear.weight.detach().float()
+        out_features, in_features = weight.shape
+        rows, cols = -(-out_features // self.PANEL) * self.PANEL, -(-in_features // self.BLOCK) * self.BLOCK
+        blocks = F.pad(weight, (0, cols - in_features, 0, rows - out_features)).view(rows, cols // 32, 32)
+        # Rounded against the fp16 scale and offset the kernel reads, so each entry lies within
+        # half a step of its true value.
+        if bits == 4:
+            m = blocks.amin(dim=2).half()
+            d = ((blocks.amax(dim=2) - m.float()) / 15).half()
+            q = torch.round((blocks - m.float()[..., None]) * _reciprocal(d)[..., None]).clamp(0, 15)
+        else:  # stored unsigned, q + 128, with the offset -128*d
+            d = (blocks.abs().amax(dim=2) / 127).half()
+            q = torch.round(blocks * _reciprocal(d)[..., None]).clamp(-127, 127) + 128
+            m = (-128 * d.float()).half()
+        self.register_buffer("qweight", self._panels(q.to(torch.uint8), bits))
+        panel = lambda t: t.view(rows // self.PANEL, self.PANEL, -1).transpose(1, 2).contiguous()  # noqa: E731
+        self.register_buffer("d", panel(d))
+        self.register_buffer("m", panel(m))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+
+    @classmethod
+    def _panels(cls, q: torch.Tensor, bits: int) -> torch.Tensor:
+        """[rows, blocks, 32] unsigned values -> per panel and block, chunks of inputs 4c..4c+3 for
+        all 16 features (byte 4*feature + j); 4-bit chunks pair inputs 8c.. (low) with 8c+4.. (high)."""
+        panels, blocks = q.shape[0] // cls.PANEL, q.shape[1]
+        if bits == 8:
+            return q.view(panels, cls.PANEL, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous().view(-1)
+        halves = q.view(panels, cls.PANEL, blocks, 4, 2, 4).permute(0, 2, 3, 4, 1, 5)
+        return (halves[:, :, :, 0] | (halves[:, :, :, 1] << 4)).contiguous().view(-1)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these blocks hold, in fp32 [out, in] (for tests and error bounds)."""
+        panels, blocks = self.d.shape[0], self.d.shape[1]
+        if self.bits == 8:
+            q = self.qweight.view(panels, blocks, 8, self.PANEL, 4).permute(0, 3, 1, 2, 4)
+        else:
+            packed = self.qweight.view(panels, blocks, 4, self.PANEL, 4)
+            q = torch.stack([packed & 0x0F, packed >> 4], dim=3).permute(0, 4, 1, 2, 3, 5)  # [p, n, b, c, h, j]
+        q = q.reshape(panels * self.PANEL, blocks, 32).float()
+        scale = lambda t: t.float().transpose(1, 2).reshape(panels * self.PANEL, blocks, 1)  # noqa: E731
+        w = q * scale(self.d) + scale(self.m)
+        return w.reshape(panels * self.PANEL, -1)[: self.out_features, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kernel(x if x.dtype == torch.float32 else x.float(), self.qweight, self.d, self.m, self.bits,
+                        self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit blocks of 32"
+
+
+def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.float()
+    return torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
 
 
 class PackedLinear(nn.Module):
@@ -84,15 +164,23 @@ class PackedLinear(nn.Module):
 
 
 def quantize(model: nn.Module, method: str) -> nn.Module:
-    """Replace every nn.Linear of `model` in place: int8 for "int8", packed fp32 for "none"."""
+    """Replace every nn.Linear of `model` in place: int8 for "int8", 4-bit blocks for "int4",
+    packed fp32 for "none"."""
     if method not in QUANTIZATIONS:
         raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}.")
     device = next(model.parameters()).device
     if method == "int8" and device.type not in ("cpu", "cuda"):
         raise UserError(f"int8 weights run on CPUs and CUDA GPUs, not on {device.type}; serve with --quantize none.")
-    convert = Int8Linear if method == "int8" else PackedLinear.pack
+    if method == "int4" and device.type != "cpu":
+        raise UserError(f"int4 weights run on CPUs (their kernel is C++ for x86 and others), not on {device.type}; "
+                        "serve with --quantize int8 or none.")
+    convert = {"int8": Int8Linear, "int4": lambda linear: BlockLinear(linear, 4), "none": PackedLinear.pack}[method]
+    head = getattr(model, "output", None)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, convert(child))
+                # The output head keeps 8-bit blocks, as llama.cpp's quantizer keeps it above 4 bits:
+                # in 4 bits SmolLM2's head alone costs 16x the KL of all its other layers together.
+                int4_head = method == "int4" and child is head
+                setattr(parent, name, BlockLinear(child, 8) if int4_head else convert(child))
     return model

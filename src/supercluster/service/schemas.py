@@ -79,7 +79,7 @@ class EndpointIn(Body):
     run_dir: str | None = Text(1000, default=None, description="a run directory in the model library ($SUPERCLUSTER_HOME/models)")
     job: int | None = Field(default=None, ge=1, le=2**31 - 1, description="or: serve the run of this project's training job")
     max_running: int = Field(default=32, ge=1, le=1024, description="sequences the server decodes at once")
-    quantize: Literal["none", "int8"] = "none"
+    quantize: Literal["none", "int8", "int4"] = "none"
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -1,0 +1,255 @@
+// y = x @ W^T for W held in blocks of 32 low-bit integers, x quantized on the fly to int8 blocks:
+// the integer dot products llama.cpp computes on CPUs (Q4_1 / Q8_0 weights times Q8_1 activations).
+//
+// Weights (made by serve/quantize.py) are unsigned, w = d*q + m per block of 32 inputs, with an
+// fp16 scale d and offset m (8-bit weights are stored as q+128 with m = -128*d). Output features
+// come in panels of 16 and inputs in blocks of 32 (both zero-padded). Per panel and block:
+//   q      8 chunks of 64 bytes, chunk c holding inputs 4c..4c+3 of all 16 features, byte 4*n+j
+//          for feature n and input 4c+j (8-bit); for 4-bit, 4 chunks, chunk c's low nibbles
+//          holding inputs 8c..8c+3 and its high nibbles 8c+4..8c+7
+//   d, m   16 halves each
+// so one vpdpbusd multiplies 4 inputs of one row of x (broadcast) into 16 features at once, and
+// a block's 16 int32 sums meet their 16 scales in one vector: no horizontal sums, and each row
+// of x costs one multiply-add per 4 inputs per 16 features.
+//
+// Activations, per row and block: dx = max|x|/127, qx = round(x/dx) in int8, sx = dx*sum(qx);
+// a block adds d*dx*dot(q, qx) + m*sx to each output.
+//
+// Code paths by the instruction set the compiler targets (-march=native): AVX-512 VNNI, AVX2
+// (maddubs + madd; 8-bit weights as two 4-bit halves so no 16-bit sum saturates), plain C++.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kPanel = 16;
+
+struct Activations {
+  const int8_t* q;  // [M, Kp]
+  const float* dx;  // [M, blocks]
+  const float* sx;  // [M, blocks]
+  int64_t Kp, blocks;
+};
+
+struct Panel {
+  const uint8_t* q;   // this panel's first block
+  const c10::Half* d;  // [blocks, 16]
+  const c10::Half* m;
+  int64_t block_bytes;  // 256 (4-bit) or 512 (8-bit)
+};
+
+inline int32_t four_bytes(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+inline float to_float(c10::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);  // c10::Half converts in software
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* dx, float* sx) {
+  const int64_t blocks = Kp / kBlock;
+  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * K;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t k0 = b * kBlock, k1 = std::min(k0 + kBlock, K);
+        float amax = 0.f;
+        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t* q = qx + r * Kp + k0;
+        int sum = 0;
+        for (int64_t k = k0; k < k0 + kBlock; ++k) {
+          const int v = k < k1 ? static_cast<int>(std::nearbyint(xr[k] * inv)) : 0;
+          q[k - k0] = static_cast<int8_t>(v);
+          sum += v;
+        }
+        dx[r * blocks + b] = amax / 127.f;
+        sx[r * blocks + b] = amax / 127.f * static_cast<float>(sum);
+      }
+    }
+  });
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
+
+constexpr int64_t kRowTile = 8;
+
+template <int Bits>
+void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[kRowTile];
+  for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const uint8_t* q = w.q + b * w.block_bytes;
+    __m512i wv[8];  // inputs 4c..4c+3 of the block for the 16 features
+    if constexpr (Bits == 4) {
+      for (int c = 0; c < 4; ++c) {
+        const __m512i v = _mm512_loadu_si512(q + 64 * c);
+        wv[2 * c] = _mm512_and_si512(v, low);
+        wv[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      }
+    } else {
+      for (int c = 0; c < 8; ++c) wv[c] = _mm512_loadu_si512(q + 64 * c);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.d + b * kPanel)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * kPanel)));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int8_t* x = a.q + (r0 + r) * a.Kp + b * kBlock;
+      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains for latency
+      for (int c = 0; c < 8; c += 2) {
+        even = _mm512_dpbusd_epi32(even, wv[c], _mm512_set1_epi32(four_bytes(x + 4 * c)));
+        odd = _mm512_dpbusd_epi32(odd, wv[c + 1], _mm512_set1_epi32(four_bytes(x + 4 * c + 4)));
+      }
+      const int64_t at = (r0 + r) * a.blocks + b;
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(a.dx[at])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.sx[at]), acc[r]);
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(out + (r0 + r) * stride, acc[r]);
+}
+
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+
+constexpr int64_t kRowTile = 4;
+
+// 8 features' sums over inputs 4c..4c+3: maddubs pairs (4-bit by int8 stays below 2^15), madd the pairs
+inline __m256i dot4(__m256i q4, __m256i x, __m256i weight) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(q4, x), weight);
+}
+
+template <int Bits>
+void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      const uint8_t* q = w.q + b * w.block_bytes;
+      const int8_t* x = a.q + r * a.Kp + b * kBlock;
+      const int64_t at = r * a.blocks + b;
+      for (int h = 0; h < 2; ++h) {  // features 0-7, 8-15
+        __m256i sum = _mm256_setzero_si256();
+        for (int c = 0; c < 8; ++c) {
+          const __m256i xb = _mm256_set1_epi32(four_bytes(x + 4 * c));
+          if constexpr (Bits == 4) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * (c / 2) + 32 * h));
+            sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, low), xb, ones));
+          } else {  // q = 16*hi + lo
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32 * h));
+            sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xb, sixteen));
+            sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(v, low), xb, ones));
+          }
+        }
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b * kPanel + 8 * h)));
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * kPanel + 8 * h)));
+        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(a.dx[at])), acc[h]);
+        acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.sx[at]), acc[h]);
+      }
+    }
+    _mm256_storeu_ps(out + r * stride, acc[0]);
+    _mm256_storeu_ps(out + r * stride + 8, acc[1]);
+  }
+}
+
+#else
+
+constexpr int64_t kRowTile = 4;
+
+template <int Bits>
+void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
+  for (int64_t r = r0; r < r0 + rows; ++r) {
+    float acc[kPanel] = {};
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      const uint8_t* q = w.q + b * w.block_bytes;
+      const int8_t* x = a.q + r * a.Kp + b * kBlock;
+      const int64_t at = r * a.blocks + b;
+      for (int64_t n = 0; n < kPanel; ++n) {
+        int32_t dot = 0;
+        for (int k = 0; k < kBlock; ++k) {
+          const int c = k / 4, j = k % 4;
+          const int v = Bits == 4 ? (q[64 * (c / 2) + 4 * n + j] >> (4 * (c % 2))) & 0x0F : q[64 * c + 4 * n + j];
+          dot += v * x[k];
+        }
+        acc[n] += to_float(w.d[b * kPanel + n]) * a.dx[at] * static_cast<float>(dot) + to_float(w.m[b * kPanel + n]) * a.sx[at];
+      }
+    }
+    std::copy_n(acc, kPanel, out + r * stride);
+  }
+}
+
+#endif
+
+at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& d, const at::Tensor& m,
+                         int64_t bits, int64_t out_features) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "blocks_linear takes fp32 CPU activations");
+  TORCH_CHECK(bits == 4 || bits == 8, "blocks_linear: 4- or 8-bit weights");
+  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight: uint8, panel-major");
+  TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous() &&
+              d.dim() == 3 && d.size(2) == kPanel && m.sizes() == d.sizes(), "d, m: half [panels, blocks, 16]");
+  const int64_t panels = d.size(0), blocks = d.size(1), Kp = blocks * kBlock, Np = panels * kPanel;
+  const int64_t block_bytes = bits * kBlock * kPanel / 8;
+  TORCH_CHECK(qweight.numel() == panels * blocks * block_bytes, "blocks_linear: qweight does not match d");
+  TORCH_CHECK(out_features <= Np && out_features > Np - kPanel, "blocks_linear: out_features does not match the panels");
+  const int64_t K = x.size(-1);
+  TORCH_CHECK(K <= Kp && K > Kp - kBlock, "blocks_linear: x has ", K, " features, the weight ", Kp, " (padded)");
+  const at::Tensor rows = x.reshape({-1, K}).contiguous();
+  const int64_t M = rows.size(0);
+
+  at::Tensor qx = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  at::Tensor dx = at::empty({M, blocks}, x.options());
+  at::Tensor sx = at::empty({M, blocks}, x.options());
+  quantize_rows(rows.data_ptr<float>(), M, K, Kp, qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>());
+  const Activations act{qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), Kp, blocks};
+
+  at::Tensor y = at::empty({M, Np}, x.options());
+  float* out = y.data_ptr<float>();
+  const uint8_t* wq = qweight.data_ptr<uint8_t>();
+  const c10::Half* wd = d.data_ptr<c10::Half>();
+  const c10::Half* wm = m.data_ptr<c10::Half>();
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    // panel outside, row tiles inside: a panel's weights stay in L1 while every row of x meets them
+    for (int64_t p = p0; p < p1; ++p) {
+      const Panel w{wq + p * blocks * block_bytes, wd + p * blocks * kPanel, wm + p * blocks * kPanel, block_bytes};
+      for (int64_t r0 = 0; r0 < M; r0 += kRowTile) {
+        const int64_t tile = std::min(kRowTile, M - r0);
+        if (bits == 4) panel_rows<4>(w, act, r0, tile, out + p * kPanel, Np);
+        else panel_rows<8>(w, act, r0, tile, out + p * kPanel, Np);
+      }
+    }
+  });
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  if (out_features != Np) y = y.narrow(1, 0, out_features).contiguous();
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+// The op's namespace comes from the build (-DBLOCKS_LIBRARY=...), so builds for other instruction
+// sets (the tests load each path) register side by side; a second macro level expands the name.
+#define REGISTER_BLOCKS(ns) TORCH_LIBRARY(ns, m)
+REGISTER_BLOCKS(BLOCKS_LIBRARY) {
+  m.def("linear(Tensor x, Tensor qweight, Tensor d, Tensor m, int bits, int out_features) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(blocks_linear));
+}
