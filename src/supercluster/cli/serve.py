@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Optional
@@ -69,6 +70,9 @@ def serve(
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's id in the API (default: the run directory's name).")] = None,
 ):
     """Serve a model behind an OpenAI-compatible API, with continuous batching and a paged KV cache."""
+    # The model's idle OpenMP threads sleep instead of spinning between steps: the HTTP server
+    # shares their cores (set before PyTorch loads, which is when OpenMP reads it).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import uvicorn
 
     from supercluster.serve.api import create_app

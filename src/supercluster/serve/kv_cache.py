@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from supercluster.serve.kernels import paged_decode_attention
+
 
 def block_hashes(tokens: list[int], block_size: int) -> list[str]:
     """The chained hash of every full block of `tokens`."""
@@ -91,6 +93,9 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        # Decoding rows attend straight from the blocks with supercluster's C++ kernel where it
+        # builds (fp32 pools on CPUs; built here, at load, not on the first request).
+        self.decode_kernel = paged_decode_attention() if device.type == "cpu" and dtype == torch.float32 else None
 
     @staticmethod
     def blocks_for_budget(gib: float, layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -135,7 +140,7 @@ class StepAttention:
             self.decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long, device=write_slots.device)
             for i, seq in enumerate(decodes):
                 self.decode_slots[i, :seq.context] = seq.key_slots
-            lengths = torch.tensor([seq.context for seq in decodes], device=write_slots.device)
+            lengths = self.decode_lengths = torch.tensor([seq.context for seq in decodes], device=write_slots.device)
             self.decode_mask = (torch.arange(longest, device=write_slots.device)[None, :] < lengths[:, None])[:, None, None, :]
             # One sequence whose blocks lie end to end in the pool (the usual case for a lone
             # request) reads its keys and values as a view: no gather at every layer.
@@ -170,6 +175,9 @@ class StepAttention:
 
     def _decode(self, qs: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, gqa: bool) -> torch.Tensor:
         """Every decoding sequence's one query [B, heads, 1, d] against its context: [B, heads, d]."""
+        if self.cache.decode_kernel is not None and qs.dtype == k_pool.dtype == torch.float32:
+            return self.cache.decode_kernel(qs[:, :, 0].contiguous(), k_pool, v_pool, self.decode_slots,
+                                            self.decode_lengths, qs.shape[-1] ** -0.5)
         # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
         if self.decode_span is not None:
             ks, vs = k_pool[slice(*self.decode_span)][None], v_pool[slice(*self.decode_span)][None]

@@ -70,11 +70,11 @@ class BlockLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, bits: int, arch: str = "native"):
         super().__init__()
-        from supercluster.serve.kernels import blocks_linear
+        from supercluster.serve.kernels import library
 
         if bits not in (4, 8):
             raise ValueError(f"blocks of 4 or 8 bits, not {bits}")
-        self.kernel = blocks_linear(arch)  # arch: which of the kernel's code paths (tests pick each)
+        self.kernel = library(arch).linear  # arch: which of the kernel's code paths (tests pick each)
         weight = linear.weight.detach().float()
         out_features, in_features = weight.shape
         rows, cols = -(-out_features // self.PANEL) * self.PANEL, -(-in_features // self.BLOCK) * self.BLOCK

@@ -246,10 +246,10 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 
 }  // namespace
 
-// The op's namespace comes from the build (-DBLOCKS_LIBRARY=...), so builds for other instruction
-// sets (the tests load each path) register side by side; a second macro level expands the name.
-#define REGISTER_BLOCKS(ns) TORCH_LIBRARY(ns, m)
-REGISTER_BLOCKS(BLOCKS_LIBRARY) {
+// The ops' namespace comes from the build (-DKERNELS_LIBRARY=...), so builds for other instruction
+// sets (the tests load each code path) register side by side; a second macro level expands it.
+#define REGISTER_BLOCKS(ns) TORCH_LIBRARY_FRAGMENT(ns, m)
+REGISTER_BLOCKS(KERNELS_LIBRARY) {
   m.def("linear(Tensor x, Tensor qweight, Tensor d, Tensor m, int bits, int out_features) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(blocks_linear));
 }
