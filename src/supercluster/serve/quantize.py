@@ -1,5 +1,6 @@
 """How a served model's linear layers hold their weights: fp32 in oneDNN's blocked layout
-(the default on CPUs), or weight-only int8.
+(the default on CPUs), weight-only int8, or 4-bit blocks multiplied in integers (`BlockLinear`,
+`--quantize int4`: llama.cpp's arithmetic, in supercluster's C++ kernel).
 
 PyTorch's fp32 `mm` on a CPU repacks the weight into the BLAS library's blocked layout at every
 call, which costs about what the product of a few rows does (`bench/serve_kernels.py`: packing
