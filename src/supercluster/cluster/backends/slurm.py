@@ -27,7 +27,7 @@ from supercluster.errors import UserError
 
 PENDING = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 RUNNING = {"RUNNING", "COMPLETING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESIZING", "STOPPED"}
-FAILED = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FAILED = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def parse_record(line: str) -> dict[str, str]:
@@ -268,6 +268,12 @@ exit $code
             return JobStatus("completed", exit_code, restarts, None, nodes)
         if state == "CANCELLED":
             return JobStatus("cancelled", exit_code, restarts, detail, nodes)
+        if state == "NODE_FAIL":
+            # Every job here is submitted with --requeue, so NODE_FAIL is the moment before Slurm puts
+            # it back in the queue (REQUEUED, then PENDING with Restarts + 1). Read as the end, a poll
+            # that lands in that moment (more likely on a loaded machine) would fail a job that is
+            # about to be recovered; the next poll sees the requeue.
+            return JobStatus("running", None, restarts, "a node failed; Slurm requeues the job", nodes)
         return JobStatus("failed", exit_code, restarts, f"Slurm state {state}" + (f": {detail}" if detail else ""), nodes)
 
     def cancel(self, ref: str, job_dir: str) -> None:
