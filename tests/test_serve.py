@@ -220,6 +220,33 @@ def test_int4_weights_give_every_request_its_own_greedy_output_in_any_batch(run_
     assert len(outputs[0]) == 4
 
 
+def test_int4_layers_in_one_call_compute_the_models_own_forward(run_dir):
+    """An int4 engine runs its layers as one C++ call (norms, RoPE and SwiGLU folded into the
+    kernels); the model's own forward over the same weights and an equal KV cache gives the same
+    logits, through a step of two prompt chunks and then a step of decoded tokens."""
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.kv_cache import PagedKVCache
+    from supercluster.serve.runner import LocalRunner, StepBatch
+
+    engine = Engine(run_dir, EngineConfig(quantize="int4"))
+    engine.shutdown()
+    fused = engine.runner
+    assert fused.fused is not None and engine.kv_dtype == torch.float16
+    pool = engine.cache
+    unfused = LocalRunner(engine.model, PagedKVCache(engine.cfg.layers, pool.pool.num_blocks, pool.block_size,
+                                                     engine.cfg.kv_heads, engine.cfg.head_dim, torch.float16,
+                                                     torch.device("cpu")), torch.device("cpu"))
+    unfused.fused = None
+    prompts = [engine.tokenizer.encode(p * 3).ids for p in PROMPTS[:2]]
+    first = StepBatch(prompts[0] + prompts[1], [(0, len(prompts[0]), [0, 1, 2, 3]), (0, len(prompts[1]), [4, 5, 6, 7])])
+    second = StepBatch([7, 9], [(len(prompts[0]), 1, [0, 1, 2, 3]), (len(prompts[1]), 1, [4, 5, 6, 7])])
+    for step in (first, second):
+        expected = unfused.run(step)
+        got = fused.run(step)
+        assert got.shape == expected.shape == (2, engine.cfg.vocab_size)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+
+
 def engine_outputs(run_dir, prompts, max_tokens, **config):
     """Greedy continuations of all prompts submitted at once to an engine built with `config`."""
     from supercluster.serve.engine import Engine, EngineConfig
@@ -302,7 +329,8 @@ def test_block_linear_computes_its_integer_arithmetic(arch):
     """BlockLinear's kernel (each of its code paths: this CPU's, AVX2, portable C++) computes
     x_q @ W_q.T + b, with W_q its 4- or 8-bit blocks and x_q the activations rounded to int8 blocks
     of 32 as llama.cpp rounds them, to fp32 rounding; W_q lies within half a step of the weight.
-    Shapes are ragged (padded panels and blocks) and rows span one row tile to many."""
+    Shapes are ragged (padded panels and blocks) and rows span one row tile to many. An RMSNorm or
+    SwiGLU folded in before the product, and a residual after, give what they give unfolded."""
     from supercluster.serve.quantize import BlockLinear
 
     if arch != "native" and platform.machine() != "x86_64":
@@ -318,19 +346,90 @@ def test_block_linear_computes_its_integer_arithmetic(arch):
         step = (padded.amax(2) - padded.amin(2)) / 15 if bits == 4 else padded.abs().amax(2) / 127
         error = F.pad(weight - linear.weight, (0, 28)).view(70, 4, 32).abs()
         assert (error <= step[..., None] * 0.5 * 1.01 + 1e-6).all(), bits
-        for shape in ((1, 100), (5, 3, 100), (37, 100)):
-            x = torch.randn(shape) * torch.linspace(0.1, 30, 100)  # outlier features, as real models have
+        def product(x):  # what the kernel computes: x rounded to int8 blocks of 32, times the blocks
             blocks = F.pad(x.reshape(-1, 100), (0, 28)).view(-1, 4, 32)
             amax = blocks.abs().amax(2, keepdim=True)
             x_q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0)) * amax / 127
-            expected = (x_q.view(-1, 128)[:, :100].double() @ weight.double().T + linear.bias).view(*shape[:-1], 70)
+            return (x_q.view(-1, 128)[:, :100].double() @ weight.double().T + linear.bias).view(*x.shape[:-1], 70)
+
+        for shape in ((1, 100), (5, 3, 100), (37, 100)):
+            x = torch.randn(shape) * torch.linspace(0.1, 30, 100)  # outlier features, as real models have
+            expected = product(x)
             got = layer(x)
             assert got.shape == expected.shape and got.dtype == torch.float32
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        # what a layer folds into the call: an RMSNorm before, a residual after; or SwiGLU before
+        x, residual = torch.randn(6, 100) * 3, torch.randn(6, 70)
+        norm = torch.nn.RMSNorm(100, eps=1e-5)
+        norm.weight.data = torch.rand(100) + 0.5
+        expected = product(norm(x)) + residual
+        torch.testing.assert_close(layer(x, norm=norm, residual=residual).double(), expected, rtol=1e-5,
+                                   atol=1e-5 * expected.abs().max().item())
+        gate_up = torch.randn(6, 200) * 2
+        expected = product(F.silu(gate_up[:, :100]) * gate_up[:, 100:])
+        torch.testing.assert_close(layer(gate_up, swiglu=True).double(), expected, rtol=1e-5,
+                                   atol=1e-5 * expected.abs().max().item())
         # and close to the fp32 product: 4-bit weights are coarse, 8-bit ones close
         x = torch.randn(8, 100)
         relative = ((layer(x) - linear(x)).norm() / linear(x).norm()).item()
         assert relative < (0.1 if bits == 4 else 0.02), (bits, relative)
+
+
+@pytest.mark.parametrize("arch", ["native", "avx2", "portable"])
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float16])
+def test_paged_attention_equals_sdpa_on_gathered_contexts(arch, pool_dtype):
+    """The attention kernel (each code path; fp32 and fp16 pools), on a step packing prompt chunks
+    and decoded tokens of four sequences whose blocks lie scattered in the pool: it stores each
+    token's (rotated) key and value at its slot, and each query's output is SDPA's over its own
+    sequence's positions up to its own, within 5e-5 (fp32 rounding). Head size 64 and one no code path
+    unrolls (40), grouped-query heads, with RoPE applied by the kernel or already applied."""
+    from supercluster.model.transformer import apply_rope, rope_tables
+    from supercluster.serve.kernels import library
+
+    if arch != "native" and platform.machine() != "x86_64":
+        pytest.skip(f"the {arch} build targets x86-64")
+    if arch == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    attention = library(arch).paged_attention
+    torch.manual_seed(0)
+    block_size, heads, kv_heads = 16, 6, 2
+    for head_dim, rotate in ((64, True), (40, False)):
+        angles = torch.outer(torch.arange(256.0), 1e4 ** -(torch.arange(head_dim // 2) / (head_dim // 2)))
+        rope = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        k_pool = torch.randn(40 * block_size, kv_heads, head_dim).to(pool_dtype)  # earlier tokens' keys, values
+        v_pool = torch.randn(40 * block_size, kv_heads, head_dim).to(pool_dtype)
+        order = torch.randperm(40).tolist()
+        # per sequence: position of its first new token, new tokens, block table
+        seqs = [(0, 37, order[0:3]), (20, 1, order[3:5]), (5, 12, order[5:7]), (47, 1, order[7:11])]
+        T = sum(count for _, count, _ in seqs)
+        q, k, v = torch.randn(T, heads * head_dim), torch.randn(T, kv_heads * head_dim), torch.randn(T, kv_heads * head_dim)
+        positions = torch.tensor([p for start, count, _ in seqs for p in range(start, start + count)])
+        token_seq = torch.tensor([i for i, (_, count, _) in enumerate(seqs) for _ in range(count)])
+        tables = torch.tensor([blocks + [0] * (4 - len(blocks)) for _, _, blocks in seqs])
+        k_expected, v_expected = k_pool.float(), v_pool.float()
+        if rotate:
+            cos_sin = rope_tables(rope[positions])
+            q_rot = apply_rope(q.view(1, T, heads, head_dim), cos_sin)[0]
+            k_rot = apply_rope(k.view(1, T, kv_heads, head_dim), cos_sin)[0]
+        else:
+            q_rot, k_rot = q.view(T, heads, head_dim), k.view(T, kv_heads, head_dim)
+        out = attention(q, k, v, rope if rotate else torch.empty(0), positions, token_seq, tables, block_size,
+                        k_pool, v_pool, head_dim ** -0.5).view(T, heads, head_dim)
+        offset = 0
+        for start, count, blocks in seqs:
+            slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in range(start + count)])
+            k_expected[slots[start:]] = k_rot[offset:offset + count].to(pool_dtype).float()
+            v_expected[slots[start:]] = v[offset:offset + count].view(count, kv_heads, head_dim).to(pool_dtype).float()
+            mask = torch.arange(start + count)[None, :] <= torch.arange(start, start + count)[:, None]
+            expected = F.scaled_dot_product_attention(
+                q_rot[offset:offset + count].transpose(0, 1)[None], k_expected[slots].transpose(0, 1)[None],
+                v_expected[slots].transpose(0, 1)[None], attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)
+            torch.testing.assert_close(out[offset:offset + count], expected, rtol=1e-4, atol=5e-5)
+            offset += count
+        assert torch.equal(v_pool.float(), v_expected)  # keys: rotated in fp32 here and there, one rounding apart
+        torch.testing.assert_close(k_pool.float(), k_expected, rtol=1e-3 if pool_dtype == torch.float16 else 1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        attention(q, k, v, torch.empty(0), positions, token_seq, tables + 1000, block_size, k_pool, v_pool, 1.0)
 
 
 def test_packed_linear_keeps_fp32_results_and_autocast():

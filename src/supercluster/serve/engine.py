@@ -84,15 +84,19 @@ class Engine:
         else:
             self.precision, self.bf16_from_tokens = self._faster_precision(batched=self.config.tp == 1)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        # The KV cache's element type. A decode step of many sequences reads all of their contexts at
+        # every layer and is bound by memory there, so int4 keeps fp16 keys and values, as llama.cpp
+        # does by default (the attention kernel computes in fp32 from them).
+        self.kv_dtype = torch.float16 if self.config.quantize == "int4" else self.dtype
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
         self.name = run_dir.name
         # Sized for all of the heads: under tensor parallelism the ranks share kv_cache_gib between them.
         blocks = self.config.num_blocks or PagedKVCache.blocks_for_budget(
-            self.config.kv_cache_gib, self.cfg.layers, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim, self.dtype)
+            self.config.kv_cache_gib, self.cfg.layers, self.config.block_size, self.cfg.kv_heads, self.cfg.head_dim, self.kv_dtype)
         if self.config.tp == 1:
             self.runner = LocalRunner(self.model, PagedKVCache(self.cfg.layers, blocks, self.config.block_size,
-                                                               self.cfg.kv_heads, self.cfg.head_dim, self.dtype, self.device),
+                                                               self.cfg.kv_heads, self.cfg.head_dim, self.kv_dtype, self.device),
                                       self.device)
         else:
             self.runner = TensorParallelRunner(self.model, run_dir, self.config.tp, blocks, self.config.block_size,

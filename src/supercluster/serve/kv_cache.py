@@ -13,6 +13,7 @@ holds a hashed prefix stays findable until the pool needs it for something else 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from supercluster.serve.kernels import paged_decode_attention
+from supercluster.serve.kernels import paged_attention
 
 
 def block_hashes(tokens: list[int], block_size: int) -> list[str]:
@@ -93,9 +94,9 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
-        # Decoding rows attend straight from the blocks with supercluster's C++ kernel where it
-        # builds (fp32 pools on CPUs; built here, at load, not on the first request).
-        self.decode_kernel = paged_decode_attention() if device.type == "cpu" and dtype == torch.float32 else None
+        # Steps attend straight on the blocks with supercluster's C++ kernel where it builds (fp32
+        # or fp16 pools on CPUs; built here, at load, not on the first request).
+        self.kernel = paged_attention() if device.type == "cpu" and dtype in (torch.float32, torch.float16) else None
 
     @staticmethod
     def blocks_for_budget(gib: float, layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -123,43 +124,73 @@ class StepAttention:
     """The `cache` one forward pass of the engine hands the model: packed tokens of many
     sequences in one [1, T] batch, each attending only to its own context.
 
-    Sequences with a single new token (decoding) attend in one padded call per layer; the padded
-    keys are masked out, so each row still sees exactly its own context. Prefill chunks attend
-    one sequence at a time with their causal mask."""
+    `seqs` holds, per sequence, the position of its first new token, its count of new tokens
+    and its block table. With the C++ kernel (fp32 or fp16 pools on CPUs) each layer's attention
+    is one call on the blocks (or, for int4 models, part of one call for all layers: `serve/fused.py`).
+    Otherwise decoding sequences attend in one padded SDPA call per layer, their padded keys
+    masked out, and prefill chunks one sequence at a time with their causal mask."""
 
-    def __init__(self, cache: PagedKVCache, write_slots: torch.Tensor, seqs: list[SeqSlice]):
-        self.cache, self.write_slots = cache, write_slots
-        self.prefills = [seq for seq in seqs if seq.count > 1]
-        decodes = [seq for seq in seqs if seq.count == 1]
-        self.decode_rows = None
-        self.decode_only = not self.prefills  # then the packed tokens are the decode rows, in order
-        if decodes:
-            # Built once per step, shared by every layer.
-            longest = max(seq.context for seq in decodes)
-            self.decode_rows = torch.tensor([seq.start for seq in decodes], device=write_slots.device)
-            self.decode_slots = torch.zeros(len(decodes), longest, dtype=torch.long, device=write_slots.device)
-            for i, seq in enumerate(decodes):
-                self.decode_slots[i, :seq.context] = seq.key_slots
-            lengths = self.decode_lengths = torch.tensor([seq.context for seq in decodes], device=write_slots.device)
-            self.decode_mask = (torch.arange(longest, device=write_slots.device)[None, :] < lengths[:, None])[:, None, None, :]
-            # One sequence whose blocks lie end to end in the pool (the usual case for a lone
-            # request) reads its keys and values as a view: no gather at every layer.
-            self.decode_span = None
-            if len(decodes) == 1:
-                first = int(decodes[0].key_slots[0])
-                if torch.equal(decodes[0].key_slots, torch.arange(first, first + longest)):
-                    self.decode_span = (first, first + longest)
+    def __init__(self, cache: PagedKVCache, seqs: list[tuple[int, int, list[int]]], device: torch.device):
+        self.cache, self.seqs, self.device = cache, seqs, device
+        positions, token_seq, last, tables = [], [], [], []
+        for i, (start, count, blocks) in enumerate(seqs):
+            positions += range(start, start + count)
+            token_seq += [i] * count
+            last.append(len(positions) - 1)
+            tables.append(blocks)
+        widest = max(map(len, tables))
+        self.positions = torch.tensor(positions, device=device)
+        self.logits_index = torch.tensor(last, device=device)  # each sequence's last new token
+        self.token_seq = torch.tensor(token_seq, device=device)
+        self.block_tables = torch.tensor([t + [0] * (widest - len(t)) for t in tables], device=device)
+        self.kernel = cache.kernel
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: [1, T, heads, d] for the packed tokens; returns [1, T, heads, d]."""
+        """q, k, v: [1, T, heads, d] for the packed tokens, rotated; returns [1, T, heads, d]."""
+        if self.kernel is not None and q.dtype == torch.float32:
+            q2, k2, v2 = (t[0].reshape(t.shape[1], -1) for t in (q, k, v))
+            return self.kernel(q2, k2, v2, _NO_ROPE, self.positions, self.token_seq, self.block_tables,
+                               self.cache.block_size, self.cache.k[layer], self.cache.v[layer],
+                               q.shape[-1] ** -0.5).view(q.shape)
+        return self._attend_gathered(layer, q, k, v)
+
+    # ---- without the kernel: gather each context and call SDPA ---------------------------------
+
+    @functools.cached_property
+    def _slices(self) -> tuple[torch.Tensor, list[SeqSlice]]:
+        write_slots, slices, offset = [], [], 0
+        for start, count, blocks in self.seqs:
+            write_slots.append(self.cache.slots(blocks, start, start + count))
+            slices.append(SeqSlice(offset, count, start + count, self.cache.slots(blocks, 0, start + count).to(self.device)))
+            offset += count
+        return torch.cat(write_slots).to(self.device), slices
+
+    @functools.cached_property
+    def _decode_layout(self):
+        """Built once per step, shared by every layer: the decoding rows, their slots padded to the
+        longest context, the lengths and the padding mask."""
+        decodes = [seq for seq in self._slices[1] if seq.count == 1]
+        if not decodes:
+            return None
+        longest = max(seq.context for seq in decodes)
+        rows = torch.tensor([seq.start for seq in decodes], device=self.device)
+        slots = torch.zeros(len(decodes), longest, dtype=torch.long, device=self.device)
+        for i, seq in enumerate(decodes):
+            slots[i, :seq.context] = seq.key_slots
+        lengths = torch.tensor([seq.context for seq in decodes], device=self.device)
+        mask = (torch.arange(longest, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+        return rows, slots, mask
+
+    def _attend_gathered(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        write_slots, slices = self._slices
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        k_pool.index_copy_(0, self.write_slots, k[0] if k.dtype == k_pool.dtype else k[0].to(k_pool.dtype))
-        v_pool.index_copy_(0, self.write_slots, v[0] if v.dtype == v_pool.dtype else v[0].to(v_pool.dtype))
+        k_pool.index_copy_(0, write_slots, k[0] if k.dtype == k_pool.dtype else k[0].to(k_pool.dtype))
+        v_pool.index_copy_(0, write_slots, v[0] if v.dtype == v_pool.dtype else v[0].to(v_pool.dtype))
         gqa = q.shape[2] != k_pool.shape[1]
-        if self.decode_only:
-            return self._decode(q[0][:, :, None], k_pool, v_pool, gqa)[None]
         out = torch.empty_like(q)
-        for seq in self.prefills:
+        for seq in slices:
+            if seq.count == 1:
+                continue
             # One sequence at a time: its result never depends on which others share the step.
             qs = q[0, seq.start:seq.start + seq.count].transpose(0, 1)  # [heads, n, d]
             ks = k_pool.index_select(0, seq.key_slots).transpose(0, 1).to(q.dtype)  # [kv_heads, L, d]
@@ -169,23 +200,16 @@ class StepAttention:
             mask = torch.arange(seq.context, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], attn_mask=mask, enable_gqa=gqa)
             out[0, seq.start:seq.start + seq.count] = o[0].transpose(0, 1).to(out.dtype)  # autocast may answer in bf16
-        if self.decode_rows is not None:
-            out[0, self.decode_rows] = self._decode(q[0, self.decode_rows][:, :, None], k_pool, v_pool, gqa)
+        if self._decode_layout is not None:
+            rows, slots, mask = self._decode_layout
+            # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
+            ks = k_pool.index_select(0, slots.flatten()).unflatten(0, slots.shape).transpose(1, 2)  # [B, kv_heads, L, d]
+            vs = v_pool.index_select(0, slots.flatten()).unflatten(0, slots.shape).transpose(1, 2)
+            if ks.dtype != q.dtype:
+                ks, vs = ks.to(q.dtype), vs.to(q.dtype)
+            o = F.scaled_dot_product_attention(q[0, rows][:, :, None], ks, vs, attn_mask=mask, enable_gqa=gqa)[:, :, 0]
+            out[0, rows] = o.to(out.dtype)  # autocast may answer in bf16
         return out
 
-    def _decode(self, qs: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, gqa: bool) -> torch.Tensor:
-        """Every decoding sequence's one query [B, heads, 1, d] against its context: [B, heads, d]."""
-        if self.cache.decode_kernel is not None and qs.dtype == k_pool.dtype == torch.float32:
-            return self.cache.decode_kernel(qs[:, :, 0].contiguous(), k_pool, v_pool, self.decode_slots,
-                                            self.decode_lengths, qs.shape[-1] ** -0.5)
-        # index_select on the flat slots: several times faster on CPUs than 2-D fancy indexing
-        if self.decode_span is not None:
-            ks, vs = k_pool[slice(*self.decode_span)][None], v_pool[slice(*self.decode_span)][None]
-        else:
-            ks = k_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
-            vs = v_pool.index_select(0, self.decode_slots.flatten()).unflatten(0, self.decode_slots.shape)
-        ks, vs = ks.transpose(1, 2), vs.transpose(1, 2)  # [B, kv_heads, L, d]
-        if ks.dtype != qs.dtype:
-            ks, vs = ks.to(qs.dtype), vs.to(qs.dtype)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=self.decode_mask, enable_gqa=gqa)[:, :, 0]
-        return o if o.dtype == qs.dtype else o.to(qs.dtype)  # autocast may answer in bf16
+
+_NO_ROPE = torch.empty(0)  # q and k come rotated

@@ -120,10 +120,22 @@ class BlockLinear(nn.Module):
         w = q * scale(self.d) + scale(self.m)
         return w.reshape(panels * self.PANEL, -1)[: self.out_features, : self.in_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: nn.RMSNorm | None = None, swiglu: bool = False,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias). Folded into the same call (`serve/fused.py`): `norm` applied to x first,
+        or `swiglu`: x is [gate | up], twice in_features wide, and silu(gate) * up is multiplied;
+        `residual` added to the result."""
+        eps = 0.0
+        if norm is not None:
+            eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # as nn.RMSNorm defaults
+            norm = norm.weight
         y = self.kernel(x if x.dtype == torch.float32 else x.float(), self.qweight, self.d, self.m, self.bits,
-                        self.out_features).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+                        self.out_features, norm, eps, swiglu, None if self.bias is not None else residual).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+            if residual is not None:
+                y = y + residual
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit blocks of 32"

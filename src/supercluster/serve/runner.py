@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from supercluster.serve.kv_cache import PagedKVCache, SeqSlice, StepAttention
+from supercluster.serve.fused import FusedDecoder
+from supercluster.serve.kv_cache import PagedKVCache, StepAttention
 
 
 @dataclass
@@ -30,9 +31,11 @@ class LocalRunner:
     On a CPU, steps of a few tokens (decoding one to a few sequences) run on one thread: there a
     step is bound by reading the weights, a second thread gains little, and it takes the core the
     HTTP server needs for every token it streams. Measured through `bench/serve.py` on a 2-core
-    Zen 4 with `--quantize int4`: one stream at 19 ms a token on one thread against 32 ms on two
-    (in process, where nothing else runs, two threads win: 13-16 ms against 19). Bigger steps use
-    every thread.
+    Zen 4 with `--quantize int4`: one stream at 7.6-8.2 ms a token on one thread against 8.4-9.8 ms
+    on two. Bigger steps use every thread.
+
+    int4 Llama-style models run their layers as one C++ call (`serve/fused.py`); others run the
+    model's own forward with the step's `StepAttention` as its cache.
     """
 
     FEW_TOKENS = 4
@@ -40,26 +43,20 @@ class LocalRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         self.threads = torch.get_num_threads()
+        self.fused = FusedDecoder(model, cache) if FusedDecoder.supports(model, cache) else None
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
         """Logits [sequences, vocab] at each sequence's last new token."""
-        positions, write_slots, slices, last = [], [], [], []
-        offset = 0
-        for start, count, blocks in batch.seqs:
-            stop = start + count
-            slices.append(SeqSlice(offset, count, stop, self.cache.slots(blocks, 0, stop)))
-            positions += range(start, stop)
-            write_slots.append(self.cache.slots(blocks, start, stop))
-            offset += count
-            last.append(offset - 1)
-        cache = StepAttention(self.cache, torch.cat(write_slots).to(self.device), slices)
+        cache = StepAttention(self.cache, batch.seqs, self.device)
         if self.device.type == "cpu":
             threads = 1 if len(batch.tokens) <= self.FEW_TOKENS else self.threads
             if threads != torch.get_num_threads():
                 torch.set_num_threads(threads)
-        return self.model(torch.tensor([batch.tokens], device=self.device), torch.tensor(positions, device=self.device),
-                          cache=cache, logits_index=torch.tensor(last, device=self.device))[0]
+        tokens = torch.tensor(batch.tokens, device=self.device)
+        if self.fused is not None:
+            return self.fused(tokens, cache)
+        return self.model(tokens[None], cache.positions, cache=cache, logits_index=cache.logits_index)[0]
 
     def problem(self) -> str:
         """Why this runner cannot run a step, or "" when it can."""

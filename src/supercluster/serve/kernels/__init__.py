@@ -4,7 +4,11 @@
   4- or 8-bit blocks of 32 (`serve --quantize int4`): the integer arithmetic llama.cpp runs on
   CPUs. PyTorch's CPU ops lack it: its int4 kernel takes bf16 activations, and its int8-activation
   kernels scale a whole tensor at once, which SmolLM2's outlier features do not survive.
-- `paged_attention.cpp`: decode attention read straight from the paged KV cache's blocks.
+- `paged_attention.cpp`: a step's attention (RoPE, storing keys and values, every query against
+  its own sequence) straight on the paged KV cache's blocks.
+- `decoder.cpp`: every layer of a Llama-style int4 model in one call, composed of the two above.
+- `vector_math.h`: an exponential that vectorizes and a dot product, for both; `parallel.h`: work
+  shared over PyTorch's threads as each is free.
 
 They are built together with the machine's C++ compiler through `torch.utils.cpp_extension`
 (`-march=native`: AVX-512 VNNI, AVX2 or plain C++, whichever this CPU runs), once per source and
@@ -23,7 +27,8 @@ import torch
 
 from supercluster.errors import UserError
 
-SOURCES = [Path(__file__).with_name(name) for name in ("blocks_linear.cpp", "paged_attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("blocks_linear.cpp", "paged_attention.cpp", "decoder.cpp")]
+HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "parallel.h", "vector_math.h")]
 # The instruction sets a build may target: the CPU's own and, for tests of the other code paths,
 # AVX2 without AVX-512 and plain x86-64 (portable C++).
 ARCHITECTURES = {"native": "-march=native", "avx2": "-march=haswell", "portable": "-march=x86-64"}
@@ -31,12 +36,12 @@ ARCHITECTURES = {"native": "-march=native", "avx2": "-march=haswell", "portable"
 
 @functools.cache
 def library(arch: str = "native"):
-    """The kernels' op namespace (`.linear`, `.paged_decode_attention`), built on first call."""
+    """The kernels' op namespace (`.linear`, `.paged_attention`, `.decoder_layers`), built on first call."""
     from torch.utils import cpp_extension
 
     # A build targets one CPU, so its cache entry is named after the instruction set as well as the sources.
     flags = _cpu_flags() if arch == "native" else ARCHITECTURES[arch]
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + flags.encode()).hexdigest()[:12]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + flags.encode()).hexdigest()[:12]
     name = f"supercluster_kernels_{arch}_{digest}"
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
@@ -51,11 +56,11 @@ def library(arch: str = "native"):
 
 
 @functools.cache
-def paged_decode_attention():
-    """The paged decode-attention op, or None where the kernels do not build (attention then
-    gathers the blocks and calls PyTorch's SDPA)."""
+def paged_attention():
+    """The paged attention op, or None where the kernels do not build (attention then gathers
+    the blocks and calls PyTorch's SDPA)."""
     try:
-        return library().paged_decode_attention
+        return library().paged_attention
     except UserError:
         return None
 

@@ -15,6 +15,10 @@
 // Activations, per row and block: dx = max|x|/127, qx = round(x/dx) in int8, sx = dx*sum(qx);
 // a block adds d*dx*dot(q, qx) + m*sx to each output.
 //
+// A layer may fold its neighbours into the call, saving a pass over the activations and a Python
+// op each: a prologue applied to each row before it is quantized (RMSNorm with its weight, or
+// SwiGLU's silu(gate) * up) and a residual added to the output.
+//
 // Code paths by the instruction set the compiler targets (-march=native): AVX-512 VNNI, AVX2
 // (maddubs + madd; 8-bit weights as two 4-bit halves so no 16-bit sum saturates), plain C++.
 
@@ -29,12 +33,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "kernels.h"
+#include "parallel.h"
+#include "vector_math.h"
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace {
+
+using supercluster_kernels::to_float;
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kPanel = 16;
@@ -59,29 +70,44 @@ inline int32_t four_bytes(const int8_t* p) {
   return v;
 }
 
-inline float to_float(c10::Half h) {
-#if defined(__F16C__)
-  return _cvtsh_ss(h.x);  // c10::Half converts in software
-#else
-  return static_cast<float>(h);
-#endif
-}
+// Each row of x, after the layer's prologue (see blocks_linear), as int8 blocks: qx, with the
+// block's scale dx and dx * sum(qx) in sx.
+struct Prologue {
+  const float* norm = nullptr;  // RMSNorm's weight [K]: x / rms(x) * norm
+  float eps = 0.f;
+  bool swiglu = false;  // x is [gate | up], 2K wide: silu(gate) * up
+};
 
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, int8_t* qx, float* dx, float* sx) {
-  const int64_t blocks = Kp / kBlock;
-  at::parallel_for(0, M, 16, [&](int64_t r0, int64_t r1) {
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const Prologue& pro, int8_t* qx, float* dx, float* sx) {
+  const int64_t blocks = Kp / kBlock, width = pro.swiglu ? 2 * K : K;
+  supercluster_kernels::parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(Kp, 0.f);
     for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = x + r * K;
+      const float* xr = x + r * width;
+      float* y = row.data();
+      if (pro.swiglu) {
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) y[k] = xr[k] / (1.f + supercluster_kernels::exp_approx(-xr[k])) * xr[K + k];
+      } else if (pro.norm != nullptr) {  // as torch's RMSNorm: x * rsqrt(mean(x^2) + eps) * weight
+        float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t k = 0; k < K; ++k) squares += xr[k] * xr[k];
+        const float inv = 1.f / std::sqrt(squares / static_cast<float>(K) + pro.eps);
+#pragma omp simd
+        for (int64_t k = 0; k < K; ++k) y[k] = xr[k] * inv * pro.norm[k];
+      } else {
+        std::copy_n(xr, K, y);
+      }
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t k0 = b * kBlock, k1 = std::min(k0 + kBlock, K);
+        const float* yb = y + b * kBlock;  // zero beyond K
         float amax = 0.f;
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(xr[k]));
+        for (int64_t k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(yb[k]));
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        int8_t* q = qx + r * Kp + k0;
+        int8_t* q = qx + r * Kp + b * kBlock;
         int sum = 0;
-        for (int64_t k = k0; k < k0 + kBlock; ++k) {
-          const int v = k < k1 ? static_cast<int>(std::nearbyint(xr[k] * inv)) : 0;
-          q[k - k0] = static_cast<int8_t>(v);
+        for (int64_t k = 0; k < kBlock; ++k) {
+          const int v = static_cast<int>(std::nearbyint(yb[k] * inv));
+          q[k] = static_cast<int8_t>(v);
           sum += v;
         }
         dx[r * blocks + b] = amax / 127.f;
@@ -200,8 +226,14 @@ void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, 
 
 #endif
 
+}  // namespace
+
+namespace supercluster_kernels {
+inline namespace KERNELS_LIBRARY {
+
 at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& d, const at::Tensor& m,
-                         int64_t bits, int64_t out_features) {
+                         int64_t bits, int64_t out_features, const c10::optional<at::Tensor>& norm, double eps,
+                         bool swiglu, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "blocks_linear takes fp32 CPU activations");
   TORCH_CHECK(bits == 4 || bits == 8, "blocks_linear: 4- or 8-bit weights");
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight: uint8, panel-major");
@@ -211,15 +243,24 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const int64_t block_bytes = bits * kBlock * kPanel / 8;
   TORCH_CHECK(qweight.numel() == panels * blocks * block_bytes, "blocks_linear: qweight does not match d");
   TORCH_CHECK(out_features <= Np && out_features > Np - kPanel, "blocks_linear: out_features does not match the panels");
-  const int64_t K = x.size(-1);
+  const int64_t K = swiglu ? x.size(-1) / 2 : x.size(-1);
+  TORCH_CHECK(!swiglu || x.size(-1) == 2 * K, "blocks_linear: swiglu takes [gate | up], an even width");
+  TORCH_CHECK(!(swiglu && norm.has_value()), "blocks_linear: a norm or swiglu, not both");
+  Prologue pro;
+  pro.swiglu = swiglu;
+  if (norm.has_value()) {
+    TORCH_CHECK(norm->scalar_type() == at::kFloat && norm->is_contiguous() && norm->numel() == K, "blocks_linear: norm is fp32 [in_features]");
+    pro.norm = norm->data_ptr<float>();
+    pro.eps = static_cast<float>(eps);
+  }
   TORCH_CHECK(K <= Kp && K > Kp - kBlock, "blocks_linear: x has ", K, " features, the weight ", Kp, " (padded)");
-  const at::Tensor rows = x.reshape({-1, K}).contiguous();
+  const at::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t M = rows.size(0);
 
   at::Tensor qx = at::empty({M, Kp}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({M, blocks}, x.options());
   at::Tensor sx = at::empty({M, blocks}, x.options());
-  quantize_rows(rows.data_ptr<float>(), M, K, Kp, qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>());
+  quantize_rows(rows.data_ptr<float>(), M, K, Kp, pro, qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>());
   const Activations act{qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), Kp, blocks};
 
   at::Tensor y = at::empty({M, Np}, x.options());
@@ -227,7 +268,8 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const uint8_t* wq = qweight.data_ptr<uint8_t>();
   const c10::Half* wd = d.data_ptr<c10::Half>();
   const c10::Half* wm = m.data_ptr<c10::Half>();
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  // a few panels a chunk: enough chunks to balance two to a few threads, few enough to cost nothing
+  supercluster_kernels::parallel_chunks(panels, std::max<int64_t>(1, panels / 32), [&](int64_t p0, int64_t p1) {
     // panel outside, row tiles inside: a panel's weights stay in L1 while every row of x meets them
     for (int64_t p = p0; p < p1; ++p) {
       const Panel w{wq + p * blocks * block_bytes, wd + p * blocks * kPanel, wm + p * blocks * kPanel, block_bytes};
@@ -241,15 +283,22 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out_features;
   if (out_features != Np) y = y.narrow(1, 0, out_features).contiguous();
-  return y.view(out_shape);
+  y = y.view(out_shape);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == at::kFloat, "blocks_linear: residual is fp32 shaped as the output");
+    y.add_(*residual);
+  }
+  return y;
 }
 
-}  // namespace
+}  // namespace KERNELS_LIBRARY
+}  // namespace supercluster_kernels
 
 // The ops' namespace comes from the build (-DKERNELS_LIBRARY=...), so builds for other instruction
 // sets (the tests load each code path) register side by side; a second macro level expands it.
 #define REGISTER_BLOCKS(ns) TORCH_LIBRARY_FRAGMENT(ns, m)
 REGISTER_BLOCKS(KERNELS_LIBRARY) {
-  m.def("linear(Tensor x, Tensor qweight, Tensor d, Tensor m, int bits, int out_features) -> Tensor");
-  m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(blocks_linear));
+  m.def("linear(Tensor x, Tensor qweight, Tensor d, Tensor m, int bits, int out_features, Tensor? norm=None, "
+        "float eps=0., bool swiglu=False, Tensor? residual=None) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(supercluster_kernels::blocks_linear));
 }
