@@ -27,7 +27,7 @@ from supercluster.errors import UserError
 from supercluster.serve.kv_cache import PagedKVCache
 from supercluster.serve.quantize import quantize
 from supercluster.serve.runner import LocalRunner, StepBatch
-from supercluster.serve.sampling import SamplingParams, sample
+from supercluster.serve.sampling import Sampled, SamplingParams, is_plain_greedy, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
 from supercluster.serve.tensor_parallel import TensorParallelRunner, check_tp
 
@@ -226,13 +226,16 @@ class Engine:
         with torch.autocast(self.device.type, enabled=False) if small else contextlib.nullcontext():
             logits = self.runner.run(step)
         now = time.monotonic()
+        # Plain greedy requests (the usual benchmark and tool-calling case) take one argmax over
+        # the whole batch instead of a sampling call each.
+        greedy = logits.argmax(dim=-1).tolist() if any(is_plain_greedy(seq.params) for seq, _ in batch) else None
         outbox: list[tuple[object, dict]] = []
-        for (seq, count), row in zip(batch, logits):
+        for i, ((seq, count), row) in enumerate(zip(batch, logits)):
             seq.computed += count
             self.scheduler.publish_full_blocks(seq)
             if seq.computed < len(seq.tokens):
                 continue  # a prefill chunk: more of the prompt to go
-            drawn = sample(row, seq.params, seq.output, seq.generator)
+            drawn = Sampled(greedy[i]) if greedy and is_plain_greedy(seq.params) else sample(row, seq.params, seq.output, seq.generator)
             self._append(seq, drawn, now, outbox)
         # The step's events leave together, after its work: a listener woken by the first (the
         # API's event loop) finds them all at once instead of taking the CPU once per sequence.

@@ -32,6 +32,12 @@ class Sampled:
     top: list[tuple[int, float]] | None = None
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Whether `sample` would return the argmax of the logits and nothing else."""
+    return (params.temperature <= 0 and params.logprobs is None
+            and not params.presence_penalty and not params.frequency_penalty)
+
+
 def sample(logits: torch.Tensor, params: SamplingParams, generated: list[int], generator: torch.Generator | None) -> Sampled:
     """One token from one sequence's next-token `logits` [vocab]."""
     logits = logits.float()
