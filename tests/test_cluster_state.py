@@ -164,6 +164,36 @@ def test_concurrent_first_opens_migrate_once(url):
     assert got == [migrations.head()] * 4
 
 
+def _wal_worker(path, barrier, results):
+    import sqlite3
+
+    from supercluster.cluster.state import _write_ahead_log
+
+    barrier.wait()
+    try:
+        conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+        _write_ahead_log(conn)
+        results.put(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    except Exception as err:
+        results.put(repr(err))
+
+
+def test_processes_switching_a_fresh_sqlite_file_to_wal_together_all_succeed(tmp_path):
+    """SQLite answers "database is locked" at once, not after its busy timeout, to a connection
+    switching a fresh file to WAL while others do (without the retry, two of three runs of this
+    test failed on 2 cores): the fleet database's switch waits its turn instead, every time."""
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        workers = [ctx.Process(target=_wal_worker, args=(str(tmp_path / f"{attempt}.db"), barrier, results)) for _ in range(6)]
+        for w in workers:
+            w.start()
+        got = [results.get(timeout=120) for _ in workers]
+        for w in workers:
+            w.join(timeout=60)
+        assert got == ["wal"] * 6, got
+
+
 def _create_worker(url, name, barrier, results):
     barrier.wait()  # all processes ask at the same moment
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 from typing import Callable, Iterator
@@ -208,7 +209,7 @@ def make_engine(url: str) -> sa.Engine:
             # the rollback journal's two or three, and stays durable. (Not for a network file
             # system; point $SUPERCLUSTER_DB at PostgreSQL there.)
             if url.removeprefix("sqlite://") not in ("", "/:memory:"):
-                dbapi_conn.execute("PRAGMA journal_mode=WAL")
+                _write_ahead_log(dbapi_conn)
             dbapi_conn.execute("PRAGMA synchronous=FULL")
 
         @sa.event.listens_for(engine, "begin")
@@ -229,6 +230,22 @@ def make_engine(url: str) -> sa.Engine:
         engine = sa.create_engine(parsed, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW)
     _fork_safe(engine)
     return engine
+
+
+def _write_ahead_log(dbapi_conn, wait_s: float = 60.0) -> None:
+    """Put a SQLite database in WAL mode (it stays so). Switching needs an exclusive lock, and when
+    other connections switch the same fresh database at that moment SQLite answers "database is
+    locked" at once, without waiting out its busy timeout (seen when several processes open a new
+    fleet database together): retried here for as long as that timeout would have waited."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _fork_safe(engine: sa.Engine) -> None:
