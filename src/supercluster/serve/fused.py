@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from supercluster.serve.kv_cache import PagedKVCache, StepAttention
-from supercluster.serve.quantize import BlockLinear
+from supercluster.serve.quantize import BlockLinear, rms_norm_eps
 
 
 class FusedDecoder:
@@ -34,7 +34,7 @@ class FusedDecoder:
                 self.weights += [linear.qweight, linear.d, linear.m]
                 self.bits.append(linear.bits)
                 self.out_features.append(linear.out_features)
-        self.eps = _eps(model.norm)
+        self.eps = rms_norm_eps(model.norm)
         self.heads = model.cfg.heads
         self.k_pools, self.v_pools = list(cache.k.unbind(0)), list(cache.v.unbind(0))
         self.scale = model.cfg.head_dim ** -0.5
@@ -51,7 +51,7 @@ class FusedDecoder:
                                                                block.feed_forward.w13, block.feed_forward.w2)]
         norms = [norm for block in blocks for norm in (block.attention_norm, block.ffn_norm)] + [model.norm]
         return (bool(blocks) and all(isinstance(m, BlockLinear) and m.bias is None for m in [*linears, model.output])
-                and all(isinstance(n, nn.RMSNorm) and _eps(n) == _eps(model.norm) for n in norms))
+                and all(isinstance(n, nn.RMSNorm) and rms_norm_eps(n) == rms_norm_eps(model.norm) for n in norms))
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: StepAttention) -> torch.Tensor:
@@ -60,7 +60,3 @@ class FusedDecoder:
                                 self.heads, self.model.rope, cache.positions, cache.token_seq, cache.block_tables,
                                 self.cache.block_size, self.k_pools, self.v_pools, self.scale)
         return self.model.output(h[cache.logits_index], norm=self.model.norm)
-
-
-def _eps(norm: nn.RMSNorm) -> float:
-    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # nn.RMSNorm's default

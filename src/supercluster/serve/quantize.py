@@ -125,12 +125,10 @@ class BlockLinear(nn.Module):
         """x @ W^T (+ bias). Folded into the same call (`serve/fused.py`): `norm` applied to x first,
         or `swiglu`: x is [gate | up], twice in_features wide, and silu(gate) * up is multiplied;
         `residual` added to the result."""
-        eps = 0.0
-        if norm is not None:
-            eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps  # as nn.RMSNorm defaults
-            norm = norm.weight
+        eps = 0.0 if norm is None else rms_norm_eps(norm)
         y = self.kernel(x if x.dtype == torch.float32 else x.float(), self.qweight, self.d, self.m, self.bits,
-                        self.out_features, norm, eps, swiglu, None if self.bias is not None else residual).to(x.dtype)
+                        self.out_features, None if norm is None else norm.weight, eps, swiglu,
+                        None if self.bias is not None else residual).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
             if residual is not None:
@@ -139,6 +137,11 @@ class BlockLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit blocks of 32"
+
+
+def rms_norm_eps(norm: nn.RMSNorm) -> float:
+    """The epsilon `norm` adds on fp32 inputs (unset, nn.RMSNorm takes float32's)."""
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
 
 
 def _reciprocal(scale: torch.Tensor) -> torch.Tensor:

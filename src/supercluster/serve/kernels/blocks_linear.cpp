@@ -70,14 +70,14 @@ inline int32_t four_bytes(const int8_t* p) {
   return v;
 }
 
-// Each row of x, after the layer's prologue (see blocks_linear), as int8 blocks: qx, with the
-// block's scale dx and dx * sum(qx) in sx.
+// What a row of x goes through before it is quantized (see blocks_linear).
 struct Prologue {
   const float* norm = nullptr;  // RMSNorm's weight [K]: x / rms(x) * norm
   float eps = 0.f;
   bool swiglu = false;  // x is [gate | up], 2K wide: silu(gate) * up
 };
 
+// Each row of x, after the prologue, as int8 blocks: qx, with the block's scale dx and dx * sum(qx) in sx.
 void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const Prologue& pro, int8_t* qx, float* dx, float* sx) {
   const int64_t blocks = Kp / kBlock, width = pro.swiglu ? 2 * K : K;
   supercluster_kernels::parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
