@@ -52,6 +52,16 @@ def small_corpus(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def library_corpus(small_corpus, supercluster_home) -> Path:
+    """small_corpus in the shared data library, where the service lets every project's jobs read it."""
+    import shutil
+
+    from supercluster.paths import data_library
+
+    return Path(shutil.copytree(small_corpus, data_library() / "small-corpus"))
+
+
 SERVICE_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 

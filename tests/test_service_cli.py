@@ -162,7 +162,7 @@ def test_cluster_commands_go_to_the_server_named_by_flag_or_environment(server, 
 
 
 @pytest.mark.slow
-def test_job_commands_through_the_server(server, capsys, tmp_path, small_corpus):
+def test_job_commands_through_the_server(server, capsys, tmp_path, library_corpus):
     base, op_token, _ = server
     tokens = _tenants(base, op_token)
     assert run(capsys, "login", "--server", base, "--token", tokens["member"])[0] == 0
@@ -170,7 +170,7 @@ def test_job_commands_through_the_server(server, capsys, tmp_path, small_corpus)
     assert run(capsys, "cluster", "create", "dev", "--gpus", "1", *remote)[0] == 0
     config = tmp_path / "tiny.toml"
     config.write_text(tomli_w.dumps({
-        "data": {"path": str(small_corpus)}, "model": {"preset": "tiny"},
+        "data": {"path": str(library_corpus)}, "model": {"preset": "tiny"},
         "train": {"steps": 3, "checkpoint_every": 3, "eval_every": 100, "precision": "fp32", "seq_len": 32,
                   "micro_batch": 2, "global_batch": 2}}))
     bad = tmp_path / "bad.toml"

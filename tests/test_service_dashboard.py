@@ -27,14 +27,14 @@ def _login(page, base, token):
 
 
 @pytest.mark.slow
-def test_dashboard_shows_the_fleet_clusters_and_a_live_loss_plot(server, small_corpus, tmp_path):
+def test_dashboard_shows_the_fleet_clusters_and_a_live_loss_plot(server, library_corpus, tmp_path):
     import httpx
     from playwright.sync_api import sync_playwright
 
     base, tokens = server
     h = {"Authorization": f"Bearer {tokens['llm']}"}
     httpx.post(f"{base}/v1/projects/llm/clusters", headers=h, json={"name": "here", "gpus": 2}).raise_for_status()
-    config = {"data": {"path": str(small_corpus)}, "model": {"preset": "tiny"},
+    config = {"data": {"path": str(library_corpus)}, "model": {"preset": "tiny"},
               "train": {"steps": 400, "checkpoint_every": 1000, "eval_every": 1000, "precision": "fp32", "seq_len": 32,
                         "micro_batch": 2, "global_batch": 4}}
     r = httpx.post(f"{base}/v1/projects/llm/jobs", headers=h, json={"cluster": "here", "config": config, "max_restarts": 0})

@@ -42,12 +42,12 @@ def wait_for(client, path: str, headers: dict, done, timeout: float = 240) -> di
 
 
 @pytest.mark.slow
-def test_a_trained_run_is_served_through_the_service(live, small_corpus, tmp_path, capsys):
+def test_a_trained_run_is_served_through_the_service(live, library_corpus, tmp_path, capsys):
     client, tokens = live
     member, viewer, other = (bearer(tokens[k]) for k in (("llm", "member"), ("llm", "viewer"), ("web", "member")))
     assert client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 2}).json()["state"] == "ready"
     jid = client.post("/v1/projects/llm/jobs", headers=member,
-                      json={"cluster": "here", "config": tiny_config(small_corpus, 4), "max_restarts": 0}).json()["id"]
+                      json={"cluster": "here", "config": tiny_config(library_corpus, 4), "max_restarts": 0}).json()["id"]
     assert wait_for(client, f"/v1/projects/llm/jobs/{jid}", member, lambda j: j["state"] not in ("pending", "running"))["state"] == "completed"
 
     # what may be served: this project's runs and the model library, nothing else

@@ -52,12 +52,12 @@ def _sse(text: str) -> tuple[list[str], dict]:
 
 
 @pytest.mark.slow
-def test_a_tiny_job_runs_and_streams_its_log(service, small_corpus):
+def test_a_tiny_job_runs_and_streams_its_log(service, library_corpus):
     client, tokens = service
     member, viewer, other = tokens["llm", "member"], tokens["llm", "viewer"], tokens["web", "member"]
     assert client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 2}).json()["state"] == "ready"
     r = client.post("/v1/projects/llm/jobs", headers=member,
-                    json={"cluster": "here", "config": tiny_config(small_corpus, 4), "max_restarts": 0})
+                    json={"cluster": "here", "config": tiny_config(library_corpus, 4), "max_restarts": 0})
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["state"] in ("pending", "running") and job["cluster"] == "here" and "job_dir" not in job
@@ -82,13 +82,13 @@ def test_a_tiny_job_runs_and_streams_its_log(service, small_corpus):
 
     # a second job, cancelled through the API; cancelling it again is refused
     jid2 = client.post("/v1/projects/llm/jobs", headers=member,
-                       json={"cluster": "here", "config": tiny_config(small_corpus, 10_000), "max_restarts": 0}).json()["id"]
+                       json={"cluster": "here", "config": tiny_config(library_corpus, 10_000), "max_restarts": 0}).json()["id"]
     assert client.delete(f"/v1/projects/llm/jobs/{jid2}", headers=member).json()["state"] == "cancelled"
     assert client.delete(f"/v1/projects/llm/jobs/{jid2}", headers=member).status_code == 409
     assert client.delete("/v1/projects/llm/clusters/here", headers=member).status_code == 200
 
 
-def test_jobs_need_a_ready_cluster_of_the_project(service, small_corpus):
+def test_jobs_need_a_ready_cluster_of_the_project(service, library_corpus):
     client, tokens = service
     member = tokens["llm", "member"]
     r = client.post("/v1/projects/llm/jobs", headers=member, json={"cluster": "none", "config": {}})
@@ -101,12 +101,12 @@ def test_jobs_need_a_ready_cluster_of_the_project(service, small_corpus):
 
 
 @pytest.mark.slow
-def test_a_preempted_job_resumes_from_the_step_it_was_stopped_at(service, small_corpus, tmp_path):
+def test_a_preempted_job_resumes_from_the_step_it_was_stopped_at(service, library_corpus, tmp_path):
     client, tokens = service
     web, llm = tokens["web", "member"], tokens["llm", "member"]
     assert client.post("/v1/projects/web/clusters", headers=web, json={"name": "low", "gpus": 2}).json()["state"] == "ready"
     steps = 60  # enough that it is still running when preempted
-    config = tiny_config(small_corpus, steps)
+    config = tiny_config(library_corpus, steps)
     config["train"]["checkpoint_every"] = 1000  # no periodic checkpoint: only the one taken when it is stopped
     r = client.post("/v1/projects/web/jobs", headers=web, json={"cluster": "low", "config": config, "max_restarts": 0})
     assert r.status_code == 202, r.text

@@ -13,3 +13,18 @@ from pathlib import Path
 def home() -> Path:
     """supercluster's state folder: $SUPERCLUSTER_HOME, default ~/.supercluster."""
     return Path(os.environ.get("SUPERCLUSTER_HOME", Path.home() / ".supercluster"))
+
+
+def model_library() -> Path:
+    """Open models the operator imported for every project to serve or fine-tune."""
+    return home() / "models"
+
+
+def data_library() -> Path:
+    """Datasets the operator shares with every project (read-only to their jobs)."""
+    return home() / "datasets"
+
+
+def project_area(project_id: int) -> Path:
+    """One project's own files (its data, read by its jobs); relative paths in its jobs start here."""
+    return home() / "projects" / f"p{project_id}"

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from supercluster.cluster.backends import Backend
 from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.isolation import JobArea, pin_paths
 from supercluster.cluster.launch import start_job
 from supercluster.cluster.queue import eligible, sync_nodes
 from supercluster.cluster.state import (
@@ -45,19 +46,25 @@ def jobs_root() -> Path:
 
 def submit_job(
     db: Database | str | None, cluster_name: str, config: str, overrides: list[str] = (), *, max_restarts: int = 3,
-    command: list[str] | None = None,
+    command: list[str] | None = None, area: JobArea | None = None,
 ) -> dict:
     """Start a training run of `config` on the cluster, or with `command` that argv instead on its
-    first node (a serving job; `config` then names what it serves)."""
+    first node (a serving job; `config` then names what it serves).
+
+    `area`: where the job may read (default: anywhere, relative paths from the current folder);
+    the config and every path in it are checked here, before anything starts.
+    """
     db = open_db(db)
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise UserError(f"--set {item!r} is not section.key=value; write it like train.steps=10.")
+    overrides = list(overrides)
     if command is None:
         path = Path(config).resolve()
         if not path.is_file():
             raise UserError(f"Config file {config!r} does not exist; pass the path of a training TOML.")
         config = str(path)
-    for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise UserError(f"--set {item!r} is not section.key=value; write it like train.steps=10.")
+        overrides = pin_paths(config, overrides, area or JobArea(base=Path.cwd()))
     if max_restarts < 0:
         raise UserError(f"--max-restarts must be 0 or more, got {max_restarts}.")
     with db.transaction() as s:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from supercluster.cluster import jobs as fleet_jobs
 from supercluster.errors import UserError
-from supercluster.paths import home
+from supercluster.paths import home, model_library
 from supercluster.service.auth import Caller, ServiceError
 from supercluster.service.models import Endpoint, EndpointCall, Org, Project, ServiceCluster, ServiceJob, User
 from supercluster.service.store import Store
@@ -38,10 +38,6 @@ from supercluster.service.tenancy import visible_project
 
 STOP_WAIT_S = 30.0  # how long a delete waits for the server to stop answering
 _lock = threading.Lock()  # one create at a time per server: two of the same name must not both start a server
-
-
-def model_library() -> Path:
-    return home() / "models"
 
 
 def view(e: Endpoint, project: str, calls: dict | None = None) -> dict:

@@ -26,8 +26,10 @@ from sqlalchemy.orm import Session
 from supercluster.cluster import clusters as fleet_clusters
 from supercluster.cluster import jobs as fleet_jobs
 from supercluster.cluster.backends import canonical_gpu_type
-from supercluster.cluster.state import Node
+from supercluster.cluster.isolation import JobArea, PathRefused
+from supercluster.cluster.state import Job, Node
 from supercluster.errors import UserError
+from supercluster.paths import data_library, model_library, project_area
 from supercluster.service import usage
 from supercluster.service.auth import Caller, ServiceError
 from supercluster.service.models import Project, Quota, ServiceCluster, ServiceJob
@@ -297,6 +299,16 @@ def job_view(job: dict, cluster: str, names: dict[int, str] | None = None) -> di
     return view
 
 
+def job_area(store: Store, p: Project) -> JobArea:
+    """What a project's jobs may read: its own area (where relative paths start), the shared data
+    and model libraries, and the folders of its own earlier jobs (to continue from their runs)."""
+    with store.reading() as s:
+        mine = sa.select(ServiceJob.job_id).where(ServiceJob.project_id == p.id)
+        job_dirs = [Path(d) for d in s.scalars(sa.select(Job.job_dir).where(Job.id.in_(mine)))]
+    area = project_area(p.id)
+    return JobArea(base=area, readable=(area, data_library(), model_library(), *job_dirs), owner=f"project {p.name!r}")
+
+
 def submit_job(store: Store, caller: Caller, project: str, cluster: str, config: dict, overrides: list[str],
                max_restarts: int) -> dict:
     import tomli_w
@@ -313,10 +325,11 @@ def submit_job(store: Store, caller: Caller, project: str, cluster: str, config:
     except (TypeError, ValueError) as err:
         raise ServiceError(422, f"The config cannot be written as TOML ({err}); send sections of plain values.") from None
     try:
-        job = fleet_jobs.submit_job(store.fleet, sc.fleet_name, str(path), overrides, max_restarts=max_restarts)
+        job = fleet_jobs.submit_job(store.fleet, sc.fleet_name, str(path), overrides, max_restarts=max_restarts,
+                                    area=job_area(store, p))
     except UserError as err:
         path.unlink(missing_ok=True)
-        raise ServiceError(422, str(err)) from None
+        raise ServiceError(403 if isinstance(err, PathRefused) else 422, str(err)) from None
     with store.session() as s:
         s.add(ServiceJob(job_id=job["id"], project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time()))
     return job_view(job, cluster)

@@ -53,9 +53,15 @@ CUSTOM = "custom"
 CUSTOM_REQUIRED = ("layers", "hidden", "heads", "vocab_size", "max_seq_len")
 
 
+# Config keys that name a file or folder are marked with what a run does there, so that whoever
+# launches a run for someone else (`cluster.isolation`) finds and checks every one, including
+# keys added later.
+READ, WRITE = {"path": "read"}, {"path": "write"}
+
+
 @dataclass
 class DataSection:
-    path: str | None = None  # None: the Python standard library's source files
+    path: str | None = field(default=None, metadata=READ)  # None: the Python standard library's source files
     val_fraction: float = 0.05
     max_mb: float | None = None  # read at most this many MB of the corpus
     seed: int = 0
@@ -117,7 +123,7 @@ class LaunchSection:
 
 @dataclass
 class RunSection:
-    dir: str = "runs/default"
+    dir: str = field(default="runs/default", metadata=WRITE)
     resume: bool = True  # continue from the latest checkpoint in dir
     sample_prompt: str = "def"
     sample_tokens: int = 120
@@ -150,6 +156,18 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+def path_keys() -> dict[str, str]:
+    """Every config key that names a path, with what a run does there: {"data.path": "read", ...}."""
+    return {f"{section.name}.{f.name}": f.metadata["path"]
+            for section in dataclasses.fields(Config) for f in dataclasses.fields(section.default_factory)
+            if "path" in f.metadata}
+
+
+def get(cfg: Config, key: str):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def _parse_value(text: str):

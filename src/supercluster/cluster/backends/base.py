@@ -67,7 +67,8 @@ def train_command(spec: JobSpec, nnodes: int, node_rank: str = "0", rdzv: str | 
         cmd += ["--nnodes", str(nnodes), "--node-rank", node_rank, "--rdzv", rdzv, "--rdzv-id", f"supercluster-job-{spec.job_id}"]
     if torchrun_restarts:
         cmd += ["--max-restarts", str(torchrun_restarts)]
-    for item in (f"run.dir={spec.job_dir}/run", *spec.overrides):
+    # The job's own run directory comes last, after every override: the one key a job cannot set.
+    for item in (*spec.overrides, f"run.dir={spec.job_dir}/run"):
         cmd += ["--set", item]
     return cmd
 
