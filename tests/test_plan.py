@@ -186,6 +186,25 @@ def test_bad_input_exits_2_with_one_sentence(args, needle):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args", [
+    ["llama3-405b", "--gpus", "16384", "--gpu", "h100", "--tokens", "15e12", "--price", "2.5"],
+    ["gpt3-175b", "--gpus", "1024", "--gpu", "a100-80gb", "--global-batch", "1536", "--tokens", "3e11", "--price", "2"],
+])
+def test_the_table_fits_100_columns_and_wide_shows_every_column(args):
+    proc = run_cli("plan", *args, "--top", "5")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(map(len, lines)) <= 100 and "…" not in proc.stdout  # nothing cut
+    rows = [line for line in lines if line.lstrip().startswith("tp")]
+    assert len(rows) == 5  # one line per layout
+    assert all(len(row.split()) >= 13 for row in rows)  # every value of the row on it
+    def header(text):
+        return next(line.split() for line in text.splitlines() if line.lstrip().startswith("layout"))
+
+    wide = run_cli("plan", *args, "--top", "5", "--wide").stdout
+    assert {"HFU", "TF"} <= set(header(wide)) and "HFU" not in header(proc.stdout) and "…" not in wide
+
+
 def test_json_plans_and_emitted_config(tmp_path):
     out = tmp_path / "plan.toml"
     proc = run_cli("plan", "llama3-8b", "--gpus", "16", "--gpu", "h200", "--seq-len", "4096", "--global-batch", "64",

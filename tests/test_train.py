@@ -184,3 +184,24 @@ def test_sigterm_checkpoints_the_step_and_the_same_command_resumes(tmp_path, sma
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"].endswith(f"step_{steps[-1]:08d}") and summary["step"] == steps[-1] + 2
+
+
+def test_a_finished_run_is_reported_complete_and_left_as_it_is(tmp_path, small_corpus):
+    """`train --json` prints the summary alone on stdout (progress goes to stderr); running a
+    finished run again trains nothing, says so, and leaves every file of the run byte-identical."""
+    run = tmp_path / "run"
+    args = ["train", "configs/tiny.toml", "--json", "--set", f"run.dir={run}", "--set", f"data.path={small_corpus}",
+            "--set", "train.steps=3", "--set", "train.checkpoint_every=0", "--set", "train.eval_every=0"]
+    first = cli(*args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)  # nothing but the JSON
+    assert summary["step"] == 3 and "step      3/3" in first.stderr
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert "already trained to step 3" in again.stderr and "train.steps=M" in again.stderr
+    assert json.loads(again.stdout) == {**summary, "resumed_from": summary["resumed_from"], "already_trained": 3}
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    table = cli(*[a for a in args if a != "--json"])
+    assert table.returncode == 0 and "loss" in table.stdout and "nan" not in table.stdout

@@ -57,6 +57,7 @@ def plan(
     tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens, for time and cost to train."),
     price: Optional[float] = typer.Option(None, "--price", help="Price per GPU-hour, for the cost to train."),
     top: int = typer.Option(10, "--top", help="Layouts to show."),
+    wide: bool = typer.Option(False, "--wide", help="Every column (TFLOP/s, HFU, stage split); the default fits 100 columns."),
     as_json: JsonOption = False,
     emit_config: Optional[Path] = typer.Option(None, "--emit-config", help="Write the best plan as a train config (TOML)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="train.steps in the emitted config (default: from --tokens, else 100)."),
@@ -129,10 +130,35 @@ def plan(
         print(json.dumps({"stack": req.software.name, "plans": rows,
                           **({"config": str(emit_config), "command": command} if command else {})}))
         return
-    _print_table(req, rows, emit_config, command)
+    _print_table(req, rows, emit_config, command, wide)
 
 
-def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str]) -> None:
+def _layout_cell(r: dict, wide: bool) -> str:
+    """tp8 pp4 dp32 mb1 sp: the degrees, leaving out cp and virtual stages of 1 (all of them with --wide)."""
+    cell = f"tp{r['tp']} pp{r['pp']} dp{r['dp']}"
+    cell += f" cp{r['cp']}" if wide or r["cp"] > 1 else ""
+    cell += f" mb{r['microbatch']}"
+    cell += f" v{r['virtual_stages']}" if wide or r["virtual_stages"] > 1 else ""
+    cell += " sp" if r["sequence_parallel"] and r["tp"] > 1 else ""
+    if wide and r["stage_layers"]:
+        cell += f" stages {'/'.join(map(str, r['stage_layers']))}"
+    return cell
+
+
+def _money(x: float) -> str:
+    """91.3M, 250k, 812: the cost column's short form."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.0f}"
+
+
+SHORT = {"keep_gathered": "kept", "optimizer": "optim", "selective": "sel"}  # narrow cells for the default table
+TABLE_WIDTH = 100  # the default table's width on a pipe, in a file or a narrow terminal
+
+
+def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str], wide: bool = False) -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -144,32 +170,36 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         f"batch {work.global_batch} seqs on {req.gpus} x {system.accelerator.name} ({system.node.name}, {system.precision}), "
         f"stack {req.software.name}"
     )
-    table = Table(title=title, caption="comm s: communication not hidden behind compute, per step; bubble: (p-1)/(v*m); days*, cost: failures included")
-    headers = ["layout", "sharding", "recompute", "step s", "tok/s/GPU", "model TF", "hw TF", "MFU", "HFU", "mem GiB",
-               "bubble", "comm s"]
-    has_days = any("train_days" in r for r in rows)
-    has_cost = any("train_cost" in r for r in rows)
-    headers += ["days*"] * has_days + ["cost"] * has_cost
-    for h in headers:
-        table.add_column(h, justify="right")
+    caption = ("comm s: communication not hidden behind compute, per step; bubble: (p-1)/(v*m); days*, cost: failures "
+               "included" + ("" if wide else "; --wide: TFLOP/s, HFU, stage split"))
+    # One space between columns (not rich's two): the default table fits 100 columns without cutting a value.
+    table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
+    columns = [  # (header, cell, shown without --wide)
+        ("layout", lambda r: _layout_cell(r, wide), True),
+        ("shard", lambda r: r["sharding"] if wide else SHORT.get(r["sharding"], r["sharding"]), True),
+        ("recomp", lambda r: r["recompute"] if wide else SHORT.get(r["recompute"], r["recompute"]), True),
+        ("step s", lambda r: f"{r['step_time_s']:.3g}", True),
+        ("tok/s/GPU", lambda r: f"{r['tokens_per_s_per_gpu']:,.0f}", True),
+        ("model TF", lambda r: f"{r['model_tflops_per_gpu']:.4g}", False),
+        ("hw TF", lambda r: f"{r['hardware_tflops_per_gpu']:.4g}", False),
+        ("MFU", lambda r: f"{100 * r['mfu']:.1f}%", True),
+        ("HFU", lambda r: f"{100 * r['hfu']:.1f}%", False),
+        ("mem GiB", lambda r: f"{r['memory_gib_per_gpu']:.1f}", True),
+        ("bubble", lambda r: f"{100 * r['bubble_fraction']:.1f}%", True),
+        ("comm s", lambda r: f"{r['exposed_comm_s']:.3g}", True),
+    ]
+    if any("train_days" in r for r in rows):
+        columns.append(("days*", lambda r: f"{r['train_days']:.1f}", True))
+    if any("train_cost" in r for r in rows):
+        columns.append(("cost", lambda r: f"{r['train_cost']:,.0f}" if wide else _money(r["train_cost"]), True))
+    columns = [(h, cell) for h, cell, default in columns if wide or default]
+    for h, _ in columns:
+        table.add_column(h, justify="left" if h == "layout" else "right", no_wrap=True)
     for r in rows:
-        cells = [
-            f"tp{r['tp']} pp{r['pp']} dp{r['dp']} cp{r['cp']} mb{r['microbatch']} v{r['virtual_stages']}"
-            + (" sp" if r["sequence_parallel"] and r["tp"] > 1 else "")
-            + (f" stages {'/'.join(map(str, r['stage_layers']))}" if r["stage_layers"] else ""),
-            r["sharding"], r["recompute"], f"{r['step_time_s']:.3g}", f"{r['tokens_per_s_per_gpu']:,.0f}",
-            f"{r['model_tflops_per_gpu']:.4g}", f"{r['hardware_tflops_per_gpu']:.4g}", f"{100 * r['mfu']:.1f}%",
-            f"{100 * r['hfu']:.1f}%", f"{r['memory_gib_per_gpu']:.1f}", f"{100 * r['bubble_fraction']:.1f}%",
-            f"{r['exposed_comm_s']:.3g}",
-        ]
-        if has_days:
-            cells.append(f"{r['train_days']:.1f}")
-        if has_cost:
-            cells.append(f"{r['train_cost']:,.0f}")
-        table.add_row(*map(str, cells))
+        table.add_row(*(cell(r) for _, cell in columns))
     console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)  # a pipe or file gets the whole table, not an 80-column squeeze
+    if not console.is_terminal:  # a pipe or file gets the whole table: 100 columns, or as wide as --wide needs
+        console = Console(width=max(TABLE_WIDTH, Console(width=10_000).measure(table).maximum) if wide else TABLE_WIDTH)
     console.print(table)
     mem = rows[0]["memory_breakdown_gib"]
     parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")

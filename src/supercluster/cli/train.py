@@ -35,6 +35,15 @@ def train(
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
         return
+    if "already_trained" in summary:
+        step = summary["already_trained"]
+        print(f"run {cfg.run.dir} is already trained to step {step} (train.steps = {cfg.train.steps}); nothing to do: "
+              f"use --set train.steps=M with M > {step} to continue it, or a new run.dir.", file=sys.stderr)
+        if as_json:
+            print(json.dumps(summary))
+        elif summary.get("loss") is not None:
+            print_summary(cfg.run.dir, summary)
+        return
     if summary.get("stopped_by"):
         from supercluster.train.worker import STOPPED_EXIT
 

@@ -72,8 +72,35 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     return run_dir
 
 
+def finished_summary(cfg: Config) -> dict | None:
+    """The summary of a run directory already trained to `train.steps` or beyond, else None.
+
+    Resuming such a run would train nothing and write a summary without figures over the real
+    one; the caller reports it as complete instead and leaves the folder as it is.
+    """
+    from supercluster.train.checkpoint import latest
+    from supercluster.train.metrics import read_metrics
+
+    run_dir = Path(cfg.run.dir)
+    found = latest(run_dir / "checkpoints") if cfg.run.resume else None
+    if found is None or found[0] < cfg.train.steps:
+        return None
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+    else:  # stopped after its last checkpoint, before the summary: the last step's figures
+        summary = (read_metrics(run_dir / "metrics.jsonl") or [{}])[-1]
+    return {**summary, "already_trained": found[0]}
+
+
 def launch_training(cfg: Config, launch: TorchrunSpec) -> dict:
-    """Run the job to its end on this node; returns rank 0's summary (on node 0)."""
+    """Run the job to its end on this node; returns rank 0's summary (on node 0).
+
+    A run already trained to its steps is not started again: its summary comes back with
+    `already_trained` (the step of its latest checkpoint)."""
+    validate(cfg)
+    if (finished := finished_summary(cfg)) is not None:
+        return finished
     run_dir = prepare_run(cfg, launch)
     if launch.nproc == 1 and launch.nnodes == 1 and launch.max_restarts == 0:
         from supercluster.train.worker import run

@@ -1,5 +1,6 @@
 """What a person watching a training run sees: a live bar on a terminal, a plain line every
-few steps in a log (Slurm, CI). Rank 0 only; the numbers come from the step's metrics."""
+few steps in a log (Slurm, CI). Rank 0 only; the numbers come from the step's metrics. Both go to
+stderr, so that stdout holds only a command's result (`train --json` prints JSON alone)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ class Progress:
     def __init__(self, enabled: bool, start: int, total: int):
         self.enabled, self.total, self.bar = enabled, total, None
         self.every = max(1, total // 20)
-        if enabled and sys.stdout.isatty():
+        if enabled and sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
 
             self.bar = Bar(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                           TextColumn("{task.fields[info]}"))
+                           TextColumn("{task.fields[info]}"), console=Console(stderr=True))
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
@@ -27,7 +29,7 @@ class Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=m["step"], info=info)
         elif m["step"] % self.every == 0 or m["step"] == self.total or "val_loss" in m:
-            print(f"step {m['step']:>6}/{self.total}  {info}", flush=True)
+            print(f"step {m['step']:>6}/{self.total}  {info}", file=sys.stderr, flush=True)
 
     def close(self):
         if self.bar is not None:
