@@ -270,6 +270,16 @@ def test_rate_limit_per_token(service_url):
         w.close()
 
 
+def test_unknown_tokens_are_rate_limited_per_address_before_any_lookup(world):
+    bad = [world.call("GET", "/v1/whoami", {"Authorization": f"Bearer sct_guess{i}"}) for i in range(25)]
+    codes = [r.status_code for r in bad]
+    assert codes[:20] == [401] * 20 and set(codes[20:]) == {429}, codes
+    assert "unknown tokens from this address" in bad[-1].json()["detail"] and int(bad[-1].headers["Retry-After"]) >= 1
+    # a real token from that address waits too (its lookup is what the guesses cost), then works
+    time.sleep(int(bad[-1].headers["Retry-After"]))
+    assert world.call("GET", "/v1/whoami", world.tokens["llm", "viewer"]).status_code == 200
+
+
 def test_a_higher_priority_request_preempts_and_the_lower_one_comes_back(world):
     web, llm, op = world.tokens["web", "member"], world.tokens["llm", "member"], world.op
     assert world.ok("POST", "/v1/projects/web/clusters", web, {"name": "big", "gpus": 128})["state"] == "ready"  # the whole fleet

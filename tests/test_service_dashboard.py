@@ -3,6 +3,7 @@ enters a URL, the fleet map, the project's clusters, a real job's loss plot grow
 steps, and a viewer of another project who sees none of it."""
 
 import os
+import re
 
 import pytest
 
@@ -57,6 +58,11 @@ def test_dashboard_shows_the_fleet_clusters_and_a_live_loss_plot(server, library
             # the page polls; the plot must grow as the job logs more steps, without a reload
             page.wait_for_function(f"(document.querySelector('{loss}')?.dataset.points | 0) > {first}", timeout=120_000)
             assert page.locator(f"{loss} polyline").count() == 1
+            # MFU as a percentage, as the CLI and the plan show it (the API keeps the fraction)
+            mfu = page.inner_text(f"#job-{job} .plot[data-key=mfu]")
+            logged = [s["mfu"] for s in httpx.get(f"{base}/v1/projects/llm/jobs/{job}/metrics", headers=h).json()["steps"]]
+            shown = float(re.search(r"last ([0-9.e+-]+)%", mfu).group(1))  # 3 significant digits of a logged step's
+            assert all(0 < m < 1 for m in logged) and any(abs(100 * m - shown) <= 0.005 * shown for m in logged), (mfu, logged)
             page.screenshot(path=str(tmp_path / "dashboard-member.png"), full_page=True)
             assert page.evaluate("sessionStorage.getItem('token')") == tokens["llm"]
 

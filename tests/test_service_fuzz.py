@@ -39,8 +39,8 @@ def test_no_route_answers_500(api, mode):
             for headers in ({"Authorization": f"Bearer {token}"}, {}):
                 response = case.call(headers=headers)
                 assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text[:300])
-                if not headers:  # no token, no answer but 401
-                    assert response.status_code == 401, (case.method, case.formatted_path, response.status_code)
+                if not headers:  # no valid token, no answer but 401 (or 429 once the address sent too many)
+                    assert response.status_code in (401, 429), (case.method, case.formatted_path, response.status_code)
 
         check()
         seen.append(operation.label)

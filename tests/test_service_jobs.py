@@ -137,3 +137,67 @@ def test_a_preempted_job_resumes_from_the_step_it_was_stopped_at(service, librar
     # the step it was in when stopped was finished and checkpointed: the restart begins right after it
     assert logged == list(range(1, steps + 1)) and 3 <= stopped_at < steps, (stopped_at, logged)
     assert client.delete("/v1/projects/web/clusters/low", headers=web).status_code == 200
+
+
+def test_log_followers_wait_without_holding_the_servers_threads(tmp_path):
+    """30 clients following a running job's log: the server's worker threads stay free (a follower
+    waits on the event loop), so every other request still gets one; 45 followers once held them all."""
+    import asyncio
+    import sys
+    import threading
+
+    import httpx
+    import sqlalchemy as sa
+    import uvicorn
+
+    from supercluster.cluster import jobs as fleet_jobs
+    from supercluster.service.models import Project, ServiceJob
+
+    store = Store(f"sqlite:///{tmp_path / 'service.db'}")
+    with store.session() as s:
+        op = {"Authorization": f"Bearer {tenancy.init_operator(s)}"}
+    init_fleet(store.fleet, "local", gpus=2)
+    server = uvicorn.Server(uvicorn.Config(create_app(store=store), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    with httpx.Client(base_url=base, timeout=60) as c:
+        c.post("/v1/orgs", headers=op, json={"name": "acme"}).raise_for_status()
+        c.post("/v1/orgs/acme/projects", headers=op, json={"name": "llm"}).raise_for_status()
+        c.post("/v1/users", headers=op, json={"name": "m", "org": "acme"}).raise_for_status()
+        h = {"Authorization": f"Bearer {c.post('/v1/tokens', headers=op, json={'user': 'm', 'project': 'llm', 'role': 'member'}).json()['token']}"}
+        assert c.post("/v1/projects/llm/clusters", headers=h, json={"name": "c", "gpus": 1}).json()["state"] == "ready"
+    with store.session() as s:
+        project = s.scalar(sa.select(Project).where(Project.name == "llm"))
+    config = tmp_path / "job.toml"
+    config.write_text("")
+    job = fleet_jobs.submit_job(store.fleet, f"p{project.id}.c", str(config), max_restarts=0,
+                                command=[sys.executable, "-c", "import time; time.sleep(120)"])
+    with store.session() as s:
+        s.add(ServiceJob(job_id=job["id"], project_id=project.id, user_id=1, cluster="c", created_at=time.time()))
+
+    async def follow_many(n: int) -> tuple[int, int]:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            streams = [client.stream("GET", f"/v1/projects/llm/jobs/{job['id']}/logs?follow=true&timeout_s=60", headers=h)
+                       for _ in range(n)]
+            responses = [await stream.__aenter__() for stream in streams]
+            assert all(r.status_code == 200 for r in responses)
+            await asyncio.sleep(3)  # several polls of every follower
+            busy = threading.active_count()
+            whoami = await client.get("/v1/whoami", headers=h)
+            for stream in streams:
+                await stream.__aexit__(None, None, None)
+            return busy, whoami.status_code
+
+    try:
+        idle = threading.active_count()
+        busy, whoami = asyncio.run(follow_many(30))
+        assert whoami == 200
+        assert busy - idle < 12, f"{busy - idle} threads busy for 30 followers"  # one each, before
+    finally:
+        fleet_jobs.cancel_job(store.fleet, job["id"])
+        server.should_exit = True
+        thread.join(timeout=30)
+        store.dispose()

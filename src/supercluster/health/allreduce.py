@@ -32,6 +32,19 @@ def bus_bandwidth(nbytes: int, seconds_per_op: float, ranks: int) -> float:
     return nbytes / seconds_per_op * 2 * (ranks - 1) / ranks / 1e9
 
 
+def cpu_stall_s() -> float | None:
+    """Seconds that some task on this machine has waited for a CPU since boot (Linux PSI), or None.
+
+    CPU ranks share their cores with whatever else runs: while tasks wait for a CPU, an all-reduce
+    measures the crowd, not the node (`thresholds.judge` does not fail a node on such a figure).
+    """
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1]) / 1e6
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _run_rank(rank: int, world: int, host: str, port: int, nbytes: int, iters: int, local_device: int,
               slow_rank: int | None = None, slowdown_s: float = 0.0) -> dict | None:
     """One rank's part: warm up, time `iters` all-reduces; rank 0 returns the result.
@@ -55,22 +68,30 @@ def _run_rank(rank: int, world: int, host: str, port: int, nbytes: int, iters: i
             dist.all_reduce(tensor)
         sync()
         dist.barrier()
-        start = time.perf_counter()
+        stalled_before, started = cpu_stall_s(), time.perf_counter()
+        times = []
         for _ in range(iters):
             if rank == slow_rank:
                 time.sleep(slowdown_s)
+            start = time.perf_counter()
             dist.all_reduce(tensor)
-        sync()
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-        per_op = elapsed.item() / iters
+            sync()
+            times.append(time.perf_counter() - start)
+        contention = None
+        if device.type == "cpu" and stalled_before is not None:
+            contention = (cpu_stall_s() - stalled_before) / (time.perf_counter() - started)
+        elapsed = torch.tensor(times, dtype=torch.float64, device=device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # in each op, the slowest rank sets the pace
+        # The fastest op, as every probe here (`hardware.timing`): other work on a node can only
+        # slow an op down, and a rank that is slow every time still slows every op.
+        per_op = elapsed.min().item()
         if rank != 0:
             return None
         return {
             "busbw": bus_bandwidth(tensor.nbytes, per_op, world),
             "algbw": tensor.nbytes / per_op / 1e9,
             "ranks": world, "bytes": tensor.nbytes, "iters": iters, "backend": backend,
-            "seconds_per_op": per_op,
+            "seconds_per_op": per_op, "mean_seconds_per_op": elapsed.mean().item(), "cpu_contention": contention,
         }
     finally:
         dist.destroy_process_group()

@@ -3,11 +3,17 @@
 Each function returns a `Measurement` with its unit. On an accelerator node every device is
 measured and the slowest one is the node's figure (one slow GPU slows every step of a job);
 the per-device numbers go in `detail`. torch is imported inside the functions.
+
+A CPU node's GEMM and memory bandwidth are per core: one thread's work per second of the CPU
+time it got (`time.thread_time`). Wall-clock figures on a shared 2-core machine swung 3-10x
+with other processes' load (a healthy node drained on noise), while these stayed within a few
+percent with a busy loop on the other core; a slow, throttled or faulty core still reads low.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 from supercluster.hardware.local import measure_matmul_tflops
 from supercluster.hardware.timing import best_rate
@@ -58,10 +64,31 @@ def accelerator_count() -> Measurement:
     return Measurement("accelerator_count", float(count), "devices", {"device_type": kind, "names": names})
 
 
+PER_CORE = "one thread, per second of its own CPU time"
+
+
+def _per_core_rate(work, units: float, seconds: float) -> float:
+    """units/s of CPU time of one thread doing `work` (torch's ops run in the calling thread)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best_rate(work, units, seconds, clock=time.thread_time)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gemm(size: int, seconds: float) -> Measurement:
-    """Dense square matmul TFLOP/s: bf16 on accelerators, fp32 on CPUs."""
+    """Dense square matmul TFLOP/s: bf16 on accelerators (per device), fp32 per core on CPUs."""
+    import torch
+
     devices = _devices()
-    dtype = "fp32" if devices == ["cpu"] else "bf16"
+    if devices == ["cpu"]:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        value = _per_core_rate(lambda: a @ b, 2 * size**3, seconds) / 1e12
+        return Measurement("gemm_tflops", value, "TFLOP/s per core", {"dtype": "fp32", "size": size, "method": PER_CORE})
+    dtype = "bf16"
     per_device = {d: measure_matmul_tflops(dtype, size, seconds, d) for d in devices}
     return Measurement(
         "gemm_tflops", min(per_device.values()), "TFLOP/s",
@@ -76,8 +103,12 @@ def memory_bandwidth(nbytes: int, seconds: float) -> Measurement:
     def rate(device: str) -> float:  # a function, so that each device's buffers are freed before the next
         src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)  # touch every page
         dst = torch.zeros_like(src)
+        if device == "cpu":
+            return _per_core_rate(lambda: dst.copy_(src), 2 * src.nbytes, seconds) / 1e9
         return _best_rate(lambda: dst.copy_(src), device, 2 * src.nbytes, seconds) / 1e9
 
+    if _devices() == ["cpu"]:
+        return Measurement("memory_bandwidth", rate("cpu"), "GB/s per core", {"bytes": nbytes, "method": PER_CORE})
     per_device = {device: rate(device) for device in _devices()}
     return Measurement(
         "memory_bandwidth", min(per_device.values()), "GB/s", {"bytes": nbytes, "per_device": per_device}

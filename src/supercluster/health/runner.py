@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from supercluster.errors import UserError, closest
 from supercluster.hardware.local import machine_key
 from supercluster.health import allreduce, measure, nvidia, thresholds
-from supercluster.health.results import Measurement, NodeReport
+from supercluster.health.results import FAILED, Measurement, NodeReport
 
 MiB = 2**20
 
@@ -86,11 +86,35 @@ def judge_node(node: str, key: str, level: str, measurements: list[Measurement],
     return NodeReport(node, key, level, started_at, time.time() - started_at, checks)
 
 
+REMEASURE_NEVER = (*thresholds.FAULT_COUNTERS, "accelerator_count")
+
+
+def confirmed(measure, judge) -> NodeReport:
+    """`judge(measure())`, except that when a throughput check fails the node is measured once
+    more and each throughput check judged on the better of its two figures: a moment of load on
+    a shared node must not drain it, while a node that is slow both times still fails. Fault
+    counters and counts are judged on the first pass alone (a fault seen once is a fault)."""
+    first = measure()
+    report = judge(first)
+    if not any(c.status == FAILED and c.check not in REMEASURE_NEVER for c in report.checks):
+        return report
+    again = {m.check: m for m in measure()}
+
+    def better(m: Measurement) -> Measurement:
+        other = again.get(m.check)
+        if m.check in REMEASURE_NEVER or other is None or other.value is None or other.unit != m.unit:
+            return m
+        return other if m.value is None or other.value > m.value else m
+
+    return judge([better(m) for m in first])
+
+
 def check_here(node: str = "local", level: str = "quick", params: Params | None = None,
                gpu_type: str | None = None) -> NodeReport:
     """Measure and judge this machine."""
     started = time.time()
-    return judge_node(node, machine_key(), level, measure_here(level, params), started, gpu_type)
+    return confirmed(lambda: measure_here(level, params),
+                     lambda ms: judge_node(node, machine_key(), level, ms, started, gpu_type))
 
 
 def calibrate_here(level: str = "full", repeats: int = 3, params: Params | None = None,

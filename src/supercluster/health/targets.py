@@ -66,12 +66,16 @@ def _measure_remote(node: dict, level: str, params: runner.Params | None, db) ->
 
 def check_fleet_node(node: dict, level: str, params: runner.Params | None = None, db=None) -> NodeReport:
     """Measure one fleet node (here or through its backend) and judge it."""
-    if node["name"] == this_host():
-        started = time.time()
-        key, measurements = machine_key(), runner.measure_here(level, params)
-    else:
-        key, started, measurements = _measure_remote(node, level, params, db)
-    return runner.judge_node(node["name"], key, level, measurements, started, node["gpu_type"])
+    started, key = time.time(), machine_key()
+
+    def measure() -> list[Measurement]:
+        nonlocal key
+        if node["name"] == this_host():
+            return runner.measure_here(level, params)
+        key, _, measurements = _measure_remote(node, level, params, db)
+        return measurements
+
+    return runner.confirmed(measure, lambda ms: runner.judge_node(node["name"], key, level, ms, started, node["gpu_type"]))
 
 
 def fleet_nodes(node: str | None = None, cluster: str | None = None, db=None) -> list[dict]:

@@ -23,13 +23,13 @@ from supercluster.hardware import catalog
 from supercluster.paths import home
 from supercluster.health.results import FAILED, PASSED, SKIPPED, CheckResult, Measurement
 
-# Tolerances below a baseline, per check: the floor of the pass band. Measured noise sets the
-# rest: a calibration widens its own tolerance to NOISE_MULTIPLE x the coefficient of variation
-# it saw over its repeats (capped at MAX_TOLERANCE: beyond that a check tells nothing).
-# bench/health.py on the shared 2-core development machine measured CVs over 5 runs of
-# 14-36 % at load average 4-5 and 30-55 % at load 10-15 (other engineers' tests): there no
-# CPU threshold sits outside the noise, calibration hits the cap, and only a node at half its
-# baseline or worse is caught. Calibrate and check CPU nodes while they are otherwise idle.
+# Tolerances below a baseline, per check: the floor of the pass band (the stated margin).
+# Measured noise sets the rest: a calibration widens its own tolerance to NOISE_MULTIPLE x the
+# coefficient of variation it saw over its repeats (capped at MAX_TOLERANCE: beyond that a check
+# tells nothing). Wall-clock CPU figures on the shared 2-core machine had CVs of 14-55 % under
+# other engineers' load, which drained healthy nodes; CPU GEMM and memory figures are now per
+# core per second of CPU time (`measure`), and every probe is the best of repeated bursts.
+# A node that fails a throughput check is measured again before it is judged (`runner.confirmed`).
 TOLERANCE = {
     "gemm_tflops": 0.25,
     "memory_bandwidth": 0.25,
@@ -41,6 +41,10 @@ TOLERANCE = {
 NOISE_MULTIPLE = 3.0
 MAX_TOLERANCE = 0.5
 
+# A throughput figure taken while tasks waited for a CPU more than this share of the time (Linux
+# PSI) measured the crowd, not the node: below its threshold it is not judged rather than failed.
+CONTENDED = 0.2
+
 # Checks that count faults: any nonzero count fails.
 FAULT_COUNTERS = ("ecc_errors", "xid_errors", "nvlink_inactive", "clock_throttle")
 
@@ -50,6 +54,7 @@ class Rule:
     threshold: float
     comparison: str  # ">=", "<=" or "=="
     source: str
+    unit: str | None = None  # a calibrated baseline's unit: a measurement in another is not comparable
 
     def holds(self, value: float) -> bool:
         if self.comparison == ">=":
@@ -130,7 +135,7 @@ def rules_for(node_type: catalog.NodeType | None, baseline: dict | None, kind: s
             tol = tolerance(check, entry["cv"])
             rules[check] = Rule(
                 entry["median"] * (1 - tol), ">=",
-                f"calibrated baseline {entry['median']:.4g} {entry['unit']} for {kind} - {tol:.0%} tolerance",
+                f"calibrated baseline {entry['median']:.4g} {entry['unit']} for {kind} - {tol:.0%} tolerance", entry["unit"],
             )
     if node_type is not None:  # published figures win over a local calibration
         rules["accelerator_count"] = Rule(node_type.gpus_per_node, "==", node_type.source)
@@ -155,7 +160,15 @@ def judge(measurement: Measurement, rules: dict[str, Rule]) -> CheckResult:
             status=SKIPPED, **base,
             reason="no pass mark and no baseline: run `supercluster health calibrate` on a known-good machine",
         )
+    if rule.unit is not None and rule.unit != m.unit:  # e.g. a CPU baseline from before figures were per core
+        return CheckResult(status=SKIPPED, **base, reason=f"the baseline is in {rule.unit}, this measurement in {m.unit}: "
+                                                          f"run `supercluster health calibrate` again")
     ok = rule.holds(m.value)
+    contention = (m.detail or {}).get("cpu_contention")
+    if not ok and contention is not None and contention > CONTENDED:
+        return CheckResult(status=SKIPPED, **base, reason=(
+            f"{m.value:.4g} {m.unit} is below {rule.threshold:.4g}, but other work kept tasks waiting for a CPU "
+            f"{contention:.0%} of the time: not judged (and not drained); check the node while it is idle"))
     return CheckResult(
         status=PASSED if ok else FAILED, threshold=rule.threshold, comparison=rule.comparison, source=rule.source,
         reason=None if ok else f"{m.value:.4g} {m.unit}, needs {rule.comparison} {rule.threshold:.4g}", **base,

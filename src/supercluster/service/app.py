@@ -52,6 +52,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     `tick_s`: seconds between the server's own passes over budgets and queues (0: only when asked)."""
     store = store or Store(url)
     limiter = RateLimiter(rate, burst)
+    guesses = RateLimiter(rate=1.0, burst=20, what="unknown tokens from this address")  # per client address
     callers = CallerCache()
 
     @contextlib.asynccontextmanager
@@ -91,7 +92,18 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
                 if "\x00" in request.url.path or any("\x00" in v for v in request.query_params.values()):
                     raise ServiceError(422, "Names and query values cannot contain NUL characters.")
                 token_hash = bearer_hash(request.headers.get("authorization"))
-                caller = callers.get(token_hash) or await run_in_threadpool(_authenticate, store, callers, token_hash)
+                caller = callers.get(token_hash)
+                if caller is None:
+                    # Unknown tokens cost a database read each: an address that keeps sending them is
+                    # held back as a token that calls too often is (429), before the read.
+                    address = request.client.host if request.client else "?"
+                    guesses.check(address, spend=False)
+                    try:
+                        caller = await run_in_threadpool(_authenticate, store, callers, token_hash)
+                    except ServiceError as err:
+                        if err.status == 401:
+                            guesses.check(address)
+                        raise
                 request.state.caller = caller
                 limiter.check(caller.token_id)
             response = await call_next(request)
@@ -406,24 +418,31 @@ def _write_audit(store: Store, row: Audit) -> None:
         s.add(row)
 
 
-def _sse_lines(store: Store, job_id: int, path, follow: bool, timeout_s: float):
+def _read_from(path, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+async def _sse_lines(store: Store, job_id: int, path, follow: bool, timeout_s: float):
+    """The log as events. Asynchronous, so that a follower waits on the event loop, not in one of
+    the server's worker threads (45 followers once held them all, and every other request waited);
+    only the short reads run in a thread."""
     deadline = time.monotonic() + timeout_s
     offset = 0
     while True:
-        active = follow and resources.job_active(store, job_id)
-        try:
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            chunk = b""
+        active = follow and await run_in_threadpool(resources.job_active, store, job_id)
+        chunk = await run_in_threadpool(_read_from, path, offset)
         # only whole lines: a line still being written waits for the next pass
         end = chunk.rfind(b"\n") + 1 if active else len(chunk)
         for line in chunk[:end].decode(errors="replace").splitlines():
             yield f"data: {line}\n\n"
         offset += end
         if not active or time.monotonic() > deadline:
-            state = resources.job_status_raw(store, job_id)
+            state = await run_in_threadpool(resources.job_status_raw, store, job_id)
             yield f"event: end\ndata: {json.dumps({'state': state})}\n\n"
             return
-        time.sleep(0.5)
+        await anyio.sleep(0.5)

@@ -11,6 +11,7 @@ import hashlib
 import secrets
 import threading
 import time
+from collections.abc import Hashable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -126,21 +127,25 @@ class CallerCache:
 
 
 class RateLimiter:
-    """A token bucket per API token: `rate` requests a second on average, bursts up to `burst`."""
+    """A token bucket per key (an API token's id, a client's address): `rate` requests a second on
+    average, bursts up to `burst`."""
 
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self._buckets: dict[int, tuple[float, float]] = {}
+    def __init__(self, rate: float, burst: int, what: str = "this token"):
+        self.rate, self.burst, self.what = rate, burst, what
+        self._buckets: dict[Hashable, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def check(self, token_id: int) -> None:
+    def check(self, key: Hashable, spend: bool = True) -> None:
+        """Takes one request from `key`'s bucket (with spend=False, only checks that one is left); 429 when empty."""
         now = time.monotonic()
         with self._lock:
-            level, last = self._buckets.get(token_id, (float(self.burst), now))
+            level, last = self._buckets.get(key, (float(self.burst), now))
             level = min(float(self.burst), level + (now - last) * self.rate)
             if level < 1.0:
-                self._buckets[token_id] = (level, now)
+                self._buckets[key] = (level, now)
                 wait = (1.0 - level) / self.rate
-                raise ServiceError(429, f"Too many requests for this token; retry in {wait:.1f} s.",
+                raise ServiceError(429, f"Too many requests for {self.what}; retry in {wait:.1f} s.",
                                    {"Retry-After": str(max(1, round(wait)))})
-            self._buckets[token_id] = (level - 1.0, now)
+            if len(self._buckets) >= 100_000 and key not in self._buckets:  # addresses are many: forget full ones
+                self._buckets = {k: v for k, v in self._buckets.items() if v[0] + (now - v[1]) * self.rate < self.burst}
+            self._buckets[key] = (level - 1.0 if spend else level, now)
