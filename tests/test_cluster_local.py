@@ -47,7 +47,7 @@ def test_cancel_and_forced_delete_stop_the_processes(local_db, small_corpus, tmp
     config = tmp_path / "tiny.toml"
     config.write_text("")
     job = jobs.submit_job(local_db, "here", str(config), tiny(small_corpus, 10_000), max_restarts=0)
-    pid = int(job["backend_ref"])
+    pid = int(job["backend_ref"].split(":")[0])
     assert jobs.job_status(local_db, job["id"])["state"] == "running"
     clusters.delete_cluster(local_db, "here", force=True)
     assert jobs.job_status(local_db, job["id"])["state"] == "cancelled"
@@ -73,3 +73,39 @@ def test_run_on_runs_a_command_on_the_local_node(local_db):
     out = backend.run_on(node["name"], [sys.executable, "-c", "import socket; print(socket.gethostname())"], timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == node["name"]
     assert backend.launch_on([node["name"]], ["true"], timeout=60) is None  # one node: no multi-node launch
+
+
+def test_a_finished_jobs_runner_leaves_no_zombie_and_its_pid_is_not_mistaken(local_db, tmp_path):
+    """A server submits jobs for days: each runner is reaped when it ends, and the ref carries
+    the runner's start time, so a pid the kernel hands to another process is not the job."""
+    import os
+    import sys
+    import time
+    from pathlib import Path
+
+    from supercluster.cluster.backends.local import _alive
+
+    config = tmp_path / "serve.toml"
+    config.write_text("")
+    job = jobs.submit_job(local_db, "here", str(config), command=[sys.executable, "-c", "pass"], max_restarts=0)
+    assert jobs.wait_job(local_db, job["id"], timeout_s=60, poll_s=0.2)["state"] == "completed"
+    pid, started = jobs.job_status(local_db, job["id"])["backend_ref"].split(":")
+
+    def zombies():
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                found.append(stat.parent.name)
+        return found
+
+    deadline = time.monotonic() + 10
+    while pid in zombies() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid not in zombies()
+    assert not _alive(f"{pid}:{started}")
+    assert _alive(f"{os.getpid()}:{Path(f'/proc/{os.getpid()}/stat').read_text().rsplit(')', 1)[1].split()[19]}")
+    assert not _alive(f"{os.getpid()}:1")  # this pid, but started at another time: another process

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,20 +62,24 @@ class LocalBackend(Backend):
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
         log.close()
-        return str(proc.pid)
+        # Reaped as soon as it ends (a long-lived server would otherwise keep a zombie per job);
+        # the ref carries the runner's start time, so a pid the kernel reuses is never taken for it.
+        threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
+        return f"{proc.pid}:{_start_time(proc.pid)}"
 
     def poll(self, ref: str, job_dir: str) -> JobStatus:
         code_file = Path(job_dir) / "exit_code"
         if code_file.exists():
             code = int(code_file.read_text())
             return JobStatus("completed" if code == 0 else "failed", code)
-        if _alive(int(ref)):
+        if _alive(ref):
             return JobStatus("running")
         return JobStatus("failed", None, detail="the job's runner ended without recording an exit code")
 
     def cancel(self, ref: str, job_dir: str) -> None:
         try:
-            os.killpg(int(ref), signal.SIGTERM)  # the runner leads its own session: this reaches torchrun and its ranks
+            if _alive(ref):  # the runner leads its own session: this reaches torchrun and its ranks
+                os.killpg(_pid(ref), signal.SIGTERM)
         except ProcessLookupError:
             pass
 
@@ -85,12 +90,12 @@ class LocalBackend(Backend):
         never share. The exit code it leaves is not the restarted job's, so it goes."""
         self.cancel(ref, job_dir)
         deadline = time.monotonic() + grace_s
-        while _group_alive(int(ref)) and time.monotonic() < deadline:
+        while _group_alive(_pid(ref)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _group_alive(int(ref)):
+        if _group_alive(_pid(ref)):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(int(ref), signal.SIGKILL)
-        while _alive(int(ref)) and time.monotonic() < deadline + 10:
+                os.killpg(_pid(ref), signal.SIGKILL)
+        while _alive(ref) and time.monotonic() < deadline + 10:
             time.sleep(0.1)  # the runner records an exit code as it ends: let it, then remove it
         (Path(job_dir) / "exit_code").unlink(missing_ok=True)
 
@@ -107,12 +112,30 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None when there is no such process."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
+        return None
+
+
+def _start_time(pid: int) -> str:
+    fields = _stat(pid)
+    return fields[19] if fields else "0"  # starttime, in clock ticks since boot
+
+
+def _pid(ref: str) -> int:
+    return int(ref.split(":")[0])
+
+
+def _alive(ref: str) -> bool:
+    """Whether the runner of `ref` ("PID:STARTTIME", or a bare PID from before) still runs."""
+    pid, _, started = ref.partition(":")
+    fields = _stat(int(pid))
+    if fields is None or fields[0] == "Z":  # a zombie has ended
         return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    return not started or fields[19] == started  # else the pid now names another process
 
 
 def _run(job_dir: str, cmd: list[str]) -> int:
