@@ -36,12 +36,13 @@ def _free_port() -> int:
 @pytest.fixture
 def server(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'service.db'}"
-    code, out, _ = run(capsys, "server", "init", "--db", url, "--json")
+    code, out, _ = run(capsys, "server", "init", "--gpus", "2", "--db", url, "--json")  # the fleet too, on the same URL
     assert code == 0
-    token = json.loads(out)["token"]
+    answer = json.loads(out)
+    token = answer["token"]
+    assert (answer["fleet"]["backend"], answer["fleet"]["gpus"]) == ("local", 2)
     code, _, err = run(capsys, "server", "init", "--db", url)
     assert code == 2 and "already initialized" in err
-    assert run(capsys, "fleet", "init", "--backend", "local", "--gpus", "2", "--db", url)[0] == 0
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url],
                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

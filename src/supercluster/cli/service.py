@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import urllib.parse
 from datetime import datetime
 from typing import Annotated, Optional
 
@@ -33,6 +34,8 @@ def server(
 
     # every 5 s the server stops projects past their budget and starts what the queues allow
     app = create_app(db, tick_s=5.0)
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(f"serving the API on {base}/v1 (OpenAPI at {base}/docs), the dashboard on {base}/dashboard", flush=True)
     # Everything loaded by now (the libraries, the app) lives as long as the server. Frozen out of
     # the collector's sight, a full collection scans only what requests made: a few ms instead of
     # the 40-60 ms that were the slowest requests' tail. (Garbage first, so none is frozen with it.)
@@ -42,8 +45,15 @@ def server(
 
 
 @server_app.command("init")
-def server_init(db: DbOption = None, as_json: JsonOption = False):
-    """Create the service's tables and print the operator's token (shown this once)."""
+def server_init(
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Also import the fleet's nodes from local, slurm or sim "
+                                                   "(default: local, unless the database already has a fleet).")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", help="local: GPU slots on this machine (default: devices, or CPU cores).")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Create the service's tables and the fleet on the same database, and print the operator's token (shown this once)."""
+    from supercluster.cluster.fleet import fleet_exists, init_fleet
     from supercluster.errors import UserError
     from supercluster.service import tenancy
     from supercluster.service.auth import ServiceError
@@ -51,6 +61,12 @@ def server_init(db: DbOption = None, as_json: JsonOption = False):
 
     store = Store(db)
     try:
+        with store.reading() as s:  # before the fleet: a second init changes nothing
+            tenancy.refuse_if_initialized(s)
+        fleet = None
+        if backend is not None or not fleet_exists(store.fleet):  # an existing fleet is replaced only by `fleet init --force`
+            fleet = init_fleet(store.fleet, backend or "local", **({"gpus": gpus} if gpus else {}))
+            fleet.pop("node_list")
         with store.session() as s:
             token = tenancy.init_operator(s)
     except ServiceError as err:
@@ -58,9 +74,12 @@ def server_init(db: DbOption = None, as_json: JsonOption = False):
     finally:
         store.dispose()
     if as_json:
-        print(json.dumps({"schema_revision": store.revision, "token": token}))
-    else:
-        print(f"service schema at revision {store.revision}\noperator token (shown once; keep it secret):\n{token}")
+        print(json.dumps({"schema_revision": store.revision, "token": token, "fleet": fleet}))
+        return
+    if fleet:
+        print(f"fleet on {fleet['backend']}: {fleet['nodes']} node(s), {fleet['gpus']} GPUs ({', '.join(fleet['gpu_types'])})")
+    # the token alone on the last line, so that `| tail -n1` hands it to `login`
+    print(f"service schema at revision {store.revision}\noperator token (shown once; keep it secret):\n{token}")
 
 
 def login(
@@ -70,8 +89,16 @@ def login(
     """Store a token for a server (in $SUPERCLUSTER_HOME/service.json, mode 0600) after checking it."""
     from supercluster.service import client
 
+    from supercluster.errors import UserError
+
+    parsed = urllib.parse.urlsplit(server)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise UserError(f"--server {server!r} is not a URL; write it like http://127.0.0.1:8765.")
     if token is None:
-        token = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
+        token = sys.stdin.readline() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
+    token = token.strip()
+    if not token:
+        raise UserError("The token is empty; pass --token, or pipe in the one `server init` or `token create` printed.")
     who = client.call(server, "GET", "/v1/whoami", token=token)
     path = client.save_login(server, token)
     print(f"logged in to {server} as {who['user']} ({who['role']} in {who['project'] or 'the fleet'}); "
@@ -100,6 +127,8 @@ def usage(
     from supercluster.errors import UserError
     from supercluster.service import client, usage as usage_mod
 
+    if as_json and as_csv:
+        raise UserError("--json and --csv cannot be used together; pick one.")
     if by not in usage_mod.GROUPS:
         raise UserError(f"--by {by!r} is not one of {', '.join(usage_mod.GROUPS)}; pick one.")
     query = {"by": by, "since": _epoch(since), "until": _epoch(until)}

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from supercluster.cluster import jobs, placement, preempt
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.backends.registry import backend_for
-from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, topology, type_geometry
+from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, topology, type_geometry, why_waiting
 from supercluster.cluster.state import (
     DEFAULT_HEALTH_MAX_AGE_S,
     JOB_ACTIVE,
@@ -160,7 +160,8 @@ def cluster_dicts(s: Session, cs: list) -> list[dict]:
         "nodes": nodes[c.id], "switches": sorted({n["leaf"] for n in nodes[c.id]}), "leaves": c.leaves, "pods": c.pods,
         "lower_bound": c.lower_bound, "max_switches": c.max_switches,
         "queue_position": positions.get(c.id) if c.state == "queued" else None, "reservation": c.backend_ref,
-        "owner": c.owner, "priority": c.priority, "detail": c.detail,
+        "owner": c.owner, "priority": c.priority,
+        "detail": c.detail or (why_waiting(s, c) if c.state == "queued" else None),
         "created_at": c.created_at, "placed_at": c.placed_at, "jobs": jobs[c.name],
     } for c in cs]
 

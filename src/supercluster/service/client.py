@@ -160,6 +160,9 @@ class ProjectClient:
     def cancel_job(self, job_id: int) -> dict:
         return self._call("DELETE", "jobs", job_id)
 
+    def set_quota(self, gpu_type: str, **limits) -> dict:
+        return self._call("PUT", "quota", body={"gpu_type": gpu_type, **limits})
+
     def deploy_endpoint(self, name: str, cluster: str, **source) -> dict:
         return self._call("POST", "endpoints", body={"name": name, "cluster": cluster, **source})
 
