@@ -27,13 +27,26 @@ def server(
     if ctx.invoked_subcommand is not None:
         return
     import gc
+    import socket
 
     import uvicorn
 
+    from supercluster.errors import UserError
     from supercluster.service.app import create_app
 
     # every 5 s the server stops projects past their budget and starts what the queues allow
     app = create_app(db, tick_s=5.0)
+    # Bound here, before the URL is printed: a client that reads it may connect at once (the
+    # kernel queues it until uvicorn accepts), and a port in use is one sentence, not a log line.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"Cannot listen on {host}:{port} ({err.strerror}); pass --port with a free port or --host with "
+                        "an address of this machine.") from None
+    sock.listen(2048)
     base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving the API on {base}/v1 (OpenAPI at {base}/docs), the dashboard on {base}/dashboard", flush=True)
     # Everything loaded by now (the libraries, the app) lives as long as the server. Frozen out of
@@ -41,7 +54,7 @@ def server(
     # the 40-60 ms that were the slowest requests' tail. (Garbage first, so none is frozen with it.)
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 @server_app.command("init")
@@ -145,23 +158,25 @@ def usage(
             from supercluster.service.endpoints import token_report
 
             with store.session() as s:
-                rows = usage_mod.report(s, by=by, since=query["since"], until=query["until"])
+                rows = usage_mod.report(s, by=by, since=query["since"], until=query["until"], fleet_clusters=True)
                 tokens = token_report(s, by=by, since=query["since"], until=query["until"])
         finally:
             store.dispose()
     if as_json:
         print(json.dumps({"by": by, "rows": rows, "tokens": tokens}, indent=1, sort_keys=True))
     elif as_csv:
-        sys.stdout.write(usage_mod.to_csv(rows))
+        sys.stdout.write(usage_mod.to_csv(rows, tokens))
     else:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"usage by {by}")
-        for col in ("org", "project", "user", "gpu type", "GPU-hours", "$/GPU-hour", "cost $"):
+        owners = any(r.get("owner") for r in rows)  # clusters made without the service, by their --owner tag
+        for col in ("org", "project", "user", *(("owner",) if owners else ()), "gpu type", "GPU-hours", "$/GPU-hour", "cost $"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["org"] or "-", r["project"] or "-", r["user"] or "-", r["gpu_type"], f"{r['gpu_hours']:.3f}",
+            table.add_row(r["org"] or "-", r["project"] or "-", r["user"] or "-", *((r.get("owner") or "-",) if owners else ()),
+                          r["gpu_type"], f"{r['gpu_hours']:.3f}",
                           "-" if r["usd_per_gpu_hour"] is None else f"{r['usd_per_gpu_hour']:.2f}",
                           "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}")
         Console().print(table)

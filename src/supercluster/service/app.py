@@ -326,7 +326,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             rows = usage.report(s, by=by, since=since, until=until, project_ids=mine)
             tokens = endpoints.token_report(s, by=by, since=since, until=until, project_ids=mine)
         if format == "csv":
-            return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
+            return PlainTextResponse(usage.to_csv(rows, tokens), media_type="text/csv")
         from supercluster.service import prices
 
         return {"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()}
