@@ -279,7 +279,10 @@ def test_server_init_names_how_to_create_a_missing_postgresql_database(capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (("login", "--server", "127.0.0.1:8765", "--token", "sct_x"), "--server '127.0.0.1:8765' is not a URL"),
+    (("login", "--server", "127.0.0.1:8765", "--token", "sct_x"), "The server '127.0.0.1:8765' is not a URL"),
+    (("login", "--server", "http://[bad", "--token", "sct_x"), "The server 'http://[bad' is not a URL"),
+    (("login", "--server", "http://127.0.0.1:99999", "--token", "sct_x"), "is not a URL"),
+    (("cluster", "list", "--server", "foo"), "The server 'foo' is not a URL"),
     (("login", "--server", "http://127.0.0.1:1", "--token", "  "), "The token is empty"),
     (("usage", "--json", "--csv"), "--json and --csv cannot be used together"),
 ])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.parse
 from datetime import datetime
 from typing import Annotated, Optional
 
@@ -100,13 +99,10 @@ def login(
     token: Annotated[Optional[str], typer.Option("--token", help="API token (default: read from stdin or prompt).")] = None,
 ):
     """Store a token for a server (in $SUPERCLUSTER_HOME/service.json, mode 0600) after checking it."""
+    from supercluster.errors import UserError
     from supercluster.service import client
 
-    from supercluster.errors import UserError
-
-    parsed = urllib.parse.urlsplit(server)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise UserError(f"--server {server!r} is not a URL; write it like http://127.0.0.1:8765.")
+    client.checked_url(server)
     if token is None:
         token = sys.stdin.readline() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
     token = token.strip()
