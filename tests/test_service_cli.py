@@ -44,6 +44,8 @@ def server(tmp_path, capsys):
     assert (answer["fleet"]["backend"], answer["fleet"]["gpus"]) == ("local", 2)
     code, _, err = run(capsys, "server", "init", "--db", url)
     assert code == 2 and "already initialized" in err
+    code, _, err = run(capsys, "server", "init", "--backend", "local", "--db", url)
+    assert code == 2 and "already initialized" in err  # nothing changed: the fleet is checked after that
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url],
                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -289,6 +291,16 @@ def test_server_init_names_how_to_create_a_missing_postgresql_database(capsys):
 def test_bad_input_is_one_sentence(capsys, args, words):
     code, _, err = run(capsys, *args)
     assert code == 2 and words in one_error_line(err)
+
+
+def test_server_init_keeps_a_fleet_it_finds_and_refuses_to_replace_it(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    assert run(capsys, "fleet", "init", "--backend", "local", "--gpus", "3", "--db", url)[0] == 0
+    code, _, err = run(capsys, "server", "init", "--gpus", "2", "--db", url)
+    assert code == 2 and "The database already has a fleet; leave out --backend and --gpus" in err and err.count("\n") == 1
+    code, out, _ = run(capsys, "server", "init", "--db", url, "--json")
+    assert code == 0 and json.loads(out)["fleet"] is None and json.loads(out)["token"].startswith("sct_")
+    assert json.loads(run(capsys, "fleet", "show", "--db", url, "--json")[1])["gpus"] == 3
 
 
 def test_local_usage_counts_the_fleet_s_own_clusters_and_its_csv_has_the_token_columns(tmp_path, capsys):

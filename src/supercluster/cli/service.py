@@ -76,7 +76,11 @@ def server_init(
         with store.reading() as s:  # before the fleet: a second init changes nothing
             tenancy.refuse_if_initialized(s)
         fleet = None
-        if backend is not None or not fleet_exists(store.fleet):  # an existing fleet is replaced only by `fleet init --force`
+        exists = fleet_exists(store.fleet)
+        if exists and (backend or gpus):  # replaced only by `fleet init --force`, which checks it holds no clusters
+            raise UserError("The database already has a fleet; leave out --backend and --gpus to keep it, "
+                            "or replace it first with `supercluster fleet init --force`.")
+        if not exists:
             fleet = init_fleet(store.fleet, backend or "local", **({"gpus": gpus} if gpus else {}))
             fleet.pop("node_list")
         with store.session() as s:
