@@ -1,6 +1,7 @@
 """`supercluster server init | server | login | usage`: a real server process on loopback, a token
 stored 0600, usage as CSV through the server and as JSON from the local database; and the
-`cluster` and `job` commands as the server's clients (--server, $SUPERCLUSTER_SERVER, --project)."""
+`cluster` and `job` commands as the server's clients (--server, $SUPERCLUSTER_SERVER, --project); the
+operator's `org | project | user | token | quota | node` commands, each a client of the API."""
 
 import csv
 import io

@@ -369,13 +369,8 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     @app.post("/v1/fleet/nodes/{name}/undrain", tags=["fleet"])
     def undrain_node(name: str, who: Caller = Depends(caller)) -> dict:
         """Return a drained or down node to service (the operator's); queued clusters that now fit start."""
-        from supercluster.cluster.fleet import resume_node
-
         _operator_node(who, name)
-        with resources._lock:  # places clusters: the service's books are written around it, as for a create
-            started = resume_node(name, db=store.fleet, only_if_out=True)
-        return {"node": name, "state": "up", "started": [resources.fleet_text(resources.project_names(store), f"'{c}'")
-                                                          for c in started]}
+        return {"node": name, "state": "up", "started": resources.undrain_node(store, name)}
 
     @app.get("/v1/whoami", tags=["tenancy"])
     def whoami(who: Caller = Depends(caller)) -> dict:
