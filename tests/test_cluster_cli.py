@@ -96,3 +96,28 @@ def test_priority_preempts_and_show_says_why(sim, capsys):
     code, out, _ = run(capsys, "cluster", "show", "bulk", "--db", sim)
     assert code == 0 and "queued (position 1)" in out and "owner batch" in out
     assert "preempted by cluster 'urgent' (priority 3 over 0)" in out
+
+
+def test_node_drain_and_undrain_on_the_local_database_and_queued_clusters_say_why(sim, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "300")  # the table's reason column, unwrapped
+    assert run(capsys, "node", "drain", "sim00001", "--reason", "fan replaced", "--db", sim)[0] == 0
+    code, out, _ = run(capsys, "cluster", "create", "all", "--gpus", "512", "--db", sim)
+    assert code == 0 and "queued (position 1)" in out
+    assert ("waiting for drained nodes: 8 of the fleet's 512 h100 GPUs are on drained or down nodes (sim00001); "
+            "`supercluster node undrain NODE` returns one to service") in out
+    code, out, _ = run(capsys, "cluster", "create", "more", "--gpus", "8", "--db", sim, "--json")
+    assert code == 0 and json.loads(out)["state"] == "ready"  # backfilled past the waiting one
+    code, out, _ = run(capsys, "node", "undrain", "sim00001", "--db", sim, "--json")
+    assert code == 0 and json.loads(out) == {"node": "sim00001", "state": "up", "started": []}
+    code, out, _ = run(capsys, "cluster", "show", "all", "--db", sim, "--json")
+    assert json.loads(out)["detail"] == "waiting for capacity: 504 of the fleet's 512 h100 GPUs are free for 512 asked"
+    code, out, _ = run(capsys, "cluster", "list", "--db", sim)
+    assert code == 0 and "waiting for capacity" in out  # the table's reason column
+    code, out, _ = run(capsys, "cluster", "delete", "more", "--db", sim, "--json")
+    assert code == 0 and json.loads(out)["started"] == ["all"]
+    code, _, err = run(capsys, "node", "undrain", "sim00001", "--db", sim)
+    assert code == 2 and err == "error: Node 'sim00001' is already up; `supercluster fleet show --nodes` lists the drained ones.\n"
+    code, _, err = run(capsys, "node", "drain", "sim00001", "--reason", " ", "--db", sim)
+    assert code == 2 and "--reason is empty" in err
+    code, _, err = run(capsys, "node", "undrain", "sim0001", "--db", sim)
+    assert code == 2 and "No node 'sim0001' in the fleet" in err and err.count("\n") == 1

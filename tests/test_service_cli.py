@@ -1,6 +1,7 @@
 """`supercluster server init | server | login | usage`: a real server process on loopback, a token
 stored 0600, usage as CSV through the server and as JSON from the local database; and the
-`cluster` and `job` commands as the server's clients (--server, $SUPERCLUSTER_SERVER, --project)."""
+`cluster` and `job` commands as the server's clients (--server, $SUPERCLUSTER_SERVER, --project); the
+operator's `org | project | user | token | quota | node` commands, each a client of the API."""
 
 import csv
 import io
@@ -17,6 +18,7 @@ import pytest
 import tomli_w
 
 from supercluster.cli.main import main
+from supercluster.service.client import call
 
 
 def run(capsys, *args):
@@ -36,12 +38,15 @@ def _free_port() -> int:
 @pytest.fixture
 def server(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'service.db'}"
-    code, out, _ = run(capsys, "server", "init", "--db", url, "--json")
+    code, out, _ = run(capsys, "server", "init", "--gpus", "2", "--db", url, "--json")  # the fleet too, on the same URL
     assert code == 0
-    token = json.loads(out)["token"]
+    answer = json.loads(out)
+    token = answer["token"]
+    assert (answer["fleet"]["backend"], answer["fleet"]["gpus"]) == ("local", 2)
     code, _, err = run(capsys, "server", "init", "--db", url)
     assert code == 2 and "already initialized" in err
-    assert run(capsys, "fleet", "init", "--backend", "local", "--gpus", "2", "--db", url)[0] == 0
+    code, _, err = run(capsys, "server", "init", "--backend", "local", "--db", url)
+    assert code == 2 and "already initialized" in err  # nothing changed: the fleet is checked after that
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url],
                             env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -209,3 +214,103 @@ def test_job_commands_through_the_server(server, capsys, tmp_path, library_corpu
     code, _, err = run(capsys, "job", "submit", str(config), "--cluster", "dev", *remote)
     assert code != 0 and "403: This needs the member role; your token has viewer." in one_error_line(err)
     assert run(capsys, "job", "status", str(jid), *remote)[0] == 0  # reading is a viewer's right
+
+
+def test_operator_commands_through_the_server(server, capsys, monkeypatch):
+    """org, project, user, token, quota and node commands: each a client of the API, refused
+    with the server's sentence where the token may not, and `node undrain` audited."""
+    base, op_token, url = server
+    code, _, err = run(capsys, "org", "create", "acme")  # no server named
+    assert code == 2 and "Organizations live on a server: pass --server URL" in one_error_line(err)
+    monkeypatch.setenv("SUPERCLUSTER_SERVER", base)
+    assert run(capsys, "login", "--token", op_token)[0] == 0
+    assert run(capsys, "org", "create", "acme") == (0, "organization acme created\n", "")
+    code, _, err = run(capsys, "org", "create", "acme")
+    assert code == 2 and "409: A organization named 'acme' already exists" in one_error_line(err)
+    assert run(capsys, "project", "create", "llm", "--org", "acme")[1] == "project llm created in organization acme\n"
+    code, _, err = run(capsys, "project", "create", "web", "--org", "nope")
+    assert code == 2 and "404: No organization named 'nope'" in one_error_line(err)
+    assert run(capsys, "user", "create", "ada", "--org", "acme")[1] == "user ada created in organization acme\n"
+    code, _, err = run(capsys, "token", "create", "--user", "ada", "--project", "llm", "--role", "root")
+    assert code == 2 and "422: Field 'role'" in one_error_line(err)
+    code, out, _ = run(capsys, "token", "create", "--user", "ada", "--project", "llm", "--role", "member", "--days", "2", "--json")
+    ada = json.loads(out)
+    assert code == 0 and (ada["user"], ada["project"], ada["role"]) == ("ada", "llm", "member") and ada["token"].startswith("sct_")
+    assert ada["expires_at"] - ada["created_at"] == pytest.approx(2 * 86400, abs=5)
+    code, out, _ = run(capsys, "token", "create", "--user", "ada", "--project", "llm")
+    assert code == 0 and out.splitlines()[-1].startswith("sct_") and "viewer in llm" in out  # the secret alone, last
+    code, out, _ = run(capsys, "quota", "set", "--gpu-type", "local", "--max-gpus", "2", "--project", "llm")
+    assert code == 0 and out == "quota of project llm on local: max_gpus 2, gpu_hours unlimited, max_priority 0\n"
+    code, _, err = run(capsys, "quota", "set", "--gpu-type", "local", "--max-gpus", "2")
+    assert code == 2 and "pass --project NAME" in one_error_line(err)  # the operator's token has no project
+
+    # a drained node: a new cluster waits and says why; undraining it starts the cluster
+    node = call(base, "GET", "/v1/fleet")["node_list"][0]["name"]
+    assert run(capsys, "node", "drain", node, "--reason", "fan replaced")[1] == f"node {node} drained (fan replaced)\n"
+    code, out, _ = run(capsys, "cluster", "create", "c1", "--gpus", "2", "--project", "llm")
+    assert code == 0 and "queued (position 1)" in out and "waiting for drained nodes" in out and node in out, out
+    code, out, _ = run(capsys, "node", "undrain", node)
+    assert code == 0 and out == f"node {node} back in service; started llm/c1\n"
+    assert json.loads(run(capsys, "cluster", "show", "c1", "--project", "llm", "--json")[1])["state"] == "ready"
+    code, _, err = run(capsys, "node", "undrain", node)
+    assert code == 2 and f"Node '{node}' is already up" in one_error_line(err)
+    code, _, err = run(capsys, "node", "undrain", "nosuch")
+    assert code == 2 and "404: No node 'nosuch' in the fleet" in one_error_line(err)
+    audited = [(a["method"], a["path"], a["status"]) for a in call(base, "GET", "/v1/audit")]
+    assert ("POST", f"/v1/fleet/nodes/{node}/undrain", 200) in audited and ("POST", "/v1/fleet/nodes/nosuch/undrain", 404) in audited
+
+    # a member may not act as the operator; a revoked token stops working at once
+    assert run(capsys, "login", "--token", ada["token"])[0] == 0
+    for args in (("node", "undrain", node), ("org", "create", "globex"), ("quota", "set", "--gpu-type", "local", "--max-gpus", "9")):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and "403: " in one_error_line(err), args
+    assert run(capsys, "login", "--token", op_token)[0] == 0
+    assert run(capsys, "token", "revoke", str(ada["id"]))[1] == f"token {ada['id']} of ada revoked\n"
+    code, _, err = run(capsys, "login", "--token", ada["token"])
+    assert code == 2 and "401: This token was revoked" in one_error_line(err)
+
+
+def test_server_init_names_how_to_create_a_missing_postgresql_database(capsys):
+    url = "postgresql://postgres@127.0.0.1:5432/sc_missing_database_for_this_test"
+    code, _, err = run(capsys, "server", "init", "--db", url)
+    if "does not exist" not in err:
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 did not answer as expected: {err.strip()}")
+    assert code == 2 and one_error_line(err) == (
+        "error: The PostgreSQL database 'sc_missing_database_for_this_test' does not exist; create it with "
+        "`createdb -h 127.0.0.1 -p 5432 -U postgres sc_missing_database_for_this_test` (or `CREATE DATABASE "
+        "sc_missing_database_for_this_test` in psql), then run the command again.\n")
+
+
+@pytest.mark.parametrize("args, words", [
+    (("login", "--server", "127.0.0.1:8765", "--token", "sct_x"), "The server '127.0.0.1:8765' is not a URL"),
+    (("login", "--server", "http://[bad", "--token", "sct_x"), "The server 'http://[bad' is not a URL"),
+    (("login", "--server", "http://127.0.0.1:99999", "--token", "sct_x"), "is not a URL"),
+    (("cluster", "list", "--server", "foo"), "The server 'foo' is not a URL"),
+    (("login", "--server", "http://127.0.0.1:1", "--token", "  "), "The token is empty"),
+    (("usage", "--json", "--csv"), "--json and --csv cannot be used together"),
+])
+def test_bad_input_is_one_sentence(capsys, args, words):
+    code, _, err = run(capsys, *args)
+    assert code == 2 and words in one_error_line(err)
+
+
+def test_server_init_keeps_a_fleet_it_finds_and_refuses_to_replace_it(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    assert run(capsys, "fleet", "init", "--backend", "local", "--gpus", "3", "--db", url)[0] == 0
+    code, _, err = run(capsys, "server", "init", "--gpus", "2", "--db", url)
+    assert code == 2 and "The database already has a fleet; leave out --backend and --gpus" in err and err.count("\n") == 1
+    code, out, _ = run(capsys, "server", "init", "--db", url, "--json")
+    assert code == 0 and json.loads(out)["fleet"] is None and json.loads(out)["token"].startswith("sct_")
+    assert json.loads(run(capsys, "fleet", "show", "--db", url, "--json")[1])["gpus"] == 3
+
+
+def test_local_usage_counts_the_fleet_s_own_clusters_and_its_csv_has_the_token_columns(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    assert run(capsys, "fleet", "init", "--backend", "local", "--gpus", "2", "--db", url)[0] == 0
+    assert run(capsys, "cluster", "create", "dev", "--gpus", "1", "--owner", "team-a", "--db", url)[0] == 0
+    code, out, _ = run(capsys, "usage", "--db", url, "--csv")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and [(r["owner"], r["gpu_type"]) for r in rows] == [("team-a", "local")] and float(rows[0]["gpu_seconds"]) > 0
+    assert list(rows[0])[-4:] == ["endpoint", "requests", "prompt_tokens", "completion_tokens"]
+    code, out, _ = run(capsys, "usage", "--db", url)
+    assert code == 0 and "team-a" in out

@@ -196,9 +196,9 @@ def cluster_list(server: ServerOption = None, project: ProjectOption = None, db:
                [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], len(c["jobs"]), c["reason"]]
                 for c in clusters])
         return
-    _table("clusters", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs"],
-           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c["lower_bound"], len(c["jobs"])]
-            for c in clusters])
+    _table("clusters", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs", "reason"],
+           [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c["lower_bound"], len(c["jobs"]),
+             c["detail"]] for c in clusters])
 
 
 @cluster_app.command("show")

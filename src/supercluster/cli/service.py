@@ -26,24 +26,46 @@ def server(
     if ctx.invoked_subcommand is not None:
         return
     import gc
+    import socket
 
     import uvicorn
 
+    from supercluster.errors import UserError
     from supercluster.service.app import create_app
 
     # every 5 s the server stops projects past their budget and starts what the queues allow
     app = create_app(db, tick_s=5.0)
+    # Bound here, before the URL is printed: a client that reads it may connect at once (the
+    # kernel queues it until uvicorn accepts), and a port in use is one sentence, not a log line.
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"Cannot listen on {host}:{port} ({err.strerror}); pass --port with a free port or --host with "
+                        "an address of this machine.") from None
+    sock.listen(2048)
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    print(f"serving the API on {base}/v1 (OpenAPI at {base}/docs), the dashboard on {base}/dashboard", flush=True)
     # Everything loaded by now (the libraries, the app) lives as long as the server. Frozen out of
     # the collector's sight, a full collection scans only what requests made: a few ms instead of
     # the 40-60 ms that were the slowest requests' tail. (Garbage first, so none is frozen with it.)
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 @server_app.command("init")
-def server_init(db: DbOption = None, as_json: JsonOption = False):
-    """Create the service's tables and print the operator's token (shown this once)."""
+def server_init(
+    backend: Annotated[Optional[str], typer.Option("--backend", help="Also import the fleet's nodes from local, slurm or sim "
+                                                   "(default: local, unless the database already has a fleet).")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", help="local: GPU slots on this machine (default: devices, or CPU cores).")] = None,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+):
+    """Create the service's tables and the fleet on the same database, and print the operator's token (shown this once)."""
+    from supercluster.cluster.fleet import fleet_exists, init_fleet
     from supercluster.errors import UserError
     from supercluster.service import tenancy
     from supercluster.service.auth import ServiceError
@@ -51,6 +73,16 @@ def server_init(db: DbOption = None, as_json: JsonOption = False):
 
     store = Store(db)
     try:
+        with store.reading() as s:  # before the fleet: a second init changes nothing
+            tenancy.refuse_if_initialized(s)
+        fleet = None
+        exists = fleet_exists(store.fleet)
+        if exists and (backend or gpus):  # replaced only by `fleet init --force`, which checks it holds no clusters
+            raise UserError("The database already has a fleet; leave out --backend and --gpus to keep it, "
+                            "or replace it first with `supercluster fleet init --force`.")
+        if not exists:
+            fleet = init_fleet(store.fleet, backend or "local", **({"gpus": gpus} if gpus else {}))
+            fleet.pop("node_list")
         with store.session() as s:
             token = tenancy.init_operator(s)
     except ServiceError as err:
@@ -58,9 +90,12 @@ def server_init(db: DbOption = None, as_json: JsonOption = False):
     finally:
         store.dispose()
     if as_json:
-        print(json.dumps({"schema_revision": store.revision, "token": token}))
-    else:
-        print(f"service schema at revision {store.revision}\noperator token (shown once; keep it secret):\n{token}")
+        print(json.dumps({"schema_revision": store.revision, "token": token, "fleet": fleet}))
+        return
+    if fleet:
+        print(f"fleet on {fleet['backend']}: {fleet['nodes']} node(s), {fleet['gpus']} GPUs ({', '.join(fleet['gpu_types'])})")
+    # the token alone on the last line, so that `| tail -n1` hands it to `login`
+    print(f"service schema at revision {store.revision}\noperator token (shown once; keep it secret):\n{token}")
 
 
 def login(
@@ -68,10 +103,15 @@ def login(
     token: Annotated[Optional[str], typer.Option("--token", help="API token (default: read from stdin or prompt).")] = None,
 ):
     """Store a token for a server (in $SUPERCLUSTER_HOME/service.json, mode 0600) after checking it."""
+    from supercluster.errors import UserError
     from supercluster.service import client
 
+    client.checked_url(server)
     if token is None:
-        token = sys.stdin.readline().strip() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
+        token = sys.stdin.readline() if not sys.stdin.isatty() else typer.prompt("token", hide_input=True)
+    token = token.strip()
+    if not token:
+        raise UserError("The token is empty; pass --token, or pipe in the one `server init` or `token create` printed.")
     who = client.call(server, "GET", "/v1/whoami", token=token)
     path = client.save_login(server, token)
     print(f"logged in to {server} as {who['user']} ({who['role']} in {who['project'] or 'the fleet'}); "
@@ -100,6 +140,8 @@ def usage(
     from supercluster.errors import UserError
     from supercluster.service import client, usage as usage_mod
 
+    if as_json and as_csv:
+        raise UserError("--json and --csv cannot be used together; pick one.")
     if by not in usage_mod.GROUPS:
         raise UserError(f"--by {by!r} is not one of {', '.join(usage_mod.GROUPS)}; pick one.")
     query = {"by": by, "since": _epoch(since), "until": _epoch(until)}
@@ -116,23 +158,25 @@ def usage(
             from supercluster.service.endpoints import token_report
 
             with store.session() as s:
-                rows = usage_mod.report(s, by=by, since=query["since"], until=query["until"])
+                rows = usage_mod.report(s, by=by, since=query["since"], until=query["until"], fleet_clusters=True)
                 tokens = token_report(s, by=by, since=query["since"], until=query["until"])
         finally:
             store.dispose()
     if as_json:
         print(json.dumps({"by": by, "rows": rows, "tokens": tokens}, indent=1, sort_keys=True))
     elif as_csv:
-        sys.stdout.write(usage_mod.to_csv(rows))
+        sys.stdout.write(usage_mod.to_csv(rows, tokens))
     else:
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"usage by {by}")
-        for col in ("org", "project", "user", "gpu type", "GPU-hours", "$/GPU-hour", "cost $"):
+        owners = any(r.get("owner") for r in rows)  # clusters made without the service, by their --owner tag
+        for col in ("org", "project", "user", *(("owner",) if owners else ()), "gpu type", "GPU-hours", "$/GPU-hour", "cost $"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["org"] or "-", r["project"] or "-", r["user"] or "-", r["gpu_type"], f"{r['gpu_hours']:.3f}",
+            table.add_row(r["org"] or "-", r["project"] or "-", r["user"] or "-", *((r.get("owner") or "-",) if owners else ()),
+                          r["gpu_type"], f"{r['gpu_hours']:.3f}",
                           "-" if r["usd_per_gpu_hour"] is None else f"{r['usd_per_gpu_hour']:.2f}",
                           "-" if r["cost_usd"] is None else f"{r['cost_usd']:.2f}")
         Console().print(table)

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from supercluster.cluster import jobs, placement, preempt
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.backends.registry import backend_for
-from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, topology, type_geometry
+from supercluster.cluster.queue import free_capacity, place_queued, sync_nodes, topology, type_geometry, why_waiting
 from supercluster.cluster.state import (
     DEFAULT_HEALTH_MAX_AGE_S,
     JOB_ACTIVE,
@@ -155,12 +155,22 @@ def cluster_dicts(s: Session, cs: list) -> list[dict]:
         # The queue's order (`place_queued`): highest priority first, then oldest.
         queued = sorted(conn.execute(_QUEUED).all(), key=lambda row: (-row.priority, row.id))
         positions = {row.id: i for i, row in enumerate(queued, 1)}
+    reasons: dict[tuple, str] = {}  # one answer per kind of request: a long queue is mostly alike
+
+    def why(c) -> str | None:
+        if c.state != "queued" or c.detail:
+            return c.detail
+        alike = (c.gpu_type, c.gpus, c.max_switches, c.require_health, c.health_max_age_s)
+        if alike not in reasons:
+            reasons[alike] = why_waiting(s, c)
+        return reasons[alike]
+
     return [{
         "name": c.name, "state": c.state, "gpus": c.gpus, "gpu_type": c.gpu_type,
         "nodes": nodes[c.id], "switches": sorted({n["leaf"] for n in nodes[c.id]}), "leaves": c.leaves, "pods": c.pods,
         "lower_bound": c.lower_bound, "max_switches": c.max_switches,
         "queue_position": positions.get(c.id) if c.state == "queued" else None, "reservation": c.backend_ref,
-        "owner": c.owner, "priority": c.priority, "detail": c.detail,
+        "owner": c.owner, "priority": c.priority, "detail": why(c),
         "created_at": c.created_at, "placed_at": c.placed_at, "jobs": jobs[c.name],
     } for c in cs]
 

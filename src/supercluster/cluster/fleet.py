@@ -63,6 +63,11 @@ def init_fleet(db: Database | str | None, backend: str, *, spec: Path | dict | N
     return summary(db)
 
 
+def fleet_exists(db: Database | str | None) -> bool:
+    with open_db(db).reading() as s:
+        return s.get(Fleet, 1) is not None
+
+
 def _read_spec(path: Path) -> dict:
     try:
         return tomllib.loads(Path(path).read_text())
@@ -204,14 +209,19 @@ def drain_node(node: str, reason: str, *, db: Database | str | None = None) -> N
         n.state, n.reason = "drain", reason
 
 
-def resume_node(node: str, *, db: Database | str | None = None) -> None:
-    """Returns a drained or down node to service and starts queued clusters that now fit."""
+def resume_node(node: str, *, db: Database | str | None = None, only_if_out: bool = False) -> list[str]:
+    """Returns a drained or down node to service and starts queued clusters that now fit (their names).
+
+    only_if_out: refuse a node already up (the operator's `node undrain`, where that is a typo's sign).
+    """
     db = open_db(db)
     with db.transaction() as s:
         n = _get_node(s, node)
+        if only_if_out and n.state == "up":
+            raise UserError(f"Node {node!r} is already up; `supercluster fleet show --nodes` lists the drained ones.")
         fleet = db.fleet(s)
         backend = backend_for(fleet.backend, fleet.settings)
         backend.resume(node)
         on_rollback(s, _restorer(backend, node, n.state, n.reason))
         n.state, n.reason = "up", None
-        place_queued(s, fleet)
+        return place_queued(s, fleet)

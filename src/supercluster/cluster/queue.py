@@ -187,3 +187,22 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
             waiting.append(cluster)
             refused.add(alike)
     return placed
+
+
+def why_waiting(s: Session, cluster) -> str:
+    """Why a queued cluster (a `Cluster` or a row of its table) is not placed: nodes taken out of
+    service, too few free GPUs, or a place in the queue or a switch limit that the free ones miss."""
+    fleet = s.get(Fleet, 1)
+    topo = topology(s, fleet)
+    node_gpus, total = topo.node_gpus[cluster.gpu_type], topo.total[cluster.gpu_type]
+    free = sum(f.free for f in free_capacity(s, cluster, node_gpus, now()))
+    if free >= cluster.gpus:
+        limit = f" within {cluster.max_switches} leaf switches" if cluster.max_switches else ""
+        return f"waiting in the queue: {free} {cluster.gpu_type} GPUs are free, but not{limit} for it ahead of earlier requests"
+    out = s.execute(sa.select(Node.name, Node.gpus).where(Node.gpu_type == cluster.gpu_type, Node.state != "up")
+                    .order_by(Node.name)).all()
+    if out and free + sum(g for _, g in out) >= cluster.gpus:
+        names = ", ".join(n for n, _ in out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")
+        return (f"waiting for drained nodes: {sum(g for _, g in out)} of the fleet's {total} {cluster.gpu_type} GPUs are on "
+                f"drained or down nodes ({names}); `supercluster node undrain NODE` returns one to service")
+    return f"waiting for capacity: {free} of the fleet's {total} {cluster.gpu_type} GPUs are free for {cluster.gpus} asked"

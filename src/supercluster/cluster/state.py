@@ -263,6 +263,14 @@ def _fork_safe(engine: sa.Engine) -> None:
             raise sa.exc.DisconnectionError("connection opened by another process; opening a new one")
 
 
+def _create_database_hint(url: str) -> str:
+    """How to create the PostgreSQL database a URL names (the server does not create databases itself)."""
+    parsed = sa.make_url(url)
+    flags = "".join(f" {flag} {value}" for flag, value in (("-h", parsed.host), ("-p", parsed.port), ("-U", parsed.username)) if value)
+    return (f"The PostgreSQL database {parsed.database!r} does not exist; create it with `createdb{flags} {parsed.database}` "
+            f"(or `CREATE DATABASE {parsed.database}` in psql), then run the command again.")
+
+
 class Database:
     """A fleet database at `url` (default: `default_url()`), migrated to the latest schema on open."""
 
@@ -282,6 +290,8 @@ class Database:
             raise UserError(f"Cannot use database URL {self.url!r} ({err}); pass a SQLAlchemy URL such as sqlite:///fleet.db.") from None
         except sa.exc.OperationalError as err:
             reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
+            if "does not exist" in reason and sa.make_url(self.url).get_backend_name() == "postgresql":
+                raise UserError(_create_database_hint(self.url)) from None
             raise UserError(f"Cannot open the fleet database {self.url!r} ({reason}); check --db or $SUPERCLUSTER_DB.") from None
 
     @contextlib.contextmanager

@@ -28,7 +28,7 @@ from supercluster.errors import UserError
 from supercluster.service import endpoints, resources, tenancy, usage
 from supercluster.service.auth import Caller, CallerCache, RateLimiter, ServiceError, authenticate_hash, bearer_hash
 from supercluster.service.models import Audit
-from supercluster.service.schemas import ClusterIn, EndpointIn, JobIn, OrgIn, PlanIn, ProjectIn, QuotaIn, TokenIn, UserIn
+from supercluster.service.schemas import ClusterIn, DrainIn, EndpointIn, JobIn, OrgIn, PlanIn, ProjectIn, QuotaIn, TokenIn, UserIn
 from supercluster.service.store import Store
 
 MUTATING = ("POST", "PUT", "PATCH", "DELETE")
@@ -338,7 +338,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             rows = usage.report(s, by=by, since=since, until=until, project_ids=mine)
             tokens = endpoints.token_report(s, by=by, since=since, until=until, project_ids=mine)
         if format == "csv":
-            return PlainTextResponse(usage.to_csv(rows), media_type="text/csv")
+            return PlainTextResponse(usage.to_csv(rows, tokens), media_type="text/csv")
         from supercluster.service import prices
 
         return {"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()}
@@ -361,6 +361,28 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         from supercluster.cluster.fleet import health_history
 
         return health_history(store.fleet, limit=limit)
+
+    def _operator_node(who: Caller, name: str) -> None:
+        from supercluster.cluster.fleet import has_node
+
+        tenancy.require_operator(who)
+        if not has_node(store.fleet, name):
+            raise ServiceError(404, f"No node {name!r} in the fleet; GET /v1/fleet lists them.")
+
+    @app.post("/v1/fleet/nodes/{name}/drain", tags=["fleet"])
+    def drain_node(name: str, body: DrainIn, who: Caller = Depends(caller)) -> dict:
+        """Take a node out of placement (the operator's); clusters on it keep it until deleted."""
+        from supercluster.cluster.fleet import drain_node
+
+        _operator_node(who, name)
+        drain_node(name, body.reason, db=store.fleet)
+        return {"node": name, "state": "drain", "reason": body.reason}
+
+    @app.post("/v1/fleet/nodes/{name}/undrain", tags=["fleet"])
+    def undrain_node(name: str, who: Caller = Depends(caller)) -> dict:
+        """Return a drained or down node to service (the operator's); queued clusters that now fit start."""
+        _operator_node(who, name)
+        return {"node": name, "state": "up", "started": resources.undrain_node(store, name)}
 
     @app.get("/v1/whoami", tags=["tenancy"])
     def whoami(who: Caller = Depends(caller)) -> dict:

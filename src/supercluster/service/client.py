@@ -43,10 +43,23 @@ def load_login() -> dict:
         return {}
 
 
+def checked_url(url: str) -> str:
+    """`url` if it is an http(s) URL with a host; else one sentence saying how to write one."""
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        ok = parsed.scheme in ("http", "https") and bool(parsed.hostname) and (parsed.port or 0) >= 0
+    except ValueError:  # a malformed host or port
+        ok = False
+    if not ok:
+        raise UserError(f"The server {url!r} is not a URL; write it like http://127.0.0.1:8765 (--server or $SUPERCLUSTER_SERVER).")
+    return url
+
+
 def server_url(flag: str | None) -> str | None:
     """--server, else $SUPERCLUSTER_SERVER, else None: the local database. A login alone never
     sends commands to a server, so one that worked on the local database keeps doing so."""
-    return flag or os.environ.get("SUPERCLUSTER_SERVER") or None
+    url = flag or os.environ.get("SUPERCLUSTER_SERVER") or None
+    return checked_url(url) if url else None
 
 
 def _token_for(server: str) -> str:
@@ -159,6 +172,9 @@ class ProjectClient:
 
     def cancel_job(self, job_id: int) -> dict:
         return self._call("DELETE", "jobs", job_id)
+
+    def set_quota(self, gpu_type: str, **limits) -> dict:
+        return self._call("PUT", "quota", body={"gpu_type": gpu_type, **limits})
 
     def deploy_endpoint(self, name: str, cluster: str, **source) -> dict:
         return self._call("POST", "endpoints", body={"name": name, "cluster": cluster, **source})

@@ -198,6 +198,16 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
     return cluster_view(project_names(store), sc, project, fleet)
 
 
+def undrain_node(store: Store, node: str) -> list[str]:
+    """Returns a drained node to service; the clusters that started on it, as `project/name`."""
+    from supercluster.cluster.fleet import resume_node
+
+    with _lock:  # it places clusters: one step among the creates and deletes of this server's requests
+        started = resume_node(node, db=store.fleet, only_if_out=True)
+    names = project_names(store)
+    return [fleet_text(names, f"'{c}'") for c in started]
+
+
 def reconcile(store: Store) -> None:
     """Hands the fleet the clusters the quota held back (or a budget stopped) once the quota allows them."""
     with store.reading() as s:  # the common case, nothing waits here: one cheap query and no lock

@@ -64,6 +64,10 @@ class QuotaIn(Body):
     max_priority: int = Field(default=0, ge=0, le=100)
 
 
+class DrainIn(Body):
+    reason: str = Text(500, min_length=1, description="why, shown beside the node and to queued clusters")
+
+
 class PlanIn(Body):
     model: str = Text(64, description="a model preset, e.g. llama3-8b")
     gpus: int = Field(ge=1, le=100_000)

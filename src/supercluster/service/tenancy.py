@@ -34,10 +34,14 @@ def _taken(s: Session, model, name: str, what: str) -> None:
         raise ServiceError(409, f"A {what} named {name!r} already exists; choose another name.")
 
 
-def init_operator(s: Session, name: str = "operator") -> str:
-    """The first user and its token; refused once an operator exists (the token is shown once)."""
+def refuse_if_initialized(s: Session) -> None:
     if s.scalar(sa.select(User.id).where(User.is_operator)) is not None:
         raise ServiceError(409, "The service is already initialized; use the operator token it printed then.")
+
+
+def init_operator(s: Session, name: str = "operator") -> str:
+    """The first user and its token; refused once an operator exists (the token is shown once)."""
+    refuse_if_initialized(s)
     user = User(name=name, org_id=None, is_operator=True, created_at=time.time())
     s.add(user)
     s.flush()

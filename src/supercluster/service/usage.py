@@ -20,7 +20,9 @@ from supercluster.service import prices
 from supercluster.service.models import Org, Project, User
 
 GROUPS = ("org", "project", "user")
-COLUMNS = ("org", "project", "user", "gpu_type", "gpu_seconds", "gpu_hours", "usd_per_gpu_hour", "cost_usd")
+COLUMNS = ("org", "project", "user", "gpu_type", "gpu_seconds", "gpu_hours", "usd_per_gpu_hour", "cost_usd", "owner")
+# an endpoint's calls (`endpoints.token_report`), as rows of the same CSV with the GPU columns empty
+TOKEN_COLUMNS = ("endpoint", "requests", "prompt_tokens", "completion_tokens")
 _TAG = re.compile(r"^p(\d+)/u(\d+)$")
 
 
@@ -41,32 +43,42 @@ def gpu_seconds(s: Session, project_id: int, gpu_type: str, at: float | None = N
 
 
 def report(s: Session, *, by: str = "project", since: float | None = None, until: float | None = None,
-           project_ids: list[int] | None = None) -> list[dict]:
-    """Usage rows grouped by `by` (org, project or user; finer keys show as None) and GPU type."""
+           project_ids: list[int] | None = None, fleet_clusters: bool = False) -> list[dict]:
+    """Usage rows grouped by `by` (org, project or user; finer keys show as None) and GPU type.
+
+    fleet_clusters: also the clusters made without the service (`cluster create` on the local
+    database), by their `--owner` tag, with no org, project or user.
+    """
     projects = {p.id: p for p in s.scalars(sa.select(Project))}
     orgs = {o.id: o.name for o in s.scalars(sa.select(Org))}
     users = dict(s.execute(sa.select(User.id, User.name)).all()) if by == "user" else {}
     totals: dict[tuple, float] = defaultdict(float)
     for row in fleet_usage.usage_in(s, since=since, until=until):
         ids = _parse(row["owner"])
-        if ids is None or ids[0] not in projects or (project_ids is not None and ids[0] not in project_ids):
-            continue  # a cluster the service did not create
+        if ids is None or ids[0] not in projects:
+            if fleet_clusters and project_ids is None:  # a cluster the service did not create
+                totals[(None, None, None, row["gpu_type"], row["owner"])] += row["gpu_seconds"]
+            continue
+        if project_ids is not None and ids[0] not in project_ids:
+            continue
         p = projects[ids[0]]
         key = (orgs.get(p.org_id), p.name if by in ("project", "user") else None,
-               users.get(ids[1]) if by == "user" else None, row["gpu_type"])
+               users.get(ids[1]) if by == "user" else None, row["gpu_type"], None)
         totals[key] += row["gpu_seconds"]
     rows = []
-    for (org, project, user, gpu_type), seconds in sorted(totals.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
+    for (org, project, user, gpu_type, owner), seconds in sorted(totals.items(), key=lambda kv: tuple(str(k) for k in kv[0])):
         price = prices.per_gpu_hour(gpu_type)
         rows.append({"org": org, "project": project, "user": user, "gpu_type": gpu_type, "gpu_seconds": round(seconds, 3),
                      "gpu_hours": round(seconds / 3600, 6), "usd_per_gpu_hour": price,
-                     "cost_usd": None if price is None else round(seconds / 3600 * price, 4)})
+                     "cost_usd": None if price is None else round(seconds / 3600 * price, 4), "owner": owner})
     return rows
 
 
-def to_csv(rows: list[dict]) -> str:
+def to_csv(rows: list[dict], tokens: list[dict] = ()) -> str:
+    """GPU rows, then endpoint rows (`tokens`), each leaving the other's columns empty."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=COLUMNS + TOKEN_COLUMNS, lineterminator="\n", restval="")
     writer.writeheader()
     writer.writerows(rows)
+    writer.writerows(tokens)
     return out.getvalue()
