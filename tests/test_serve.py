@@ -508,3 +508,20 @@ def test_bad_tp_is_one_sentence(run_dir, tp, message):
     out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), "--tp", tp],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_build_lock_left_by_a_killed_build_is_cleared_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    from supercluster.serve.kernels import STALE_LOCK_S, _clear_stale_lock
+
+    old, fresh = tmp_path / "old" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    os.utime(old, (time.time() - STALE_LOCK_S - 60,) * 2)
+    _clear_stale_lock(old)
+    _clear_stale_lock(fresh)
+    _clear_stale_lock(tmp_path / "none" / "lock")
+    assert not old.exists() and fresh.exists()

@@ -43,6 +43,7 @@ def library(arch: str = "native"):
     flags = _cpu_flags() if arch == "native" else ARCHITECTURES[arch]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + flags.encode()).hexdigest()[:12]
     name = f"supercluster_kernels_{arch}_{digest}"
+    _clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp", ARCHITECTURES[arch], f"-DKERNELS_LIBRARY={name}"])
@@ -63,6 +64,21 @@ def paged_attention():
         return library().paged_attention
     except UserError:
         return None
+
+
+STALE_LOCK_S = 600  # a build takes about 30 s here; a lock this old was left by a build that was killed
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """PyTorch's build lock names no owner, so a build killed mid-way (a timeout, ^C) leaves it
+    behind and every later first use waits on it forever, printing nothing; an old one goes."""
+    import time
+
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def _cpu_flags() -> str:
