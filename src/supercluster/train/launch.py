@@ -59,9 +59,9 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     launch.check()
     world = launch.nproc * launch.nnodes
     model_cfg = validate(cfg)
-    if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():
-        raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
+    if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():  # before the data, which takes a while
+        raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     from supercluster.model.weights import imported_tokenizer
 
     data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
