@@ -87,6 +87,7 @@ CASES = [
     (["train", TINY, *NO_DATA, "--nnodes", "2", "--rdzv", "no-port"], 2, "--rdzv must be HOST:PORT"),
     (["train", TINY, *NO_DATA, "--nnodes", "2", "--rdzv", "host:99999"], 2, "port in 1..65535"),
     (["job", "status", "99999999999", "--db", "{db}"], 2, "less than or equal to 2147483647"),
+    (["endpoint", "deploy", "e", "--cluster", "c", "--job", "99999999999"], 2, "less than or equal to 2147483647"),
     (["sample", "{run}", "--seed", "99999999999999999999999"], 2, "Invalid value for '--seed'"),
     (["sample", "{run}", "--top-k", "-3"], 2, "greater than or equal to 0"),
     # Accepted with exit 0 before.
