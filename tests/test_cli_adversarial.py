@@ -111,6 +111,7 @@ CASES = [
     (["train", "{nan_lr}", *NO_DATA], 2, "train.lr must be a finite number, got nan"),
     (["train", TINY, *NO_DATA, "--set", "train.lr=inf"], 2, "train.lr must be a finite number, got inf"),
     (["train", TINY, *NO_DATA, "--set", "train.beta2=1.5"], 2, "train.beta2 must be in [0, 1)"),
+    (["train", TINY, *NO_DATA, "--set", "train.grad_clip=0"], 2, "train.grad_clip must be in (0, inf)"),  # would zero every gradient
     (["train", TINY, *NO_DATA, "--set", "train.seed=99999999999999999999"], 2, "must be a 64-bit integer"),
     (["chat", "{run}", "--max-tokens", "-1"], 2, "greater than or equal to 1"),
     (["chat", "{run}", "--temperature", "inf"], 2, "must be a number in [0, 2], got inf"),

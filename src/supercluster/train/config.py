@@ -325,7 +325,7 @@ def validate(cfg: Config) -> ModelConfig:
 RANGES = {
     "train.min_lr_ratio": (0, 1, False, False), "train.warmup_steps": (0, None, False, False),
     "train.weight_decay": (0, None, False, False), "train.beta1": (0, 1, False, True), "train.beta2": (0, 1, False, True),
-    "train.grad_clip": (0, None, False, False), "train.seed": (0, None, False, False), "data.seed": (0, None, False, False),
+    "train.grad_clip": (0, None, True, False), "train.seed": (0, None, False, False), "data.seed": (0, None, False, False),
     "train.max_minutes": (0, None, True, False), "data.max_mb": (0, None, True, False),
     "run.sample_tokens": (1, MAX_NEW_TOKENS, False, False),
 }
