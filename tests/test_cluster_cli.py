@@ -51,8 +51,8 @@ def test_create_show_list_delete_json(sim, capsys):
     "args, message",
     [
         (["--gpus", "12"], "not a multiple of 8"),
-        (["--gpus", "0"], "positive"),
-        (["--gpus", "-8"], "positive"),
+        (["--gpus", "0"], "greater than or equal to 1"),
+        (["--gpus", "-8"], "greater than or equal to 1"),
         (["--gpus", "1024"], "more than the fleet"),
         (["--gpus", "8", "--gpu-type", "h1000"], "did you mean"),
         (["--gpus", "8", "--gpu-type", "a100"], "no a100-80gb nodes"),

@@ -70,7 +70,8 @@ def test_generate_is_seeded_and_respects_greedy():
 @pytest.mark.parametrize("bad, message", [
     (dict(heads=5), "divisible by model.heads"),
     (dict(kv_heads=3), "divisible by model.kv_heads"),
-    (dict(layers=0), "must be positive"),
+    (dict(layers=0), "must be in 1..10,000"),
+    (dict(hidden=99_999_999_996), "must be in 1..262,144"),
 ])
 def test_bad_shapes_are_user_errors(bad, message):
     with pytest.raises(UserError, match=message):

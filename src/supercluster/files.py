@@ -9,8 +9,10 @@ leaves a reader with the old file or a whole new one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -25,9 +27,35 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a run's files from its other users
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _naming(err, path)
+
+
+def _naming(err: BaseException, path: Path) -> BaseException:
+    """`err`, or for an OSError that names no file (a write to a full disk), one naming `path`."""
+    if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+        return OSError(err.errno, err.strerror, str(path))
+    return err
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside `path` for a writer that wants a file name (safetensors' save_file):
+    what the block writes there becomes `path` in one rename when it ends, and is removed when
+    it raises (a full disk leaves no half-written file behind, under either name)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync_path(Path(tmp))
+        os.chmod(tmp, 0o644)  # as write_atomic: readable by the run's other users
+        os.replace(tmp, path)
+    except BaseException as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(err, path)
 
 
 def _fsync_path(path: Path) -> None:

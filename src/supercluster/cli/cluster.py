@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, SetOption, server_for
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, SetOption, real, server_for
+from supercluster.limits import MAX_GPUS, MAX_ID, MAX_LOCAL_GPUS, MAX_PRIORITY, MAX_RESTARTS, MAX_SWITCHES
 
 fleet_app = typer.Typer(help="The fleet: nodes, switches, pods.", no_args_is_help=True)
 cluster_app = typer.Typer(help="Clusters: gang allocations of GPUs on the fleet.", no_args_is_help=True)
@@ -35,6 +36,9 @@ def _table(title: str, columns: list[str], rows: list[list]) -> None:
     Console().print(table)
 
 
+JobId = Annotated[int, typer.Argument(min=1, max=MAX_ID, help="The job's id (as `job list` shows).")]
+
+
 def _when(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -46,7 +50,7 @@ def _when(ts: float | None) -> str | None:
 def fleet_init(
     backend: Annotated[str, typer.Option("--backend", help="local, slurm or sim.")] = "local",
     spec: Annotated[Optional[Path], typer.Option("--spec", help="sim: TOML fleet spec (default 1,280 x 8 H100).")] = None,
-    gpus: Annotated[Optional[int], typer.Option("--gpus", help="local: GPU slots on this machine (default: devices, or CPU cores).")] = None,
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, max=MAX_LOCAL_GPUS, help="local: GPU slots on this machine (default: devices, or CPU cores).")] = None,
     gpu_type: Annotated[Optional[str], typer.Option("--gpu-type", help="slurm: type of GPUs whose gres names none (default: local).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing fleet that holds no clusters.")] = False,
     db: DbOption = None,
@@ -92,7 +96,7 @@ def fleet_show(
 
 @fleet_app.command("watch")
 def fleet_watch(
-    interval: Annotated[float, typer.Option("--interval", help="Seconds between passes.")] = 5.0,
+    interval: Annotated[float, typer.Option("--interval", callback=real(0, low_open=True), help="Seconds between passes.")] = 5.0,
     db: DbOption = None,
 ):
     """Keep node and job states current and recover requeued jobs (run it beside a Slurm fleet)."""
@@ -151,13 +155,13 @@ def _print_cluster(c: dict) -> None:
 @cluster_app.command("create")
 def cluster_create(
     name: str,
-    gpus: Annotated[int, typer.Option("--gpus", help="GPUs to allocate: a multiple of the node's GPU count, or less than one node.")],
+    gpus: Annotated[int, typer.Option("--gpus", min=1, max=MAX_GPUS, help="GPUs to allocate: a multiple of the node's GPU count, or less than one node.")],
     gpu_type: Annotated[Optional[str], typer.Option("--gpu-type", help="GPU type from the catalog (default: the fleet's only type).")] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of queueing when the request does not fit now.")] = False,
-    max_switches: Annotated[Optional[int], typer.Option("--max-switches", help="Use at most this many leaf switches.")] = None,
+    max_switches: Annotated[Optional[int], typer.Option("--max-switches", min=1, max=MAX_SWITCHES, help="Use at most this many leaf switches.")] = None,
     require_health: Annotated[bool, typer.Option("--require-health", help="Also refuse nodes that were never health-checked.")] = False,
-    health_max_age: Annotated[float, typer.Option("--health-max-age", help="Seconds a passed health check stays valid.")] = HEALTH_MAX_AGE_S,
-    priority: Annotated[int, typer.Option("--priority", help="When it does not fit, preempt clusters of lower priority.")] = 0,
+    health_max_age: Annotated[float, typer.Option("--health-max-age", callback=real(0), help="Seconds a passed health check stays valid.")] = HEALTH_MAX_AGE_S,
+    priority: Annotated[int, typer.Option("--priority", min=0, max=MAX_PRIORITY, help="When it does not fit, preempt clusters of lower priority.")] = 0,
     owner: Annotated[Optional[str], typer.Option("--owner", help="A tag (team, project) that usage is grouped by.")] = None,
     server: ServerOption = None,
     project: ProjectOption = None,
@@ -256,7 +260,7 @@ def job_submit(
     config: str,
     cluster: Annotated[str, typer.Option("--cluster", help="Cluster to run on.")],
     overrides: SetOption = None,
-    max_restarts: Annotated[int, typer.Option("--max-restarts", help="Restarts after a failure before giving up.")] = 3,
+    max_restarts: Annotated[int, typer.Option("--max-restarts", min=0, max=MAX_RESTARTS, help="Restarts after a failure before giving up.")] = 3,
     server: ServerOption = None,
     project: ProjectOption = None,
     db: DbOption = None,
@@ -313,7 +317,7 @@ def job_list(
 
 @job_app.command("status")
 def job_status(
-    job_id: int,
+    job_id: JobId,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job ends.")] = False,
     server: ServerOption = None,
     project: ProjectOption = None,
@@ -335,7 +339,7 @@ def job_status(
 
 @job_app.command("logs")
 def job_logs(
-    job_id: int,
+    job_id: JobId,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")] = False,
     server: ServerOption = None,
     project: ProjectOption = None,
@@ -370,7 +374,7 @@ def job_logs(
 
 
 @job_app.command("cancel")
-def job_cancel(job_id: int, server: ServerOption = None, project: ProjectOption = None, db: DbOption = None,
+def job_cancel(job_id: JobId, server: ServerOption = None, project: ProjectOption = None, db: DbOption = None,
                as_json: JsonOption = False):
     """Stop a job."""
     remote = _remote(server, project, db)

@@ -3,6 +3,7 @@ everywhere (SkyPilot keeps its shared flags the same way)."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Optional
 
 import typer
@@ -26,6 +27,22 @@ ProjectOption = Annotated[
     typer.Option("--project", envvar="SUPERCLUSTER_PROJECT",
                  help="With --server: the project to act in (default: the one the stored token is scoped to)."),
 ]
+
+
+def real(low: float | None = None, high: float | None = None, low_open: bool = False):
+    """A callback for a float flag: finite (TOML and Python both read `nan` and `inf`), and within
+    [low, high], or (low, high] when `low_open`. Typer's own min/max let inf through."""
+    span = (f"{'[' if low is not None and not low_open else '('}{'-inf' if low is None else f'{low:g}'}, "
+            f"{'inf)' if high is None else f'{high:g}]'}")
+
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        below = low is not None and (value <= low if low_open else value < low)
+        if not math.isfinite(value) or below or (high is not None and value > high):
+            raise typer.BadParameter(f"must be a number in {span}, got {value:g}.")
+        return value
+    return check
 
 
 def server_for(server: str | None, db: str | None) -> str | None:

@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
 
     @health.command("report")
     def report(node: str = typer.Option(None, "--node", help="only this node"),
-               limit: int = typer.Option(50, "--limit", help="newest results to show"),
+               limit: int = typer.Option(50, "--limit", min=1, help="newest results to show"),
                as_json: JsonOption = False, db: DbOption = None):
         """Nodes' health state and the history of their check results, newest first."""
         from supercluster.health.history import health_report

@@ -3,6 +3,7 @@
 Heavy imports (torch) happen inside the commands, so `supercluster plan` starts fast.
 """
 
+import errno
 import sys
 
 import typer
@@ -25,6 +26,10 @@ for _area in (train, plan, cluster, health, serve_import, serve, service, operat
 
 USAGE_EXIT = 2
 
+# Errors of the machine rather than of the code: the file they name and the fix are the message.
+FULL = {errno.ENOSPC, errno.EDQUOT}
+DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
 
 def _is_a(err: BaseException, class_name: str) -> bool:
     """Whether `err` derives from click's class of that name, whichever click raised it.
@@ -43,6 +48,15 @@ def usage_line(err: BaseException) -> str:
     return f"error: {message.rstrip('.')}{where}."
 
 
+def os_error_line(err: OSError) -> str | None:
+    """A full disk or a refused path as one line, or None for an OSError that is a bug."""
+    if err.errno not in FULL | DENIED:
+        return None
+    where = f" ({err.filename})" if err.filename else ""
+    fix = "free some space" if err.errno in FULL else "pick a path you may use, or fix its permissions"
+    return f"error: {err.strerror}{where}; {fix}, then run the command again."
+
+
 def main(argv=None):
     try:
         code = app(args=argv, standalone_mode=False)
@@ -54,6 +68,12 @@ def main(argv=None):
         sys.exit(130)
     except SystemExit:
         raise
+    except OSError as err:
+        line = os_error_line(err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        sys.exit(1)
     except Exception as err:  # click's usage errors come through here in non-standalone mode
         if _is_a(err, "NoArgsIsHelpError"):
             sys.exit(USAGE_EXIT)  # the help is already on the screen

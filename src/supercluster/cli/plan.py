@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from supercluster.cli.flags import JsonOption
+from supercluster.cli.flags import JsonOption, real
 from supercluster.errors import UserError
 
 JSON_KEYS = (
@@ -33,7 +33,7 @@ def plan(
     gpu: str = typer.Option("h100", "--gpu", help="a100-40gb, a100-80gb, h100, h200, mi300x, b200 or local."),
     node: Optional[str] = typer.Option(None, "--node", help="Node type, e.g. nd-h100-v5 (default: the GPU's usual node)."),
     gpus_per_node: Optional[int] = typer.Option(None, "--gpus-per-node"),
-    ib_gbps_per_gpu: Optional[float] = typer.Option(None, "--ib-gbps-per-gpu", help="Scale-out Gb/s per GPU."),
+    ib_gbps_per_gpu: Optional[float] = typer.Option(None, "--ib-gbps-per-gpu", callback=real(0, low_open=True), help="Scale-out Gb/s per GPU."),
     precision: Optional[str] = typer.Option(None, "--precision", help="bf16 or fp8 (default bf16; fp32 for local)."),
     tp: Optional[int] = typer.Option(None, "--tp"),
     pp: Optional[int] = typer.Option(None, "--pp"),
@@ -48,32 +48,26 @@ def plan(
     stage_layers: Optional[str] = typer.Option(None, "--stage-layers", help="Layers per pipeline stage, e.g. 15,16,16,15."),
     stack: str = typer.Option("supercluster", "--stack", help="Software profile: supercluster, megatron, megatron-2021 or deepspeed."),
     failures_per_gpu_hour: Optional[float] = typer.Option(
-        None, "--failures-per-gpu-hour", help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
+        None, "--failures-per-gpu-hour", callback=real(0), help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
     ),
-    checkpoint_gbps: Optional[float] = typer.Option(None, "--checkpoint-gbps", help="Checkpoint write GB/s (default 2000)."),
-    restart_min: Optional[float] = typer.Option(None, "--restart-min", help="Minutes to restart after a failure (default 10)."),
+    checkpoint_gbps: Optional[float] = typer.Option(None, "--checkpoint-gbps", callback=real(0, low_open=True), help="Checkpoint write GB/s (default 2000)."),
+    restart_min: Optional[float] = typer.Option(None, "--restart-min", callback=real(0), help="Minutes to restart after a failure (default 10)."),
     recompute: Optional[str] = typer.Option(None, "--recompute", help="none, selective or full"),
     sequence_parallel: Optional[bool] = typer.Option(None, "--sequence-parallel/--no-sequence-parallel"),
-    tokens: Optional[float] = typer.Option(None, "--tokens", help="Training tokens, for time and cost to train."),
-    price: Optional[float] = typer.Option(None, "--price", help="Price per GPU-hour, for the cost to train."),
-    top: int = typer.Option(10, "--top", help="Layouts to show."),
+    tokens: Optional[float] = typer.Option(None, "--tokens", callback=real(0, low_open=True), help="Training tokens, for time and cost to train."),
+    price: Optional[float] = typer.Option(None, "--price", callback=real(0), help="Price per GPU-hour, for the cost to train."),
+    top: int = typer.Option(10, "--top", min=1, max=1000, help="Layouts to show."),
     wide: bool = typer.Option(False, "--wide", help="Every column (TFLOP/s, HFU, stage split); the default fits 100 columns."),
     as_json: JsonOption = False,
     emit_config: Optional[Path] = typer.Option(None, "--emit-config", help="Write the best plan as a train config (TOML)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="train.steps in the emitted config (default: from --tokens, else 100)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="train.lr in the emitted config."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="train.steps in the emitted config (default: from --tokens, else 100)."),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=real(0, low_open=True), help="train.lr in the emitted config."),
     run_dir: Optional[str] = typer.Option(None, "--run-dir", help="run.dir in the emitted config."),
 ):
     """Rank the parallel layouts of a model on N GPUs: step time, MFU, memory, bubble, communication."""
     from supercluster.plan.build import build_model, build_request
     from supercluster.plan.search import search
 
-    if top < 1:
-        raise UserError(f"--top must be at least 1, got {top}.")
-    if price is not None and price < 0:
-        raise UserError(f"--price must not be negative, got {price}.")
-    if tokens is not None and tokens <= 0:
-        raise UserError(f"--tokens must be positive, got {tokens}.")
     cfg = build_model(model, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab_size=vocab)
     stages = None
     if stage_layers is not None:
@@ -100,7 +94,7 @@ def plan(
 
     failures = dict(
         failures_per_gpu_hour=LLAMA3_FAILURES_PER_GPU_HOUR if failures_per_gpu_hour is None else failures_per_gpu_hour,
-        write_gbps=checkpoint_gbps or DEFAULT_WRITE_GBPS,
+        write_gbps=DEFAULT_WRITE_GBPS if checkpoint_gbps is None else checkpoint_gbps,
         restart_s=DEFAULT_RESTART_S if restart_min is None else 60 * restart_min,
     )
     rows = []

@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from supercluster.cli.flags import real
 from supercluster.errors import UserError
+from supercluster.limits import MAX_NEW_TOKENS, MAX_TEMPERATURE
 
 RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or made by `supercluster import`.")]
 
@@ -26,8 +28,6 @@ def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int
 
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml); train or import a model into it first.")
-    if kv_cache_gib <= 0 or max_running < 1 or max_queue < 0:
-        raise UserError("--kv-cache-gib must be positive, --max-running at least 1 and --max-queue at least 0.")
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
     if quantize not in QUANTIZATIONS:
@@ -56,12 +56,12 @@ def _listen(host: str, port: int) -> socket.socket:
 def serve(
     run_dir: RunDir,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless told otherwise).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port")] = 8000,
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port (0: any free one).")] = 8000,
     api_key: Annotated[Optional[list[str]], typer.Option("--api-key", help="A key clients send as Bearer (repeatable); none: open.")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option("--api-key-file", help="A file of keys, one a line (kept out of the process list).")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond which new ones get 429.")] = 256,
-    max_running: Annotated[int, typer.Option("--max-running", help="Sequences decoding at once.")] = 32,
-    kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", help="Memory for the paged KV cache.")] = 0.5,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Waiting requests beyond which new ones get 429.")] = 256,
+    max_running: Annotated[int, typer.Option("--max-running", min=1, help="Sequences decoding at once.")] = 32,
+    kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", callback=real(0, low_open=True), help="Memory for the paged KV cache.")] = 0.5,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
     quantize: Annotated[str, typer.Option("--quantize", help="none; int8: weight-only int8 linear layers; or int4: "
                                           "4-bit blocks multiplied in integers, as llama.cpp does (a C++ kernel built at first use).")] = "none",
@@ -110,8 +110,8 @@ def serve(
 
 def chat(
     run_dir: RunDir,
-    max_tokens: Annotated[int, typer.Option("--max-tokens")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature")] = 0.7,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, max=MAX_NEW_TOKENS)] = 256,
+    temperature: Annotated[float, typer.Option("--temperature", callback=real(0, MAX_TEMPERATURE), help="0 is greedy.")] = 0.7,
 ):
     """Chat with a model in the terminal (streaming; the model's own chat template)."""
     import queue

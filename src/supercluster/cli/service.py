@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, server_for
+from supercluster.limits import MAX_ID
 
 server_app = typer.Typer(help="The multi-tenant service: REST API over the fleet (OpenAPI at /docs).",
                          invoke_without_command=True)
@@ -222,7 +223,7 @@ def endpoint_deploy(
     name: str,
     cluster: Annotated[str, typer.Option("--cluster", help="One of the project's clusters, ready.")],
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="A run directory in the server's model library.")] = None,
-    job: Annotated[Optional[int], typer.Option("--job", help="Or: serve what this training job of the project wrote.")] = None,
+    job: Annotated[Optional[int], typer.Option("--job", min=1, max=MAX_ID, help="Or: serve what this training job of the project wrote.")] = None,
     quantize: Annotated[str, typer.Option("--quantize", help="none, int8 or int4 (as serve --quantize).")] = "none",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it answers (or fails).")] = True,
     server: ServerOption = None,

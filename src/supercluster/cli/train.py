@@ -9,19 +9,19 @@ from typing import Optional
 
 import typer
 
-from supercluster.cli.flags import JsonOption, SetOption
-from supercluster.errors import UserError
+from supercluster.cli.flags import JsonOption, SetOption, real
+from supercluster.limits import MAX_NEW_TOKENS, MAX_RESTARTS, MAX_SAMPLES, MAX_SEED, MAX_TEMPERATURE
 
 
 def train(
     config: Optional[Path] = typer.Argument(None, help="TOML config; defaults are used for anything it leaves out."),
     set_: SetOption = None,
-    nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this node (torchrun workers; default: the config's launch.nproc, else 1)."),
-    nnodes: Optional[int] = typer.Option(None, "--nnodes", help="Nodes in the job (default: the config's launch.nnodes, else 1)."),
-    node_rank: int = typer.Option(0, "--node-rank", help="This node's index, 0..nnodes-1."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Ranks on this node (torchrun workers; default: the config's launch.nproc, else 1)."),
+    nnodes: Optional[int] = typer.Option(None, "--nnodes", min=1, help="Nodes in the job (default: the config's launch.nnodes, else 1)."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index, 0..nnodes-1."),
     rdzv: Optional[str] = typer.Option(None, "--rdzv", help="HOST:PORT of the rendezvous, for several nodes."),
     rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by all nodes (default: from the config path)."),
-    max_restarts: int = typer.Option(0, "--max-restarts", help="Restart failed workers this many times, resuming from the latest checkpoint."),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, max=MAX_RESTARTS, help="Restart failed workers this many times, resuming from the latest checkpoint."),
     sample: bool = typer.Option(True, "--sample/--no-sample", help="Print a sample from the trained model at the end."),
     as_json: JsonOption = False,
 ):
@@ -97,18 +97,16 @@ def sample(
         help="Text to continue; for a run trained on pre-tokenized data without a tokenizer, space-separated token ids "
              "such as '0 17 42' (the continuation is printed as ids too).",
     ),
-    tokens: int = typer.Option(200, "--tokens", help="New tokens to generate."),
-    temperature: float = typer.Option(0.8, "--temperature"),
-    top_k: int = typer.Option(50, "--top-k", help="0 disables."),
-    top_p: float = typer.Option(0.95, "--top-p", help="1.0 disables."),
-    samples: int = typer.Option(1, "--samples"),
-    seed: int = typer.Option(0, "--seed"),
+    tokens: int = typer.Option(200, "--tokens", min=1, max=MAX_NEW_TOKENS, help="New tokens to generate."),
+    temperature: float = typer.Option(0.8, "--temperature", callback=real(0, MAX_TEMPERATURE), help="0 is greedy."),
+    top_k: int = typer.Option(50, "--top-k", min=0, help="0 disables."),
+    top_p: float = typer.Option(0.95, "--top-p", callback=real(0, 1, low_open=True), help="1.0 disables."),
+    samples: int = typer.Option(1, "--samples", min=1, max=MAX_SAMPLES),
+    seed: int = typer.Option(0, "--seed", min=0, max=MAX_SEED),
 ):
     """Generate text from a run's latest checkpoint (KV cache; temperature, top-k, top-p)."""
     from supercluster.train.sample import sample_run
 
-    if tokens < 1 or samples < 1:
-        raise UserError("--tokens and --samples must be at least 1.")
     for i, text in enumerate(sample_run(run_dir, prompt, tokens, samples, temperature, top_k or None, top_p, seed)):
         if samples > 1:
             print(f"--- sample {i + 1} ---")

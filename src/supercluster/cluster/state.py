@@ -288,7 +288,7 @@ class Database:
             raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
         except sa.exc.ArgumentError as err:
             raise UserError(f"Cannot use database URL {self.url!r} ({err}); pass a SQLAlchemy URL such as sqlite:///fleet.db.") from None
-        except sa.exc.OperationalError as err:
+        except sa.exc.DatabaseError as err:  # unreachable, or a file that is no database ("file is not a database")
             reason = str(err.orig).strip().splitlines()[0] if err.orig else str(err)
             if "does not exist" in reason and sa.make_url(self.url).get_backend_name() == "postgresql":
                 raise UserError(_create_database_hint(self.url)) from None

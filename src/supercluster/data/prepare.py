@@ -23,7 +23,9 @@ import numpy as np
 
 from supercluster.data.corpus import Corpus, load_corpus
 from supercluster.data.shards import encode_documents, max_token_id, open_tokens, write_tokens
-from supercluster.data.tokenizer import EOT, check_vocab_size, load_tokenizer, save_tokenizer, train_tokenizer
+from supercluster.data.tokenizer import (
+    EOT, SPECIAL_TOKENS, check_vocab_size, load_special_tokens, load_tokenizer, save_tokenizer, train_tokenizer,
+)
 from supercluster.errors import UserError
 from supercluster.files import commit_directory
 from supercluster.paths import home
@@ -132,8 +134,8 @@ def _separator(tokenizer, tokenizer_path: Path | None) -> int:
     found = tokenizer.token_to_id(EOT)
     if found is not None:
         return found
-    special = Path(tokenizer_path).with_name("special_tokens.json") if tokenizer_path is not None else None
-    eos = json.loads(special.read_text()).get("eos") if special is not None and special.is_file() else None
+    special = Path(tokenizer_path).with_name(SPECIAL_TOKENS) if tokenizer_path is not None else None
+    eos = load_special_tokens(special, tokenizer.get_vocab_size()).get("eos") if special is not None else None
     if not eos:
         raise UserError(f"The tokenizer {str(tokenizer_path)!r} has no {EOT} token and no end-of-sequence id in a "
                         f"special_tokens.json next to it; documents cannot be separated.")

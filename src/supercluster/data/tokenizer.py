@@ -7,6 +7,7 @@ so nothing is ever unknown.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from supercluster.errors import UserError
 from supercluster.files import write_atomic
 
 EOT = "<|endoftext|>"  # separates documents in the token stream; id 0
+SPECIAL_TOKENS = "special_tokens.json"  # an imported model's {"bos": id|null, "eos": [ids], "pad": id|null}
 MIN_VOCAB = 256 + 1  # every byte, plus EOT
 MAX_VOCAB = 65535  # ids are stored as uint16
 
@@ -72,3 +74,25 @@ def load_tokenizer(path: str | os.PathLike | None) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the Rust side raises a bare Exception for any parse error
         raise UserError(f"Tokenizer file {str(path)!r} is not a valid tokenizers JSON file ({e}); delete it and prepare the data again.") from None
+
+
+def load_special_tokens(path: str | os.PathLike, vocab_size: int) -> dict:
+    """An imported model's special token ids ({} when the file is absent), checked whole: a
+    wrong end-of-sequence id would end every generation early, or never."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    fix = "import the model again to rewrite it"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{str(path)!r} is not valid JSON ({err}); {fix}.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{str(path)!r} must hold an object like {{\"bos\": 1, \"eos\": [2], \"pad\": null}}; {fix}.")
+    eos = data.get("eos") or []
+    ids = {"bos": [data.get("bos")], "pad": [data.get("pad")], "eos": eos if isinstance(eos, list) else [eos]}
+    for key, values in ids.items():
+        for value in values:
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size):
+                raise UserError(f"{str(path)!r}: {key} id {value!r} is not a token id of the vocabulary of {vocab_size}; {fix}.")
+    return {"bos": data.get("bos"), "eos": [i for i in ids["eos"] if i is not None], "pad": data.get("pad")}

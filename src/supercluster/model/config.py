@@ -42,9 +42,12 @@ class ModelConfig:
                 self.ffn_hidden = 256 * ((int(8 * self.hidden / 3) + 255) // 256)
 
     def validate(self) -> "ModelConfig":
-        for name in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size", "max_seq_len"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}.")
+        for name, limit in SIZE_LIMITS.items():
+            if not 0 < getattr(self, name) <= limit:
+                raise UserError(f"model.{name} must be in 1..{limit:,}, got {getattr(self, name):,}.")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise UserError(f"model.{name} must be a positive number, got {getattr(self, name)}.")
         if self.hidden % self.heads:
             raise UserError(f"model.hidden ({self.hidden}) must be divisible by model.heads ({self.heads}).")
         if self.heads % self.kv_heads:
@@ -60,6 +63,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden // self.heads
 
+
+# Far above any model built (Llama 3 405B: 126 layers, hidden 16,384, ffn 53,248, vocab 128,256),
+# below the sizes whose tensors could not be allocated at all.
+SIZE_LIMITS = {"layers": 10_000, "hidden": 262_144, "heads": 16_384, "kv_heads": 16_384, "ffn_hidden": 1_048_576,
+               "vocab_size": 16_777_216, "max_seq_len": 16_777_216}
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")

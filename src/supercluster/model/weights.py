@@ -9,11 +9,11 @@ their layout in both directions.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 from supercluster.errors import UserError
+from supercluster.files import atomic_path
 
 WEIGHTS_FILE = "weights.safetensors"
 
@@ -63,12 +63,9 @@ def save_weights(tensors: dict, path: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # readable by the run's other users, like every other file of a run
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().to(torch.float32).contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt"})
 
 
 def load_weights(path: Path, model) -> None:

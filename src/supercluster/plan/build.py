@@ -13,6 +13,7 @@ from pathlib import Path
 from supercluster.errors import UserError
 from supercluster.files import write_atomic
 from supercluster.hardware.catalog import accelerator, default_node_type, node_type
+from supercluster.limits import MAX_GLOBAL_BATCH, MAX_GPUS, MAX_SEQ_LEN
 from supercluster.model.config import ModelConfig, preset
 from supercluster.plan.cost import Estimate, System, Workload
 from supercluster.plan.profiles import Software, profile
@@ -45,8 +46,8 @@ def build_request(
     fixed: dict | None = None,
     software: Software | None = None,
 ) -> Request:
-    if gpus < 1:
-        raise UserError(f"--gpus must be at least 1, got {gpus}.")
+    if not 1 <= gpus <= MAX_GPUS:
+        raise UserError(f"--gpus must be in 1..{MAX_GPUS:,}, got {gpus:,}.")
     local = gpu.lower() == "local"
     acc = accelerator(gpu, ranks=gpus) if local else accelerator(gpu)
     nt = node_type(node, ranks=gpus) if node else default_node_type(gpu, ranks=gpus)
@@ -65,13 +66,13 @@ def build_request(
     # A CPU trains in fp32 (the trainer's "auto" precision); GPUs default to bf16.
     precision = precision or ("fp32" if local else "bf16")
     acc.peak(precision)  # unknown or unsupported precision: a clear error now
-    seq_len = seq_len or model.max_seq_len
-    if seq_len < 1:
-        raise UserError(f"--seq-len must be at least 1, got {seq_len}.")
+    seq_len = model.max_seq_len if seq_len is None else seq_len
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise UserError(f"--seq-len must be in 1..{MAX_SEQ_LEN:,}, got {seq_len:,}.")
     if global_batch is None:
         global_batch = max(1, DEFAULT_BATCH_TOKENS // seq_len)
-    if global_batch < 1:
-        raise UserError(f"--global-batch must be at least 1 sequence, got {global_batch}.")
+    if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
+        raise UserError(f"--global-batch must be in 1..{MAX_GLOBAL_BATCH:,} sequences, got {global_batch:,}.")
     # Local ranks share cores and talk through gloo: nothing overlaps, no fused attention.
     software = software or profile()
     if local:  # local ranks share cores and talk through gloo: nothing overlaps, no fused attention

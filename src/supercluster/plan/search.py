@@ -37,7 +37,8 @@ class Request:
 
 
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]  # pairs (d, n // d): sqrt(n) steps, not n
+    return sorted({*small, *(n // d for d in small)})
 
 
 def _check_fixed(req: Request) -> None:

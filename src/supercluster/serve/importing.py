@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from supercluster.data.tokenizer import SPECIAL_TOKENS
 from supercluster.errors import UserError
 from supercluster.files import write_atomic
 from supercluster.model.weights import WEIGHTS_FILE, save_weights, stored_names
@@ -113,7 +114,7 @@ def import_model(source: str | Path, out: Path) -> dict:
         cfg.save(tmp / "config.toml")
         save_weights(imported.tensors, tmp / WEIGHTS_FILE)
         write_atomic(tmp / "tokenizer.json", imported.tokenizer_json)
-        write_atomic(tmp / "special_tokens.json",
+        write_atomic(tmp / SPECIAL_TOKENS,
                      json.dumps({"bos": imported.bos, "eos": imported.eos, "pad": imported.pad}) + "\n")
         if imported.chat_template:
             write_atomic(tmp / "chat_template.jinja", imported.chat_template)

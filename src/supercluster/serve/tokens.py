@@ -8,7 +8,6 @@ and gets a plain one (role, then content, per line).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from supercluster.errors import UserError
@@ -28,16 +27,17 @@ def load_tokenizer_and_specials(run_dir: Path):
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} has no tokenizer.json; serving needs text, so train on text or import a model.")
     tokenizer = Tokenizer.from_file(str(path))
-    specials = _specials(run_dir)
+    specials = _specials(run_dir, tokenizer)
     eos = set(specials.get("eos") or [])
     if not eos and tokenizer.token_to_id(EOT) is not None:
         eos.add(tokenizer.token_to_id(EOT))
     return tokenizer, eos
 
 
-def _specials(run_dir: Path) -> dict:
-    path = Path(run_dir) / "special_tokens.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _specials(run_dir: Path, tokenizer) -> dict:
+    from supercluster.data.tokenizer import SPECIAL_TOKENS, load_special_tokens
+
+    return load_special_tokens(Path(run_dir) / SPECIAL_TOKENS, tokenizer.get_vocab_size())
 
 
 class ChatTemplate:
@@ -54,7 +54,7 @@ class ChatTemplate:
 
 def load_chat(run_dir: Path, tokenizer) -> ChatTemplate:
     path = Path(run_dir) / "chat_template.jinja"
-    specials = _specials(run_dir)
+    specials = _specials(run_dir, tokenizer)
     bos = tokenizer.id_to_token(specials["bos"]) if specials.get("bos") is not None else ""
     eos_ids = specials.get("eos") or []
     eos = tokenizer.id_to_token(eos_ids[0]) if eos_ids else (EOT if tokenizer.token_to_id(EOT) is not None else "")

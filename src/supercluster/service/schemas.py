@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from supercluster.limits import MAX_CONFIG_BYTES, MAX_GLOBAL_BATCH, MAX_GPUS, MAX_PRIORITY, MAX_RESTARTS, MAX_SEQ_LEN, MAX_SWITCHES
 
 Name = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="lower-case letters, digits, '_' or '-'; up to 32")
 ClusterName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$", description="letters, digits, '_' or '-'; up to 48")
@@ -43,25 +46,34 @@ class TokenIn(Body):
 
 class ClusterIn(Body):
     name: str = ClusterName
-    gpus: int = Field(ge=1, le=1_000_000)
+    gpus: int = Field(ge=1, le=MAX_GPUS)
     gpu_type: str | None = Text(64, default=None)
-    max_switches: int | None = Field(default=None, ge=1, le=100_000)
+    max_switches: int | None = Field(default=None, ge=1, le=MAX_SWITCHES)
     require_health: bool = False
-    priority: int = Field(default=0, ge=0, le=100, description="a higher one may preempt lower ones (up to the project's max_priority)")
+    priority: int = Field(default=0, ge=0, le=MAX_PRIORITY, description="a higher one may preempt lower ones (up to the project's max_priority)")
 
 
 class JobIn(Body):
     cluster: str = ClusterName
     config: dict = Field(description="the training config's sections, as the TOML file would hold them")
     overrides: list[Annotated[str, Text(500)]] = Field(default_factory=list, max_length=64)
-    max_restarts: int = Field(default=3, ge=0, le=100)
+    max_restarts: int = Field(default=3, ge=0, le=MAX_RESTARTS)
+
+    @field_validator("config")
+    @classmethod
+    def _small(cls, config: dict) -> dict:
+        size = len(json.dumps(config, default=str))
+        if size > MAX_CONFIG_BYTES:
+            raise ValueError(f"the config is {size // 1000} KB, over the {MAX_CONFIG_BYTES // 1000} KB a training config "
+                             f"may have (a few KB of sections in practice); send the config file's sections only")
+        return config
 
 
 class QuotaIn(Body):
     gpu_type: str = Text(64)
-    max_gpus: int | None = Field(default=None, ge=0, le=1_000_000)
+    max_gpus: int | None = Field(default=None, ge=0, le=MAX_GPUS)
     gpu_hours: float | None = Field(default=None, ge=0, le=1e9)
-    max_priority: int = Field(default=0, ge=0, le=100)
+    max_priority: int = Field(default=0, ge=0, le=MAX_PRIORITY)
 
 
 class DrainIn(Body):
@@ -70,10 +82,10 @@ class DrainIn(Body):
 
 class PlanIn(Body):
     model: str = Text(64, description="a model preset, e.g. llama3-8b")
-    gpus: int = Field(ge=1, le=100_000)
+    gpus: int = Field(ge=1, le=MAX_GPUS)
     gpu: str = Text(64, default="h100")
-    seq_len: int | None = Field(default=None, ge=1, le=1_048_576)
-    global_batch: int | None = Field(default=None, ge=1, le=1_000_000)
+    seq_len: int | None = Field(default=None, ge=1, le=MAX_SEQ_LEN)
+    global_batch: int | None = Field(default=None, ge=1, le=MAX_GLOBAL_BATCH)
     top: int = Field(default=5, ge=1, le=50)
 
 

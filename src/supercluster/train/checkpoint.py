@@ -138,9 +138,30 @@ def purge(root: Path, keep: int) -> list[Path]:
     return old
 
 
+def check_complete(path: Path) -> None:
+    """Refuse a checkpoint whose shard files are shorter than DCP's metadata says they are
+    (a copy cut short, a disk that filled): DCP itself reads only the bytes a load asks for,
+    so sampling or exporting the weights would not notice a shard that lost its tail."""
+    path = Path(path)
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as err:  # no or unreadable .metadata: the checkpoint is not whole
+        raise UserError(f"Checkpoint {str(path)!r} has no readable metadata ({type(err).__name__}); it is corrupt: "
+                        f"delete it to use the one before, or set run.resume=false to start over.") from None
+    need: dict[str, int] = {}
+    for info in storage.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        have = (path / name).stat().st_size if (path / name).is_file() else 0
+        if have < size:
+            raise UserError(f"Checkpoint {str(path)!r} is corrupt: {name} holds {have:,} of its {size:,} bytes (cut short); delete it "
+                            f"to use the one before, or set run.resume=false to start over.")
+
+
 def load(path: Path, model, optimizer) -> dict:
     """Restore model(s), optimizer(s) and this rank's RNG in place; return the train state."""
     path = Path(path)
+    check_complete(path)
     try:
         train_state = json.loads((path / TRAIN_STATE).read_text())
         model_sds, optim_sds = _state_dicts(model, optimizer)
@@ -163,6 +184,7 @@ def load(path: Path, model, optimizer) -> dict:
 
 def load_model_only(path: Path, model) -> None:
     """Weights alone into a plain, unsharded model (sampling, export), from any layout."""
+    check_complete(path)
     state = {"model": model.state_dict()}
     try:
         dcp.load(state, checkpoint_id=str(path))

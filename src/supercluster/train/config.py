@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ import tomli_w
 
 from supercluster.errors import UserError, closest
 from supercluster.files import write_atomic
+from supercluster.limits import MAX_CONFIG_BYTES, MAX_GLOBAL_BATCH, MAX_NEW_TOKENS
 from supercluster.model.config import PRESETS, ModelConfig, preset
 from supercluster.parallel.layout import RECOMPUTE, Layout, schedule_name
 
@@ -195,6 +197,13 @@ def _check_type(key: str, value, f: dataclasses.Field):
         ok = True
     if not ok:
         raise UserError(f"{key} must be of type {kind}, got {value!r}.")
+    # TOML reads nan, inf and integers of any size; no key means them, and they would fail
+    # far from here (a nan lr passes every `<= 0` check; torch's seeds are 64-bit).
+    for number in value if isinstance(value, list) else [value]:
+        if isinstance(number, float) and not math.isfinite(number):
+            raise UserError(f"{key} must be a finite number, got {number}.")
+        if isinstance(number, int) and not -2**63 <= number < 2**63:
+            raise UserError(f"{key} must be a 64-bit integer, got {number}.")
     return float(value) if "float" in kind and not isinstance(value, bool) and value is not None else value
 
 
@@ -218,10 +227,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise UserError(f"Config file {str(path)!r} does not exist.")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"Config file {str(path)!r} is over {MAX_CONFIG_BYTES // 1000} KB; a training config is a few "
+                            f"lines of TOML: check the path.")
         try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"Config file {str(path)!r} is not valid TOML: {err}.") from None
+            table = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"Config file {str(path)!r} is not valid TOML ({err}); fix it or pass another file.") from None
         for section_name, section in table.items():
             if not isinstance(section, dict):
                 raise UserError(f"Config file {str(path)!r}: {section_name!r} must be a [section], one of {', '.join(SECTIONS)}.")
@@ -291,8 +303,12 @@ def validate(cfg: Config) -> ModelConfig:
     for name in ("nproc", "nnodes"):
         if getattr(cfg.launch, name) is not None and getattr(cfg.launch, name) < 1:
             raise UserError(f"launch.{name} must be at least 1, got {getattr(cfg.launch, name)}.")
+    if max(t.micro_batch, t.global_batch) > MAX_GLOBAL_BATCH:
+        raise UserError(f"train.micro_batch and train.global_batch must be at most {MAX_GLOBAL_BATCH:,} sequences, "
+                        f"got {t.micro_batch} and {t.global_batch}.")
     if t.lr <= 0:
         raise UserError(f"train.lr must be positive, got {t.lr}.")
+    _check_ranges(cfg)
     if t.eval_every < 0 or t.checkpoint_every < 0:
         raise UserError(f"train.eval_every and train.checkpoint_every must be 0 (never) or positive, got {t.eval_every} and {t.checkpoint_every}.")
     if t.keep_checkpoints < 1:
@@ -303,6 +319,28 @@ def validate(cfg: Config) -> ModelConfig:
         raise UserError("train.tensorboard needs the tensorboard package: pip install 'supercluster[tensorboard]', "
                         "or set train.tensorboard=false.")
     return model
+
+
+# Keys whose value must lie in a range, with what it means: (low, high, low_open, high_open).
+RANGES = {
+    "train.min_lr_ratio": (0, 1, False, False), "train.warmup_steps": (0, None, False, False),
+    "train.weight_decay": (0, None, False, False), "train.beta1": (0, 1, False, True), "train.beta2": (0, 1, False, True),
+    "train.grad_clip": (0, None, True, False), "train.seed": (0, None, False, False), "data.seed": (0, None, False, False),
+    "train.max_minutes": (0, None, True, False), "data.max_mb": (0, None, True, False),
+    "run.sample_tokens": (1, MAX_NEW_TOKENS, False, False),
+}
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, (low, high, low_open, high_open) in RANGES.items():
+        value = get(cfg, key)
+        if value is None:
+            continue
+        below = value <= low if low_open else value < low
+        above = high is not None and (value >= high if high_open else value > high)
+        if below or above:
+            span = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else str(high) + (')' if high_open else ']')}"
+            raise UserError(f"{key} must be in {span}, got {value}.")
 
 
 def check_splits(cfg: Config, train_tokens: int, val_tokens: int) -> None:

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from supercluster.errors import UserError
+from supercluster.files import atomic_path
 from supercluster.model.weights import llama_name
 
 
@@ -32,6 +33,7 @@ def export_run(run_dir: Path, out: Path) -> dict:
     """Write `out` (.safetensors) from the run's latest checkpoint; returns a summary."""
     from dataclasses import asdict
 
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     from supercluster.train.sample import load_trained
@@ -47,9 +49,10 @@ def export_run(run_dir: Path, out: Path) -> dict:
     metadata = {"format": "pt", "supercluster_config": json.dumps(asdict(cfg))}
     if cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.position == "rope" and not cfg.bias:
         metadata["config"] = json.dumps(hf_config(cfg))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    try:
+        with atomic_path(out) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as err:  # the Rust writer's I/O errors (a full disk) come as its own type
+        raise UserError(f"Cannot write {str(out)!r} ({err}); free some space or pick another path.") from None
     return {"path": str(out), "tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()),
             "bytes": out.stat().st_size, "llama_compatible": "config" in metadata}

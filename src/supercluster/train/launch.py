@@ -45,6 +45,10 @@ class TorchrunSpec:
             raise UserError("Training on several nodes needs --rdzv HOST:PORT, the rendezvous on the first node.")
         if not 0 <= self.node_rank < self.nnodes:
             raise UserError(f"--node-rank must be in 0..{self.nnodes - 1}, got {self.node_rank}.")
+        if self.rdzv is not None:
+            host, _, port = self.rdzv.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise UserError(f"--rdzv must be HOST:PORT with a port in 1..65535 (the first node's address), got {self.rdzv!r}.")
 
 
 def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
@@ -56,6 +60,8 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     world = launch.nproc * launch.nnodes
     model_cfg = validate(cfg)
     ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
+    if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():  # before the data, which takes a while
+        raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     from supercluster.model.weights import imported_tokenizer
 
     data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
