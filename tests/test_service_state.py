@@ -220,3 +220,28 @@ def test_a_submit_killed_midway_leaves_one_visible_job(local, library_corpus, mo
     assert r.status_code == 202 and r.json()["id"] == job.id + 1  # never given out again
     for jid in (job.id, job.id + 1):
         assert local.ok("DELETE", f"/v1/projects/llm/jobs/{jid}", local.member)["state"] == "cancelled"
+
+
+def test_a_cause_names_clusters_as_the_service_does(service_url):
+    """The fleet records who preempted a cluster as data; the service words it: a tenant's cluster
+    as project/name, one it did not make (the operator's, on the fleet itself) as another cluster."""
+    from supercluster.cluster import clusters as fleet_clusters
+    from test_service import World
+
+    world = World(service_url)
+    try:
+        web, llm = world.tokens["web", "member"], world.tokens["llm", "member"]
+        world.ok("POST", "/v1/projects/web/clusters", web, {"name": "big", "gpus": 128})
+        world.ok("PUT", "/v1/projects/llm/quota", world.op, {"gpu_type": "h100", "max_priority": 5})
+        world.ok("POST", "/v1/projects/llm/clusters", llm, {"name": "urgent", "gpus": 64, "priority": 5})
+        big = world.ok("GET", "/v1/projects/web/clusters/big", web)
+        assert big["reason"] == "preempted by cluster 'llm/urgent' (priority 5 over 0)"
+        world.ok("DELETE", "/v1/projects/llm/clusters/urgent", llm)
+        assert world.ok("GET", "/v1/projects/web/clusters/big", web)["state"] == "ready"
+
+        fleet_clusters.create_cluster(world.store.fleet, "ops", 64, priority=9)  # the operator's, not the service's
+        big = world.ok("GET", "/v1/projects/web/clusters/big", web)
+        assert big["state"] == "queued" and big["reason"] == "preempted by another cluster (priority 9 over 0)"
+        assert fleet_clusters.show_cluster(world.store.fleet, "p2.big")["detail"] == "preempted by cluster 'ops' (priority 9 over 0)"
+    finally:
+        world.close()

@@ -243,17 +243,28 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
 
 def reconcile(store: Store) -> None:
     """Hands the fleet the clusters the quota held back, and gives back those a budget stopped,
-    once the quota allows (each decided in the fleet's transaction that does it)."""
+    once the quota allows (each decided again in the fleet's transaction that does it)."""
     with store.reading() as s:  # the common case, nothing waits: one cheap query
-        waiting = s.execute(sa.select(ServiceCluster.id, ServiceCluster.fleet_name, Cluster.state)
+        waiting = s.execute(sa.select(ServiceCluster, Cluster.state)
                             .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
                             .where(sa.or_(Cluster.id.is_(None), Cluster.state == "held"))
                             .order_by(ServiceCluster.id)).all()
-    for sc_id, fleet_cluster, state in waiting:
+        # A first look without the fleet's lock: most that wait still must, and need not take it.
+        decided = [(sc, state, _quota_reason(s, sc)) for sc, state in waiting]
+    for sc, state, reason in decided:
         if state == "held":
-            _give_back(store, sc_id, fleet_cluster)
+            if reason is None:
+                _give_back(store, sc.id, sc.fleet_name)
         else:
-            _hand_over(store, sc_id)
+            _hand_over(store, sc, reason)
+
+
+def _quota_reason(s: Session, sc: ServiceCluster) -> str | None:
+    """Why the quota holds `sc` back now (a wait or a spent budget), or None."""
+    try:
+        return _quota_decision(s, s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
+    except ServiceError as err:
+        return err.message
 
 
 def _give_back(store: Store, sc_id: int, fleet_cluster: str) -> None:
@@ -268,29 +279,26 @@ def _give_back(store: Store, sc_id: int, fleet_cluster: str) -> None:
         pass  # still over its quota or budget (the hold says why), or deleted meanwhile
 
 
-def _hand_over(store: Store, sc_id: int) -> None:
-    with store.reading() as s:
-        sc = s.get(ServiceCluster, sc_id)
-    if sc is None:
-        return
+def _hand_over(store: Store, sc: ServiceCluster, reason: str | None) -> None:
+    """Hands a waiting cluster to the fleet if the quota allows, else keeps why it waits."""
+    if reason is None:
+        def record(s: Session) -> None:
+            row = s.get(ServiceCluster, sc.id)
+            if row is None:  # deleted meanwhile
+                raise _Waits(None)
+            _admit(s, row)
 
-    def record(s: Session) -> None:
-        row = s.get(ServiceCluster, sc_id)
-        if row is None:  # deleted meanwhile
-            raise _Waits(None)
-        _admit(s, row)
-
-    try:
-        _fleet_create(store, sc, record)
-        return
-    except _Waits as waits:
-        reason = waits.reason
-    except ServiceError as err:  # its budget ran out while it waited, or the fleet refuses its size now
-        reason = err.message
+        try:
+            _fleet_create(store, sc, record)
+            return
+        except _Waits as waits:
+            reason = waits.reason
+        except ServiceError as err:  # the fleet refuses its size now
+            reason = err.message
     if reason is None or reason == sc.reason:
         return  # written only when it changes: a GET reconciles, and need not take the write lock
     with store.fleet.transaction() as s:
-        s.execute(sa.update(ServiceCluster).where(ServiceCluster.id == sc_id,
+        s.execute(sa.update(ServiceCluster).where(ServiceCluster.id == sc.id,
                                                   ServiceCluster.fleet_name.not_in(sa.select(Cluster.name)))
                   .values(reason=reason))
 
@@ -343,12 +351,12 @@ def _configs_dir() -> Path:
     return home() / "service" / "configs"
 
 
-def job_view(job: dict, cluster: str, name: Callable[[str], str] | None = None) -> dict:
+def job_view(job: dict, cluster: str, name: Callable[[str], str]) -> dict:
     """The fleet's job; `detail` says why a preempted one waits (it restarts from its checkpoint),
-    naming clusters with `name` (`cluster_namer`) where given."""
+    naming clusters with `name` (`cluster_namer`)."""
     keep = ("id", "state", "overrides", "restarts", "max_restarts", "preemptions", "exit_code", "detail", "submitted_at", "ended_at")
     view = {**{k: job[k] for k in keep}, "cluster": cluster}
-    if name is not None and job["cause"]:
+    if job["cause"]:
         view["detail"] = preempt.describe(job["cause"], job["cluster"], name)
     return view
 
@@ -397,7 +405,7 @@ def submit_job(store: Store, caller: Caller, project: str, cluster: str, config:
     except UserError as err:
         path.unlink(missing_ok=True)
         raise ServiceError(403 if isinstance(err, PathRefused) else 422, str(err)) from None
-    return job_view(job, cluster)
+    return job_view(job, cluster, str)  # a new job has no cause to word
 
 
 def _not_ready(cluster: str, state: str, what: str) -> ServiceError:
@@ -433,9 +441,10 @@ def list_jobs(store: Store, caller: Caller, project: str) -> list[dict]:
 def cancel_job(store: Store, caller: Caller, project: str, job_id: int) -> dict:
     sj = _job(store, caller, project, job_id, "member")
     try:
-        return job_view(fleet_jobs.cancel_job(store.fleet, job_id), sj.cluster)
+        job = fleet_jobs.cancel_job(store.fleet, job_id)
     except UserError as err:
         raise ServiceError(409, str(err)) from None
+    return job_view(job, sj.cluster, _namer_for_jobs(store, [job]))
 
 
 def job_log(store: Store, caller: Caller, project: str, job_id: int) -> Path:
