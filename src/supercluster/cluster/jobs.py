@@ -4,7 +4,8 @@
 nodes and jobs into our books, and when a job was requeued because a node failed (Slurm puts a
 `--requeue` job back to pending), it swaps the cluster's failed nodes for replacements from the
 fleet, moves the Slurm reservation onto them and releases the job, which resumes from its
-latest checkpoint. After `max_restarts` requeues the job is cancelled and marked failed.
+latest checkpoint. After `max_restarts` requeues the job is cancelled and marked failed. It also
+starts a job whose submit was cut off between writing it and starting it (see `submit_job`).
 """
 
 from __future__ import annotations
@@ -101,14 +102,15 @@ def submit_job(
         job.job_dir = str(job_dir)
         if record is not None:
             record(s, job)
+        job_id = job.id
     try:
         with db.transaction() as s:
-            job = s.get(Job, job.id)
+            job = s.get(Job, job_id)
             _start_unstarted(s, db.fleet(s), job)
             return job_dict(job)
     except Exception as err:  # it never ran: say so in its row, which stays
         with db.transaction() as s:
-            job = s.get(Job, job.id)
+            job = s.get(Job, job_id)
             if job.backend_ref is None:
                 job.state, job.ended_at, job.detail = "failed", now(), f"could not start: {err}"
         raise
