@@ -80,7 +80,7 @@ def test_migrations_reach_the_models_and_record_the_revision(url):
     with db.engine.connect() as conn:
         diff = schema_diff(conn)
         assert diff == [], diff
-        assert migrations.current_revision(conn) == migrations.head() == "0003_job_command"
+        assert migrations.current_revision(conn) == migrations.head() == "0004_causes"
     assert migrations.upgrade(db.engine) == migrations.head()  # idempotent: nothing left to apply
     with db.engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999_future'"))

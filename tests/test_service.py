@@ -66,11 +66,11 @@ def world(service_url):
 
 
 def test_schema_migrates_with_alembic_and_init_prints_one_token(world, service_url):
-    assert world.store.revision == "0004"
+    assert world.store.revision == "0005"
     inspector = sa.inspect(world.store.fleet.engine)
     for table in ServiceBase.metadata.sorted_tables:  # the migration and the models agree
         assert {c["name"] for c in inspector.get_columns(table.name)} == {c.name for c in table.columns}, table.name
-    assert Store(service_url).revision == "0004"  # reopening applies nothing
+    assert Store(service_url).revision == "0005"  # reopening applies nothing
     with world.store.session() as s:
         hashes = s.scalars(sa.select(Token.token_hash)).all()
     assert world.op_token not in hashes and len(hashes) == 7  # stored hashed only
@@ -293,7 +293,7 @@ def test_a_higher_priority_request_preempts_and_the_lower_one_comes_back(world):
     urgent = world.ok("POST", "/v1/projects/llm/clusters", llm, {"name": "urgent", "gpus": 64, "priority": 5})
     assert urgent["state"] == "ready" and len(urgent["nodes"]) == 8
     big = world.ok("GET", "/v1/projects/web/clusters/big", web)
-    assert big["state"] == "queued" and big["reason"].startswith("preempted by llm/urgent (priority 5 over 0)")
+    assert big["state"] == "queued" and big["reason"].startswith("preempted by cluster 'llm/urgent' (priority 5 over 0)")
     assert big["nodes"] == []
     world.ok("DELETE", "/v1/projects/llm/clusters/urgent", llm)
     big = world.ok("GET", "/v1/projects/web/clusters/big", web)

@@ -122,9 +122,9 @@ def test_a_preempted_job_resumes_from_the_step_it_was_stopped_at(service, librar
     assert urgent["state"] == "ready", urgent
     # the fleet stopped the job (SIGTERM: it checkpoints the step it is in) and put it back to pending
     job = client.get(f"/v1/projects/web/jobs/{jid}", headers=web).json()
-    assert job["state"] == "pending" and job["preemptions"] == 1 and job["detail"].startswith("preempted by llm/urgent"), job
+    assert job["state"] == "pending" and job["preemptions"] == 1 and job["detail"].startswith("preempted by cluster 'llm/urgent'"), job
     low = client.get("/v1/projects/web/clusters/low", headers=web).json()
-    assert low["state"] == "queued" and low["reason"].startswith("preempted by llm/urgent (priority 5")
+    assert low["state"] == "queued" and low["reason"].startswith("preempted by cluster 'llm/urgent' (priority 5")
     stopped_at = max(m["step"] for m in client.get(f"/v1/projects/web/jobs/{jid}/metrics", headers=web).json()["steps"] if "loss" in m)
 
     assert client.delete("/v1/projects/llm/clusters/urgent", headers=llm).status_code == 200

@@ -81,20 +81,23 @@ def create_cluster(
     health_max_age_s: float = DEFAULT_HEALTH_MAX_AGE_S,
     owner: str | None = None,
     priority: int = 0,
-    record: Callable[[Session, dict], None] | None = None,
+    record: Callable[[Session], None] | None = None,
 ) -> dict:
     """Places a cluster now, or queues it (wait=True); with wait=False one that does not fit is an error.
 
     owner: an opaque tag (the service passes its project) that usage is grouped by.
     priority: a request that does not fit may preempt clusters of lower priority (see `preempt`).
-    record: called with the session and the new cluster's dict inside this transaction, so that
-    the caller's own books (the service's row for it) commit with the fleet's, or neither does.
+    record: called with the session inside this transaction once the request is valid, before the
+    cluster is added or anything placed, so that the caller's own books (the service's row for
+    it) commit with the fleet's or neither does; it may refuse the request by raising (its quota).
     """
     db = open_db(db)
     with db.transaction() as s:
         fleet = db.fleet(s)
         sync_nodes(s, fleet)  # never place on a node Slurm already knows is down
         gpu_type, node_gpus, bound = _validate_request(s, fleet, name, gpus, gpu_type, max_switches)
+        if record is not None:
+            record(s)
         cluster = Cluster(
             name=name, gpus=gpus, gpu_type=gpu_type, state="queued", max_switches=max_switches,
             require_health=require_health, health_max_age_s=health_max_age_s, bypassed=0, lower_bound=bound,
@@ -109,10 +112,7 @@ def create_cluster(
                 f"{gpus} {gpu_type} GPUs do not fit now ({free} usable GPUs free"
                 f"{f' within {max_switches} leaf switches' if max_switches else ''}); drop --no-wait to queue the request."
             )
-        shown = cluster_dict(s, cluster)
-        if record is not None:
-            record(s, shown)
-        return shown
+        return cluster_dict(s, cluster)
 
 
 # Built once (building a statement costs more than running these): the nodes of some clusters with
@@ -170,7 +170,9 @@ def cluster_dicts(s: Session, cs: list) -> list[dict]:
         "nodes": nodes[c.id], "switches": sorted({n["leaf"] for n in nodes[c.id]}), "leaves": c.leaves, "pods": c.pods,
         "lower_bound": c.lower_bound, "max_switches": c.max_switches,
         "queue_position": positions.get(c.id) if c.state == "queued" else None, "reservation": c.backend_ref,
-        "owner": c.owner, "priority": c.priority, "detail": why(c),
+        "owner": c.owner, "priority": c.priority, "cause": c.cause,
+        # a structured cause in words, else the words of one from before causes, else why it waits
+        "detail": preempt.describe(c.cause) if c.cause else why(c),
         "created_at": c.created_at, "placed_at": c.placed_at, "jobs": jobs[c.name],
     } for c in cs]
 
@@ -242,18 +244,23 @@ def hold_cluster(db: Database | str | None, name: str, reason: str) -> dict:
     with db.transaction() as s:
         fleet = db.fleet(s)
         cluster = get_cluster(s, name)
-        preempt.stop(s, fleet, cluster, reason, state="held", end_reason="held")
+        preempt.stop(s, fleet, cluster, {"code": "held", "note": reason}, state="held", end_reason="held")
         place_queued(s, fleet)
         return cluster_dict(s, cluster)
 
 
-def release_cluster(db: Database | str | None, name: str) -> dict:
-    """Puts a held cluster back in the queue (at its old place) and places what fits."""
+def release_cluster(db: Database | str | None, name: str, *, record: Callable[[Session], None] | None = None) -> dict:
+    """Puts a held cluster back in the queue (at its old place) and places what fits.
+
+    record: called in this transaction before a held cluster goes back (as for `create_cluster`).
+    """
     db = open_db(db)
     with db.transaction() as s:
         fleet = db.fleet(s)
         cluster = get_cluster(s, name)
         if cluster.state == "held":
-            cluster.state, cluster.detail = "queued", None
+            if record is not None:
+                record(s)
+            cluster.state, cluster.cause, cluster.detail = "queued", None, None
             place_queued(s, fleet)
         return cluster_dict(s, cluster)

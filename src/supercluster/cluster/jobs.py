@@ -4,7 +4,8 @@
 nodes and jobs into our books, and when a job was requeued because a node failed (Slurm puts a
 `--requeue` job back to pending), it swaps the cluster's failed nodes for replacements from the
 fleet, moves the Slurm reservation onto them and releases the job, which resumes from its
-latest checkpoint. After `max_restarts` requeues the job is cancelled and marked failed.
+latest checkpoint. After `max_restarts` requeues the job is cancelled and marked failed. It also
+starts a job whose submit was cut off between writing it and starting it (see `submit_job`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, selectinload
 
+from supercluster.cluster import preempt
 from supercluster.cluster.backends import Backend
 from supercluster.cluster.backends.registry import backend_for
 from supercluster.cluster.isolation import JobArea, pin_paths
-from supercluster.cluster.launch import start_job
+from supercluster.cluster.launch import start_job, started_ref
 from supercluster.cluster.queue import eligible, sync_nodes
 from supercluster.cluster.state import (
     JOB_ACTIVE,
@@ -44,15 +47,30 @@ def jobs_root() -> Path:
     return home() / "jobs"
 
 
+class ClusterNotReady(UserError):
+    """A job was submitted to a cluster that is not placed (queued or held)."""
+
+    def __init__(self, name: str, state: str):
+        super().__init__(f"Cluster {name!r} is still {state}; submit once `supercluster cluster show {name}` says ready.")
+        self.state = state
+
+
 def submit_job(
     db: Database | str | None, cluster_name: str, config: str, overrides: list[str] = (), *, max_restarts: int = 3,
-    command: list[str] | None = None, area: JobArea | None = None,
+    command: list[str] | None = None, area: JobArea | None = None, record: Callable[[Session, Job], None] | None = None,
 ) -> dict:
     """Start a training run of `config` on the cluster, or with `command` that argv instead on its
     first node (a serving job; `config` then names what it serves).
 
     `area`: where the job may read (default: anywhere, relative paths from the current folder);
     the config and every path in it are checked here, before anything starts.
+    `record`: called with the session and the new job (its id known) in the transaction that
+    writes it, before anything starts, so that the caller's own books commit with the fleet's or
+    neither does; it may refuse by raising.
+
+    Two steps: the job is written (its id then is never given out again), then started. If this
+    process dies between them, the job is still in the books, pending, and `refresh` starts it
+    (or takes up the runner the second step started), so no job runs unseen and none is lost.
     """
     db = open_db(db)
     for item in overrides:
@@ -69,9 +87,10 @@ def submit_job(
         raise UserError(f"--max-restarts must be 0 or more, got {max_restarts}.")
     with db.transaction() as s:
         fleet = db.fleet(s)
+        backend_for(fleet.backend, fleet.settings).check_runs_jobs()
         cluster = get_cluster(s, cluster_name)
         if cluster.state != "ready":
-            raise UserError(f"Cluster {cluster_name!r} is still queued; submit once `supercluster cluster show {cluster_name}` says ready.")
+            raise ClusterNotReady(cluster_name, cluster.state)
         job = Job(cluster_name=cluster_name, config=config, overrides=list(overrides), command=command, state="pending",
                   job_dir="", restarts=0, max_restarts=max_restarts, preemptions=0, submitted_at=now())
         s.add(job)
@@ -81,8 +100,35 @@ def submit_job(
         job_dir = Path(tempfile.mkdtemp(prefix=f"job-{job.id}-", dir=jobs_root()))
         on_rollback(s, lambda: shutil.rmtree(job_dir, ignore_errors=True))
         job.job_dir = str(job_dir)
+        if record is not None:
+            record(s, job)
+        job_id = job.id
+    try:
+        with db.transaction() as s:
+            job = s.get(Job, job_id)
+            _start_unstarted(s, db.fleet(s), job)
+            return job_dict(job)
+    except Exception as err:  # it never ran: say so in its row, which stays
+        with db.transaction() as s:
+            job = s.get(Job, job_id)
+            if job.backend_ref is None:
+                job.state, job.ended_at, job.detail = "failed", now(), f"could not start: {err}"
+        raise
+
+
+def _start_unstarted(s: Session, fleet: Fleet, job: Job) -> None:
+    """Starts a pending job that never started on its ready cluster, or takes up the runner an
+    interrupted start left (see `submit_job`). A job stopped with its cluster waits for it instead."""
+    if job.state != "pending" or job.backend_ref is not None:
+        return
+    cluster = s.scalar(sa.select(Cluster).where(Cluster.name == job.cluster_name))
+    if cluster is None or cluster.state != "ready":
+        return
+    ref = started_ref(job)
+    if ref is not None:
+        job.backend_ref = ref
+    else:
         start_job(s, fleet, job, cluster)
-        return job_dict(job)
 
 
 def job_dict(j: Job) -> dict:
@@ -90,7 +136,8 @@ def job_dict(j: Job) -> dict:
         "id": j.id, "cluster": j.cluster_name, "state": j.state, "config": j.config, "overrides": j.overrides,
         "command": j.command,
         "job_dir": j.job_dir, "run_dir": f"{j.job_dir}/run", "backend_ref": j.backend_ref, "restarts": j.restarts,
-        "max_restarts": j.max_restarts, "preemptions": j.preemptions, "exit_code": j.exit_code, "detail": j.detail,
+        "max_restarts": j.max_restarts, "preemptions": j.preemptions, "exit_code": j.exit_code, "cause": j.cause,
+        "detail": preempt.describe(j.cause, j.cluster_name) if j.cause else j.detail,
         "submitted_at": j.submitted_at, "ended_at": j.ended_at,
     }
 
@@ -108,6 +155,11 @@ def refresh(db: Database | str | None = None) -> None:
         active = sa.select(Job).where(Job.state.in_(JOB_ACTIVE), Job.backend_ref.is_not(None)).order_by(Job.id)
         for job in s.scalars(active).all():
             _refresh_job(s, fleet, backend, job)
+        # Jobs whose submit stopped between its two steps (a preempted job is left to its cluster).
+        unstarted = (sa.select(Job).join(Cluster, Cluster.name == Job.cluster_name)
+                     .where(Job.state == "pending", Job.backend_ref.is_(None), Cluster.state == "ready").order_by(Job.id))
+        for job in s.scalars(unstarted).all():
+            _start_unstarted(s, fleet, job)
 
 
 def _refresh_job(s: Session, fleet: Fleet, backend: Backend, job: Job) -> None:

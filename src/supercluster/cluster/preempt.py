@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from supercluster.cluster.backends.registry import backend_for
+from supercluster.cluster.launch import forget_started
 from supercluster.cluster.state import JOB_ACTIVE, Allocation, Cluster, Fleet, Job, now
 from supercluster.cluster.usage import close_intervals
 
@@ -49,14 +50,32 @@ def choose_victims(pool: list[Cluster], fits: Callable[[set[int]], bool]) -> lis
 
 
 def preempt(s: Session, fleet: Fleet, victims: Iterable[Cluster], by: Cluster) -> None:
-    """Stops the victims' jobs, frees their nodes and queues them again, with the reason recorded."""
+    """Stops the victims' jobs, frees their nodes and queues them again, with the cause recorded."""
     for victim in victims:
-        stop(s, fleet, victim, f"preempted by cluster {by.name!r} (priority {by.priority} over {victim.priority})")
+        stop(s, fleet, victim, {"code": "preempted", "by": by.name, "priority": by.priority, "over": victim.priority})
 
 
-def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "queued", end_reason: str = "preempted") -> None:
+def cluster_named(name: str) -> str:
+    return f"cluster {name!r}"
+
+
+def describe(cause: dict, cluster: str | None = None, name: Callable[[str], str] = cluster_named) -> str:
+    """The words for a cause (`{"code": "preempted", "by": cluster, "priority": p, "over": q}` or
+    `{"code": "held", "note": why}`); with `cluster`, a stopped job's, saying when it restarts.
+    `name` words a fleet cluster's name: a caller with names of its own (the service) passes its own."""
+    if cause["code"] == "preempted":
+        text = f"preempted by {name(cause['by'])} (priority {cause['priority']} over {cause['over']})"
+    else:
+        text = cause["note"]
+    if cluster is not None:
+        text += f"; restarts from its latest checkpoint when {name(cluster)} is placed again"
+    return text
+
+
+def stop(s: Session, fleet: Fleet, victim: Cluster, cause: dict, state: str = "queued", end_reason: str = "preempted") -> None:
     """Stops a placed cluster's jobs (back to pending, restarted in their job dirs when it is placed
-    again), frees its nodes, closes its usage interval and leaves it in `state` saying why."""
+    again), frees its nodes, closes its usage interval and leaves it in `state` with the `cause`
+    (structured, so that whoever shows it can name the clusters in it its own way: `describe`)."""
     backend = backend_for(fleet.backend, fleet.settings)
     at = now()
     # Not undone on rollback, like a cancel: a stopped job cannot be put back as it ran.
@@ -64,9 +83,10 @@ def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "q
                                             Job.backend_ref.is_not(None)))
     for job in active.all():
         backend.preempt(job.backend_ref, job.job_dir)
+        forget_started(job)
         job.state, job.backend_ref, job.exit_code = "pending", None, None
         job.preemptions += 1
-        job.detail = f"{reason}; restarts from its latest checkpoint when {victim.name!r} is placed again"
+        job.cause, job.detail = cause, None
     if victim.backend_ref:
         backend.release(victim.backend_ref)
     if victim.state == "ready":
@@ -75,4 +95,4 @@ def stop(s: Session, fleet: Fleet, victim: Cluster, reason: str, state: str = "q
     s.expire(victim, ["allocations"])
     victim.state, victim.placed_at, victim.backend_ref = state, None, None
     victim.leaves = victim.pods = None
-    victim.bypassed, victim.detail = 0, reason
+    victim.bypassed, victim.cause, victim.detail = 0, cause, None

@@ -136,7 +136,7 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
     s.connection().execute(sa.insert(Allocation), [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
                                                    for name, gpus in found.nodes])
     s.expire(cluster, ["allocations"])
-    cluster.state, cluster.placed_at, cluster.detail = "ready", now(), None
+    cluster.state, cluster.placed_at, cluster.cause, cluster.detail = "ready", now(), None, None
     open_interval(s, cluster, [n for n, _ in found.nodes], cluster.gpus, cluster.placed_at)
     cluster.leaves, cluster.pods = found.leaves, found.pods
     # Inside the transaction, so that a backend that refuses (scontrol fails) leaves nothing in
@@ -152,7 +152,7 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
                                              Job.backend_ref.is_(None)).order_by(Job.id)).all()
     for job in waiting:
         start_job(s, fleet, job, cluster)
-        job.detail = f"restarted on {', '.join(cluster.node_names)} after {job.preemptions} preemption(s)"
+        job.cause, job.detail = None, f"restarted on {', '.join(cluster.node_names)} after {job.preemptions} preemption(s)"
     return True
 
 

@@ -105,7 +105,8 @@ class Cluster(Base):
     placed_at: Mapped[float | None]
     owner: Mapped[str | None] = mapped_column(sa.String(128), index=True)  # opaque tag (the service's project)
     priority: Mapped[int] = mapped_column(default=0)  # higher may reclaim nodes from lower (preemption)
-    detail: Mapped[str | None] = mapped_column(sa.Text)  # why it waits, e.g. who preempted it
+    cause: Mapped[dict | None] = mapped_column(sa.JSON)  # why it waits: who preempted it, or its hold (preempt.describe)
+    detail: Mapped[str | None] = mapped_column(sa.Text)  # the same in words, as databases before `cause` kept it
     allocations: Mapped[list[Allocation]] = relationship(
         back_populates="cluster", cascade="all, delete-orphan", order_by="Allocation.node_name"
     )
@@ -147,6 +148,7 @@ class AllocationInterval(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = {"sqlite_autoincrement": True}  # an id is never given out twice, not even after a crash
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     cluster_name: Mapped[str] = mapped_column(sa.String(64), index=True)
     config: Mapped[str] = mapped_column(sa.Text)
@@ -159,6 +161,7 @@ class Job(Base):
     max_restarts: Mapped[int]
     preemptions: Mapped[int] = mapped_column(default=0)  # times stopped to give its nodes to a higher priority
     exit_code: Mapped[int | None]
+    cause: Mapped[dict | None] = mapped_column(sa.JSON)  # why a stopped job waits (as its cluster's), else None
     detail: Mapped[str | None] = mapped_column(sa.Text)
     submitted_at: Mapped[float]
     ended_at: Mapped[float | None]

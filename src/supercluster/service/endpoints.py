@@ -19,7 +19,6 @@ import os
 import secrets
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,8 +27,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from supercluster.cluster import jobs as fleet_jobs
+from supercluster.cluster.state import Cluster
 from supercluster.errors import UserError
 from supercluster.paths import home, model_library
+from supercluster.service import resources
 from supercluster.service.auth import Caller, ServiceError
 from supercluster.service.models import Endpoint, EndpointCall, Org, Project, ServiceCluster, ServiceJob, User
 from supercluster.service.store import Store
@@ -37,7 +38,6 @@ from supercluster.service.tenancy import visible_project
 
 
 STOP_WAIT_S = 30.0  # how long a delete waits for the server to stop answering
-_lock = threading.Lock()  # one create at a time per server: two of the same name must not both start a server
 
 
 def view(e: Endpoint, project: str, calls: dict | None = None) -> dict:
@@ -116,27 +116,18 @@ def _free_port() -> int:
 
 def create(store: Store, caller: Caller, project: str, name: str, cluster: str, run_dir: str | None, job: int | None,
            max_running: int, quantize: str) -> dict:
-    with _lock:
-        return _create(store, caller, project, name, cluster, run_dir, job, max_running, quantize)
-
-
-def _create(store: Store, caller: Caller, project: str, name: str, cluster: str, run_dir: str | None, job: int | None,
-            max_running: int, quantize: str) -> dict:
-    with store.session() as s:
+    with store.reading() as s:  # the fleet's state, read beside the service's rows
         p = visible_project(s, caller, project, "member")
-        if s.scalar(sa.select(Endpoint.id).where(Endpoint.project_id == p.id, Endpoint.name == name,
-                                                 Endpoint.state.in_(("starting", "ready")))):
-            raise ServiceError(409, f"Project {project!r} already has an endpoint named {name!r}; delete it first.")
+        if _active(s, p.id, name):
+            raise _taken(project, name)
         sc = s.scalar(sa.select(ServiceCluster).where(ServiceCluster.project_id == p.id, ServiceCluster.name == cluster))
         if sc is None:
             raise ServiceError(404, f"Project {project!r} has no cluster named {cluster!r}.")
-        if sc.state != "ready":
-            raise ServiceError(409, f"Cluster {cluster!r} is {sc.state}; deploy once it is ready.")
-        fleet_name, project_id = sc.fleet_name, p.id
-        s.expunge(p)
+        state = resources.cluster_state(s.scalar(sa.select(Cluster.state).where(Cluster.name == sc.fleet_name)))
+        backend = store.fleet.fleet(s).backend
+    if state != "ready":
+        raise ServiceError(409, f"Cluster {cluster!r} is {state}; deploy once it is ready.")
     path = _run_dir(store, p, run_dir, job)
-    with store.fleet.transaction(lock=False) as fs:
-        backend = store.fleet.fleet(fs).backend
     if backend != "local":
         # A server on another machine would need that machine's address and an open port there.
         raise ServiceError(409, f"Endpoints run on fleets of local nodes for now; this fleet's backend is {backend}.")
@@ -145,21 +136,44 @@ def _create(store: Store, caller: Caller, project: str, name: str, cluster: str,
     command = [sys.executable, "-m", "supercluster.cli.main", "serve", str(path), "--host", "127.0.0.1", "--port",
                str(port), "--api-key-file", str(key_file), "--max-running", str(max_running), "--quantize", quantize,
                "--served-model-name", name]
+    shown = {}
+
+    def record(s: Session, fleet_job) -> None:
+        """In the fleet's transaction that writes the serving job, under its lock, before it starts:
+        the endpoint's row with it, or neither (and of two requests for one name, one only)."""
+        if _active(s, p.id, name):
+            raise _taken(project, name)
+        # A stopped or failed endpoint of the same name is started again: its calls stay counted.
+        e = s.scalar(sa.select(Endpoint).where(Endpoint.project_id == p.id, Endpoint.name == name))
+        if e is None:
+            e = Endpoint(project_id=p.id, name=name)
+            s.add(e)
+        e.user_id, e.cluster, e.run_dir, e.job_id = caller.user_id, cluster, str(path), fleet_job.id
+        e.url, e.secret, e.state, e.detail, e.created_at = f"http://127.0.0.1:{port}", secret, "starting", None, time.time()
+        s.flush()
+        shown.update(view(e, project, _calls(s, [e.id]).get(e.id)))
+
     try:
-        fleet_job = fleet_jobs.submit_job(store.fleet, fleet_name, str(path), command=command, max_restarts=0)
+        fleet_jobs.submit_job(store.fleet, sc.fleet_name, str(path), command=command, max_restarts=0, record=record)
+    except fleet_jobs.ClusterNotReady as err:  # the fleet queued or held it since we looked
+        key_file.unlink(missing_ok=True)
+        raise ServiceError(409, f"Cluster {cluster!r} is {resources.cluster_state(err.state)}; deploy once it is ready.") from None
+    except ServiceError:  # the name was taken beside this request
+        key_file.unlink(missing_ok=True)
+        raise
     except UserError as err:
         key_file.unlink(missing_ok=True)
         raise ServiceError(409, str(err)) from None
-    with store.session() as s:
-        # A stopped or failed endpoint of the same name is started again: its calls stay counted.
-        e = s.scalar(sa.select(Endpoint).where(Endpoint.project_id == project_id, Endpoint.name == name))
-        if e is None:
-            e = Endpoint(project_id=project_id, name=name)
-            s.add(e)
-        e.user_id, e.cluster, e.run_dir, e.job_id = caller.user_id, cluster, str(path), fleet_job["id"]
-        e.url, e.secret, e.state, e.detail, e.created_at = f"http://127.0.0.1:{port}", secret, "starting", None, time.time()
-        s.flush()
-        return view(e, project, _calls(s, [e.id]).get(e.id))
+    return shown
+
+
+def _active(s: Session, project_id: int, name: str) -> bool:
+    return s.scalar(sa.select(Endpoint.id).where(Endpoint.project_id == project_id, Endpoint.name == name,
+                                                 Endpoint.state.in_(("starting", "ready")))) is not None
+
+
+def _taken(project: str, name: str) -> ServiceError:
+    return ServiceError(409, f"Project {project!r} already has an endpoint named {name!r}; delete it first.")
 
 
 def refresh(store: Store, endpoints: list[Endpoint]) -> None:

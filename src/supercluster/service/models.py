@@ -9,9 +9,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ROLES = ("viewer", "member", "admin")  # each may do what the ones before it may
-CLUSTER_STATES = ("waiting", "held", "queued", "ready")
-# waiting: held back by the project's quota, not yet on the fleet; held: on the fleet, stopped for its budget;
-# queued, ready: handed to the fleet, whose own state is the one shown
+# A service cluster has no state of its own: it waits (for its quota) while the fleet has no cluster
+# of its `fleet_name`, and is in the fleet's state after (`resources.cluster_state`).
 
 
 class ServiceBase(DeclarativeBase):
@@ -78,8 +77,7 @@ class ServiceCluster(ServiceBase):
     gpu_type: Mapped[str] = mapped_column(sa.String(64))
     max_switches: Mapped[int | None]
     require_health: Mapped[bool] = mapped_column(default=False)
-    state: Mapped[str] = mapped_column(sa.String(16))  # see CLUSTER_STATES
-    reason: Mapped[str | None] = mapped_column(sa.Text)
+    reason: Mapped[str | None] = mapped_column(sa.Text)  # why the quota holds it back, while the fleet has none
     priority: Mapped[int] = mapped_column(default=0, server_default="0")  # a higher one may preempt it
     created_at: Mapped[float]
 

@@ -6,28 +6,30 @@ request waits here (state `waiting`, with the reason) until the project's own cl
 enough; past the `gpu_hours` budget a new request is refused. A cluster holds GPUs, and is
 charged, from the moment the fleet places it until it is deleted (one usage interval).
 
-Calls into `cluster` open their own transactions, so a request reads and writes the service
-tables around them, never across them, except for a cluster's own row, which its `record` hook
-writes inside the fleet's transaction that creates or deletes the cluster (so the two books never
-disagree); one lock per server process keeps those steps of concurrent requests from interleaving.
+One cluster state, the fleet's: a service cluster is `waiting` while the fleet has no cluster of
+its fleet name (the quota holds it back), else whatever the fleet says (`held`, stopped for its
+budget, shows as waiting), read in the same session as the service's row. A call into `cluster`
+opens its own transaction; the service's rows it touches (a cluster's, a job's) are written by
+its hook inside that transaction, after the quota is decided there, under the fleet's lock: so
+the two books never disagree, and no lock of this process is needed to keep requests apart.
 """
 
 from __future__ import annotations
 
-import re
-import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Callable, Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from supercluster.cluster import clusters as fleet_clusters
 from supercluster.cluster import jobs as fleet_jobs
+from supercluster.cluster import preempt
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.isolation import JobArea, PathRefused
-from supercluster.cluster.state import Job, Node
+from supercluster.cluster.state import Cluster, Job, Node
 from supercluster.errors import UserError
 from supercluster.paths import data_library, model_library, project_area
 from supercluster.service import usage
@@ -36,54 +38,65 @@ from supercluster.service.models import Project, Quota, ServiceCluster, ServiceJ
 from supercluster.service.store import Store
 from supercluster.service.tenancy import visible_project
 
-_lock = threading.RLock()
-
 
 def fleet_name(project: Project, name: str) -> str:
     return f"p{project.id}.{name}"
 
 
-def project_names(store: Store) -> dict[int, str]:
-    with store.reading() as s:  # no write lock: callers may be between calls into the fleet
-        return project_names_in(s)
+def cluster_namer(s: Session, fleet_names: Iterable[str | None]) -> Callable[[str], str]:
+    """How the service words the fleet clusters of a cause (`preempt.describe`): as `project/name`."""
+    wanted = {n for n in fleet_names if n}
+    rows = s.execute(sa.select(ServiceCluster.fleet_name, Project.name, ServiceCluster.name)
+                     .join(Project, Project.id == ServiceCluster.project_id)
+                     .where(ServiceCluster.fleet_name.in_(wanted))).all() if wanted else []
+    labels = {f: f"{project}/{name}" for f, project, name in rows}
+    return lambda n: f"cluster {labels[n]!r}" if n in labels else "another cluster"  # the operator's, or one gone
 
 
-def project_names_in(s: Session) -> dict[int, str]:
-    return dict(s.execute(sa.select(Project.id, Project.name)).all())
+def cluster_state(fleet_state: str | None) -> str:
+    """The state a tenant sees: the fleet's, `waiting` while the fleet has none (the quota holds
+    it back) or holds it (its budget is spent)."""
+    return "waiting" if fleet_state in (None, "held") else fleet_state
 
 
-def fleet_text(names: dict[int, str], text: str | None) -> str | None:
-    """The fleet's words with its cluster names (`p<id>.<name>`) written as the service's `project/name`."""
-    if not text:
-        return text
-    return _FLEET_NAME.sub(lambda m: f"{names.get(int(m[1]), 'p' + m[1])}/{m[2]}", text)
+def _fleet_state(s: Session, sc: ServiceCluster) -> str | None:
+    return s.scalar(sa.select(Cluster.state).where(Cluster.name == sc.fleet_name))
 
 
-_FLEET_NAME = re.compile(r"(?:cluster )?'p(\d+)\.([A-Za-z0-9._-]+)'")
-
-
-def cluster_view(names: dict[int, str], sc: ServiceCluster, project: str, fleet: dict | None) -> dict:
-    """The fleet's state and reason (a preemption, a budget hold), or the quota's while it waits here."""
-    view = {"name": sc.name, "project": project, "state": sc.state, "reason": sc.reason, "priority": sc.priority, "gpus": sc.gpus,
-            "gpu_type": sc.gpu_type, "created_at": sc.created_at, "nodes": [], "leaves": None, "pods": None,
-            "queue_position": None, "placed_at": None, "jobs": []}
+def cluster_view(sc: ServiceCluster, project: str, fleet: dict | None, name: Callable[[str], str]) -> dict:
+    """The fleet's state and why it waits (a preemption, a budget hold), or the quota's while it waits here."""
+    view = {"name": sc.name, "project": project, "state": "waiting", "reason": sc.reason, "priority": sc.priority,
+            "gpus": sc.gpus, "gpu_type": sc.gpu_type, "created_at": sc.created_at, "nodes": [], "leaves": None,
+            "pods": None, "queue_position": None, "placed_at": None, "jobs": []}
     if fleet is not None:
-        view.update({k: fleet[k] for k in ("nodes", "leaves", "pods", "queue_position", "placed_at", "jobs")})
+        view.update({k: fleet[k] for k in ("leaves", "pods", "queue_position", "placed_at", "jobs")})
         view["nodes"] = [{k: n[k] for k in ("name", "gpus", "leaf", "pod", "status")} for n in fleet["nodes"]]
-        # held: stopped for the project's budget, it waits for the operator as a quota wait does
-        view["state"] = "waiting" if fleet["state"] == "held" else fleet["state"]
-        view["reason"] = None if fleet["state"] == "ready" else (fleet_text(names, fleet["detail"]) or "waiting for free nodes in the fleet")
+        view["state"] = cluster_state(fleet["state"])
+        if fleet["state"] == "ready":
+            view["reason"] = None
+        elif fleet["cause"]:
+            view["reason"] = preempt.describe(fleet["cause"], name=name)
+        else:
+            view["reason"] = fleet["detail"] or "waiting for free nodes in the fleet"
     return view
+
+
+def _views(s: Session, scs: list, project: str) -> list[dict]:
+    """`cluster_view` of each of `scs` (rows of one project), from one read of the fleet."""
+    fleet = fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs])
+    name = cluster_namer(s, [(f["cause"] or {}).get("by") for f in fleet.values()])
+    return [cluster_view(sc, project, fleet.get(sc.fleet_name), name) for sc in scs]
 
 
 # ---- quota ---------------------------------------------------------------------------------------
 
 
 def _in_use(s: Session, project_id: int, gpu_type: str) -> int:
-    """GPUs the project has handed to the fleet (queued there or placed) of one type."""
-    return int(s.scalar(sa.select(sa.func.coalesce(sa.func.sum(ServiceCluster.gpus), 0)).where(
-        ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
-        ServiceCluster.state.in_(("queued", "ready")))))
+    """GPUs the project has handed to the fleet (queued there or placed) of one type, as the fleet says."""
+    return int(s.scalar(sa.select(sa.func.coalesce(sa.func.sum(ServiceCluster.gpus), 0))
+                        .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
+                        .where(ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
+                               Cluster.state.in_(("queued", "ready")))))
 
 
 def quota_view(s: Session, project: Project) -> dict:
@@ -157,7 +170,31 @@ def _quota_decision(s: Session, project: Project, gpu_type: str, gpus: int) -> s
 # ---- clusters ------------------------------------------------------------------------------------
 
 
-def _fleet_create(store: Store, sc: ServiceCluster, record=None) -> dict:
+class _Waits(Exception):
+    """Raised by a hook in a fleet transaction: the quota says wait, so the fleet does nothing."""
+
+    def __init__(self, reason: str | None):
+        self.reason = reason
+
+
+def _admit(s: Session, sc: ServiceCluster) -> None:
+    """In the fleet's transaction, under its lock: may `sc` go to the fleet now? Raises `_Waits`
+    with the quota's reason if not, ServiceError if it never may."""
+    reason = _quota_decision(s, s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
+    if reason is not None:
+        raise _Waits(reason)
+    sc.reason = None
+
+
+def _name_taken(s: Session, project_id: int, name: str) -> bool:
+    return s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == project_id, ServiceCluster.name == name)) is not None
+
+
+def _taken(project: str, name: str) -> ServiceError:
+    return ServiceError(409, f"Project {project!r} already has a cluster named {name!r}; choose another name or delete it first.")
+
+
+def _fleet_create(store: Store, sc: ServiceCluster, record: Callable[[Session], None]) -> dict:
     """Hands the cluster to the fleet, which places it, queues it or preempts lower priorities for it."""
     try:
         return fleet_clusters.create_cluster(store.fleet, sc.fleet_name, sc.gpus, gpu_type=sc.gpu_type, wait=True,
@@ -170,32 +207,38 @@ def _fleet_create(store: Store, sc: ServiceCluster, record=None) -> dict:
 
 def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: int, gpu_type: str | None,
                    max_switches: int | None, require_health: bool, priority: int = 0) -> dict:
-    with _lock:
-        with store.reading() as s:  # reads only; the lock keeps this server's other writers out meanwhile
-            p = visible_project(s, caller, project, "member")
-            if s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == p.id, ServiceCluster.name == name)):
-                raise ServiceError(409, f"Project {project!r} already has a cluster named {name!r}; choose another name or delete it first.")
-            gpu_type = _resolve_gpu_type(s, gpu_type)
-            if priority:
-                q = s.get(Quota, (p.id, gpu_type))
-                allowed = q.max_priority if q else 0
-                if priority > allowed:
-                    raise ServiceError(403, f"Project {project!r} may ask for priority up to {allowed} on {gpu_type}; ask the operator to raise it.")
-            reason = _quota_decision(s, p, gpu_type, gpus)
-            sc = ServiceCluster(project_id=p.id, user_id=caller.user_id, name=name, fleet_name=fleet_name(p, name), gpus=gpus,
-                                gpu_type=gpu_type, max_switches=max_switches, require_health=require_health,
-                                state="waiting", reason=reason, priority=priority, created_at=time.time())
-        fleet = None
-        if reason is None:
-            def record(s: Session, shown: dict) -> None:  # in the fleet's transaction: both rows or neither
-                sc.state = shown["state"]
-                s.add(sc)
+    with store.reading() as s:
+        p = visible_project(s, caller, project, "member")
+        if _name_taken(s, p.id, name):
+            raise _taken(project, name)
+        gpu_type = _resolve_gpu_type(s, gpu_type)
+        if priority:
+            q = s.get(Quota, (p.id, gpu_type))
+            allowed = q.max_priority if q else 0
+            if priority > allowed:
+                raise ServiceError(403, f"Project {project!r} may ask for priority up to {allowed} on {gpu_type}; ask the operator to raise it.")
+    sc = ServiceCluster(project_id=p.id, user_id=caller.user_id, name=name, fleet_name=fleet_name(p, name), gpus=gpus,
+                        gpu_type=gpu_type, max_switches=max_switches, require_health=require_health,
+                        priority=priority, created_at=time.time())
 
-            fleet = _fleet_create(store, sc, record)  # refuses sizes that never fit: nothing kept on either side
-        else:
-            with store.session() as s:
-                s.add(sc)
-    return cluster_view(project_names(store), sc, project, fleet)
+    def record(s: Session) -> None:  # in the fleet's transaction: both rows or neither
+        if _name_taken(s, p.id, name):  # a request beside this one took it
+            raise _taken(project, name)
+        _admit(s, sc)
+        s.add(sc)
+
+    try:
+        fleet = _fleet_create(store, sc, record)  # refuses sizes that never fit: nothing kept on either side
+    except _Waits as waits:
+        with store.fleet.transaction() as s:  # the fleet's lock: a request beside this one sees it, or it sees theirs
+            if _name_taken(s, p.id, name):
+                raise _taken(project, name) from None
+            sc.reason = waits.reason
+            s.add(sc)
+        fleet = None
+    with store.reading() as s:
+        name_of = cluster_namer(s, [((fleet or {}).get("cause") or {}).get("by")])
+        return cluster_view(sc, project, fleet, name_of)
 
 
 def undrain_node(store: Store, node: str) -> list[str]:
@@ -209,39 +252,65 @@ def undrain_node(store: Store, node: str) -> list[str]:
 
 
 def reconcile(store: Store) -> None:
-    """Hands the fleet the clusters the quota held back (or a budget stopped) once the quota allows them."""
-    with store.reading() as s:  # the common case, nothing waits here: one cheap query and no lock
-        if not s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.state.in_(("waiting", "held"))).limit(1)):
+    """Hands the fleet the clusters the quota held back, and gives back those a budget stopped,
+    once the quota allows (each decided again in the fleet's transaction that does it)."""
+    with store.reading() as s:  # the common case, nothing waits: one cheap query
+        waiting = s.execute(sa.select(ServiceCluster, Cluster.state)
+                            .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
+                            .where(sa.or_(Cluster.id.is_(None), Cluster.state == "held"))
+                            .order_by(ServiceCluster.id)).all()
+        # A first look without the fleet's lock: most that wait still must, and need not take it.
+        decided = [(sc, state, _quota_reason(s, sc)) for sc, state in waiting]
+    for sc, state, reason in decided:
+        if state == "held":
+            if reason is None:
+                _give_back(store, sc.id, sc.fleet_name)
+        else:
+            _hand_over(store, sc, reason)
+
+
+def _quota_reason(s: Session, sc: ServiceCluster) -> str | None:
+    """Why the quota holds `sc` back now (a wait or a spent budget), or None."""
+    try:
+        return _quota_decision(s, s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
+    except ServiceError as err:
+        return err.message
+
+
+def _give_back(store: Store, sc_id: int, fleet_cluster: str) -> None:
+    def record(s: Session) -> None:
+        sc = s.get(ServiceCluster, sc_id)
+        if sc is not None:  # None: it is being deleted
+            _admit(s, sc)
+
+    try:
+        fleet_clusters.release_cluster(store.fleet, fleet_cluster, record=record)
+    except (_Waits, ServiceError, UserError):
+        pass  # still over its quota or budget (the hold says why), or deleted meanwhile
+
+
+def _hand_over(store: Store, sc: ServiceCluster, reason: str | None) -> None:
+    """Hands a waiting cluster to the fleet if the quota allows, else keeps why it waits."""
+    if reason is None:
+        def record(s: Session) -> None:
+            row = s.get(ServiceCluster, sc.id)
+            if row is None:  # deleted meanwhile
+                raise _Waits(None)
+            _admit(s, row)
+
+        try:
+            _fleet_create(store, sc, record)
             return
-    with _lock:
-        with store.session() as s:
-            waiting = s.scalars(sa.select(ServiceCluster).where(ServiceCluster.state.in_(("waiting", "held")))
-                                .order_by(ServiceCluster.id)).all()
-            startable = []
-            for sc in waiting:
-                p = s.get(Project, sc.project_id)
-                try:
-                    if _quota_decision(s, p, sc.gpu_type, sc.gpus) is None:
-                        startable.append((sc.id, sc.state))
-                        sc.state = "queued"  # counted in use at once, so the next waiting one sees it
-                except ServiceError as err:  # budget spent while it waited: it stays, saying why
-                    sc.reason = err.message
-        for sc_id, was in startable:
-            with store.session() as s:
-                sc = s.get(ServiceCluster, sc_id)
-            try:
-                if was == "held":
-                    fleet = fleet_clusters.release_cluster(store.fleet, sc.fleet_name)
-                else:
-                    fleet = _fleet_create(store, sc)
-            except (UserError, ServiceError) as err:
-                with store.session() as s:
-                    row = s.get(ServiceCluster, sc_id)
-                    row.state, row.reason = was, getattr(err, "message", str(err))
-                continue
-            with store.session() as s:
-                row = s.get(ServiceCluster, sc_id)
-                row.state, row.reason = fleet["state"], None
+        except _Waits as waits:
+            reason = waits.reason
+        except ServiceError as err:  # the fleet refuses its size now
+            reason = err.message
+    if reason is None or reason == sc.reason:
+        return  # written only when it changes: a GET reconciles, and need not take the write lock
+    with store.fleet.transaction() as s:
+        s.execute(sa.update(ServiceCluster).where(ServiceCluster.id == sc.id,
+                                                  ServiceCluster.fleet_name.not_in(sa.select(Cluster.name)))
+                  .values(reason=reason))
 
 
 def _get(s: Session, p: Project, name: str) -> ServiceCluster:
@@ -251,16 +320,10 @@ def _get(s: Session, p: Project, name: str) -> ServiceCluster:
     return sc
 
 
-def _fleet_views(s: Session, scs) -> dict[str, dict]:
-    """The fleet's view of each cluster handed to it, by fleet name (one read for all of them)."""
-    return fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs if sc.state != "waiting"])
-
-
 def show_cluster(store: Store, caller: Caller, project: str, name: str) -> dict:
     reconcile(store)
     with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
-        sc = _get(s, visible_project(s, caller, project), name)
-        return cluster_view(project_names_in(s), sc, project, _fleet_views(s, [sc]).get(sc.fleet_name))
+        return _views(s, [_get(s, visible_project(s, caller, project), name)], project)[0]
 
 
 def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
@@ -269,24 +332,22 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
         query = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)
-        rows = s.execute(query).all()
-        names, fleet = project_names_in(s), _fleet_views(s, rows)
-    return [cluster_view(names, sc, project, fleet.get(sc.fleet_name)) for sc in rows]
+        return _views(s, s.execute(query).all(), project)
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
-    with _lock:
-        with store.reading() as s:  # reads only; the lock keeps this server's other writers out meanwhile
-            sc = _get(s, visible_project(s, caller, project, "member"), name)
-        forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
-        if sc.state != "waiting":
-            try:  # the service's row goes in the fleet's transaction: both or neither
-                fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
-            except UserError as err:
-                raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
-        else:
-            with store.session() as s:
-                s.execute(forget)
+    with store.reading() as s:
+        sc = _get(s, visible_project(s, caller, project, "member"), name)
+    forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
+    with store.fleet.transaction() as s:  # the fleet's lock: no reconcile hands it over meanwhile
+        on_fleet = s.scalar(sa.select(Cluster.id).where(Cluster.name == sc.fleet_name)) is not None
+        if not on_fleet:
+            s.execute(forget)
+    if on_fleet:
+        try:  # the service's row goes in the fleet's transaction: both or neither
+            fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
+        except UserError as err:
+            raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
     reconcile(store)
     return {"name": name, "project": project, "state": "deleted"}
 
@@ -300,13 +361,19 @@ def _configs_dir() -> Path:
     return home() / "service" / "configs"
 
 
-def job_view(job: dict, cluster: str, names: dict[int, str] | None = None) -> dict:
-    """The fleet's job; `detail` says why a preempted one waits (it restarts from its checkpoint)."""
+def job_view(job: dict, cluster: str, name: Callable[[str], str]) -> dict:
+    """The fleet's job; `detail` says why a preempted one waits (it restarts from its checkpoint),
+    naming clusters with `name` (`cluster_namer`)."""
     keep = ("id", "state", "overrides", "restarts", "max_restarts", "preemptions", "exit_code", "detail", "submitted_at", "ended_at")
     view = {**{k: job[k] for k in keep}, "cluster": cluster}
-    if names is not None:
-        view["detail"] = fleet_text(names, view["detail"])
+    if job["cause"]:
+        view["detail"] = preempt.describe(job["cause"], job["cluster"], name)
     return view
+
+
+def _namer_for_jobs(store: Store, jobs: list[dict]) -> Callable[[str], str]:
+    with store.reading() as s:
+        return cluster_namer(s, [n for j in jobs if j["cause"] for n in (j["cause"].get("by"), j["cluster"])])
 
 
 def job_area(store: Store, p: Project) -> JobArea:
@@ -323,30 +390,40 @@ def submit_job(store: Store, caller: Caller, project: str, cluster: str, config:
                max_restarts: int) -> dict:
     import tomli_w
 
-    with store.session() as s:
+    with store.reading() as s:  # the fleet's state, read beside the service's row
         p = visible_project(s, caller, project, "member")
         sc = _get(s, p, cluster)
-    if sc.state != "ready":
-        raise ServiceError(409, f"Cluster {cluster!r} is {sc.state}; submit once it is ready.")
+        state = cluster_state(_fleet_state(s, sc))
+    if state != "ready":
+        raise _not_ready(cluster, state, "submit")
     path = _configs_dir() / f"{uuid.uuid4().hex}.toml"
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path.write_text(tomli_w.dumps(config))
     except (TypeError, ValueError) as err:
         raise ServiceError(422, f"The config cannot be written as TOML ({err}); send sections of plain values.") from None
+
+    def record(s: Session, job: Job) -> None:  # in the fleet's transaction that writes the job: both rows or neither
+        s.add(ServiceJob(job_id=job.id, project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time()))
+
     try:
         job = fleet_jobs.submit_job(store.fleet, sc.fleet_name, str(path), overrides, max_restarts=max_restarts,
-                                    area=job_area(store, p))
+                                    area=job_area(store, p), record=record)
+    except fleet_jobs.ClusterNotReady as err:  # the fleet queued or held it since we looked
+        path.unlink(missing_ok=True)
+        raise _not_ready(cluster, cluster_state(err.state), "submit") from None
     except UserError as err:
         path.unlink(missing_ok=True)
         raise ServiceError(403 if isinstance(err, PathRefused) else 422, str(err)) from None
-    with store.session() as s:
-        s.add(ServiceJob(job_id=job["id"], project_id=p.id, user_id=caller.user_id, cluster=cluster, created_at=time.time()))
-    return job_view(job, cluster)
+    return job_view(job, cluster, str)  # a new job has no cause to word
+
+
+def _not_ready(cluster: str, state: str, what: str) -> ServiceError:
+    return ServiceError(409, f"Cluster {cluster!r} is {state}; {what} once it is ready.")
 
 
 def _job(store: Store, caller: Caller, project: str, job_id: int, role: str = "viewer") -> ServiceJob:
-    with store.session() as s:
+    with store.reading() as s:
         p = visible_project(s, caller, project, role)
         sj = s.get(ServiceJob, job_id)
         if sj is None or sj.project_id != p.id:
@@ -356,25 +433,28 @@ def _job(store: Store, caller: Caller, project: str, job_id: int, role: str = "v
 
 def job_status(store: Store, caller: Caller, project: str, job_id: int) -> dict:
     sj = _job(store, caller, project, job_id)
-    return job_view(fleet_jobs.job_status(store.fleet, job_id), sj.cluster, project_names(store))
+    job = fleet_jobs.job_status(store.fleet, job_id)
+    return job_view(job, sj.cluster, _namer_for_jobs(store, [job]))
 
 
 def list_jobs(store: Store, caller: Caller, project: str) -> list[dict]:
-    with store.session() as s:
+    with store.reading() as s:
         p = visible_project(s, caller, project)
         mine = {sj.job_id: sj for sj in s.scalars(sa.select(ServiceJob).where(ServiceJob.project_id == p.id))}
     if not mine:
         return []
-    names = project_names(store)
-    return [job_view(j, mine[j["id"]].cluster, names) for j in fleet_jobs.list_jobs(store.fleet) if j["id"] in mine]
+    jobs = [j for j in fleet_jobs.list_jobs(store.fleet) if j["id"] in mine]
+    name = _namer_for_jobs(store, jobs)
+    return [job_view(j, mine[j["id"]].cluster, name) for j in jobs]
 
 
 def cancel_job(store: Store, caller: Caller, project: str, job_id: int) -> dict:
     sj = _job(store, caller, project, job_id, "member")
     try:
-        return job_view(fleet_jobs.cancel_job(store.fleet, job_id), sj.cluster)
+        job = fleet_jobs.cancel_job(store.fleet, job_id)
     except UserError as err:
         raise ServiceError(409, str(err)) from None
+    return job_view(job, sj.cluster, _namer_for_jobs(store, [job]))
 
 
 def job_log(store: Store, caller: Caller, project: str, job_id: int) -> Path:
@@ -431,26 +511,26 @@ def enforce_budgets(store: Store, at: float | None = None) -> list[str]:
     back to the fleet's queue and their jobs resume. Returns the clusters stopped, as project/name.
     """
     at = time.time() if at is None else at
+    with store.reading() as s:
+        over = [(q.project_id, q.gpu_type, q.gpu_hours) for q in s.scalars(sa.select(Quota).where(Quota.gpu_hours.is_not(None)))
+                if usage.gpu_seconds(s, q.project_id, q.gpu_type, at) / 3600 >= q.gpu_hours]
+        victims = []
+        for project_id, gpu_type, budget in over:
+            project = s.get(Project, project_id).name
+            on_fleet = (sa.select(ServiceCluster.name, ServiceCluster.fleet_name)
+                        .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
+                        .where(ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
+                               Cluster.state.in_(("queued", "ready"))))
+            victims += [(cluster, fleet_cluster, gpu_type, project, budget) for cluster, fleet_cluster in s.execute(on_fleet)]
     stopped = []
-    with _lock:
-        with store.session() as s:
-            over = [(q.project_id, q.gpu_type, q.gpu_hours) for q in s.scalars(sa.select(Quota).where(Quota.gpu_hours.is_not(None)))
-                    if usage.gpu_seconds(s, q.project_id, q.gpu_type, at) / 3600 >= q.gpu_hours]
-            victims = []
-            for project_id, gpu_type, budget in over:
-                name = s.get(Project, project_id).name
-                for sc in s.scalars(sa.select(ServiceCluster).where(
-                        ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
-                        ServiceCluster.state.in_(("queued", "ready")))):
-                    victims.append((sc.id, sc.name, sc.fleet_name, sc.gpu_type, name, budget))
-        for sc_id, cluster, fleet_cluster, gpu_type, project, budget in victims:
-            reason = (f"stopped: project {project!r} spent its {budget:g} {gpu_type} GPU-hour budget; "
-                      f"its jobs resume from their checkpoints if the operator raises it")
+    for cluster, fleet_cluster, gpu_type, project, budget in victims:
+        reason = (f"stopped: project {project!r} spent its {budget:g} {gpu_type} GPU-hour budget; "
+                  f"its jobs resume from their checkpoints if the operator raises it")
+        try:
             fleet_clusters.hold_cluster(store.fleet, fleet_cluster, reason)
-            with store.session() as s:
-                row = s.get(ServiceCluster, sc_id)
-                row.state, row.reason = "held", reason
-            stopped.append(f"{project}/{cluster}")
+        except UserError:
+            continue  # deleted since we looked
+        stopped.append(f"{project}/{cluster}")
     return stopped
 
 

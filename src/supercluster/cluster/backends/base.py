@@ -124,8 +124,16 @@ class Backend:
         return None
 
     # Jobs.
+    runs_jobs = False  # one that does says so, and implements the methods below
+
+    def check_runs_jobs(self) -> None:
+        """Raises, before a job is written down, where this backend could never start it."""
+        if not self.runs_jobs:
+            raise UserError(f"The {self.name} backend runs no jobs; create the fleet with --backend local or slurm.")
+
     def submit(self, spec: JobSpec) -> str:
-        raise UserError(f"The {self.name} backend runs no jobs; create the fleet with --backend local or slurm.")
+        self.check_runs_jobs()
+        raise NotImplementedError
 
     def poll(self, ref: str, job_dir: str) -> JobStatus:
         raise NotImplementedError

@@ -41,6 +41,7 @@ def _detect_gpus() -> tuple[str, int]:
 
 class LocalBackend(Backend):
     name = "local"
+    runs_jobs = True
 
     def discover(self) -> list[NodeSpec]:
         gpu_type, count = _detect_gpus()

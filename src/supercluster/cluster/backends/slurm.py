@@ -55,6 +55,7 @@ def node_state(slurm_state: str) -> str:
 
 class SlurmBackend(Backend):
     name = "slurm"
+    runs_jobs = True
 
     def __init__(self, settings: dict | None = None):
         super().__init__(settings)
