@@ -6,9 +6,11 @@ client has its own token in one of 4 projects and loops over a mix of routes: li
 clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At
 the end it checks that no answer was a 5xx and that no cluster record was lost or duplicated
 (every 202 not deleted since is listed exactly once, every 200 delete is gone), and prints p50/p99
-latency per route and the server's CPU time per request.
+latency per route and the server's CPU time per request. It runs the server with one worker
+process and then with --workers (default: this machine's cores), each on a fresh database, in the
+same minute, and prints both.
 
-    .venv/bin/python bench/service.py [--clients 200] [--seconds 30] [--db URL]
+    .venv/bin/python bench/service.py [--clients 200] [--seconds 30] [--db URL] [--workers N]
 """
 
 from __future__ import annotations
@@ -135,18 +137,25 @@ def main(argv=None):
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--db", default=None, help="a PostgreSQL URL to run against (default: a temporary SQLite file)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="server worker processes, beside the 1-worker reference")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="sc-bench-service-")
     os.environ.setdefault("SUPERCLUSTER_HOME", folder)
-    with fresh_db(args.db) as url:  # a new SQLite file, or a schema of its own on a server, dropped at the end
-        run(args, url)
+    failed = False
+    for workers in sorted({1, args.workers}):
+        with fresh_db(args.db) as url:  # a new SQLite file, or a schema of its own on a server, dropped at the end
+            failed |= run(args, url, workers)
+    if failed:
+        raise SystemExit(1)
 
 
-def run(args, url: str) -> None:
+def run(args, url: str, workers: int) -> bool:
+    """One load run against a server of `workers` processes; True when it failed its checks."""
     op_token, tokens = prepare(url, args.clients)
     port = _port()
     base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url])
+    server = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url,
+                               "--workers", str(workers)])
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -173,7 +182,7 @@ def run(args, url: str) -> None:
         server.terminate()
         server.wait(timeout=30)
     total = sum(codes.values())
-    print(f"{args.clients} clients, {wall:.1f} s, {total} requests ({total / wall:.0f}/s), database "
+    print(f"{workers} worker(s): {args.clients} clients, {wall:.1f} s, {total} requests ({total / wall:.0f}/s), database "
           f"{url.split(':', 1)[0]}; CPU: {cpu_model()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     # CPU time per request does not depend on what else the machine runs; latency at a fixed
     # number of clients does (it is clients / throughput), so both are printed.
@@ -184,19 +193,30 @@ def run(args, url: str) -> None:
     fivexx = sum(v for k, v in codes.items() if k >= 500)
     print(f"status codes: {dict(sorted(codes.items()))}; 5xx: {fivexx}; clusters created {sum(map(len, created.values()))}, "
           f"deleted {sum(map(len, deleted.values()))}, lost {lost}, duplicated {duplicated}")
-    print(json.dumps({"fivexx": fivexx, "lost": lost, "duplicated": duplicated,
-                      "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}))
-    if fivexx or lost or duplicated:
-        raise SystemExit(1)
+    print(json.dumps({"workers": workers, "fivexx": fivexx, "lost": lost, "duplicated": duplicated,
+                      "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}), flush=True)
+    return bool(fivexx or lost or duplicated)
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc; nan elsewhere)."""
+    """User + system CPU seconds so far of a process and its live children, the server's workers (Linux /proc; nan elsewhere)."""
+    def fields(stat) -> list[str]:
+        return open(stat).read().rsplit(")", 1)[1].split()
+
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        own = fields(f"/proc/{pid}/stat")
     except OSError:
         return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = int(own[11]) + int(own[12])
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                f = fields(f"/proc/{stat}/stat")
+            except OSError:
+                continue
+            if int(f[1]) == pid:
+                total += int(f[11]) + int(f[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

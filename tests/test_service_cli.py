@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import httpx
 import pytest
 import tomli_w
 
@@ -314,3 +316,55 @@ def test_local_usage_counts_the_fleet_s_own_clusters_and_its_csv_has_the_token_c
     assert list(rows[0])[-4:] == ["endpoint", "requests", "prompt_tokens", "completion_tokens"]
     code, out, _ = run(capsys, "usage", "--db", url)
     assert code == 0 and "team-a" in out
+
+
+def test_server_workers_share_one_port_and_one_database_and_stop_together(tmp_path, capsys):
+    import concurrent.futures
+
+    url = f"sqlite:///{tmp_path / 'service.db'}"
+    code, out, _ = run(capsys, "server", "init", "--gpus", "2", "--db", url, "--json")
+    assert code == 0
+    h = {"Authorization": f"Bearer {json.loads(out)['token']}"}
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "supercluster.cli.main", "server", "--port", str(port), "--db", url,
+                             "--workers", "2"], env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    try:
+        assert "2 worker processes" in proc.stdout.readline().decode()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base}/docs", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.3)
+        workers = children()
+        assert len(workers) == 2
+
+        def write_and_read(i):  # writes and reads spread over both workers, all in the one database
+            with httpx.Client(base_url=base, headers=h, timeout=60) as c:
+                r = c.post("/v1/orgs", json={"name": f"org{i}"})
+                return r.status_code, c.get("/v1/orgs").status_code
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(write_and_read, range(40)))
+        assert answers == [(201, 200)] * 40
+        names = {o["name"] for o in httpx.get(f"{base}/v1/orgs", headers=h, timeout=60).json()}
+        assert {f"org{i}" for i in range(40)} <= names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0 and not [pid for pid in workers if Path(f"/proc/{pid}").exists()]

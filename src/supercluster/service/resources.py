@@ -245,10 +245,12 @@ def undrain_node(store: Store, node: str) -> list[str]:
     """Returns a drained node to service; the clusters that started on it, as `project/name`."""
     from supercluster.cluster.fleet import resume_node
 
-    with _lock:  # it places clusters: one step among the creates and deletes of this server's requests
-        started = resume_node(node, db=store.fleet, only_if_out=True)
-    names = project_names(store)
-    return [fleet_text(names, f"'{c}'") for c in started]
+    started = resume_node(node, db=store.fleet, only_if_out=True)  # places them in its own transaction
+    with store.reading() as s:
+        labels = dict(s.execute(sa.select(ServiceCluster.fleet_name, Project.name + "/" + ServiceCluster.name)
+                                .join(Project, Project.id == ServiceCluster.project_id)
+                                .where(ServiceCluster.fleet_name.in_(started))).all()) if started else {}
+    return [labels.get(c, c) for c in started]  # the operator's own clusters keep their fleet names
 
 
 def reconcile(store: Store) -> None:
