@@ -103,6 +103,13 @@ def test_a_trained_run_is_served_through_the_service(live, library_corpus, tmp_p
         assert err.value.status_code == status
         assert "does not answer" not in str(err.value)
 
+    # bad input is the model server's 400 naming the field, passed on (and not counted), never a 500
+    with pytest.raises(openai.BadRequestError, match="'seed'"):
+        oai.completions.create(model=model, prompt="x", max_tokens=2, seed=2**64)
+    with pytest.raises(openai.BadRequestError, match="'messages.0.content.0.text'"):
+        oai.chat.completions.create(model=model, messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                                    max_tokens=2, stream=True)
+
     # three answered calls, 6 + 5 + 6 completion tokens, in the endpoint and in usage; no audit rows for them
     shown = client.get("/v1/projects/llm/endpoints/chat", headers=viewer).json()
     assert (shown["requests"], shown["completion_tokens"]) == (3, 17) and shown["prompt_tokens"] > 0

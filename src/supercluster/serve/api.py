@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
@@ -110,6 +111,15 @@ def _text_of(content: str | list[ContentPart] | None) -> str:
     return content or ""
 
 
+# pydantic's names of a union's branches in an error's location ("str", "list[int]", ...): no field of a request
+_BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|[\[(]")
+
+
+def _where(loc: tuple) -> str | None:
+    """The field an error is at, as the client wrote it (the location's union branches left out)."""
+    return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and _BRANCH.search(p))) or None
+
+
 class _Relay:
     """Carries engine events from its thread to the requests' queues on the event loop. A step
     emits one event per running sequence; they cross in one batch with one wake-up of the loop
@@ -147,8 +157,9 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        # The deepest error is nearest its cause: a content part's bad text, not "content is no string".
+        first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={})
+        where = _where(first.get("loc", ()))
         message = f"Invalid request: {first.get('msg', 'malformed body')}" + (f" at '{where}'" if where else "") + "."
         return JSONResponse(error_body(message, "invalid_request_error", param=where), status_code=400)
 
