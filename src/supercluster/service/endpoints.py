@@ -3,7 +3,8 @@
 An endpoint is `supercluster serve RUN_DIR` running as a fleet job on the cluster's first node,
 behind an API key only the service knows. Clients use the project's service token against
 `/v1/projects/{project}/endpoints/{name}/v1/...` (the OpenAI routes); the service checks it,
-forwards the call with the endpoint's key and records each answered call's tokens for usage.
+forwards the call with the endpoint's key and records each answered call's tokens for usage
+(a stream's from the usage its server puts in every chunk, so one cut short counts what it relayed).
 The GPUs the cluster holds are charged as for training, from the fleet's allocation intervals.
 
 What may be served: a run directory a training job of the same project wrote, or one in the
