@@ -570,6 +570,15 @@ def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
         events = queue.Queue()
         engine.submit([1, 2, 3], SamplingParams(max_tokens=4), events.put)
         assert "rank 1 exited" in events.get(timeout=60)["error"]
+        # through the API a stream ends with OpenAI's error event and [DONE], not a dropped connection
+        from fastapi.testclient import TestClient
+
+        from supercluster.serve.api import create_app
+
+        with TestClient(create_app(engine)) as http:
+            r = http.post("/v1/completions", json={"model": engine.name, "prompt": [1, 2, 3], "max_tokens": 4, "stream": True})
+        *error, done = [line for line in r.text.splitlines() if line]
+        assert error and "rank 1 exited" in json.loads(error[-1][6:])["error"]["message"] and done == "data: [DONE]"
     finally:
         engine.shutdown()
     assert engine.runner.workers == [] and worker.returncode is not None

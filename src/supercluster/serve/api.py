@@ -288,16 +288,21 @@ class _Stream:
         started, continuous = set(), options.include_usage and options.continuous_usage_stats
         try:
             while self.done < self.n:
-                index, ev = await self._next()
+                try:
+                    index, ev = await self._next()
+                except ApiError as err:  # the engine failed mid-stream: said in OpenAI's error body, then ended
+                    yield f"data: {json.dumps(error_body(err.message, err.kind, err.code, err.param))}\n\n"
+                    break
                 chunk = self._chunk(index, ev, index not in started)
                 if continuous:
                     chunk["usage"] = self._usage()
                 yield f"data: {json.dumps(chunk)}\n\n"
                 started.add(index)
-            if options.include_usage:
-                usage = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                         "created": self.created, "model": self.model, "choices": [], "usage": self._usage()}
-                yield f"data: {json.dumps(usage)}\n\n"
+            else:
+                if options.include_usage:
+                    usage = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                             "created": self.created, "model": self.model, "choices": [], "usage": self._usage()}
+                    yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): nothing of this request keeps running
             for rid in self.ids:
