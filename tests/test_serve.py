@@ -2,6 +2,7 @@
 loopback, spoken to with the official `openai` client."""
 
 import concurrent.futures
+import json
 import os
 import platform
 import re
@@ -158,6 +159,95 @@ def test_errors_use_openai_bodies(client, server):
     wrong_type = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
                             json={"model": "tiny-run", "prompt": "x", "max_tokens": "many"})
     assert wrong_type.status_code == 400 and "max_tokens" in wrong_type.json()["error"]["message"]
+
+
+def test_a_whole_answer_whose_client_leaves_is_aborted(server):
+    """A non-streamed request whose client closes its connection mid-generation stops decoding
+    and gives its KV blocks back, while other results keep coming (no pause for a poll to see)."""
+    before = metric(server, "supercluster_generation_tokens")
+    body = json.dumps({"model": "tiny-run", "prompt": "x", "max_tokens": 120, "n": 16, "ignore_eos": True}).encode()
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        for _ in range(600):  # until it is decoding
+            if metric(server, "supercluster_generation_tokens") > before:
+                break
+            time.sleep(0.01)
+        assert metric(server, "supercluster_kv_cache_blocks_used") > 0
+    for _ in range(200):
+        if metric(server, "supercluster_num_requests_running") == 0:
+            break
+        time.sleep(0.05)
+    assert metric(server, "supercluster_kv_cache_blocks_used") == 0
+    assert metric(server, "supercluster_generation_tokens") - before < 16 * 120  # stopped early, not run to the end
+
+
+def test_bad_sampling_values_are_400_naming_the_field(client, server):
+    """Out-of-range, infinite and NaN sampling values, seeds beyond int64 and content parts whose
+    text is not a string: a 400 in OpenAI's body naming the field, never a 500."""
+    cases = [({"temperature": -1}, "temperature"), ({"top_p": 2}, "top_p"), ({"top_p": 0}, "top_p"),
+             ({"max_tokens": -1}, "max_tokens"), ({"seed": 2**64}, "seed"), ({"seed": -2**63 - 1}, "seed")]
+    for fields, name in cases:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="tiny-run", prompt="x", **fields)
+        assert err.value.body["param"] == name and f"'{name}'" in err.value.message, (fields, err.value.message)
+    for raw, name in ((b'"temperature": NaN', "temperature"), (b'"temperature": Infinity', "temperature"),
+                      (b'"top_p": NaN', "top_p"), (b'"temperature": 1e999', "temperature")):
+        r = httpx.post(f"{server}/v1/completions", headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                       content=b'{"model": "tiny-run", "prompt": "x", ' + raw + b"}")
+        assert r.status_code == 400 and r.json()["error"]["param"] == name, (raw, r.text)
+        assert "finite number" in r.json()["error"]["message"]
+    for part, where in (({"type": "text", "text": 5}, "messages.0.content.0.text"), ({"type": "text"}, "messages.0.content.0"),
+                        ("hello", "messages.0.content.0"), ({"text": "no type"}, "messages.0.content.0.type")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="tiny-run", messages=[{"role": "user", "content": [part]}], max_tokens=2)
+        assert err.value.body["param"] == where and f"at '{where}'" in err.value.message, (part, err.value.message)
+    with pytest.raises(openai.BadRequestError, match="at 'prompt'"):  # a union's wrong type names the field alone
+        client.completions.create(model="tiny-run", prompt=5)
+    # the edges themselves are accepted; an image part carries no text and is passed over
+    assert complete(client, "x", max_tokens=2, seed=2**63 - 1, top_p=1e-9) is not None
+    reply = client.chat.completions.create(model="tiny-run", max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "def"}]}])
+    assert reply.usage.completion_tokens == 2
+
+
+def test_continuous_usage_counts_every_chunk(client):
+    """vLLM's `continuous_usage_stats`: every chunk carries the usage so far (what the service's
+    relay counts when a stream is cut short), ending at the final usage."""
+    chunks = list(client.completions.create(model="tiny-run", prompt=PROMPTS[0], max_tokens=6, temperature=0, stream=True,
+                                            extra_body={"ignore_eos": True},
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]
+    assert counts == [1, 2, 3, 4, 5, 6, 6, 6]  # six tokens, the finish chunk, the final usage chunk
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens} and chunks[-1].choices == []
+    plain = list(client.completions.create(model="tiny-run", prompt=PROMPTS[0], max_tokens=3, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+    assert [c.usage is None for c in plain] == [True] * (len(plain) - 1) + [False]
+
+
+def test_a_request_beyond_the_whole_kv_cache_is_refused_at_once(run_dir):
+    """A request that could never fit the KV pool (it would preempt itself forever) is refused
+    naming the sizes; one that just fits runs to its end."""
+    import queue
+
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
+
+    engine = Engine(run_dir, EngineConfig(precision="fp32", num_blocks=3, block_size=4))
+    try:
+        assert engine.room == 12
+        with pytest.raises(UserError, match=r"prompt \(5 tokens\) plus max_tokens \(8\) is beyond this server's whole "
+                                            r"KV cache of 12 tokens \(3 blocks of 4\)"):
+            engine.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=8), lambda ev: None)
+        events = queue.Queue()
+        engine.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=7, temperature=0, ignore_eos=True), events.put)
+        while "finish_reason" not in (event := events.get(timeout=60)):
+            assert "error" not in event
+        assert (event["finish_reason"], event["completion_tokens"]) == ("length", 7)
+        assert engine.snapshot()["kv_blocks_used"] == 0
+    finally:
+        engine.shutdown()
 
 
 def test_a_full_queue_answers_429(run_dir):
@@ -480,6 +570,15 @@ def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
         events = queue.Queue()
         engine.submit([1, 2, 3], SamplingParams(max_tokens=4), events.put)
         assert "rank 1 exited" in events.get(timeout=60)["error"]
+        # through the API a stream ends with OpenAI's error event and [DONE], not a dropped connection
+        from fastapi.testclient import TestClient
+
+        from supercluster.serve.api import create_app
+
+        with TestClient(create_app(engine)) as http:
+            r = http.post("/v1/completions", json={"model": engine.name, "prompt": [1, 2, 3], "max_tokens": 4, "stream": True})
+        *error, done = [line for line in r.text.splitlines() if line]
+        assert error and "rank 1 exited" in json.loads(error[-1][6:])["error"]["message"] and done == "data: [DONE]"
     finally:
         engine.shutdown()
     assert engine.runner.workers == [] and worker.returncode is not None

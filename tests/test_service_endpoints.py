@@ -103,6 +103,13 @@ def test_a_trained_run_is_served_through_the_service(live, library_corpus, tmp_p
         assert err.value.status_code == status
         assert "does not answer" not in str(err.value)
 
+    # bad input is the model server's 400 naming the field, passed on (and not counted), never a 500
+    with pytest.raises(openai.BadRequestError, match="'seed'"):
+        oai.completions.create(model=model, prompt="x", max_tokens=2, seed=2**64)
+    with pytest.raises(openai.BadRequestError, match="'messages.0.content.0.text'"):
+        oai.chat.completions.create(model=model, messages=[{"role": "user", "content": [{"type": "text", "text": 5}]}],
+                                    max_tokens=2, stream=True)
+
     # three answered calls, 6 + 5 + 6 completion tokens, in the endpoint and in usage; no audit rows for them
     shown = client.get("/v1/projects/llm/endpoints/chat", headers=viewer).json()
     assert (shown["requests"], shown["completion_tokens"]) == (3, 17) and shown["prompt_tokens"] > 0
@@ -154,3 +161,129 @@ def test_endpoint_requests_are_checked_before_anything_starts(live, tmp_path):
     assert r.status_code == 404 and r.json()["error"]["message"].startswith("Project 'llm' has no endpoint")
     r = client.get("/v1/projects/llm/endpoints/e/v1/embeddings", headers=member)
     assert r.status_code == 404 and "/v1/chat/completions" in r.json()["error"]["message"]
+
+
+class DyingModelServer:
+    """A stand-in model server on loopback, for the peer failures a real one is slow to stage:
+    prompt "die" sends two stream chunks (or half a body) and drops the connection; "hang" sends
+    two chunks (or nothing) and waits until the service closes the call. Chunks carry the usage
+    so far, as `supercluster serve` sends it when asked for `continuous_usage_stats`."""
+
+    def __init__(self):
+        import socketserver
+        import threading
+
+        self.bodies, self.closed = [], threading.Event()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                outer.answer(self.request)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, sock):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += sock.recv(65536)
+        payload = json.loads(body)
+        self.bodies.append(payload)
+        if payload.get("stream"):
+            sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            for n in (1, 2):
+                chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "text": f"t{n}", "logprobs": None, "finish_reason": None}],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
+                event = f"data: {json.dumps(chunk)}\n\n".encode()
+                sock.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+        elif payload["prompt"] == "die":
+            sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"id\":")
+        if payload["prompt"] == "hang":
+            sock.settimeout(60)
+            with contextlib.suppress(OSError):
+                while sock.recv(65536):
+                    pass
+            self.closed.set()
+        sock.close()  # "die": no end of the chunked body, as when a server is killed
+
+
+@pytest.fixture
+def dying(live, tmp_path):
+    """An endpoint `flaky` of project llm, ready, whose server is a DyingModelServer."""
+    client, tokens = live
+    stand_in = DyingModelServer()
+    with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").begin() as conn:
+        project = conn.execute(sa.text("SELECT id FROM svc_projects WHERE name = 'llm'")).scalar_one()
+        user = conn.execute(sa.text("SELECT id FROM svc_users WHERE name = 'llm-member'")).scalar_one()
+        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, url, secret, state, "
+                             "created_at) VALUES (:p, :u, 'flaky', 'here', '/nowhere', :url, 's', 'ready', 0)"),
+                     {"p": project, "u": user, "url": stand_in.url})
+    yield client, tokens, stand_in
+    stand_in.server.shutdown()
+    stand_in.server.server_close()
+
+
+def token_usage(client, tokens) -> tuple:
+    rows = client.get("/v1/usage", headers=bearer(tokens["llm", "member"])).json()["tokens"]
+    return tuple((r["requests"], r["prompt_tokens"], r["completion_tokens"]) for r in rows)
+
+
+def test_a_stream_whose_server_dies_ends_with_an_error_and_counts_what_it_relayed(dying):
+    client, tokens, stand_in = dying
+    base = f"{client.base_url}/v1/projects/llm/endpoints/flaky/v1"
+    with httpx.stream("POST", f"{base}/completions", headers=bearer(tokens["llm", "member"]), timeout=60,
+                      json={"model": "m", "prompt": "die", "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert stand_in.bodies[-1]["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert [json.loads(e[6:])["choices"][0]["text"] for e in events[:2]] == ["t1", "t2"]
+    assert all("usage" not in json.loads(e[6:]) for e in events[:2])  # the client did not ask for it
+    error = json.loads(events[2][6:])["error"]
+    assert "'flaky' stopped answering mid-stream" in error["message"] and error["type"] == "server_error"
+    assert events[3:] == ["data: [DONE]"]
+    assert token_usage(client, tokens) == ((1, 3, 2),)
+    # the official client raises it as an API error, after the tokens it got
+    oai = openai.OpenAI(base_url=base, api_key=tokens["llm", "member"], max_retries=0)
+    texts = []
+    with pytest.raises(openai.APIError, match="stopped answering mid-stream"):
+        for chunk in oai.completions.create(model="m", prompt="die", stream=True):
+            texts.append(chunk.choices[0].text)
+    assert texts == ["t1", "t2"] and token_usage(client, tokens) == ((2, 6, 4),)
+
+
+def test_a_caller_that_leaves_early_is_counted_and_closes_the_call_to_the_server(dying):
+    client, tokens, stand_in = dying
+    base = f"{client.base_url}/v1/projects/llm/endpoints/flaky/v1"
+    with httpx.stream("POST", f"{base}/completions", headers=bearer(tokens["llm", "member"]), timeout=60,
+                      json={"model": "m", "prompt": "hang", "stream": True,
+                            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}) as r:
+        lines = r.iter_lines()
+        first, second = (json.loads(next(line for line in lines if line)[6:]) for _ in range(2))
+    assert (first["usage"]["completion_tokens"], second["usage"]["completion_tokens"]) == (1, 2)  # asked for: passed on
+    assert stand_in.closed.wait(30)  # the service hung up on the server too
+    for _ in range(100):  # recorded as the relay ends, just after the caller left
+        if token_usage(client, tokens):
+            break
+        time.sleep(0.05)
+    assert token_usage(client, tokens) == ((1, 3, 2),)
+
+    # a caller of a whole answer that leaves: the call to the server is closed (it stops generating there)
+    stand_in.closed.clear()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{base}/completions", headers=bearer(tokens["llm", "member"]), timeout=0.5,
+                   json={"model": "m", "prompt": "hang"})
+    assert stand_in.closed.wait(30)
+
+
+def test_a_whole_answer_whose_server_dies_is_a_502(dying):
+    client, tokens, _ = dying
+    r = client.post("/v1/projects/llm/endpoints/flaky/v1/completions", headers=bearer(tokens["llm", "member"]),
+                    json={"model": "m", "prompt": "die"})
+    assert r.status_code == 502 and "'flaky' failed mid-answer" in r.json()["error"]["message"]
+    assert token_usage(client, tokens) == ()

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from supercluster.errors import UserError
+from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.serve.engine import Engine
 from supercluster.serve.metrics import ServeMetrics
 from supercluster.serve.sampling import SamplingParams
@@ -40,10 +41,13 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far (the service's relay counts a stream cut short by it)
+    continuous_usage_stats: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # ignore_eos, repetition_penalty, user, ...: accepted
+    # ignore_eos, repetition_penalty, user, ...: accepted; NaN and infinities are refused, not compared
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
@@ -55,7 +59,7 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # OpenAI's: an int64
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     ignore_eos: bool = False
@@ -66,10 +70,22 @@ class CompletionRequest(_Sampling):
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")  # image_url, input_audio, ...: accepted; only text parts are read
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_part_has_text(self):
+        if self.type == "text" and self.text is None:
+            raise ValueError("a content part of type 'text' needs a string 'text'")
+        return self
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatRequest(_Sampling):
@@ -89,10 +105,19 @@ def _params(body: _Sampling, max_tokens: int, logprobs: int | None, seed_offset:
     )
 
 
-def _text_of(content) -> str:
+def _text_of(content: str | list[ContentPart] | None) -> str:
     if isinstance(content, list):  # OpenAI's content parts: only text parts carry text
-        return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        return "".join(part.text for part in content if part.type == "text")
     return content or ""
+
+
+# pydantic's names of a union's branches in an error's location ("str", "list[int]", ...): no field of a request
+_BRANCH = re.compile(r"^(str|int|float|bool|none|list|dict)$|[\[(]")
+
+
+def _where(loc: tuple) -> str | None:
+    """The field an error is at, as the client wrote it (the location's union branches left out)."""
+    return ".".join(str(p) for p in loc[1:] if not (isinstance(p, str) and _BRANCH.search(p))) or None
 
 
 class _Relay:
@@ -132,8 +157,9 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        # The deepest error is nearest its cause: a content part's bad text, not "content is no string".
+        first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={})
+        where = _where(first.get("loc", ()))
         message = f"Invalid request: {first.get('msg', 'malformed body')}" + (f" at '{where}'" if where else "") + "."
         return JSONResponse(error_body(message, "invalid_request_error", param=where), status_code=400)
 
@@ -186,7 +212,7 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
         messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
         text = engine.chat.render(messages, add_generation_prompt=True)
         prompt = engine.tokenizer.encode(text, add_special_tokens=False).ids
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_len - len(prompt))
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.room - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await _generate(request, body, prompt, max_tokens, logprobs, chat=True)
 
@@ -206,8 +232,7 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         stream = _Stream(rid, engine.name, chat, body.n, len(prompt), events, ids, engine)
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream.sse(usage), media_type="text/event-stream")
+            return StreamingResponse(stream.sse(body.stream_options or StreamOptions()), media_type="text/event-stream")
         return JSONResponse(await stream.whole(request))
 
     return app
@@ -241,9 +266,10 @@ class _Stream:
         index, ev = await self.events.get()
         if "error" in ev:
             raise ApiError(500, f"The engine failed: {ev['error']}", "server_error")
+        if "token" in ev:  # one event per generated token: the count so far, for continuous usage
+            self.completion_tokens += 1
         if "finish_reason" in ev:
             self.done += 1
-            self.completion_tokens += ev["completion_tokens"]
         return index, ev
 
     def _chunk(self, index: int, ev: dict, first: bool) -> dict:
@@ -258,39 +284,48 @@ class _Stream:
         choice = {"index": index, "text": ev.get("text", ""), "logprobs": self._logprobs(ev), "finish_reason": finish}
         return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]}
 
-    async def sse(self, include_usage: bool):
-        started = set()
+    async def sse(self, options: StreamOptions):
+        started, continuous = set(), options.include_usage and options.continuous_usage_stats
         try:
             while self.done < self.n:
-                index, ev = await self._next()
-                yield f"data: {json.dumps(self._chunk(index, ev, index not in started))}\n\n"
+                try:
+                    index, ev = await self._next()
+                except ApiError as err:  # the engine failed mid-stream: said in OpenAI's error body, then ended
+                    yield f"data: {json.dumps(error_body(err.message, err.kind, err.code, err.param))}\n\n"
+                    break
+                chunk = self._chunk(index, ev, index not in started)
+                if continuous:
+                    chunk["usage"] = self._usage()
+                yield f"data: {json.dumps(chunk)}\n\n"
                 started.add(index)
-            if include_usage:
-                usage = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                         "created": self.created, "model": self.model, "choices": [], "usage": self._usage()}
-                yield f"data: {json.dumps(usage)}\n\n"
+            else:
+                if options.include_usage:
+                    usage = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+                             "created": self.created, "model": self.model, "choices": [], "usage": self._usage()}
+                    yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): nothing of this request keeps running
             for rid in self.ids:
                 self.engine.abort(rid)
 
     async def whole(self, request: Request) -> dict:
-        texts, finishes, logprobs = [""] * self.n, [None] * self.n, [[] for _ in range(self.n)]
+        """The final object; {} (sent to nobody) when the client left first, its sequences aborted."""
         try:
-            while self.done < self.n:
-                try:
-                    index, ev = await asyncio.wait_for(self._next(), timeout=0.25)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return {}
-                    continue
-                texts[index] += ev.get("text", "")
-                finishes[index] = ev.get("finish_reason", finishes[index])
-                if "logprob" in ev:
-                    logprobs[index].append(self._logprobs(ev))
-        finally:
+            return await unless_client_leaves(request, self._gather())
+        except ClientGone:
+            return {}
+        finally:  # done, failed or abandoned: nothing of this request keeps running
             for rid in self.ids:
                 self.engine.abort(rid)
+
+    async def _gather(self) -> dict:
+        texts, finishes, logprobs = [""] * self.n, [None] * self.n, [[] for _ in range(self.n)]
+        while self.done < self.n:
+            index, ev = await self._next()
+            texts[index] += ev.get("text", "")
+            finishes[index] = ev.get("finish_reason", finishes[index])
+            if "logprob" in ev:
+                logprobs[index].append(self._logprobs(ev))
         choices = []
         for i in range(self.n):
             lp = _merge_logprobs(logprobs[i], self.chat) if logprobs[i] else None

@@ -147,12 +147,22 @@ class Engine:
     def max_len(self) -> int:
         return self.cfg.max_seq_len
 
+    @property
+    def room(self) -> int:
+        """Tokens (prompt and output) one request may hold: the model's context, or the whole KV cache if smaller."""
+        return min(self.max_len, self.cache.pool.num_blocks * self.config.block_size)
+
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise UserError("The prompt is empty; give at least one token.")
         if len(prompt) + params.max_tokens > self.max_len:
             raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is beyond this "
                             f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens.")
+        # Beyond the whole pool it could never run: it would preempt itself and start over forever.
+        if len(prompt) + params.max_tokens > self.room:
+            raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is beyond this "
+                            f"server's whole KV cache of {self.room} tokens ({self.cache.pool.num_blocks} blocks of "
+                            f"{self.config.block_size}); shorten the prompt or lower max_tokens.")
         if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
             raise UserError(f"Token ids must be in 0..{self.cfg.vocab_size - 1}.")
 

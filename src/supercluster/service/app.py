@@ -25,6 +25,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from supercluster.errors import UserError
+from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.service import endpoints, resources, tenancy, usage
 from supercluster.service.auth import Caller, CallerCache, RateLimiter, ServiceError, authenticate_hash, bearer_hash
 from supercluster.service.models import Audit
@@ -276,52 +277,61 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
             endpoint_id, url, secret = await run_in_threadpool(endpoints.upstream, store, who, project, name)
         except ServiceError as err:
             return _openai_error(err.status, err.message)
-        body, stream, wants_usage = await request.body(), False, False
+        body, tally = await request.body(), None  # tally: of a streamed call
         if request.method == "POST":
             try:
                 payload = json.loads(body)
             except ValueError:
                 return _openai_error(400, "The request body is not JSON.")
             if isinstance(payload, dict) and payload.get("stream"):
-                # The final usage chunk is what the call is counted by: asked for always, passed on if the client asked.
-                options = payload.get("stream_options") if isinstance(payload.get("stream_options"), dict) else {}
-                stream, wants_usage = True, bool(options.get("include_usage"))
-                payload["stream_options"] = {**options, "include_usage": True}
+                tally = endpoints.StreamTally(payload.get("stream_options"))
+                payload["stream_options"] = endpoints.stream_options(payload.get("stream_options"))
                 body = json.dumps(payload).encode()
         client: httpx.AsyncClient = request.app.state.http
         upstream = client.build_request(request.method, f"{url}/v1/{path}", content=body if request.method == "POST" else None,
                                         headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
-        try:
-            answer = await client.send(upstream, stream=True)
+        try:  # a caller that leaves closes the call to the server too, which then stops generating
+            answer = await unless_client_leaves(request, client.send(upstream, stream=True))
+        except ClientGone:  # a whole answer's headers come with its end
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         except httpx.HTTPError as err:
             return _openai_error(502, f"Endpoint {name!r} does not answer ({type(err).__name__}); see its state and job log.")
         counted = request.method == "POST" and answer.status_code == 200
-        if not stream or answer.status_code != 200:
-            data = await answer.aread()
-            await answer.aclose()
+        if tally is None or answer.status_code != 200:
+            try:
+                data = await unless_client_leaves(request, answer.aread())
+            except ClientGone:
+                return Response(status_code=499)
+            except httpx.HTTPError as err:
+                return _openai_error(502, f"Endpoint {name!r} failed mid-answer ({type(err).__name__}); see its state "
+                                          f"and job log.")
+            finally:
+                await answer.aclose()
             if counted:
                 await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, endpoints.usage_of_answer(data))
             return Response(data, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
         async def relay():
-            seen = None
             try:
                 buffer = b""
-                async for chunk in answer.aiter_bytes():
-                    buffer += chunk
-                    while b"\n\n" in buffer:
-                        event, buffer = buffer.split(b"\n\n", 1)
-                        usage_here = endpoints.usage_of_event(event)
-                        if usage_here is not None:
-                            seen = usage_here
-                            if not wants_usage:
-                                continue
-                        yield event + b"\n\n"
+                try:
+                    async for chunk in answer.aiter_bytes():
+                        buffer += chunk
+                        while b"\n\n" in buffer:
+                            event, buffer = buffer.split(b"\n\n", 1)
+                            if (out := tally.pass_on(event)) is not None:
+                                yield out + b"\n\n"
+                    failure = None if tally.done else "ended its stream early"
+                except httpx.HTTPError as err:
+                    failure = f"stopped answering mid-stream ({type(err).__name__})"
+                if failure:  # told as OpenAI's streams tell errors, then ended as every stream ends
+                    yield endpoints.error_event(f"Endpoint {name!r} {failure}; see its state and job log.") + b"\n\n"
+                    yield b"data: [DONE]\n\n"
             finally:
-                # Also when the caller left mid-stream and this task is being cancelled: the call still counts.
+                # Also when the caller left mid-stream and this task is being cancelled: what was relayed counts.
                 with anyio.CancelScope(shield=True):
                     await answer.aclose()
-                    await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, seen)
+                    await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
 
         return StreamingResponse(relay(), media_type="text/event-stream")
 

@@ -3,7 +3,8 @@
 An endpoint is `supercluster serve RUN_DIR` running as a fleet job on the cluster's first node,
 behind an API key only the service knows. Clients use the project's service token against
 `/v1/projects/{project}/endpoints/{name}/v1/...` (the OpenAI routes); the service checks it,
-forwards the call with the endpoint's key and records each answered call's tokens for usage.
+forwards the call with the endpoint's key and records each answered call's tokens for usage
+(a stream's from the usage its server puts in every chunk, so one cut short counts what it relayed).
 The GPUs the cluster holds are charged as for training, from the fleet's allocation intervals.
 
 What may be served: a run directory a training job of the same project wrote, or one in the
@@ -267,15 +268,49 @@ def usage_of_answer(data: bytes) -> dict | None:
         return None
 
 
-def usage_of_event(event: bytes) -> dict | None:
-    """The usage of a stream's final `data:` chunk (no choices, a usage), else None."""
-    if not event.startswith(b"data: {"):
-        return None
-    try:
-        chunk = json.loads(event[6:])
-    except ValueError:
-        return None
-    return chunk["usage"] if chunk.get("usage") and not chunk.get("choices") else None
+def stream_options(asked: object) -> dict:
+    """The stream options the service sends for a client's: a usage in every chunk (vLLM's
+    `continuous_usage_stats`), so that a stream cut short, by its client or by its server
+    dying, still counts the tokens it relayed."""
+    asked = asked if isinstance(asked, dict) else {}
+    return {**asked, "include_usage": True, "continuous_usage_stats": True}
+
+
+class StreamTally:
+    """Passes a relayed stream's events on as the client asked for them, and keeps the usage so far."""
+
+    def __init__(self, asked: object):
+        asked = asked if isinstance(asked, dict) else {}
+        self.include_usage = bool(asked.get("include_usage"))
+        self.continuous = self.include_usage and bool(asked.get("continuous_usage_stats"))
+        self.usage: dict | None = None
+        self.done = False  # the server's `data: [DONE]` came
+
+    def pass_on(self, event: bytes) -> bytes | None:
+        """The event for the client, or None when it did not ask for it."""
+        if event.strip() == b"data: [DONE]":
+            self.done = True
+        if not event.startswith(b"data: {"):
+            return event
+        try:
+            chunk = json.loads(event[6:])
+        except ValueError:
+            return event
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("usage"), dict):
+            return event
+        self.usage = chunk["usage"]
+        if not chunk.get("choices"):  # the final usage chunk
+            return event if self.include_usage else None
+        if self.continuous:
+            return event
+        del chunk["usage"]  # asked for by the service, not by the client
+        return b"data: " + json.dumps(chunk).encode()
+
+
+def error_event(message: str) -> bytes:
+    """An error as a stream event in OpenAI's error body, for a stream whose server failed mid-way."""
+    return b"data: " + json.dumps({"error": {"message": message, "type": "server_error", "param": None,
+                                             "code": 502}}).encode()
 
 
 def record(store: Store, endpoint_id: int, user_id: int | None, usage: dict | None) -> None:
