@@ -99,7 +99,7 @@ def test_a_rolled_back_transaction_leaves_no_reservation_and_no_job(db, slurm, t
     assert c["state"] == "ready" and c["reservation"] == "supercluster-undone"
 
     config = tmp_path / "tiny.toml"
-    config.write_text("[model]\npreset = 'tiny'\n")
+    config.write_text("[model]\npreset = 'tiny'\n[train]\nseq_len = 64\n")
     jobs.jobs_root().mkdir(parents=True, exist_ok=True)
     dirs_before = set(jobs.jobs_root().iterdir())
     with failing_commit(), pytest.raises(RuntimeError, match="forced"):
@@ -125,7 +125,7 @@ def reference(db, slurm, small_corpus, tmp_path_factory):
     shown = subprocess.run(["scontrol", "show", "reservation", "supercluster-ref"], env=slurm.env, capture_output=True, text=True)
     assert f"Nodes={c['nodes'][0]['name']}," in shown.stdout.replace("node[1-2]", "node1,node2"), shown.stdout
     config = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    config.write_text("[model]\npreset = 'tiny'\n")
+    config.write_text("[model]\npreset = 'tiny'\n[train]\nseq_len = 64\n")
     job = jobs.submit_job(db, "ref", str(config), overrides(small_corpus), max_restarts=0)
     final = jobs.wait_job(db, job["id"], timeout_s=240, poll_s=1)
     log = Path(jobs.log_path(db, job["id"])).read_text()
