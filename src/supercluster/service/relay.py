@@ -1,0 +1,98 @@
+"""The relay from the service to an endpoint's model server: OpenAI's routes with a project token.
+
+The service checks the caller's token (the gate), forwards the call with the endpoint's own key,
+relays a stream as it comes, and counts what was answered for usage however the call ends: the
+caller leaving, the model server dying mid-stream (an OpenAI-shaped error event, then `[DONE]`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import httpx
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from supercluster.serve.disconnect import ClientGone, unless_client_leaves
+from supercluster.service import endpoints
+from supercluster.service.auth import Caller, ServiceError
+from supercluster.service.store import Store
+
+PROXIED = ("chat/completions", "completions", "models")
+
+
+def openai_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """An error as OpenAI's clients expect it on the model routes."""
+    kind = "invalid_request_error" if status < 500 else "service_unavailable"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+async def call(store: Store, request: Request, who: Caller, project: str, name: str, path: str) -> Response:
+    """Forwards one call to endpoint `name`'s model server and answers with what it answered."""
+    if path not in PROXIED:
+        return openai_error(404, f"Endpoints answer {', '.join('/v1/' + p for p in PROXIED)}; not /v1/{path}.")
+    try:
+        endpoint_id, url, secret = await run_in_threadpool(endpoints.upstream, store, who, project, name)
+    except ServiceError as err:
+        return openai_error(err.status, err.message)
+    body, tally = await request.body(), None  # tally: of a streamed call
+    if request.method == "POST":
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return openai_error(400, "The request body is not JSON.")
+        if isinstance(payload, dict) and payload.get("stream"):
+            tally = endpoints.StreamTally(payload.get("stream_options"))
+            payload["stream_options"] = endpoints.stream_options(payload.get("stream_options"))
+            body = json.dumps(payload).encode()
+    client: httpx.AsyncClient = request.app.state.http
+    upstream = client.build_request(request.method, f"{url}/v1/{path}", content=body if request.method == "POST" else None,
+                                    headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+    try:  # a caller that leaves closes the call to the server too, which then stops generating
+        answer = await unless_client_leaves(request, client.send(upstream, stream=True))
+    except ClientGone:  # a whole answer's headers come with its end
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+    except httpx.HTTPError as err:
+        return openai_error(502, f"Endpoint {name!r} does not answer ({type(err).__name__}); see its state and job log.")
+    counted = request.method == "POST" and answer.status_code == 200
+    if tally is None or answer.status_code != 200:
+        try:
+            data = await unless_client_leaves(request, answer.aread())
+        except ClientGone:
+            return Response(status_code=499)
+        except httpx.HTTPError as err:
+            return openai_error(502, f"Endpoint {name!r} failed mid-answer ({type(err).__name__}); see its state "
+                                      f"and job log.")
+        finally:
+            await answer.aclose()
+        if counted:
+            await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, endpoints.usage_of_answer(data))
+        return Response(data, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
+
+    async def relay():
+        try:
+            buffer = b""
+            try:
+                async for chunk in answer.aiter_bytes():
+                    buffer += chunk
+                    while b"\n\n" in buffer:
+                        event, buffer = buffer.split(b"\n\n", 1)
+                        if (out := tally.pass_on(event)) is not None:
+                            yield out + b"\n\n"
+                failure = None if tally.done else "ended its stream early"
+            except httpx.HTTPError as err:
+                failure = f"stopped answering mid-stream ({type(err).__name__})"
+            if failure:  # told as OpenAI's streams tell errors, then ended as every stream ends
+                yield endpoints.error_event(f"Endpoint {name!r} {failure}; see its state and job log.") + b"\n\n"
+                yield b"data: [DONE]\n\n"
+        finally:
+            # Also when the caller left mid-stream and this task is being cancelled: what was relayed counts.
+            with anyio.CancelScope(shield=True):
+                await answer.aclose()
+                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
+
+    return StreamingResponse(relay(), media_type="text/event-stream")
+

@@ -1,0 +1,47 @@
+"""A project's clusters and its quota (carried out by `service.resources`, placed by the fleet)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from supercluster.service import resources, tenancy
+from supercluster.service.auth import Caller
+from supercluster.service.deps import caller
+from supercluster.service.schemas import ClusterIn, QuotaIn
+from supercluster.service.store import Store
+
+
+def routes(store: Store) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/projects/{project}/clusters", status_code=202, tags=["clusters"])
+    def create_cluster(project: str, body: ClusterIn, who: Caller = Depends(caller)) -> dict:
+        """Places the cluster or queues it; poll GET .../clusters/{name} until state is ready."""
+        return resources.create_cluster(store, who, project, body.name, body.gpus, body.gpu_type, body.max_switches,
+                                        body.require_health, body.priority)
+
+    @router.get("/v1/projects/{project}/clusters", tags=["clusters"])
+    def list_clusters(project: str, who: Caller = Depends(caller)) -> list[dict]:
+        return resources.list_clusters(store, who, project)
+
+    @router.get("/v1/projects/{project}/clusters/{name}", tags=["clusters"])
+    def show_cluster(project: str, name: str, who: Caller = Depends(caller)) -> dict:
+        return resources.show_cluster(store, who, project, name)
+
+    @router.delete("/v1/projects/{project}/clusters/{name}", tags=["clusters"])
+    def delete_cluster(project: str, name: str, force: bool = False, who: Caller = Depends(caller)) -> dict:
+        return resources.delete_cluster(store, who, project, name, force)
+
+    @router.get("/v1/projects/{project}/quota", tags=["quota"])
+    def show_quota(project: str, who: Caller = Depends(caller)) -> dict:
+        with store.reading() as s:
+            return resources.quota_view(s, tenancy.visible_project(s, who, project))
+
+    @router.put("/v1/projects/{project}/quota", tags=["quota"])
+    def set_quota(project: str, body: QuotaIn, who: Caller = Depends(caller)) -> dict:
+        tenancy.require_operator(who)
+        with store.session() as s:
+            p = tenancy.visible_project(s, who, project)
+            return resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
+
+    return router
