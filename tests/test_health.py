@@ -47,7 +47,10 @@ def _assert_judged_by_baseline(report, kind):
     """Every baseline-judged check's threshold is the stored median x (1 - tolerance), its verdict the comparison."""
     baseline = json.loads(thresholds.baseline_file().read_text())[kind]
     judged = [c for c in report.checks if c.check in baseline and c.check != "accelerator_count" and c.value is not None]
-    assert {c.check for c in judged} >= {"gemm_tflops", "memory_bandwidth", "allreduce_busbw"}
+    # a CPU all-reduce read while other work held the CPUs is not judged (thresholds.CONTENDED): it has no verdict to check
+    crowded = {c.check for c in judged if c.status == SKIPPED and (c.detail or {}).get("cpu_contention", 0) > thresholds.CONTENDED}
+    judged = [c for c in judged if c.check not in crowded]
+    assert {c.check for c in judged} | crowded >= {"gemm_tflops", "memory_bandwidth", "allreduce_busbw"}
     for c in judged:
         e = baseline[c.check]
         assert c.threshold == pytest.approx(e["median"] * (1 - thresholds.tolerance(c.check, e["cv"])), rel=1e-9)
