@@ -4,6 +4,7 @@ everywhere (SkyPilot keeps its shared flags the same way)."""
 from __future__ import annotations
 
 import math
+import socket
 from typing import Annotated, Optional
 
 import typer
@@ -56,3 +57,20 @@ def server_for(server: str | None, db: str | None) -> str | None:
         raise UserError("--db and --server (or $SUPERCLUSTER_DB and $SUPERCLUSTER_SERVER) cannot be used together; "
                         "pass --db for the local database or --server for a server.")
     return url
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A server's listening socket, bound before the slow start-up work and before its URL is
+    printed (a client reading it may connect at once); a port in use is one sentence."""
+    from supercluster.errors import UserError
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise UserError(f"Cannot listen on {host}:{port} ({err.strerror}); pass --port with a free port or --host with "
+                        "an address of this machine.") from None
+    sock.listen(2048)
+    return sock

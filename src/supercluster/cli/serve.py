@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import real
+from supercluster.cli.flags import listen, real
 from supercluster.errors import UserError
 from supercluster.limits import MAX_NEW_TOKENS, MAX_TEMPERATURE
 
@@ -38,19 +37,6 @@ def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int
         torch.set_num_threads(threads)
     return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
                                         precision=precision, quantize=quantize, tp=tp))
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads: a busy port fails in a second."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise UserError(f"Cannot listen on {host}:{port} ({err.strerror}); pick another --port or stop what uses it.") from None
-    sock.listen(2048)
-    return sock
 
 
 def serve(
@@ -95,7 +81,7 @@ def serve(
             raise UserError(f"--api-key-file {str(api_key_file)!r} holds no key; write one a line.")
     if served_model_name is not None and not served_model_name.strip():
         raise UserError("--served-model-name is empty; give the id clients should send as `model`.")
-    sock = _listen(host, port)
+    sock = listen(host, port)  # before the model loads: a busy port fails in a second
     engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads, tp)
     try:
         engine.name = served_model_name or engine.name

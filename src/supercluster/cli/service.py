@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, server_for
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, listen, server_for
 from supercluster.limits import MAX_ID
 
 server_app = typer.Typer(help="The multi-tenant service: REST API over the fleet (OpenAPI at /docs).",
@@ -28,24 +28,11 @@ def server(
     """Serve the API (run `supercluster server init` once first)."""
     if ctx.invoked_subcommand is not None:
         return
-    import socket
-
-    from supercluster.errors import UserError
     from supercluster.service import workers as server_workers
     from supercluster.service.store import Store
 
     Store(db).dispose()  # the database opens (and migrates) once here: a wrong URL is one sentence before anything listens
-    # Bound here, before the URL is printed: a client that reads it may connect at once (the
-    # kernel queues it until uvicorn accepts), and a port in use is one sentence, not a log line.
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as err:
-        sock.close()
-        raise UserError(f"Cannot listen on {host}:{port} ({err.strerror}); pass --port with a free port or --host with "
-                        "an address of this machine.") from None
-    sock.listen(2048)
+    sock = listen(host, port)
     base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving the API on {base}/v1 (OpenAPI at {base}/docs), the dashboard on {base}/dashboard"
           + (f", {workers} worker processes" if workers > 1 else ""), flush=True)
