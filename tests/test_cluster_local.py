@@ -109,3 +109,41 @@ def test_a_finished_jobs_runner_leaves_no_zombie_and_its_pid_is_not_mistaken(loc
     assert not _alive(f"{pid}:{started}")
     assert _alive(f"{os.getpid()}:{Path(f'/proc/{os.getpid()}/stat').read_text().rsplit(')', 1)[1].split()[19]}")
     assert not _alive(f"{os.getpid()}:1")  # this pid, but started at another time: another process
+
+
+def test_preemption_returns_at_once_and_a_restart_waits_for_the_stopped_run(tmp_path):
+    """Preempting a local job signals it and leaves the waiting to a detached stopper (it runs in
+    the fleet's transaction, often for a request); the job started again in the same job dir waits
+    until the stopped run is gone (two trainers never share a run dir), and its exit code is its own."""
+    import sys
+
+    from supercluster.cluster.backends.base import JobSpec
+    from supercluster.cluster.backends.local import LocalBackend, _group_alive, _pid
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    started = job_dir / "started"
+    # ignores SIGTERM (as a trainer deep in a checkpoint) and logs each start
+    stubborn = [sys.executable, "-c", "import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"p = pathlib.Path({str(started)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x'); "
+                "time.sleep(0 if sys.argv[1:] else 600)"]
+    backend = LocalBackend()
+    spec = JobSpec(job_id=1, job_dir=str(job_dir), config="", overrides=(), nodes=("here",), gpus_per_node=1,
+                   max_restarts=0, command=tuple(stubborn))
+    first = backend.submit(spec)
+    while not started.exists():
+        time.sleep(0.05)
+    backend.preempt(first, str(job_dir), grace_s=3.0)
+    assert _group_alive(_pid(first))  # returned while the stubborn run still lives: nobody waited for it here
+    assert (job_dir / "stopping").read_text() == first
+
+    again = backend.submit(JobSpec(**{**spec.__dict__, "command": (*stubborn, "quick")}))
+    assert backend.poll(again, str(job_dir)).state == "running"
+    time.sleep(1.0)
+    assert started.read_text() == "x"  # the restart has not begun while the stopped run lives
+    deadline = time.monotonic() + 60
+    while (status := backend.poll(again, str(job_dir))).state == "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert (status.state, status.exit_code) == ("completed", 0) and started.read_text() == "xx"
+    assert not _group_alive(_pid(first)) and not (job_dir / "stopping").exists()

@@ -138,6 +138,13 @@ def test_cluster_commands_go_to_the_server_named_by_flag_or_environment(server, 
     assert code == 0 and [(c["name"], c["project"], c["state"], c["gpus"]) for c in listed] == [("dev", "llm", "ready", 1)]
     code, out, _ = run(capsys, "cluster", "list")
     assert code == 0 and "clusters of project llm" in out and "dev" in out and "ready" in out
+    # one client path: the local database's client answers in the same shape, what the server keeps to itself None
+    monkeypatch.delenv("SUPERCLUSTER_SERVER")
+    (local,) = json.loads(run(capsys, "cluster", "list", "--db", url, "--json")[1])
+    monkeypatch.setenv("SUPERCLUSTER_SERVER", base)
+    assert list(local) == list(listed[0]) and local["name"].endswith(".dev") and local["project"] is None
+    assert local["nodes"][0]["name"] == listed[0]["nodes"][0]["name"] and local["switches"] == listed[0]["switches"]
+    assert local["lower_bound"] == 1 and listed[0]["lower_bound"] is None
     code, out, _ = run(capsys, "cluster", "show", "dev", "--json")
     assert code == 0 and json.loads(out)["nodes"] == listed[0]["nodes"] and len(listed[0]["nodes"]) == 1
     code, out, _ = run(capsys, "cluster", "show", "dev")
@@ -190,6 +197,7 @@ def test_job_commands_through_the_server(server, capsys, tmp_path, library_corpu
     job = json.loads(out)
     jid = job["id"]
     assert job["cluster"] == "dev" and job["state"] in ("pending", "running") and job["max_restarts"] == 0
+    assert job["run_dir"] is None and job["config"] is None  # the local client's keys; the server keeps its paths
     code, out, _ = run(capsys, "job", "list", "--json", *remote)
     assert code == 0 and [j["id"] for j in json.loads(out)] == [jid]
     code, out, _ = run(capsys, "job", "list", *remote)

@@ -124,11 +124,16 @@ def test_a_trained_run_is_served_through_the_service(live, library_corpus, tmp_p
     assert any(a["path"] == "/v1/projects/llm/endpoints" and a["status"] == 202 for a in audit)
     assert not any("/endpoints/chat/v1/" in a["path"] for a in audit)
 
-    # deleting stops the server: the endpoint says stopped, the fleet job is cancelled, calls get 503
+    # deleting stops the server: answered at once (202, stopping: calls get 503 from now on), then
+    # stopped once the server no longer answers; the fleet job is cancelled
     assert httpx.get(f"{url}/health").status_code == 200
-    stopped = client.delete("/v1/projects/llm/endpoints/chat", headers=member).json()
+    r = client.delete("/v1/projects/llm/endpoints/chat", headers=member)
+    assert r.status_code == 202 and r.json()["state"] in ("stopping", "stopped") and r.json()["requests"] == 3
+    code, out, _ = run(capsys, "endpoint", "delete", "chat", "--server", server, "--json")  # the CLI waits by polling
+    assert code == 0 and json.loads(out)["state"] == "stopped"
+    stopped = client.get("/v1/projects/llm/endpoints/chat", headers=member).json()
     assert stopped["state"] == "stopped" and stopped["requests"] == 3
-    with pytest.raises(httpx.TransportError):  # the delete answered once the server was gone
+    with pytest.raises(httpx.TransportError):  # stopped only once the server was gone
         httpx.get(f"{url}/health", timeout=5)
     assert not list((Path(os.environ["SUPERCLUSTER_HOME"]) / "service" / "endpoint-keys").iterdir())
     job = client.get(f"/v1/projects/llm/jobs/{jid}", headers=member).json()
@@ -287,3 +292,63 @@ def test_a_whole_answer_whose_server_dies_is_a_502(dying):
                     json={"model": "m", "prompt": "die"})
     assert r.status_code == 502 and "'flaky' failed mid-answer" in r.json()["error"]["message"]
     assert token_usage(client, tokens) == ()
+
+
+SLOW_TO_STOP = """
+import http.server, os, signal, sys, threading
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Health)
+# as a model server finishing its running requests: still answering for a while after SIGTERM
+signal.signal(signal.SIGTERM, lambda *_: threading.Timer(2.0, os._exit, (0,)).start())
+server.serve_forever()
+"""
+
+
+def test_deleting_an_endpoint_answers_at_once_and_it_is_stopped_once_its_server_is_gone(live, tmp_path, capsys):
+    import sys
+
+    from supercluster.cluster import jobs as fleet_jobs
+    from supercluster.service.endpoints import _free_port
+
+    client, tokens = live
+    member = bearer(tokens["llm", "member"])
+    client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 1}).raise_for_status()
+    db = f"sqlite:///{tmp_path / 'service.db'}"
+    port = _free_port()
+    with sa.create_engine(db).connect() as conn:
+        fleet_cluster = conn.execute(sa.text("SELECT fleet_name FROM svc_clusters WHERE name = 'here'")).scalar_one()
+    job = fleet_jobs.submit_job(db, fleet_cluster, "/nowhere", command=[sys.executable, "-c", SLOW_TO_STOP, str(port)],
+                                max_restarts=0)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"{url}/health", timeout=1)
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    with sa.create_engine(db).begin() as conn:
+        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, job_id, url, secret, "
+                             "state, created_at) SELECT p.id, u.id, 'slow', 'here', '/nowhere', :job, :url, 's', 'ready', 0 "
+                             "FROM svc_projects p, svc_users u WHERE p.name = 'llm' AND u.name = 'llm-member'"),
+                     {"job": job["id"], "url": url})
+
+    r = client.delete("/v1/projects/llm/endpoints/slow", headers=member)
+    assert r.status_code == 202 and r.json()["state"] == "stopping", r.text
+    assert httpx.get(f"{url}/health", timeout=5).status_code == 200  # answered while its server still runs
+    r = client.post("/v1/projects/llm/endpoints/slow/v1/completions", headers=member, json={"prompt": "x"})
+    assert r.status_code == 503 and "is stopping" in r.json()["error"]["message"]  # nothing relayed to it any more
+    r = client.post("/v1/projects/llm/endpoints", headers=member, json={"name": "slow", "cluster": "here", "run_dir": "m"})
+    assert r.status_code == 409 and "wait until it is stopped" in r.json()["detail"]  # its name is still taken
+    server = str(client.base_url)
+    assert run(capsys, "login", "--server", server, "--token", tokens["llm", "member"])[0] == 0
+    code, out, _ = run(capsys, "endpoint", "delete", "slow", "--no-wait", "--server", server)
+    assert code == 0 and out.startswith("endpoint slow st")  # stopping, or stopped by now
+    code, out, _ = run(capsys, "endpoint", "delete", "slow", "--server", server)  # waits, polling
+    assert code == 0 and out == "endpoint slow stopped after 0 requests\n"
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/health", timeout=5)

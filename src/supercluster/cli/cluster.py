@@ -1,5 +1,5 @@
-"""`supercluster fleet | cluster | job`: thin wrappers over `supercluster.cluster`, or, with
---server, over a server's routes (`service.client.ProjectClient`) in the same shapes."""
+"""`supercluster fleet | cluster | job`: `fleet` over `supercluster.cluster`; `cluster` and `job`
+through one `supercluster.client.Client`, the local database's or, with --server, a server's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, SetOption, real, server_for
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, SetOption, real
+from supercluster.client import connect
 from supercluster.limits import MAX_GPUS, MAX_ID, MAX_LOCAL_GPUS, MAX_PRIORITY, MAX_RESTARTS, MAX_SWITCHES
 
 fleet_app = typer.Typer(help="The fleet: nodes, switches, pods.", no_args_is_help=True)
@@ -110,46 +111,28 @@ def fleet_watch(
 # ---- cluster -----------------------------------------------------------------------------------
 
 
-def _remote(server: str | None, project: str | None, db: str | None, **local_only):
-    """A client of the server's project when one is named, else None (the local database).
-    `local_only`: flags the server has no counterpart for, as {flag: value given or None}."""
-    url = server_for(server, db)
-    if url is None:
-        return None
-    from supercluster.errors import UserError
-    from supercluster.service.client import ProjectClient
-
-    for flag, value in local_only.items():
-        if value:
-            raise UserError(f"{flag} works on the local database only; leave it out with --server.")
-    return ProjectClient(url, project)
-
-
-HEALTH_MAX_AGE_S = 86400.0
-
-
 def _n(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def _print_cluster(c: dict) -> None:
     where = (f"{_n(len(c['nodes']), 'node')} on {_n(c['leaves'] or 0, 'leaf switch', 'leaf switches')} in "
-             f"{_n(c['pods'] or 0, 'pod')}" + (f" (lower bound {c['lower_bound']})" if c.get("lower_bound") is not None else ""))
+             f"{_n(c['pods'] or 0, 'pod')}" + (f" (lower bound {c['lower_bound']})" if c["lower_bound"] is not None else ""))
     state = c["state"] if c["state"] != "queued" else f"queued (position {c['queue_position']})"
     print(f"cluster {c['name']}: {c['gpus']} x {c['gpu_type']}, {state}" + (f", {where}" if c["nodes"] else ""))
-    if c["nodes"] and c.get("switches"):
+    if c["nodes"] and c["switches"]:
         switches = c["switches"] if len(c["switches"]) <= 8 else [*c["switches"][:4], "...", *c["switches"][-2:]]
         print(f"  switches: {', '.join(switches)}")
     if c["nodes"]:
         names = [n["name"] for n in c["nodes"]]
         shown = names if len(names) <= 8 else [*names[:4], "...", *names[-2:]]
         print(f"  nodes:    {', '.join(shown)}")
-    if c.get("reservation"):
+    if c["reservation"]:
         print(f"  reservation: {c['reservation']}")
-    if c["priority"] or c.get("owner"):
-        print(f"  priority {c['priority']}" + (f", owner {c['owner']}" if c.get("owner") else ""))
-    if c.get("detail") or c.get("reason"):  # the server says `reason`
-        print(f"  {c.get('detail') or c.get('reason')}")
+    if c["priority"] or c["owner"]:
+        print(f"  priority {c['priority']}" + (f", owner {c['owner']}" if c["owner"] else ""))
+    if c["reason"]:
+        print(f"  {c['reason']}")
 
 
 @cluster_app.command("create")
@@ -160,7 +143,7 @@ def cluster_create(
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Fail instead of queueing when the request does not fit now.")] = False,
     max_switches: Annotated[Optional[int], typer.Option("--max-switches", min=1, max=MAX_SWITCHES, help="Use at most this many leaf switches.")] = None,
     require_health: Annotated[bool, typer.Option("--require-health", help="Also refuse nodes that were never health-checked.")] = False,
-    health_max_age: Annotated[float, typer.Option("--health-max-age", callback=real(0), help="Seconds a passed health check stays valid.")] = HEALTH_MAX_AGE_S,
+    health_max_age: Annotated[Optional[float], typer.Option("--health-max-age", callback=real(0), help="Seconds a passed health check stays valid (default 86400).")] = None,
     priority: Annotated[int, typer.Option("--priority", min=0, max=MAX_PRIORITY, help="When it does not fit, preempt clusters of lower priority.")] = 0,
     owner: Annotated[Optional[str], typer.Option("--owner", help="A tag (team, project) that usage is grouped by.")] = None,
     server: ServerOption = None,
@@ -169,53 +152,30 @@ def cluster_create(
     as_json: JsonOption = False,
 ):
     """Allocate a gang of GPUs, placed on the fewest leaf switches."""
-    remote = _remote(server, project, db, **{"--no-wait": no_wait, "--owner": owner,
-                                             "--health-max-age": health_max_age != HEALTH_MAX_AGE_S})
-    if remote:
-        c = remote.create_cluster(name, gpus, gpu_type=gpu_type, max_switches=max_switches, require_health=require_health,
-                                  priority=priority)
-    else:
-        from supercluster.cluster.clusters import create_cluster
-
-        c = create_cluster(db, name, gpus, gpu_type=gpu_type, wait=not no_wait, max_switches=max_switches,
-                           require_health=require_health, health_max_age_s=health_max_age, priority=priority, owner=owner)
+    c = connect(server, project, db).create_cluster(name, gpus, gpu_type=gpu_type, wait=not no_wait, max_switches=max_switches,
+                                                    require_health=require_health, health_max_age_s=health_max_age,
+                                                    priority=priority, owner=owner)
     _print_json(c) if as_json else _print_cluster(c)
 
 
 @cluster_app.command("list")
 def cluster_list(server: ServerOption = None, project: ProjectOption = None, db: DbOption = None, as_json: JsonOption = False):
-    """All clusters, placed and queued."""
-    remote = _remote(server, project, db)
-    if remote:
-        clusters = remote.list_clusters()
-    else:
-        from supercluster.cluster.clusters import list_clusters
-
-        clusters = list_clusters(db)
+    """All clusters, placed and queued (with --server: the project's, in the server's words)."""
+    client = connect(server, project, db)
+    clusters = client.list_clusters()
     if as_json:
         _print_json(clusters)
         return
-    if remote:  # a server tells tenants their state and why, not the fleet's lower bound
-        _table(f"clusters of project {remote.project}", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "jobs", "reason"],
-               [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], len(c["jobs"]), c["reason"]]
-                for c in clusters])
-        return
-    _table("clusters", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs", "reason"],
+    _table(f"clusters{client.scope}", ["name", "state", "gpus", "gpu type", "nodes", "leaf switches", "lower bound", "jobs", "reason"],
            [[c["name"], c["state"], c["gpus"], c["gpu_type"], len(c["nodes"]), c["leaves"], c["lower_bound"], len(c["jobs"]),
-             c["detail"]] for c in clusters])
+             c["reason"]] for c in clusters])
 
 
 @cluster_app.command("show")
 def cluster_show(name: str, server: ServerOption = None, project: ProjectOption = None, db: DbOption = None,
                  as_json: JsonOption = False):
     """One cluster: its nodes, switches used and the lower bound for its size."""
-    remote = _remote(server, project, db)
-    if remote:
-        c = remote.show_cluster(name)
-    else:
-        from supercluster.cluster.clusters import show_cluster
-
-        c = show_cluster(db, name)
+    c = connect(server, project, db).show_cluster(name)
     _print_json(c) if as_json else _print_cluster(c)
 
 
@@ -229,14 +189,7 @@ def cluster_delete(
     as_json: JsonOption = False,
 ):
     """Release a cluster's nodes (queued clusters that now fit start)."""
-    remote = _remote(server, project, db)
-    if remote:
-        remote.delete_cluster(name, force=force)
-        started = []  # the server starts what now fits without naming it: another project's may be among them
-    else:
-        from supercluster.cluster.clusters import delete_cluster
-
-        started = delete_cluster(db, name, force=force)
+    started = connect(server, project, db).delete_cluster(name, force=force)
     if as_json:
         _print_json({"deleted": name, "started": started})
     else:
@@ -251,7 +204,7 @@ def _print_job(j: dict) -> None:
           + (f", preempted {j['preemptions']}x" if j["preemptions"] else "")
           + (f", exit code {j['exit_code']}" if j["exit_code"] is not None else "")
           + (f" ({j['detail']})" if j["detail"] else ""))
-    if j.get("run_dir"):  # the server keeps its paths to itself
+    if j["run_dir"]:  # the server keeps its paths to itself
         print(f"  run dir: {j['run_dir']}")
 
 
@@ -268,24 +221,8 @@ def job_submit(
 ):
     """Run a training config on a cluster (one torchrun per node). With --server the file's content
     is sent; paths in it (data.path) are read on the server's machines."""
-    remote = _remote(server, project, db)
-    if remote:
-        j = remote.submit_job(cluster, _config_table(config, overrides or []), overrides or [], max_restarts)
-    else:
-        from supercluster.cluster.jobs import submit_job
-
-        j = submit_job(db, cluster, config, overrides or [], max_restarts=max_restarts)
+    j = connect(server, project, db).submit_job(cluster, config, overrides or [], max_restarts)
     _print_json(j) if as_json else _print_job(j)
-
-
-def _config_table(path: str, overrides: list[str]) -> dict:
-    """The TOML's sections as written, once they load as a training config (a typo fails here, not on the fleet)."""
-    import tomllib
-
-    from supercluster.train.config import load_config
-
-    load_config(path, overrides)
-    return tomllib.loads(Path(path).read_text())
 
 
 @job_app.command("list")
@@ -296,23 +233,14 @@ def job_list(
     db: DbOption = None,
     as_json: JsonOption = False,
 ):
-    """All jobs with their states."""
-    remote = _remote(server, project, db)
-    if remote:
-        jobs = [j for j in remote.list_jobs() if cluster is None or j["cluster"] == cluster]
-    else:
-        from supercluster.cluster.jobs import list_jobs
-
-        jobs = list_jobs(db, cluster)
+    """All jobs with their states (with --server: the project's)."""
+    client = connect(server, project, db)
+    jobs = client.list_jobs(cluster)
     if as_json:
         _print_json(jobs)
         return
-    if remote:  # the server keeps the config's path on its side
-        _table(f"jobs of project {remote.project}", ["id", "cluster", "state", "restarts", "exit", "submitted", "detail"],
-               [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["detail"]] for j in jobs])
-        return
-    _table("jobs", ["id", "cluster", "state", "restarts", "exit", "submitted", "config"],
-           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["config"]] for j in jobs])
+    _table(f"jobs{client.scope}", ["id", "cluster", "state", "restarts", "exit", "submitted", "detail"],
+           [[j["id"], j["cluster"], j["state"], j["restarts"], j["exit_code"], _when(j["submitted_at"]), j["detail"]] for j in jobs])
 
 
 @job_app.command("status")
@@ -325,13 +253,8 @@ def job_status(
     as_json: JsonOption = False,
 ):
     """One job's state (with --wait: its final state; exit code 1 unless it completed)."""
-    remote = _remote(server, project, db)
-    if remote:
-        j = remote.wait_job(job_id) if wait else remote.job_status(job_id)
-    else:
-        from supercluster.cluster import jobs
-
-        j = jobs.wait_job(db, job_id, timeout_s=float("inf")) if wait else jobs.job_status(db, job_id)
+    client = connect(server, project, db)
+    j = client.wait_job(job_id) if wait else client.job_status(job_id)
     _print_json(j) if as_json else _print_job(j)
     if wait and j["state"] != "completed":
         raise typer.Exit(1)
@@ -346,44 +269,16 @@ def job_logs(
     db: DbOption = None,
 ):
     """Print a job's output."""
-    remote = _remote(server, project, db)
-    if remote:
-        for line in remote.job_logs(job_id, follow=follow):
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
-        return
-    from supercluster.cluster import jobs
-
-    path = jobs.log_path(db, job_id)
-    offset = 0
-    while True:
-        if path.exists():
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
-                offset += len(chunk)
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
-        if not follow or jobs.job_status(db, job_id)["state"] not in ("pending", "running"):
-            if follow and path.exists():  # what was written between the last read and the end
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    sys.stdout.write(f.read().decode(errors="replace"))
-            return
-        time.sleep(1.0)
+    for text in connect(server, project, db).job_logs(job_id, follow=follow):
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 @job_app.command("cancel")
 def job_cancel(job_id: JobId, server: ServerOption = None, project: ProjectOption = None, db: DbOption = None,
                as_json: JsonOption = False):
     """Stop a job."""
-    remote = _remote(server, project, db)
-    if remote:
-        j = remote.cancel_job(job_id)
-    else:
-        from supercluster.cluster.jobs import cancel_job
-
-        j = cancel_job(db, job_id)
+    j = connect(server, project, db).cancel_job(job_id)
     _print_json(j) if as_json else _print_job(j)
 
 

@@ -46,19 +46,6 @@ def real(low: float | None = None, high: float | None = None, low_open: bool = F
     return check
 
 
-def server_for(server: str | None, db: str | None) -> str | None:
-    """The server to talk to (--server or $SUPERCLUSTER_SERVER), or None for the local database;
-    naming both a server and a database is refused, since only one of them would be used."""
-    from supercluster.errors import UserError
-    from supercluster.service.client import server_url
-
-    url = server_url(server)
-    if url and db:
-        raise UserError("--db and --server (or $SUPERCLUSTER_DB and $SUPERCLUSTER_SERVER) cannot be used together; "
-                        "pass --db for the local database or --server for a server.")
-    return url
-
-
 def listen(host: str, port: int) -> socket.socket:
     """A server's listening socket, bound before the slow start-up work and before its URL is
     printed (a client reading it may connect at once); a port in use is one sentence."""

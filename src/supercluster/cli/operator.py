@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, server_for
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption
+from supercluster.client import server_for
 
 org_app = typer.Typer(help="Organizations: the tenants that hold projects and users (a server's).", no_args_is_help=True)
 project_app = typer.Typer(help="Projects: where clusters, jobs, quotas and tokens live (a server's).", no_args_is_help=True)

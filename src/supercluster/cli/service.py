@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, listen, server_for
+from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, listen
+from supercluster.client import connect
 from supercluster.limits import MAX_ID
 
 server_app = typer.Typer(help="The multi-tenant service: REST API over the fleet (OpenAPI at /docs).",
@@ -122,30 +123,14 @@ def usage(
 ):
     """GPU-hours and cost by org, project or user and GPU type."""
     from supercluster.errors import UserError
-    from supercluster.service import client, usage as usage_mod
+    from supercluster.service import usage as usage_mod
 
     if as_json and as_csv:
         raise UserError("--json and --csv cannot be used together; pick one.")
     if by not in usage_mod.GROUPS:
         raise UserError(f"--by {by!r} is not one of {', '.join(usage_mod.GROUPS)}; pick one.")
-    query = {"by": by, "since": _epoch(since), "until": _epoch(until)}
-    url = server_for(server, db)
-    tokens = []
-    if url:
-        answer = client.call(url, "GET", "/v1/usage", query=query)
-        rows, tokens = answer["rows"], answer.get("tokens", [])
-    else:
-        from supercluster.service.store import Store
-
-        store = Store(db)
-        try:
-            from supercluster.service.endpoints import token_report
-
-            with store.session() as s:
-                rows = usage_mod.report(s, by=by, since=query["since"], until=query["until"], fleet_clusters=True)
-                tokens = token_report(s, by=by, since=query["since"], until=query["until"])
-        finally:
-            store.dispose()
+    answer = connect(server, None, db).usage(by, _epoch(since), _epoch(until))
+    rows, tokens = answer["rows"], answer["tokens"]
     if as_json:
         print(json.dumps({"by": by, "rows": rows, "tokens": tokens}, indent=1, sort_keys=True))
     elif as_csv:
@@ -178,14 +163,7 @@ endpoint_app = typer.Typer(help="Models a project serves from its clusters, call
 
 
 def _endpoints(server: str | None, project: str | None):
-    from supercluster.errors import UserError
-    from supercluster.service.client import ProjectClient, server_url
-
-    url = server_url(server)
-    if not url:
-        raise UserError("Endpoints live on a server: pass --server URL or set $SUPERCLUSTER_SERVER "
-                        "(on this machine alone, `supercluster serve RUN_DIR` serves a model).")
-    return ProjectClient(url, project)
+    return connect(server, project)  # the local client says endpoints live on a server
 
 
 def _print_endpoints(endpoints: list[dict], server: str) -> None:
@@ -243,14 +221,20 @@ def endpoint_list(server: ServerOption = None, project: ProjectOption = None, as
 
 
 @endpoint_app.command("delete")
-def endpoint_delete(name: str, server: ServerOption = None, project: ProjectOption = None, as_json: JsonOption = False):
+def endpoint_delete(
+    name: str,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until its server has stopped (else: it is stopping).")] = True,
+    server: ServerOption = None,
+    project: ProjectOption = None,
+    as_json: JsonOption = False,
+):
     """Stop an endpoint's server (its calls stay counted in usage)."""
-    remote = _endpoints(server, project)
-    endpoint = remote.delete_endpoint(name)
+    endpoint = _endpoints(server, project).delete_endpoint(name, wait=wait)
     if as_json:
         print(json.dumps(endpoint, indent=1, sort_keys=True))
     else:
-        print(f"endpoint {name} stopped after {endpoint['requests']} requests")
+        print(f"endpoint {name} {endpoint['state']} after {endpoint['requests']} requests"
+              + (f" ({endpoint['detail']})" if endpoint["detail"] else ""))
 
 
 def register(app: typer.Typer) -> None:

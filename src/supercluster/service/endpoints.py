@@ -38,7 +38,7 @@ from supercluster.service.store import Store
 from supercluster.service.tenancy import visible_project
 
 
-STOP_WAIT_S = 30.0  # how long a delete waits for the server to stop answering
+LIVE = ("starting", "ready", "stopping")  # an endpoint whose server may still run (its name is taken)
 
 
 def view(e: Endpoint, project: str, calls: dict | None = None) -> dict:
@@ -98,15 +98,13 @@ def _write_key(secret: str) -> Path:
     return path
 
 
-def _wait_silent(url: str) -> None:
-    """Until the server at `url` stops answering: a cancelled job's processes take a moment to end."""
-    deadline = time.monotonic() + STOP_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=1.0)
-        except httpx.HTTPError:
-            return
-        time.sleep(0.1)
+def _answers(url: str) -> bool:
+    """Whether a server still answers at `url` (a cancelled job's processes take a moment to end)."""
+    try:
+        httpx.get(f"{url}/health", timeout=1.0)
+        return True
+    except httpx.HTTPError:
+        return False
 
 
 def _free_port() -> int:
@@ -170,21 +168,27 @@ def create(store: Store, caller: Caller, project: str, name: str, cluster: str, 
 
 def _active(s: Session, project_id: int, name: str) -> bool:
     return s.scalar(sa.select(Endpoint.id).where(Endpoint.project_id == project_id, Endpoint.name == name,
-                                                 Endpoint.state.in_(("starting", "ready")))) is not None
+                                                 Endpoint.state.in_(LIVE))) is not None
 
 
 def _taken(project: str, name: str) -> ServiceError:
-    return ServiceError(409, f"Project {project!r} already has an endpoint named {name!r}; delete it first.")
+    return ServiceError(409, f"Project {project!r} already has an endpoint named {name!r}; delete it first "
+                             "(or, while it is stopping, wait until it is stopped).")
 
 
 def refresh(store: Store, endpoints: list[Endpoint]) -> None:
     """Moves starting endpoints to ready once their server answers, and any whose job ended to failed."""
     for e in endpoints:
-        if e.state not in ("starting", "ready"):
+        if e.state not in LIVE:
             continue
         job = fleet_jobs.job_status(store.fleet, e.job_id)
         state, detail = e.state, e.detail
-        if job["state"] not in ("pending", "running"):
+        if e.state == "stopping":
+            if job["state"] in ("pending", "running") or _answers(e.url):
+                continue  # its processes take a moment to end
+            state, detail = "stopped", None
+            _key_file(e.secret).unlink(missing_ok=True)
+        elif job["state"] not in ("pending", "running"):
             state, detail = "failed", f"its serving job {job['state']}" + (f" ({job['detail']})" if job["detail"] else "")
             _key_file(e.secret).unlink(missing_ok=True)  # nothing reads it any more
         elif e.state == "starting":
@@ -223,24 +227,22 @@ def list_all(store: Store, caller: Caller, project: str) -> list[dict]:
 
 
 def delete(store: Store, caller: Caller, project: str, name: str) -> dict:
-    """Stops the endpoint's server and answers once it no longer does (or after STOP_WAIT_S, saying so)."""
+    """Stops the endpoint's server and answers at once: `stopping` until it no longer answers
+    (`refresh` moves it to `stopped`, on the next look or the server's periodic pass), or
+    `stopped` when nothing was running. A request thread never waits for a process to end."""
     with store.session() as s:
         p = visible_project(s, caller, project, "member")
         e = _get(s, p, name)
-        job_id, active, url, secret = e.job_id, e.state in ("starting", "ready"), e.url, e.secret
+        job_id, active = e.job_id, e.state in ("starting", "ready")
+        if active:
+            e.state, e.detail = "stopping", None  # before the cancel: no call is relayed to it from now on
     if active:
         try:
             fleet_jobs.cancel_job(store.fleet, job_id)
         except UserError:
             pass  # it had ended by itself: nothing left to stop
-        _wait_silent(url)
-    _key_file(secret).unlink(missing_ok=True)
-    with store.session() as s:
-        e = _get(s, p, name)
-        e.state, e.detail = "stopped", None
-        s.flush()
-        calls = _calls(s, [e.id])
-        return view(e, project, calls.get(e.id))
+    (e,), calls = _project_endpoints(store, caller, project, name)  # already silent: stopped now
+    return view(e, project, calls.get(e.id))
 
 
 def upstream(store: Store, caller: Caller, project: str, name: str) -> tuple[int, str, str]:
@@ -324,7 +326,7 @@ def record(store: Store, endpoint_id: int, user_id: int | None, usage: dict | No
 def refresh_all(store: Store) -> None:
     """The server's periodic pass: endpoints become ready, or failed when their job ends, unasked."""
     with store.session() as s:
-        rows = list(s.scalars(sa.select(Endpoint).where(Endpoint.state.in_(("starting", "ready")))))
+        rows = list(s.scalars(sa.select(Endpoint).where(Endpoint.state.in_(LIVE))))
         s.expunge_all()
     refresh(store, rows)
 

@@ -70,6 +70,8 @@ class LocalBackend(Backend):
 
     def poll(self, ref: str, job_dir: str) -> JobStatus:
         code_file = Path(job_dir) / "exit_code"
+        if (Path(job_dir) / STOPPING).exists() and _alive(ref):
+            return JobStatus("running")  # waiting for its preempted run to end: the exit code is that one's
         if code_file.exists():
             code = int(code_file.read_text())
             return JobStatus("completed" if code == 0 else "failed", code)
@@ -86,19 +88,57 @@ class LocalBackend(Backend):
 
 
     def preempt(self, ref: str, job_dir: str, grace_s: float = 60.0) -> None:
-        """SIGTERM to the job's process group (the trainer checkpoints), then wait for it to end,
-        SIGKILL past `grace_s`: the job restarts in the same run dir, which two trainers must
-        never share. The exit code it leaves is not the restarted job's, so it goes."""
+        """SIGTERM to the job's process group (the trainer checkpoints the step it is in), and a
+        detached stopper that waits for it to end, SIGKILLs it past `grace_s` and removes the exit
+        code it leaves (not the restarted job's). This returns at once: it runs inside the fleet's
+        transaction, often for a request. Until the stopper is done, JOB_DIR/stopping names the
+        stopped runner, and a runner started again in the same job dir waits for it to go: the job
+        restarts in the same run dir, which two trainers must never share."""
+        if not _alive(ref):
+            (Path(job_dir) / "exit_code").unlink(missing_ok=True)
+            return
+        write_atomic(Path(job_dir) / STOPPING, ref)  # before the signal: a restart sees it whatever comes next
         self.cancel(ref, job_dir)
-        deadline = time.monotonic() + grace_s
-        while _group_alive(_pid(ref)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _group_alive(_pid(ref)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(_pid(ref), signal.SIGKILL)
-        while _alive(ref) and time.monotonic() < deadline + 10:
-            time.sleep(0.1)  # the runner records an exit code as it ends: let it, then remove it
-        (Path(job_dir) / "exit_code").unlink(missing_ok=True)
+        stopper = subprocess.Popen([sys.executable, "-m", "supercluster.cluster.backends.local", "--stop", ref, job_dir,
+                                    str(grace_s)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL, start_new_session=True)
+        threading.Thread(target=stopper.wait, daemon=True, name=f"reap-{stopper.pid}").start()
+
+
+STOPPING = "stopping"  # in a job dir: the ref of a preempted runner still being stopped
+
+
+def _stop(ref: str, job_dir: str, grace_s: float) -> None:
+    """The stopper of a preempted runner: wait for its group to end, SIGKILL it past `grace_s`,
+    let the runner record its exit code and remove it, then remove the `stopping` mark."""
+    deadline = time.monotonic() + grace_s
+    while _group_alive(_pid(ref)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _group_alive(_pid(ref)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_pid(ref), signal.SIGKILL)
+    while _alive(ref) and time.monotonic() < deadline + 10:
+        time.sleep(0.1)  # the runner records an exit code as it ends: let it, then remove it
+    (Path(job_dir) / "exit_code").unlink(missing_ok=True)
+    (Path(job_dir) / STOPPING).unlink(missing_ok=True)
+
+
+def _wait_for_stopper(job_dir: str) -> None:
+    """Until a preempted runner of this job dir is gone (its stopper removes the mark; a mark whose
+    runner and group are gone, its stopper having died, is removed here)."""
+    mark = Path(job_dir) / STOPPING
+    while mark.exists():
+        try:
+            old = mark.read_text().strip()
+        except FileNotFoundError:
+            return
+        if old and not _alive(old) and not _group_alive(_pid(old)):
+            time.sleep(0.5)  # its stopper, if alive, removes the exit code next
+            if mark.exists():
+                (Path(job_dir) / "exit_code").unlink(missing_ok=True)
+                mark.unlink(missing_ok=True)
+            return
+        time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -140,7 +180,9 @@ def _alive(ref: str) -> bool:
 
 
 def _run(job_dir: str, cmd: list[str]) -> int:
-    """The runner: start the job, forward SIGTERM to it, write its exit code atomically."""
+    """The runner: wait until a preempted run of this job dir is gone, start the job, forward
+    SIGTERM to it, write its exit code atomically."""
+    _wait_for_stopper(job_dir)  # a SIGTERM meanwhile ends the runner: nothing started yet
     proc = subprocess.Popen(cmd)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     code = proc.wait()
@@ -149,5 +191,8 @@ def _run(job_dir: str, cmd: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--stop":
+        _stop(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        sys.exit(0)
     split = sys.argv.index("--")
     sys.exit(_run(sys.argv[1], sys.argv[split + 1 :]))

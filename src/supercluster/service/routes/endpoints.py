@@ -28,9 +28,10 @@ def routes(store: Store) -> APIRouter:
     def show_endpoint(project: str, name: str, who: Caller = Depends(caller)) -> dict:
         return endpoints.show(store, who, project, name)
 
-    @router.delete("/v1/projects/{project}/endpoints/{name}", tags=["endpoints"])
+    @router.delete("/v1/projects/{project}/endpoints/{name}", status_code=202, tags=["endpoints"])
     def delete_endpoint(project: str, name: str, who: Caller = Depends(caller)) -> dict:
-        """Stop the endpoint's server (its calls stay counted)."""
+        """Stop the endpoint's server (its calls stay counted); poll GET .../endpoints/{name} while its
+        state is stopping, until stopped."""
         return endpoints.delete(store, who, project, name)
 
     # One function, two routes with their own operation ids (one route of both methods shares one id in OpenAPI).
