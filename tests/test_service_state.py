@@ -245,3 +245,55 @@ def test_a_cause_names_clusters_as_the_service_does(service_url):
         assert fleet_clusters.show_cluster(world.store.fleet, "p2.big")["detail"] == "preempted by cluster 'ops' (priority 9 over 0)"
     finally:
         world.close()
+
+
+def test_a_name_race_answers_409_naming_the_name(local):
+    """Six requests at once for one cluster name, then for one endpoint name, over real HTTP: one
+    is made, the others answer 409 with the name the tenant gave (not 422 with the fleet's name)."""
+    import concurrent.futures
+    import time
+
+    import httpx
+    import uvicorn
+
+    from supercluster.paths import model_library
+
+    (model_library() / "m").mkdir(parents=True, exist_ok=True)
+    (model_library() / "m" / "config.toml").write_text("[model]\npreset = 'tiny'\n")  # enough to deploy; never answers
+    server = uvicorn.Server(uvicorn.Config(create_app(store=local.store), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/projects/llm"
+    try:
+        def at_once(path: str, body: dict, n: int = 6) -> list[tuple[int, dict]]:
+            start = threading.Barrier(n)
+
+            def one(_):
+                with httpx.Client(headers=local.member, timeout=120) as c:
+                    start.wait()
+                    r = c.post(f"{base}/{path}", json=body)
+                    return r.status_code, r.json()
+
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                return list(pool.map(one, range(n)))
+
+        answers = at_once("clusters", {"name": "dup", "gpus": 1})
+        assert sorted(code for code, _ in answers) == [202] + [409] * 5, answers
+        for code, body in answers:
+            assert code == 202 or body["detail"] == ("Project 'llm' already has a cluster named 'dup'; choose another "
+                                                     "name or delete it first."), body
+        shown = local.ok("GET", "/v1/projects/llm/clusters", local.member)
+        assert [(c["name"], c["state"]) for c in shown] == [("dup", "ready")]
+
+        answers = at_once("endpoints", {"name": "e", "cluster": "dup", "run_dir": "m"})
+        assert sorted(code for code, _ in answers) == [202] + [409] * 5, answers
+        assert all(code == 202 or "already has an endpoint named 'e'" in body["detail"] for code, body in answers), answers
+        assert [e["name"] for e in local.ok("GET", "/v1/projects/llm/endpoints", local.member)] == ["e"]
+        from supercluster.cluster import jobs
+
+        assert len(jobs.list_jobs(local.store.fleet)) == 1  # the refused requests started no serving job
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

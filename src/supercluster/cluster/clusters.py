@@ -39,11 +39,19 @@ from supercluster.errors import UserError, closest
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
+class NameTaken(UserError):
+    """A cluster of that name exists: a caller with names of its own (the service) words it its own way."""
+
+    def __init__(self, name: str):
+        super().__init__(f"A cluster named {name!r} already exists; choose another name or delete it first.")
+        self.name = name
+
+
 def _validate_request(s: Session, fleet: Fleet, name: str, gpus: int, gpu_type: str | None, max_switches: int | None) -> tuple[str, int, int]:
     if not NAME_RE.match(name):
         raise UserError(f"Cluster name {name!r} is not valid; use up to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.")
     if s.scalar(sa.select(Cluster.id).where(Cluster.name == name)) is not None:
-        raise UserError(f"A cluster named {name!r} already exists; choose another name or delete it first.")
+        raise NameTaken(name)
     if gpus <= 0:
         raise UserError(f"--gpus must be a positive number of GPUs, got {gpus}.")
     types = sorted(topology(s, fleet).empty)

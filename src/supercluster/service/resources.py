@@ -201,6 +201,8 @@ def _fleet_create(store: Store, sc: ServiceCluster, record: Callable[[Session], 
                                              max_switches=sc.max_switches, require_health=sc.require_health,
                                              owner=usage.owner_tag(sc.project_id, sc.user_id), priority=sc.priority,
                                              record=record)
+    except fleet_clusters.NameTaken:
+        raise
     except UserError as err:
         raise ServiceError(422, str(err)) from None
 
@@ -229,6 +231,8 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
 
     try:
         fleet = _fleet_create(store, sc, record)  # refuses sizes that never fit: nothing kept on either side
+    except fleet_clusters.NameTaken:  # a request beside this one took it before ours reached the hook
+        raise _taken(project, name) from None
     except _Waits as waits:
         with store.fleet.transaction() as s:  # the fleet's lock: a request beside this one sees it, or it sees theirs
             if _name_taken(s, p.id, name):
@@ -303,6 +307,8 @@ def _hand_over(store: Store, sc: ServiceCluster, reason: str | None) -> None:
         try:
             _fleet_create(store, sc, record)
             return
+        except fleet_clusters.NameTaken:
+            return  # handed over beside this pass
         except _Waits as waits:
             reason = waits.reason
         except ServiceError as err:  # the fleet refuses its size now
