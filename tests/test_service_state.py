@@ -248,8 +248,9 @@ def test_a_cause_names_clusters_as_the_service_does(service_url):
 
 
 def test_a_name_race_answers_409_naming_the_name(local):
-    """Six requests at once for one cluster name, then for one endpoint name, over real HTTP: one
-    is made, the others answer 409 with the name the tenant gave (not 422 with the fleet's name)."""
+    """Six requests at once for one name, over real HTTP, for an organization, a project, a user, a
+    cluster and an endpoint: one is made, the others answer 409 with the name the caller gave (not
+    a 500 from the unique key on PostgreSQL, nor a 422 with the fleet's name for a cluster)."""
     import concurrent.futures
     import time
 
@@ -265,21 +266,28 @@ def test_a_name_race_answers_409_naming_the_name(local):
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/projects/llm"
+    root = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1"
     try:
-        def at_once(path: str, body: dict, n: int = 6) -> list[tuple[int, dict]]:
+        def at_once(path: str, body: dict, n: int = 6, headers: dict = local.member) -> list[tuple[int, dict]]:
             start = threading.Barrier(n)
 
             def one(_):
-                with httpx.Client(headers=local.member, timeout=120) as c:
+                with httpx.Client(headers=headers, timeout=120) as c:
                     start.wait()
-                    r = c.post(f"{base}/{path}", json=body)
+                    r = c.post(f"{root}/{path}", json=body)
                     return r.status_code, r.json()
 
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 return list(pool.map(one, range(n)))
 
-        answers = at_once("clusters", {"name": "dup", "gpus": 1})
+        for path, name, what in (("orgs", "globex", "organization"), ("orgs/acme/projects", "web", "project"),
+                                 ("users", "bob", "user")):
+            answers = at_once(path, {"name": name, **({"org": "acme"} if what == "user" else {})}, headers=local.op)
+            assert sorted(code for code, _ in answers) == [201] + [409] * 5, answers
+            assert all(code == 201 or answer["detail"] == f"A {what} named {name!r} already exists; choose another name."
+                       for code, answer in answers), answers
+
+        answers = at_once("projects/llm/clusters", {"name": "dup", "gpus": 1})
         assert sorted(code for code, _ in answers) == [202] + [409] * 5, answers
         for code, body in answers:
             assert code == 202 or body["detail"] == ("Project 'llm' already has a cluster named 'dup'; choose another "
@@ -287,7 +295,7 @@ def test_a_name_race_answers_409_naming_the_name(local):
         shown = local.ok("GET", "/v1/projects/llm/clusters", local.member)
         assert [(c["name"], c["state"]) for c in shown] == [("dup", "ready")]
 
-        answers = at_once("endpoints", {"name": "e", "cluster": "dup", "run_dir": "m"})
+        answers = at_once("projects/llm/endpoints", {"name": "e", "cluster": "dup", "run_dir": "m"})
         assert sorted(code for code, _ in answers) == [202] + [409] * 5, answers
         assert all(code == 202 or "already has an endpoint named 'e'" in body["detail"] for code, body in answers), answers
         assert [e["name"] for e in local.ok("GET", "/v1/projects/llm/endpoints", local.member)] == ["e"]

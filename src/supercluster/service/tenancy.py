@@ -31,7 +31,22 @@ def require_operator(caller: Caller) -> None:
 
 def _taken(s: Session, model, name: str, what: str) -> None:
     if s.scalar(sa.select(model.id).where(model.name == name)) is not None:
-        raise ServiceError(409, f"A {what} named {name!r} already exists; choose another name.")
+        raise _exists(what, name)
+
+
+def _exists(what: str, name: str) -> ServiceError:
+    return ServiceError(409, f"A {what} named {name!r} already exists; choose another name.")
+
+
+def _add_named(s: Session, row, what: str) -> None:
+    """Adds a row named by the caller. A request beside this one that made the same name first
+    (on PostgreSQL `_taken` cannot see its row before it commits; the unique key then refuses
+    ours) is answered as `_taken` answers, not with a 500."""
+    s.add(row)
+    try:
+        s.flush()
+    except sa.exc.IntegrityError:
+        raise _exists(what, row.name) from None
 
 
 def refuse_if_initialized(s: Session) -> None:
@@ -74,8 +89,7 @@ def create_org(s: Session, caller: Caller, name: str) -> dict:
     require_operator(caller)
     _taken(s, Org, name, "organization")
     org = Org(name=name, created_at=time.time())
-    s.add(org)
-    s.flush()
+    _add_named(s, org, 'organization')
     return org_dict(org)
 
 
@@ -98,8 +112,7 @@ def create_project(s: Session, caller: Caller, org: str, name: str) -> dict:
     o = visible_org(s, caller, org)
     _taken(s, Project, name, "project")
     p = Project(org_id=o.id, name=name, created_at=time.time())
-    s.add(p)
-    s.flush()
+    _add_named(s, p, 'project')
     return project_dict(s, p)
 
 
@@ -133,8 +146,7 @@ def create_user(s: Session, caller: Caller, name: str, org: str) -> dict:
     o = visible_org(s, caller, org)
     _taken(s, User, name, "user")
     u = User(name=name, org_id=o.id, is_operator=False, created_at=time.time())
-    s.add(u)
-    s.flush()
+    _add_named(s, u, 'user')
     return user_dict(s, u)
 
 
