@@ -171,7 +171,8 @@ def test_endpoint_requests_are_checked_before_anything_starts(live, tmp_path):
 class DyingModelServer:
     """A stand-in model server on loopback, for the peer failures a real one is slow to stage:
     prompt "die" sends two stream chunks (or half a body) and drops the connection; "hang" sends
-    two chunks (or nothing) and waits until the service closes the call. Chunks carry the usage
+    two chunks (or nothing) and waits until the service closes the call; "ok" streams two chunks
+    and ends as a stream ends. Chunks carry the usage
     so far, as `supercluster serve` sends it when asked for `continuous_usage_stats`."""
 
     def __init__(self):
@@ -208,6 +209,12 @@ class DyingModelServer:
                          "usage": {"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n}}
                 event = f"data: {json.dumps(chunk)}\n\n".encode()
                 sock.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+            if payload["prompt"] == "ok":  # the usage chunk, [DONE] and the end of the body
+                final = {"id": "c", "object": "text_completion", "created": 0, "model": "m", "choices": [],
+                         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+                for event in (f"data: {json.dumps(final)}\n\n".encode(), b"data: [DONE]\n\n"):
+                    sock.sendall(b"%x\r\n%s\r\n" % (len(event), event))
+                sock.sendall(b"0\r\n\r\n")
         elif payload["prompt"] == "die":
             sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 500\r\n\r\n{\"id\":")
         if payload["prompt"] == "hang":
@@ -278,12 +285,31 @@ def test_a_caller_that_leaves_early_is_counted_and_closes_the_call_to_the_server
         time.sleep(0.05)
     assert token_usage(client, tokens) == ((1, 3, 2),)
 
-    # a caller of a whole answer that leaves: the call to the server is closed (it stops generating there)
+    # a caller of a whole answer that leaves: the call to the server is closed (it stops generating
+    # there), and the caller is charged for the tokens generated until then (asked as a stream)
     stand_in.closed.clear()
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{base}/completions", headers=bearer(tokens["llm", "member"]), timeout=0.5,
                    json={"model": "m", "prompt": "hang"})
     assert stand_in.closed.wait(30)
+    assert stand_in.bodies[-1]["stream"] is True
+    for _ in range(100):
+        if token_usage(client, tokens) != ((1, 3, 2),):
+            break
+        time.sleep(0.05)
+    assert token_usage(client, tokens) == ((2, 6, 4),)
+
+
+def test_a_whole_answer_is_rebuilt_from_the_stream_the_service_asks_for(dying):
+    client, tokens, stand_in = dying
+    r = client.post("/v1/projects/llm/endpoints/flaky/v1/completions", headers=bearer(tokens["llm", "member"]),
+                    json={"model": "m", "prompt": "ok", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert stand_in.bodies[-1]["stream"] is True and stand_in.bodies[-1]["max_tokens"] == 2
+    assert r.json() == {"id": "c", "object": "text_completion", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "text": "t1t2", "logprobs": None, "finish_reason": None}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    assert token_usage(client, tokens) == ((1, 3, 2),)
 
 
 def test_a_whole_answer_whose_server_dies_is_a_502(dying):

@@ -3,6 +3,8 @@
 The service checks the caller's token (the gate), forwards the call with the endpoint's own key,
 relays a stream as it comes, and counts what was answered for usage however the call ends: the
 caller leaving, the model server dying mid-stream (an OpenAI-shaped error event, then `[DONE]`).
+A caller's whole answer is asked as a stream too and rebuilt (`service.whole`), so that one who
+leaves before it is ready is charged for what was generated until then.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.service import endpoints
 from supercluster.service.auth import Caller, ServiceError
 from supercluster.service.store import Store
+from supercluster.service.whole import WholeAnswer
 
 PROXIED = ("chat/completions", "completions", "models")
 
@@ -38,15 +41,20 @@ async def call(store: Store, request: Request, who: Caller, project: str, name: 
         endpoint_id, url, secret = await run_in_threadpool(endpoints.upstream, store, who, project, name)
     except ServiceError as err:
         return openai_error(err.status, err.message)
-    body, tally = await request.body(), None  # tally: of a streamed call
+    body, tally, whole = await request.body(), None, None  # tally: the usage so far; whole: a caller's whole answer
     if request.method == "POST":
         try:
             payload = json.loads(body)
         except ValueError:
             return openai_error(400, "The request body is not JSON.")
-        if isinstance(payload, dict) and payload.get("stream"):
-            tally = endpoints.StreamTally(payload.get("stream_options"))
-            payload["stream_options"] = endpoints.stream_options(payload.get("stream_options"))
+        if isinstance(payload, dict):
+            # Always asked as a stream with the usage in every chunk: a caller that leaves is
+            # charged for what was generated until then, whether it asked for a stream or not.
+            asked = payload.get("stream_options") if payload.get("stream") else None
+            tally = endpoints.StreamTally(asked)
+            if not payload.get("stream"):
+                whole, payload["stream"] = WholeAnswer(), True
+            payload["stream_options"] = endpoints.stream_options(asked)
             body = json.dumps(payload).encode()
     client: httpx.AsyncClient = request.app.state.http
     upstream = client.build_request(request.method, f"{url}/v1/{path}", content=body if request.method == "POST" else None,
@@ -58,6 +66,8 @@ async def call(store: Store, request: Request, who: Caller, project: str, name: 
     except httpx.HTTPError as err:
         return openai_error(502, f"Endpoint {name!r} does not answer ({type(err).__name__}); see its state and job log.")
     counted = request.method == "POST" and answer.status_code == 200
+    if whole is not None and counted:
+        return await _whole(store, request, who, endpoint_id, name, answer, tally, whole)
     if tally is None or answer.status_code != 200:
         try:
             data = await unless_client_leaves(request, answer.aread())
@@ -72,6 +82,14 @@ async def call(store: Store, request: Request, who: Caller, project: str, name: 
             await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, endpoints.usage_of_answer(data))
         return Response(data, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
+    recorded = False
+
+    async def count() -> None:
+        nonlocal recorded
+        if not recorded:
+            recorded = True
+            await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
+
     async def relay():
         try:
             buffer = b""
@@ -80,19 +98,54 @@ async def call(store: Store, request: Request, who: Caller, project: str, name: 
                     buffer += chunk
                     while b"\n\n" in buffer:
                         event, buffer = buffer.split(b"\n\n", 1)
-                        if (out := tally.pass_on(event)) is not None:
+                        out = tally.pass_on(event)
+                        if tally.done:  # counted before the caller sees the end: a usage read then includes it
+                            await count()
+                        if out is not None:
                             yield out + b"\n\n"
                 failure = None if tally.done else "ended its stream early"
             except httpx.HTTPError as err:
                 failure = f"stopped answering mid-stream ({type(err).__name__})"
             if failure:  # told as OpenAI's streams tell errors, then ended as every stream ends
+                await count()
                 yield endpoints.error_event(f"Endpoint {name!r} {failure}; see its state and job log.") + b"\n\n"
                 yield b"data: [DONE]\n\n"
         finally:
             # Also when the caller left mid-stream and this task is being cancelled: what was relayed counts.
             with anyio.CancelScope(shield=True):
                 await answer.aclose()
-                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
+                await count()
 
     return StreamingResponse(relay(), media_type="text/event-stream")
 
+
+
+async def _whole(store: Store, request: Request, who: Caller, endpoint_id: int, name: str, answer: httpx.Response,
+                 tally: endpoints.StreamTally, whole: WholeAnswer) -> Response:
+    """A caller's whole answer, rebuilt from the stream the model server sends. A caller that
+    leaves first is charged for the tokens generated until then (the call to the server is closed,
+    so it stops); a server that fails mid-way is a 502, charged nothing (the caller got nothing)."""
+
+    async def collect() -> None:
+        buffer = b""
+        async for chunk in answer.aiter_bytes():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                whole.add(event)
+                tally.pass_on(event)
+
+    try:
+        await unless_client_leaves(request, collect())
+    except ClientGone:
+        await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
+        return Response(status_code=499)
+    except httpx.HTTPError as err:
+        return openai_error(502, f"Endpoint {name!r} failed mid-answer ({type(err).__name__}); see its state and job log.")
+    finally:
+        await answer.aclose()
+    if whole.error is not None or not tally.done:
+        why = (whole.error.get("error") or {}).get("message") if whole.error else "it ended its answer early"
+        return openai_error(502, f"Endpoint {name!r} failed mid-answer ({why}); see its state and job log.")
+    await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
+    return JSONResponse(whole.answer(tally.usage))

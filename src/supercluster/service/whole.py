@@ -1,0 +1,65 @@
+"""A whole OpenAI answer rebuilt from the chunks of its stream.
+
+The relay asks an endpoint's model server for a stream even when its caller wants one whole
+answer, so that it sees the usage so far with every chunk: a caller that leaves before the end
+is charged for the tokens generated until then, as a streamed one is. The answer it rebuilds is
+what the model server would have answered whole (`serve.api`: the texts, finish reasons and
+log-probabilities of each choice, joined; the usage of the last chunk).
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class WholeAnswer:
+    """Collects a stream's chunks (`add`), then gives the whole answer (`answer`)."""
+
+    def __init__(self):
+        self.id = self.model = self.created = None
+        self.chat = False
+        self.texts: dict[int, str] = {}
+        self.finishes: dict[int, str | None] = {}
+        self.logprobs: dict[int, list[dict]] = {}
+        self.error: dict | None = None  # an error event of the stream (the engine failed mid-way)
+
+    def add(self, event: bytes) -> None:
+        if not event.startswith(b"data: {"):
+            return
+        try:
+            chunk = json.loads(event[6:])
+        except ValueError:
+            return
+        if not isinstance(chunk, dict):
+            return
+        if "error" in chunk:
+            self.error = chunk
+            return
+        self.id, self.model, self.created = chunk.get("id", self.id), chunk.get("model", self.model), chunk.get("created", self.created)
+        self.chat = chunk.get("object") == "chat.completion.chunk"
+        for choice in chunk.get("choices") or ():
+            i = choice.get("index", 0)
+            piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+            self.texts[i] = self.texts.get(i, "") + (piece or "")
+            if choice.get("finish_reason") is not None or i not in self.finishes:
+                self.finishes[i] = choice.get("finish_reason")
+            if choice.get("logprobs"):
+                self.logprobs.setdefault(i, []).append(choice["logprobs"])
+
+    def answer(self, usage: dict | None) -> dict:
+        choices = []
+        for i in sorted(self.texts):
+            lp = _merge_logprobs(self.logprobs[i], self.chat) if i in self.logprobs else None
+            if self.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": lp,
+                                "finish_reason": self.finishes[i]})
+            else:
+                choices.append({"index": i, "text": self.texts[i], "logprobs": lp, "finish_reason": self.finishes[i]})
+        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": usage}
+
+
+def _merge_logprobs(parts: list[dict], chat: bool) -> dict:
+    if chat:
+        return {"content": [c for p in parts for c in p.get("content") or ()]}
+    return {key: [v for p in parts for v in p.get(key) or ()] for key in parts[0]}
