@@ -383,6 +383,30 @@ def test_chunked_prefill_and_preemption_change_no_greedy_output(run_dir):
     assert snap["kv_blocks_used"] == 0  # every finished sequence gave its blocks back
 
 
+@pytest.mark.parametrize("route, body", [
+    ("completions", {"prompt": PROMPTS[0], "logprobs": 2}),
+    ("chat/completions", {"messages": [{"role": "user", "content": "def"}], "logprobs": True, "top_logprobs": 2}),
+])
+def test_the_service_rebuilds_a_whole_answer_from_the_stream_as_the_server_answers_it(server, route, body):
+    """The service's relay asks for a stream even for a whole answer (so that a caller who leaves
+    is charged for what was generated) and rebuilds it (`service.whole`): the same answer as asked whole."""
+    from supercluster.service.whole import WholeAnswer
+
+    body = {"model": "tiny-run", "max_tokens": 8, "temperature": 0, "n": 2, **body}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    whole = httpx.post(f"{server}/v1/{route}", headers=headers, json=body, timeout=120).json()
+    rebuilt = WholeAnswer()
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", f"{server}/v1/{route}", headers=headers, json=streamed, timeout=120) as r:
+        events = r.read().split(b"\n\n")
+    for event in events:
+        rebuilt.add(event)
+    usage = json.loads(next(e for e in reversed(events) if e.startswith(b"data: {"))[6:])["usage"]
+    answer = rebuilt.answer(usage)
+    assert len(answer["choices"]) == 2 and answer["choices"][0]["logprobs"]
+    assert {**answer, "id": None, "created": None} == {**whole, "id": None, "created": None}
+
+
 def test_stop_strings_cut_streams_and_whole_responses_alike(client):
     text = complete(client, PROMPTS[2], max_tokens=30)
     if len(text) < 6:
