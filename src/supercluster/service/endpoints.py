@@ -177,7 +177,8 @@ def _taken(project: str, name: str) -> ServiceError:
 
 
 def refresh(store: Store, endpoints: list[Endpoint]) -> None:
-    """Moves starting endpoints to ready once their server answers, and any whose job ended to failed."""
+    """Moves starting endpoints to ready once their server answers, stopping ones to stopped once it
+    no longer does, and any other whose job ended to failed."""
     for e in endpoints:
         if e.state not in LIVE:
             continue

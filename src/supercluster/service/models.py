@@ -104,7 +104,7 @@ class Audit(ServiceBase):
     client: Mapped[str | None] = mapped_column(sa.String(64))
 
 
-ENDPOINT_STATES = ("starting", "ready", "failed", "stopped")
+ENDPOINT_STATES = ("starting", "ready", "failed", "stopping", "stopped")
 
 
 class Endpoint(ServiceBase):
