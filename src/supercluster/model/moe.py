@@ -95,7 +95,8 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor):
         """x [T, hidden] -> (weights [T, k] fp32, experts [T, k], scores [T, E] fp32)."""
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # fp32 even inside a bf16 autocast region
+            logits = F.linear(x.float(), self.gate.weight.float())
         scores = torch.sigmoid(logits) if cfg.moe_router == "sigmoid" else torch.softmax(logits, dim=-1)
         choose = scores.detach() + self.expert_bias if cfg.moe_bias_update_rate > 0 else scores.detach()
         if cfg.moe_groups > 1:

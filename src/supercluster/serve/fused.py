@@ -44,7 +44,7 @@ class FusedDecoder:
         """Whether `model` is a Llama-style model whose fused linears are all 4/8-bit blocks without
         biases, one norm epsilon throughout, and the cache has the attention kernel."""
         cfg = getattr(model, "cfg", None)
-        if cfg is None or cache.kernel is None or (cfg.norm, cfg.position, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False):
+        if cfg is None or cache.kernel is None or getattr(cfg, "moe_experts", 0) or (cfg.norm, cfg.position, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False):
             return False
         blocks = list(model.layers.values())
         linears = [linear for block in blocks for linear in (block.attention.wqkv, block.attention.wo,

@@ -63,8 +63,11 @@ def run_config(imported: ImportedModel, out: Path):
     cfg = Config()
     m = imported.model
     for name in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size", "max_seq_len",
-                 "tie_embeddings", "rope_theta", "norm_eps"):
+                 "tie_embeddings", "rope_theta", "norm_eps", "head_dim", "qk_norm"):
         setattr(cfg.model, name, getattr(m, name))
+    if m.is_moe:
+        for name in ("moe_experts", "moe_top_k", "moe_hidden", "moe_dense_layers", "moe_router", "moe_norm_topk"):
+            setattr(cfg.model, name, getattr(m, name))
     cfg.model.preset = CUSTOM
     # Fine-tuning a pretrained model wants a small learning rate and short runs.
     cfg.train.seq_len = min(256, m.max_seq_len)
@@ -126,4 +129,5 @@ def import_model(source: str | Path, out: Path) -> dict:
     return {"name": imported.name, "run_dir": str(out), "layers": m.layers, "hidden": m.hidden, "heads": m.heads,
             "kv_heads": m.kv_heads, "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len,
             "parameters": sum(t.numel() for t in imported.tensors.values()),
-            "chat_template": imported.chat_template is not None}
+            "chat_template": imported.chat_template is not None,
+            **({"experts": m.moe_experts, "experts_per_token": m.moe_top_k} if m.is_moe else {})}

@@ -191,8 +191,14 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
         raise UserError(f"int4 weights run on CPUs (their kernel is C++ for x86 and others), not on {device.type}; "
                         "serve with --quantize int8 or none.")
     convert = {"int8": Int8Linear, "int4": lambda linear: BlockLinear(linear, 4), "none": PackedLinear.pack}[method]
+    from supercluster.serve.moe import is_router, quantize_experts
+
+    if method != "none":  # fp32 experts stay stacked for the grouped matmul
+        quantize_experts(model, convert)
     head = getattr(model, "output", None)
     for parent in list(model.modules()):
+        if is_router(parent):
+            continue
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 # The output head keeps 8-bit blocks, as llama.cpp's quantizer keeps it above 4 bits:

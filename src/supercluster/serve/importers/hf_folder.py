@@ -1,5 +1,6 @@
-"""Hugging Face model folders of the Llama architecture: `config.json`, `*.safetensors`,
-`tokenizer.json`, and the chat template from `tokenizer_config.json` (or `chat_template.jinja`).
+"""Hugging Face model folders of the Llama architecture, and the Mixture-of-Experts ones built on it
+(Mixtral, Qwen3-MoE: `importers.hf_moe`): `config.json`, `*.safetensors`, `tokenizer.json`, and the
+chat template from `tokenizer_config.json` (or `chat_template.jinja`).
 
 Hugging Face Llama rotates the two halves of each head, as this project does, so the
 weights need only their names changed (`model.weights.supercluster_name`).
@@ -14,6 +15,7 @@ from supercluster.errors import UserError
 from supercluster.model.config import ModelConfig
 from supercluster.model.weights import supercluster_name
 from supercluster.serve.importers import ImportedModel
+from supercluster.serve.importers.hf_moe import MOE_TYPES, ExpertTensors, moe_fields, router_bias
 
 
 def _read_json(path: Path) -> dict:
@@ -25,8 +27,10 @@ def _read_json(path: Path) -> dict:
 
 def _model_config(folder: Path, hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
-    if kind != "llama":
-        raise UserError(f"{str(folder)!r} holds a {kind!r} model; only the llama architecture can be imported.")
+    if kind not in ("llama", *MOE_TYPES):
+        raise UserError(f"{str(folder)!r} holds a {kind!r} model; only the llama, mixtral and qwen3_moe "
+                        f"architectures can be imported.")
+    moe = moe_fields(folder, hf, kind) if kind in MOE_TYPES else {}
     # transformers 5 writes rope_theta inside rope_parameters; older versions at the top level.
     rope = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -36,7 +40,7 @@ def _model_config(folder: Path, hf: dict) -> ModelConfig:
         if present:
             raise UserError(f"{str(folder)!r} uses {what}, which this model does not implement; it cannot be imported.")
     hidden, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-    if hf.get("head_dim") not in (None, hidden // heads):
+    if hf.get("head_dim") not in (None, hidden // heads) and "head_dim" not in moe:
         raise UserError(f"{str(folder)!r} has head_dim {hf['head_dim']}; this model needs hidden_size / num_attention_heads.")
     return ModelConfig(
         layers=int(hf["num_hidden_layers"]), hidden=hidden, heads=heads,
@@ -44,11 +48,11 @@ def _model_config(folder: Path, hf: dict) -> ModelConfig:
         vocab_size=int(hf["vocab_size"]), max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), **moe,
     ).validate()
 
 
-def _tensors(folder: Path, tied: bool) -> dict:
+def _tensors(folder: Path, cfg: ModelConfig) -> dict:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -57,6 +61,7 @@ def _tensors(folder: Path, tied: bool) -> dict:
         raise UserError(f"{str(folder)!r} has no *.safetensors weights (PyTorch .bin files are not read); "
                         f"save the model with safe_serialization.")
     tensors = {}
+    experts = ExpertTensors(folder, cfg.moe_experts, cfg.moe_layer) if cfg.is_moe else None
     for file in files:
         try:
             loaded = load_file(str(file))
@@ -65,12 +70,18 @@ def _tensors(folder: Path, tied: bool) -> dict:
         for name, tensor in loaded.items():
             if name.endswith("rotary_emb.inv_freq"):  # a cache some versions saved; recomputed here
                 continue
+            ours = experts.take(name, tensor) if experts is not None else None
+            if ours == "":  # an expert's, stacked below
+                continue
             try:
-                tensors[supercluster_name(name)] = tensor
+                tensors[ours or supercluster_name(name)] = tensor
             except KeyError:
                 raise UserError(f"{str(file)!r} has a tensor {name!r} that a Llama model has no place for; "
                                 f"it cannot be imported.") from None
-    if tied:
+    if experts is not None:
+        tensors.update(experts.finish())
+        tensors.update(router_bias(cfg))
+    if cfg.tie_embeddings:
         tensors.pop("output.weight", None)
     return tensors
 
@@ -126,5 +137,5 @@ def read_hf_folder(folder: Path) -> ImportedModel:
         tokenizer = Tokenizer.from_str(tokenizer_json)
     except Exception as err:  # the Rust side raises a bare Exception for any parse error
         raise UserError(f"{str(folder / 'tokenizer.json')!r} is not a valid tokenizers file ({err}).") from None
-    return ImportedModel(cfg, _tensors(folder, cfg.tie_embeddings), tokenizer_json, _chat_template(folder),
+    return ImportedModel(cfg, _tensors(folder, cfg), tokenizer_json, _chat_template(folder),
                          name=folder.name, **_special_ids(folder, hf, tokenizer))

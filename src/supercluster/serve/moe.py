@@ -1,0 +1,67 @@
+"""A served Mixture-of-Experts layer's experts with quantized weights.
+
+The model's MoE layer (`model/moe.py`) routes in fp32, sorts the step's tokens by expert and
+hands its experts the rows grouped that way with a count per expert. In fp32 and bf16 the
+experts stay the model's stacked weights and run as one grouped matmul. With `--quantize int4`
+or `int8` each expert's matrices become the same modules the dense layers use, converted by the
+same function: per expert one [gate | up] matrix (SwiGLU folded into the down matrix's kernel
+for 4-bit blocks, as the dense path's w13/w2) and one down matrix. Each expert multiplies only
+its own rows, as llama.cpp's `mul_mat_id` indexes rows by expert; experts no token chose are
+not read at all, which is what makes a decode step of an MoE model cheaper than its size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from supercluster.model.moe import GroupedExperts, Router
+from supercluster.serve.quantize import BlockLinear
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """A bias-free nn.Linear holding `weight` [out, in]."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear
+
+
+class QuantizedExperts(nn.Module):
+    def __init__(self, experts: GroupedExperts, convert):
+        super().__init__()
+        w1, w3, w2 = (w.detach().float() for w in (experts.w1, experts.w3, experts.w2))  # [E, h, I], [E, h, I], [E, I, h]
+        self.w13 = nn.ModuleList(convert(_linear(torch.cat([w1[e], w3[e]], dim=1).t())) for e in range(w1.shape[0]))
+        self.w2 = nn.ModuleList(convert(_linear(w2[e].t())) for e in range(w2.shape[0]))
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [n, hidden] sorted by expert, counts [experts] rows each."""
+        out = torch.empty_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if not n:
+                continue
+            rows = x[start:start + n]
+            gate_up = self.w13[e](rows)
+            if isinstance(self.w2[e], BlockLinear):
+                out[start:start + n] = self.w2[e](gate_up, swiglu=True)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                out[start:start + n] = self.w2[e](F.silu(gate) * up)
+            start += n
+        return out
+
+
+def quantize_experts(model: nn.Module, convert) -> None:
+    """Every MoE layer's experts converted per expert by `convert` (nn.Linear -> quantized module)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, GroupedExperts):
+                setattr(parent, name, QuantizedExperts(child, convert))
+
+
+def is_router(module: nn.Module) -> bool:
+    """Routers keep their fp32 weight: their scores choose the experts, and quantization error there
+    changes which experts a token reaches, not just by how much."""
+    return isinstance(module, Router)
