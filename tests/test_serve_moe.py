@@ -1,6 +1,6 @@
-"""Mixture-of-Experts models imported and served: tiny Mixtral and Qwen3-MoE folders written by
+"""Mixture-of-Experts models imported and served: tiny Mixtral, Qwen3-MoE and OLMoE folders written by
 transformers' own classes (`save_pretrained`, and the stacked layout transformers holds in
-memory), GGUF files of the same weights written by `gguf`'s writer, each imported and checked
+memory), GGUF files of the same weights (Mixtral's and Qwen3-MoE's) written by `gguf`'s writer, each imported and checked
 against transformers as the independent reference: logits within 1e-4 in fp32, and the engine's
 greedy output equal to transformers' `generate`."""
 
@@ -35,11 +35,14 @@ def byte_tokenizer() -> str:
 
 
 def hf_model(arch: str):
-    from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
 
     torch.manual_seed(0)
     if arch == "mixtral":
         model = MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=4, rope_theta=1e6))
+    elif arch == "olmoe":  # q and k normed over all heads at once
+        model = OlmoeForCausalLM(OlmoeConfig(**COMMON, num_experts=4, norm_topk_prob=False))
     else:  # head_dim wider than hidden / heads, a dense first layer, top-k not renormalised
         model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**COMMON, num_experts=8, moe_intermediate_size=32, head_dim=32,
                                                    norm_topk_prob=False, mlp_only_layers=[0]))
@@ -119,7 +122,7 @@ def write_gguf(model, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "olmoe"])
 def source(request, tmp_path_factory):
     """(transformers model, its saved folder, the same weights stacked as transformers holds them, a GGUF)."""
     from safetensors.torch import save_file
@@ -133,12 +136,16 @@ def source(request, tmp_path_factory):
     for name in ("config.json", "tokenizer.json"):
         (stacked / name).write_text((root / "hf" / name).read_text())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stacked / "model.safetensors"))
-    return model, {"hf": root / "hf", "stacked": stacked, "gguf": write_gguf(model, root / "model.gguf")}
+    # llama.cpp's OLMoE GGUFs are not read yet
+    gguf = write_gguf(model, root / "model.gguf") if request.param != "olmoe" else None
+    return model, {"hf": root / "hf", "stacked": stacked, "gguf": gguf}
 
 
 @pytest.mark.parametrize("form", ["hf", "stacked", "gguf"])
 def test_imported_moe_logits_equal_transformers(source, form, tmp_path):
     hf, paths = source
+    if paths[form] is None:
+        pytest.skip(f"no {form} form of {hf.config.model_type}")
     summary = import_model(paths[form], tmp_path / "run")
     cfg = hf.config
     assert summary["experts"] == (getattr(cfg, "num_local_experts", None) or cfg.num_experts)
@@ -221,7 +228,7 @@ def run_cli(capsys, *args) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.update(model_type="deepseek_v3"), "'deepseek_v3' model; only the llama, mixtral and qwen3_moe"),
+    (lambda c: c.update(model_type="deepseek_v3"), "'deepseek_v3' model; only the llama, mixtral, qwen3_moe and olmoe"),
     (lambda c: c.update(num_local_experts=5), "has 4 of layer 0's 5 experts' w1 (expert 4 missing)"),
     (lambda c: c.update(num_local_experts=3), "for expert 3, but its config.json counts 3 experts"),
     (lambda c: c.pop("num_local_experts"), "lacks its expert counts"),

@@ -36,6 +36,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     head_dim: int | None = None  # None: hidden / heads (Qwen3 sets its own, wider than that)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    qk_norm_per_head: bool = True  # False: one RMSNorm over all of q's heads, one over k's (OLMoE)
     # Attention kind: "gqa" (multi-head or grouped-query) or "mla" (DeepSeek's multi-head latent
     # attention: counted exactly here, not built by the transformer this round).
     attention: str = "gqa"
@@ -225,7 +226,8 @@ def attention_params(cfg: ModelConfig) -> int:
     q, kv = cfg.heads * d, cfg.kv_heads * d
     weights = h * q + 2 * h * kv + q * h
     bias = (q + 2 * kv + h) if cfg.bias else 0
-    return weights + bias + (2 * d if cfg.qk_norm else 0)
+    norms = (2 * d if cfg.qk_norm_per_head else q + kv) if cfg.qk_norm else 0
+    return weights + bias + norms
 
 
 def _dense_ffn_params(cfg: ModelConfig, width: int) -> int:

@@ -94,9 +94,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.wv = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.wo = nn.Linear(q, cfg.hidden, bias=cfg.bias)
-        # Qwen3: RMSNorm over each head of q and k, before RoPE.
-        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        # Qwen3: RMSNorm over each head of q and k, before RoPE; OLMoE: over all of q's heads at once (and k's).
+        self.qk_norm_per_head = cfg.qk_norm_per_head
+        q_norm, k_norm = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm_per_head else (q, kv)
+        self.q_norm = nn.RMSNorm(q_norm, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(k_norm, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.wqkv, self.qkv_heads = None, None  # set by fuse_projections, for serving
         # Context parallelism swaps this for an all-gather of keys and values over its group.
         self.sdpa = lambda q, k, v, is_causal: F.scaled_dot_product_attention(
@@ -123,10 +125,13 @@ class Attention(nn.Module):
                 qk = apply_rope(qk, rope)
             q, k = qk[:, :, :heads], qk[:, :, heads:]
         else:
-            q = self.wq(x).view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
-            k = self.wk(x).view(b, s, -1, self.head_dim)
+            q, k = self.wq(x), self.wk(x)
+            if self.q_norm is not None and not self.qk_norm_per_head:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
+            k = k.view(b, s, -1, self.head_dim)
             v = self.wv(x).view(b, s, -1, self.head_dim)
-            if self.q_norm is not None:
+            if self.q_norm is not None and self.qk_norm_per_head:
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)

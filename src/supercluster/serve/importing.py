@@ -63,7 +63,8 @@ def run_config(imported: ImportedModel, out: Path):
     cfg = Config()
     m = imported.model
     for name in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size", "max_seq_len",
-                 "tie_embeddings", "rope_theta", "norm_eps", "head_dim", "qk_norm"):
+                 "tie_embeddings", "rope_theta", "norm_eps", "head_dim", "qk_norm",
+                 "qk_norm_per_head"):
         setattr(cfg.model, name, getattr(m, name))
     if m.is_moe:
         for name in ("moe_experts", "moe_top_k", "moe_hidden", "moe_dense_layers", "moe_router", "moe_norm_topk"):

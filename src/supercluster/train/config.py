@@ -39,6 +39,7 @@ class ModelSection:
     norm_eps: float | None = None
     head_dim: int | None = None
     qk_norm: bool | None = None
+    qk_norm_per_head: bool | None = None
     moe_experts: int | None = None  # Mixture of Experts (model.config.ModelConfig has the meaning of each)
     moe_top_k: int | None = None
     moe_shared_experts: int | None = None

@@ -1,5 +1,5 @@
 """Hugging Face model folders of the Llama architecture, and the Mixture-of-Experts ones built on it
-(Mixtral, Qwen3-MoE: `importers.hf_moe`): `config.json`, `*.safetensors`, `tokenizer.json`, and the
+(Mixtral, Qwen3-MoE, OLMoE: `importers.hf_moe`): `config.json`, `*.safetensors`, `tokenizer.json`, and the
 chat template from `tokenizer_config.json` (or `chat_template.jinja`).
 
 Hugging Face Llama rotates the two halves of each head, as this project does, so the
@@ -28,7 +28,7 @@ def _read_json(path: Path) -> dict:
 def _model_config(folder: Path, hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in ("llama", *MOE_TYPES):
-        raise UserError(f"{str(folder)!r} holds a {kind!r} model; only the llama, mixtral and qwen3_moe "
+        raise UserError(f"{str(folder)!r} holds a {kind!r} model; only the llama, mixtral, qwen3_moe and olmoe "
                         f"architectures can be imported.")
     moe = moe_fields(folder, hf, kind) if kind in MOE_TYPES else {}
     # transformers 5 writes rope_theta inside rope_parameters; older versions at the top level.

@@ -61,8 +61,7 @@ def moe_fields(folder: Path, hf: dict, kind: str) -> dict:
         if hf.get("clip_qkv") is not None:
             raise UserError(f"{str(folder)!r} clips q, k and v (clip_qkv), which this model does not implement; "
                             f"it cannot be imported.")
-        raise UserError(f"{str(folder)!r} is an OLMoE model, whose q and k norms span all heads together; "
-                        f"this model norms each head (Qwen3's way), so it cannot be imported yet.")
+        fields.update(qk_norm=True, qk_norm_per_head=False)
     return fields
 
 
