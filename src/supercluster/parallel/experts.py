@@ -11,8 +11,9 @@ grouped matmul; the results go back by the reverse all-to-all. Both all-to-alls 
 autograd-aware functional collective, so backward sends the gradients the same way round.
 
 Gradients: an expert's gradient on its rank sums the contributions of every ep peer's tokens,
-while dense gradients are averaged over the data-parallel ranks; the experts' FSDP therefore
-divides by all dp ranks, not only those it shards over.
+while dense gradients are averaged over the data-parallel ranks and the experts' FSDP averages
+only over the ranks it shards over; the experts scale their weight gradients by 1/ep
+(`GroupedExperts.grad_scale`; FSDP's own divide factor needs PREMUL_SUM, which gloo lacks).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> list[nn.Module]:
             setattr(moe.experts, name, nn.Parameter(distribute_tensor(full.detach(), ep_mesh, [Shard(0)]),
                                                     requires_grad=full.requires_grad))
         moe.dispatcher = ExpertDispatcher(ep_mesh)
+        moe.experts.grad_scale = 1.0 / ep_mesh.size()
         out.append(moe.experts)
     return out
 

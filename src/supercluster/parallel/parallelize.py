@@ -42,8 +42,6 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, sequence: Sequ
         reshard = dims.sharding == "full"
         for module in experts:  # their own FSDP first, on the ranks left after ep; the block's skips them
             fully_shard(module, mesh=dims.expert_fsdp_mesh(mesh), mp_policy=policy, reshard_after_forward=reshard)
-            # An expert's gradient already sums its ep peers' tokens: average over every dp rank.
-            module.set_gradient_divide_factor(float(dims.dp))
         for block in model.layers.values():
             fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
