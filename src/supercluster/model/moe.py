@@ -71,10 +71,13 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(experts, hidden, width))
         self.w2 = nn.Parameter(torch.empty(experts, width, hidden))
         self.use_grouped_mm = True  # where grouped_mm_works; False: the per-expert loop
+        self.grad_scale = 1.0  # expert parallelism: 1/ep (parallel.experts explains why)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, hidden] sorted by (local) expert, counts [local experts] rows each."""
         w1, w3, w2 = (w.to_local() if hasattr(w, "to_local") else w for w in (self.w1, self.w3, self.w2))
+        if self.grad_scale != 1.0:
+            w1, w3, w2 = (_ScaleGrad.apply(w, self.grad_scale) for w in (w1, w3, w2))
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast here
             x = x.to(torch.get_autocast_dtype(x.device.type))
         w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
@@ -82,6 +85,17 @@ class GroupedExperts(nn.Module):
         offsets = torch.cumsum(counts, 0).to(torch.int32) if grouped else None
         h = F.silu(expert_matmul(x, w1, counts, offsets, grouped)) * expert_matmul(x, w3, counts, offsets, grouped)
         return expert_matmul(h, w2, counts, offsets, grouped)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 class Router(nn.Module):
