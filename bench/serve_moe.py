@@ -7,6 +7,8 @@ the same way with the same attention, vocabulary and depth, and an FFN as wide a
 token passes through (ffn = top_k * expert width), so both do the same matmul FLOPs per token.
 Each is served by the engine in this process (no HTTP: what differs is the model), in fp32 (the
 MoE experts stacked, one grouped matmul) and with `--quantize int4` (per-expert 4-bit blocks).
+The int4 dense model runs its layers as one C++ call (`serve/fused.py`), which has no MoE layer
+yet; it is also measured through the model's own forward ("unfused"), the path the MoE takes.
 
 A decode step of one stream reads top_k experts a layer, about the dense model's weights; a
 step of 16 streams reaches most experts, so it reads up to experts/top_k times more: the MoE's
@@ -63,11 +65,13 @@ def write_models(root: Path) -> dict[str, Path]:
     return runs
 
 
-def tokens_per_s(run: Path, streams: int, tokens: int, quantize: str) -> float:
+def tokens_per_s(run: Path, streams: int, tokens: int, quantize: str, fused: bool = True) -> float:
     from supercluster.serve.engine import Engine, EngineConfig
     from supercluster.serve.sampling import SamplingParams
 
     engine = Engine(run, EngineConfig(precision="fp32", quantize=quantize, num_blocks=4 * streams * 8, block_size=16))
+    if not fused:  # the model's own forward, as the MoE model runs, instead of the one-call int4 decoder
+        engine.runner.fused = None
     try:
         def generate(seed: int) -> float:
             g = torch.Generator().manual_seed(seed)
@@ -107,9 +111,15 @@ def main() -> None:
         for quantize in args.quantize.split(","):
             for streams in map(int, args.streams.split(",")):
                 rates = {name: tokens_per_s(run, streams, args.tokens, quantize) for name, run in runs.items()}
+                # int4 dense layers run as one C++ call (serve/fused.py), which has no MoE layer yet: the
+                # dense model through the same PyTorch forward as the MoE one separates the two effects.
+                unfused = tokens_per_s(runs["dense"], streams, args.tokens, quantize, fused=False) \
+                    if quantize == "int4" else rates["dense"]
                 rows.append({"quantize": quantize, "streams": streams, "moe_tokens_per_s": round(rates["moe"], 1),
                              "dense_tokens_per_s": round(rates["dense"], 1),
-                             "moe_over_dense": round(rates["moe"] / rates["dense"], 3)})
+                             "dense_unfused_tokens_per_s": round(unfused, 1),
+                             "moe_over_dense": round(rates["moe"] / rates["dense"], 3),
+                             "moe_over_dense_unfused": round(rates["moe"] / unfused, 3)})
     report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "moe_params": num_params(cfgs["moe"]), "moe_active_params": active_params(cfgs["moe"]),
               "dense_params": num_params(cfgs["dense"]), "rows": rows}
@@ -119,10 +129,11 @@ def main() -> None:
     print(f"{report['cpu']}, {report['threads']} threads, load average {report['load_average'][0]:.1f}")
     print(f"MoE {report['moe_params']:,} parameters ({report['moe_active_params']:,} active); "
           f"dense {report['dense_params']:,}")
-    print(f"{'quantize':>8} {'streams':>7} {'MoE tok/s':>10} {'dense tok/s':>12} {'MoE/dense':>10}")
+    print(f"{'quantize':>8} {'streams':>7} {'MoE tok/s':>10} {'dense tok/s':>12} {'MoE/dense':>10} "
+          f"{'dense unfused':>14} {'MoE/unfused':>12}")
     for r in rows:
         print(f"{r['quantize']:>8} {r['streams']:>7} {r['moe_tokens_per_s']:>10} {r['dense_tokens_per_s']:>12} "
-              f"{r['moe_over_dense']:>10}")
+              f"{r['moe_over_dense']:>10} {r['dense_unfused_tokens_per_s']:>14} {r['moe_over_dense_unfused']:>12}")
 
 
 if __name__ == "__main__":
