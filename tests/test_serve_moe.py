@@ -52,7 +52,7 @@ def hf_model(arch: str):
     return model.eval()
 
 
-def write_gguf(model, path: Path) -> Path:
+def write_gguf(model, path: Path, expert_count: int | None = None) -> Path:
     """`model`'s weights as llama.cpp's converter lays them out: llama (Mixtral) or qwen3moe."""
     import gguf
     from tokenizers import pre_tokenizers
@@ -70,7 +70,7 @@ def write_gguf(model, path: Path) -> Path:
     w.add_head_count_kv(kv_heads)
     w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_expert_count(getattr(cfg, "num_local_experts", None) or cfg.num_experts)
+    w.add_expert_count(expert_count or getattr(cfg, "num_local_experts", None) or cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch == "qwen3moe":
         w.add_key_length(head_dim)
@@ -238,6 +238,7 @@ def test_int4_experts_compute_their_blocks(source, tmp_path):
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()  # what building the source printed
     with pytest.raises(SystemExit) as exit_info:
         main(list(args))
     return exit_info.value.code, capsys.readouterr().err
@@ -263,4 +264,14 @@ def test_bad_moe_folders_are_one_sentence(built, change, message, tmp_path, caps
     code, err = run_cli(capsys, "import", str(folder), "--out", str(out))
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_gguf_whose_expert_count_disagrees_with_its_tensors_is_one_sentence(built, tmp_path, capsys):
+    hf, _ = built("mixtral")
+    path = write_gguf(hf, tmp_path / "bad.gguf", expert_count=5)
+    out = tmp_path / "out" / "run"
+    code, err = run_cli(capsys, "import", str(path), "--out", str(out))
+    assert code == 2
+    assert "has 4 experts in" in err and "but llama.expert_count says 5" in err and err.count("\n") == 1, err
     assert not out.exists()
