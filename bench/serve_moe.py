@@ -14,7 +14,7 @@ A decode step of one stream reads top_k experts a layer, about the dense model's
 step of 16 streams reaches most experts, so it reads up to experts/top_k times more: the MoE's
 advantage is memory-for-FLOPs, and on a CPU serving many streams it pays in bandwidth.
 
-    .venv/bin/python bench/serve_moe.py [--streams 1,16] [--tokens 32] [--quantize none,int4] [--json]
+    .venv/bin/python bench/serve_moe.py [--streams 1,16] [--tokens 32] [--quantize none,int4] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -65,33 +65,44 @@ def write_models(root: Path) -> dict[str, Path]:
     return runs
 
 
-def tokens_per_s(run: Path, streams: int, tokens: int, quantize: str, fused: bool = True) -> float:
+def engine(run: Path, streams: int, quantize: str, fused: bool = True):
     from supercluster.serve.engine import Engine, EngineConfig
+
+    built = Engine(run, EngineConfig(precision="fp32", quantize=quantize, num_blocks=4 * streams * 8, block_size=16))
+    if not fused:  # the model's own forward, as the MoE model runs, instead of the one-call int4 decoder
+        built.runner.fused = None
+    return built
+
+
+def generate(engine, streams: int, tokens: int, seed: int) -> float:
+    """Output tokens/s of `streams` greedy requests submitted at once, `tokens` each."""
     from supercluster.serve.sampling import SamplingParams
 
-    engine = Engine(run, EngineConfig(precision="fp32", quantize=quantize, num_blocks=4 * streams * 8, block_size=16))
-    if not fused:  # the model's own forward, as the MoE model runs, instead of the one-call int4 decoder
-        engine.runner.fused = None
-    try:
-        def generate(seed: int) -> float:
-            g = torch.Generator().manual_seed(seed)
-            prompts = [torch.randint(256, 2048, (16,), generator=g).tolist() for _ in range(streams)]
-            events = []
-            start = time.perf_counter()
-            for prompt in prompts:
-                q = queue.Queue()
-                engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True), q.put)
-                events.append(q)
-            made = 0
-            for q in events:
-                while "finish_reason" not in (event := q.get(timeout=600)):
-                    made += 1
-            return made / (time.perf_counter() - start)
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(256, 2048, (16,), generator=g).tolist() for _ in range(streams)]
+    events = []
+    start = time.perf_counter()
+    for prompt in prompts:
+        q = queue.Queue()
+        engine.submit(prompt, SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True), q.put)
+        events.append(q)
+    made = 0
+    for q in events:
+        while "finish_reason" not in q.get(timeout=600):
+            made += 1
+    return made / (time.perf_counter() - start)
 
-        generate(0)  # warm-up: kernels, allocator, caches
-        return max(generate(1), generate(2))
-    finally:
-        engine.shutdown()
+
+def rates(engines: dict, streams: int, tokens: int, rounds: int) -> dict[str, float]:
+    """Each engine's best of `rounds`, the engines taking turns round by round, so that a machine
+    whose other load comes and goes weighs on all of them alike."""
+    for e in engines.values():
+        generate(e, streams, tokens, 0)  # warm-up: kernels, allocator, caches
+    best = dict.fromkeys(engines, 0.0)
+    for r in range(rounds):
+        for name, e in engines.items():
+            best[name] = max(best[name], generate(e, streams, tokens, r + 1))
+    return best
 
 
 def main() -> None:
@@ -99,6 +110,7 @@ def main() -> None:
     parser.add_argument("--streams", default="1,16")
     parser.add_argument("--tokens", type=int, default=32, help="output tokens per stream")
     parser.add_argument("--quantize", default="none,int4")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per engine, taking turns; the best counts")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from supercluster.model.config import active_params, num_params
@@ -110,16 +122,22 @@ def main() -> None:
         rows = []
         for quantize in args.quantize.split(","):
             for streams in map(int, args.streams.split(",")):
-                rates = {name: tokens_per_s(run, streams, args.tokens, quantize) for name, run in runs.items()}
+                engines = {name: engine(run, streams, quantize) for name, run in runs.items()}
                 # int4 dense layers run as one C++ call (serve/fused.py), which has no MoE layer yet: the
                 # dense model through the same PyTorch forward as the MoE one separates the two effects.
-                unfused = tokens_per_s(runs["dense"], streams, args.tokens, quantize, fused=False) \
-                    if quantize == "int4" else rates["dense"]
-                rows.append({"quantize": quantize, "streams": streams, "moe_tokens_per_s": round(rates["moe"], 1),
-                             "dense_tokens_per_s": round(rates["dense"], 1),
+                if quantize == "int4":
+                    engines["dense_unfused"] = engine(runs["dense"], streams, quantize, fused=False)
+                try:
+                    got = rates(engines, streams, args.tokens, args.rounds)
+                finally:
+                    for e in engines.values():
+                        e.shutdown()
+                unfused = got.get("dense_unfused", got["dense"])
+                rows.append({"quantize": quantize, "streams": streams, "moe_tokens_per_s": round(got["moe"], 1),
+                             "dense_tokens_per_s": round(got["dense"], 1),
                              "dense_unfused_tokens_per_s": round(unfused, 1),
-                             "moe_over_dense": round(rates["moe"] / rates["dense"], 3),
-                             "moe_over_dense_unfused": round(rates["moe"] / unfused, 3)})
+                             "moe_over_dense": round(got["moe"] / got["dense"], 3),
+                             "moe_over_dense_unfused": round(got["moe"] / unfused, 3)})
     report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "moe_params": num_params(cfgs["moe"]), "moe_active_params": active_params(cfgs["moe"]),
               "dense_params": num_params(cfgs["dense"]), "rows": rows}
