@@ -79,3 +79,17 @@ def test_ep2_composed_matches_single_process(corpus, reference, tmp_path, name, 
     summary = torchrun(corpus, tmp_path / "run", 4, *extra)
     assert "ep2" in summary["layout"]
     assert_same_losses(tmp_path / "run", reference, range(1, STEPS + 1))
+
+
+def test_trained_moe_samples_and_the_engine_refuses_it_by_name(ep2_run):
+    """Sampling (a KV cache through MoE layers) runs the trained model; the serving engine, dense
+    only this round, says so in one sentence."""
+    from supercluster.errors import UserError
+    from supercluster.serve.engine import Engine
+    from supercluster.train.sample import sample_run
+
+    run, _ = ep2_run
+    text = sample_run(run, "def", 8, temperature=0)[0]
+    assert text.startswith("def") and len(text) > 3
+    with pytest.raises(UserError, match="Mixture-of-Experts model, which this serving engine does not run yet"):
+        Engine(run)
