@@ -81,15 +81,27 @@ def test_ep2_composed_matches_single_process(corpus, reference, tmp_path, name, 
     assert_same_losses(tmp_path / "run", reference, range(1, STEPS + 1))
 
 
-def test_trained_moe_samples_and_the_engine_refuses_it_by_name(ep2_run):
-    """Sampling (a KV cache through MoE layers) runs the trained model; the serving engine, dense
-    only this round, says so in one sentence."""
-    from supercluster.errors import UserError
-    from supercluster.serve.engine import Engine
+def test_trained_moe_samples_and_the_engine_serves_it(ep2_run):
+    """Sampling (a KV cache through MoE layers) runs the trained model, and so does the serving
+    engine (its paged cache, MoE layers routed in fp32; tests/test_serve_moe.py checks its numbers)."""
+    import queue
+
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
     from supercluster.train.sample import sample_run
 
     run, _ = ep2_run
     text = sample_run(run, "def", 8, temperature=0)[0]
     assert text.startswith("def") and len(text) > 3
-    with pytest.raises(UserError, match="Mixture-of-Experts model, which this serving engine does not run yet"):
-        Engine(run)
+    engine = Engine(run, EngineConfig(precision="fp32", num_blocks=16))
+    try:
+        events = queue.Queue()
+        engine.submit(engine.tokenizer.encode("def").ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                      events.put)
+        tokens = []
+        while "finish_reason" not in (event := events.get(timeout=120)):
+            assert "error" not in event, event["error"]
+            tokens.append(event["token"])
+        assert len(tokens) == 8
+    finally:
+        engine.shutdown()

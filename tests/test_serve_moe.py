@@ -275,3 +275,13 @@ def test_a_gguf_whose_expert_count_disagrees_with_its_tensors_is_one_sentence(bu
     assert code == 2
     assert "has 4 experts in" in err and "but llama.expert_count says 5" in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+def test_tensor_parallel_serving_of_an_moe_model_is_refused_by_name(built, tmp_path):
+    from supercluster.errors import UserError
+    from supercluster.serve.engine import Engine, EngineConfig
+
+    _, paths = built("mixtral")
+    import_model(paths["hf"], tmp_path / "run")
+    with pytest.raises(UserError, match="Mixture-of-Experts model, which serves on one rank; drop --tp"):
+        Engine(tmp_path / "run", EngineConfig(tp=2))
