@@ -166,6 +166,7 @@ def test_imported_moe_logits_equal_transformers(source, form, tmp_path):
     cfg = hf.config
     assert summary["experts"] == (getattr(cfg, "num_local_experts", None) or cfg.num_experts)
     assert summary["experts_per_token"] == cfg.num_experts_per_tok
+    assert summary["parameters"] == sum(p.numel() for p in hf.parameters())
     model = load_trained(tmp_path / "run").eval()
     assert model.cfg.moe_dense_layers == len(getattr(cfg, "mlp_only_layers", []) or [])
     with torch.no_grad():

@@ -21,9 +21,10 @@ def import_(
     if as_json:
         print(json.dumps(summary))
         return
+    experts = f", {summary['experts']} experts (top {summary['experts_per_token']})" if "experts" in summary else ""
     print(f"imported {summary['name']}: {summary['parameters']:,} parameters, {summary['layers']} layers, "
           f"hidden {summary['hidden']}, {summary['heads']}/{summary['kv_heads']} heads, vocab {summary['vocab_size']}"
-          f"{', chat template' if summary['chat_template'] else ''} -> {summary['run_dir']}")
+          f"{experts}{', chat template' if summary['chat_template'] else ''} -> {summary['run_dir']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -129,6 +129,7 @@ def import_model(source: str | Path, out: Path) -> dict:
     m = imported.model
     return {"name": imported.name, "run_dir": str(out), "layers": m.layers, "hidden": m.hidden, "heads": m.heads,
             "kv_heads": m.kv_heads, "vocab_size": m.vocab_size, "max_seq_len": m.max_seq_len,
-            "parameters": sum(t.numel() for t in imported.tensors.values()),
+            # the routers' balancing bias is a buffer, not a parameter
+            "parameters": sum(t.numel() for name, t in imported.tensors.items() if not name.endswith("expert_bias")),
             "chat_template": imported.chat_template is not None,
             **({"experts": m.moe_experts, "experts_per_token": m.moe_top_k} if m.is_moe else {})}
