@@ -64,6 +64,7 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(self.info, cache_enabled=True)
         self._lock = threading.Lock()
         self._cache: dict[Constraint, object] = {}
+        self._bitmask: torch.Tensor | None = None  # used by the engine's thread alone
 
     def compile(self, constraint: Constraint):
         """The compiled grammar; a constraint the library refuses is a UserError naming why."""
@@ -103,10 +104,11 @@ class Grammars:
         return self.xgr.GrammarMatcher(compiled)
 
     def mask(self, logits: torch.Tensor, rows: list[tuple[int, object]]) -> None:
-        """Forbid, in place, every token that would leave each (row, matcher)'s grammar."""
-        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.vocab_size)
-        for k, (_, matcher) in enumerate(rows):
-            matcher.fill_next_token_bitmask(bitmask, k)
-        picked = logits[[i for i, _ in rows]]
-        self.xgr.apply_token_bitmask_inplace(picked, bitmask, vocab_size=self.vocab_size)
-        logits[[i for i, _ in rows]] = picked
+        """Forbid, in place, every token that would leave each (row, matcher)'s grammar: each
+        row's mask filled into one bitmask kept between steps, applied to the rows at once."""
+        if self._bitmask is None or self._bitmask.shape[0] < logits.shape[0]:
+            self._bitmask = self.xgr.allocate_token_bitmask(max(logits.shape[0], 8), self.vocab_size)
+        for i, matcher in rows:
+            matcher.fill_next_token_bitmask(self._bitmask, i)
+        self.xgr.apply_token_bitmask_inplace(logits, self._bitmask[:logits.shape[0]], vocab_size=self.vocab_size,
+                                             indices=[i for i, _ in rows])
