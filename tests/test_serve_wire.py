@@ -264,3 +264,21 @@ def test_auto_tool_calls_are_parsed_from_text_and_streams():
     # a template that renders tools itself gets them
     template = ChatTemplate("{% for t in tools %}{{ t.function.name }};{% endfor %}{{ messages[0].content }}", "", "")
     assert template.has_tools and template.render([{"role": "user", "content": "hi"}], tools=TOOLS) == "get_weather;get_time;hi"
+
+
+def test_incremental_detokenization_equals_decoding_the_whole(run_dir):
+    """Text streamed one token at a time (a character's first bytes held until its last comes)
+    adds up to the whole output decoded at once, and each token's own bytes to its text."""
+    from tokenizers import Tokenizer
+
+    from supercluster.serve.tokens import Detokenizer, TokenText
+
+    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    text = "def naïve(x):\n    return '中文 ünïcödé' + x  # ✓\n"
+    prompt, ids = tokenizer.encode("x = 1\n").ids, tokenizer.encode(text).ids
+    stream = Detokenizer(tokenizer, prompt)
+    pieces = [stream.step(i) for i in ids]
+    assert "".join(pieces) == tokenizer.decode(ids) == text and not any("\ufffd" in p for p in pieces)
+    names = TokenText(tokenizer)
+    assert b"".join(names.bytes(i) for i in ids) == text.encode()
+    assert all(names.text(i) == names.bytes(i).decode("utf-8", "backslashreplace") for i in ids)
