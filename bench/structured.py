@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve import free_port  # noqa: E402
-from structured_mask import SUITE, measure_xgrammar  # noqa: E402
+from serve import free_port
+from structured_mask import SUITE, measure_xgrammar
 
 SCHEMA = SUITE["order"][0]
 

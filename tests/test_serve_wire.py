@@ -13,10 +13,10 @@ import jsonschema
 import openai
 import pytest
 import torch
-
-from supercluster.serve.tools import ToolStream, parse
-from supercluster.serve.tokens import ChatTemplate
 from test_serve import KEY, SCRIPT, start_server
+
+from supercluster.serve.tokens import ChatTemplate
+from supercluster.serve.tools import ToolStream, parse
 
 MODEL = "tiny-wire"
 PROMPT = "def parse(self, text):"

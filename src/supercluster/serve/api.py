@@ -22,13 +22,22 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
 from supercluster.errors import UserError
 from supercluster.serve import tools as tooling
 from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.serve.engine import Engine
 from supercluster.serve.metrics import ServeMetrics
-from supercluster.serve.protocol import (ChatRequest, CompletionRequest, ContentPart, DetokenizeRequest, NamedToolChoice,
-                                         StreamOptions, TokenizeRequest, _Sampling)
+from supercluster.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    ContentPart,
+    DetokenizeRequest,
+    NamedToolChoice,
+    StreamOptions,
+    TokenizeRequest,
+    _Sampling,
+)
 from supercluster.serve.sampling import SamplingParams
 
 

@@ -31,7 +31,7 @@ class Constraint:
     source: str = ""
 
     @staticmethod
-    def choice(options: list[str]) -> "Constraint":
+    def choice(options: list[str]) -> Constraint:
         return Constraint("choice", json.dumps(list(options)))
 
 
