@@ -64,17 +64,25 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
         raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     from supercluster.model.weights import imported_tokenizer
 
-    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
-                        tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
-    check_splits(cfg, len(data.train), len(data.val))
+    from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
+
+    if uses_prepared(cfg.data):
+        data = open_prepared(cfg.data.path, cfg.data.mix, cfg.data.val_fraction, model_cfg.vocab_size,
+                             run_tokenizer_digest(Path(cfg.run.dir)))
+        train_tokens, val_tokens = data.train_tokens, data.val_tokens
+    else:
+        data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
+                            tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
+        train_tokens, val_tokens = len(data.train), len(data.val)
+    check_splits(cfg, train_tokens, val_tokens)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every node of a job runs this on the same run directory at once: atomic writes only.
     cfg.save(run_dir / "config.toml")
     if data.tokenizer_path is not None:
         write_atomic(run_dir / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
-    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": len(data.train),
-                                                    "val_tokens": len(data.val)}))
+    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": train_tokens,
+                                                    "val_tokens": val_tokens}))
     return run_dir
 
 
