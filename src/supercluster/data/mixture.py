@@ -117,12 +117,26 @@ class MixtureSampler:
 
     def locate(self, g: int) -> tuple[int, int]:
         """Global sample g -> (dataset, sample index within that dataset's split)."""
-        block, pos = divmod(g, BLOCK)
-        labels, rank = self._block_arrays(block)
-        d = int(labels[pos])
-        k = block * int(self.quota[d]) + int(rank[pos])  # d's k-th draw overall
-        epoch, i = divmod(k, self.sizes[d])
-        return d, int(self._perm(d, epoch)[i])
+        d, k = self.locate_many(np.asarray([g]))
+        return int(d[0]), int(k[0])
+
+    def locate_many(self, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`locate` for an array of global sample indices (a batch's: one or two blocks)."""
+        blocks, pos = np.divmod(g, BLOCK)
+        d = np.empty(len(g), dtype=np.int64)
+        k = np.empty(len(g), dtype=np.int64)
+        for block in np.unique(blocks):
+            here = blocks == block
+            labels, rank = self._block_arrays(int(block))
+            d[here] = labels[pos[here]]
+            k[here] = block * self.quota[d[here]] + rank[pos[here]]  # d's k-th draw overall
+        sizes = np.asarray(self.sizes, dtype=np.int64)[d]
+        epochs, within = np.divmod(k, sizes)
+        index = np.empty(len(g), dtype=np.int64)
+        for dataset, epoch in {(int(a), int(b)) for a, b in zip(d, epochs)}:
+            here = (d == dataset) & (epochs == epoch)
+            index[here] = self._perm(dataset, epoch)[within[here]]
+        return d, index
 
     def global_indices(self, start: int) -> range:
         """This rank's global sample indices of the global batch that starts at `start`."""
@@ -133,14 +147,17 @@ class MixtureSampler:
         """Inputs and next-token targets (IGNORE outside a loss mask) of this rank's slice: int64 [b, seq_len]."""
         import torch
 
-        windows = np.empty((self.local_batch_size, self.seq_len + 1), dtype=np.int64)
+        rows = np.asarray(self.global_indices(start), dtype=np.int64)
+        d, k = self.locate_many(rows)
+        windows = np.empty((len(rows), self.seq_len + 1), dtype=np.int64)
         masks = np.ones_like(windows, dtype=bool) if self.has_mask else None
-        for row, g in enumerate(self.global_indices(start)):
-            d, k = self.locate(g)
-            span = slice(k * self.seq_len, k * self.seq_len + self.seq_len + 1)
-            windows[row] = self.splits[d].tokens[span]
-            if masks is not None and self.splits[d].mask is not None:
-                masks[row] = self.splits[d].mask[span].astype(bool)
+        for dataset in np.unique(d):
+            here = np.flatnonzero(d == dataset)
+            offsets = k[here, None] * self.seq_len + self._window  # fancy indexing copies out of the memmap
+            split = self.splits[int(dataset)]
+            windows[here] = split.tokens[offsets]
+            if masks is not None and split.mask is not None:
+                masks[here] = split.mask[offsets].astype(bool)
         x = torch.from_numpy(windows[:, :-1].copy())
         y = windows[:, 1:].copy()
         if masks is not None:
