@@ -12,6 +12,7 @@ is published; with it they are counted by reason in meta.json.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -127,17 +128,15 @@ class Encoder:
         sep = self.recipe.separator
         lengths = np.zeros(len(texts), dtype=np.int64)
         parts = []
-        for i, enc in zip(owner, encodings):
+        for j, (i, enc) in enumerate(zip(owner, encodings)):
             ids = enc.ids
-            parts.append(ids)
             lengths[i] += len(ids)
-        if sep is not None:  # the separator closes each document
-            ends = np.cumsum(lengths)
-            flat = np.fromiter((t for ids in parts for t in ids), dtype=self.dtype, count=int(ends[-1]) if len(ends) else 0)
-            flat = np.insert(flat, ends, sep).astype(self.dtype, copy=False)
+            parts.append(ids)
+            if sep is not None and (j + 1 == len(owner) or owner[j + 1] != i):  # the separator closes each document
+                parts.append((sep,))
+        if sep is not None:
             lengths += 1
-        else:
-            flat = np.fromiter((t for ids in parts for t in ids), dtype=self.dtype)
+        flat = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.dtype, count=int(lengths.sum()))
         return Encoded(flat, lengths, None, bad, n_bytes)
 
     def _encode_chat(self, chunk: Chunk, bad: list) -> Encoded:
