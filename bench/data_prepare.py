@@ -178,7 +178,7 @@ def train_throughput(work: Path, dataset: Path, steps: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mb", type=float, default=64, help="input size for the comparison with datasets")
+    parser.add_argument("--mb", type=float, default=64, help="input size for the comparison with datasets (0: none)")
     parser.add_argument("--memory-mb", type=float, nargs="*", default=[], help="bigger inputs, ours only: peak memory")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--train", action="store_true", help="also compare training on uint16 and uint32 data")
@@ -188,20 +188,24 @@ def main():
         work = Path(tmp)
         run = work / "smollm2"
         eos = smollm2_tokenizer(run)
-        src = work / "in.jsonl"
-        rows = make_jsonl(src, args.mb)
-        size = src.stat().st_size
-        print(f"input: {size / 1e6:.0f} MB of JSON lines ({rows:,} stdlib files), SmolLM2 tokenizer, {os.cpu_count()} CPUs, "
-              f"load {os.getloadavg()[0]:.1f}", flush=True)
-        ref_s, ref_rss, ref_tokens = reference(src, work / "ref.bin", run, eos, work / "hf-cache")
-        our_s, our_rss, our_tokens = ours(src, work / "ours", run, args.workers)
-        if our_tokens != ref_tokens:
-            raise SystemExit(f"token counts differ: ours {our_tokens:,}, datasets {ref_tokens:,}")
-        ours_same = (work / "ours" / "tokens.bin").read_bytes() == (work / "ref.bin").read_bytes()
-        print(f"datasets map(num_proc=2): {ref_s:7.1f} s  {ref_tokens / ref_s:12,.0f} tokens/s  peak RSS {ref_rss / 2**20:6.0f} MiB")
-        print(f"data prepare --workers {args.workers}: {our_s:7.1f} s  {our_tokens / our_s:12,.0f} tokens/s  peak RSS "
-              f"{our_rss / 2**20:6.0f} MiB")
-        print(f"ratio: {ref_s / our_s:.2f}x tokens/s (goal >= 1.5x); identical tokens: {ours_same}", flush=True)
+        result: dict = {}
+        if args.mb > 0:  # --mb 0: only the memory runs
+            src = work / "in.jsonl"
+            rows = make_jsonl(src, args.mb)
+            size = src.stat().st_size
+            print(f"input: {size / 1e6:.0f} MB of JSON lines ({rows:,} stdlib files), SmolLM2 tokenizer, {os.cpu_count()} CPUs, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+            ref_s, ref_rss, ref_tokens = reference(src, work / "ref.bin", run, eos, work / "hf-cache")
+            our_s, our_rss, our_tokens = ours(src, work / "ours", run, args.workers)
+            if our_tokens != ref_tokens:
+                raise SystemExit(f"token counts differ: ours {our_tokens:,}, datasets {ref_tokens:,}")
+            ours_same = (work / "ours" / "tokens.bin").read_bytes() == (work / "ref.bin").read_bytes()
+            print(f"datasets map(num_proc=2): {ref_s:7.1f} s  {ref_tokens / ref_s:12,.0f} tokens/s  peak RSS {ref_rss / 2**20:6.0f} MiB")
+            print(f"data prepare --workers {args.workers}: {our_s:7.1f} s  {our_tokens / our_s:12,.0f} tokens/s  peak RSS "
+                  f"{our_rss / 2**20:6.0f} MiB")
+            result = {"input_mb": size / 1e6, "ours_s": our_s, "datasets_s": ref_s, "ratio": ref_s / our_s,
+                      "ours_peak_rss_mib": our_rss / 2**20, "datasets_peak_rss_mib": ref_rss / 2**20, "tokens": our_tokens}
+            print(f"ratio: {ref_s / our_s:.2f}x tokens/s (goal >= 1.5x); identical tokens: {ours_same}", flush=True)
         memory = []
         for mb in args.memory_mb:
             big = work / f"in-{mb:g}.jsonl"
@@ -215,13 +219,11 @@ def main():
             import shutil
 
             shutil.rmtree(out)
-        train = train_throughput(work, work / "ours", args.train_steps) if args.train else None
+        train = train_throughput(work, work / "ours", args.train_steps) if args.train and args.mb > 0 else None
         if train:
             print(f"training (tiny model, vocab 70,000, 8 x 128): uint16 {train['uint16_step_s'] * 1e3:.0f} ms/step, "
                   f"uint32 {train['uint32_step_s'] * 1e3:.0f} ms/step ({(train['uint32_vs_uint16'] - 1) * 100:+.1f}%)")
-        print(json.dumps({"input_mb": size / 1e6, "ours_s": our_s, "datasets_s": ref_s, "ratio": ref_s / our_s,
-                          "ours_peak_rss_mib": our_rss / 2**20, "datasets_peak_rss_mib": ref_rss / 2**20,
-                          "tokens": our_tokens, "memory": memory, "train": train}))
+        print(json.dumps({**result, "memory": memory, "train": train}))
 
 
 if __name__ == "__main__":

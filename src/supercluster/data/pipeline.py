@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,7 @@ class Encoder:
 
 def _worker_main(recipe: Recipe, tasks, results, parent: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops and cleans up
     try:
         encoder = Encoder(recipe)
     except Exception as err:  # noqa: BLE001  (reported to the parent, which raises it)
