@@ -204,7 +204,8 @@ class PreparedData:
 
     @property
     def train_tokens(self) -> int:
-        return min(len(s.tokens) for s in self.train)  # the check that every dataset holds a sequence
+        """The smallest dataset's training tokens: what `check_splits` needs, every dataset holding a sequence."""
+        return min(len(s.tokens) for s in self.train)
 
     @property
     def val_tokens(self) -> int:
