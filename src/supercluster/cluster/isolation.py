@@ -83,7 +83,11 @@ def _readable(key: str, value, area: JobArea) -> Path:
 
 
 def _toml_tables(tables: list[dict]) -> str:
-    """A TOML array of inline tables (tomli_w writes documents, not values)."""
+    """A TOML array of inline tables on one line. tomli_w writes long arrays of tables as [[v]]
+    sections, so only each scalar goes through it; the keys are bare words (`validate` checked them)."""
     import tomli_w
 
-    return tomli_w.dumps({"v": tables}).partition("=")[2].strip().replace("\n", "")
+    def scalar(key, value) -> str:
+        return tomli_w.dumps({key: value}).partition(" = ")[2].strip()
+
+    return "[" + ", ".join("{" + ", ".join(f"{k} = {scalar(k, v)}" for k, v in t.items()) + "}" for t in tables) + "]"
