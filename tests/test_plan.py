@@ -16,7 +16,7 @@ from supercluster.plan import calibrate
 from supercluster.plan.build import build_model, build_request
 from supercluster.parallel.layout import Layout
 from supercluster.plan import goodput
-from supercluster.plan.cost import CONSTANTS_FILE, _activation_bytes_per_layer, estimate, load_constants
+from supercluster.plan.cost import CONSTANTS_FILE, MEMORY_MARGIN, _activation_bytes_per_layer, estimate, load_constants
 from supercluster.plan.profiles import PROFILES
 from supercluster.plan.search import search
 
@@ -45,6 +45,31 @@ def test_every_left_out_source_is_predicted_within_10_percent(loso):
     for source, res in loso.items():
         assert res["mape"] <= 0.10, source
         assert res["max_error"] < 0.35, source  # no run is wildly off either
+
+
+def test_every_published_layout_is_answered_at_its_own_layout(rows):
+    """A layout that ran in public is never refused: the planner, given every knob the source
+    states, answers (over HBM by at most the memory model's margin, then with a warning)."""
+    from supercluster.plan.search import Request
+
+    for row in rows:
+        plan = search(Request(row.work, row.system, row.gpu_count, row.software, dict(row.stated)), top=1)[0]
+        for knob, value in row.stated.items():
+            got = plan.layout.dp if knob == "dp" else getattr(plan.layout, knob)
+            assert got == value, (row.label, knob)
+        assert plan.memory_gib_per_gpu <= row.system.accelerator.hbm_gib * (1 + MEMORY_MARGIN), row.label
+
+
+def test_memory_model_is_never_pessimistic_on_published_peaks(rows):
+    """Where a source publishes its peak memory (torchtitan: PyTorch's peak reserved bytes),
+    the prediction at that layout is not above it by more than the margin: a run that fit is
+    never refused for memory."""
+    peaks = [r for r in rows if r.peak_memory_gib]
+    assert len(peaks) >= 18
+    constants = load_constants()
+    for row in peaks:
+        predicted = calibrate.best(row, constants[row.stack]).memory_gib_per_gpu
+        assert predicted <= row.peak_memory_gib * (1 + MEMORY_MARGIN), row.label
 
 
 def test_calibration_rows_carry_their_layout_in_columns(rows):
@@ -80,10 +105,15 @@ def test_activation_memory_is_korthikanti_table_2(t):
 
     assert act("none", False) == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))  # eq. 2
     assert act("none", True) == pytest.approx(sbh / t * (34 + 5 * a * s / h))  # eq. 4
-    # The trainer's selective policy drops norm outputs, dropout masks and the GELU output
-    # (4 + 2 replicated bytes, 8 split) and keeps the attention scores' inputs.
-    assert act("selective", False) == pytest.approx(sbh * (4 + (16 + 5 * a * s / h) / t))
+    # Megatron's selective recompute drops the attention core (Table 2: 10 + 24/t, 34/t with SP).
+    assert act("selective", False) == pytest.approx(sbh * (10 + 24 / t))
+    assert act("selective", True) == pytest.approx(34 * sbh / t)
     assert act("full", False) == pytest.approx(2 * sbh)
+    # The trainer's selective policy instead drops norm outputs, dropout masks and the GELU
+    # output (4 + 2 replicated bytes, 8 split) and keeps the attention scores' inputs.
+    mine = replace(MEGATRON_2021, selective="elementwise")
+    ours = _activation_bytes_per_layer(GPT3, Layout(tp=t, microbatch=b, recompute="selective", sequence_parallel=False), mine, s)
+    assert ours == pytest.approx(sbh * (4 + (16 + 5 * a * s / h) / t))
 
 
 def test_flops_bubble_and_memory_of_one_layout():
@@ -95,14 +125,18 @@ def test_flops_bubble_and_memory_of_one_layout():
     model_flops = 72 * B * L * s * h**2 * (1 + s / (6 * h) + V / (12 * h * L))  # Korthikanti eq. 7
     assert est.model_tflops_per_gpu * 1e12 * est.step_time_s * 64 == pytest.approx(model_flops, rel=1e-3)
     assert est.bubble_fraction == pytest.approx(7 / (3 * 64))  # (p-1)/(v*m)
-    assert est.hfu == est.mfu  # selective recompute repeats no GEMM
     assert est.stack == "megatron-2021"
     # ZeRO-0 mixed-precision Adam: 2 + 4 + 12 bytes per parameter of a stage of 12 layers / tp 8.
     params = (12 * layer_params(GPT3) + V * h) / 8  # 12 layers and the embedding on the first stage
     states = est.memory["weights"] + est.memory["gradients"] + est.memory["optimizer"]
     assert states == pytest.approx(18 * params / 2**30)
-    flash = estimate(req.work, lay, req.system, PROFILES["megatron"])
-    assert est.memory["activations"] > flash.memory["activations"]  # unfused attention keeps its scores
+    kept = replace(lay, recompute="none")
+    unfused = estimate(req.work, kept, req.system, req.software)
+    flash = estimate(req.work, kept, req.system, PROFILES["megatron"])
+    assert unfused.memory["activations"] > flash.memory["activations"]  # unfused attention keeps its scores
+    # ... which Megatron's selective recompute drops, rebuilding the attention core (a GEMM: HFU > MFU).
+    assert est.memory["activations"] == pytest.approx(flash.memory["activations"])
+    assert est.hfu / est.mfu == pytest.approx((1 + s / (3 * h) + V / (12 * h * L)) / (1 + s / (6 * h) + V / (12 * h * L)))  # eq. 8 / eq. 7
 
 
 def test_chosen_175b_layout_on_1024_a100_is_close_to_the_published_one():

@@ -28,7 +28,7 @@ from supercluster.files import write_atomic
 from supercluster.hardware.catalog import accelerator, node_type
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import Layout
-from supercluster.plan.cost import CONSTANTS_FILE, RESERVED_GIB, Estimate, System, Workload, estimate, memory
+from supercluster.plan.cost import CONSTANTS_FILE, MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, estimate, memory
 from supercluster.plan.profiles import PROFILES, Software
 
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
@@ -164,7 +164,12 @@ def _feasible(row: Row) -> list[Layout]:
             fits.append(lay)
         elif nearest is None or mem < nearest[0]:
             nearest = (mem, lay)
-    row.feasible = fits or [nearest[1]]
+    if not fits and nearest[0] <= cap * (1 + MEMORY_MARGIN):
+        fits = [nearest[1]]  # answered with a warning, as `plan` does
+    if not fits:
+        raise UserError(f"{row.label}: the memory model refuses every layout the source allows (nearest "
+                        f"{nearest[0]:.1f} GiB of {cap:.0f}); a published run did fit, so fix the memory model.")
+    row.feasible = fits
     return row.feasible
 
 

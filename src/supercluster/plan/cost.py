@@ -41,6 +41,10 @@ MEMORY_EFFICIENCY = 0.8  # STREAM-like kernels reach ~80% of HBM peak
 KERNEL_LAUNCH_S = 5e-6  # per GEMM / collective launch on a GPU
 COLLECTIVE_LATENCY_S = 20e-6  # per ring collective or p2p message across IB (NCCL base latency, order of 10-30 us)
 RESERVED_GIB = 2.0  # CUDA/ROCm context, NCCL buffers and allocator slack per GPU
+# A layout predicted over HBM by at most this share is answered with a warning, not refused:
+# the memory model's error against published peaks (torchtitan's runs, calibration/README.md)
+# is of this order, and a run that was published did fit.
+MEMORY_MARGIN = 0.10
 OPTIMIZER_BYTES_PER_PARAM = 30  # Adam step: read fp32 param, grad, m, v; write param, m, v and the 16-bit copy
 
 
@@ -92,6 +96,7 @@ class Estimate:
     mfu: float
     hfu: float
     memory: dict = field(default_factory=dict)  # GiB per GPU by kind, plus "total"
+    warnings: list = field(default_factory=list)  # why this prediction is shaky, one sentence each
 
     @property
     def memory_gib_per_gpu(self) -> float:
@@ -116,6 +121,7 @@ class Estimate:
             compute_s=self.compute_s,
             bubble_s=self.bubble_s,
             optimizer_s=self.optimizer_s,
+            warnings=list(self.warnings),
         )
         return out
 
@@ -266,6 +272,9 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
     backward = 2 * linear_fwd + attn_bwd + 2 * elementwise_fwd
     if lay.recompute == "full":
         recompute = forward
+    elif lay.recompute == "selective" and sw.selective == "attention":
+        # Megatron's policy: the attention core (scores, softmax, dropout, values) again.
+        recompute = attn_fwd + r.memory_pass(softmax_bytes)
     elif lay.recompute == "selective":
         # The trainer's selective policy keeps matmul and attention outputs and recomputes the
         # elementwise ops that produced what it dropped: a memory-bound pass, no GEMM.
@@ -334,13 +343,27 @@ def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: 
         return 2 * sbh / (t if sp else 1)  # only the layer input
     replicated, sharded, recomputable = (2 * x for x in _elementwise_elements(cfg))  # bytes
     scores = 0.0 if sw.flash_attention else 5 * cfg.heads * s / h / lay.cp
-    if lay.recompute == "selective":
+    if lay.recompute == "selective" and sw.selective == "attention":
+        scores = 0.0  # Megatron's selective recompute drops the attention core (Korthikanti Table 2: 34 sbh/t)
+    elif lay.recompute == "selective":
         # Of the dropped bytes, norm outputs and masks are replicated, the activation output split.
         replicated -= 4 + (2 if cfg.mlp == "gelu" else 0)
         sharded -= 2 * cfg.ffn_hidden / h
     if sp:
         return sbh / t * (replicated + sharded + scores)
     return sbh * (replicated + (sharded + scores) / t)
+
+
+def live_params(cfg: ModelConfig, lay: Layout, sw: Software) -> float:
+    """Parameters gathered at once under ZeRO-3 / FSDP "full" sharding, per GPU: two layers
+    (the one computing and the one prefetched, FSDP2), or DeepSpeed's cap on live parameters
+    (`stage3_max_live_parameters`, 1e9 by default), which gathers module by module but never
+    less than the largest single weight."""
+    two_layers = 2 * layer_params(cfg) / lay.tp
+    if sw.max_live_params is None:
+        return two_layers
+    largest = cfg.hidden * max(cfg.ffn_hidden, cfg.hidden) / lay.tp
+    return max(largest, min(two_layers, sw.max_live_params))
 
 
 def memory(
@@ -375,10 +398,12 @@ def memory(
         sharded_weights = lay.sharding == "full"  # keep_gathered holds the whole stage's weights all step
         weights = w_bytes * params / (shards if sharded_weights else 1)
         grads = g_bytes * params / (shards if lay.sharding in ("keep_gathered", "full") else 1)
+        if sw.accumulate_unsharded_grads and p > 1 and lay.sharding in ("keep_gathered", "full") and shards > 1:
+            grads += g_bytes * params  # every microbatch's gradients, unsharded until the last backward
         optimizer = o_bytes * params / (shards if lay.sharding != "none" else 1)
         buffers = working + (logits if last else 0.0)
         if sharded_weights:
-            buffers += 2 * w_bytes * per_layer / t  # two unsharded layers in flight (prefetch)
+            buffers += w_bytes * live_params(cfg, lay, sw)  # gathered weights in flight (prefetch)
         stages.append(
             {
                 "weights": weights / 2**30,
@@ -494,6 +519,8 @@ def estimate(
     attention_fwd = 4 * cfg.layers * s * cfg.hidden
     layer_fwd = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden) + attention_fwd  # no LM head
     extra = layer_fwd * tokens if lay.recompute == "full" else 0.0
+    if lay.recompute == "selective" and sw.selective == "attention":
+        extra = attention_fwd * tokens  # Korthikanti eq. 8: the attention core's FLOPs again
     hardware_flops = model_flops + extra
     model_tflops = model_flops / step / gpus / 1e12
     hardware_tflops = hardware_flops / step / gpus / 1e12

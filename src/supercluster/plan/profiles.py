@@ -40,21 +40,35 @@ class Software:
     # rings/trees); False: each GPU's collectives run at its one NIC's rate.
     hierarchical_dp: bool = True
     fp8_all_gather: bool = False  # FSDP weight all-gathers in FP8 when training in FP8
+    # How FP8 GEMM operands are scaled (torchao Float8 recipes; Transformer Engine's MXFP8 on
+    # Blackwell): one scale per tensor, one per row, or one per 32-element block.
+    fp8_recipe: str = "tensorwise"
+    # What "selective" recompute drops and rebuilds: "elementwise" (this trainer: norm and
+    # activation outputs) or "attention" (Megatron's: the attention core, scores and softmax,
+    # Korthikanti et al. 2022 sec. 5).
+    selective: str = "elementwise"
+    # Gathered weights live during a ZeRO-3 step: None = two layers (FSDP2 prefetches the next
+    # layer's unit while one computes), else DeepSpeed's stage3_max_live_parameters cap.
+    max_live_params: float | None = None
+    # Gradients of all microbatches accumulate unsharded before one reduce-scatter (FSDP2
+    # under torch.distributed.pipelining: no gradient sync until the last backward).
+    accumulate_unsharded_grads: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency",)  # constants calibrated per profile (at most two)
 
 
 PROFILES: dict[str, Software] = {
-    "supercluster": Software(),
+    "supercluster": Software(accumulate_unsharded_grads=True),
     "megatron": Software(
-        name="megatron", overlap_tp=True, shardings=("none", "optimizer"),
+        name="megatron", overlap_tp=True, shardings=("none", "optimizer"), selective="attention",
     ),
     "megatron-2021": Software(
         name="megatron-2021", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, shardings=("none",),
+        selective="attention",
     ),
     "deepspeed": Software(
         name="deepspeed", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
-        shardings=("none", "optimizer", "keep_gathered", "full"),
+        shardings=("none", "optimizer", "keep_gathered", "full"), max_live_params=1e9,
     ),
 }
 DEFAULT = "supercluster"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from supercluster.errors import UserError, closest
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import PP_SCHEDULES, RECOMPUTE, SHARDING, Layout, schedule_name
-from supercluster.plan.cost import RESERVED_GIB, Estimate, System, Workload, estimate, load_constants, memory
+from supercluster.plan.cost import MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, estimate, load_constants, memory
 from supercluster.plan.profiles import Software, profile
 
 KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
@@ -190,7 +190,8 @@ def _with_memory_choices(req: Request, base: Layout, reserved_gib: float, allowe
             if nearest is None or mem["total"] < nearest[1]["total"]:
                 nearest = (lay, mem)
         else:
-            yield nearest[0], nearest[1], False
+            # Over HBM within the memory model's own error: answered, with a warning.
+            yield nearest[0], nearest[1], "warn" if nearest[1]["total"] <= capacity * (1 + MEMORY_MARGIN) else False
 
 
 def search(req: Request, top: int = 10, constants: dict | None = None) -> list[Estimate]:
@@ -217,7 +218,13 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
             continue
         for lay, mem, fits in _with_memory_choices(req, base, reserved, allowed):
             if fits:
-                plans.append(estimate(req.work, lay, req.system, req.software, constants))
+                est = estimate(req.work, lay, req.system, req.software, constants)
+                if fits == "warn":
+                    cap = req.system.accelerator.hbm_gib
+                    est.warnings.append(
+                        f"predicted {mem['total']:.1f} GiB per GPU is {mem['total'] - cap:.1f} GiB over the {cap:.0f} GiB of "
+                        f"HBM, within the memory model's {MEMORY_MARGIN:.0%} error: it may not fit")
+                plans.append(est)
             elif nearest is None or mem["total"] < nearest[1]["total"]:
                 nearest = (lay, mem)
     if not seen:
@@ -236,5 +243,5 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
             f"{mem['total'] - cap:.1f} GiB more than the {cap:.0f} GiB of one {req.system.accelerator.name}; "
             f"use more GPUs, a larger --pp or --tp, --recompute full, --sharding full or a smaller --microbatch."
         )
-    plans.sort(key=lambda e: (e.step_time_s, e.memory_gib_per_gpu))
+    plans.sort(key=lambda e: (bool(e.warnings), e.step_time_s, e.memory_gib_per_gpu))  # sure fits first
     return plans[:top]
