@@ -211,6 +211,9 @@ def run_cli(*args, env=None):
         (["--layers", "4", "--gpus", "8"], "--hidden, --heads"),
         (["gpt3-175b", "--gpus", "64", "--stack", "titan"], "Unknown stack 'titan'"),
         (["gpt3-175b", "--gpus", "64", "--sharding", "optimizer"], "not run by the supercluster stack"),
+        (["llama3-8b", "--gpus", "16", "--precision", "fp8", "--fp8-recipe", "mxfp8"], "needs block-scaled FP8"),
+        (["llama3-8b", "--gpus", "16", "--precision", "fp8", "--fp8-recipe", "rowwize"], "did you mean 'rowwise'"),
+        (["llama3-8b", "--gpus", "16", "--fp8-all-gather"], "add --precision fp8"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(args, needle):
@@ -409,3 +412,44 @@ def test_memory_model_matches_torchtitans_fsdp_runs(rows):
     for row in fsdp:
         predicted = calibrate.best(row, load_constants("supercluster")).memory_gib_per_gpu
         assert predicted == pytest.approx(row.peak_memory_gib, rel=0.10), row.label
+
+
+# ---- switches and the step's terms -----------------------------------------------------------------
+
+
+def test_switches_change_what_their_mechanism_touches():
+    from supercluster.plan.profiles import with_switches
+
+    lay = Layout(tp=8, dp_shard=4, sharding="full", microbatch=1, recompute="full", sequence_parallel=True)
+    model, base = build_model("llama3-70b"), PROFILES["supercluster"]
+
+    def run(sw, precision="bf16", gpu="h100"):
+        req = build_request(model, 32, gpu, seq_len=8192, global_batch=32, precision=precision, software=sw)
+        return estimate(req.work, lay, req.system, req.software)
+
+    eager, compiled = run(with_switches(base, compile=False)), run(with_switches(base, compile=True))
+    assert eager.terms["compute: elementwise (norms, activations, residuals)"] > 2 * compiled.terms[
+        "compute: elementwise (norms, activations, residuals)"]
+    assert eager.terms["compute: linear GEMMs"] == pytest.approx(compiled.terms["compute: linear GEMMs"])
+    sync, overlapped = run(with_switches(base, async_tp=False)), run(with_switches(base, async_tp=True))
+    tp = "comm: tp all-gather/reduce-scatter (scale-up), exposed"
+    assert sync.terms[tp] > 0 and overlapped.terms[tp] < sync.terms[tp]
+    assert overlapped.step_time_s < sync.step_time_s
+    recipes = [run(with_switches(base, fp8_recipe=r), "fp8", "b200").step_time_s for r in ("tensorwise", "rowwise", "mxfp8")]
+    assert recipes[0] < recipes[1] < recipes[2] < run(base, "bf16", "b200").step_time_s  # more cast traffic, still FP8 GEMMs
+    gathered = run(with_switches(base, fp8_all_gather=True), "fp8")
+    plain = run(base, "fp8")
+    gather = "comm: dp weight all-gather (scale-up + scale-out), exposed"
+    assert gathered.terms.get(gather, 0) <= plain.terms.get(gather, 0)
+
+
+def test_explain_terms_add_up_to_the_step():
+    req = build_request(build_model("llama3-405b"), 2048, "h100", seq_len=8192, global_batch=1024)
+    for est in search(req, top=5):
+        assert sum(est.terms.values()) == pytest.approx(est.step_time_s, rel=1e-9)
+        assert sum(v for k, v in est.terms.items() if k.startswith("compute")) == pytest.approx(
+            est.compute_s, rel=1e-9)
+    proc = run_cli("plan", "llama3-8b", "--gpus", "16", "--explain", "--top", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "compute: linear GEMMs" in proc.stdout and "they add up to" in proc.stdout
+    assert max(map(len, proc.stdout.splitlines())) <= 100

@@ -15,8 +15,14 @@ JSON_KEYS = (
     "stack", "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "microbatch", "virtual_stages", "pp_schedule",
     "stage_layers", "sharding", "recompute", "sequence_parallel",
     "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
-    "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s",
+    "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s", "warnings", "terms_s",
 )
+
+
+def switches_of(sw) -> dict:
+    """The switches a prediction assumed, as `plan` takes them."""
+    return {"compile": sw.fused_elementwise, "async_tp": sw.overlap_tp, "fp8_recipe": sw.fp8_recipe,
+            "fp8_all_gather": sw.fp8_all_gather}
 
 
 def plan(
@@ -47,6 +53,11 @@ def plan(
     pp_schedule: Optional[str] = typer.Option(None, "--pp-schedule", help="1f1b, interleaved1f1b, ..."),
     stage_layers: Optional[str] = typer.Option(None, "--stage-layers", help="Layers per pipeline stage, e.g. 15,16,16,15."),
     stack: str = typer.Option("supercluster", "--stack", help="Software profile: supercluster, megatron, megatron-2021 or deepspeed."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile's fused elementwise kernels (default: the stack's)."),
+    async_tp: Optional[bool] = typer.Option(None, "--async-tp/--no-async-tp", help="TP collectives overlapped with their GEMMs (AsyncTP)."),
+    fp8_recipe: Optional[str] = typer.Option(None, "--fp8-recipe", help="FP8 scaling: tensorwise, rowwise or mxfp8 (with --precision fp8)."),
+    fp8_all_gather: Optional[bool] = typer.Option(None, "--fp8-all-gather/--no-fp8-all-gather", help="FSDP weight all-gathers in FP8."),
+    explain: bool = typer.Option(False, "--explain", help="Print each term of the best layout's step time."),
     failures_per_gpu_hour: Optional[float] = typer.Option(
         None, "--failures-per-gpu-hour", callback=real(0), help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
     ),
@@ -82,10 +93,12 @@ def plan(
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
     from supercluster.plan.goodput import DEFAULT_RESTART_S, DEFAULT_WRITE_GBPS, LLAMA3_FAILURES_PER_GPU_HOUR, training_time
-    from supercluster.plan.profiles import profile
+    from supercluster.plan.profiles import profile, with_switches
 
+    software = with_switches(profile(stack), compile=compile, async_tp=async_tp, fp8_recipe=fp8_recipe,
+                             fp8_all_gather=fp8_all_gather)
     req = build_request(
-        cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, profile(stack)
+        cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, software
     )
     plans = search(req, top=top)
     step_tokens = req.work.global_batch * req.work.seq_len
@@ -100,6 +113,7 @@ def plan(
     rows = []
     for est in plans:
         row = {k: v for k, v in est.as_dict().items() if k in JSON_KEYS}
+        row["switches"] = switches_of(req.software)
         if est.layout.pp > 1:  # the split the trainer will run, balanced when not given
             row["stage_layers"] = list(est.layout.split(req.work.model))
         # Checkpoint interval and effective training time do not depend on the run's length;
@@ -124,7 +138,7 @@ def plan(
         print(json.dumps({"stack": req.software.name, "plans": rows,
                           **({"config": str(emit_config), "command": command} if command else {})}))
         return
-    _print_table(req, rows, emit_config, command, wide)
+    _print_table(req, rows, emit_config, command, wide, explain)
 
 
 def _layout_cell(r: dict, wide: bool) -> str:
@@ -151,7 +165,8 @@ SHORT = {"keep_gathered": "kept", "optimizer": "optim", "selective": "sel"}  # n
 TABLE_WIDTH = 100  # the default table's width on a pipe, in a file or a narrow terminal
 
 
-def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str], wide: bool = False) -> None:
+def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str], wide: bool = False,
+                 explain: bool = False) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -205,6 +220,13 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         f"training time {100 * best['effective_training_fraction']:.1f}%"
         + (f"; {best['train_days']:.1f} days with failures, {best['train_days_without_failures']:.1f} without" if "train_days" in best else "")
     )
+    for warning in best.get("warnings", []):
+        console.print(f"warning (best layout): {warning}")
+    if explain:
+        console.print(f"step time of the best layout, term by term (s; they add up to {best['step_time_s']:.4g} s):")
+        for name, seconds in best["terms_s"].items():
+            if seconds > 0:
+                console.print(f"  {seconds:10.4g}  {100 * seconds / best['step_time_s']:5.1f}%  {name}")
     if emitted:
         console.print(f"wrote {emitted}: run it with `{command}`")
 

@@ -29,8 +29,14 @@ from supercluster.hardware.catalog import accelerator, node_type
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import Layout
 from supercluster.plan.cost import CONSTANTS_FILE, MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, estimate, memory
-from supercluster.plan.profiles import PROFILES, Software
+from supercluster.plan.profiles import PROFILES, Software, with_switches
 
+# The `switches` column's words -> `profiles.with_switches` arguments.
+SWITCHES = {
+    "async-tp": ("async_tp", True), "no-async-tp": ("async_tp", False),
+    "fp8-all-gather": ("fp8_all_gather", True),
+    "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"),
+}
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")
 BOUNDS = {"gemm_efficiency": (0.3, 1.0)}
@@ -83,6 +89,11 @@ def _parse(r: dict) -> Row | None:
     sw = PROFILES[r["stack"]]
     if r["compile"] == "eager":  # the run's stated kernel mode (torch.compile off)
         sw = replace(sw, fused_elementwise=False)
+    switches = set((r.get("switches") or "").split())  # the run's stated switches on top of its stack
+    unknown = switches - set(SWITCHES)
+    if unknown:
+        raise UserError(f"Calibration row {r['model']} ({r['source_id']}): unknown switch {sorted(unknown)[0]!r}.")
+    sw = with_switches(sw, **{SWITCHES[k][0]: SWITCHES[k][1] for k in switches})
     label = f"{r['model']} on {r['gpu_count']} GPUs ({r['source_id']})"
     system = System(accelerator(r["gpu"]), node_type(r["node"]), r["precision"])
     return Row(label, r["source_id"], r["stack"], Workload(model, int(r["seq_len"]), int(r["global_batch"])), system, sw,

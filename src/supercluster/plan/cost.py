@@ -77,7 +77,12 @@ class System:
 
 
 EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3 kernels per fused one)
-FP8_CAST_BYTES = 5  # per operand element: amax read (2), read 16-bit (2), write FP8 (1)
+# Bytes per operand element that casting to FP8 moves, per GEMM, by scaling recipe:
+# tensorwise: a separate amax pass over the tensor (read 2), then read 2 and write 1; its FP8
+# transpose is valid for the backward GEMMs. rowwise: the amax of a row fuses into the cast
+# (read 2, write 1), but the transposed operand of the backward needs its own scales along
+# the other axis: two casts. mxfp8: as rowwise, plus one 1-byte E8M0 scale per 32 elements.
+FP8_CAST_BYTES = {"tensorwise": 5.0, "rowwise": 6.0, "mxfp8": 2 * (3 + 1 / 32)}
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Estimate:
     hfu: float
     memory: dict = field(default_factory=dict)  # GiB per GPU by kind, plus "total"
     warnings: list = field(default_factory=list)  # why this prediction is shaky, one sentence each
+    terms: dict = field(default_factory=dict)  # seconds per term of the step, summing to step_time_s
 
     @property
     def memory_gib_per_gpu(self) -> float:
@@ -122,6 +128,7 @@ class Estimate:
             bubble_s=self.bubble_s,
             optimizer_s=self.optimizer_s,
             warnings=list(self.warnings),
+            terms_s=dict(self.terms),
         )
         return out
 
@@ -161,6 +168,7 @@ class Rates:
         self.out = LINK_EFFICIENCY * node.scale_out_gbps_per_gpu / 8 * 1e9  # bytes/s per GPU
         self.gpus_per_node = node.gpus_per_node
         self.eager = 1.0 if sw.fused_elementwise else EAGER_TRAFFIC
+        self.cast_bytes = FP8_CAST_BYTES[sw.fp8_recipe]
 
     def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False) -> float:
         """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
@@ -175,7 +183,7 @@ class Rates:
         rate = self.linear_rate if linear else self.gemm_rate
         traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
         if fp8:
-            traffic += FP8_CAST_BYTES * (m * k + k * n)
+            traffic += self.cast_bytes * (m * k + k * n)
         return batch * (flops / rate + traffic / self.hbm) + self.launch
 
     def memory_pass(self, nbytes: float) -> float:
@@ -227,6 +235,15 @@ def _elementwise_elements(cfg: ModelConfig) -> tuple[float, float, float]:
 def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of one transformer layer for one microbatch on
     one GPU, compute only. Tokens are split over cp, weights over tp."""
+    classes = _layer_classes(cfg, lay, sw, r, s)
+    fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]
+    bwd = classes["linear"][1] + classes["attention"][1] + classes["elementwise"][1]
+    return fwd, bwd, classes["recompute"]
+
+
+def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -> dict:
+    """Per op class, (forward, backward) seconds of one layer for one microbatch, and the
+    recompute seconds: what `plan --explain` shows."""
     t, b, h = lay.tp, lay.microbatch, cfg.hidden
     tokens = b * s / lay.cp
     kv = cfg.kv_heads * cfg.head_dim
@@ -269,7 +286,6 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
     elementwise_fwd = r.memory_pass(r.eager * r.elem * elements + softmax_bytes)
     forward = linear_fwd + attn_fwd + elementwise_fwd
     # Backward: two GEMMs per forward GEMM (data and weight gradients), elementwise twice.
-    backward = 2 * linear_fwd + attn_bwd + 2 * elementwise_fwd
     if lay.recompute == "full":
         recompute = forward
     elif lay.recompute == "selective" and sw.selective == "attention":
@@ -281,7 +297,8 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
         recompute = elementwise_fwd * recomputable / (replicated + sharded)
     else:
         recompute = 0.0
-    return forward, backward, recompute
+    return {"linear": (linear_fwd, 2 * linear_fwd), "attention": (attn_fwd, attn_bwd),
+            "elementwise": (elementwise_fwd, 2 * elementwise_fwd), "recompute": recompute}
 
 
 def _logits_time(cfg: ModelConfig, lay: Layout, r: Rates, s: int) -> float:
@@ -435,12 +452,16 @@ def estimate(
     # Compute of one microbatch per pipeline rank (Narayanan eq. 1's t_f + t_b): its layers,
     # the embedding on the first rank, the output layer and loss on the last. The busiest
     # rank sets the pace of every stage of the schedule.
-    fwd, bwd, rec = _layer_time(cfg, lay, sw, r, s)
+    classes = _layer_classes(cfg, lay, sw, r, s)
+    fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]
+    bwd = classes["linear"][1] + classes["attention"][1] + classes["elementwise"][1]
+    rec = classes["recompute"]
     layer_time = fwd + bwd + rec
     per_rank = rank_layers(cfg, lay)
     loads = [n * layer_time for n in per_rank]
-    loads[0] += _embedding_time(cfg, lay, r, s)
-    loads[-1] += _logits_time(cfg, lay, r, s)
+    embedding, logits = _embedding_time(cfg, lay, r, s), _logits_time(cfg, lay, r, s)
+    loads[0] += embedding
+    loads[-1] += logits
     busiest = max(range(p), key=loads.__getitem__)
     per_mb = loads[busiest]
     layers = per_rank[busiest]
@@ -500,9 +521,10 @@ def estimate(
         # pipeline drain) runs; weights are gathered ahead of the layer that needs them.
         reduce_window = bwd * layers + bubble / 2
         gather_window = (fwd + bwd) * layers * m if lay.sharding == "full" else fwd * layers
-        exposed_dp = max(0.0, reduce - reduce_window) + max(0.0, gather - gather_window)
+        exposed_reduce, exposed_gather = max(0.0, reduce - reduce_window), max(0.0, gather - gather_window)
     else:
-        exposed_dp = reduce + gather
+        exposed_reduce, exposed_gather = reduce, gather
+    exposed_dp = exposed_reduce + exposed_gather
 
     # Optimizer step: memory-bound Adam over this rank's shard of the parameters.
     opt_params = stage_params / (shard_n if lay.sharding != "none" else 1)
@@ -510,6 +532,28 @@ def estimate(
 
     step = pipeline + exposed_dp + optimizer
     exposed = m * (tp_comm + cp_comm + p2p) + exposed_dp
+
+    # The step, term by term (`plan --explain`): they add up to step_time_s.
+    def tier(span: int) -> str:
+        return "scale-up" if span <= r.gpus_per_node else "scale-out"
+
+    dp_tier = "scale-up" if n * t <= r.gpus_per_node else ("scale-up + scale-out" if aware else "scale-out")
+    reduce_name = "all-reduce" if lay.sharding == "none" or shard_n <= 1 else "reduce-scatter"
+    terms = {
+        "compute: linear GEMMs": m * layers * sum(classes["linear"]),
+        "compute: attention": m * layers * sum(classes["attention"]),
+        "compute: elementwise (norms, activations, residuals)": m * layers * sum(classes["elementwise"]),
+        f"compute: recompute ({lay.recompute})": m * layers * rec,
+        "compute: embedding": m * embedding if busiest == 0 else 0.0,
+        "compute: output layer and loss": m * logits if busiest == p - 1 else 0.0,
+        "comm: tp all-gather/reduce-scatter (scale-up), exposed": m * tp_comm,
+        f"comm: cp all-gather K/V ({tier(t * c)})": m * cp_comm,
+        f"comm: pp send/recv ({'scale-up' if t * c * lay.dp < r.gpus_per_node else 'scale-out'})": m * p2p,
+        "pipeline bubble": bubble,
+        f"comm: dp gradient {reduce_name} ({dp_tier}), exposed": exposed_reduce,
+        f"comm: dp weight all-gather ({dp_tier}), exposed": exposed_gather,
+        "optimizer step": optimizer,
+    }
 
     # FLOPs as the papers count them: model FLOPs (Korthikanti eq. 7, via flops_per_token);
     # hardware FLOPs add what recomputation repeats (a full recompute repeats each layer's
@@ -540,4 +584,5 @@ def estimate(
         mfu=model_tflops * 1e12 / r.peak,
         hfu=hardware_tflops * 1e12 / r.peak,
         memory=memory(cfg, lay, sw, s, m, reserved, system.precision),
+        terms=terms,
     )
