@@ -72,6 +72,25 @@ def test_memory_model_is_never_pessimistic_on_published_peaks(rows):
         assert predicted <= row.peak_memory_gib * (1 + MEMORY_MARGIN), row.label
 
 
+def test_intervals_hold_about_their_share_of_left_out_runs(rows, loso):
+    """Each source's runs, judged against intervals built from the other sources' left-out
+    residuals only: about INTERVAL_COVERAGE of them fall inside."""
+    from supercluster.plan.cost import INTERVAL_COVERAGE, load_intervals
+
+    inside = total = 0
+    for source in loso:
+        others = {s: v for s, v in loso.items() if s != source}
+        table = calibrate.intervals([r for r in rows if r.source != source], others)
+        test = [r for r in rows if r.source == source]
+        for row, ratio in zip(test, calibrate.step_ratios(test, loso[source]["errors"])):
+            low, high = (table.get(calibrate.interval_class(row.stack, row.system.precision)) or table["all"])["ratio"]
+            inside += low <= ratio <= high
+            total += 1
+    assert INTERVAL_COVERAGE - 0.15 <= inside / total <= INTERVAL_COVERAGE + 0.12, inside / total
+    stored = load_intervals()  # the checked-in table is the one these residuals give
+    assert stored["all"]["ratio"] == pytest.approx(calibrate.intervals(rows, loso)["all"]["ratio"], abs=0.01)
+
+
 def test_calibration_rows_carry_their_layout_in_columns(rows):
     assert len(rows) >= 60
     korthikanti_baselines = [r for r in rows if r.source == "korthikanti2022" and r.metric == "step_time_s"]
@@ -255,6 +274,10 @@ def test_json_plans_and_emitted_config(tmp_path):
             "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
             "memory_gib_per_gpu", "bubble_fraction"}
     assert plans and all(keys <= set(p) for p in plans)
+    for p in plans:  # every prediction carries its range, around it
+        assert p["step_time_s_low"] < p["step_time_s"] < p["step_time_s_high"]
+        assert p["mfu_low"] < p["mfu"] < p["mfu_high"]
+        assert p["mfu_low"] * p["step_time_s_high"] == pytest.approx(p["mfu"] * p["step_time_s"])
     assert [p["step_time_s"] for p in plans] == sorted(p["step_time_s"] for p in plans)
     best = plans[0]
     assert best["tp"] * best["pp"] * best["dp"] * best["cp"] == 16

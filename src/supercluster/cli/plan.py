@@ -16,6 +16,7 @@ JSON_KEYS = (
     "stage_layers", "sharding", "recompute", "sequence_parallel",
     "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
     "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s", "warnings", "terms_s",
+    "step_time_s_low", "step_time_s_high", "mfu_low", "mfu_high", "interval_class",
 )
 
 
@@ -179,8 +180,10 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         f"batch {work.global_batch} seqs on {req.gpus} x {system.accelerator.name} ({system.node.name}, {system.precision}), "
         f"stack {req.software.name}"
     )
-    caption = ("comm s: communication not hidden behind compute, per step; bubble: (p-1)/(v*m); days*, cost: failures "
-               "included" + ("" if wide else "; --wide: TFLOP/s, HFU, stage split"))
+    caption = ("step 80%: the range 80% of published runs fell in when their source was left out of the fit; "
+               "GiB: memory per GPU (! over HBM within the memory model's error); bubble: (p-1)/(v*m); days*, cost: failures included"
+               + ("; comm s: communication not hidden behind compute, per step" if wide
+                  else "; --wide: TFLOP/s, HFU, exposed communication, stage split; --explain: the step term by term"))
     # One space between columns (not rich's two): the default table fits 100 columns without cutting a value.
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
     columns = [  # (header, cell, shown without --wide)
@@ -188,14 +191,15 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         ("shard", lambda r: r["sharding"] if wide else SHORT.get(r["sharding"], r["sharding"]), True),
         ("recomp", lambda r: r["recompute"] if wide else SHORT.get(r["recompute"], r["recompute"]), True),
         ("step s", lambda r: f"{r['step_time_s']:.3g}", True),
+        ("step 80%", lambda r: f"{r['step_time_s_low']:.3g}-{r['step_time_s_high']:.3g}", True),
         ("tok/s/GPU", lambda r: f"{r['tokens_per_s_per_gpu']:,.0f}", True),
         ("model TF", lambda r: f"{r['model_tflops_per_gpu']:.4g}", False),
         ("hw TF", lambda r: f"{r['hardware_tflops_per_gpu']:.4g}", False),
         ("MFU", lambda r: f"{100 * r['mfu']:.1f}%", True),
         ("HFU", lambda r: f"{100 * r['hfu']:.1f}%", False),
-        ("mem GiB", lambda r: f"{r['memory_gib_per_gpu']:.1f}", True),
+        ("GiB", lambda r: f"{r['memory_gib_per_gpu']:.1f}" + ("!" if r.get("warnings") else ""), True),
         ("bubble", lambda r: f"{100 * r['bubble_fraction']:.1f}%", True),
-        ("comm s", lambda r: f"{r['exposed_comm_s']:.3g}", True),
+        ("comm s", lambda r: f"{r['exposed_comm_s']:.3g}", False),
     ]
     if any("train_days" in r for r in rows):
         columns.append(("days*", lambda r: f"{r['train_days']:.1f}", True))

@@ -28,7 +28,7 @@ from supercluster.files import write_atomic
 from supercluster.hardware.catalog import accelerator, node_type
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import Layout
-from supercluster.plan.cost import CONSTANTS_FILE, MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, estimate, memory
+from supercluster.plan.cost import CONSTANTS_FILE, INTERVAL_COVERAGE, MEMORY_MARGIN, RESERVED_GIB, interval_class, Estimate, System, Workload, estimate, memory
 from supercluster.plan.profiles import PROFILES, Software, with_switches
 
 # The `switches` column's words -> `profiles.with_switches` arguments.
@@ -252,6 +252,46 @@ def leave_one_source_out(rows: list[Row]) -> dict[str, dict]:
     return out
 
 
+def step_ratios(rows: list[Row], errs: list[float]) -> list[float]:
+    """Each row's true step time over the predicted one, from its signed error in its metric
+    (throughputs scale as 1/step time, a published step time directly)."""
+    return [1 / (1 + e) if row.metric == "step_time_s" else 1 + e for row, e in zip(rows, errs)]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile, linear between order statistics."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+# A class keeps its own interval only with this many left-out residuals from this many
+# sources; else it takes the pooled one. One source's residuals are correlated (one team,
+# one cluster, one convention): its spread says little about a new source's.
+MIN_CLASS_ROWS = 8
+MIN_CLASS_SOURCES = 2
+
+
+def intervals(rows: list[Row], loso: dict[str, dict], coverage: float = INTERVAL_COVERAGE) -> dict:
+    """Per class (stack and precision), the central `coverage` range of the leave-one-source-
+    out step-time ratios, and "all" pooled over every row."""
+    errs = {id(r): e for source, res in loso.items() for r, e in zip([r for r in rows if r.source == source], res["errors"])}
+    ratios: dict[str, list[float]] = {}
+    sources: dict[str, set] = {}
+    for row in rows:
+        ratio = step_ratios([row], [errs[id(row)]])[0]
+        for key in (interval_class(row.stack, row.system.precision), "all"):
+            ratios.setdefault(key, []).append(ratio)
+            sources.setdefault(key, set()).add(row.source)
+    tail = (1 - coverage) / 2
+    return {key: {"ratio": [round(_quantile(v, tail), 4), round(_quantile(v, 1 - tail), 4)], "rows": len(v),
+                  "sources": len(sources[key])}
+            for key, v in sorted(ratios.items())
+            if key == "all" or (len(v) >= MIN_CLASS_ROWS and len(sources[key]) >= MIN_CLASS_SOURCES)}
+
+
 def report(rows: list[Row], constants: dict[str, dict], loso: dict[str, dict] | None = None) -> None:
     errs = errors(rows, constants)
     for row, err in zip(rows, errs):
@@ -265,6 +305,9 @@ def report(rows: list[Row], constants: dict[str, dict], loso: dict[str, dict] | 
             used = {r.stack for r in rows if r.source == source}
             consts = ", ".join(f"{s} {res['constants'][s]['gemm_efficiency']:.3f}" for s in sorted(used))
             print(f"{source:24s} {res['rows']:4d} {res['mape']:7.1%} {res['max_error']:7.1%}  {consts}")
+        print(f"\n{INTERVAL_COVERAGE:.0%} intervals (true / predicted step time, left-out residuals):")
+        for key, iv in intervals(rows, loso).items():
+            print(f"{key:24s} {iv['rows']:4d} rows {iv['sources']:2d} sources  {iv['ratio'][0]:.3f} .. {iv['ratio'][1]:.3f}")
 
 
 def main(argv=None):
@@ -287,6 +330,8 @@ def main(argv=None):
         "data": "calibration/published-runs.csv",
         "rows": len(rows),
         "leave_one_source_out_mape": {s: round(v["mape"], 4) for s, v in loso.items()},
+        "interval_coverage": INTERVAL_COVERAGE,
+        "intervals": intervals(rows, loso),
     }
     write_atomic(CONSTANTS_FILE, json.dumps(out, indent=1) + "\n")
     print(f"wrote {CONSTANTS_FILE}")

@@ -103,6 +103,12 @@ class Estimate:
     memory: dict = field(default_factory=dict)  # GiB per GPU by kind, plus "total"
     warnings: list = field(default_factory=list)  # why this prediction is shaky, one sentence each
     terms: dict = field(default_factory=dict)  # seconds per term of the step, summing to step_time_s
+    # The INTERVAL_COVERAGE range of step time and MFU (set by `add_interval`; None before).
+    step_time_s_low: float | None = None
+    step_time_s_high: float | None = None
+    mfu_low: float | None = None
+    mfu_high: float | None = None
+    interval_class: str | None = None
 
     @property
     def memory_gib_per_gpu(self) -> float:
@@ -129,6 +135,11 @@ class Estimate:
             optimizer_s=self.optimizer_s,
             warnings=list(self.warnings),
             terms_s=dict(self.terms),
+            step_time_s_low=self.step_time_s_low,
+            step_time_s_high=self.step_time_s_high,
+            mfu_low=self.mfu_low,
+            mfu_high=self.mfu_high,
+            interval_class=self.interval_class,
         )
         return out
 
@@ -138,6 +149,32 @@ def load_constants(stack: str | None = None) -> dict:
     `python -m supercluster.plan.calibrate` wrote them."""
     stored = json.loads(CONSTANTS_FILE.read_text())["constants"]
     return stored if stack is None else stored[stack]
+
+
+# ---- uncertainty ------------------------------------------------------------------------------
+INTERVAL_COVERAGE = 0.8  # the share of left-out published runs each interval is built to hold
+
+
+def interval_class(stack: str, precision: str) -> str:
+    """The class whose leave-one-source-out residuals bound a prediction: stack and precision."""
+    return f"{stack}/{'fp8' if precision == 'fp8' else '16-bit'}"
+
+
+def load_intervals() -> dict:
+    """class -> [low, high] ratio of the true step time to the predicted one, at
+    INTERVAL_COVERAGE, from the leave-one-source-out residuals (`plan.calibrate`); "all" is
+    the pooled fallback for classes with too few rows."""
+    return json.loads(CONSTANTS_FILE.read_text()).get("intervals", {})
+
+
+def add_interval(est: "Estimate", precision: str, intervals: dict) -> "Estimate":
+    """Set the estimate's step time and MFU ranges from its class's residuals."""
+    key = interval_class(est.stack, precision)
+    low, high = (intervals.get(key) or intervals.get("all") or {"ratio": [1.0, 1.0]})["ratio"]
+    est.step_time_s_low, est.step_time_s_high = est.step_time_s * low, est.step_time_s * high
+    est.mfu_low, est.mfu_high = est.mfu / high, est.mfu / low
+    est.interval_class = key if key in intervals else "all"
+    return est
 
 
 # ---- rates ---------------------------------------------------------------------------------

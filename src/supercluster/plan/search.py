@@ -17,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from supercluster.errors import UserError, closest
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import PP_SCHEDULES, RECOMPUTE, SHARDING, Layout, schedule_name
-from supercluster.plan.cost import MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, estimate, load_constants, memory
+from supercluster.plan.cost import (
+    MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, add_interval, estimate, load_constants, load_intervals, memory,
+)
 from supercluster.plan.profiles import Software, profile
 
 KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
@@ -244,4 +246,5 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
             f"use more GPUs, a larger --pp or --tp, --recompute full, --sharding full or a smaller --microbatch."
         )
     plans.sort(key=lambda e: (bool(e.warnings), e.step_time_s, e.memory_gib_per_gpu))  # sure fits first
-    return plans[:top]
+    intervals = load_intervals()
+    return [add_interval(est, req.system.precision, intervals) for est in plans[:top]]
