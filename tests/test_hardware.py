@@ -47,7 +47,7 @@ def test_azure_health_pass_marks():
 
 def test_node_types_point_at_known_accelerators():
     for n in NODE_TYPES.values():
-        assert n.accelerator in ACCELERATORS and n.gpus_per_node == 8
+        assert n.accelerator in ACCELERATORS and n.gpus_per_node in (8, 72)  # 72: one GB200 NVL72 NVLink domain
         assert n.scale_up_gbps == ACCELERATORS[n.accelerator].scale_up_gbps
     assert default_node_type("a100").accelerator == "a100-80gb"
 

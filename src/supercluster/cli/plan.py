@@ -78,6 +78,7 @@ def plan(
 ):
     """Rank the parallel layouts of a model on N GPUs: step time, MFU, memory, bubble, communication."""
     from supercluster.plan.build import build_model, build_request
+    from supercluster.plan.cost import stage_split
     from supercluster.plan.search import search
 
     cfg = build_model(model, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab_size=vocab)
@@ -116,7 +117,9 @@ def plan(
         row = {k: v for k, v in est.as_dict().items() if k in JSON_KEYS}
         row["switches"] = switches_of(req.software)
         if est.layout.pp > 1:  # the split the trainer will run, balanced when not given
-            row["stage_layers"] = list(est.layout.split(req.work.model))
+            model = req.work.model
+            row["stage_layers"] = list(est.layout.split(model) if est.layout.num_stages <= model.layers
+                                       else stage_split(model, est.layout))  # Megatron's embedding/loss-only stages
         # Checkpoint interval and effective training time do not depend on the run's length;
         # days and cost need --tokens.
         timing = training_time(

@@ -88,6 +88,11 @@ class NodeType:
 # FP32 75 per GPU; 180 GB HBM3e at 8 TB/s; NVLink5 1.8 TB/s per GPU (from the datasheet as
 # remembered, not fetched here: not verified).
 #
+# GB200 (NVIDIA GB200 NVL72 datasheet, per GPU: 1/72 of 180 PFLOP/s dense FP16/BF16 and 360
+# dense FP8, 13.4 TB HBM3e at 576 TB/s, 130 TB/s NVLink; not verified here): 2.5 PFLOP/s BF16,
+# 5 FP8, 186 GB at 8 TB/s, NVLink 5 at 1.8 TB/s, all 72 GPUs of a rack in one NVLink domain.
+# Its achievable matmul is B200's measured ratio to peak (not measured on GB200).
+#
 # Achievable matmul (MAMF) from Stas Bekman's ml-engineering, compute/accelerator/README.md
 # "Maximum Achievable Matmul FLOPS comparison table" (BF16, best shape of a sweep): A100 SXM
 # 267.9 (CUDA 12.1), H100 SXM 792.1 (CUDA 12.1), MI300X 781.9 (ROCm 6.2); and its H200-vs-B200
@@ -112,6 +117,10 @@ ACCELERATORS: dict[str, Accelerator] = {
     "h200": Accelerator(
         "h200", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 140.4, 4.8, 900.0, {"bf16": 794.5, "fp8": 1453.4},
         power_w=700, nvlink_gen=4,
+    ),
+    "gb200": Accelerator(
+        "gb200", "nvidia", {"bf16": 2500.0, "fp8": 5000.0, "tf32": 1250.0, "fp32": 80.0}, 184.0, 8.0, 1800.0,
+        {"bf16": 1745.0 * 2500 / 2250, "fp8": 3432.5 * 5000 / 4500}, power_w=1200, nvlink_gen=5, mx_formats=True,
     ),
     "mi300x": Accelerator(
         "mi300x", "amd", {"bf16": 1307.4, "fp8": 2614.9, "tf32": 653.7, "fp32": 163.4}, 192.0, 5.3, 896.0, {"bf16": 781.9}
@@ -185,6 +194,11 @@ NODE_TYPES: dict[str, NodeType] = {
         "grand-teton", "h100-gt96", 8, 900.0, 400.0,
         source="Meta Grand Teton as in torchtitan's H100 benchmarks: 8x H100 96GB (500 W), NVLink, 400 Gb/s RDMA per GPU",
     ),
+    "gb200-nvl72": NodeType(
+        "gb200-nvl72", "gb200", 72, 1800.0, 400.0,
+        source="GB200 NVL72 (NVIDIA datasheet): 72 GPUs in one NVLink 5 domain (1.8 TB/s per GPU), ConnectX-7 400 Gb/s per "
+        "GPU across racks (not verified here)",
+    ),
     "hgx-h800": NodeType(
         "hgx-h800", "h800", 8, 400.0, 400.0,
         source="DeepSeek-V3 report sec. 3.2.2: 8x H800 per node, NVLink (160 GB/s achieved), 8x 400 Gb/s IB (50 GB/s per GPU)",
@@ -219,6 +233,7 @@ DEFAULT_NODE = {
     "h100-gt96": "grand-teton",
     "b200": "dgx-b200",
     "h800": "hgx-h800",
+    "gb200": "gb200-nvl72",
     "local": "local",
 }
 
@@ -320,6 +335,7 @@ _DEVICE_PATTERNS = (
     ("h800", "", "h800"),
     ("h200", "", "h200"),
     ("mi300x", "", "mi300x"),
+    ("gb200", "", "gb200"),
     ("b200", "", "b200"),
 )
 

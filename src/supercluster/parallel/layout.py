@@ -150,7 +150,7 @@ class Layout:
         return self
 
     def problems(self, model, seq_len: int, global_batch: int, gpus_per_node: int | None = None,
-                 shardings: tuple = TRAINER_SHARDING) -> list[str]:
+                 shardings: tuple = TRAINER_SHARDING, spare_stages: int = 0) -> list[str]:
         """Every rule this layout breaks for `model` at this sequence length and batch, one sentence each.
 
         `shardings` are the strategies the training stack runs (this trainer's by default)."""
@@ -198,10 +198,10 @@ class Layout:
                 out.append("parallel.stage_layers needs pipeline parallelism (pp of 2 or more).")
             return out
         if self.pp_schedule in PP_SCHEDULES:
-            out += self._pipeline_problems(model, global_batch)
+            out += self._pipeline_problems(model, global_batch, spare_stages)
         return out
 
-    def _pipeline_problems(self, model, global_batch: int) -> list[str]:
+    def _pipeline_problems(self, model, global_batch: int, spare_stages: int = 0) -> list[str]:
         out = []
         if self.pp_schedule in SINGLE_STAGE_SCHEDULES and self.virtual_stages > 1:
             out.append(f"Pipeline schedule {self.pp_schedule!r} runs one stage per rank; use interleaved1f1b "
@@ -220,7 +220,7 @@ class Layout:
             elif sum(got) != model.layers:
                 out.append(f"parallel.stage_layers {list(got)} sums to {sum(got)} layers but the model has "
                            f"{model.layers}; make the stage counts add up to the layers.")
-        elif model.layers < self.num_stages:
+        elif model.layers + spare_stages < self.num_stages:  # spare: stages holding only the embedding or the loss
             out.append(f"The model's {model.layers} layers cannot fill {self.num_stages} pipeline stages "
                        f"(pp {self.pp} x {self.stages_per_rank} per rank); lower pp or virtual_stages.")
         if model.tie_embeddings:

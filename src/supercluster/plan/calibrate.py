@@ -35,17 +35,24 @@ from supercluster.plan.profiles import PROFILES, Software, with_switches
 SWITCHES = {
     "async-tp": ("async_tp", True), "no-async-tp": ("async_tp", False),
     "fp8-all-gather": ("fp8_all_gather", True),
-    "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"),
+    "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"), "fp8-delayed": ("fp8_recipe", "delayed"),
 }
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")
-BOUNDS = {"gemm_efficiency": (0.3, 1.0)}
+BOUNDS = {"gemm_efficiency": (0.3, 1.0), "fp8_efficiency": (0.3, 1.0)}
+# Layouts kept per row for fitting: the fastest at reference constants. The constants scale
+# compute only, so which layouts are fastest barely moves with them; keeping a few instead of
+# hundreds makes leave-one-source-out cheap.
+KEEP_LAYOUTS = 6
+REFERENCE = {"gemm_efficiency": 0.85, "fp8_efficiency": 0.85}
 
 # GPT-2/3 as trained in the Megatron papers: LayerNorm, GELU MLP of 4h, learned positions,
 # tied embeddings. Llama 3: RMSNorm, SwiGLU, rotary, untied.
 _ARCH = {
     "gelu": dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True),
     "swiglu": dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False),
+    # Nemotron: squared-ReLU MLP (two matrices, as GELU's), LayerNorm, rotary, untied, no biases.
+    "relu2": dict(norm="layernorm", mlp="gelu", position="rope", bias=False, tie_embeddings=False),
 }
 
 
@@ -144,7 +151,7 @@ def _layouts(row: Row):
                     elif schedule == "1f1b":
                         vs = [1]
                     else:
-                        vs = [v for v in (2, 3, 4, 6, 8) if cfg.layers % (pp * v) == 0 and m % pp == 0] or [2]
+                        vs = [v for v in (2, 3, 4, 6, 8) if cfg.layers >= pp * v and m % pp == 0] or [2]  # uneven stages allowed
                 sps = [f["sequence_parallel"]] if "sequence_parallel" in f else ([True, False] if tp > 1 else [False])
                 recomputes = [f["recompute"]] if "recompute" in f else ["none", "selective", "full"]
                 shardings = [f["sharding"]] if "sharding" in f else list(row.software.shardings)
@@ -180,6 +187,9 @@ def _feasible(row: Row) -> list[Layout]:
     if not fits:
         raise UserError(f"{row.label}: the memory model refuses every layout the source allows (nearest "
                         f"{nearest[0]:.1f} GiB of {cap:.0f}); a published run did fit, so fix the memory model.")
+    if len(fits) > KEEP_LAYOUTS:
+        ranked = sorted(fits, key=lambda lay: estimate(row.work, lay, row.system, row.software, REFERENCE).step_time_s)
+        fits = ranked[:KEEP_LAYOUTS]
     row.feasible = fits
     return row.feasible
 
@@ -214,23 +224,34 @@ def _golden(objective, lo: float, hi: float, tol: float = 2e-3) -> float:
     return round((lo + hi) / 2, 4)
 
 
-def _fit_rows(rows: list[Row]) -> dict:
-    """The one GEMM efficiency minimising these rows' MAPE (each row with its own profile)."""
+def _fit_one(rows: list[Row], key: str, fixed: dict) -> float:
+    """The value of constant `key` minimising these rows' MAPE, the others as `fixed`."""
     def objective(x):
-        errs = [(predict(row, {"gemm_efficiency": x}) - row.published) / row.published for row in rows]
+        errs = [(predict(row, {**fixed, key: x}) - row.published) / row.published for row in rows]
         return sum(map(abs, errs)) / len(errs)
 
-    return {"gemm_efficiency": _golden(objective, *BOUNDS["gemm_efficiency"])}
+    return _golden(objective, *BOUNDS[key])
+
+
+def _is_fp8(row: Row) -> bool:
+    return row.system.precision == "fp8"
 
 
 def fit(rows: list[Row]) -> dict[str, dict]:
-    """Per profile, its constants fitted on its own rows; a profile without rows here takes
-    the constants fitted on all these rows pooled."""
-    pooled = _fit_rows(rows)
+    """Per profile, its two constants fitted on its own rows: the 16-bit GEMM efficiency on
+    its 16-bit rows, then the FP8 one on its FP8 rows. A profile without rows of a kind takes
+    that constant fitted on all these rows of that kind pooled (each row with its own profile)."""
+    wide, narrow = [r for r in rows if not _is_fp8(r)], [r for r in rows if _is_fp8(r)]
+    pooled_g = _fit_one(wide, "gemm_efficiency", {}) if wide else REFERENCE["gemm_efficiency"]
+    pooled_f = (_fit_one(narrow, "fp8_efficiency", {"gemm_efficiency": pooled_g}) if narrow
+                else pooled_g)
     out = {}
     for name in PROFILES:
-        own = [r for r in rows if r.stack == name]
-        out[name] = _fit_rows(own) if own else dict(pooled)
+        own16 = [r for r in wide if r.stack == name]
+        own8 = [r for r in narrow if r.stack == name]
+        g = _fit_one(own16, "gemm_efficiency", {}) if own16 else pooled_g
+        f = _fit_one(own8, "fp8_efficiency", {"gemm_efficiency": g}) if own8 else pooled_f
+        out[name] = {"gemm_efficiency": g, "fp8_efficiency": f}
     return out
 
 
@@ -303,7 +324,8 @@ def report(rows: list[Row], constants: dict[str, dict], loso: dict[str, dict] | 
         print(f"{'source':24s} {'rows':>4s} {'MAPE':>7s} {'max':>7s}  constants used")
         for source, res in loso.items():
             used = {r.stack for r in rows if r.source == source}
-            consts = ", ".join(f"{s} {res['constants'][s]['gemm_efficiency']:.3f}" for s in sorted(used))
+            consts = ", ".join(f"{s} {res['constants'][s]['gemm_efficiency']:.3f}/{res['constants'][s]['fp8_efficiency']:.3f}"
+                               for s in sorted(used))
             print(f"{source:24s} {res['rows']:4d} {res['mape']:7.1%} {res['max_error']:7.1%}  {consts}")
         print(f"\n{INTERVAL_COVERAGE:.0%} intervals (true / predicted step time, left-out residuals):")
         for key, iv in intervals(rows, loso).items():

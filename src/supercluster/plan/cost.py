@@ -82,7 +82,14 @@ EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3
 # transpose is valid for the backward GEMMs. rowwise: the amax of a row fuses into the cast
 # (read 2, write 1), but the transposed operand of the backward needs its own scales along
 # the other axis: two casts. mxfp8: as rowwise, plus one 1-byte E8M0 scale per 32 elements.
-FP8_CAST_BYTES = {"tensorwise": 5.0, "rowwise": 6.0, "mxfp8": 2 * (3 + 1 / 32)}
+# delayed (Transformer Engine's default until 2025): the scale comes from earlier steps' amax
+# history, so no amax pass: read 2, write 1.
+FP8_CAST_BYTES = {"tensorwise": 5.0, "delayed": 3.0, "rowwise": 6.0, "mxfp8": 2 * (3 + 1 / 32)}
+# A stack that fuses the cast into the kernel producing the activation (Transformer Engine's
+# LayerNormLinear and fused activations) pays only the extra FP8 write, plus the amax-then-
+# cast pass that current scaling needs; it keeps the weights' FP8 copies across microbatches
+# (TE's weight caching), so per microbatch only activations are cast.
+FP8_FUSED_CAST_BYTES = {"tensorwise": 3.0, "delayed": 1.0, "rowwise": 6.0, "mxfp8": 2 * (1 + 1 / 32)}
 
 
 @dataclass
@@ -191,9 +198,11 @@ class Rates:
         # GEMMs run at the measured best-case matmul rate times the profile's fitted share of it
         # that its kernels keep at their own shapes. FP8 runs only the linear layers in FP8
         # (datasheet FP8 rate, measured where available); attention and the rest stay 16-bit.
+        # FP8 GEMMs keep their own share (the second constant) of the measured FP8 rate: FP8
+        # kernels and their scaling epilogues reach it less or more closely than 16-bit ones.
         eff = constants["gemm_efficiency"]
         self.gemm_rate = acc.achievable("bf16" if self.fp8 else precision) * 1e12 * eff
-        self.linear_rate = acc.achievable(precision) * 1e12 * eff
+        self.linear_rate = acc.achievable(precision) * 1e12 * (constants.get("fp8_efficiency", eff) if self.fp8 else eff)
         self.hbm = acc.hbm_tbps * 1e12 * MEMORY_EFFICIENCY  # bytes/s
         self.elem = element_bytes(precision)  # activation bytes
         self.cpu = acc.vendor == "cpu"
@@ -205,7 +214,8 @@ class Rates:
         self.out = LINK_EFFICIENCY * node.scale_out_gbps_per_gpu / 8 * 1e9  # bytes/s per GPU
         self.gpus_per_node = node.gpus_per_node
         self.eager = 1.0 if sw.fused_elementwise else EAGER_TRAFFIC
-        self.cast_bytes = FP8_CAST_BYTES[sw.fp8_recipe]
+        self.cast_fused = sw.fp8_cast_fused
+        self.cast_bytes = (FP8_FUSED_CAST_BYTES if sw.fp8_cast_fused else FP8_CAST_BYTES)[sw.fp8_recipe]
 
     def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False) -> float:
         """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
@@ -220,7 +230,7 @@ class Rates:
         rate = self.linear_rate if linear else self.gemm_rate
         traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
         if fp8:
-            traffic += self.cast_bytes * (m * k + k * n)
+            traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
         return batch * (flops / rate + traffic / self.hbm) + self.launch
 
     def memory_pass(self, nbytes: float) -> float:
@@ -362,6 +372,10 @@ def stage_split(cfg: ModelConfig, lay: Layout) -> tuple[int, ...]:
     if lay.stage_layers:
         return tuple(lay.stage_layers)
     n = lay.num_stages
+    if n > cfg.layers:  # Megatron's embedding-only and loss-only stages at the ends
+        inner = n - 2
+        base, extra = divmod(cfg.layers, inner)
+        return (0, *(base + (1 if i < extra else 0) for i in range(inner)), 0)
     base, extra = divmod(cfg.layers, n)
     return tuple(base + (1 if i < extra else 0) for i in range(n))
 

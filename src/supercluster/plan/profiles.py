@@ -9,8 +9,9 @@ to every row of its stack: nothing is switched for particular runs.
 - supercluster: this trainer, PyTorch-native like torchtitan: FSDP2 (fully_shard), DTensor
   tensor parallelism, torch.distributed.pipelining, flash attention through SDPA; torch.compile
   is the user's choice (train.compile), eager otherwise. TP collectives are not overlapped.
-- megatron: Megatron-LM / NeMo with Transformer Engine: hand-fused kernels, TP communication
-  overlap, overlapped gradient reduce and parameter gather, distributed optimizer (ZeRO-1).
+- megatron: Megatron-LM / NeMo / Megatron-Bridge with Transformer Engine: hand-fused kernels, TP
+  communication overlap, overlapped gradient reduce and parameter gather, distributed optimizer
+  (ZeRO-1) or Megatron-FSDP (full sharding, Megatron-Core 0.14+).
 - megatron-2021: the same stack as published in 2021-22 (Narayanan et al. 2021, Korthikanti
   et al. 2022): fused bias/GELU/softmax kernels but attention unfused (scores stored, softmax
   read and written), gradients all-reduced in 16 bits after the backward pass (no overlap).
@@ -43,6 +44,9 @@ class Software:
     # How FP8 GEMM operands are scaled (torchao Float8 recipes; Transformer Engine's MXFP8 on
     # Blackwell): one scale per tensor, one per row, or one per 32-element block.
     fp8_recipe: str = "tensorwise"
+    # FP8 casts fused into the kernels producing the activations, weights cast once per step
+    # (Transformer Engine); False: each GEMM casts both operands in their own kernels (torchao).
+    fp8_cast_fused: bool = False
     # What "selective" recompute drops and rebuilds: "elementwise" (this trainer: norm and
     # activation outputs) or "attention" (Megatron's: the attention core, scores and softmax,
     # Korthikanti et al. 2022 sec. 5).
@@ -53,14 +57,18 @@ class Software:
     # Gradients of all microbatches accumulate unsharded before one reduce-scatter (FSDP2
     # under torch.distributed.pipelining: no gradient sync until the last backward).
     accumulate_unsharded_grads: bool = False
+    # Pipeline stages may hold only the embedding or only the loss (Megatron-Core's
+    # account_for_embedding/loss_in_pipeline_split): up to layers + 2 stages.
+    embedding_stages: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
-    fitted: tuple[str, ...] = ("gemm_efficiency",)  # constants calibrated per profile (at most two)
+    fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
 
 PROFILES: dict[str, Software] = {
     "supercluster": Software(accumulate_unsharded_grads=True),
     "megatron": Software(
-        name="megatron", overlap_tp=True, shardings=("none", "optimizer"), selective="attention",
+        name="megatron", overlap_tp=True, shardings=("none", "optimizer", "full"), selective="attention",
+        fp8_cast_fused=True, embedding_stages=True,
     ),
     "megatron-2021": Software(
         name="megatron-2021", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, shardings=("none",),
@@ -72,7 +80,7 @@ PROFILES: dict[str, Software] = {
     ),
 }
 DEFAULT = "supercluster"
-FP8_RECIPES = ("tensorwise", "rowwise", "mxfp8")
+FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
 
 
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
@@ -85,8 +93,9 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
     - async_tp: tensor-parallel all-gathers and reduce-scatters decomposed into chunks that
       run under the GEMMs consuming or producing them (PyTorch's AsyncTP, "Introducing Async
       Tensor Parallelism in PyTorch", 2024; Wang et al., ASPLOS'23), Megatron's TP overlap.
-    - fp8_recipe: how FP8 operands are scaled (torchao Float8Linear recipes; MXFP8 block
-      scaling on Blackwell): what each cast reads and writes (`cost.Rates`).
+    - fp8_recipe: how FP8 operands are scaled (torchao Float8Linear's tensorwise and rowwise;
+      Transformer Engine's delayed scaling; MXFP8 block scaling on Blackwell): what each cast
+      reads and writes (`cost.Rates`).
     - fp8_all_gather: FSDP all-gathers the weights already cast to FP8 (torchao's
       enable_fsdp_float8_all_gather): half the bytes of a 16-bit gather.
     """

@@ -43,6 +43,11 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
+def spare_stages(sw: Software) -> int:
+    """Pipeline stages beyond one per layer the stack allows (embedding-only and loss-only)."""
+    return 2 if sw.embedding_stages else 0
+
+
 def _check_fixed(req: Request) -> None:
     """Reject fixed knobs that no layout can satisfy, with the fix in one sentence."""
     f, cfg, node = req.fixed, req.work.model, req.system.node
@@ -73,7 +78,7 @@ def _check_fixed(req: Request) -> None:
         )
     if req.gpus % product:
         raise UserError(f"The fixed degrees multiply to {product}, which does not divide {req.gpus} GPUs; choose divisors of {req.gpus}.")
-    if "pp" in f and cfg.layers < f["pp"] * f.get("virtual_stages", 1):
+    if "pp" in f and cfg.layers + spare_stages(req.software) < f["pp"] * f.get("virtual_stages", 1):
         raise UserError(
             f"--pp {f['pp']} x --virtual-stages {f.get('virtual_stages', 1)} stages is more than the model's "
             f"{cfg.layers} layers; every stage needs one."
@@ -140,7 +145,9 @@ def layouts(req: Request):
                         continue
                     m = batch // (dp * mb)
                     # Interleaving needs a stage per chunk and a multiple of pp microbatches (Narayanan sec. 2.2.2).
-                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers >= pp * v and m % pp == 0)]
+                    spare = spare_stages(req.software)
+                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES
+                                              if v == 1 or (cfg.layers + spare >= pp * v and m % pp == 0)]
                     for v in _choices(req, "virtual_stages", vs):
                         sp = req.fixed.get("sequence_parallel", tp > 1)
                         default = "interleaved1f1b" if v > 1 else "1f1b"
@@ -211,7 +218,7 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
         allowed = []
         for sharding in ([req.fixed["sharding"]] if "sharding" in req.fixed else req.software.shardings):
             found = with_sharding(base, sharding).problems(model, req.work.seq_len, req.work.global_batch, gpn,
-                                                           req.software.shardings)
+                                                           req.software.shardings, spare_stages(req.software))
             if found:
                 refused = refused or found[0]
             else:
