@@ -12,12 +12,25 @@ from supercluster.cli.flags import JsonOption, real
 from supercluster.errors import UserError
 
 JSON_KEYS = (
-    "stack", "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "microbatch", "virtual_stages", "pp_schedule",
+    "stack", "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "ep", "microbatch", "virtual_stages", "pp_schedule",
     "stage_layers", "sharding", "recompute", "sequence_parallel",
     "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
     "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s", "warnings", "terms_s",
     "step_time_s_low", "step_time_s_high", "mfu_low", "mfu_high", "interval_class",
 )
+
+
+def model_notes(req) -> list[str]:
+    """What the prediction assumes about the model that a user should know."""
+    cfg, notes = req.work.model, []
+    if getattr(cfg, "attention", "gqa") == "mla":
+        notes.append("multi-head latent attention (MLA) is costed from its parameter counts (its projections as "
+                     "GEMMs of those weights, scores over head_dim + rope_head_dim), not from its own kernels")
+    if getattr(cfg, "moe_experts", 0):
+        notes.append(f"MoE: FLOPs of the active experts (top-{cfg.moe_top_k} of {cfg.moe_experts}"
+                     + (f" + {cfg.moe_shared_experts} shared" if cfg.moe_shared_experts else "")
+                     + f"), load imbalance factor {req.work.moe_imbalance:g} (--moe-imbalance)")
+    return notes
 
 
 def switches_of(sw) -> dict:
@@ -46,6 +59,9 @@ def plan(
     pp: Optional[int] = typer.Option(None, "--pp"),
     dp: Optional[int] = typer.Option(None, "--dp"),
     cp: Optional[int] = typer.Option(None, "--cp"),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert parallel degree (MoE models; searched when not given)."),
+    moe_imbalance: float = typer.Option(1.0, "--moe-imbalance", callback=real(1.0),
+                                        help="MoE: the busiest expert-parallel rank's tokens over the mean (1 = balanced)."),
     microbatch: Optional[int] = typer.Option(None, "--microbatch"),
     virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages"),
     sharding: Optional[str] = typer.Option(
@@ -89,7 +105,7 @@ def plan(
         except ValueError:
             raise UserError(f"--stage-layers must be comma-separated layer counts like 7,8,8,7, got {stage_layers!r}.") from None
     knobs = dict(
-        tp=tp, pp=pp, dp=dp, cp=cp, microbatch=microbatch, virtual_stages=virtual_stages,
+        tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=microbatch, virtual_stages=virtual_stages,
         sharding=sharding, recompute=recompute, sequence_parallel=sequence_parallel, pp_schedule=pp_schedule,
         stage_layers=stages,
     )
@@ -100,7 +116,8 @@ def plan(
     software = with_switches(profile(stack), compile=compile, async_tp=async_tp, fp8_recipe=fp8_recipe,
                              fp8_all_gather=fp8_all_gather)
     req = build_request(
-        cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, software
+        cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, software,
+        moe_imbalance=moe_imbalance,
     )
     plans = search(req, top=top)
     step_tokens = req.work.global_batch * req.work.seq_len
@@ -139,7 +156,7 @@ def plan(
                                checkpoint_every=rows[0]["checkpoint_every_steps"])
 
     if as_json:
-        print(json.dumps({"stack": req.software.name, "plans": rows,
+        print(json.dumps({"stack": req.software.name, "notes": model_notes(req), "plans": rows,
                           **({"config": str(emit_config), "command": command} if command else {})}))
         return
     _print_table(req, rows, emit_config, command, wide, explain)
@@ -148,6 +165,7 @@ def plan(
 def _layout_cell(r: dict, wide: bool) -> str:
     """tp8 pp4 dp32 mb1 sp: the degrees, leaving out cp and virtual stages of 1 (all of them with --wide)."""
     cell = f"tp{r['tp']} pp{r['pp']} dp{r['dp']}"
+    cell += f" ep{r['ep']}" if r.get("ep", 1) > 1 else ""
     cell += f" cp{r['cp']}" if wide or r["cp"] > 1 else ""
     cell += f" mb{r['microbatch']}"
     cell += f" v{r['virtual_stages']}" if wide or r["virtual_stages"] > 1 else ""
@@ -227,6 +245,8 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         f"training time {100 * best['effective_training_fraction']:.1f}%"
         + (f"; {best['train_days']:.1f} days with failures, {best['train_days_without_failures']:.1f} without" if "train_days" in best else "")
     )
+    for note in model_notes(req):
+        console.print(f"note: {note}")
     for warning in best.get("warnings", []):
         console.print(f"warning (best layout): {warning}")
     if explain:

@@ -45,6 +45,7 @@ def build_request(
     precision: str | None = None,
     fixed: dict | None = None,
     software: Software | None = None,
+    moe_imbalance: float = 1.0,
 ) -> Request:
     if not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus must be in 1..{MAX_GPUS:,}, got {gpus:,}.")
@@ -81,7 +82,10 @@ def build_request(
                         f"so use tensorwise or rowwise.")
     if local:  # local ranks share cores and talk through gloo: nothing overlaps, no fused attention
         software = dataclasses.replace(software, flash_attention=False, overlap_dp=False, overlap_tp=False)
-    return Request(Workload(model, seq_len, global_batch), System(acc, nt, precision), gpus, software, dict(fixed or {}))
+    if moe_imbalance < 1:
+        raise UserError(f"--moe-imbalance is the busiest rank's tokens over the mean, at least 1; got {moe_imbalance}.")
+    work = Workload(model, seq_len, global_batch, moe_imbalance)
+    return Request(work, System(acc, nt, precision), gpus, software, dict(fixed or {}))
 
 
 def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = None, lr: float | None = None,

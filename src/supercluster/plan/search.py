@@ -22,7 +22,7 @@ from supercluster.plan.cost import (
 )
 from supercluster.plan.profiles import Software, profile
 
-KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
+KNOBS = ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
          "pp_schedule", "stage_layers")
 MICROBATCHES = (1, 2, 4, 8, 16)
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
@@ -54,7 +54,7 @@ def _check_fixed(req: Request) -> None:
     unknown = set(f) - set(KNOBS)
     if unknown:
         raise UserError(f"Unknown layout knob {sorted(unknown)[0]!r}; the knobs are {', '.join(KNOBS)}.")
-    for knob in ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages"):
+    for knob in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages"):
         if knob in f and f[knob] < 1:
             raise UserError(f"--{knob.replace('_', '-')} must be at least 1, got {f[knob]}.")
     if "tp" in f:
@@ -100,6 +100,15 @@ def _check_fixed(req: Request) -> None:
         if sum(stages) != cfg.layers or min(stages) < 1:
             raise UserError(f"--stage-layers {','.join(map(str, stages))} sums to {sum(stages)} layers but the model has "
                             f"{cfg.layers}; give every stage at least one layer and make them add up.")
+    if "ep" in f and f["ep"] > 1:
+        experts = getattr(cfg, "moe_experts", 0)
+        if not experts:
+            raise UserError(f"--ep {f['ep']} puts experts on ranks but the model is dense (no experts); drop --ep.")
+        if experts % f["ep"]:
+            raise UserError(f"--ep {f['ep']} does not divide the model's {experts} experts; choose a divisor of {experts}.")
+        if "dp" in f and f["dp"] % f["ep"]:
+            raise UserError(f"--ep {f['ep']} must divide --dp {f['dp']}: expert parallelism is carved out of the "
+                            f"data-parallel ranks.")
     if "recompute" in f and f["recompute"] not in RECOMPUTE:
         raise UserError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {f['recompute']!r}.")
     if "cp" in f and req.work.seq_len % (2 * f["cp"]) and f["cp"] > 1:
@@ -126,6 +135,7 @@ def layouts(req: Request):
         if req.gpus % t == 0 and cfg.heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_hidden % t == 0 and s % t == 0
     ]
     cps = [c for c in (1, 2, 4, 8, 16) if s >= LONG_SEQUENCE and s % (2 * c) == 0] or [1]
+    experts = getattr(cfg, "moe_experts", 0)
     for tp in _choices(req, "tp", tps):
         for cp in _choices(req, "cp", cps):
             if req.gpus % (tp * cp):
@@ -153,9 +163,17 @@ def layouts(req: Request):
                         default = "interleaved1f1b" if v > 1 else "1f1b"
                         schedule = schedule_name(req.fixed.get("pp_schedule", default))
                         stages = req.fixed.get("stage_layers")
-                        yield Layout(tp=tp, pp=pp, dp_replicate=1, dp_shard=dp, cp=cp, microbatch=mb, virtual_stages=v,
+                        lay = Layout(tp=tp, pp=pp, dp_replicate=1, dp_shard=dp, cp=cp, microbatch=mb, virtual_stages=v,
                                      sharding="full", recompute="none", sequence_parallel=sp, pp_schedule=schedule,
                                      stage_layers=tuple(stages) if stages is not None else None)
+                        if not experts:
+                            yield lay
+                            continue
+                        # Expert parallelism folds into the data-parallel ranks: ep divides
+                        # both dp and the experts.
+                        for ep in _choices(req, "ep", [e for e in _divisors(dp) if experts % e == 0]):
+                            if dp % ep == 0 and experts % ep == 0:
+                                yield replace(lay, ep=ep)
 
 
 def runnable_model(model: ModelConfig, lay: Layout) -> ModelConfig:
