@@ -76,6 +76,16 @@ def _int(text: str):
     return int(text) if text.strip() else None
 
 
+def _extra(text: str) -> dict:
+    """`model_extra`: key=value model fields beyond the shared columns (MoE shapes, head_dim,
+    MLA ranks), as `model.config.ModelConfig` names them."""
+    out = {}
+    for item in text.split():
+        key, value = item.split("=", 1)
+        out[key] = value == "true" if value in ("true", "false") else (int(value) if value.lstrip("-").isdigit() else value)
+    return out
+
+
 def _parse(r: dict) -> Row | None:
     """A Row, or None when the source gives no GPU count or batch to predict from."""
     if not (r["gpu_count"] and r["global_batch"] and r["layers"]):
@@ -83,9 +93,10 @@ def _parse(r: dict) -> Row | None:
     arch = _ARCH[r["mlp"]]
     model = ModelConfig(
         layers=int(r["layers"]), hidden=int(r["hidden"]), heads=int(r["heads"]), kv_heads=_int(r["kv_heads"]),
-        ffn_hidden=_int(r["ffn_hidden"]), vocab_size=int(r["vocab"]), max_seq_len=int(r["seq_len"]), **arch,
+        ffn_hidden=_int(r["ffn_hidden"]), vocab_size=int(r["vocab"]), max_seq_len=int(r["seq_len"]),
+        **{**arch, **_extra(r.get("model_extra") or "")},
     )
-    fixed = {k: _int(r[k]) for k in ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages") if r[k].strip()}
+    fixed = {k: _int(r[k]) for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages") if (r.get(k) or "").strip()}
     for k in ("recompute", "sharding", "pp_schedule"):
         if r[k].strip():
             fixed[k] = r[k].strip()
@@ -152,15 +163,19 @@ def _layouts(row: Row):
                         vs = [1]
                     else:
                         vs = [v for v in (2, 3, 4, 6, 8) if cfg.layers >= pp * v and m % pp == 0] or [2]  # uneven stages allowed
+                experts = getattr(cfg, "moe_experts", 0)
+                eps = [f["ep"]] if "ep" in f else ([e for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0]
+                                                  if experts else [1])
                 sps = [f["sequence_parallel"]] if "sequence_parallel" in f else ([True, False] if tp > 1 else [False])
                 recomputes = [f["recompute"]] if "recompute" in f else ["none", "selective", "full"]
                 shardings = [f["sharding"]] if "sharding" in f else list(row.software.shardings)
-                for v, sp, rc, sh in itertools.product(vs, sps, recomputes, shardings):
+                for v, sp, rc, sh, ep in itertools.product(vs, sps, recomputes, shardings, eps):
                     if pp > 1 and v > 1 and schedule == "1f1b":
                         schedule = "interleaved1f1b"
-                    yield Layout(tp=tp, pp=pp, dp_shard=dp, cp=cp, sharding=sh, pp_schedule=schedule if pp > 1 else "1f1b",
+                    lay = Layout(tp=tp, pp=pp, dp_shard=dp, cp=cp, sharding=sh, pp_schedule=schedule if pp > 1 else "1f1b",
                                  virtual_stages=v, stage_layers=f.get("stage_layers"), microbatch=mb, recompute=rc,
                                  sequence_parallel=sp)
+                    yield replace(lay, ep=ep) if experts else lay
 
 
 def best(row: Row, constants: dict) -> Estimate:
