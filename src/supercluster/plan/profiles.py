@@ -60,6 +60,9 @@ class Software:
     # Pipeline stages may hold only the embedding or only the loss (Megatron-Core's
     # account_for_embedding/loss_in_pipeline_split): up to layers + 2 stages.
     embedding_stages: bool = False
+    # Expert parallelism composed with tensor and context parallelism (Megatron-Core's expert
+    # tensor parallelism and folding); this trainer runs ep with tp 1 and cp 1 only.
+    expert_tp_cp: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
@@ -68,7 +71,7 @@ PROFILES: dict[str, Software] = {
     "supercluster": Software(accumulate_unsharded_grads=True),
     "megatron": Software(
         name="megatron", overlap_tp=True, shardings=("none", "optimizer", "full"), selective="attention",
-        fp8_cast_fused=True, embedding_stages=True,
+        fp8_cast_fused=True, embedding_stages=True, expert_tp_cp=True,
     ),
     "megatron-2021": Software(
         name="megatron-2021", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, shardings=("none",),

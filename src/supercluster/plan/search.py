@@ -236,7 +236,8 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
         allowed = []
         for sharding in ([req.fixed["sharding"]] if "sharding" in req.fixed else req.software.shardings):
             found = with_sharding(base, sharding).problems(model, req.work.seq_len, req.work.global_batch, gpn,
-                                                           req.software.shardings, spare_stages(req.software))
+                                                           req.software.shardings, spare_stages(req.software),
+                                                           req.software.expert_tp_cp)
             if found:
                 refused = refused or found[0]
             else:
