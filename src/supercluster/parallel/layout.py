@@ -224,7 +224,7 @@ class Layout:
         out = []
         if experts % self.ep:
             out.append(f"Expert parallel degree {self.ep} must divide the model's {experts} experts.")
-        if self.dp_shard % self.ep:
+        if (self.dp_shard * (self.tp * self.cp if expert_tp_cp else 1)) % self.ep:
             out.append(f"Expert parallel degree {self.ep} must divide dp_shard ({self.dp_shard}): expert parallelism "
                        f"is carved out of the data-parallel ranks.")
         if self.tp > 1 and not expert_tp_cp:

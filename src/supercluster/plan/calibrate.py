@@ -36,6 +36,7 @@ SWITCHES = {
     "async-tp": ("async_tp", True), "no-async-tp": ("async_tp", False),
     "fp8-all-gather": ("fp8_all_gather", True),
     "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"), "fp8-delayed": ("fp8_recipe", "delayed"),
+    "ep-overlap": ("ep_overlap", True),
 }
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")
@@ -164,7 +165,8 @@ def _layouts(row: Row):
                     else:
                         vs = [v for v in (2, 3, 4, 6, 8) if cfg.layers >= pp * v and m % pp == 0] or [2]  # uneven stages allowed
                 experts = getattr(cfg, "moe_experts", 0)
-                eps = [f["ep"]] if "ep" in f else ([e for e in range(1, dp + 1) if dp % e == 0 and experts % e == 0]
+                pool = dp * (tp * cp if row.software.expert_tp_cp else 1)
+                eps = [f["ep"]] if "ep" in f else ([e for e in range(1, pool + 1) if pool % e == 0 and experts % e == 0]
                                                   if experts else [1])
                 sps = [f["sequence_parallel"]] if "sequence_parallel" in f else ([True, False] if tp > 1 else [False])
                 recomputes = [f["recompute"]] if "recompute" in f else ["none", "selective", "full"]
@@ -248,6 +250,10 @@ def _fit_one(rows: list[Row], key: str, fixed: dict) -> float:
     return _golden(objective, *BOUNDS[key])
 
 
+def _is_moe(row: Row) -> bool:
+    return getattr(row.work.model, "moe_experts", 0) > 0
+
+
 def _is_fp8(row: Row) -> bool:
     return row.system.precision == "fp8"
 
@@ -318,7 +324,7 @@ def intervals(rows: list[Row], loso: dict[str, dict], coverage: float = INTERVAL
     sources: dict[str, set] = {}
     for row in rows:
         ratio = step_ratios([row], [errs[id(row)]])[0]
-        for key in (interval_class(row.stack, row.system.precision), "all"):
+        for key in (interval_class(row.stack, row.system.precision, _is_moe(row)), "all"):
             ratios.setdefault(key, []).append(ratio)
             sources.setdefault(key, set()).add(row.source)
     tail = (1 - coverage) / 2

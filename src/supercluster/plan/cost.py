@@ -164,9 +164,10 @@ def load_constants(stack: str | None = None) -> dict:
 INTERVAL_COVERAGE = 0.8  # the share of left-out published runs each interval is built to hold
 
 
-def interval_class(stack: str, precision: str) -> str:
-    """The class whose leave-one-source-out residuals bound a prediction: stack and precision."""
-    return f"{stack}/{'fp8' if precision == 'fp8' else '16-bit'}"
+def interval_class(stack: str, precision: str, moe_model: bool = False) -> str:
+    """The class whose leave-one-source-out residuals bound a prediction: stack, precision,
+    and whether the model has experts (MoE predictions miss by more)."""
+    return f"{stack}/{'fp8' if precision == 'fp8' else '16-bit'}" + ("/moe" if moe_model else "")
 
 
 def load_intervals() -> dict:
@@ -176,9 +177,9 @@ def load_intervals() -> dict:
     return json.loads(CONSTANTS_FILE.read_text()).get("intervals", {})
 
 
-def add_interval(est: "Estimate", precision: str, intervals: dict) -> "Estimate":
+def add_interval(est: "Estimate", precision: str, intervals: dict, moe_model: bool = False) -> "Estimate":
     """Set the estimate's step time and MFU ranges from its class's residuals."""
-    key = interval_class(est.stack, precision)
+    key = interval_class(est.stack, precision, moe_model)
     low, high = (intervals.get(key) or intervals.get("all") or {"ratio": [1.0, 1.0]})["ratio"]
     est.step_time_s_low, est.step_time_s_high = est.step_time_s * low, est.step_time_s * high
     est.mfu_low, est.mfu_high = est.mfu / high, est.mfu / low
@@ -593,7 +594,9 @@ def estimate(
         p2p_bytes = act_bytes / t
         link = r.up if t * c * lay.dp < r.gpus_per_node else r.out
         p2p = 2 * v * (p2p_bytes / link + r.latency)
-    ep_comm = layers * a2a  # expert-parallel all-to-alls, not overlapped
+    ep_comm = layers * a2a  # expert-parallel all-to-alls
+    if sw.overlap_ep:  # hidden under the other microbatch's layers (DualPipe)
+        ep_comm = max(0.0, ep_comm - layers * (fwd + bwd))
     per_mb_total = per_mb + tp_comm + cp_comm + p2p + ep_comm
 
     # Pipeline schedule (Narayanan eq. 1 with interleaving): (m + (p-1)/v) stage-times.

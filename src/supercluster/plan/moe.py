@@ -73,11 +73,14 @@ def all_to_all_time(cfg, lay, r, tokens: float, imbalance: float) -> tuple[float
     ep = getattr(lay, "ep", 1)
     if ep <= 1:
         return 0.0, "none"
-    nbytes = r.elem * tokens * cfg.moe_top_k * imbalance * cfg.hidden * (ep - 1) / ep
-    span = lay.tp * lay.cp * ep
+    # With sequence parallelism each tp rank dispatches its own s/tp tokens.
+    sp = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+    nbytes = r.elem * tokens / sp * cfg.moe_top_k * imbalance * cfg.hidden * (ep - 1) / ep
+    # Ranks of an ep group sit tp*cp apart, unless ep folds over the tp and cp ranks as well.
+    span = lay.tp * lay.cp * ep if lay.dp_shard % ep == 0 else ep
     if span <= r.gpus_per_node:
         return nbytes / r.up + r.latency, "scale-up"
-    in_node = max(1, r.gpus_per_node // (lay.tp * lay.cp))  # ep ranks sharing a node
+    in_node = max(1, r.gpus_per_node * ep // span)  # ep ranks sharing a node
     outside = nbytes * (ep - in_node) / (ep - 1)
     inside = nbytes - outside
     # NVLink and the NICs carry their shares at once; the slower sets the time.

@@ -63,6 +63,9 @@ class Software:
     # Expert parallelism composed with tensor and context parallelism (Megatron-Core's expert
     # tensor parallelism and folding); this trainer runs ep with tp 1 and cp 1 only.
     expert_tp_cp: bool = False
+    # Expert-parallel all-to-alls overlapped with another microbatch's compute (DeepSeek-V3's
+    # DualPipe, sec. 3.2.1; Megatron-Core's overlap_moe_expert_parallel_comm).
+    overlap_ep: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
@@ -87,7 +90,8 @@ FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
 
 
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
-                  fp8_recipe: str | None = None, fp8_all_gather: bool | None = None) -> Software:
+                  fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
+                  ep_overlap: bool | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -101,6 +105,7 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
       reads and writes (`cost.Rates`).
     - fp8_all_gather: FSDP all-gathers the weights already cast to FP8 (torchao's
       enable_fsdp_float8_all_gather): half the bytes of a 16-bit gather.
+    - ep_overlap: MoE dispatch and combine run under another microbatch's compute (DualPipe).
     """
     changes = {}
     if compile is not None:
@@ -114,6 +119,8 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         changes["fp8_recipe"] = fp8_recipe
     if fp8_all_gather is not None:
         changes["fp8_all_gather"] = fp8_all_gather
+    if ep_overlap is not None:
+        changes["overlap_ep"] = ep_overlap
     return replace(sw, **changes) if changes else sw
 
 

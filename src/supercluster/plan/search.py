@@ -106,7 +106,7 @@ def _check_fixed(req: Request) -> None:
             raise UserError(f"--ep {f['ep']} puts experts on ranks but the model is dense (no experts); drop --ep.")
         if experts % f["ep"]:
             raise UserError(f"--ep {f['ep']} does not divide the model's {experts} experts; choose a divisor of {experts}.")
-        if "dp" in f and f["dp"] % f["ep"]:
+        if "dp" in f and f["dp"] % f["ep"] and not req.software.expert_tp_cp:
             raise UserError(f"--ep {f['ep']} must divide --dp {f['dp']}: expert parallelism is carved out of the "
                             f"data-parallel ranks.")
     if "recompute" in f and f["recompute"] not in RECOMPUTE:
@@ -171,8 +171,11 @@ def layouts(req: Request):
                             continue
                         # Expert parallelism folds into the data-parallel ranks: ep divides
                         # both dp and the experts.
-                        for ep in _choices(req, "ep", [e for e in _divisors(dp) if experts % e == 0]):
-                            if dp % ep == 0 and experts % ep == 0:
+                        # Stacks that fold ep over tp and cp ranks too (Megatron-Core) take any
+                        # divisor of dp*tp*cp.
+                        pool = dp * (tp * cp if req.software.expert_tp_cp else 1)
+                        for ep in _choices(req, "ep", [e for e in _divisors(pool) if experts % e == 0]):
+                            if pool % ep == 0 and experts % ep == 0:
                                 yield replace(lay, ep=ep)
 
 
@@ -273,4 +276,5 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
         )
     plans.sort(key=lambda e: (bool(e.warnings), e.step_time_s, e.memory_gib_per_gpu))  # sure fits first
     intervals = load_intervals()
-    return [add_interval(est, req.system.precision, intervals) for est in plans[:top]]
+    moe_model = getattr(req.work.model, "moe_experts", 0) > 0
+    return [add_interval(est, req.system.precision, intervals, moe_model) for est in plans[:top]]
