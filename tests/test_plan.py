@@ -490,3 +490,63 @@ def test_explain_terms_add_up_to_the_step():
     assert proc.returncode == 0, proc.stderr
     assert "compute: linear GEMMs" in proc.stdout and "they add up to" in proc.stdout
     assert max(map(len, proc.stdout.splitlines())) <= 100
+
+
+# ---- Mixture of Experts ----------------------------------------------------------------------------
+
+
+def _moe(lay, model="qwen3-30b-a3b", gpus=None, imbalance=1.0, stack="megatron", gpu="h100", batch=64):
+    from supercluster.model.config import flops_per_token
+
+    cfg = build_model(model)
+    req = build_request(cfg, gpus or lay.gpus, gpu, seq_len=4096, global_batch=batch, software=PROFILES[stack],
+                        moe_imbalance=imbalance)
+    est = estimate(req.work, lay, req.system, req.software)
+    return est, flops_per_token(cfg, 4096) * batch * 4096
+
+
+def test_moe_flops_follow_the_active_experts_and_memory_all_experts():
+    lay = Layout(dp_shard=8, ep=1, sharding="optimizer", microbatch=1, recompute="full")
+    est, active_flops = _moe(lay)
+    assert est.model_tflops_per_gpu * 1e12 * est.step_time_s * 8 == pytest.approx(active_flops, rel=1e-6)
+    sharded = _moe(replace(lay, ep=8))[0]
+    # Unsharded weights (the distributed optimizer shards only its state): every expert on
+    # every rank at ep 1, an eighth of them at ep 8; the dense part is the same.
+    cfg = build_model("qwen3-30b-a3b")
+    experts = cfg.moe_layers * cfg.moe_experts * 3 * cfg.hidden * cfg.moe_hidden * 2 / 2**30  # bf16 GiB
+    assert est.memory["weights"] - sharded.memory["weights"] == pytest.approx(experts * 7 / 8, rel=1e-6)
+    # Full sharding with ep folded in: each expert on 1/ep of the ranks, FSDP over the rest,
+    # so every parameter is spread once over all 16 ranks.
+    from supercluster.model.config import num_params
+
+    full = _moe(Layout(dp_shard=16, ep=8, sharding="full", microbatch=1, recompute="full"), batch=64)[0]
+    assert full.memory["weights"] == pytest.approx(2 * num_params(cfg) / 16 / 2**30, rel=1e-3)
+
+
+def test_moe_all_to_all_is_priced_on_the_tier_it_crosses_and_grows_with_imbalance():
+    inside = _moe(Layout(dp_shard=16, ep=8, sharding="optimizer", microbatch=1, recompute="full"))[0]
+    across = _moe(Layout(dp_shard=16, ep=16, sharding="optimizer", microbatch=1, recompute="full"))[0]
+    a2a_in = [v for k, v in inside.terms.items() if k.startswith("comm: ep all-to-all")]
+    assert any("(scale-up)" in k and v > 0 for k, v in inside.terms.items())
+    assert any("scale-out" in k and v > 0 for k, v in across.terms.items() if k.startswith("comm: ep"))
+    a2a_out = [v for k, v in across.terms.items() if k.startswith("comm: ep all-to-all")]
+    assert sum(a2a_out) > 3 * sum(a2a_in)  # the NIC, not NVLink, carries most of it
+    skewed = _moe(Layout(dp_shard=16, ep=8, sharding="optimizer", microbatch=1, recompute="full"), imbalance=1.5)[0]
+    assert skewed.step_time_s > inside.step_time_s * 1.05
+    assert sum(v for k, v in skewed.terms.items() if k.startswith("comm: ep")) == pytest.approx(1.5 * sum(a2a_in), rel=0.05)  # + latency
+
+
+def test_plan_searches_ep_for_moe_models_and_says_how_mla_is_costed():
+    proc = run_cli("plan", "deepseek-v3", "--gpus", "256", "--gpu", "b200", "--seq-len", "4096", "--global-batch",
+                   "1024", "--stack", "megatron", "--precision", "fp8", "--top", "3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert any(p["ep"] > 1 for p in out["plans"])  # the experts do not fit unless spread
+    assert any("multi-head latent attention" in n for n in out["notes"])
+    assert all(p["interval_class"] == "megatron/fp8/moe" for p in out["plans"])  # MoE's own, wider range
+    fixed = run_cli("plan", "deepseek-v3", "--gpus", "256", "--gpu", "b200", "--seq-len", "4096", "--global-batch",
+                    "1024", "--stack", "megatron", "--ep", "32", "--top", "2", "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    assert all(p["ep"] == 32 for p in json.loads(fixed.stdout)["plans"])
+    bad = run_cli("plan", "deepseek-v3", "--gpus", "256", "--ep", "3")
+    assert bad.returncode == 2 and "does not divide the model's 256 experts" in bad.stderr
