@@ -37,6 +37,14 @@ CASES += [
         5.0,
     ),
 ]
+# Mixture of Experts: the search over ep on top (no target in the issue; reported).
+CASES += [
+    ("DeepSeek-V3 (MoE, MLA), 2048 x H800, megatron, fp8",
+     ["deepseek-v3", "--gpus", "2048", "--gpu", "h800", "--seq-len", "4096", "--global-batch", "15360",
+      "--precision", "fp8", "--stack", "megatron"], 5.0),
+    ("Qwen3-30B-A3B (MoE), 256 x H100", ["qwen3-30b-a3b", "--gpus", "256", "--gpu", "h100", "--seq-len", "4096",
+                                         "--global-batch", "1024"], 5.0),
+]
 REPEATS = 3
 
 

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from supercluster.hardware.catalog import Accelerator, NodeType
-from supercluster.model.config import ModelConfig, attention_flops_per_token, flops_per_token, layer_params, matmul_params
+from supercluster.model.config import ModelConfig, attention_flops_per_token, flops_per_token, matmul_params
 from supercluster.parallel.layout import Layout
 from supercluster.plan import moe
 from supercluster.plan.profiles import PROFILES, Software
@@ -462,7 +462,7 @@ def live_params(cfg: ModelConfig, lay: Layout, sw: Software) -> float:
     (`stage3_max_live_parameters`, 1e9 by default), which gathers module by module but never
     less than the largest single weight."""
     experts = moe.mean_expert_params(cfg)
-    two_layers = 2 * (layer_params(cfg) - experts + experts / getattr(lay, "ep", 1)) / lay.tp
+    two_layers = 2 * (moe.mean_layer_params(cfg) - experts + experts / getattr(lay, "ep", 1)) / lay.tp
     if sw.max_live_params is None:
         return two_layers
     largest = cfg.hidden * max(cfg.ffn_hidden, cfg.hidden) / lay.tp
@@ -480,7 +480,7 @@ def memory(
     if lay.sharding == "optimizer":
         shards = lay.dp * lay.cp
     embed = cfg.vocab_size * cfg.hidden
-    per_layer = layer_params(cfg)
+    per_layer = moe.mean_layer_params(cfg)
     expert_layer, ep = moe.mean_expert_params(cfg), getattr(lay, "ep", 1)
     act_layer = _activation_bytes_per_layer(cfg, lay, sw, s) * scale
     tokens = lay.microbatch * s / lay.cp
@@ -615,7 +615,7 @@ def estimate(
     # A rank's parameters: its stage's dense ones and 1/ep of its stage's experts, whose
     # gradients and gathers run over the ep-times-smaller expert data-parallel group.
     expert_params = layers * moe.mean_expert_params(cfg) / t
-    stage_params = (layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t - expert_params + expert_params / ep
+    stage_params = (layers * moe.mean_layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t - expert_params + expert_params / ep
     dense_share = 1 - expert_params / ep / stage_params
     grad_bytes = sw.grad_reduce_bytes * stage_params
     gather_elem = 1 if (system.precision == "fp8" and sw.fp8_all_gather) else state_bytes(system.precision)[0]

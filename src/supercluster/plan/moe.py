@@ -29,8 +29,26 @@ def is_moe(cfg) -> bool:
     return getattr(cfg, "moe_experts", 0) > 0
 
 
+def counts(cfg) -> tuple[float, int]:
+    """(mean parameters per block, MoE blocks), computed once per config object: the model's
+    counts walk every layer, and a search asks for them thousands of times."""
+    from supercluster.model.config import layer_params
+
+    key = (cfg.layers, cfg.hidden, cfg.ffn_hidden, getattr(cfg, "moe_experts", 0), getattr(cfg, "moe_hidden", 0),
+           getattr(cfg, "moe_dense_layers", 0), cfg.vocab_size, cfg.heads, cfg.kv_heads)
+    cached = cfg.__dict__.get("_plan_counts")
+    if cached is None or cached[0] != key:
+        cached = (key, float(layer_params(cfg)), cfg.moe_layers if is_moe(cfg) else 0)
+        cfg.__dict__["_plan_counts"] = cached  # not a dataclass field: asdict and == ignore it
+    return cached[1], cached[2]
+
+
+def mean_layer_params(cfg) -> float:
+    return counts(cfg)[0]
+
+
 def moe_layers(cfg) -> int:
-    return cfg.moe_layers if is_moe(cfg) else 0
+    return counts(cfg)[1]
 
 
 def expert_params_per_layer(cfg) -> float:
