@@ -194,6 +194,11 @@ NODE_TYPES: dict[str, NodeType] = {
         "grand-teton", "h100-gt96", 8, 900.0, 400.0,
         source="Meta Grand Teton as in torchtitan's H100 benchmarks: 8x H100 96GB (500 W), NVLink, 400 Gb/s RDMA per GPU",
     ),
+    "hgx-h200": NodeType(
+        "hgx-h200", "h200", 8, 900.0, 400.0,
+        source="HGX H200 as in Trainy's torchtitan runs on WhiteFiber (torchtitan benchmarks, 2025-06): 8x H200, NVLink, "
+        "400 Gb/s CX-7 RDMA per GPU",
+    ),
     "gb200-nvl72": NodeType(
         "gb200-nvl72", "gb200", 72, 1800.0, 400.0,
         source="GB200 NVL72 (NVIDIA datasheet): 72 GPUs in one NVLink 5 domain (1.8 TB/s per GPU), ConnectX-7 400 Gb/s per "
