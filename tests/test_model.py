@@ -16,6 +16,9 @@ PUBLISHED = {
     "llama3-8b": (8_030_261_248, 0.0),  # exact, from the safetensors index
     "llama3-70b": (70_553_706_496, 0.0),
     "llama3-405b": (405_853_388_800, 0.0),
+    "mixtral-8x7b": (46_702_792_704, 0.0),  # exact; these three are checked against transformers in test_moe
+    "qwen3-30b-a3b": (30.53e9, 0.001),
+    "deepseek-v3": (671.0e9, 0.001),
 }
 
 
@@ -81,7 +84,7 @@ def test_bad_shapes_are_user_errors(bad, message):
 def test_unknown_preset_suggests_closest():
     with pytest.raises(UserError, match="did you mean 'llama3-8b'"):
         preset("llama3-8")
-    assert set(PUBLISHED) | {"tiny", "small", "llama-1b"} == set(PRESETS)
+    assert set(PUBLISHED) | {"tiny", "small", "llama-1b", "tiny-moe"} == set(PRESETS)
 
 
 def test_llama_1b_has_llama_3_2_1b_blocks():

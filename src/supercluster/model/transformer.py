@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from supercluster.errors import UserError
 from supercluster.model.config import ModelConfig
 
 
@@ -87,11 +88,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.head_dim, self.use_rope = layer, cfg.head_dim, cfg.position == "rope"
-        kv = cfg.kv_heads * cfg.head_dim
-        self.wq = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.hidden, q, bias=cfg.bias)
         self.wk = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
         self.wv = nn.Linear(cfg.hidden, kv, bias=cfg.bias)
-        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=cfg.bias)
+        self.wo = nn.Linear(q, cfg.hidden, bias=cfg.bias)
+        # Qwen3: RMSNorm over each head of q and k, before RoPE.
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.wqkv, self.qkv_heads = None, None  # set by fuse_projections, for serving
         # Context parallelism swaps this for an all-gather of keys and values over its group.
         self.sdpa = lambda q, k, v, is_causal: F.scaled_dot_product_attention(
@@ -102,13 +106,15 @@ class Attention(nn.Module):
         """One [q | k | v] matrix instead of three, for serving: a decode step multiplies a few rows
         by each matrix, so one call costs about what one of the three did. Training keeps the three
         (tensor parallelism shards them by name)."""
+        if self.q_norm is not None:  # q and k are normed apart before RoPE: keep the three
+            return
         self.qkv_heads = [w.out_features // self.head_dim for w in (self.wq, self.wk, self.wv)]
         self.wqkv = fused_linear(self.wq, self.wk, self.wv)
         del self.wq, self.wk, self.wv
 
     def forward(self, x, rope, cache: KVCache | None = None):
         b, s, _ = x.shape
-        if self.wqkv is not None:
+        if self.wqkv is not None and self.q_norm is None:
             heads, kv_heads, _ = self.qkv_heads
             qkv = self.wqkv(x).view(b, s, -1, self.head_dim)
             qk, v = qkv[:, :, :heads + kv_heads], qkv[:, :, heads + kv_heads:]
@@ -119,6 +125,8 @@ class Attention(nn.Module):
             q = self.wq(x).view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
             k = self.wk(x).view(b, s, -1, self.head_dim)
             v = self.wv(x).view(b, s, -1, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:
                 q, k = apply_rope(q, rope), apply_rope(k, rope)
         if hasattr(cache, "attend"):  # a serving engine's paged cache: it stores k, v and attends
@@ -170,6 +178,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.attention != "gqa":
+            raise UserError(f"Attention {cfg.attention!r} (multi-head latent attention) is counted and planned but not "
+                            f"built by this transformer yet; train or serve a model with attention \"gqa\".")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.hidden) if cfg.position == "learned" else None

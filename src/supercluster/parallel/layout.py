@@ -20,6 +20,11 @@ Recompute policies, one meaning each, in the trainer and the cost model alike:
 - "selective": keep matmul and attention outputs, recompute the cheap elementwise ops
 - "full":      keep only each block's input, recompute the block in backward
 
+Expert parallelism (`ep`) folds into the data-parallel ranks, as torchtitan and Megatron-Core
+do: it splits dp_shard into ep groups of neighbouring ranks that each hold 1/ep of every MoE
+layer's experts, and the experts are FSDP-sharded over the dp_shard/ep ranks left over. So ep
+adds no ranks of its own (`gpus` leaves it out) and needs a model with experts.
+
 Pipeline stages hold whole layers, uneven counts allowed (`stage_layers`); left unset, the
 split balances modelled cost with the embedding on the first stage and the final norm,
 output layer and loss on the last (Llama 3 405B: 126 layers on 16 stages as 7, 8 x 14, 7).
@@ -73,6 +78,7 @@ class Layout:
     microbatch: int = 1  # sequences per forward/backward on one rank
     recompute: str = "none"
     sequence_parallel: bool = True  # with tp > 1: norms and residuals sharded along the sequence
+    ep: int = 1  # expert parallel degree, carved out of dp_shard (see the module's docstring)
 
     @property
     def dp(self) -> int:
@@ -82,6 +88,11 @@ class Layout:
     @property
     def gpus(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_shard(self) -> int:
+        """Ranks that FSDP shards each expert over: what is left of dp_shard after ep."""
+        return self.dp_shard // self.ep if self.ep >= 1 else self.dp_shard
 
     @property
     def stages_per_rank(self) -> int:
@@ -124,7 +135,7 @@ class Layout:
         train.recompute complete it); pipelines name their stage split explicitly."""
         out = {"dp_replicate": self.dp_replicate, "dp_shard": self.dp_shard, "tp": self.tp, "pp": self.pp,
                "cp": self.cp, "sharding": self.sharding, "sequence_parallel": self.sequence_parallel,
-               "pp_schedule": self.pp_schedule, "virtual_stages": self.virtual_stages}
+               "pp_schedule": self.pp_schedule, "virtual_stages": self.virtual_stages, "ep": self.ep}
         if self.pp > 1:
             out["stage_layers"] = list(self.split(model))
         return out
@@ -133,6 +144,8 @@ class Layout:
         """One line naming every choice, the same from the planner and the trainer."""
         parts = [f"tp{self.tp}", f"pp{self.pp}", f"dp{self.dp_replicate}x{self.dp_shard}", f"cp{self.cp}",
                  f"mb{self.microbatch}", self.sharding, f"recompute {self.recompute}"]
+        if self.ep > 1:
+            parts.insert(4, f"ep{self.ep}")
         if self.tp > 1:
             parts.append("sp" if self.sequence_parallel else "no-sp")
         if self.pp > 1:
@@ -150,12 +163,12 @@ class Layout:
         return self
 
     def problems(self, model, seq_len: int, global_batch: int, gpus_per_node: int | None = None,
-                 shardings: tuple = TRAINER_SHARDING) -> list[str]:
+                 shardings: tuple = TRAINER_SHARDING, spare_stages: int = 0, expert_tp_cp: bool = False) -> list[str]:
         """Every rule this layout breaks for `model` at this sequence length and batch, one sentence each.
 
         `shardings` are the strategies the training stack runs (this trainer's by default)."""
         out = []
-        for name in ("tp", "pp", "dp_replicate", "dp_shard", "cp", "virtual_stages", "microbatch"):
+        for name in ("tp", "pp", "dp_replicate", "dp_shard", "cp", "ep", "virtual_stages", "microbatch"):
             if getattr(self, name) < 1:
                 out.append(f"parallel.{name} must be at least 1, got {getattr(self, name)}.")
         if out:
@@ -188,6 +201,7 @@ class Layout:
                        + ("tp for sequence parallelism" if self.tp > 1 and self.sequence_parallel else "")
                        + (" x " if self.tp > 1 and self.sequence_parallel and self.cp > 1 else "")
                        + ("2 x cp, the load-balanced chunks of context parallelism" if self.cp > 1 else "") + ".")
+        out += self._expert_problems(model, expert_tp_cp)
         if global_batch % (self.dp * self.microbatch):
             out.append(f"The global batch ({global_batch}) must be divisible by the data-parallel degree ({self.dp}) "
                        f"x the microbatch ({self.microbatch}).")
@@ -198,10 +212,28 @@ class Layout:
                 out.append("parallel.stage_layers needs pipeline parallelism (pp of 2 or more).")
             return out
         if self.pp_schedule in PP_SCHEDULES:
-            out += self._pipeline_problems(model, global_batch)
+            out += self._pipeline_problems(model, global_batch, spare_stages)
         return out
 
-    def _pipeline_problems(self, model, global_batch: int) -> list[str]:
+    def _expert_problems(self, model, expert_tp_cp: bool = False) -> list[str]:
+        if self.ep == 1:
+            return []
+        experts = getattr(model, "moe_experts", 0)
+        if not experts:
+            return [f"parallel.ep = {self.ep} puts experts on ranks but the model is dense (no experts); set ep to 1."]
+        out = []
+        if experts % self.ep:
+            out.append(f"Expert parallel degree {self.ep} must divide the model's {experts} experts.")
+        if (self.dp_shard * (self.tp * self.cp if expert_tp_cp else 1)) % self.ep:
+            out.append(f"Expert parallel degree {self.ep} must divide dp_shard ({self.dp_shard}): expert parallelism "
+                       f"is carved out of the data-parallel ranks.")
+        if self.tp > 1 and not expert_tp_cp:
+            out.append("Expert parallelism with tensor parallelism is not built; use tp 1 or ep 1.")
+        if self.cp > 1 and not expert_tp_cp:
+            out.append("Expert parallelism with context parallelism is not built; use cp 1 or ep 1.")
+        return out
+
+    def _pipeline_problems(self, model, global_batch: int, spare_stages: int = 0) -> list[str]:
         out = []
         if self.pp_schedule in SINGLE_STAGE_SCHEDULES and self.virtual_stages > 1:
             out.append(f"Pipeline schedule {self.pp_schedule!r} runs one stage per rank; use interleaved1f1b "
@@ -220,7 +252,7 @@ class Layout:
             elif sum(got) != model.layers:
                 out.append(f"parallel.stage_layers {list(got)} sums to {sum(got)} layers but the model has "
                            f"{model.layers}; make the stage counts add up to the layers.")
-        elif model.layers < self.num_stages:
+        elif model.layers + spare_stages < self.num_stages:  # spare: stages holding only the embedding or the loss
             out.append(f"The model's {model.layers} layers cannot fill {self.num_stages} pipeline stages "
                        f"(pp {self.pp} x {self.stages_per_rank} per rank); lower pp or virtual_stages.")
         if model.tie_embeddings:
@@ -250,7 +282,7 @@ def stage_costs(model) -> tuple[float, float, float]:
     from supercluster.model.config import layer_params
 
     h, v = model.hidden, model.vocab_size
-    layer = 6 * layer_params(model)
+    layer = 6 * layer_params(model, active=True)  # a MoE layer's FLOPs follow its active experts
     first = 6 * h  # gather and scatter-add of one embedding row
     last = 6 * h * v + 10 * v  # output GEMM forward and backward, softmax cross-entropy passes
     return float(layer), float(first), float(last)

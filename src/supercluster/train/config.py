@@ -37,6 +37,18 @@ class ModelSection:
     tie_embeddings: bool | None = None
     rope_theta: float | None = None
     norm_eps: float | None = None
+    head_dim: int | None = None
+    qk_norm: bool | None = None
+    moe_experts: int | None = None  # Mixture of Experts (model.config.ModelConfig has the meaning of each)
+    moe_top_k: int | None = None
+    moe_shared_experts: int | None = None
+    moe_hidden: int | None = None
+    moe_dense_layers: int | None = None
+    moe_router: str | None = None
+    moe_groups: int | None = None
+    moe_topk_groups: int | None = None
+    moe_aux_loss_coef: float | None = None
+    moe_bias_update_rate: float | None = None
 
     def build(self) -> ModelConfig:
         overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preset"}
@@ -115,6 +127,7 @@ class ParallelSection:
     virtual_stages: int = 1
     stage_layers: list | None = None  # layers per pipeline stage, e.g. [7, 8, 8, 7]; None: balanced split
     microbatches: int | None = None  # pipeline microbatches; None: global_batch / (dp * micro_batch)
+    ep: int = 1  # expert parallel degree, carved out of dp_shard (MoE models)
 
 
 @dataclass
@@ -285,7 +298,7 @@ def layout_of(cfg: Config, world_size: int) -> Layout:
         tp=p.tp, pp=p.pp, dp_replicate=dp_replicate, dp_shard=dp_shard, cp=p.cp, sharding=p.sharding,
         pp_schedule=schedule_name(p.pp_schedule), virtual_stages=p.virtual_stages,
         stage_layers=tuple(p.stage_layers) if p.stage_layers is not None else None,
-        microbatch=microbatch, recompute=t.recompute, sequence_parallel=p.sequence_parallel,
+        microbatch=microbatch, recompute=t.recompute, sequence_parallel=p.sequence_parallel, ep=p.ep,
     )
 
 
