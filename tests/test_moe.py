@@ -197,3 +197,23 @@ def test_hf_moe_folder_imports_to_the_same_logits(tmp_path, small_corpus, arch):
     ids = torch.tensor([tok("import json\nprint(json.dumps({'a': 1}))").input_ids])
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_moe_block_recomputes_under_activation_checkpointing():
+    """The grouped_mm probe may first run inside a checkpointed block: recomputation still saves
+    what the forward saved, and the gradients are those of the plain block."""
+    from torch.utils.checkpoint import checkpoint
+
+    from supercluster.model.moe import MoE, grouped_mm_works
+
+    torch.manual_seed(0)
+    moe = MoE(preset("tiny-moe"))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 16, 64)
+    moe(x).square().sum().backward()
+    want = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad()
+    grouped_mm_works.cache_clear()
+    checkpoint(moe, x, use_reentrant=False).square().sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(moe.parameters(), want))

@@ -34,7 +34,17 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     aligned rows; some GPUs and dtypes have no kernel), checked on a tiny case against the loop."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # Its own saved-tensor hooks: probed first inside a checkpointed block, its tensors would
+    # otherwise count as the block's, and the recomputation (probe cached) would save fewer.
     try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return _probe_grouped_mm(device_type, dtype)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    with torch.enable_grad():
         gen = torch.Generator().manual_seed(0)
         a = torch.randn(6, 16, generator=gen).to(device_type, dtype).requires_grad_()
         b = torch.randn(2, 16, 8, generator=gen).to(device_type, dtype).requires_grad_()
@@ -42,8 +52,6 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         out.float().square().sum().backward()
         ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
         return bool(torch.allclose(out.float(), ref.float(), atol=1e-2, rtol=1e-2)) and a.grad is not None
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
