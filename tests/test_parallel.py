@@ -267,6 +267,10 @@ def test_export_to_llama_safetensors(tp_run, tmp_path, capsys):
     (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.microbatches=3"], "divisor of the per-pipeline batch"),
     (["--nproc", "2", "--set", "parallel.cp=2", "--set", "train.seq_len=66"], "2 x cp"),
     (["--nproc", "4", "--set", "parallel.tp=2", "--set", "parallel.cp=2", "--set", "train.seq_len=36"], "sequence parallelism"),
+    (["--nproc", "2", "--set", "parallel.ep=2"], "the model is dense"),
+    (["--nproc", "3", "--set", "model.preset=tiny-moe", "--set", "parallel.ep=3"], "must divide the model's 4 experts"),
+    (["--nproc", "2", "--set", "model.preset=tiny-moe", "--set", "parallel.ep=4"], "must divide dp_shard"),
+    (["--nproc", "2", "--set", "model.preset=tiny-moe", "--set", "model.moe_top_k=5"], "larger than the 4 experts"),
 ])
 def test_invalid_layout_is_one_sentence(corpus, tmp_path, capsys, args, message):
     base = [x for o in overrides(corpus, tmp_path / "run") for x in ("--set", o)]

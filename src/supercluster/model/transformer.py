@@ -21,6 +21,7 @@ from torch import nn
 
 from supercluster.errors import UserError
 from supercluster.model.config import ModelConfig
+from supercluster.model.moe import MoE
 
 
 def rope_cache(cfg: ModelConfig, device=None) -> torch.Tensor:
@@ -168,7 +169,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attention_norm, self.attention = make_norm(cfg), Attention(cfg, layer)
-        self.ffn_norm, self.feed_forward = make_norm(cfg), FeedForward(cfg)
+        self.ffn_norm = make_norm(cfg)
+        self.feed_forward = MoE(cfg) if cfg.moe_layer(layer) else FeedForward(cfg)
 
     def forward(self, x, rope, cache=None):
         x = x + self.attention(self.attention_norm(x), rope, cache)
@@ -212,9 +214,13 @@ class Transformer(nn.Module):
             if p.dim() == 1:  # norms and biases
                 nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
             else:
-                std = 0.02 / math.sqrt(2 * self.cfg.layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                residual = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
+                std = 0.02 / math.sqrt(2 * self.cfg.layers) if residual else 0.02
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 logits_index: torch.Tensor | None = None):

@@ -63,12 +63,28 @@ class ParallelDims:
             return None
         from torch.distributed.device_mesh import init_device_mesh
 
-        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-        mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in names), mesh_dim_names=names)
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+        if self.ep > 1:  # dp_shard split as (dp_shard_mod_ep, ep): expert-parallel ranks are neighbours
+            names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+            sizes = (self.pp, self.dp_replicate, self.expert_shard, self.ep, self.cp, self.tp)
+            shard = ("dp_shard_mod_ep", "ep")
+        else:
+            names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+            sizes = tuple(getattr(self, n) for n in names)
+            shard = ("dp_shard",)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        if self.ep > 1:
+            mesh[shard]._flatten("dp_shard")
+        mesh["dp_replicate", *shard]._flatten("dp")
+        mesh[(*shard, "cp")]._flatten("dp_shard_cp")
+        mesh["dp_replicate", *shard, "cp"]._flatten("dp_cp")
         return mesh
+
+    def expert_fsdp_mesh(self, mesh):
+        """What FSDP shards the experts over under expert parallelism: the data-parallel ranks
+        left after ep (dp_shard/ep, with dp_replicate for HSDP)."""
+        if self.dp_replicate > 1:
+            return mesh["dp_replicate", "dp_shard_mod_ep"]
+        return mesh["dp_shard_mod_ep"]
 
     def dp_mesh(self, mesh):
         """The (flattened) data-parallel sub-mesh, or None when there is no data parallelism."""

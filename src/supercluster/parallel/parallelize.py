@@ -6,7 +6,8 @@ parallel attention, activation checkpointing, compile, then the sharding strateg
 - "full":          FSDP2 per block and at the root, reshard_after_forward=True
 - "keep_gathered": the same with reshard_after_forward=False (gathered once for forward and backward)
 - "none":          no FSDP; replicas whose gradients the trainer all-reduces (`all_reduce_gradients`)
-HSDP when dp_replicate > 1. Each step keeps parameter names, so checkpoints reshard across layouts.
+HSDP when dp_replicate > 1. Expert parallelism (`parallel.experts`) comes after tensor
+parallelism: MoE experts sharded over the ep ranks, then FSDP-sharded over what is left of dp_shard. Each step keeps parameter names, so checkpoints reshard across layouts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from supercluster.parallel.context import SequenceSharding
 from supercluster.parallel.dims import ParallelDims
+from supercluster.parallel.experts import apply_expert_parallel
 from supercluster.parallel.tensor import apply_tensor_parallel
 
 
@@ -23,6 +25,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, sequence: Sequ
                 precision: str = "fp32", compile: bool = False) -> torch.nn.Module:
     if dims.tp > 1:
         apply_tensor_parallel(model, mesh["tp"], dims.sequence_parallel)
+    experts = apply_expert_parallel(model, mesh["ep"]) if dims.ep > 1 else []
     if sequence is not None:
         sequence.attach(model)
     if dims.recompute != "none":
@@ -37,6 +40,8 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, mesh, sequence: Sequ
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if precision == "bf16" else None,
                                       reduce_dtype=torch.float32)
         reshard = dims.sharding == "full"
+        for module in experts:  # their own FSDP first, on the ranks left after ep; the block's skips them
+            fully_shard(module, mesh=dims.expert_fsdp_mesh(mesh), mp_policy=policy, reshard_after_forward=reshard)
         for block in model.layers.values():
             fully_shard(block, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=fsdp_mesh, mp_policy=policy, reshard_after_forward=reshard)

@@ -73,6 +73,9 @@ class Engine:
         # features (SmolLM2's reach 2.5e4, where bf16 steps by 128) and stops answering right.
         self.model = load_trained(run_dir).to(self.device).eval()
         self.cfg = self.model.cfg
+        if self.cfg.is_moe or self.cfg.qk_norm:
+            raise UserError(f"{str(run_dir)!r} is a {'Mixture-of-Experts' if self.cfg.is_moe else 'qk-norm'} model, which "
+                            f"this serving engine does not run yet (dense models only); `supercluster sample` runs it.")
         check_tp(self.config.tp, self.cfg.heads, self.cfg.kv_heads)
         if self.config.tp > 1 and self.config.quantize != "none":
             raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")

@@ -45,6 +45,8 @@ class ModelSection:
     moe_hidden: int | None = None
     moe_dense_layers: int | None = None
     moe_router: str | None = None
+    moe_norm_topk: bool | None = None
+    moe_route_scale: float | None = None
     moe_groups: int | None = None
     moe_topk_groups: int | None = None
     moe_aux_loss_coef: float | None = None

@@ -27,6 +27,7 @@ from supercluster.data import BatchSampler, eval_batches, prepare_data
 from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
 from supercluster.hardware.device import select_device
 from supercluster.model.config import flops_per_token
+from supercluster.model.moe import balance_step, set_aux_grad_scale
 from supercluster.model.transformer import Transformer, materialize
 from supercluster.model.weights import WEIGHTS_FILE, imported_tokenizer, load_weights
 from supercluster.parallel import ParallelDims
@@ -197,6 +198,8 @@ class Trainer:
                 group["lr"] = lr
         x_all, y_all = self.sampler.next()
         x_all, y_all = self.sequence.shard(x_all.to(self.device), y_all.to(self.device))
+        # MoE: the auxiliary loss's gradient is scaled as the loss is (a schedule scales its own).
+        set_aux_grad_scale(1.0 if self.schedule is not None else 1.0 / self.accum)
         if self.schedule is not None:
             total = self._run_pipeline(x_all, y_all, train=True)
         else:
@@ -213,6 +216,8 @@ class Trainer:
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        # MoE: expert load over the data-parallel ranks, the load-balancing bias update, metrics.
+        self.moe_metrics = balance_step(self.model_parts, self.loss_mesh.get_group() if self.loss_mesh else None)
         self.step += 1
         if self.device.type != "cpu":
             torch.accelerator.synchronize()
@@ -325,7 +330,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.flops_per_token * tokens_per_s / (self.peak.tflops * 1e12 * self.world),
                     "mem_gib": mem, "step_time_s": step_time, "grad_norm": grad_norm,
-                    **self.rank_stats.gather(self.rank_step_time, mem),
+                    **self.rank_stats.gather(self.rank_step_time, mem), **self.moe_metrics,
                 }
                 if self.world > 1 and self.step == measure_comm_at:
                     last.update(self.comm_bytes, comm_measured=True)
