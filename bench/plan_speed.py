@@ -2,7 +2,8 @@
 
     python bench/plan_speed.py
 
-Targets: GPT-3 175B on 1024 GPUs under 1 s; a 1T model on 16,384 GPUs under 5 s.
+Targets: GPT-3 175B on 1024 GPUs under 1 s; a 1T model on 16,384 GPUs under 5 s; both again
+with the FP8 and overlap switches set.
 Each case runs the real command in a fresh process, best of a few runs. Wall time depends on
 what else the machine runs, so the CPU time the child used is printed too, and two
 references are measured in the same run: a bare interpreter start, and the CLI framework
@@ -22,6 +23,27 @@ CASES = [
          "--global-batch", "8192", "--gpus", "16384", "--gpu", "h100"],
         5.0,
     ),
+]
+# The same searches with the switches set (FP8 rowwise, AsyncTP, FP8 all-gathers) and the
+# step explained term by term: the terms and intervals every prediction now carries.
+SWITCHES = ["--precision", "fp8", "--fp8-recipe", "rowwise", "--async-tp", "--fp8-all-gather", "--explain"]
+CASES += [
+    ("GPT-3 175B, 1024 x H100, switches", ["gpt3-175b", "--gpus", "1024", "--gpu", "h100", "--global-batch", "1536",
+                                           *SWITCHES], 1.0),
+    (
+        "1T, 16384 x H100, switches",
+        ["--layers", "128", "--hidden", "25600", "--heads", "160", "--vocab", "51200", "--seq-len", "2048",
+         "--global-batch", "8192", "--gpus", "16384", "--gpu", "h100", *SWITCHES],
+        5.0,
+    ),
+]
+# Mixture of Experts: the search over ep on top (no target in the issue; reported).
+CASES += [
+    ("DeepSeek-V3 (MoE, MLA), 2048 x H800, megatron, fp8",
+     ["deepseek-v3", "--gpus", "2048", "--gpu", "h800", "--seq-len", "4096", "--global-batch", "15360",
+      "--precision", "fp8", "--stack", "megatron"], 5.0),
+    ("Qwen3-30B-A3B (MoE), 256 x H100", ["qwen3-30b-a3b", "--gpus", "256", "--gpu", "h100", "--seq-len", "4096",
+                                         "--global-batch", "1024"], 5.0),
 ]
 REPEATS = 3
 

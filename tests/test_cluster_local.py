@@ -147,3 +147,29 @@ def test_preemption_returns_at_once_and_a_restart_waits_for_the_stopped_run(tmp_
         time.sleep(0.1)
     assert (status.state, status.exit_code) == ("completed", 0) and started.read_text() == "xx"
     assert not _group_alive(_pid(first)) and not (job_dir / "stopping").exists()
+
+
+def test_cancel_kills_a_job_that_ignores_sigterm_after_its_grace(tmp_path):
+    """Cancel returns at once and, as Slurm's KillWait, a job still alive past the grace is killed
+    (an endpoint's server that ignored SIGTERM stayed `stopping` for good)."""
+    import sys
+
+    from supercluster.cluster.backends.base import JobSpec
+    from supercluster.cluster.backends.local import LocalBackend, _group_alive, _pid
+
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    started = job_dir / "started"
+    stubborn = [sys.executable, "-c", "import pathlib, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                f"pathlib.Path({str(started)!r}).write_text('x'); time.sleep(600)"]
+    backend = LocalBackend()
+    ref = backend.submit(JobSpec(job_id=1, job_dir=str(job_dir), config="", overrides=(), nodes=("here",),
+                                 gpus_per_node=1, max_restarts=0, command=tuple(stubborn)))
+    while not started.exists():
+        time.sleep(0.05)
+    backend.cancel(ref, str(job_dir), grace_s=2.0)
+    assert _group_alive(_pid(ref))  # returned at once: the stubborn job still lives
+    deadline = time.monotonic() + 30
+    while _group_alive(_pid(ref)):
+        assert time.monotonic() < deadline, "a job ignoring SIGTERM outlived its cancel's grace"
+        time.sleep(0.1)

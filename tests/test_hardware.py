@@ -14,7 +14,7 @@ def test_every_accelerator_has_sane_figures():
     for acc in ACCELERATORS.values():
         assert acc.peak("bf16") > 100
         assert acc.peak("tf32") == pytest.approx(acc.peak("bf16") / 2, rel=0.03)  # tensor cores: TF32 at half rate
-        assert 30 < acc.hbm_gib < 200 and 1 < acc.hbm_tbps < 10 and acc.scale_up_gbps >= 600
+        assert 30 < acc.hbm_gib < 200 and 1 < acc.hbm_tbps < 10 and acc.scale_up_gbps >= 400  # H800: 400
         if acc.peak_tflops.get("fp8"):
             assert acc.peak("fp8") == pytest.approx(2 * acc.peak("bf16"), rel=0.01)
 
@@ -24,6 +24,17 @@ def test_published_h100_figures():
     assert h100.peak("bf16") == pytest.approx(989.4) and h100.hbm_tbps == 3.35
     nd = node_type("nd-h100-v5")
     assert (nd.accelerator, nd.gpus_per_node, nd.scale_up_gbps, nd.scale_out_gbps_per_gpu) == ("h100", 8, 900, 400)
+
+
+def test_gpu_variants_differ_where_their_datasheets_do():
+    """H800: H100 compute with NVLink cut to 400 GB/s; the 96 GB board at 500 W; H200's HBM;
+    B200's NVLink 5 and MXFP8 units."""
+    h100, h800, gt96, h200, b200 = (accelerator(n) for n in ("h100", "h800", "h100-96gb", "h200", "b200"))
+    assert h800.peak("bf16") == h100.peak("bf16") and h800.scale_up_gbps < h100.scale_up_gbps / 2
+    assert gt96.power_w == 500 and gt96.peak("bf16") < h100.peak("bf16") and gt96.hbm_gib > h100.hbm_gib
+    assert h200.hbm_gib > 1.7 * h100.hbm_gib and h200.hbm_tbps > h100.hbm_tbps
+    assert b200.nvlink_gen == 5 and b200.mx_formats and not h100.mx_formats
+    assert default_node_type("h800").scale_up_gbps == 400
 
 
 def test_azure_health_pass_marks():
@@ -36,7 +47,7 @@ def test_azure_health_pass_marks():
 
 def test_node_types_point_at_known_accelerators():
     for n in NODE_TYPES.values():
-        assert n.accelerator in ACCELERATORS and n.gpus_per_node == 8
+        assert n.accelerator in ACCELERATORS and n.gpus_per_node in (8, 72)  # 72: one GB200 NVL72 NVLink domain
         assert n.scale_up_gbps == ACCELERATORS[n.accelerator].scale_up_gbps
     assert default_node_type("a100").accelerator == "a100-80gb"
 

@@ -163,3 +163,57 @@ def test_group_limited_sigmoid_router_and_balancing():
     assert metrics["moe_bias_abs_max"] == pytest.approx(0.01)
     assert metrics["moe_load_max_over_mean/0"] == pytest.approx(float(load.max() / load.mean()))
     assert moe.tokens_per_expert.sum() == 0
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_hf_moe_folder_imports_to_the_same_logits(tmp_path, small_corpus, arch):
+    """`supercluster import` of a Mixtral or Qwen3-MoE folder (experts stored one by one, as the
+    hub has them): the imported run's logits are transformers' within 1e-4."""
+    from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from supercluster.data.tokenizer import EOT, train_tokenizer
+    from supercluster.serve.importing import import_model
+    from supercluster.train.sample import load_trained
+
+    docs = [p.read_text() for p in sorted(small_corpus.iterdir())]
+    tok = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(docs, 320), eos_token=EOT, bos_token=EOT)
+    common = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, num_experts_per_tok=2, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, bos_token_id=0, eos_token_id=0)
+    if arch == "mixtral":
+        hf = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4))
+    else:
+        hf = Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=4, num_local_experts=4, moe_intermediate_size=32,
+                                                head_dim=32, norm_topk_prob=False))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn_like(p) * 0.1 + (1.0 if p.dim() == 1 else 0.0))
+    hf.eval().save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    import_model(tmp_path / "hf", tmp_path / "run")
+    model = load_trained(tmp_path / "run")
+    assert model.cfg.moe_experts == 4 and model.cfg.qk_norm == (arch == "qwen3_moe")
+    ids = torch.tensor([tok("import json\nprint(json.dumps({'a': 1}))").input_ids])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
+
+
+def test_moe_block_recomputes_under_activation_checkpointing():
+    """The grouped_mm probe may first run inside a checkpointed block: recomputation still saves
+    what the forward saved, and the gradients are those of the plain block."""
+    from torch.utils.checkpoint import checkpoint
+
+    from supercluster.model.moe import MoE, grouped_mm_works
+
+    torch.manual_seed(0)
+    moe = MoE(preset("tiny-moe"))
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 16, 64)
+    moe(x).square().sum().backward()
+    want = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad()
+    grouped_mm_works.cache_clear()
+    checkpoint(moe, x, use_reentrant=False).square().sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(moe.parameters(), want))

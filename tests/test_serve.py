@@ -198,17 +198,20 @@ def test_bad_sampling_values_are_400_naming_the_field(client, server):
                        content=b'{"model": "tiny-run", "prompt": "x", ' + raw + b"}")
         assert r.status_code == 400 and r.json()["error"]["param"] == name, (raw, r.text)
         assert "finite number" in r.json()["error"]["message"]
-    for part, where in (({"type": "text", "text": 5}, "messages.0.content.0.text"), ({"type": "text"}, "messages.0.content.0"),
+    for part, where in (({"type": "text", "text": 5}, "messages.0.content.0.text"), ({"type": "text"}, "messages.0.content.0.text"),
                         ("hello", "messages.0.content.0"), ({"text": "no type"}, "messages.0.content.0.type")):
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model="tiny-run", messages=[{"role": "user", "content": [part]}], max_tokens=2)
         assert err.value.body["param"] == where and f"at '{where}'" in err.value.message, (part, err.value.message)
     with pytest.raises(openai.BadRequestError, match="at 'prompt'"):  # a union's wrong type names the field alone
         client.completions.create(model="tiny-run", prompt=5)
-    # the edges themselves are accepted; an image part carries no text and is passed over
+    # the edges themselves are accepted; an image part is refused (this model reads text), text parts are read
     assert complete(client, "x", max_tokens=2, seed=2**63 - 1, top_p=1e-9) is not None
+    with pytest.raises(openai.BadRequestError, match="image_url"):
+        client.chat.completions.create(model="tiny-run", max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "def"}]}])
     reply = client.chat.completions.create(model="tiny-run", max_tokens=2, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:,"}}, {"type": "text", "text": "def"}]}])
+        {"type": "text", "text": "de"}, {"type": "text", "text": "f"}]}])
     assert reply.usage.completion_tokens == 2
 
 

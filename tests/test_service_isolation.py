@@ -4,6 +4,7 @@ is checked at submit (403), on SQLite and PostgreSQL. The regression: a job of a
 once trained into a run directory it named with `run.dir`, overwriting that team's checkpoint."""
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_no_path_key_reaches_another_projects_run(tenants, library_corpus, tmp_p
         "another project's job": str(their_run.parent),
         "outside file": str(outside),
     }
-    assert set(path_keys()) == {"data.path", "run.dir"}  # a new path key must join this table
+    assert set(path_keys()) == {"data.path", "data.mix", "run.dir"}  # a new path key must join this table
     refused = 0
     for key in path_keys():
         section, name = key.split(".")
@@ -97,7 +98,13 @@ def test_no_path_key_reaches_another_projects_run(tenants, library_corpus, tmp_p
             for how in ("config", "override"):
                 config = tiny_config(library_corpus, 2)
                 overrides = []
-                if how == "config":
+                if key == "data.mix":  # a list of tables, each naming a prepared folder
+                    config["data"].pop("path", None)
+                    if how == "config":
+                        config["data"]["mix"] = [{"path": str(library_corpus), "weight": 1.0}, {"path": value, "weight": 1.0}]
+                    else:
+                        overrides = [f'data.mix=[{{path={json.dumps(value)}, weight=1.0}}]']
+                elif how == "config":
                     config.setdefault(section, {})[name] = value
                 else:
                     overrides = [f"{key}={value}"]
@@ -108,7 +115,7 @@ def test_no_path_key_reaches_another_projects_run(tenants, library_corpus, tmp_p
                 assert r.status_code == 403, (key, kind, how, r.text)
                 assert key in r.json()["detail"]
                 refused += 1
-    assert refused == 2 * len(attacks) * 2
+    assert refused == len(path_keys()) * len(attacks) * 2
     assert client.get("/v1/projects/llm/jobs", headers=llm).json() == []  # nothing was started
     assert _digests(their_run) == before  # web's checkpoint untouched
 

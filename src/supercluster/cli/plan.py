@@ -12,11 +12,31 @@ from supercluster.cli.flags import JsonOption, real
 from supercluster.errors import UserError
 
 JSON_KEYS = (
-    "stack", "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "microbatch", "virtual_stages", "pp_schedule",
+    "stack", "tp", "pp", "dp", "dp_replicate", "dp_shard", "cp", "ep", "microbatch", "virtual_stages", "pp_schedule",
     "stage_layers", "sharding", "recompute", "sequence_parallel",
     "step_time_s", "tokens_per_s_per_gpu", "model_tflops_per_gpu", "hardware_tflops_per_gpu", "mfu", "hfu",
-    "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s",
+    "memory_gib_per_gpu", "memory_breakdown_gib", "bubble_fraction", "exposed_comm_s", "warnings", "terms_s",
+    "step_time_s_low", "step_time_s_high", "mfu_low", "mfu_high", "interval_class",
 )
+
+
+def model_notes(req) -> list[str]:
+    """What the prediction assumes about the model that a user should know."""
+    cfg, notes = req.work.model, []
+    if getattr(cfg, "attention", "gqa") == "mla":
+        notes.append("multi-head latent attention (MLA) is costed from its parameter counts (its projections as "
+                     "GEMMs of those weights, scores over head_dim + rope_head_dim), not from its own kernels")
+    if getattr(cfg, "moe_experts", 0):
+        notes.append(f"MoE: FLOPs of the active experts (top-{cfg.moe_top_k} of {cfg.moe_experts}"
+                     + (f" + {cfg.moe_shared_experts} shared" if cfg.moe_shared_experts else "")
+                     + f"), load imbalance factor {req.work.moe_imbalance:g} (--moe-imbalance)")
+    return notes
+
+
+def switches_of(sw) -> dict:
+    """The switches a prediction assumed, as `plan` takes them."""
+    return {"compile": sw.fused_elementwise, "async_tp": sw.overlap_tp, "fp8_recipe": sw.fp8_recipe,
+            "fp8_all_gather": sw.fp8_all_gather}
 
 
 def plan(
@@ -39,6 +59,9 @@ def plan(
     pp: Optional[int] = typer.Option(None, "--pp"),
     dp: Optional[int] = typer.Option(None, "--dp"),
     cp: Optional[int] = typer.Option(None, "--cp"),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert parallel degree (MoE models; searched when not given)."),
+    moe_imbalance: float = typer.Option(1.0, "--moe-imbalance", callback=real(1.0),
+                                        help="MoE: the busiest expert-parallel rank's tokens over the mean (1 = balanced)."),
     microbatch: Optional[int] = typer.Option(None, "--microbatch"),
     virtual_stages: Optional[int] = typer.Option(None, "--virtual-stages"),
     sharding: Optional[str] = typer.Option(
@@ -47,6 +70,12 @@ def plan(
     pp_schedule: Optional[str] = typer.Option(None, "--pp-schedule", help="1f1b, interleaved1f1b, ..."),
     stage_layers: Optional[str] = typer.Option(None, "--stage-layers", help="Layers per pipeline stage, e.g. 15,16,16,15."),
     stack: str = typer.Option("supercluster", "--stack", help="Software profile: supercluster, megatron, megatron-2021 or deepspeed."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile's fused elementwise kernels (default: the stack's)."),
+    async_tp: Optional[bool] = typer.Option(None, "--async-tp/--no-async-tp", help="TP collectives overlapped with their GEMMs (AsyncTP)."),
+    fp8_recipe: Optional[str] = typer.Option(None, "--fp8-recipe", help="FP8 scaling: tensorwise, rowwise or mxfp8 (with --precision fp8)."),
+    fp8_all_gather: Optional[bool] = typer.Option(None, "--fp8-all-gather/--no-fp8-all-gather", help="FSDP weight all-gathers in FP8."),
+    ep_overlap: Optional[bool] = typer.Option(None, "--ep-overlap/--no-ep-overlap", help="MoE all-to-alls hidden under compute (DualPipe)."),
+    explain: bool = typer.Option(False, "--explain", help="Print each term of the best layout's step time."),
     failures_per_gpu_hour: Optional[float] = typer.Option(
         None, "--failures-per-gpu-hour", callback=real(0), help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
     ),
@@ -66,6 +95,7 @@ def plan(
 ):
     """Rank the parallel layouts of a model on N GPUs: step time, MFU, memory, bubble, communication."""
     from supercluster.plan.build import build_model, build_request
+    from supercluster.plan.cost import stage_split
     from supercluster.plan.search import search
 
     cfg = build_model(model, layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, ffn_hidden=ffn_hidden, vocab_size=vocab)
@@ -76,16 +106,19 @@ def plan(
         except ValueError:
             raise UserError(f"--stage-layers must be comma-separated layer counts like 7,8,8,7, got {stage_layers!r}.") from None
     knobs = dict(
-        tp=tp, pp=pp, dp=dp, cp=cp, microbatch=microbatch, virtual_stages=virtual_stages,
+        tp=tp, pp=pp, dp=dp, cp=cp, ep=ep, microbatch=microbatch, virtual_stages=virtual_stages,
         sharding=sharding, recompute=recompute, sequence_parallel=sequence_parallel, pp_schedule=pp_schedule,
         stage_layers=stages,
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
     from supercluster.plan.goodput import DEFAULT_RESTART_S, DEFAULT_WRITE_GBPS, LLAMA3_FAILURES_PER_GPU_HOUR, training_time
-    from supercluster.plan.profiles import profile
+    from supercluster.plan.profiles import profile, with_switches
 
+    software = with_switches(profile(stack), compile=compile, async_tp=async_tp, fp8_recipe=fp8_recipe,
+                             fp8_all_gather=fp8_all_gather, ep_overlap=ep_overlap)
     req = build_request(
-        cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, profile(stack)
+        cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, software,
+        moe_imbalance=moe_imbalance,
     )
     plans = search(req, top=top)
     step_tokens = req.work.global_batch * req.work.seq_len
@@ -100,8 +133,11 @@ def plan(
     rows = []
     for est in plans:
         row = {k: v for k, v in est.as_dict().items() if k in JSON_KEYS}
+        row["switches"] = switches_of(req.software)
         if est.layout.pp > 1:  # the split the trainer will run, balanced when not given
-            row["stage_layers"] = list(est.layout.split(req.work.model))
+            model = req.work.model
+            row["stage_layers"] = list(est.layout.split(model) if est.layout.num_stages <= model.layers
+                                       else stage_split(model, est.layout))  # Megatron's embedding/loss-only stages
         # Checkpoint interval and effective training time do not depend on the run's length;
         # days and cost need --tokens.
         timing = training_time(
@@ -121,15 +157,16 @@ def plan(
                                checkpoint_every=rows[0]["checkpoint_every_steps"])
 
     if as_json:
-        print(json.dumps({"stack": req.software.name, "plans": rows,
+        print(json.dumps({"stack": req.software.name, "notes": model_notes(req), "plans": rows,
                           **({"config": str(emit_config), "command": command} if command else {})}))
         return
-    _print_table(req, rows, emit_config, command, wide)
+    _print_table(req, rows, emit_config, command, wide, explain)
 
 
 def _layout_cell(r: dict, wide: bool) -> str:
     """tp8 pp4 dp32 mb1 sp: the degrees, leaving out cp and virtual stages of 1 (all of them with --wide)."""
     cell = f"tp{r['tp']} pp{r['pp']} dp{r['dp']}"
+    cell += f" ep{r['ep']}" if r.get("ep", 1) > 1 else ""
     cell += f" cp{r['cp']}" if wide or r["cp"] > 1 else ""
     cell += f" mb{r['microbatch']}"
     cell += f" v{r['virtual_stages']}" if wide or r["virtual_stages"] > 1 else ""
@@ -151,7 +188,8 @@ SHORT = {"keep_gathered": "kept", "optimizer": "optim", "selective": "sel"}  # n
 TABLE_WIDTH = 100  # the default table's width on a pipe, in a file or a narrow terminal
 
 
-def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str], wide: bool = False) -> None:
+def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Optional[str], wide: bool = False,
+                 explain: bool = False) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -164,8 +202,10 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         f"batch {work.global_batch} seqs on {req.gpus} x {system.accelerator.name} ({system.node.name}, {system.precision}), "
         f"stack {req.software.name}"
     )
-    caption = ("comm s: communication not hidden behind compute, per step; bubble: (p-1)/(v*m); days*, cost: failures "
-               "included" + ("" if wide else "; --wide: TFLOP/s, HFU, stage split"))
+    caption = ("step 80%: the range 80% of published runs fell in when their source was left out of the fit; "
+               "GiB: memory per GPU (! over HBM within the memory model's error); bubble: (p-1)/(v*m); days*, cost: failures included"
+               + ("; comm s: communication not hidden behind compute, per step" if wide
+                  else "; --wide: TFLOP/s, HFU, exposed communication, stage split; --explain: the step term by term"))
     # One space between columns (not rich's two): the default table fits 100 columns without cutting a value.
     table = Table(title=title, caption=caption, box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
     columns = [  # (header, cell, shown without --wide)
@@ -173,14 +213,15 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         ("shard", lambda r: r["sharding"] if wide else SHORT.get(r["sharding"], r["sharding"]), True),
         ("recomp", lambda r: r["recompute"] if wide else SHORT.get(r["recompute"], r["recompute"]), True),
         ("step s", lambda r: f"{r['step_time_s']:.3g}", True),
+        ("step 80%", lambda r: f"{r['step_time_s_low']:.3g}-{r['step_time_s_high']:.3g}", True),
         ("tok/s/GPU", lambda r: f"{r['tokens_per_s_per_gpu']:,.0f}", True),
         ("model TF", lambda r: f"{r['model_tflops_per_gpu']:.4g}", False),
         ("hw TF", lambda r: f"{r['hardware_tflops_per_gpu']:.4g}", False),
         ("MFU", lambda r: f"{100 * r['mfu']:.1f}%", True),
         ("HFU", lambda r: f"{100 * r['hfu']:.1f}%", False),
-        ("mem GiB", lambda r: f"{r['memory_gib_per_gpu']:.1f}", True),
+        ("GiB", lambda r: f"{r['memory_gib_per_gpu']:.1f}" + ("!" if r.get("warnings") else ""), True),
         ("bubble", lambda r: f"{100 * r['bubble_fraction']:.1f}%", True),
-        ("comm s", lambda r: f"{r['exposed_comm_s']:.3g}", True),
+        ("comm s", lambda r: f"{r['exposed_comm_s']:.3g}", False),
     ]
     if any("train_days" in r for r in rows):
         columns.append(("days*", lambda r: f"{r['train_days']:.1f}", True))
@@ -205,6 +246,15 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
         f"training time {100 * best['effective_training_fraction']:.1f}%"
         + (f"; {best['train_days']:.1f} days with failures, {best['train_days_without_failures']:.1f} without" if "train_days" in best else "")
     )
+    for note in model_notes(req):
+        console.print(f"note: {note}")
+    for warning in best.get("warnings", []):
+        console.print(f"warning (best layout): {warning}")
+    if explain:
+        console.print(f"step time of the best layout, term by term (s; they add up to {best['step_time_s']:.4g} s):")
+        for name, seconds in best["terms_s"].items():
+            if seconds > 0:
+                console.print(f"  {seconds:10.4g}  {100 * seconds / best['step_time_s']:5.1f}%  {name}")
     if emitted:
         console.print(f"wrote {emitted}: run it with `{command}`")
 

@@ -61,9 +61,33 @@ def pin_paths(config: str | os.PathLike, overrides: list[str], area: JobArea) ->
                 raise PathRefused(f"{key} = {value!r} is outside this job's own folder: a job writes only to the run "
                                   f"directory the fleet gives it; leave {key} out (or relative, as in configs/*.toml).")
             continue
-        path = (area.base / os.path.expanduser(value)).resolve()
-        if area.readable is not None and not _inside(path, [r.resolve() for r in area.readable]):
-            raise PathRefused(f"{key} = {value!r} is outside what {area.owner}'s jobs may read ({path} after following "
-                              f"links); use a path in {', '.join(str(r) for r in area.readable[:3])} or one of its jobs' folders.")
+        if isinstance(value, list):  # tables that each name a path (data.mix): each checked, the list pinned whole
+            tables = [{**entry, "path": str(_readable(f"{key}[{i}].path", entry.get("path"), area))}
+                      for i, entry in enumerate(value)]
+            pinned.append(f"{key}={_toml_tables(tables)}")
+            continue
+        path = _readable(key, value, area)
         pinned.append(f"{key}={json.dumps(str(path))}")  # a TOML string, whatever the path looks like
     return pinned
+
+
+def _readable(key: str, value, area: JobArea) -> Path:
+    """`value` resolved against the area, or PathRefused when the submitter's jobs may not read there."""
+    if not isinstance(value, str):
+        raise PathRefused(f"{key} must be a path, got {value!r}.")
+    path = (area.base / os.path.expanduser(value)).resolve()
+    if area.readable is not None and not _inside(path, [r.resolve() for r in area.readable]):
+        raise PathRefused(f"{key} = {value!r} is outside what {area.owner}'s jobs may read ({path} after following "
+                          f"links); use a path in {', '.join(str(r) for r in area.readable[:3])} or one of its jobs' folders.")
+    return path
+
+
+def _toml_tables(tables: list[dict]) -> str:
+    """A TOML array of inline tables on one line. tomli_w writes long arrays of tables as [[v]]
+    sections, so only each scalar goes through it; the keys are bare words (`validate` checked them)."""
+    import tomli_w
+
+    def scalar(key, value) -> str:
+        return tomli_w.dumps({key: value}).partition(" = ")[2].strip()
+
+    return "[" + ", ".join("{" + ", ".join(f"{k} = {scalar(k, v)}" for k, v in t.items()) + "}" for t in tables) + "]"

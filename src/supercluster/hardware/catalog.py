@@ -31,6 +31,9 @@ class Accelerator:
     # Maximum achievable matmul TFLOP/s as measured (best shape found by a sweep); dtypes
     # without a measurement are scaled from bf16's ratio of measured to peak.
     mamf_tflops: dict = field(default_factory=dict, compare=False)
+    power_w: float | None = None  # board power limit the figures above hold at
+    nvlink_gen: int | None = None  # NVLink generation (None: not NVLink)
+    mx_formats: bool = False  # block-scaled MXFP8 GEMMs in hardware (Blackwell tensor cores)
 
     def achievable(self, dtype: str) -> float:
         """Measured best-case matmul TFLOP/s for `dtype` (a datasheet peak is never reached)."""
@@ -85,19 +88,39 @@ class NodeType:
 # FP32 75 per GPU; 180 GB HBM3e at 8 TB/s; NVLink5 1.8 TB/s per GPU (from the datasheet as
 # remembered, not fetched here: not verified).
 #
+# GB200 (NVIDIA GB200 NVL72 datasheet, per GPU: 1/72 of 180 PFLOP/s dense FP16/BF16 and 360
+# dense FP8, 13.4 TB HBM3e at 576 TB/s, 130 TB/s NVLink; not verified here): 2.5 PFLOP/s BF16,
+# 5 FP8, 186 GB at 8 TB/s, NVLink 5 at 1.8 TB/s, all 72 GPUs of a rack in one NVLink domain.
+# Its achievable matmul is B200's measured ratio to peak (not measured on GB200).
+#
 # Achievable matmul (MAMF) from Stas Bekman's ml-engineering, compute/accelerator/README.md
 # "Maximum Achievable Matmul FLOPS comparison table" (BF16, best shape of a sweep): A100 SXM
 # 267.9 (CUDA 12.1), H100 SXM 792.1 (CUDA 12.1), MI300X 781.9 (ROCm 6.2); and its H200-vs-B200
 # guide: H200 SXM 794.5 BF16 / 1,453.4 FP8, B200 1,745 BF16 / 3,432.5 FP8. H100 FP8 is taken
 # from the H200 measurement (same Hopper chip and clocks).
+# H800 (DeepSeek-V3 technical report, arXiv:2412.19437, sec. 3.1-3.2): the export H100 SXM,
+# same Hopper compute and 80 GB HBM3, NVLink cut to 400 GB/s per GPU (8 links; DeepSeek
+# measures ~160 GB/s usable one way) and 8 x 400 Gb/s IB per node (50 GB/s per GPU).
 ACCELERATORS: dict[str, Accelerator] = {
-    "a100-40gb": Accelerator("a100-40gb", "nvidia", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 40.0, 1.555, 600.0, {"bf16": 267.9}),
-    "a100-80gb": Accelerator("a100-80gb", "nvidia", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 80.0, 2.039, 600.0, {"bf16": 267.9}),
+    "a100-40gb": Accelerator("a100-40gb", "nvidia", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 40.0, 1.555, 600.0, {"bf16": 267.9},
+                             power_w=400, nvlink_gen=3),
+    "a100-80gb": Accelerator("a100-80gb", "nvidia", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 80.0, 2.039, 600.0, {"bf16": 267.9},
+                             power_w=400, nvlink_gen=3),
     "h100": Accelerator(
-        "h100", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 79.6, 3.35, 900.0, {"bf16": 792.1, "fp8": 1453.4}
+        "h100", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 79.6, 3.35, 900.0, {"bf16": 792.1, "fp8": 1453.4},
+        power_w=700, nvlink_gen=4,
+    ),
+    "h800": Accelerator(
+        "h800", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 79.6, 3.35, 400.0, {"bf16": 792.1, "fp8": 1453.4},
+        power_w=700, nvlink_gen=4,
     ),
     "h200": Accelerator(
-        "h200", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 140.4, 4.8, 900.0, {"bf16": 794.5, "fp8": 1453.4}
+        "h200", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 140.4, 4.8, 900.0, {"bf16": 794.5, "fp8": 1453.4},
+        power_w=700, nvlink_gen=4,
+    ),
+    "gb200": Accelerator(
+        "gb200", "nvidia", {"bf16": 2500.0, "fp8": 5000.0, "tf32": 1250.0, "fp32": 80.0}, 184.0, 8.0, 1800.0,
+        {"bf16": 1745.0 * 2500 / 2250, "fp8": 3432.5 * 5000 / 4500}, power_w=1200, nvlink_gen=5, mx_formats=True,
     ),
     "mi300x": Accelerator(
         "mi300x", "amd", {"bf16": 1307.4, "fp8": 2614.9, "tf32": 653.7, "fp32": 163.4}, 192.0, 5.3, 896.0, {"bf16": 781.9}
@@ -108,10 +131,11 @@ ACCELERATORS: dict[str, Accelerator] = {
     # the achievable matmul scaled by the same ratio. The runtime reports ~94.5 GB as 88 GiB.
     "h100-gt96": Accelerator(
         "h100-gt96", "nvidia", {"bf16": 886.5, "fp8": 1773.0, "tf32": 443.3, "fp32": 59.9}, 88.0, 2.4, 900.0,
-        {"bf16": 709.7, "fp8": 1302.2},
+        {"bf16": 709.7, "fp8": 1302.2}, power_w=500, nvlink_gen=4,
     ),
     "b200": Accelerator(
-        "b200", "nvidia", {"bf16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 75.0}, 180.0, 8.0, 1800.0, {"bf16": 1745.0, "fp8": 3432.5}
+        "b200", "nvidia", {"bf16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 75.0}, 180.0, 8.0, 1800.0, {"bf16": 1745.0, "fp8": 3432.5},
+        power_w=1000, nvlink_gen=5, mx_formats=True,
     ),
 }
 
@@ -122,6 +146,9 @@ ALIASES = {
     "h100-80gb": "h100",
     "h200-141gb": "h200",
     "b200-180gb": "b200",
+    "h100-96gb": "h100-gt96",  # the 96 GB HBM2e board at 500 W (Grand Teton)
+    "h100-500w": "h100-gt96",
+    "h800-80gb": "h800",
 }
 
 # ---- node types -----------------------------------------------------------------------------
@@ -167,6 +194,20 @@ NODE_TYPES: dict[str, NodeType] = {
         "grand-teton", "h100-gt96", 8, 900.0, 400.0,
         source="Meta Grand Teton as in torchtitan's H100 benchmarks: 8x H100 96GB (500 W), NVLink, 400 Gb/s RDMA per GPU",
     ),
+    "hgx-h200": NodeType(
+        "hgx-h200", "h200", 8, 900.0, 400.0,
+        source="HGX H200 as in Trainy's torchtitan runs on WhiteFiber (torchtitan benchmarks, 2025-06): 8x H200, NVLink, "
+        "400 Gb/s CX-7 RDMA per GPU",
+    ),
+    "gb200-nvl72": NodeType(
+        "gb200-nvl72", "gb200", 72, 1800.0, 400.0,
+        source="GB200 NVL72 (NVIDIA datasheet): 72 GPUs in one NVLink 5 domain (1.8 TB/s per GPU), ConnectX-7 400 Gb/s per "
+        "GPU across racks (not verified here)",
+    ),
+    "hgx-h800": NodeType(
+        "hgx-h800", "h800", 8, 400.0, 400.0,
+        source="DeepSeek-V3 report sec. 3.2.2: 8x H800 per node, NVLink (160 GB/s achieved), 8x 400 Gb/s IB (50 GB/s per GPU)",
+    ),
     "dgx-b200": NodeType(
         "dgx-b200", "b200", 8, 1800.0, 400.0,
         source="DGX B200 datasheet: 8x B200, NVLink5 1.8 TB/s per GPU, 8x single-port ConnectX-7 400 Gb/s (not verified here)",
@@ -196,6 +237,8 @@ DEFAULT_NODE = {
     "mi300x": "nd-mi300x-v5",
     "h100-gt96": "grand-teton",
     "b200": "dgx-b200",
+    "h800": "hgx-h800",
+    "gb200": "gb200-nvl72",
     "local": "local",
 }
 
@@ -294,8 +337,10 @@ _DEVICE_PATTERNS = (
     ("a100", "40gb", "a100-40gb"),
     ("a100", "80gb", "a100-80gb"),
     ("h100", "", "h100"),
+    ("h800", "", "h800"),
     ("h200", "", "h200"),
     ("mi300x", "", "mi300x"),
+    ("gb200", "", "gb200"),
     ("b200", "", "b200"),
 )
 

@@ -10,7 +10,8 @@
   `balance_step` moves after each optimizer step from the step's token counts.
 - Experts: stacked 3-D weights w1, w3 [E, hidden, width], w2 [E, width, hidden] run by one
   `torch._grouped_mm` over the tokens sorted by expert where this device and dtype run it (probed
-  once at run time), else a loop over experts (the reference path).
+  once at run time) and it pays (not fp32 on CPU, where the loop measured faster), else a loop
+  over experts (the reference path).
 - Shared experts (DeepSeek) see every token: one dense SwiGLU of `shared * width`.
 
 Expert parallelism (`parallel.experts`) sets `dispatcher` on a layer: it sends each token to
@@ -34,7 +35,17 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
     aligned rows; some GPUs and dtypes have no kernel), checked on a tiny case against the loop."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # Its own saved-tensor hooks: probed first inside a checkpointed block, its tensors would
+    # otherwise count as the block's, and the recomputation (probe cached) would save fewer.
     try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            return _probe_grouped_mm(device_type, dtype)
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
+    with torch.enable_grad():
         gen = torch.Generator().manual_seed(0)
         a = torch.randn(6, 16, generator=gen).to(device_type, dtype).requires_grad_()
         b = torch.randn(2, 16, 8, generator=gen).to(device_type, dtype).requires_grad_()
@@ -42,8 +53,6 @@ def grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         out.float().square().sum().backward()
         ref = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
         return bool(torch.allclose(out.float(), ref.float(), atol=1e-2, rtol=1e-2)) and a.grad is not None
-    except (RuntimeError, NotImplementedError):
-        return False
 
 
 def _aligned(*tensors: torch.Tensor) -> bool:
@@ -70,7 +79,9 @@ class GroupedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(experts, hidden, width))
         self.w3 = nn.Parameter(torch.empty(experts, hidden, width))
         self.w2 = nn.Parameter(torch.empty(experts, width, hidden))
-        self.use_grouped_mm = True  # where grouped_mm_works; False: the per-expert loop
+        # None: grouped_mm where it works and pays (bench/moe.py on AVX-512 EPYC: fp32 grouped_mm on CPU
+        # ran 1.3-3.5x slower than the loop, bf16 1.2-12x faster); True: wherever it works; False: the loop
+        self.use_grouped_mm: bool | None = None
         self.grad_scale = 1.0  # expert parallelism: 1/ep (parallel.experts explains why)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -81,7 +92,9 @@ class GroupedExperts(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast does not cover grouped_mm: cast here
             x = x.to(torch.get_autocast_dtype(x.device.type))
         w1, w3, w2 = (w.to(x.dtype) for w in (w1, w3, w2))
-        grouped = self.use_grouped_mm and grouped_mm_works(x.device.type, x.dtype)
+        wanted = self.use_grouped_mm if self.use_grouped_mm is not None else not (
+            x.device.type == "cpu" and x.dtype == torch.float32)
+        grouped = wanted and grouped_mm_works(x.device.type, x.dtype)
         offsets = torch.cumsum(counts, 0).to(torch.int32) if grouped else None
         h = F.silu(expert_matmul(x, w1, counts, offsets, grouped)) * expert_matmul(x, w3, counts, offsets, grouped)
         return expert_matmul(h, w2, counts, offsets, grouped)

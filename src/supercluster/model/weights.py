@@ -21,6 +21,7 @@ _BLOCK = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
     "feed_forward.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attention.q_norm": "self_attn.q_norm", "attention.k_norm": "self_attn.k_norm",  # Qwen3
 }
 _TOP = {"tok_embeddings": "model.embed_tokens", "pos_embeddings": "model.embed_positions",
         "norm": "model.norm", "output": "lm_head"}

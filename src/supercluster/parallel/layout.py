@@ -163,7 +163,7 @@ class Layout:
         return self
 
     def problems(self, model, seq_len: int, global_batch: int, gpus_per_node: int | None = None,
-                 shardings: tuple = TRAINER_SHARDING) -> list[str]:
+                 shardings: tuple = TRAINER_SHARDING, spare_stages: int = 0, expert_tp_cp: bool = False) -> list[str]:
         """Every rule this layout breaks for `model` at this sequence length and batch, one sentence each.
 
         `shardings` are the strategies the training stack runs (this trainer's by default)."""
@@ -201,7 +201,7 @@ class Layout:
                        + ("tp for sequence parallelism" if self.tp > 1 and self.sequence_parallel else "")
                        + (" x " if self.tp > 1 and self.sequence_parallel and self.cp > 1 else "")
                        + ("2 x cp, the load-balanced chunks of context parallelism" if self.cp > 1 else "") + ".")
-        out += self._expert_problems(model)
+        out += self._expert_problems(model, expert_tp_cp)
         if global_batch % (self.dp * self.microbatch):
             out.append(f"The global batch ({global_batch}) must be divisible by the data-parallel degree ({self.dp}) "
                        f"x the microbatch ({self.microbatch}).")
@@ -212,10 +212,10 @@ class Layout:
                 out.append("parallel.stage_layers needs pipeline parallelism (pp of 2 or more).")
             return out
         if self.pp_schedule in PP_SCHEDULES:
-            out += self._pipeline_problems(model, global_batch)
+            out += self._pipeline_problems(model, global_batch, spare_stages)
         return out
 
-    def _expert_problems(self, model) -> list[str]:
+    def _expert_problems(self, model, expert_tp_cp: bool = False) -> list[str]:
         if self.ep == 1:
             return []
         experts = getattr(model, "moe_experts", 0)
@@ -224,16 +224,16 @@ class Layout:
         out = []
         if experts % self.ep:
             out.append(f"Expert parallel degree {self.ep} must divide the model's {experts} experts.")
-        if self.dp_shard % self.ep:
+        if (self.dp_shard * (self.tp * self.cp if expert_tp_cp else 1)) % self.ep:
             out.append(f"Expert parallel degree {self.ep} must divide dp_shard ({self.dp_shard}): expert parallelism "
                        f"is carved out of the data-parallel ranks.")
-        if self.tp > 1:
+        if self.tp > 1 and not expert_tp_cp:
             out.append("Expert parallelism with tensor parallelism is not built; use tp 1 or ep 1.")
-        if self.cp > 1:
+        if self.cp > 1 and not expert_tp_cp:
             out.append("Expert parallelism with context parallelism is not built; use cp 1 or ep 1.")
         return out
 
-    def _pipeline_problems(self, model, global_batch: int) -> list[str]:
+    def _pipeline_problems(self, model, global_batch: int, spare_stages: int = 0) -> list[str]:
         out = []
         if self.pp_schedule in SINGLE_STAGE_SCHEDULES and self.virtual_stages > 1:
             out.append(f"Pipeline schedule {self.pp_schedule!r} runs one stage per rank; use interleaved1f1b "
@@ -252,7 +252,7 @@ class Layout:
             elif sum(got) != model.layers:
                 out.append(f"parallel.stage_layers {list(got)} sums to {sum(got)} layers but the model has "
                            f"{model.layers}; make the stage counts add up to the layers.")
-        elif model.layers < self.num_stages:
+        elif model.layers + spare_stages < self.num_stages:  # spare: stages holding only the embedding or the loss
             out.append(f"The model's {model.layers} layers cannot fill {self.num_stages} pipeline stages "
                        f"(pp {self.pp} x {self.stages_per_rank} per rank); lower pp or virtual_stages.")
         if model.tie_embeddings:

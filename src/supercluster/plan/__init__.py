@@ -1,6 +1,8 @@
 """The planner: predict a training step of any layout, and choose the best one (torch-free).
 
-    cost.py       FLOPs, bytes and seconds of one step of one layout, memory per GPU
+    cost.py       FLOPs, bytes and seconds of one step of one layout, memory per GPU, its
+                  terms (`plan --explain`) and its interval from left-out residuals
+    moe.py        the Mixture-of-Experts terms: expert GEMMs, all-to-all tiers, expert sharding
     search.py     every layout the fixed knobs allow, checked for memory, ranked by step time
     build.py      CLI flags -> Request; best plan -> train config sections
     profiles.py   named software stacks (supercluster, megatron, deepspeed) and their switches

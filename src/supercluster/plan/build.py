@@ -45,6 +45,7 @@ def build_request(
     precision: str | None = None,
     fixed: dict | None = None,
     software: Software | None = None,
+    moe_imbalance: float = 1.0,
 ) -> Request:
     if not 1 <= gpus <= MAX_GPUS:
         raise UserError(f"--gpus must be in 1..{MAX_GPUS:,}, got {gpus:,}.")
@@ -73,11 +74,18 @@ def build_request(
         global_batch = max(1, DEFAULT_BATCH_TOKENS // seq_len)
     if not 1 <= global_batch <= MAX_GLOBAL_BATCH:
         raise UserError(f"--global-batch must be in 1..{MAX_GLOBAL_BATCH:,} sequences, got {global_batch:,}.")
-    # Local ranks share cores and talk through gloo: nothing overlaps, no fused attention.
     software = software or profile()
+    if precision != "fp8" and (software.fp8_recipe != "tensorwise" or software.fp8_all_gather):
+        raise UserError("--fp8-recipe and --fp8-all-gather apply to FP8 training; add --precision fp8 or drop them.")
+    if software.fp8_recipe == "mxfp8" and precision == "fp8" and not acc.mx_formats:
+        raise UserError(f"--fp8-recipe mxfp8 needs block-scaled FP8 tensor cores (Blackwell: b200); {acc.name} has none, "
+                        f"so use tensorwise or rowwise.")
     if local:  # local ranks share cores and talk through gloo: nothing overlaps, no fused attention
         software = dataclasses.replace(software, flash_attention=False, overlap_dp=False, overlap_tp=False)
-    return Request(Workload(model, seq_len, global_batch), System(acc, nt, precision), gpus, software, dict(fixed or {}))
+    if moe_imbalance < 1:
+        raise UserError(f"--moe-imbalance is the busiest rank's tokens over the mean, at least 1; got {moe_imbalance}.")
+    work = Workload(model, seq_len, global_batch, moe_imbalance)
+    return Request(work, System(acc, nt, precision), gpus, software, dict(fixed or {}))
 
 
 def train_config(est: Estimate, req: Request, steps: int, run_dir: str | None = None, lr: float | None = None,

@@ -28,18 +28,32 @@ from supercluster.files import write_atomic
 from supercluster.hardware.catalog import accelerator, node_type
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import Layout
-from supercluster.plan.cost import CONSTANTS_FILE, RESERVED_GIB, Estimate, System, Workload, estimate, memory
-from supercluster.plan.profiles import PROFILES, Software
+from supercluster.plan.cost import CONSTANTS_FILE, INTERVAL_COVERAGE, MEMORY_MARGIN, RESERVED_GIB, interval_class, Estimate, System, Workload, estimate, memory
+from supercluster.plan.profiles import PROFILES, Software, with_switches
 
+# The `switches` column's words -> `profiles.with_switches` arguments.
+SWITCHES = {
+    "async-tp": ("async_tp", True), "no-async-tp": ("async_tp", False),
+    "fp8-all-gather": ("fp8_all_gather", True),
+    "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"), "fp8-delayed": ("fp8_recipe", "delayed"),
+    "ep-overlap": ("ep_overlap", True),
+}
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")
-BOUNDS = {"gemm_efficiency": (0.3, 1.0)}
+BOUNDS = {"gemm_efficiency": (0.3, 1.0), "fp8_efficiency": (0.3, 1.0)}
+# Layouts kept per row for fitting: the fastest at reference constants. The constants scale
+# compute only, so which layouts are fastest barely moves with them; keeping a few instead of
+# hundreds makes leave-one-source-out cheap.
+KEEP_LAYOUTS = 6
+REFERENCE = {"gemm_efficiency": 0.85, "fp8_efficiency": 0.85}
 
 # GPT-2/3 as trained in the Megatron papers: LayerNorm, GELU MLP of 4h, learned positions,
 # tied embeddings. Llama 3: RMSNorm, SwiGLU, rotary, untied.
 _ARCH = {
     "gelu": dict(norm="layernorm", mlp="gelu", position="learned", bias=True, tie_embeddings=True),
     "swiglu": dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False),
+    # Nemotron: squared-ReLU MLP (two matrices, as GELU's), LayerNorm, rotary, untied, no biases.
+    "relu2": dict(norm="layernorm", mlp="gelu", position="rope", bias=False, tie_embeddings=False),
 }
 
 
@@ -63,6 +77,16 @@ def _int(text: str):
     return int(text) if text.strip() else None
 
 
+def _extra(text: str) -> dict:
+    """`model_extra`: key=value model fields beyond the shared columns (MoE shapes, head_dim,
+    MLA ranks), as `model.config.ModelConfig` names them."""
+    out = {}
+    for item in text.split():
+        key, value = item.split("=", 1)
+        out[key] = value == "true" if value in ("true", "false") else (int(value) if value.lstrip("-").isdigit() else value)
+    return out
+
+
 def _parse(r: dict) -> Row | None:
     """A Row, or None when the source gives no GPU count or batch to predict from."""
     if not (r["gpu_count"] and r["global_batch"] and r["layers"]):
@@ -70,9 +94,10 @@ def _parse(r: dict) -> Row | None:
     arch = _ARCH[r["mlp"]]
     model = ModelConfig(
         layers=int(r["layers"]), hidden=int(r["hidden"]), heads=int(r["heads"]), kv_heads=_int(r["kv_heads"]),
-        ffn_hidden=_int(r["ffn_hidden"]), vocab_size=int(r["vocab"]), max_seq_len=int(r["seq_len"]), **arch,
+        ffn_hidden=_int(r["ffn_hidden"]), vocab_size=int(r["vocab"]), max_seq_len=int(r["seq_len"]),
+        **{**arch, **_extra(r.get("model_extra") or "")},
     )
-    fixed = {k: _int(r[k]) for k in ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages") if r[k].strip()}
+    fixed = {k: _int(r[k]) for k in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages") if (r.get(k) or "").strip()}
     for k in ("recompute", "sharding", "pp_schedule"):
         if r[k].strip():
             fixed[k] = r[k].strip()
@@ -83,6 +108,11 @@ def _parse(r: dict) -> Row | None:
     sw = PROFILES[r["stack"]]
     if r["compile"] == "eager":  # the run's stated kernel mode (torch.compile off)
         sw = replace(sw, fused_elementwise=False)
+    switches = set((r.get("switches") or "").split())  # the run's stated switches on top of its stack
+    unknown = switches - set(SWITCHES)
+    if unknown:
+        raise UserError(f"Calibration row {r['model']} ({r['source_id']}): unknown switch {sorted(unknown)[0]!r}.")
+    sw = with_switches(sw, **{SWITCHES[k][0]: SWITCHES[k][1] for k in switches})
     label = f"{r['model']} on {r['gpu_count']} GPUs ({r['source_id']})"
     system = System(accelerator(r["gpu"]), node_type(r["node"]), r["precision"])
     return Row(label, r["source_id"], r["stack"], Workload(model, int(r["seq_len"]), int(r["global_batch"])), system, sw,
@@ -133,16 +163,21 @@ def _layouts(row: Row):
                     elif schedule == "1f1b":
                         vs = [1]
                     else:
-                        vs = [v for v in (2, 3, 4, 6, 8) if cfg.layers % (pp * v) == 0 and m % pp == 0] or [2]
+                        vs = [v for v in (2, 3, 4, 6, 8) if cfg.layers >= pp * v and m % pp == 0] or [2]  # uneven stages allowed
+                experts = getattr(cfg, "moe_experts", 0)
+                pool = dp * (tp * cp if row.software.expert_tp_cp else 1)
+                eps = [f["ep"]] if "ep" in f else ([e for e in range(1, pool + 1) if pool % e == 0 and experts % e == 0]
+                                                  if experts else [1])
                 sps = [f["sequence_parallel"]] if "sequence_parallel" in f else ([True, False] if tp > 1 else [False])
                 recomputes = [f["recompute"]] if "recompute" in f else ["none", "selective", "full"]
                 shardings = [f["sharding"]] if "sharding" in f else list(row.software.shardings)
-                for v, sp, rc, sh in itertools.product(vs, sps, recomputes, shardings):
+                for v, sp, rc, sh, ep in itertools.product(vs, sps, recomputes, shardings, eps):
                     if pp > 1 and v > 1 and schedule == "1f1b":
                         schedule = "interleaved1f1b"
-                    yield Layout(tp=tp, pp=pp, dp_shard=dp, cp=cp, sharding=sh, pp_schedule=schedule if pp > 1 else "1f1b",
+                    lay = Layout(tp=tp, pp=pp, dp_shard=dp, cp=cp, sharding=sh, pp_schedule=schedule if pp > 1 else "1f1b",
                                  virtual_stages=v, stage_layers=f.get("stage_layers"), microbatch=mb, recompute=rc,
                                  sequence_parallel=sp)
+                    yield replace(lay, ep=ep) if experts else lay
 
 
 def best(row: Row, constants: dict) -> Estimate:
@@ -164,7 +199,15 @@ def _feasible(row: Row) -> list[Layout]:
             fits.append(lay)
         elif nearest is None or mem < nearest[0]:
             nearest = (mem, lay)
-    row.feasible = fits or [nearest[1]]
+    if not fits and nearest[0] <= cap * (1 + MEMORY_MARGIN):
+        fits = [nearest[1]]  # answered with a warning, as `plan` does
+    if not fits:
+        raise UserError(f"{row.label}: the memory model refuses every layout the source allows (nearest "
+                        f"{nearest[0]:.1f} GiB of {cap:.0f}); a published run did fit, so fix the memory model.")
+    if len(fits) > KEEP_LAYOUTS:
+        ranked = sorted(fits, key=lambda lay: estimate(row.work, lay, row.system, row.software, REFERENCE).step_time_s)
+        fits = ranked[:KEEP_LAYOUTS]
+    row.feasible = fits
     return row.feasible
 
 
@@ -198,23 +241,38 @@ def _golden(objective, lo: float, hi: float, tol: float = 2e-3) -> float:
     return round((lo + hi) / 2, 4)
 
 
-def _fit_rows(rows: list[Row]) -> dict:
-    """The one GEMM efficiency minimising these rows' MAPE (each row with its own profile)."""
+def _fit_one(rows: list[Row], key: str, fixed: dict) -> float:
+    """The value of constant `key` minimising these rows' MAPE, the others as `fixed`."""
     def objective(x):
-        errs = [(predict(row, {"gemm_efficiency": x}) - row.published) / row.published for row in rows]
+        errs = [(predict(row, {**fixed, key: x}) - row.published) / row.published for row in rows]
         return sum(map(abs, errs)) / len(errs)
 
-    return {"gemm_efficiency": _golden(objective, *BOUNDS["gemm_efficiency"])}
+    return _golden(objective, *BOUNDS[key])
+
+
+def _is_moe(row: Row) -> bool:
+    return getattr(row.work.model, "moe_experts", 0) > 0
+
+
+def _is_fp8(row: Row) -> bool:
+    return row.system.precision == "fp8"
 
 
 def fit(rows: list[Row]) -> dict[str, dict]:
-    """Per profile, its constants fitted on its own rows; a profile without rows here takes
-    the constants fitted on all these rows pooled."""
-    pooled = _fit_rows(rows)
+    """Per profile, its two constants fitted on its own rows: the 16-bit GEMM efficiency on
+    its 16-bit rows, then the FP8 one on its FP8 rows. A profile without rows of a kind takes
+    that constant fitted on all these rows of that kind pooled (each row with its own profile)."""
+    wide, narrow = [r for r in rows if not _is_fp8(r)], [r for r in rows if _is_fp8(r)]
+    pooled_g = _fit_one(wide, "gemm_efficiency", {}) if wide else REFERENCE["gemm_efficiency"]
+    pooled_f = (_fit_one(narrow, "fp8_efficiency", {"gemm_efficiency": pooled_g}) if narrow
+                else pooled_g)
     out = {}
     for name in PROFILES:
-        own = [r for r in rows if r.stack == name]
-        out[name] = _fit_rows(own) if own else dict(pooled)
+        own16 = [r for r in wide if r.stack == name]
+        own8 = [r for r in narrow if r.stack == name]
+        g = _fit_one(own16, "gemm_efficiency", {}) if own16 else pooled_g
+        f = _fit_one(own8, "fp8_efficiency", {"gemm_efficiency": g}) if own8 else pooled_f
+        out[name] = {"gemm_efficiency": g, "fp8_efficiency": f}
     return out
 
 
@@ -236,6 +294,46 @@ def leave_one_source_out(rows: list[Row]) -> dict[str, dict]:
     return out
 
 
+def step_ratios(rows: list[Row], errs: list[float]) -> list[float]:
+    """Each row's true step time over the predicted one, from its signed error in its metric
+    (throughputs scale as 1/step time, a published step time directly)."""
+    return [1 / (1 + e) if row.metric == "step_time_s" else 1 + e for row, e in zip(rows, errs)]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    """The q-quantile, linear between order statistics."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
+
+
+# A class keeps its own interval only with this many left-out residuals from this many
+# sources; else it takes the pooled one. One source's residuals are correlated (one team,
+# one cluster, one convention): its spread says little about a new source's.
+MIN_CLASS_ROWS = 8
+MIN_CLASS_SOURCES = 2
+
+
+def intervals(rows: list[Row], loso: dict[str, dict], coverage: float = INTERVAL_COVERAGE) -> dict:
+    """Per class (stack and precision), the central `coverage` range of the leave-one-source-
+    out step-time ratios, and "all" pooled over every row."""
+    errs = {id(r): e for source, res in loso.items() for r, e in zip([r for r in rows if r.source == source], res["errors"])}
+    ratios: dict[str, list[float]] = {}
+    sources: dict[str, set] = {}
+    for row in rows:
+        ratio = step_ratios([row], [errs[id(row)]])[0]
+        for key in (interval_class(row.stack, row.system.precision, _is_moe(row)), "all"):
+            ratios.setdefault(key, []).append(ratio)
+            sources.setdefault(key, set()).add(row.source)
+    tail = (1 - coverage) / 2
+    return {key: {"ratio": [round(_quantile(v, tail), 4), round(_quantile(v, 1 - tail), 4)], "rows": len(v),
+                  "sources": len(sources[key])}
+            for key, v in sorted(ratios.items())
+            if key == "all" or (len(v) >= MIN_CLASS_ROWS and len(sources[key]) >= MIN_CLASS_SOURCES)}
+
+
 def report(rows: list[Row], constants: dict[str, dict], loso: dict[str, dict] | None = None) -> None:
     errs = errors(rows, constants)
     for row, err in zip(rows, errs):
@@ -247,8 +345,12 @@ def report(rows: list[Row], constants: dict[str, dict], loso: dict[str, dict] | 
         print(f"{'source':24s} {'rows':>4s} {'MAPE':>7s} {'max':>7s}  constants used")
         for source, res in loso.items():
             used = {r.stack for r in rows if r.source == source}
-            consts = ", ".join(f"{s} {res['constants'][s]['gemm_efficiency']:.3f}" for s in sorted(used))
+            consts = ", ".join(f"{s} {res['constants'][s]['gemm_efficiency']:.3f}/{res['constants'][s]['fp8_efficiency']:.3f}"
+                               for s in sorted(used))
             print(f"{source:24s} {res['rows']:4d} {res['mape']:7.1%} {res['max_error']:7.1%}  {consts}")
+        print(f"\n{INTERVAL_COVERAGE:.0%} intervals (true / predicted step time, left-out residuals):")
+        for key, iv in intervals(rows, loso).items():
+            print(f"{key:24s} {iv['rows']:4d} rows {iv['sources']:2d} sources  {iv['ratio'][0]:.3f} .. {iv['ratio'][1]:.3f}")
 
 
 def main(argv=None):
@@ -271,6 +373,8 @@ def main(argv=None):
         "data": "calibration/published-runs.csv",
         "rows": len(rows),
         "leave_one_source_out_mape": {s: round(v["mape"], 4) for s, v in loso.items()},
+        "interval_coverage": INTERVAL_COVERAGE,
+        "intervals": intervals(rows, loso),
     }
     write_atomic(CONSTANTS_FILE, json.dumps(out, indent=1) + "\n")
     print(f"wrote {CONSTANTS_FILE}")

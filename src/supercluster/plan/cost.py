@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from supercluster.hardware.catalog import Accelerator, NodeType
-from supercluster.model.config import ModelConfig, flops_per_token, layer_params, matmul_params
+from supercluster.model.config import ModelConfig, attention_flops_per_token, flops_per_token, matmul_params
 from supercluster.parallel.layout import Layout
+from supercluster.plan import moe
 from supercluster.plan.profiles import PROFILES, Software
 
 CONSTANTS_FILE = Path(__file__).with_name("constants.json")
@@ -41,6 +42,10 @@ MEMORY_EFFICIENCY = 0.8  # STREAM-like kernels reach ~80% of HBM peak
 KERNEL_LAUNCH_S = 5e-6  # per GEMM / collective launch on a GPU
 COLLECTIVE_LATENCY_S = 20e-6  # per ring collective or p2p message across IB (NCCL base latency, order of 10-30 us)
 RESERVED_GIB = 2.0  # CUDA/ROCm context, NCCL buffers and allocator slack per GPU
+# A layout predicted over HBM by at most this share is answered with a warning, not refused:
+# the memory model's error against published peaks (torchtitan's runs, calibration/README.md)
+# is of this order, and a run that was published did fit.
+MEMORY_MARGIN = 0.10
 OPTIMIZER_BYTES_PER_PARAM = 30  # Adam step: read fp32 param, grad, m, v; write param, m, v and the 16-bit copy
 
 
@@ -62,6 +67,7 @@ class Workload:
     model: ModelConfig
     seq_len: int
     global_batch: int  # sequences per optimizer step
+    moe_imbalance: float = moe.DEFAULT_IMBALANCE  # busiest ep rank's tokens / the mean (MoE models)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,19 @@ class System:
 
 
 EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3 kernels per fused one)
-FP8_CAST_BYTES = 5  # per operand element: amax read (2), read 16-bit (2), write FP8 (1)
+# Bytes per operand element that casting to FP8 moves, per GEMM, by scaling recipe:
+# tensorwise: a separate amax pass over the tensor (read 2), then read 2 and write 1; its FP8
+# transpose is valid for the backward GEMMs. rowwise: the amax of a row fuses into the cast
+# (read 2, write 1), but the transposed operand of the backward needs its own scales along
+# the other axis: two casts. mxfp8: as rowwise, plus one 1-byte E8M0 scale per 32 elements.
+# delayed (Transformer Engine's default until 2025): the scale comes from earlier steps' amax
+# history, so no amax pass: read 2, write 1.
+FP8_CAST_BYTES = {"tensorwise": 5.0, "delayed": 3.0, "rowwise": 6.0, "mxfp8": 2 * (3 + 1 / 32)}
+# A stack that fuses the cast into the kernel producing the activation (Transformer Engine's
+# LayerNormLinear and fused activations) pays only the extra FP8 write, plus the amax-then-
+# cast pass that current scaling needs; it keeps the weights' FP8 copies across microbatches
+# (TE's weight caching), so per microbatch only activations are cast.
+FP8_FUSED_CAST_BYTES = {"tensorwise": 3.0, "delayed": 1.0, "rowwise": 6.0, "mxfp8": 2 * (1 + 1 / 32)}
 
 
 @dataclass
@@ -92,6 +110,14 @@ class Estimate:
     mfu: float
     hfu: float
     memory: dict = field(default_factory=dict)  # GiB per GPU by kind, plus "total"
+    warnings: list = field(default_factory=list)  # why this prediction is shaky, one sentence each
+    terms: dict = field(default_factory=dict)  # seconds per term of the step, summing to step_time_s
+    # The INTERVAL_COVERAGE range of step time and MFU (set by `add_interval`; None before).
+    step_time_s_low: float | None = None
+    step_time_s_high: float | None = None
+    mfu_low: float | None = None
+    mfu_high: float | None = None
+    interval_class: str | None = None
 
     @property
     def memory_gib_per_gpu(self) -> float:
@@ -116,6 +142,13 @@ class Estimate:
             compute_s=self.compute_s,
             bubble_s=self.bubble_s,
             optimizer_s=self.optimizer_s,
+            warnings=list(self.warnings),
+            terms_s=dict(self.terms),
+            step_time_s_low=self.step_time_s_low,
+            step_time_s_high=self.step_time_s_high,
+            mfu_low=self.mfu_low,
+            mfu_high=self.mfu_high,
+            interval_class=self.interval_class,
         )
         return out
 
@@ -125,6 +158,33 @@ def load_constants(stack: str | None = None) -> dict:
     `python -m supercluster.plan.calibrate` wrote them."""
     stored = json.loads(CONSTANTS_FILE.read_text())["constants"]
     return stored if stack is None else stored[stack]
+
+
+# ---- uncertainty ------------------------------------------------------------------------------
+INTERVAL_COVERAGE = 0.8  # the share of left-out published runs each interval is built to hold
+
+
+def interval_class(stack: str, precision: str, moe_model: bool = False) -> str:
+    """The class whose leave-one-source-out residuals bound a prediction: stack, precision,
+    and whether the model has experts (MoE predictions miss by more)."""
+    return f"{stack}/{'fp8' if precision == 'fp8' else '16-bit'}" + ("/moe" if moe_model else "")
+
+
+def load_intervals() -> dict:
+    """class -> [low, high] ratio of the true step time to the predicted one, at
+    INTERVAL_COVERAGE, from the leave-one-source-out residuals (`plan.calibrate`); "all" is
+    the pooled fallback for classes with too few rows."""
+    return json.loads(CONSTANTS_FILE.read_text()).get("intervals", {})
+
+
+def add_interval(est: "Estimate", precision: str, intervals: dict, moe_model: bool = False) -> "Estimate":
+    """Set the estimate's step time and MFU ranges from its class's residuals."""
+    key = interval_class(est.stack, precision, moe_model)
+    low, high = (intervals.get(key) or intervals.get("all") or {"ratio": [1.0, 1.0]})["ratio"]
+    est.step_time_s_low, est.step_time_s_high = est.step_time_s * low, est.step_time_s * high
+    est.mfu_low, est.mfu_high = est.mfu / high, est.mfu / low
+    est.interval_class = key if key in intervals else "all"
+    return est
 
 
 # ---- rates ---------------------------------------------------------------------------------
@@ -141,9 +201,11 @@ class Rates:
         # GEMMs run at the measured best-case matmul rate times the profile's fitted share of it
         # that its kernels keep at their own shapes. FP8 runs only the linear layers in FP8
         # (datasheet FP8 rate, measured where available); attention and the rest stay 16-bit.
+        # FP8 GEMMs keep their own share (the second constant) of the measured FP8 rate: FP8
+        # kernels and their scaling epilogues reach it less or more closely than 16-bit ones.
         eff = constants["gemm_efficiency"]
         self.gemm_rate = acc.achievable("bf16" if self.fp8 else precision) * 1e12 * eff
-        self.linear_rate = acc.achievable(precision) * 1e12 * eff
+        self.linear_rate = acc.achievable(precision) * 1e12 * (constants.get("fp8_efficiency", eff) if self.fp8 else eff)
         self.hbm = acc.hbm_tbps * 1e12 * MEMORY_EFFICIENCY  # bytes/s
         self.elem = element_bytes(precision)  # activation bytes
         self.cpu = acc.vendor == "cpu"
@@ -155,6 +217,8 @@ class Rates:
         self.out = LINK_EFFICIENCY * node.scale_out_gbps_per_gpu / 8 * 1e9  # bytes/s per GPU
         self.gpus_per_node = node.gpus_per_node
         self.eager = 1.0 if sw.fused_elementwise else EAGER_TRAFFIC
+        self.cast_fused = sw.fp8_cast_fused
+        self.cast_bytes = (FP8_FUSED_CAST_BYTES if sw.fp8_cast_fused else FP8_CAST_BYTES)[sw.fp8_recipe]
 
     def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False) -> float:
         """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
@@ -169,7 +233,7 @@ class Rates:
         rate = self.linear_rate if linear else self.gemm_rate
         traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
         if fp8:
-            traffic += FP8_CAST_BYTES * (m * k + k * n)
+            traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
         return batch * (flops / rate + traffic / self.hbm) + self.launch
 
     def memory_pass(self, nbytes: float) -> float:
@@ -199,7 +263,7 @@ class Rates:
 # ---- FLOPs and bytes of one layer ------------------------------------------------------------
 
 
-def _elementwise_elements(cfg: ModelConfig) -> tuple[float, float, float]:
+def _elementwise_elements(cfg: ModelConfig, ffn: float | None = None, dispatch: float = 0.0) -> tuple[float, float, float]:
     """Per token, in units of h: (replicated across tp unless sequence parallel, split by tp,
     recomputable by "selective") elements the elementwise ops of one layer write.
 
@@ -209,35 +273,63 @@ def _elementwise_elements(cfg: ModelConfig) -> tuple[float, float, float]:
     activation's output, dropout masks) are what "selective" recompute drops and rebuilds.
     """
     h = cfg.hidden
+    f = cfg.ffn_hidden if ffn is None else ffn  # a MoE layer: its token's experts' total width
     kv = cfg.kv_heads * cfg.head_dim
+    q = cfg.heads * cfg.head_dim
     dropout = 1 if cfg.mlp == "gelu" else 0  # GPT-style dropout masks, 1 byte = half an element
-    mlp_hidden = (3 if cfg.mlp == "swiglu" else 2) * cfg.ffn_hidden / h  # up (+gate) + activation out
+    mlp_hidden = (3 if cfg.mlp == "swiglu" else 2) * f / h  # up (+gate) + activation out
     replicated = 4 + dropout  # two norm inputs and outputs, masks
-    sharded = 1 + 2 * kv / h + 1 + mlp_hidden  # Q, K+V, attention out, MLP
-    recomputable = 2 + dropout + cfg.ffn_hidden / h  # norm outputs, masks, activation output
+    # Q, K+V, attention out, MLP; a MoE layer adds its dispatched and combined token copies.
+    sharded = q / h + 2 * kv / h + q / h + mlp_hidden + dispatch
+    recomputable = 2 + dropout + f / h  # norm outputs, masks, activation output
     return replicated, sharded, recomputable
 
 
 def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of one transformer layer for one microbatch on
     one GPU, compute only. Tokens are split over cp, weights over tp."""
+    classes = _layer_classes(cfg, lay, sw, r, s)
+    fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]
+    bwd = classes["linear"][1] + classes["attention"][1] + classes["elementwise"][1]
+    return fwd, bwd, classes["recompute"]
+
+
+def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int, moe_layer: bool = False,
+                   imbalance: float = 1.0) -> dict:
+    """Per op class, (forward, backward) seconds of one layer for one microbatch, and the
+    recompute seconds: what `plan --explain` shows. `moe_layer`: its feed-forward is the
+    experts (`plan.moe`), `imbalance` the busiest ep rank's share of tokens over the mean."""
     t, b, h = lay.tp, lay.microbatch, cfg.hidden
     tokens = b * s / lay.cp
     kv = cfg.kv_heads * cfg.head_dim
+    q = cfg.heads * cfg.head_dim
     f = cfg.ffn_hidden
     up_cols = 2 * f if cfg.mlp == "swiglu" else f
     # The four linear blocks of Megatron's TP split (Narayanan sec. 2.3, Fig. 5).
-    linears = [
-        r.gemm(tokens, h, (h + 2 * kv) / t, linear=True),  # QKV, column-parallel
-        r.gemm(tokens, h / t, h, linear=True),  # attention output, row-parallel
-        r.gemm(tokens, h, up_cols / t, linear=True),  # MLP up (and gate), column-parallel
-        r.gemm(tokens, f / t, h, linear=True),  # MLP down, row-parallel
-    ]
+    if getattr(cfg, "attention", "gqa") == "mla":
+        # Multi-head latent attention, costed from its parameter count: its down- and
+        # up-projections as one column-parallel GEMM of the same weights (not its kernels).
+        attn = (matmul_params(replace(cfg, layers=1, moe_experts=0)) - cfg.vocab_size * h - 3 * h * f) / h
+        linears = [r.gemm(tokens, h, attn / t, linear=True)]
+    else:
+        linears = [
+            r.gemm(tokens, h, (q + 2 * kv) / t, linear=True),  # QKV, column-parallel
+            r.gemm(tokens, q / t, h, linear=True),  # attention output, row-parallel
+        ]
+    if moe_layer:
+        linears.append(moe.ffn_linear_time(cfg, lay, r, tokens, imbalance))
+    else:
+        linears += [
+            r.gemm(tokens, h, up_cols / t, linear=True),  # MLP up (and gate), column-parallel
+            r.gemm(tokens, f / t, h, linear=True),  # MLP down, row-parallel
+        ]
     linear_fwd = sum(linears)
     # Attention scores and values: 4*b*s^2*h FLOPs forward, each head a (s x d) @ (d x s)
     # batched GEMM, 16-bit even in FP8 runs. With cp a rank holds s/cp queries and all keys.
     heads = cfg.heads / t
     d = cfg.head_dim
+    if getattr(cfg, "attention", "gqa") == "mla":  # scores over d + rope dims, values of v_head_dim
+        d = (cfg.head_dim + cfg.rope_head_dim + cfg.v_head_dim) / 2
     q_len = s / lay.cp
     if sw.flash_attention:
         # One fused kernel: causal masking skips half the square; backward recomputes the
@@ -256,23 +348,27 @@ def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -
         softmax_bytes = r.elem * 4 * b * heads * q_len * s
     # Elementwise work is memory-bound: each element written once and read once. Without
     # sequence parallelism the norm/residual part is repeated on every tp rank.
-    replicated, sharded, recomputable = _elementwise_elements(cfg)
+    replicated, sharded, recomputable = (_elementwise_elements(cfg, moe.ffn_width(cfg, imbalance), 2 * cfg.moe_top_k)
+                                         if moe_layer else _elementwise_elements(cfg))
     if lay.sequence_parallel and t > 1:
         replicated /= t
     elements = 2 * tokens * h * (replicated + sharded / t)
     elementwise_fwd = r.memory_pass(r.eager * r.elem * elements + softmax_bytes)
     forward = linear_fwd + attn_fwd + elementwise_fwd
     # Backward: two GEMMs per forward GEMM (data and weight gradients), elementwise twice.
-    backward = 2 * linear_fwd + attn_bwd + 2 * elementwise_fwd
     if lay.recompute == "full":
         recompute = forward
+    elif lay.recompute == "selective" and sw.selective == "attention":
+        # Megatron's policy: the attention core (scores, softmax, dropout, values) again.
+        recompute = attn_fwd + r.memory_pass(softmax_bytes)
     elif lay.recompute == "selective":
         # The trainer's selective policy keeps matmul and attention outputs and recomputes the
         # elementwise ops that produced what it dropped: a memory-bound pass, no GEMM.
         recompute = elementwise_fwd * recomputable / (replicated + sharded)
     else:
         recompute = 0.0
-    return forward, backward, recompute
+    return {"linear": (linear_fwd, 2 * linear_fwd), "attention": (attn_fwd, attn_bwd),
+            "elementwise": (elementwise_fwd, 2 * elementwise_fwd), "recompute": recompute}
 
 
 def _logits_time(cfg: ModelConfig, lay: Layout, r: Rates, s: int) -> float:
@@ -299,6 +395,10 @@ def stage_split(cfg: ModelConfig, lay: Layout) -> tuple[int, ...]:
     if lay.stage_layers:
         return tuple(lay.stage_layers)
     n = lay.num_stages
+    if n > cfg.layers:  # Megatron's embedding-only and loss-only stages at the ends
+        inner = n - 2
+        base, extra = divmod(cfg.layers, inner)
+        return (0, *(base + (1 if i < extra else 0) for i in range(inner)), 0)
     base, extra = divmod(cfg.layers, n)
     return tuple(base + (1 if i < extra else 0) for i in range(n))
 
@@ -323,6 +423,17 @@ def stage_layers(cfg: ModelConfig, lay: Layout) -> int:
 
 
 def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: int) -> float:
+    """Activation bytes of the mean layer: dense and MoE layers weighted by their counts."""
+    n_moe = moe.moe_layers(cfg)
+    dense = _activation_bytes(cfg, lay, sw, s)
+    if not n_moe:
+        return dense
+    w = n_moe / cfg.layers
+    return (1 - w) * dense + w * _activation_bytes(cfg, lay, sw, s, moe.ffn_width(cfg), 2 * cfg.moe_top_k)
+
+
+def _activation_bytes(cfg: ModelConfig, lay: Layout, sw: Software, s: int, ffn: float | None = None,
+                      dispatch: float = 0.0) -> float:
     """Korthikanti et al. 2022, eq. 1-4 and Table 2, for b sequences of s/cp tokens, 16-bit,
     generalised to grouped K/V and the MLP's width; 5*a*s/h is the stored attention scores,
     which flash attention never stores. "selective" drops the elementwise outputs (norm and
@@ -332,15 +443,30 @@ def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: 
     sp = lay.sequence_parallel and t > 1
     if lay.recompute == "full":
         return 2 * sbh / (t if sp else 1)  # only the layer input
-    replicated, sharded, recomputable = (2 * x for x in _elementwise_elements(cfg))  # bytes
+    replicated, sharded, recomputable = (2 * x for x in _elementwise_elements(cfg, ffn, dispatch))  # bytes
     scores = 0.0 if sw.flash_attention else 5 * cfg.heads * s / h / lay.cp
-    if lay.recompute == "selective":
+    if lay.recompute == "selective" and sw.selective == "attention":
+        scores = 0.0  # Megatron's selective recompute drops the attention core (Korthikanti Table 2: 34 sbh/t)
+    elif lay.recompute == "selective":
         # Of the dropped bytes, norm outputs and masks are replicated, the activation output split.
         replicated -= 4 + (2 if cfg.mlp == "gelu" else 0)
-        sharded -= 2 * cfg.ffn_hidden / h
+        sharded -= 2 * (cfg.ffn_hidden if ffn is None else ffn) / h
     if sp:
         return sbh / t * (replicated + sharded + scores)
     return sbh * (replicated + (sharded + scores) / t)
+
+
+def live_params(cfg: ModelConfig, lay: Layout, sw: Software) -> float:
+    """Parameters gathered at once under ZeRO-3 / FSDP "full" sharding, per GPU: two layers
+    (the one computing and the one prefetched, FSDP2), or DeepSpeed's cap on live parameters
+    (`stage3_max_live_parameters`, 1e9 by default), which gathers module by module but never
+    less than the largest single weight."""
+    experts = moe.mean_expert_params(cfg)
+    two_layers = 2 * (moe.mean_layer_params(cfg) - experts + experts / getattr(lay, "ep", 1)) / lay.tp
+    if sw.max_live_params is None:
+        return two_layers
+    largest = cfg.hidden * max(cfg.ffn_hidden, cfg.hidden) / lay.tp
+    return max(largest, min(two_layers, sw.max_live_params))
 
 
 def memory(
@@ -354,7 +480,8 @@ def memory(
     if lay.sharding == "optimizer":
         shards = lay.dp * lay.cp
     embed = cfg.vocab_size * cfg.hidden
-    per_layer = layer_params(cfg)
+    per_layer = moe.mean_layer_params(cfg)
+    expert_layer, ep = moe.mean_expert_params(cfg), getattr(lay, "ep", 1)
     act_layer = _activation_bytes_per_layer(cfg, lay, sw, s) * scale
     tokens = lay.microbatch * s / lay.cp
     logits = 2 * 4 * tokens * cfg.vocab_size / t  # fp32 logits and their gradient
@@ -366,19 +493,26 @@ def memory(
     for rank, layers in enumerate(per_rank):
         first, last = rank == 0, rank == p - 1
         heads = (1 if first else 0) + (1 if last and not (p == 1 and cfg.tie_embeddings) else 0)
-        params = (layers * per_layer + heads * embed) / t
+        dense = (layers * (per_layer - expert_layer) + heads * embed) / t
+        experts = layers * expert_layer / (t * ep)  # 1/ep of the stage's experts
+        params = dense + experts
+
+        def spread(n: int) -> float:  # the experts are sharded over the ranks left after ep
+            return dense / n + experts / max(1, n // ep)
         # 1F1B: rank i keeps min(p - i, m) microbatches in flight; interleaving adds
         # (1 + (p-1)/(p*v)) on the first (Korthikanti sec. 4.2.3).
         in_flight = min(p - rank, microbatches)
         interleave = 1 + (p - 1) / (p * v) if v > 1 else 1
         act = act_layer * layers * in_flight * interleave
         sharded_weights = lay.sharding == "full"  # keep_gathered holds the whole stage's weights all step
-        weights = w_bytes * params / (shards if sharded_weights else 1)
-        grads = g_bytes * params / (shards if lay.sharding in ("keep_gathered", "full") else 1)
-        optimizer = o_bytes * params / (shards if lay.sharding != "none" else 1)
+        weights = w_bytes * (spread(shards) if sharded_weights else params)
+        grads = g_bytes * (spread(shards) if lay.sharding in ("keep_gathered", "full") else params)
+        if sw.accumulate_unsharded_grads and p > 1 and lay.sharding in ("keep_gathered", "full") and shards > 1:
+            grads += g_bytes * params  # every microbatch's gradients, unsharded until the last backward
+        optimizer = o_bytes * (spread(shards) if lay.sharding != "none" else params)
         buffers = working + (logits if last else 0.0)
         if sharded_weights:
-            buffers += 2 * w_bytes * per_layer / t  # two unsharded layers in flight (prefetch)
+            buffers += w_bytes * live_params(cfg, lay, sw)  # gathered weights in flight (prefetch)
         stages.append(
             {
                 "weights": weights / 2**30,
@@ -410,12 +544,31 @@ def estimate(
     # Compute of one microbatch per pipeline rank (Narayanan eq. 1's t_f + t_b): its layers,
     # the embedding on the first rank, the output layer and loss on the last. The busiest
     # rank sets the pace of every stage of the schedule.
-    fwd, bwd, rec = _layer_time(cfg, lay, sw, r, s)
+    classes = _layer_classes(cfg, lay, sw, r, s)
+    n_moe = moe.moe_layers(cfg)
+    a2a, a2a_tier = 0.0, "none"
+    if n_moe:
+        # The mean layer: dense and MoE layers weighted by their counts (stages are balanced
+        # by active FLOPs, so every stage holds about the model's mix).
+        experts = _layer_classes(cfg, lay, sw, r, s, moe_layer=True, imbalance=work.moe_imbalance)
+        w = n_moe / cfg.layers
+
+        def mix(a, b):
+            return tuple((1 - w) * x + w * y for x, y in zip(a, b)) if isinstance(a, tuple) else (1 - w) * a + w * b
+
+        classes = {k: mix(classes[k], experts[k]) for k in classes}
+        one, a2a_tier = moe.all_to_all_time(cfg, lay, r, lay.microbatch * s / c, work.moe_imbalance)
+        # Dispatch and combine forward, their gradients backward, again in a full recompute.
+        a2a = w * (4 + (2 if lay.recompute == "full" else 0)) * one  # per layer, averaged
+    fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]
+    bwd = classes["linear"][1] + classes["attention"][1] + classes["elementwise"][1]
+    rec = classes["recompute"]
     layer_time = fwd + bwd + rec
     per_rank = rank_layers(cfg, lay)
     loads = [n * layer_time for n in per_rank]
-    loads[0] += _embedding_time(cfg, lay, r, s)
-    loads[-1] += _logits_time(cfg, lay, r, s)
+    embedding, logits = _embedding_time(cfg, lay, r, s), _logits_time(cfg, lay, r, s)
+    loads[0] += embedding
+    loads[-1] += logits
     busiest = max(range(p), key=loads.__getitem__)
     per_mb = loads[busiest]
     layers = per_rank[busiest]
@@ -441,7 +594,10 @@ def estimate(
         p2p_bytes = act_bytes / t
         link = r.up if t * c * lay.dp < r.gpus_per_node else r.out
         p2p = 2 * v * (p2p_bytes / link + r.latency)
-    per_mb_total = per_mb + tp_comm + cp_comm + p2p
+    ep_comm = layers * a2a  # expert-parallel all-to-alls
+    if sw.overlap_ep:  # hidden under the other microbatch's layers (DualPipe)
+        ep_comm = max(0.0, ep_comm - layers * (fwd + bwd))
+    per_mb_total = per_mb + tp_comm + cp_comm + p2p + ep_comm
 
     # Pipeline schedule (Narayanan eq. 1 with interleaving): (m + (p-1)/v) stage-times.
     bubble = (p - 1) / v * per_mb_total
@@ -455,45 +611,83 @@ def estimate(
     # backward. Gradients are reduce-scattered once per step.
     n = lay.dp * c
     local = min(n, max(1, r.gpus_per_node // t))  # ranks are ordered tp, cp, dp, pp (tp innermost)
-    stage_params = (layers * layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t
+    ep = getattr(lay, "ep", 1)
+    # A rank's parameters: its stage's dense ones and 1/ep of its stage's experts, whose
+    # gradients and gathers run over the ep-times-smaller expert data-parallel group.
+    expert_params = layers * moe.mean_expert_params(cfg) / t
+    stage_params = (layers * moe.mean_layer_params(cfg) + cfg.vocab_size * cfg.hidden) / t - expert_params + expert_params / ep
+    dense_share = 1 - expert_params / ep / stage_params
     grad_bytes = sw.grad_reduce_bytes * stage_params
     gather_elem = 1 if (system.precision == "fp8" and sw.fp8_all_gather) else state_bytes(system.precision)[0]
     weight_bytes = gather_elem * stage_params
     aware = sw.hierarchical_dp
     shard_n = lay.dp_shard * c if lay.sharding in ("keep_gathered", "full") else n
     gathers = {"none": 0, "optimizer": 1, "keep_gathered": 1, "full": 2 * m}[lay.sharding]
-    if lay.sharding == "none" or shard_n <= 1:
-        reduce = r.hierarchical(grad_bytes, n, local, passes=2, topology_aware=aware)  # all-reduce
-        gather = 0.0
-    else:
-        reduce = r.hierarchical(grad_bytes, shard_n, local, topology_aware=aware)  # reduce-scatter
+    def data_parallel(share: float, group: int, near: int) -> tuple[float, float]:
+        """(gradient reduce, weight gathers) of `share` of the rank's parameters over `group`."""
+        if lay.sharding == "none" or shard_n <= 1:
+            return r.hierarchical(share * grad_bytes, group, near, passes=2, topology_aware=aware), 0.0  # all-reduce
+        red = r.hierarchical(share * grad_bytes, group, near, topology_aware=aware)  # reduce-scatter
         if n > shard_n:  # HSDP: the shards' gradients are all-reduced across the replicas
-            reduce += r.hierarchical(grad_bytes / shard_n, n // shard_n, 1, passes=2, topology_aware=aware)
-        gather = gathers * r.hierarchical(weight_bytes, shard_n, local, topology_aware=aware)
+            red += r.hierarchical(share * grad_bytes / group, n // shard_n, 1, passes=2, topology_aware=aware)
+        return red, gathers * r.hierarchical(share * weight_bytes, group, near, topology_aware=aware)
+
+    group = n if lay.sharding == "none" or shard_n <= 1 else shard_n
+    reduce, gather = data_parallel(dense_share, group, local)
+    if dense_share < 1:  # experts: over the ranks left after ep, each ep * tp * cp apart
+        more = data_parallel(1 - dense_share, max(1, group // ep), max(1, local // ep))
+        reduce, gather = reduce + more[0], gather + more[1]
     if sw.overlap_dp:
         # Gradients are reduced in buckets while the last microbatch's backward (and the
         # pipeline drain) runs; weights are gathered ahead of the layer that needs them.
         reduce_window = bwd * layers + bubble / 2
         gather_window = (fwd + bwd) * layers * m if lay.sharding == "full" else fwd * layers
-        exposed_dp = max(0.0, reduce - reduce_window) + max(0.0, gather - gather_window)
+        exposed_reduce, exposed_gather = max(0.0, reduce - reduce_window), max(0.0, gather - gather_window)
     else:
-        exposed_dp = reduce + gather
+        exposed_reduce, exposed_gather = reduce, gather
+    exposed_dp = exposed_reduce + exposed_gather
 
     # Optimizer step: memory-bound Adam over this rank's shard of the parameters.
-    opt_params = stage_params / (shard_n if lay.sharding != "none" else 1)
+    opt_params = (stage_params * dense_share / (shard_n if lay.sharding != "none" else 1)
+                  + stage_params * (1 - dense_share) / (max(1, shard_n // ep) if lay.sharding != "none" else 1))
     optimizer = r.memory_pass(OPTIMIZER_BYTES_PER_PARAM * opt_params)
 
     step = pipeline + exposed_dp + optimizer
-    exposed = m * (tp_comm + cp_comm + p2p) + exposed_dp
+    exposed = m * (tp_comm + cp_comm + p2p + ep_comm) + exposed_dp
+
+    # The step, term by term (`plan --explain`): they add up to step_time_s.
+    def tier(span: int) -> str:
+        return "scale-up" if span <= r.gpus_per_node else "scale-out"
+
+    dp_tier = "scale-up" if n * t <= r.gpus_per_node else ("scale-up + scale-out" if aware else "scale-out")
+    reduce_name = "all-reduce" if lay.sharding == "none" or shard_n <= 1 else "reduce-scatter"
+    terms = {
+        "compute: linear GEMMs": m * layers * sum(classes["linear"]),
+        "compute: attention": m * layers * sum(classes["attention"]),
+        "compute: elementwise (norms, activations, residuals)": m * layers * sum(classes["elementwise"]),
+        f"compute: recompute ({lay.recompute})": m * layers * rec,
+        "compute: embedding": m * embedding if busiest == 0 else 0.0,
+        "compute: output layer and loss": m * logits if busiest == p - 1 else 0.0,
+        "comm: tp all-gather/reduce-scatter (scale-up), exposed": m * tp_comm,
+        f"comm: cp all-gather K/V ({tier(t * c)})": m * cp_comm,
+        f"comm: pp send/recv ({'scale-up' if t * c * lay.dp < r.gpus_per_node else 'scale-out'})": m * p2p,
+        f"comm: ep all-to-all dispatch/combine ({a2a_tier})": m * ep_comm,
+        "pipeline bubble": bubble,
+        f"comm: dp gradient {reduce_name} ({dp_tier}), exposed": exposed_reduce,
+        f"comm: dp weight all-gather ({dp_tier}), exposed": exposed_gather,
+        "optimizer step": optimizer,
+    }
 
     # FLOPs as the papers count them: model FLOPs (Korthikanti eq. 7, via flops_per_token);
     # hardware FLOPs add what recomputation repeats (a full recompute repeats each layer's
     # forward; the selective policy repeats only elementwise ops, which count no FLOPs).
     tokens = work.global_batch * s
     model_flops = flops_per_token(cfg, s) * tokens
-    attention_fwd = 4 * cfg.layers * s * cfg.hidden
+    attention_fwd = attention_flops_per_token(cfg, s)
     layer_fwd = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden) + attention_fwd  # no LM head
     extra = layer_fwd * tokens if lay.recompute == "full" else 0.0
+    if lay.recompute == "selective" and sw.selective == "attention":
+        extra = attention_fwd * tokens  # Korthikanti eq. 8: the attention core's FLOPs again
     hardware_flops = model_flops + extra
     model_tflops = model_flops / step / gpus / 1e12
     hardware_tflops = hardware_flops / step / gpus / 1e12
@@ -513,4 +707,5 @@ def estimate(
         mfu=model_tflops * 1e12 / r.peak,
         hfu=hardware_tflops * 1e12 / r.peak,
         memory=memory(cfg, lay, sw, s, m, reserved, system.precision),
+        terms=terms,
     )

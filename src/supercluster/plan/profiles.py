@@ -9,8 +9,9 @@ to every row of its stack: nothing is switched for particular runs.
 - supercluster: this trainer, PyTorch-native like torchtitan: FSDP2 (fully_shard), DTensor
   tensor parallelism, torch.distributed.pipelining, flash attention through SDPA; torch.compile
   is the user's choice (train.compile), eager otherwise. TP collectives are not overlapped.
-- megatron: Megatron-LM / NeMo with Transformer Engine: hand-fused kernels, TP communication
-  overlap, overlapped gradient reduce and parameter gather, distributed optimizer (ZeRO-1).
+- megatron: Megatron-LM / NeMo / Megatron-Bridge with Transformer Engine: hand-fused kernels, TP
+  communication overlap, overlapped gradient reduce and parameter gather, distributed optimizer
+  (ZeRO-1) or Megatron-FSDP (full sharding, Megatron-Core 0.14+).
 - megatron-2021: the same stack as published in 2021-22 (Narayanan et al. 2021, Korthikanti
   et al. 2022): fused bias/GELU/softmax kernels but attention unfused (scores stored, softmax
   read and written), gradients all-reduced in 16 bits after the backward pass (no overlap).
@@ -20,7 +21,7 @@ to every row of its stack: nothing is switched for particular runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from supercluster.errors import UserError, closest
 
@@ -40,24 +41,87 @@ class Software:
     # rings/trees); False: each GPU's collectives run at its one NIC's rate.
     hierarchical_dp: bool = True
     fp8_all_gather: bool = False  # FSDP weight all-gathers in FP8 when training in FP8
+    # How FP8 GEMM operands are scaled (torchao Float8 recipes; Transformer Engine's MXFP8 on
+    # Blackwell): one scale per tensor, one per row, or one per 32-element block.
+    fp8_recipe: str = "tensorwise"
+    # FP8 casts fused into the kernels producing the activations, weights cast once per step
+    # (Transformer Engine); False: each GEMM casts both operands in their own kernels (torchao).
+    fp8_cast_fused: bool = False
+    # What "selective" recompute drops and rebuilds: "elementwise" (this trainer: norm and
+    # activation outputs) or "attention" (Megatron's: the attention core, scores and softmax,
+    # Korthikanti et al. 2022 sec. 5).
+    selective: str = "elementwise"
+    # Gathered weights live during a ZeRO-3 step: None = two layers (FSDP2 prefetches the next
+    # layer's unit while one computes), else DeepSpeed's stage3_max_live_parameters cap.
+    max_live_params: float | None = None
+    # Gradients of all microbatches accumulate unsharded before one reduce-scatter (FSDP2
+    # under torch.distributed.pipelining: no gradient sync until the last backward).
+    accumulate_unsharded_grads: bool = False
+    # Pipeline stages may hold only the embedding or only the loss (Megatron-Core's
+    # account_for_embedding/loss_in_pipeline_split): up to layers + 2 stages.
+    embedding_stages: bool = False
+    # Expert parallelism composed with tensor and context parallelism (Megatron-Core's expert
+    # tensor parallelism and folding); this trainer runs ep with tp 1 and cp 1 only.
+    expert_tp_cp: bool = False
+    # Expert-parallel all-to-alls overlapped with another microbatch's compute (DeepSeek-V3's
+    # DualPipe, sec. 3.2.1; Megatron-Core's overlap_moe_expert_parallel_comm).
+    overlap_ep: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
-    fitted: tuple[str, ...] = ("gemm_efficiency",)  # constants calibrated per profile (at most two)
+    fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
 
 PROFILES: dict[str, Software] = {
-    "supercluster": Software(),
+    "supercluster": Software(accumulate_unsharded_grads=True),
     "megatron": Software(
-        name="megatron", overlap_tp=True, shardings=("none", "optimizer"),
+        name="megatron", overlap_tp=True, shardings=("none", "optimizer", "full"), selective="attention",
+        fp8_cast_fused=True, embedding_stages=True, expert_tp_cp=True,
     ),
     "megatron-2021": Software(
         name="megatron-2021", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, shardings=("none",),
+        selective="attention",
     ),
     "deepspeed": Software(
         name="deepspeed", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
-        shardings=("none", "optimizer", "keep_gathered", "full"),
+        shardings=("none", "optimizer", "keep_gathered", "full"), max_live_params=1e9,
     ),
 }
 DEFAULT = "supercluster"
+FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
+
+
+def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
+                  fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
+                  ep_overlap: bool | None = None) -> Software:
+    """A profile with the run's own switches on top (None keeps the profile's):
+
+    - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
+      into few kernels; eager PyTorch reads and writes each op's tensors again. torchtitan's
+      H100 benchmark shows the difference (Llama 3.1 8B, 5,762 -> 6,667 tokens/s/GPU).
+    - async_tp: tensor-parallel all-gathers and reduce-scatters decomposed into chunks that
+      run under the GEMMs consuming or producing them (PyTorch's AsyncTP, "Introducing Async
+      Tensor Parallelism in PyTorch", 2024; Wang et al., ASPLOS'23), Megatron's TP overlap.
+    - fp8_recipe: how FP8 operands are scaled (torchao Float8Linear's tensorwise and rowwise;
+      Transformer Engine's delayed scaling; MXFP8 block scaling on Blackwell): what each cast
+      reads and writes (`cost.Rates`).
+    - fp8_all_gather: FSDP all-gathers the weights already cast to FP8 (torchao's
+      enable_fsdp_float8_all_gather): half the bytes of a 16-bit gather.
+    - ep_overlap: MoE dispatch and combine run under another microbatch's compute (DualPipe).
+    """
+    changes = {}
+    if compile is not None:
+        changes["fused_elementwise"] = compile
+    if async_tp is not None:
+        changes["overlap_tp"] = async_tp
+    if fp8_recipe is not None:
+        if fp8_recipe not in FP8_RECIPES:
+            raise UserError(f"--fp8-recipe must be one of {', '.join(FP8_RECIPES)}, got {fp8_recipe!r}"
+                            f"{closest(fp8_recipe, FP8_RECIPES)}.")
+        changes["fp8_recipe"] = fp8_recipe
+    if fp8_all_gather is not None:
+        changes["fp8_all_gather"] = fp8_all_gather
+    if ep_overlap is not None:
+        changes["overlap_ep"] = ep_overlap
+    return replace(sw, **changes) if changes else sw
 
 
 def profile(name: str | None = None) -> Software:

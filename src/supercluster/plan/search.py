@@ -17,10 +17,12 @@ from dataclasses import dataclass, field, replace
 from supercluster.errors import UserError, closest
 from supercluster.model.config import ModelConfig
 from supercluster.parallel.layout import PP_SCHEDULES, RECOMPUTE, SHARDING, Layout, schedule_name
-from supercluster.plan.cost import RESERVED_GIB, Estimate, System, Workload, estimate, load_constants, memory
+from supercluster.plan.cost import (
+    MEMORY_MARGIN, RESERVED_GIB, Estimate, System, Workload, add_interval, estimate, load_constants, load_intervals, memory,
+)
 from supercluster.plan.profiles import Software, profile
 
-KNOBS = ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
+KNOBS = ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages", "sharding", "recompute", "sequence_parallel",
          "pp_schedule", "stage_layers")
 MICROBATCHES = (1, 2, 4, 8, 16)
 VIRTUAL_STAGES = (1, 2, 3, 4, 6, 8)
@@ -41,13 +43,18 @@ def _divisors(n: int) -> list[int]:
     return sorted({*small, *(n // d for d in small)})
 
 
+def spare_stages(sw: Software) -> int:
+    """Pipeline stages beyond one per layer the stack allows (embedding-only and loss-only)."""
+    return 2 if sw.embedding_stages else 0
+
+
 def _check_fixed(req: Request) -> None:
     """Reject fixed knobs that no layout can satisfy, with the fix in one sentence."""
     f, cfg, node = req.fixed, req.work.model, req.system.node
     unknown = set(f) - set(KNOBS)
     if unknown:
         raise UserError(f"Unknown layout knob {sorted(unknown)[0]!r}; the knobs are {', '.join(KNOBS)}.")
-    for knob in ("tp", "pp", "dp", "cp", "microbatch", "virtual_stages"):
+    for knob in ("tp", "pp", "dp", "cp", "ep", "microbatch", "virtual_stages"):
         if knob in f and f[knob] < 1:
             raise UserError(f"--{knob.replace('_', '-')} must be at least 1, got {f[knob]}.")
     if "tp" in f:
@@ -71,7 +78,7 @@ def _check_fixed(req: Request) -> None:
         )
     if req.gpus % product:
         raise UserError(f"The fixed degrees multiply to {product}, which does not divide {req.gpus} GPUs; choose divisors of {req.gpus}.")
-    if "pp" in f and cfg.layers < f["pp"] * f.get("virtual_stages", 1):
+    if "pp" in f and cfg.layers + spare_stages(req.software) < f["pp"] * f.get("virtual_stages", 1):
         raise UserError(
             f"--pp {f['pp']} x --virtual-stages {f.get('virtual_stages', 1)} stages is more than the model's "
             f"{cfg.layers} layers; every stage needs one."
@@ -93,6 +100,15 @@ def _check_fixed(req: Request) -> None:
         if sum(stages) != cfg.layers or min(stages) < 1:
             raise UserError(f"--stage-layers {','.join(map(str, stages))} sums to {sum(stages)} layers but the model has "
                             f"{cfg.layers}; give every stage at least one layer and make them add up.")
+    if "ep" in f and f["ep"] > 1:
+        experts = getattr(cfg, "moe_experts", 0)
+        if not experts:
+            raise UserError(f"--ep {f['ep']} puts experts on ranks but the model is dense (no experts); drop --ep.")
+        if experts % f["ep"]:
+            raise UserError(f"--ep {f['ep']} does not divide the model's {experts} experts; choose a divisor of {experts}.")
+        if "dp" in f and f["dp"] % f["ep"] and not req.software.expert_tp_cp:
+            raise UserError(f"--ep {f['ep']} must divide --dp {f['dp']}: expert parallelism is carved out of the "
+                            f"data-parallel ranks.")
     if "recompute" in f and f["recompute"] not in RECOMPUTE:
         raise UserError(f"--recompute must be one of {', '.join(RECOMPUTE)}, got {f['recompute']!r}.")
     if "cp" in f and req.work.seq_len % (2 * f["cp"]) and f["cp"] > 1:
@@ -119,6 +135,7 @@ def layouts(req: Request):
         if req.gpus % t == 0 and cfg.heads % t == 0 and cfg.kv_heads % t == 0 and cfg.ffn_hidden % t == 0 and s % t == 0
     ]
     cps = [c for c in (1, 2, 4, 8, 16) if s >= LONG_SEQUENCE and s % (2 * c) == 0] or [1]
+    experts = getattr(cfg, "moe_experts", 0)
     for tp in _choices(req, "tp", tps):
         for cp in _choices(req, "cp", cps):
             if req.gpus % (tp * cp):
@@ -138,15 +155,28 @@ def layouts(req: Request):
                         continue
                     m = batch // (dp * mb)
                     # Interleaving needs a stage per chunk and a multiple of pp microbatches (Narayanan sec. 2.2.2).
-                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES if v == 1 or (cfg.layers >= pp * v and m % pp == 0)]
+                    spare = spare_stages(req.software)
+                    vs = [1] if pp == 1 else [v for v in VIRTUAL_STAGES
+                                              if v == 1 or (cfg.layers + spare >= pp * v and m % pp == 0)]
                     for v in _choices(req, "virtual_stages", vs):
                         sp = req.fixed.get("sequence_parallel", tp > 1)
                         default = "interleaved1f1b" if v > 1 else "1f1b"
                         schedule = schedule_name(req.fixed.get("pp_schedule", default))
                         stages = req.fixed.get("stage_layers")
-                        yield Layout(tp=tp, pp=pp, dp_replicate=1, dp_shard=dp, cp=cp, microbatch=mb, virtual_stages=v,
+                        lay = Layout(tp=tp, pp=pp, dp_replicate=1, dp_shard=dp, cp=cp, microbatch=mb, virtual_stages=v,
                                      sharding="full", recompute="none", sequence_parallel=sp, pp_schedule=schedule,
                                      stage_layers=tuple(stages) if stages is not None else None)
+                        if not experts:
+                            yield lay
+                            continue
+                        # Expert parallelism folds into the data-parallel ranks: ep divides
+                        # both dp and the experts.
+                        # Stacks that fold ep over tp and cp ranks too (Megatron-Core) take any
+                        # divisor of dp*tp*cp.
+                        pool = dp * (tp * cp if req.software.expert_tp_cp else 1)
+                        for ep in _choices(req, "ep", [e for e in _divisors(pool) if experts % e == 0]):
+                            if pool % ep == 0 and experts % ep == 0:
+                                yield replace(lay, ep=ep)
 
 
 def runnable_model(model: ModelConfig, lay: Layout) -> ModelConfig:
@@ -190,7 +220,8 @@ def _with_memory_choices(req: Request, base: Layout, reserved_gib: float, allowe
             if nearest is None or mem["total"] < nearest[1]["total"]:
                 nearest = (lay, mem)
         else:
-            yield nearest[0], nearest[1], False
+            # Over HBM within the memory model's own error: answered, with a warning.
+            yield nearest[0], nearest[1], "warn" if nearest[1]["total"] <= capacity * (1 + MEMORY_MARGIN) else False
 
 
 def search(req: Request, top: int = 10, constants: dict | None = None) -> list[Estimate]:
@@ -208,7 +239,8 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
         allowed = []
         for sharding in ([req.fixed["sharding"]] if "sharding" in req.fixed else req.software.shardings):
             found = with_sharding(base, sharding).problems(model, req.work.seq_len, req.work.global_batch, gpn,
-                                                           req.software.shardings)
+                                                           req.software.shardings, spare_stages(req.software),
+                                                           req.software.expert_tp_cp)
             if found:
                 refused = refused or found[0]
             else:
@@ -217,7 +249,13 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
             continue
         for lay, mem, fits in _with_memory_choices(req, base, reserved, allowed):
             if fits:
-                plans.append(estimate(req.work, lay, req.system, req.software, constants))
+                est = estimate(req.work, lay, req.system, req.software, constants)
+                if fits == "warn":
+                    cap = req.system.accelerator.hbm_gib
+                    est.warnings.append(
+                        f"predicted {mem['total']:.1f} GiB per GPU is {mem['total'] - cap:.1f} GiB over the {cap:.0f} GiB of "
+                        f"HBM, within the memory model's {MEMORY_MARGIN:.0%} error: it may not fit")
+                plans.append(est)
             elif nearest is None or mem["total"] < nearest[1]["total"]:
                 nearest = (lay, mem)
     if not seen:
@@ -236,5 +274,7 @@ def search(req: Request, top: int = 10, constants: dict | None = None) -> list[E
             f"{mem['total'] - cap:.1f} GiB more than the {cap:.0f} GiB of one {req.system.accelerator.name}; "
             f"use more GPUs, a larger --pp or --tp, --recompute full, --sharding full or a smaller --microbatch."
         )
-    plans.sort(key=lambda e: (e.step_time_s, e.memory_gib_per_gpu))
-    return plans[:top]
+    plans.sort(key=lambda e: (bool(e.warnings), e.step_time_s, e.memory_gib_per_gpu))  # sure fits first
+    intervals = load_intervals()
+    moe_model = getattr(req.work.model, "moe_experts", 0) > 0
+    return [add_interval(est, req.system.precision, intervals, moe_model) for est in plans[:top]]

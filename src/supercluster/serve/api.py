@@ -1,10 +1,12 @@
 """The OpenAI-compatible HTTP API over an `Engine` (FastAPI).
 
-`/v1/completions` and `/v1/chat/completions` (streamed as OpenAI streams them: SSE chunks,
-`stream_options.include_usage`, `data: [DONE]`), `/v1/models`, `/health` (open), `/metrics`
-(Prometheus). Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`,
-so the official clients raise their usual exceptions. Fields OpenAI or vLLM clients commonly
-send that this engine does not use are accepted and ignored rather than refused.
+`/v1/completions` (a prompt as a string, a list of strings, a list of ids or a list of id
+lists; `echo` with the prompt's log-probabilities) and `/v1/chat/completions` (tools,
+structured output), streamed as OpenAI streams them (SSE chunks, `stream_options.include_usage`,
+`data: [DONE]`); vLLM's `/tokenize` and `/detokenize`; `/v1/models`, `/health` (open),
+`/metrics` (Prometheus). Errors use OpenAI's body, `{"error": {"message", "type", "param",
+"code"}}`, so the official clients raise their usual exceptions. A field the server does not
+implement is refused by name (serve/protocol.py lists the few accepted and ignored).
 """
 
 from __future__ import annotations
@@ -15,16 +17,27 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from supercluster.errors import UserError
+from supercluster.serve import tools as tooling
 from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.serve.engine import Engine
 from supercluster.serve.metrics import ServeMetrics
+from supercluster.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    ContentPart,
+    DetokenizeRequest,
+    NamedToolChoice,
+    StreamOptions,
+    TokenizeRequest,
+    _Sampling,
+)
 from supercluster.serve.sampling import SamplingParams
 
 
@@ -39,68 +52,12 @@ def error_body(message: str, kind: str, code: str | None = None, param: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-    # vLLM's: every chunk carries the usage so far (the service's relay counts a stream cut short by it)
-    continuous_usage_stats: bool = False
-
-
-class _Sampling(BaseModel):
-    # ignore_eos, repetition_penalty, user, ...: accepted; NaN and infinities are refused, not compared
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0, le=1)
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # OpenAI's: an int64
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    ignore_eos: bool = False
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[int]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-
-
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")  # image_url, input_audio, ...: accepted; only text parts are read
-    type: str
-    text: str | None = None
-
-    @model_validator(mode="after")
-    def _text_part_has_text(self):
-        if self.type == "text" and self.text is None:
-            raise ValueError("a content part of type 'text' needs a string 'text'")
-        return self
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[ContentPart] | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-
-
-def _params(body: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int) -> SamplingParams:
+def _params(body: _Sampling, max_tokens: int, logprobs: int | None, seed_offset: int, constraint) -> SamplingParams:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(0, body.top_k),
         min_p=body.min_p, presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-        stop=stop, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
+        repetition_penalty=body.repetition_penalty, constraint=constraint, stop=stop, stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos,
         seed=None if body.seed is None else body.seed + seed_offset, logprobs=logprobs,
     )
 
@@ -144,6 +101,17 @@ class _Relay:
             queue.put_nowait((index, event))
 
 
+@dataclass
+class _Choice:
+    """One choice of a response: its prompt, and what `echo` puts before its output."""
+
+    index: int
+    prompt: list[int]
+    echo_text: str = ""
+    echo_logprobs: list | None = None  # prompt_logprobs' entries, when echo asks for them
+    tools: tooling.ToolStream | None = None
+
+
 def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_queue: int | None = None) -> FastAPI:
     app = FastAPI(title="supercluster serve", version="1")
     metrics = ServeMetrics(engine)
@@ -157,6 +125,11 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, err: RequestValidationError):
+        unknown = [e for e in err.errors() if e.get("type") == "extra_forbidden"]
+        if unknown:  # a field this server does not implement: refused by name, never ignored
+            where = _where(unknown[0].get("loc", ()))
+            return JSONResponse(error_body(f"The field '{where}' is not supported by this server.", "invalid_request_error",
+                                           "unsupported_field", where), status_code=400)
         # The deepest error is nearest its cause: a content part's bad text, not "content is no string".
         first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={})
         where = _where(first.get("loc", ()))
@@ -171,8 +144,8 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
             raise ApiError(401, "Missing or invalid API key; send it as 'Authorization: Bearer KEY'.",
                            "authentication_error", "invalid_api_key")
 
-    def check_model(name: str) -> None:
-        if name != engine.name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != engine.name:
             raise ApiError(404, f"The model '{name}' does not exist; this server serves '{engine.name}'.",
                            "invalid_request_error", "model_not_found", "model")
 
@@ -180,6 +153,21 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
         if engine.waiting() >= queue_limit:
             raise ApiError(429, f"The server is at capacity ({queue_limit} requests waiting); retry later.",
                            "rate_limit_exceeded", "queue_full")
+
+    async def compiled(constraint, param: str):
+        if constraint is None:
+            return None
+        try:  # compiling a new schema takes milliseconds to seconds: off the event loop
+            return await asyncio.to_thread(engine.compile, constraint)
+        except UserError as err:
+            raise ApiError(400, str(err), param=param) from None
+
+    def chat_prompt(messages, tools, add_generation_prompt: bool = True) -> list[int]:
+        plain = [{**m.model_dump(exclude_none=True), "content": _text_of(m.content)} for m in messages]
+        rendered = tooling.messages_for_template(plain, tools, engine.chat.has_tools)
+        text = engine.chat.render(rendered, add_generation_prompt=add_generation_prompt,
+                                  tools=tools if engine.chat.has_tools else None)
+        return engine.tokenizer.encode(text, add_special_tokens=False).ids
 
     @app.get("/health")
     async def health():
@@ -198,39 +186,86 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
         return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0, "owned_by": "supercluster",
                                             "max_model_len": engine.max_len}]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request):
+        authorize(request)
+        check_model(body.model)
+        if body.messages is not None:
+            ids = chat_prompt(body.messages, None, body.add_generation_prompt)
+        else:
+            ids = engine.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens).ids
+        out = {"count": len(ids), "max_model_len": engine.max_len, "tokens": ids}
+        if body.return_token_strs:
+            out["token_strs"] = [engine.token_text.text(i) for i in ids]
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request):
+        authorize(request)
+        check_model(body.model)
+        if any(not 0 <= t < engine.cfg.vocab_size for t in body.tokens):
+            raise ApiError(400, f"Token ids must be in 0..{engine.cfg.vocab_size - 1}.", param="tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         authorize(request)
         check_model(body.model)
-        prompt = body.prompt if isinstance(body.prompt, list) else engine.tokenizer.encode(body.prompt).ids
-        return await _generate(request, body, prompt, body.max_tokens or 16, body.logprobs, chat=False)
+        raw = body.prompt if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else [body.prompt]
+        prompts, texts = [], []
+        for p in raw:
+            prompts.append(engine.tokenizer.encode(p).ids if isinstance(p, str) else list(p))
+            texts.append(p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False))
+        for ids in prompts:
+            if any(not 0 <= t < engine.cfg.vocab_size for t in ids):
+                raise ApiError(400, f"Token ids must be in 0..{engine.cfg.vocab_size - 1}.", param="prompt")
+        constraint = await compiled(_constraint(body), "response_format")
+        choices = []
+        for p, (ids, text) in enumerate(zip(prompts, texts)):
+            scored = None
+            if body.echo and body.logprobs is not None:  # the prompt's own log-probabilities, from one forward pass
+                scored = await asyncio.wrap_future(engine.call(lambda ids=ids: engine.prompt_logprobs(ids, body.logprobs)))
+            for j in range(body.n):
+                choices.append(_Choice(p * body.n + j, ids, text if body.echo else "", scored))
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        return await _generate(request, body, choices, max_tokens, body.logprobs, constraint, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
         authorize(request)
         check_model(body.model)
-        messages = [{"role": m.role, "content": _text_of(m.content)} for m in body.messages]
-        text = engine.chat.render(messages, add_generation_prompt=True)
-        prompt = engine.tokenizer.encode(text, add_special_tokens=False).ids
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+        choice = body.tool_choice if body.tool_choice is not None else ("auto" if tools else "none")
+        if isinstance(choice, NamedToolChoice):
+            choice = choice.model_dump()
+        active = tools if choice != "none" else None  # "none": the tools stay out of the prompt
+        prompt = chat_prompt(body.messages, active)
+        constraint = _constraint(body) or (tooling.constraint_for(tools, choice, body.parallel_tool_calls) if active else None)
+        constraint = await compiled(constraint, "tool_choice" if body.constraint() is None and active else "response_format")
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.room - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await _generate(request, body, prompt, max_tokens, logprobs, chat=True)
+        choices = [_Choice(j, prompt, tools=tooling.ToolStream(active, choice) if active else None) for j in range(body.n)]
+        return await _generate(request, body, choices, max_tokens, logprobs, constraint, chat=True)
 
-    async def _generate(request: Request, body, prompt: list[int], max_tokens: int, logprobs, chat: bool):
+    async def _generate(request: Request, body, choices: list[_Choice], max_tokens: int, logprobs, constraint, chat: bool):
         admit()
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         relay = relays.get(loop) or relays.setdefault(loop, _Relay(loop))
         ids = []
         try:
-            for i in range(body.n):
-                params = _params(body, max_tokens, logprobs, i)
-                ids.append(engine.submit(prompt, params, relay.emitter(events, i)))
+            for c in choices:
+                if max_tokens == 0:  # echo alone: nothing to generate
+                    events.put_nowait((c.index, {"finish_reason": "length"}))
+                    continue
+                params = _params(body, max_tokens, logprobs, c.index, constraint)
+                ids.append(engine.submit(c.prompt, params, relay.emitter(events, c.index)))
         except UserError as err:
             for rid in ids:
                 engine.abort(rid)
             raise ApiError(400, str(err), param="max_tokens") from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = _Stream(rid, engine.name, chat, body.n, len(prompt), events, ids, engine)
+        prompt_tokens = sum(len(c.prompt) for c in choices if c.index % body.n == 0)  # each prompt once, as vLLM counts
+        stream = _Stream(rid, engine.name, chat, choices, prompt_tokens, events, ids, engine)
         if body.stream:
             return StreamingResponse(stream.sse(body.stream_options or StreamOptions()), media_type="text/event-stream")
         return JSONResponse(await stream.whole(request))
@@ -238,29 +273,54 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
     return app
 
 
-class _Stream:
-    """The events of one API request's n sequences, as OpenAI's stream chunks or final object."""
+def _constraint(body: _Sampling):
+    try:
+        return body.constraint()
+    except ValueError as err:
+        raise ApiError(400, f"Invalid request: {err}.", param="response_format") from None
 
-    def __init__(self, rid, model, chat, n, prompt_tokens, events, ids, engine):
-        self.rid, self.model, self.chat, self.n, self.prompt_tokens = rid, model, chat, n, prompt_tokens
+
+class _Stream:
+    """The events of one API request's choices, as OpenAI's stream chunks or final object."""
+
+    def __init__(self, rid, model, chat, choices: list[_Choice], prompt_tokens, events, ids, engine):
+        self.rid, self.model, self.chat, self.prompt_tokens = rid, model, chat, prompt_tokens
+        self.choices = {c.index: c for c in choices}
+        self.n = len(choices)
         self.events, self.ids, self.engine = events, ids, engine
         self.created = int(time.time())
         self.done = 0
         self.completion_tokens = 0
+        self.offsets = {c.index: 0 for c in choices}  # completions' text_offset: characters so far
 
     def _usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    def _logprobs(self, ev: dict):
-        if "logprob" not in ev:
-            return None
-        token = self.engine.tokenizer.id_to_token(ev["token"]) or ""
-        top = [{"token": self.engine.tokenizer.id_to_token(t) or "", "logprob": lp} for t, lp in ev["top_logprobs"] or []]
+    def _entries(self, index: int, pairs) -> dict:
+        """Log-probabilities in the endpoint's form for (token, logprob, top) triples (logprob None: a first prompt token)."""
+        text = self.engine.token_text
         if self.chat:
-            return {"content": [{"token": token, "logprob": ev["logprob"], "bytes": list(token.encode()), "top_logprobs": top}]}
-        return {"tokens": [token], "token_logprobs": [ev["logprob"]], "top_logprobs": [{t["token"]: t["logprob"] for t in top}],
-                "text_offset": [0]}
+            def entry(t, lp):
+                return {"token": text.text(t), "logprob": lp, "bytes": list(text.bytes(t))}
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, v) for u, v in top or []]} for t, lp, top in pairs]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, lp, top in pairs:
+            out["tokens"].append(text.text(t))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(None if lp is None else {text.text(u): v for u, v in top or []})
+            out["text_offset"].append(self.offsets[index])
+            self.offsets[index] += len(text.text(t))
+        return out
+
+    def _logprobs(self, index: int, ev: dict):
+        return self._entries(index, [(ev["token"], ev["logprob"], ev["top_logprobs"])]) if "logprob" in ev else None
+
+    def _echo_logprobs(self, c: _Choice):
+        if c.echo_logprobs is None:
+            return None
+        return self._entries(c.index, [(t, None, None) if e is None else (t, e[0], e[1])
+                                       for t, e in zip(c.prompt, c.echo_logprobs)])
 
     async def _next(self):
         index, ev = await self.events.get()
@@ -272,17 +332,34 @@ class _Stream:
             self.done += 1
         return index, ev
 
-    def _chunk(self, index: int, ev: dict, first: bool) -> dict:
+    def _chunk(self, choice: dict) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": [choice]}
+
+    def _chunks(self, index: int, ev: dict, first: bool) -> list[dict]:
+        c = self.choices[index]
         finish = ev.get("finish_reason")
-        if self.chat:
-            delta = {"role": "assistant", "content": ev.get("text", "")} if first else {"content": ev.get("text", "")}
-            if finish:
-                delta = {}
-            choice = {"index": index, "delta": delta, "logprobs": self._logprobs(ev), "finish_reason": finish}
-            return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                    "choices": [choice]}
-        choice = {"index": index, "text": ev.get("text", ""), "logprobs": self._logprobs(ev), "finish_reason": finish}
-        return {"id": self.rid, "object": "text_completion", "created": self.created, "model": self.model, "choices": [choice]}
+        if not self.chat:
+            text, lp = ev.get("text", ""), None
+            if first and c.echo_text:
+                text = c.echo_text + text
+                lp = self._echo_logprobs(c)
+            own = self._logprobs(index, ev)
+            lp = _merge_logprobs([x for x in (lp, own) if x], False) if (lp or own) else None
+            return [self._chunk({"index": index, "text": text, "logprobs": lp, "finish_reason": finish})]
+        role = {"role": "assistant"} if first else {}
+        if c.tools is None:
+            delta = {} if finish else {**role, "content": ev.get("text", "")}
+            return [self._chunk({"index": index, "delta": delta, "logprobs": self._logprobs(index, ev), "finish_reason": finish})]
+        if not finish:
+            deltas = c.tools.feed(ev.get("text", ""))
+            return [self._chunk({"index": index, "delta": {**(role if k == 0 else {}), **d}, "logprobs": None,
+                                 "finish_reason": None}) for k, d in enumerate(deltas)]
+        deltas, called = c.tools.finish()
+        chunks = [self._chunk({"index": index, "delta": {**(role if k == 0 else {}), **d}, "logprobs": None, "finish_reason": None})
+                  for k, d in enumerate(deltas)]
+        reason = "tool_calls" if called and finish == "stop" else finish
+        return chunks + [self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": reason})]
 
     async def sse(self, options: StreamOptions):
         started, continuous = set(), options.include_usage and options.continuous_usage_stats
@@ -293,11 +370,15 @@ class _Stream:
                 except ApiError as err:  # the engine failed mid-stream: said in OpenAI's error body, then ended
                     yield f"data: {json.dumps(error_body(err.message, err.kind, err.code, err.param))}\n\n"
                     break
-                chunk = self._chunk(index, ev, index not in started)
-                if continuous:
-                    chunk["usage"] = self._usage()
-                yield f"data: {json.dumps(chunk)}\n\n"
-                started.add(index)
+                chunks = self._chunks(index, ev, index not in started)
+                if chunks:
+                    started.add(index)
+                if continuous and not chunks:  # every token's usage is seen, even one the tools held back
+                    chunks = [{**self._chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": None})}]
+                for chunk in chunks:
+                    if continuous:
+                        chunk["usage"] = self._usage()
+                    yield f"data: {json.dumps(chunk)}\n\n"
             else:
                 if options.include_usage:
                     usage = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -319,21 +400,30 @@ class _Stream:
                 self.engine.abort(rid)
 
     async def _gather(self) -> dict:
-        texts, finishes, logprobs = [""] * self.n, [None] * self.n, [[] for _ in range(self.n)]
+        texts = {i: c.echo_text for i, c in self.choices.items()}
+        finishes = dict.fromkeys(self.choices)
+        logprobs = {i: [lp] if (lp := self._echo_logprobs(c)) else [] for i, c in self.choices.items()}
         while self.done < self.n:
             index, ev = await self._next()
             texts[index] += ev.get("text", "")
             finishes[index] = ev.get("finish_reason", finishes[index])
             if "logprob" in ev:
-                logprobs[index].append(self._logprobs(ev))
+                logprobs[index].append(self._logprobs(index, ev))
         choices = []
-        for i in range(self.n):
+        for i in sorted(self.choices):
             lp = _merge_logprobs(logprobs[i], self.chat) if logprobs[i] else None
-            if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]}, "logprobs": lp,
-                                "finish_reason": finishes[i]})
-            else:
+            if not self.chat:
                 choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finishes[i]})
+                continue
+            message, finish = {"role": "assistant", "content": texts[i]}, finishes[i]
+            c = self.choices[i]
+            if c.tools is not None:
+                content, calls = tooling.parse(texts[i], c.tools.tools, c.tools.choice)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                    finish = "tool_calls" if finish == "stop" else finish
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
         return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": self._usage()}
 

@@ -13,6 +13,7 @@ sampling stay here either way.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from collections import deque
 import threading
@@ -29,7 +30,9 @@ from supercluster.serve.quantize import quantize
 from supercluster.serve.runner import LocalRunner, StepBatch
 from supercluster.serve.sampling import Sampled, SamplingParams, is_plain_greedy, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
+from supercluster.serve.structured import Constraint, Grammars
 from supercluster.serve.tensor_parallel import TensorParallelRunner, check_tp
+from supercluster.serve.tokens import Detokenizer, TokenText
 
 
 @dataclass
@@ -94,6 +97,9 @@ class Engine:
         self.kv_dtype = torch.float16 if self.config.quantize == "int4" else self.dtype
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
+        self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)
+        self._grammars: Grammars | None = None  # built at the first constrained request (a second or two)
+        self._grammars_lock = threading.Lock()
         self.name = run_dir.name
         # Sized for all of the heads: under tensor parallelism the ranks share kv_cache_gib between them.
         blocks = self.config.num_blocks or PagedKVCache.blocks_for_budget(
@@ -111,6 +117,7 @@ class Engine:
         self.stats = Stats()
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
+        self._calls: list[tuple[object, concurrent.futures.Future]] = []  # work run between steps
         self._aborts: set[str] = set()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
@@ -170,6 +177,42 @@ class Engine:
         if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
             raise UserError(f"Token ids must be in 0..{self.cfg.vocab_size - 1}.")
 
+    @property
+    def grammars(self) -> Grammars:
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = Grammars(self.token_text, self.eos_ids)
+            return self._grammars
+
+    def compile(self, constraint: Constraint):
+        """A constraint's compiled grammar, for SamplingParams.constraint (UserError when invalid)."""
+        return self.grammars.compile(constraint)
+
+    def call(self, fn) -> concurrent.futures.Future:
+        """Run `fn()` on the engine's thread between two steps (its precision, no race with a step)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._calls.append((fn, future))
+            self._lock.notify()
+        return future
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Each prompt token's log-probability given the tokens before it (None for the first,
+        which nothing predicts), with the `top` most likely there: what `echo` with `logprobs`
+        returns. One forward pass of the model over the ids, on the engine's thread."""
+        ids = torch.tensor(prompt, device=self.device)
+        positions = torch.arange(len(prompt), device=self.device)
+        logits = self.model(ids[None], positions, logits_index=positions)[0].float()
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)
+        chosen = logprobs.gather(1, ids[1:, None])[:, 0].tolist()
+        if top:
+            values, where = torch.topk(logprobs, top, dim=-1)
+            tops = [list(zip(w, v)) for w, v in zip(where.tolist(), values.tolist())]
+        else:
+            tops = [[] for _ in chosen]
+        return [None] + list(zip(chosen, tops))
+
     def waiting(self) -> int:
         with self._lock:
             return len(self.scheduler.waiting) + len(self._inbox)
@@ -179,6 +222,9 @@ class Engine:
         self.check_request(prompt, params)
         generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         seq = Sequence(uuid.uuid4().hex, list(prompt), params, emit, generator)
+        seq.detokenizer = Detokenizer(self.tokenizer, seq.prompt)
+        if params.constraint is not None:
+            seq.matcher = self.grammars.matcher(params.constraint)
         with self._lock:
             self.stats.prompt_tokens += len(prompt)
             self._inbox.append(seq)
@@ -208,14 +254,22 @@ class Engine:
     def _serve_forever(self) -> None:
         while True:
             with self._lock:
-                while not (self._inbox or self._aborts or self.scheduler.running or self.scheduler.waiting or self._stopping):
+                while not (self._inbox or self._aborts or self._calls or self.scheduler.running or self.scheduler.waiting
+                           or self._stopping):
                     self._lock.wait()
                 if self._stopping:
                     return
+                calls, self._calls = self._calls, []
                 for seq in self._inbox:
                     self.scheduler.add(seq)
                 self._inbox.clear()
                 aborts, self._aborts = self._aborts, set()
+            for fn, future in calls:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except Exception as err:
+                        future.set_exception(err)
             for seq in [*self.scheduler.running, *self.scheduler.waiting]:
                 if seq.id in aborts:
                     self.scheduler.finish(seq)
@@ -240,6 +294,13 @@ class Engine:
         with torch.autocast(self.device.type, enabled=False) if small else contextlib.nullcontext():
             logits = self.runner.run(step)
         now = time.monotonic()
+        # Constrained rows that sample this step get their grammar's mask, in place, before any
+        # argmax or sampling: they share the step with the free ones.
+        constrained = [(i, seq.matcher) for i, (seq, count) in enumerate(batch)
+                       if seq.matcher is not None and seq.computed + count >= len(seq.tokens)]
+        if constrained:
+            logits = logits.float()
+            self.grammars.mask(logits, constrained)
         # Plain greedy requests (the usual benchmark and tool-calling case) take one argmax over
         # the whole batch instead of a sampling call each.
         greedy = logits.argmax(dim=-1).tolist() if any(is_plain_greedy(seq.params) for seq, _ in batch) else None
@@ -249,7 +310,7 @@ class Engine:
             self.scheduler.publish_full_blocks(seq)
             if seq.computed < len(seq.tokens):
                 continue  # a prefill chunk: more of the prompt to go
-            drawn = Sampled(greedy[i]) if greedy and is_plain_greedy(seq.params) else sample(row, seq.params, seq.output, seq.generator)
+            drawn = Sampled(greedy[i]) if greedy and is_plain_greedy(seq.params) else sample(row, seq.params, seq.output, seq.generator, seq.prompt)
             self._append(seq, drawn, now, outbox)
         # The step's events leave together, after its work: a listener woken by the first (the
         # API's event loop) finds them all at once instead of taking the CPU once per sequence.
@@ -268,17 +329,25 @@ class Engine:
         finish = None
         if drawn.token in p.stop_token_ids or (drawn.token in self.eos_ids and not p.ignore_eos):
             finish = "stop"
-        text = self.tokenizer.decode(seq.output, skip_special_tokens=True)
-        hold = 0
+        if seq.matcher is not None:
+            # Its grammar allowed only this token; once complete, the output is whole (a stop token ends it).
+            seq.matcher.accept_token(drawn.token)
+            if seq.matcher.is_terminated():
+                finish = "stop"
+        before = len(seq.text)
+        seq.text += seq.detokenizer.step(drawn.token)
+        text, hold = seq.text, 0
         if p.stop:
-            hits = [h for h in (text.find(s) for s in p.stop) if h >= 0]
+            longest = max(map(len, p.stop))
+            start = max(0, before - longest + 1)  # a stop string not seen before ends in the new piece
+            hits = [h for h in (text.find(s, start) for s in p.stop) if h >= 0]
             if hits:
                 text, finish = text[: min(hits)], "stop"
-            hold = max(map(len, p.stop)) - 1  # what could still be the start of a stop string is not sent yet
+                seq.text = text
+            hold = longest - 1  # what could still be the start of a stop string is not sent yet
         if finish is None and (len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_len):
             finish = "length"
-        # A multi-byte character split across tokens decodes to U+FFFD until its last byte comes.
-        ready = len(text) if finish else max(seq.sent, len(text.rstrip("\ufffd")) - hold)
+        ready = len(text) if finish else max(seq.sent, len(text) - hold)
         delta = text[seq.sent:ready]
         seq.sent = max(seq.sent, ready)
         event = {"token": drawn.token, "text": delta}

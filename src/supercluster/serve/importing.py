@@ -11,6 +11,8 @@ so a failed import leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -62,13 +64,9 @@ def run_config(imported: ImportedModel, out: Path):
 
     cfg = Config()
     m = imported.model
-    for name in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size", "max_seq_len",
-                 "tie_embeddings", "rope_theta", "norm_eps", "head_dim", "qk_norm",
-                 "qk_norm_per_head"):
-        setattr(cfg.model, name, getattr(m, name))
-    if m.is_moe:
-        for name in ("moe_experts", "moe_top_k", "moe_hidden", "moe_dense_layers", "moe_router", "moe_norm_topk"):
-            setattr(cfg.model, name, getattr(m, name))
+    for f in dataclasses.fields(cfg.model):  # every shape field [model] has (MoE and head sizes included)
+        if f.name != "preset":
+            setattr(cfg.model, f.name, getattr(m, f.name))
     cfg.model.preset = CUSTOM
     # Fine-tuning a pretrained model wants a small learning rate and short runs.
     cfg.train.seq_len = min(256, m.max_seq_len)

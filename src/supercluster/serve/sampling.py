@@ -18,11 +18,13 @@ class SamplingParams:
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # vLLM's: over the prompt's and the output's tokens; 1: off
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    constraint: object | None = None  # a compiled grammar (serve/structured.py) the output must match
 
 
 @dataclass
@@ -34,14 +36,21 @@ class Sampled:
 
 def is_plain_greedy(params: SamplingParams) -> bool:
     """Whether `sample` would return the argmax of the logits and nothing else."""
-    return (params.temperature <= 0 and params.logprobs is None
+    return (params.temperature <= 0 and params.logprobs is None and params.repetition_penalty == 1.0
             and not params.presence_penalty and not params.frequency_penalty)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generated: list[int], generator: torch.Generator | None) -> Sampled:
-    """One token from one sequence's next-token `logits` [vocab]."""
+def sample(logits: torch.Tensor, params: SamplingParams, generated: list[int], generator: torch.Generator | None,
+           prompt: list[int] = ()) -> Sampled:
+    """One token from one sequence's next-token `logits` [vocab] (a constrained request's
+    arrive masked: its log-probabilities are of the tokens its grammar allows)."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
+    if params.repetition_penalty != 1.0 and (generated or prompt):
+        seen = torch.unique(torch.tensor([*prompt, *generated]))
+        picked = logits[seen]
+        logits = logits.clone()
+        logits[seen] = torch.where(picked > 0, picked / params.repetition_penalty, picked * params.repetition_penalty)
     if generated and (params.presence_penalty or params.frequency_penalty):
         ids, counts = torch.unique(torch.tensor(generated), return_counts=True)
         logits = logits.clone()

@@ -35,6 +35,8 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     text: str = ""  # detokenized output so far
+    detokenizer: object | None = None  # serve/tokens.py's Detokenizer: the text one token at a time
+    matcher: object | None = None  # the constrained request's grammar state (serve/structured.py)
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
     aborted: bool = False

@@ -47,6 +47,7 @@ class ModelSection:
     moe_dense_layers: int | None = None
     moe_router: str | None = None
     moe_norm_topk: bool | None = None
+    moe_route_scale: float | None = None
     moe_groups: int | None = None
     moe_topk_groups: int | None = None
     moe_aux_loss_coef: float | None = None
@@ -73,6 +74,7 @@ CUSTOM_REQUIRED = ("layers", "hidden", "heads", "vocab_size", "max_seq_len")
 # launches a run for someone else (`cluster.isolation`) finds and checks every one, including
 # keys added later.
 READ, WRITE = {"path": "read"}, {"path": "write"}
+READ_EACH = {"path": "read", "tables": True}  # a list of tables, each with a `path` to read
 
 
 @dataclass
@@ -81,6 +83,8 @@ class DataSection:
     val_fraction: float = 0.05
     max_mb: float | None = None  # read at most this many MB of the corpus
     seed: int = 0
+    # Prepared datasets sampled in proportion to their weights: [{path = "DIR", weight = 0.7}, ...]
+    mix: list[dict] | None = field(default=None, metadata=READ_EACH)
 
 
 @dataclass
@@ -201,6 +205,9 @@ def _check_type(key: str, value, f: dataclasses.Field):
         ok = isinstance(value, bool)
     elif "int" in kind:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif "list[dict]" in kind:
+        ok = isinstance(value, list) and all(isinstance(v, dict) for v in value)
+        kind = "list of tables"
     elif "list" in kind:
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         kind = "list of integers"
@@ -214,7 +221,7 @@ def _check_type(key: str, value, f: dataclasses.Field):
         raise UserError(f"{key} must be of type {kind}, got {value!r}.")
     # TOML reads nan, inf and integers of any size; no key means them, and they would fail
     # far from here (a nan lr passes every `<= 0` check; torch's seeds are 64-bit).
-    for number in value if isinstance(value, list) else [value]:
+    for number in value if isinstance(value, list) and "tables" not in kind else [value]:
         if isinstance(number, float) and not math.isfinite(number):
             raise UserError(f"{key} must be a finite number, got {number}.")
         if isinstance(number, int) and not -2**63 <= number < 2**63:
@@ -330,6 +337,12 @@ def validate(cfg: Config) -> ModelConfig:
         raise UserError(f"train.keep_checkpoints must be at least 1 (the newest checkpoints kept), got {t.keep_checkpoints}.")
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}.")
+    if cfg.data.mix is not None:
+        from supercluster.data.mixture import check_mix
+
+        check_mix(cfg.data.mix)
+        if cfg.data.path is not None:
+            raise UserError("Set data.path or data.mix, not both: a single prepared folder is a mix of one.")
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard needs the tensorboard package: pip install 'supercluster[tensorboard]', "
                         "or set train.tensorboard=false.")

@@ -62,19 +62,27 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
     if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():  # before the data, which takes a while
         raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
+    from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
     from supercluster.model.weights import imported_tokenizer
 
-    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
-                        tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
-    check_splits(cfg, len(data.train), len(data.val))
+    if uses_prepared(cfg.data):
+        data = open_prepared(cfg.data.path, cfg.data.mix, cfg.data.val_fraction, model_cfg.vocab_size,
+                             run_tokenizer_digest(Path(cfg.run.dir)))
+        check_splits(cfg, data.train_tokens, data.val_tokens)  # every dataset of a mixture holds a sequence
+        train_tokens, val_tokens = sum(len(s.tokens) for s in data.train), sum(len(s.tokens) for s in data.val)
+    else:
+        data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
+                            tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
+        train_tokens, val_tokens = len(data.train), len(data.val)
+        check_splits(cfg, train_tokens, val_tokens)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every node of a job runs this on the same run directory at once: atomic writes only.
     cfg.save(run_dir / "config.toml")
     if data.tokenizer_path is not None:
         write_atomic(run_dir / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
-    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": len(data.train),
-                                                    "val_tokens": len(data.val)}))
+    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": train_tokens,
+                                                    "val_tokens": val_tokens}))
     return run_dir
 
 

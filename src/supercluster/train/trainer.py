@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from supercluster.data import BatchSampler, eval_batches, prepare_data
+from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
 from supercluster.hardware.device import select_device
 from supercluster.model.config import flops_per_token
 from supercluster.model.moe import balance_step, set_aux_grad_scale
@@ -85,11 +86,18 @@ class Trainer:
 
         self.dp_mesh = self.dims.dp_mesh(self.mesh)
         dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
-        # An imported model reads text through its own tokenizer, whatever checkpoint it resumes from.
-        self.data = prepare_data(cfg.data.path, self.model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
-                                 max_mb=cfg.data.max_mb, tokenizer_path=imported_tokenizer(self.run_dir))
-        check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
-        self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
+        self.prepared = uses_prepared(cfg.data)
+        if self.prepared:  # a prepared folder or a mixture of them: the run's tokenizer must be theirs
+            self.data = open_prepared(cfg.data.path, cfg.data.mix, cfg.data.val_fraction, self.model_cfg.vocab_size,
+                                      run_tokenizer_digest(self.run_dir))
+            check_splits(cfg, self.data.train_tokens, self.data.val_tokens)
+            self.sampler = self.data.sampler(t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
+        else:
+            # An imported model reads text through its own tokenizer, whatever checkpoint it resumes from.
+            self.data = prepare_data(cfg.data.path, self.model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
+                                     max_mb=cfg.data.max_mb, tokenizer_path=imported_tokenizer(self.run_dir))
+            check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
+            self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
         self.dp_rank = dp_rank
         # The ranks a loss is averaged over (data and context parallel), and the pipeline.
         self.loss_mesh = self.mesh["dp_cp"] if self.mesh is not None and self.dims.dp * self.dims.cp > 1 else None
@@ -256,8 +264,12 @@ class Trainer:
         t = self.cfg.train
         for part in self.model_parts:
             part.eval()
-        batches = eval_batches(self.data.val, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
-                               self.cfg.data.seed + 1)
+        if self.prepared:
+            batches = self.data.eval_batches(t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
+                                             self.cfg.data.seed + 1)
+        else:
+            batches = eval_batches(self.data.val, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
+                                   self.cfg.data.seed + 1)
         total = torch.zeros((), device=self.device)
         for x, y in batches:
             x, y = self.sequence.shard(x.to(self.device), y.to(self.device))

@@ -39,6 +39,9 @@ def _detect_gpus() -> tuple[str, int]:
     return "local", os.cpu_count() or 1
 
 
+CANCEL_GRACE_S = 30.0  # a cancelled job's time to end on SIGTERM before SIGKILL (Slurm's KillWait)
+
+
 class LocalBackend(Backend):
     name = "local"
     runs_jobs = True
@@ -79,13 +82,16 @@ class LocalBackend(Backend):
             return JobStatus("running")
         return JobStatus("failed", None, detail="the job's runner ended without recording an exit code")
 
-    def cancel(self, ref: str, job_dir: str) -> None:
+    def cancel(self, ref: str, job_dir: str, grace_s: float = CANCEL_GRACE_S) -> None:
+        """SIGTERM to the job's process group, and SIGKILL past `grace_s` (as Slurm's KillWait) by a
+        detached killer, so a job that ignores SIGTERM still ends and nobody here waits for it."""
         try:
-            if _alive(ref):  # the runner leads its own session: this reaches torchrun and its ranks
-                os.killpg(_pid(ref), signal.SIGTERM)
+            if not _alive(ref):
+                return
+            os.killpg(_pid(ref), signal.SIGTERM)  # the runner leads its own session: this reaches torchrun and its ranks
         except ProcessLookupError:
-            pass
-
+            return
+        _detached("--kill-after", ref, str(grace_s))
 
     def preempt(self, ref: str, job_dir: str, grace_s: float = 60.0) -> None:
         """SIGTERM to the job's process group (the trainer checkpoints the step it is in), and a
@@ -98,25 +104,37 @@ class LocalBackend(Backend):
             (Path(job_dir) / "exit_code").unlink(missing_ok=True)
             return
         write_atomic(Path(job_dir) / STOPPING, ref)  # before the signal: a restart sees it whatever comes next
-        self.cancel(ref, job_dir)
-        stopper = subprocess.Popen([sys.executable, "-m", "supercluster.cluster.backends.local", "--stop", ref, job_dir,
-                                    str(grace_s)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, start_new_session=True)
-        threading.Thread(target=stopper.wait, daemon=True, name=f"reap-{stopper.pid}").start()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_pid(ref), signal.SIGTERM)
+        _detached("--stop", ref, job_dir, str(grace_s))
 
 
 STOPPING = "stopping"  # in a job dir: the ref of a preempted runner still being stopped
 
 
-def _stop(ref: str, job_dir: str, grace_s: float) -> None:
-    """The stopper of a preempted runner: wait for its group to end, SIGKILL it past `grace_s`,
-    let the runner record its exit code and remove it, then remove the `stopping` mark."""
+def _detached(*args: str) -> None:
+    """Runs this module with `args` in its own session (it outlives a request or a server), reaped here."""
+    proc = subprocess.Popen([sys.executable, "-m", "supercluster.cluster.backends.local", *args],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
+
+
+def _kill_after(ref: str, grace_s: float) -> float:
+    """Waits for the group of `ref` to end, SIGKILLs it past `grace_s`; returns the deadline."""
     deadline = time.monotonic() + grace_s
     while _group_alive(_pid(ref)) and time.monotonic() < deadline:
         time.sleep(0.1)
     if _group_alive(_pid(ref)):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(_pid(ref), signal.SIGKILL)
+    return deadline
+
+
+def _stop(ref: str, job_dir: str, grace_s: float) -> None:
+    """The stopper of a preempted runner: wait for its group to end, SIGKILL it past `grace_s`,
+    let the runner record its exit code and remove it, then remove the `stopping` mark."""
+    deadline = _kill_after(ref, grace_s)
     while _alive(ref) and time.monotonic() < deadline + 10:
         time.sleep(0.1)  # the runner records an exit code as it ends: let it, then remove it
     (Path(job_dir) / "exit_code").unlink(missing_ok=True)
@@ -193,6 +211,9 @@ def _run(job_dir: str, cmd: list[str]) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "--stop":
         _stop(sys.argv[2], sys.argv[3], float(sys.argv[4]))
+        sys.exit(0)
+    if sys.argv[1] == "--kill-after":
+        _kill_after(sys.argv[2], float(sys.argv[3]))
         sys.exit(0)
     split = sys.argv.index("--")
     sys.exit(_run(sys.argv[1], sys.argv[split + 1 :]))

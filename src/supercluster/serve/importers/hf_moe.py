@@ -38,7 +38,9 @@ def moe_fields(folder: Path, hf: dict, kind: str) -> dict:
                         f"(num_{'local_' if kind == 'mixtral' else ''}experts, num_experts_per_tok).")
     layers = int(hf["num_hidden_layers"])
     fields = dict(moe_experts=int(experts), moe_top_k=int(hf["num_experts_per_tok"]), moe_router="softmax",
-                  moe_norm_topk=True if kind == "mixtral" else bool(hf.get("norm_topk_prob", False)))
+                  moe_norm_topk=True if kind == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+                  # kept for fine-tuning the imported model as it was trained
+                  moe_aux_loss_coef=float(hf.get("router_aux_loss_coef") or 0.0))
     if hf.get("sliding_window") and (kind == "mixtral" or hf.get("use_sliding_window")):
         raise UserError(f"{str(folder)!r} uses sliding-window attention, which this model does not implement; "
                         f"it cannot be imported.")

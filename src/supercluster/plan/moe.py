@@ -1,0 +1,105 @@
+"""Mixture-of-Experts terms of the cost model: expert GEMMs, all-to-all dispatch and combine,
+and where the experts' parameters live.
+
+The shapes come from `model.config` (moe_experts, moe_top_k, moe_shared_experts, moe_hidden,
+moe_dense_layers); expert parallelism is `Layout.ep`, carved out of the data-parallel ranks
+("parallel folding", as torchtitan and Megatron-Core do it): each rank of an ep group holds
+1/ep of every MoE layer's experts, and each expert's state is sharded over the data-parallel
+ranks left over. What the planner assumes and the papers it follows:
+
+* FLOPs follow the active parameters: a token passes through its top-k routed experts and
+  the shared ones (Fedus et al. 2021, Switch Transformers; DeepSeek-AI 2024, DeepSeek-V3).
+* Dispatch and combine are two all-to-alls forward and two backward per MoE layer, each
+  moving a token's hidden vector once per chosen expert (Lepikhin et al. 2020, GShard);
+  the share of them that stays on the rank is 1/ep. Inside one NVLink domain they run at
+  the scale-up rate; an ep group spanning nodes sends its other nodes' share over each GPU's
+  NIC (DeepSeek-V3 sec. 3.2.2 limits each token to 4 nodes for that reason).
+* Load imbalance: the busiest rank of an ep group receives `imbalance` times the mean
+  tokens; it sets the pace of the expert GEMMs and of the all-to-all. 1.0 is the perfectly
+  balanced routing that published benchmarks force (Megatron-Bridge: "we force-balance the
+  token distribution among experts"); real training runs above it (`--moe-imbalance`).
+"""
+
+from __future__ import annotations
+
+DEFAULT_IMBALANCE = 1.0
+
+
+def is_moe(cfg) -> bool:
+    return getattr(cfg, "moe_experts", 0) > 0
+
+
+def counts(cfg) -> tuple[float, int]:
+    """(mean parameters per block, MoE blocks), computed once per config object: the model's
+    counts walk every layer, and a search asks for them thousands of times."""
+    from supercluster.model.config import layer_params
+
+    key = (cfg.layers, cfg.hidden, cfg.ffn_hidden, getattr(cfg, "moe_experts", 0), getattr(cfg, "moe_hidden", 0),
+           getattr(cfg, "moe_dense_layers", 0), cfg.vocab_size, cfg.heads, cfg.kv_heads)
+    cached = cfg.__dict__.get("_plan_counts")
+    if cached is None or cached[0] != key:
+        cached = (key, float(layer_params(cfg)), cfg.moe_layers if is_moe(cfg) else 0)
+        cfg.__dict__["_plan_counts"] = cached  # not a dataclass field: asdict and == ignore it
+    return cached[1], cached[2]
+
+
+def mean_layer_params(cfg) -> float:
+    return counts(cfg)[0]
+
+
+def moe_layers(cfg) -> int:
+    return counts(cfg)[1]
+
+
+def expert_params_per_layer(cfg) -> float:
+    """Routed experts' parameters of one MoE layer (SwiGLU: three matrices each)."""
+    return cfg.moe_experts * 3 * cfg.hidden * cfg.moe_hidden if is_moe(cfg) else 0.0
+
+
+def mean_expert_params(cfg) -> float:
+    """Routed-expert parameters per layer averaged over all layers (dense ones hold none)."""
+    return expert_params_per_layer(cfg) * moe_layers(cfg) / cfg.layers if is_moe(cfg) else 0.0
+
+
+def ffn_width(cfg, imbalance: float = 1.0) -> float:
+    """The feed-forward width one token's activations have in a MoE layer on the busiest rank:
+    its k routed experts (times the imbalance) and the shared ones."""
+    return (cfg.moe_top_k * imbalance + cfg.moe_shared_experts) * cfg.moe_hidden
+
+
+def ffn_linear_time(cfg, lay, r, tokens: float, imbalance: float) -> float:
+    """Forward seconds of one MoE layer's feed-forward on one rank for `tokens` tokens: the
+    router (replicated, 16-bit), the local experts' grouped GEMMs over the tokens routed to
+    them, and the shared experts (split over tp like a dense MLP)."""
+    h, t, ep = cfg.hidden, lay.tp, getattr(lay, "ep", 1)
+    local = cfg.moe_experts / ep
+    # Each rank sends tokens*k (token, expert) pairs and receives as many on average.
+    per_expert = tokens * cfg.moe_top_k * imbalance / local
+    f = cfg.moe_hidden
+    time = r.gemm(tokens, h, cfg.moe_experts)  # router scores
+    time += r.gemm(per_expert, h, 2 * f / t, batch=local, linear=True)  # gate and up, grouped
+    time += r.gemm(per_expert, f / t, h, batch=local, linear=True)  # down, grouped
+    if cfg.moe_shared_experts:
+        width = cfg.moe_shared_experts * f
+        time += r.gemm(tokens, h, 2 * width / t, linear=True) + r.gemm(tokens, width / t, h, linear=True)
+    return time
+
+
+def all_to_all_time(cfg, lay, r, tokens: float, imbalance: float) -> tuple[float, str]:
+    """Seconds of one dispatch (or combine) all-to-all of one MoE layer for one microbatch on
+    the busiest rank, and the tier it crosses. The ep group's ranks sit tp*cp apart."""
+    ep = getattr(lay, "ep", 1)
+    if ep <= 1:
+        return 0.0, "none"
+    # With sequence parallelism each tp rank dispatches its own s/tp tokens.
+    sp = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
+    nbytes = r.elem * tokens / sp * cfg.moe_top_k * imbalance * cfg.hidden * (ep - 1) / ep
+    # Ranks of an ep group sit tp*cp apart, unless ep folds over the tp and cp ranks as well.
+    span = lay.tp * lay.cp * ep if lay.dp_shard % ep == 0 else ep
+    if span <= r.gpus_per_node:
+        return nbytes / r.up + r.latency, "scale-up"
+    in_node = max(1, r.gpus_per_node * ep // span)  # ep ranks sharing a node
+    outside = nbytes * (ep - in_node) / (ep - 1)
+    inside = nbytes - outside
+    # NVLink and the NICs carry their shares at once; the slower sets the time.
+    return max(inside / r.up, outside / r.out) + r.latency, "scale-up + scale-out"
