@@ -67,6 +67,8 @@ class BlockLinear(nn.Module):
     kernel multiplies one row's 4 inputs into 16 features at a time (see the kernel's header).
     """
 
+    fuses_swiglu = True  # forward(x, swiglu=True) folds SwiGLU into the down matrix's kernel (serve/moe.py asks)
+
     PANEL, BLOCK = 16, 32
 
     def __init__(self, linear: nn.Linear, bits: int, arch: str = "native"):
