@@ -358,10 +358,10 @@ def greedy(engine, prompts, max_tokens):
     from supercluster.serve.sampling import SamplingParams
 
     streams = []
-    for text in prompts:
+    for prompt in prompts:  # text, or token ids
+        ids = engine.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
         events = queue.Queue()
-        engine.submit(engine.tokenizer.encode(text).ids, SamplingParams(max_tokens=max_tokens, temperature=0,
-                                                                         ignore_eos=True), events.put)
+        engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), events.put)
         streams.append(events)
     outputs = []
     for events in streams:

@@ -5,7 +5,6 @@ against transformers as the independent reference: logits within 1e-4 in fp32, a
 greedy output equal to transformers' `generate`."""
 
 import json
-import queue
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import torch
 from supercluster.cli.main import main
 from supercluster.serve.importing import import_model
 from supercluster.train.sample import load_trained
+from test_serve import greedy
 
 VOCAB = 256
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -178,23 +178,10 @@ def test_imported_moe_logits_equal_transformers(source, form, tmp_path):
 def engine_greedy(run: Path, prompts, max_tokens: int, **config) -> list[list[int]]:
     """Greedy continuations from the serving engine, all prompts submitted at once (one batch)."""
     from supercluster.serve.engine import Engine, EngineConfig
-    from supercluster.serve.sampling import SamplingParams
 
     engine = Engine(run, EngineConfig(num_blocks=64, block_size=8, **config))
     try:
-        streams = []
-        for prompt in prompts:
-            events = queue.Queue()
-            engine.submit(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), events.put)
-            streams.append(events)
-        outputs = []
-        for events in streams:
-            tokens = []
-            while "finish_reason" not in (event := events.get(timeout=120)):
-                assert "error" not in event, event["error"]
-                tokens.append(event["token"])
-            outputs.append(tokens)
-        return outputs
+        return greedy(engine, prompts, max_tokens)
     finally:
         engine.shutdown()
 
