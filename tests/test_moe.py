@@ -208,6 +208,7 @@ def test_moe_block_recomputes_under_activation_checkpointing():
 
     torch.manual_seed(0)
     moe = MoE(preset("tiny-moe"))
+    moe.experts.use_grouped_mm = True  # the probe runs only where grouped_mm is wanted (fp32 on CPU: not by default)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 16, 64)
@@ -216,4 +217,5 @@ def test_moe_block_recomputes_under_activation_checkpointing():
     moe.zero_grad()
     grouped_mm_works.cache_clear()
     checkpoint(moe, x, use_reentrant=False).square().sum().backward()
+    assert grouped_mm_works.cache_info().misses == 1  # the probe ran, first inside the checkpointed block
     assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(moe.parameters(), want))

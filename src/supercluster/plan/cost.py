@@ -550,14 +550,16 @@ def estimate(
     if n_moe:
         # The mean layer: dense and MoE layers weighted by their counts (stages are balanced
         # by active FLOPs, so every stage holds about the model's mix).
-        experts = _layer_classes(cfg, lay, sw, r, s, moe_layer=True, imbalance=work.moe_imbalance)
+        # Imbalance among ep ranks: with ep 1 every rank holds every expert and gets the mean work.
+        imbalance = work.moe_imbalance if lay.ep > 1 else 1.0
+        experts = _layer_classes(cfg, lay, sw, r, s, moe_layer=True, imbalance=imbalance)
         w = n_moe / cfg.layers
 
         def mix(a, b):
             return tuple((1 - w) * x + w * y for x, y in zip(a, b)) if isinstance(a, tuple) else (1 - w) * a + w * b
 
         classes = {k: mix(classes[k], experts[k]) for k in classes}
-        one, a2a_tier = moe.all_to_all_time(cfg, lay, r, lay.microbatch * s / c, work.moe_imbalance)
+        one, a2a_tier = moe.all_to_all_time(cfg, lay, r, lay.microbatch * s / c, imbalance)
         # Dispatch and combine forward, their gradients backward, again in a full recompute.
         a2a = w * (4 + (2 if lay.recompute == "full" else 0)) * one  # per layer, averaged
     fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]
