@@ -117,6 +117,28 @@ def test_bad_rows_stop_with_one_sentence_and_skip_bad_counts_them(tmp_path, toke
     assert meta["documents"] == 1
 
 
+def test_overwrite_replaces_a_prepared_dataset_and_nothing_else(tmp_path, tokenizer_file, capsys):
+    """--overwrite once published over any --out (the input's own folder, a home): it now replaces
+    only a prepared dataset; a folder, a file or a link (dangling too) is refused and left as it was."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in DOCS] + ["[" * 100_000])
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "keep.txt").write_text("mine")
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (notes, src, dangling):
+        with pytest.raises(SystemExit) as exit_:
+            main(["data", "prepare", str(src), "--out", str(out), "--tokenizer", str(tokenizer_file), "--overwrite"])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert "not a prepared dataset" in err and "\n" not in err, err
+    assert (notes / "keep.txt").read_text() == "mine" and dangling.is_symlink() and src.read_text().startswith("{")
+    out = tmp_path / "ds"
+    for _ in range(2):  # a prepared dataset is replaced; a row nested past Python's parser is a bad row, skipped
+        meta = prepare([src], out, tokenizer=tokenizer_file, overwrite=True, skip_bad=True)
+        assert meta["documents"] == len(DOCS) and meta["skipped_bad"]["malformed_json"] == 1
+
+
 def test_a_killed_prepare_leaves_nothing_a_run_trusts_and_can_be_run_again(tmp_path, tokenizer_file):
     line = json.dumps({"text": DOCS[0] * 40}) + "\n"
     big = tmp_path / "big.jsonl"
@@ -267,8 +289,9 @@ def test_a_short_run_trains_on_a_mixture_and_resumes_its_position(tmp_path, toke
               "--set", f'data.mix=[{{path="{tmp_path / "a"}", weight=3}}, {{path="{tmp_path / "b"}", weight=1}}]',
               "--set", f"run.dir={run}", "--set", "train.checkpoint_every=2"]
     main(common + ["--set", "train.steps=2"])
-    main(common + ["--set", "train.steps=3"])
+    # the third step at twice the batch: resumed, 2*4 + 8 samples consumed (a fresh run's would be 3*8)
+    main(common + ["--set", "train.steps=3", "--set", "train.global_batch=8", "--set", "train.micro_batch=8"])
     state = json.loads(next((run / "checkpoints").glob("*3*/train_state.json")).read_text())
-    assert state["sampler"]["consumed"] == 12
+    assert state["sampler"]["consumed"] == 16
     assert (run / "tokenizer.json").is_file()
     assert tokenizer_digest(run / "tokenizer.json") == tokenizer_digest(tokenizer_file)

@@ -34,18 +34,33 @@ def check_messages(messages, where: str) -> list[dict]:
     return messages
 
 
+def _raise(message: str):
+    raise UserError(f"the chat template refuses it: {message}")
+
+
 class ChatRenderer:
     def __init__(self, tokenizer, template: str | None = None, bos: str = "", eos: str = ""):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+        import jinja2
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = _raise  # Hugging Face templates refuse conversations with it
         self.tokenizer = tokenizer
-        self.template = env.from_string(template or PLAIN_TEMPLATE)
+        try:
+            self.template = env.from_string(template or PLAIN_TEMPLATE)
+        except jinja2.TemplateError as err:
+            raise UserError(f"The chat template cannot be read: {err}.") from None
         self.bos, self.eos = bos, eos
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos, eos_token=self.eos)
+        import jinja2
+
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos, eos_token=self.eos)
+        except jinja2.TemplateError as err:
+            raise UserError(f"the chat template fails on this conversation: {err}") from None
 
     def render_chat(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, loss_mask): the rendered conversation's ids, and 1 on the assistant turns' tokens."""

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from supercluster.data.inputs import Chunk, InputFile, expand, read_chunks
-from supercluster.data.prepared import PreparedWriter, file_sha256, tokenizer_digest
+from supercluster.data.prepared import PreparedWriter, check_out, file_sha256, tokenizer_digest
 from supercluster.errors import UserError
 
 FORMATS = ("text", "chat")
@@ -97,7 +97,7 @@ class Encoder:
         for line_no, line in zip(chunk.row_numbers, chunk.lines):
             try:
                 row = json.loads(line)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:  # RecursionError: nested beyond Python's parser
                 bad.append((chunk.file, line_no, "malformed_json", f"is not valid JSON ({err})"))
                 continue
             if not isinstance(row, dict) or name not in row or row[name] is None:
@@ -150,7 +150,11 @@ class Encoder:
             except UserError as err:
                 bad.append((chunk.file, line_no, "bad_messages", str(err).split(": ", 1)[-1].rstrip(".")))
                 continue
-            ids, mask = self.chat.render_chat(messages)
+            try:
+                ids, mask = self.chat.render_chat(messages)
+            except UserError as err:  # the template refused this conversation (its raise_exception)
+                bad.append((chunk.file, line_no, "bad_messages", str(err).rstrip(".")))
+                continue
             all_ids.append(ids)
             all_masks.append(mask)
             lengths.append(len(ids))
@@ -199,14 +203,24 @@ class WorkerPool:
             p.start()
         self.ahead = 2 * workers + 2
 
+    def _check_workers(self) -> None:
+        dead = [p for p in self.procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"a tokenizer worker died (exit code {dead[0].exitcode}), out of memory perhaps")
+
     def _get(self):
         while True:
             try:
                 return self.results.get(timeout=1.0)
             except queue.Empty:
-                dead = [p for p in self.procs if not p.is_alive()]
-                if dead:
-                    raise RuntimeError(f"a tokenizer worker died (exit code {dead[0].exitcode}), out of memory perhaps")
+                self._check_workers()
+
+    def _put(self, task) -> None:
+        while True:  # never wait forever on a full queue that no worker reads any more
+            try:
+                return self.tasks.put(task, timeout=1.0)
+            except queue.Full:
+                self._check_workers()
 
     def map_ordered(self, chunks):
         pending: dict[int, object] = {}
@@ -219,7 +233,7 @@ class WorkerPool:
                 if chunk is None:
                     exhausted = True
                     break
-                self.tasks.put((submitted, chunk))
+                self._put((submitted, chunk))
                 submitted += 1
             if exhausted and done == submitted:
                 return
@@ -319,6 +333,7 @@ def prepare(inputs: list[str | os.PathLike], out: str | os.PathLike, *, field_na
     if workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}.")
     field_name = field_name or ("messages" if fmt == "chat" else "text")
+    check_out(out, overwrite)  # before any tokenizer is trained for it
     files = expand(inputs)
     source = resolve_tokenizer(tokenizer, files, field_name, fmt, vocab_size)
     vocab = source.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -328,10 +343,11 @@ def prepare(inputs: list[str | os.PathLike], out: str | os.PathLike, *, field_na
                     source.eos, writer.dtype.name)
     skipped = {reason: 0 for reason in BAD_REASONS}
     started = time.perf_counter()
+    encoder = Encoder(recipe)  # here first: a template or tokenizer that cannot load is one sentence, before any worker
     with writer:
         pool = WorkerPool(workers, recipe) if workers > 1 else None
         try:
-            results = pool.map_ordered(read_chunks(files, field_name)) if pool else map(Encoder(recipe).encode, read_chunks(files, field_name))
+            results = pool.map_ordered(read_chunks(files, field_name)) if pool else map(encoder.encode, read_chunks(files, field_name))
             with _progress(show_progress, files) as advance:
                 for result in results:
                     if result.bad and not skip_bad:

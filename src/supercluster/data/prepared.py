@@ -85,6 +85,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Where a prepare may publish: a new name in an existing folder or, with `overwrite`, a
+    prepared dataset (never a link, nor any other folder or file: --overwrite replaces it whole)."""
+    path = Path(out).expanduser().absolute()
+    if os.path.lexists(path):  # a dangling link too
+        prepared = is_prepared(path) and not path.is_symlink()
+        if not (overwrite and prepared):
+            what = "a prepared dataset" if prepared else "not a prepared dataset"
+            fix = " (or --overwrite)" if prepared else ""
+            raise UserError(f"{str(path)!r} already exists ({what}); choose another --out or remove it first{fix}.")
+    if not path.parent.is_dir():
+        raise UserError(f"The folder {str(path.parent)!r} for {path.name!r} does not exist; create it first.")
+    return path
+
+
 class PreparedWriter:
     """Append documents (ids, optional loss mask); `finish()` publishes the folder whole.
 
@@ -96,12 +111,7 @@ class PreparedWriter:
 
     def __init__(self, out: str | os.PathLike, vocab_size: int, tokenizer_digest: str, loss_mask: bool = False,
                  overwrite: bool = False):
-        self.out = Path(out).expanduser().absolute()
-        if self.out.exists() and not overwrite:
-            what = "a prepared dataset" if is_prepared(self.out) else "a file or folder"
-            raise UserError(f"{str(self.out)!r} already exists ({what}); choose another --out or remove it first.")
-        if not self.out.parent.is_dir():
-            raise UserError(f"The folder {str(self.out.parent)!r} for {self.out.name!r} does not exist; create it first.")
+        self.out = check_out(out, overwrite)
         self.overwrite = overwrite
         self.vocab_size = vocab_size
         self.dtype = dtype_for(vocab_size)
