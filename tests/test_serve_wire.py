@@ -137,6 +137,29 @@ def test_unknown_or_unsupported_fields_are_refused_by_name(client, server):
         client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body={"guided_regex": "(unclosed"})
 
 
+
+def test_prompts_and_constraints_beyond_the_limits_are_400s_naming_them(server):
+    """Found by a review: ids outside the vocabulary reached the decoder (500), an echo scored a
+    prompt past the context (500), one request could queue any number of sequences, and a schema
+    of any depth or size reached the compiler."""
+    for prompt in ([-1], [10**30], [[5, -3]]):
+        r = post(server, "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1, "echo": True})
+        assert r.status_code == 400 and "Token ids must be in" in r.json()["error"]["message"], (prompt, r.text)
+    long = [5] * 1100  # the model's context is 1024
+    for extra in ({"max_tokens": 0, "echo": True}, {"max_tokens": 1, "echo": True, "logprobs": 1}):
+        r = post(server, "/v1/completions", {"model": MODEL, "prompt": long, **extra})
+        assert r.status_code == 400 and "beyond this model's context of 1024" in r.json()["error"]["message"], r.text
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": [[5]] * 2000, "n": 16, "max_tokens": 1})
+    assert r.status_code == 400 and "32000 sequences" in r.json()["error"]["message"], r.text
+    deep: dict = {"type": "string"}
+    for _ in range(40):
+        deep = {"type": "array", "items": deep}
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1,
+                                         "response_format": {"type": "json_schema", "json_schema": {"name": "d", "schema": deep}}})
+    assert r.status_code == 400 and "nests deeper than 32" in r.json()["error"]["message"], r.text
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "guided_regex": "a" * 70_000})
+    assert r.status_code == 400 and "at most 65,536" in r.json()["error"]["message"], r.text
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
      "required": ["name", "age"], "additionalProperties": False},
@@ -220,6 +243,20 @@ def test_tool_calls_are_enforced_and_round_trip_streamed_and_not(client, server,
     assert finish == "tool_calls"
     assert [(c["name"], c["arguments"]) for _, c in sorted(streamed.items())] == [(c.function.name, c.function.arguments) for c in calls]
     assert all(c["id"].startswith("call_") for c in streamed.values())
+    # the service's relay rebuilds a whole answer from this stream (service.whole): the calls too
+    from supercluster.service.whole import WholeAnswer
+
+    rebuilt = WholeAnswer()
+    body = {"model": MODEL, "messages": messages, "tools": TOOLS, "tool_choice": tool_choice, "max_tokens": 80,
+            "temperature": 0, "parallel_tool_calls": False, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=60) as resp:
+        for event in resp.read().split(b"\n\n"):
+            rebuilt.add(event)
+    choice = rebuilt.answer(None)["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in choice["message"]["tool_calls"]] == [
+        (c.function.name, c.function.arguments) for c in calls]
 
     # the round trip: the call and its result go back, the model answers in text
     messages += [r.choices[0].message.model_dump(exclude_none=True),

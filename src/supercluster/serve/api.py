@@ -154,6 +154,12 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
             raise ApiError(429, f"The server is at capacity ({queue_limit} requests waiting); retry later.",
                            "rate_limit_exceeded", "queue_full")
 
+    def check_sequences(count: int) -> None:
+        """One request never asks for more sequences (prompts x n) than the whole queue holds."""
+        if count > queue_limit:
+            raise ApiError(400, f"This request asks for {count} sequences (prompts x n); this server queues at most "
+                           f"{queue_limit}.", param="prompt")
+
     async def compiled(constraint, param: str):
         if constraint is None:
             return None
@@ -212,13 +218,18 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
         authorize(request)
         check_model(body.model)
         raw = body.prompt if isinstance(body.prompt, list) and not isinstance(body.prompt[0], int) else [body.prompt]
+        check_sequences(len(raw) * body.n)
+        admit()
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
         prompts, texts = [], []
-        for p in raw:
-            prompts.append(engine.tokenizer.encode(p).ids if isinstance(p, str) else list(p))
-            texts.append(p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False))
-        for ids in prompts:
-            if any(not 0 <= t < engine.cfg.vocab_size for t in ids):
-                raise ApiError(400, f"Token ids must be in 0..{engine.cfg.vocab_size - 1}.", param="prompt")
+        for p in raw:  # every prompt checked (ids, length) before anything is decoded, scored or compiled
+            ids = engine.tokenizer.encode(p).ids if isinstance(p, str) else list(p)
+            try:
+                engine.check_prompt(ids, max_tokens)
+            except UserError as err:
+                raise ApiError(400, str(err), param="prompt") from None
+            prompts.append(ids)
+            texts.append(p if isinstance(p, str) or not body.echo else engine.tokenizer.decode(p, skip_special_tokens=False))
         constraint = await compiled(_constraint(body), "response_format")
         choices = []
         for p, (ids, text) in enumerate(zip(prompts, texts)):
@@ -227,7 +238,6 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
                 scored = await asyncio.wrap_future(engine.call(lambda ids=ids: engine.prompt_logprobs(ids, body.logprobs)))
             for j in range(body.n):
                 choices.append(_Choice(p * body.n + j, ids, text if body.echo else "", scored))
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
         return await _generate(request, body, choices, max_tokens, body.logprobs, constraint, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -239,10 +249,15 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
         if isinstance(choice, NamedToolChoice):
             choice = choice.model_dump()
         active = tools if choice != "none" else None  # "none": the tools stay out of the prompt
+        admit()
         prompt = chat_prompt(body.messages, active)
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.room - len(prompt))
+        try:  # before compiling a grammar for it
+            engine.check_prompt(prompt, max_tokens)
+        except UserError as err:
+            raise ApiError(400, str(err), param="messages") from None
         constraint = _constraint(body) or (tooling.constraint_for(tools, choice, body.parallel_tool_calls) if active else None)
         constraint = await compiled(constraint, "tool_choice" if body.constraint() is None and active else "response_format")
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.room - len(prompt))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         choices = [_Choice(j, prompt, tools=tooling.ToolStream(active, choice) if active else None) for j in range(body.n)]
         return await _generate(request, body, choices, max_tokens, logprobs, constraint, chat=True)

@@ -164,18 +164,22 @@ class Engine:
         return min(self.max_len, self.cache.pool.num_blocks * self.config.block_size)
 
     def check_request(self, prompt: list[int], params: SamplingParams) -> None:
+        self.check_prompt(prompt, params.max_tokens)
+
+    def check_prompt(self, prompt: list[int], max_tokens: int) -> None:
+        """A prompt and its max_tokens fit this model and this server (UserError naming the limit)."""
         if not prompt:
             raise UserError("The prompt is empty; give at least one token.")
-        if len(prompt) + params.max_tokens > self.max_len:
-            raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is beyond this "
-                            f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens.")
-        # Beyond the whole pool it could never run: it would preempt itself and start over forever.
-        if len(prompt) + params.max_tokens > self.room:
-            raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({params.max_tokens}) is beyond this "
-                            f"server's whole KV cache of {self.room} tokens ({self.cache.pool.num_blocks} blocks of "
-                            f"{self.config.block_size}); shorten the prompt or lower max_tokens.")
         if max(prompt) >= self.cfg.vocab_size or min(prompt) < 0:
             raise UserError(f"Token ids must be in 0..{self.cfg.vocab_size - 1}.")
+        if len(prompt) + max_tokens > self.max_len:
+            raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is beyond this "
+                            f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens.")
+        # Beyond the whole pool it could never run: it would preempt itself and start over forever.
+        if len(prompt) + max_tokens > self.room:
+            raise UserError(f"The prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) is beyond this "
+                            f"server's whole KV cache of {self.room} tokens ({self.cache.pool.num_blocks} blocks of "
+                            f"{self.config.block_size}); shorten the prompt or lower max_tokens.")
 
     @property
     def grammars(self) -> Grammars:
