@@ -121,3 +121,15 @@ def test_node_drain_and_undrain_on_the_local_database_and_queued_clusters_say_wh
     assert code == 2 and "--reason is empty" in err
     code, _, err = run(capsys, "node", "undrain", "sim0001", "--db", sim)
     assert code == 2 and "No node 'sim0001' in the fleet" in err and err.count("\n") == 1
+
+
+def test_a_health_max_age_of_zero_is_kept(sim, capsys):
+    """0 s (every node's health must be fresh) was taken for 'not given' and stored as a day."""
+    import sqlalchemy as sa
+
+    for name, args, want in (("fresh", ["--health-max-age", "0"], 0.0), ("default", [], 86400.0)):
+        code, _, err = run(capsys, "cluster", "create", name, "--gpus", "8", "--db", sim, *args)
+        assert code == 0, err
+        with sa.create_engine(sim).connect() as conn:
+            got = conn.execute(sa.text("SELECT health_max_age_s FROM clusters WHERE name = :n"), {"n": name}).scalar()
+        assert got == want, (name, got)

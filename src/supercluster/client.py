@@ -14,6 +14,10 @@ from typing import Iterator, Protocol
 
 from supercluster.errors import UserError
 
+# How long `endpoint delete` waits for a stopping server: a local one is killed 30 s after SIGTERM
+# (backends.local.CANCEL_GRACE_S), a Slurm one after KillWait; past this, one sentence, not a hang.
+STOP_WAIT_S = 120.0
+
 # The keys of a cluster and of a job as every client gives them.
 CLUSTER_KEYS = ("name", "project", "state", "reason", "detail", "gpus", "gpu_type", "nodes", "switches", "leaves", "pods",
                 "lower_bound", "max_switches", "queue_position", "reservation", "owner", "priority", "cause",
@@ -92,7 +96,8 @@ class LocalClient:
 
         return self._cluster(create_cluster(self.db, name, gpus, gpu_type=gpu_type, wait=wait, max_switches=max_switches,
                                             require_health=require_health, priority=priority, owner=owner,
-                                            health_max_age_s=health_max_age_s or DEFAULT_HEALTH_MAX_AGE_S))
+                                            health_max_age_s=DEFAULT_HEALTH_MAX_AGE_S if health_max_age_s is None
+                                            else health_max_age_s))  # 0 is an age too
 
     def list_clusters(self):
         from supercluster.cluster.clusters import list_clusters
@@ -272,9 +277,8 @@ class RemoteClient:
     def delete_endpoint(self, name, wait=True):
         """Asks the server to stop it (it answers at once, `stopping`); with `wait`, polls until it has."""
         endpoint = self.http.delete_endpoint(name)
-        while wait and endpoint["state"] == "stopping":
-            time.sleep(0.5)
-            endpoint = self.http.show_endpoint(name)
+        if wait and endpoint["state"] == "stopping":
+            endpoint = self.http.wait_endpoint(name, poll_s=0.5, leaving="stopping", timeout_s=STOP_WAIT_S)
         return endpoint
 
 

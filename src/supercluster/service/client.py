@@ -185,8 +185,14 @@ class ProjectClient:
     def show_endpoint(self, name: str) -> dict:
         return self._call("GET", "endpoints", name)
 
-    def wait_endpoint(self, name: str, poll_s: float = 1.0) -> dict:
-        while (endpoint := self.show_endpoint(name))["state"] == "starting":
+    def wait_endpoint(self, name: str, poll_s: float = 1.0, leaving: str = "starting",
+                      timeout_s: float | None = None) -> dict:
+        """Polls until the endpoint's state is no longer `leaving` (UserError past `timeout_s`)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while (endpoint := self.show_endpoint(name))["state"] == leaving:
+            if deadline is not None and time.monotonic() > deadline:
+                raise UserError(f"Endpoint {name!r} is still {leaving} after {timeout_s:.0f} s; see "
+                                f"`supercluster endpoint show {name}` and its job's log.")
             time.sleep(poll_s)
         return endpoint
 

@@ -21,6 +21,7 @@ class WholeAnswer:
         self.texts: dict[int, str] = {}
         self.finishes: dict[int, str | None] = {}
         self.logprobs: dict[int, list[dict]] = {}
+        self.tool_calls: dict[int, dict[int, dict]] = {}  # choice -> call index -> the call, its arguments joined
         self.error: dict | None = None  # an error event of the stream (the engine failed mid-way)
 
     def add(self, event: bytes) -> None:
@@ -39,8 +40,16 @@ class WholeAnswer:
         self.chat = chunk.get("object") == "chat.completion.chunk"
         for choice in chunk.get("choices") or ():
             i = choice.get("index", 0)
-            piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+            delta = choice.get("delta") or {}
+            piece = delta.get("content") if self.chat else choice.get("text")
             self.texts[i] = self.texts.get(i, "") + (piece or "")
+            for part in delta.get("tool_calls") or ():  # OpenAI streams a call as id/name, then pieces of arguments
+                call = self.tool_calls.setdefault(i, {}).setdefault(part.get("index", 0), {
+                    "id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+                call["id"] = part.get("id") or call["id"]
+                function = part.get("function") or {}
+                call["function"]["name"] = function.get("name") or call["function"]["name"]
+                call["function"]["arguments"] += function.get("arguments") or ""
             if choice.get("finish_reason") is not None or i not in self.finishes:
                 self.finishes[i] = choice.get("finish_reason")
             if choice.get("logprobs"):
@@ -51,8 +60,12 @@ class WholeAnswer:
         for i in sorted(self.texts):
             lp = _merge_logprobs(self.logprobs[i], self.chat) if i in self.logprobs else None
             if self.chat:
-                choices.append({"index": i, "message": {"role": "assistant", "content": self.texts[i]}, "logprobs": lp,
-                                "finish_reason": self.finishes[i]})
+                message = {"role": "assistant", "content": self.texts[i]}
+                if self.tool_calls.get(i):  # as serve.api answers whole: the calls, and the text before them or None
+                    calls = self.tool_calls[i]
+                    message = {"role": "assistant", "content": self.texts[i] or None,
+                               "tool_calls": [calls[k] for k in sorted(calls)]}
+                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": self.finishes[i]})
             else:
                 choices.append({"index": i, "text": self.texts[i], "logprobs": lp, "finish_reason": self.finishes[i]})
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
