@@ -234,10 +234,16 @@ def quantize(model: nn.Module, method: str) -> nn.Module:
     if method == "auto":
         # The output head keeps 8-bit blocks, as llama.cpp's quantizer keeps it above 4 bits:
         # in 4 bits SmolLM2's head alone costs 16x the KL of all its other layers together.
-        blocks = {id(child): BlockLinear(child, 8 if child is head else 4) for _, _, child in linears}
-        if linears and all(blocks[id(child)].exact for _, _, child in linears if child is not head):
+        blocks = []
+        for _, _, child in linears:  # the head first would cost its 8-bit fit for nothing where a matrix is off-grid
+            if child is not head:
+                blocks.append(BlockLinear(child, 4))
+                if not blocks[-1].exact:
+                    break
+        if blocks and all(b.exact for b in blocks):
+            converted = iter(blocks)
             for parent, name, child in linears:
-                setattr(parent, name, blocks[id(child)])
+                setattr(parent, name, BlockLinear(child, 8) if child is head else next(converted))
             return model
         method = "none"
     if method.startswith("int4"):
