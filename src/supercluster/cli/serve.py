@@ -11,6 +11,9 @@ import typer
 from supercluster.cli.flags import listen, real
 from supercluster.errors import UserError
 from supercluster.limits import MAX_NEW_TOKENS, MAX_TEMPERATURE
+from supercluster.serve.quantizations import DEFAULT as DEFAULT_QUANTIZATION
+from supercluster.serve.quantizations import check as check_quantization
+from supercluster.serve.quantizations import help_text as quantization_help
 
 RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or made by `supercluster import`.")]
 
@@ -19,18 +22,16 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto",
-            quantize: str = "none", threads: int | None = None, tp: int = 1):
+            quantize: str = DEFAULT_QUANTIZATION, threads: int | None = None, tp: int = 1):
     import torch
 
     from supercluster.serve.engine import Engine, EngineConfig
-    from supercluster.serve.quantize import QUANTIZATIONS
 
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml); train or import a model into it first.")
     if precision not in PRECISIONS:
         raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-    if quantize not in QUANTIZATIONS:
-        raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}.")
+    check_quantization(quantize)
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be at least 1, got {threads}.")
@@ -49,8 +50,8 @@ def serve(
     max_running: Annotated[int, typer.Option("--max-running", min=1, help="Sequences decoding at once.")] = 32,
     kv_cache_gib: Annotated[float, typer.Option("--kv-cache-gib", callback=real(0, low_open=True), help="Memory for the paged KV cache.")] = 0.5,
     precision: Annotated[str, typer.Option("--precision", help="auto (bf16 where it runs this model faster), fp32 or bf16.")] = "auto",
-    quantize: Annotated[str, typer.Option("--quantize", help="none; int8: weight-only int8 linear layers; or int4: "
-                                          "4-bit blocks multiplied in integers, as llama.cpp does (a C++ kernel built at first use).")] = "none",
+    quantize: Annotated[str, typer.Option("--quantize", help=quantization_help() + " int4 kernels are C++, built at "
+                                          "first use.")] = DEFAULT_QUANTIZATION,
     threads: Annotated[Optional[int], typer.Option("--threads", help="CPU threads for the model (default: all cores).")] = None,
     tp: Annotated[int, typer.Option("--tp", help="Split the model tensor-parallel over this many CPU processes (they share --kv-cache-gib).")] = 1,
     served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The model's id in the API (default: the run directory's name).")] = None,
@@ -63,7 +64,7 @@ def serve(
     # kernel to the next but not between steps. Measured with bench/serve.py on a 2-core Zen 4:
     # 16 streams 5-10% faster than sleeping at once; fp32 steps, with Python between their
     # kernels, were not faster.
-    if quantize == "int4" and "OMP_WAIT_POLICY" not in os.environ:
+    if quantize in ("auto", "int4", "int4-q8act") and "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     else:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -86,8 +87,7 @@ def serve(
     try:
         engine.name = served_model_name or engine.name
         app = create_app(engine, keys, max_queue)
-        weights = f"{quantize} weights, " if quantize != "none" else ""
-        print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({weights}{engine.describe_precision()}, tp {tp}, "
+        print(f"serving {engine.name} on http://{host}:{sock.getsockname()[1]}/v1 ({engine.describe_precision()}, tp {tp}, "
               f"{engine.cache.pool.num_blocks} KV blocks of {engine.config.block_size} tokens)", flush=True)
         uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     finally:

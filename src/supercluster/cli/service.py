@@ -12,6 +12,8 @@ import typer
 from supercluster.cli.flags import DbOption, JsonOption, ProjectOption, ServerOption, listen
 from supercluster.client import connect
 from supercluster.limits import MAX_ID
+from supercluster.serve.quantizations import DEFAULT as DEFAULT_QUANTIZATION
+from supercluster.serve.quantizations import QUANTIZATIONS
 
 server_app = typer.Typer(help="The multi-tenant service: REST API over the fleet (OpenAPI at /docs).",
                          invoke_without_command=True)
@@ -185,7 +187,7 @@ def endpoint_deploy(
     cluster: Annotated[str, typer.Option("--cluster", help="One of the project's clusters, ready.")],
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="A run directory in the server's model library.")] = None,
     job: Annotated[Optional[int], typer.Option("--job", min=1, max=MAX_ID, help="Or: serve what this training job of the project wrote.")] = None,
-    quantize: Annotated[str, typer.Option("--quantize", help="none, int8 or int4 (as serve --quantize).")] = "none",
+    quantize: Annotated[str, typer.Option("--quantize", help=f"{', '.join(QUANTIZATIONS)} (as serve --quantize).")] = DEFAULT_QUANTIZATION,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it answers (or fails).")] = True,
     server: ServerOption = None,
     project: ProjectOption = None,

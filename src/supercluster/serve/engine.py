@@ -26,7 +26,7 @@ import torch
 
 from supercluster.errors import UserError
 from supercluster.serve.kv_cache import PagedKVCache
-from supercluster.serve.quantize import quantize
+from supercluster.serve.quantize import quantize, weight_format
 from supercluster.serve.runner import LocalRunner, StepBatch
 from supercluster.serve.sampling import Sampled, SamplingParams, is_plain_greedy, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
@@ -44,7 +44,7 @@ class EngineConfig:
     max_step_tokens: int = 512  # tokens per forward pass (chunked prefill beyond)
     max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
     precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
-    quantize: str = "none"  # int8: weight-only int8 linear layers; int4: 4-bit blocks in integer arithmetic
+    quantize: str = "auto"  # how linear layers hold their weights: serve/quantizations.py
     tp: int = 1  # tensor-parallel CPU ranks (processes) the model is split over
 
 
@@ -78,15 +78,17 @@ class Engine:
             # the split shards matrices by name, not experts; a norm over all heads would see a rank's share only
             raise UserError(f"{str(run_dir)!r} is a {'Mixture-of-Experts' if self.cfg.is_moe else 'whole-projection qk-norm'} "
                             f"model, which serves on one rank; drop --tp.")
-        if self.config.tp > 1 and self.config.quantize != "none":
+        if self.config.tp > 1 and self.config.quantize not in ("none", "auto"):
             raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
         if self.config.tp == 1:  # the tensor-parallel split shards q, k, v (and gate, up) one by one
             self.model = quantize(self.model.fuse_projections(), self.config.quantize)
+        # what "auto" became: int4 for a model whose matrices are 4-bit blocks already, else none
+        self.quantize = weight_format(self.model)
         # bf16 from this many tokens a step on (None: never, or always when precision is bf16)
         self.bf16_from_tokens: int | None = None
         if self.config.precision != "auto":
             self.precision = self.config.precision
-        elif self.config.quantize == "int4":  # its kernel computes in integers: bf16 would only add casts
+        elif self.quantize.startswith("int4"):  # its kernel computes in integers: bf16 would only add casts
             self.precision = "fp32"
         else:
             self.precision, self.bf16_from_tokens = self._faster_precision(batched=self.config.tp == 1)
@@ -94,7 +96,7 @@ class Engine:
         # The KV cache's element type. A decode step of many sequences reads all of their contexts at
         # every layer and is bound by memory there, so int4 keeps fp16 keys and values, as llama.cpp
         # does by default (the attention kernel computes in fp32 from them).
-        self.kv_dtype = torch.float16 if self.config.quantize == "int4" else self.dtype
+        self.kv_dtype = torch.float16 if self.quantize.startswith("int4") else self.dtype
         self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
         self.chat = load_chat(run_dir, self.tokenizer)
         self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)
@@ -150,7 +152,8 @@ class Engine:
         return "fp32", None
 
     def describe_precision(self) -> str:
-        return self.precision + (f", bf16 from {self.bf16_from_tokens} tokens a step" if self.bf16_from_tokens else "")
+        weights = f"{self.quantize} weights, " if self.quantize != "none" else ""
+        return weights + self.precision + (f", bf16 from {self.bf16_from_tokens} tokens a step" if self.bf16_from_tokens else "")
 
     # ---- requests --------------------------------------------------------------------------
 

@@ -38,11 +38,13 @@ class FusedDecoder:
         self.heads = model.cfg.heads
         self.k_pools, self.v_pools = list(cache.k.unbind(0)), list(cache.v.unbind(0))
         self.scale = model.cfg.head_dim ** -0.5
+        self.activation_bits = model.output.activation_bits
 
     @staticmethod
     def supports(model: nn.Module, cache: PagedKVCache) -> bool:
         """Whether `model` is a Llama-style model whose fused linears are all 4/8-bit blocks without
-        biases, one norm epsilon throughout, and the cache has the attention kernel."""
+        biases and with one activation precision, one norm epsilon throughout, and the cache has the
+        attention kernel."""
         cfg = getattr(model, "cfg", None)
         if cfg is None or cache.kernel is None or getattr(cfg, "moe_experts", 0) or (cfg.norm, cfg.position, cfg.mlp, cfg.bias) != ("rmsnorm", "rope", "swiglu", False):
             return False
@@ -51,6 +53,7 @@ class FusedDecoder:
                                                                block.feed_forward.w13, block.feed_forward.w2)]
         norms = [norm for block in blocks for norm in (block.attention_norm, block.ffn_norm)] + [model.norm]
         return (bool(blocks) and all(isinstance(m, BlockLinear) and m.bias is None for m in [*linears, model.output])
+                and len({m.activation_bits for m in [*linears, model.output]}) == 1
                 and all(isinstance(n, nn.RMSNorm) and rms_norm_eps(n) == rms_norm_eps(model.norm) for n in norms))
 
     @torch.inference_mode()
@@ -58,5 +61,5 @@ class FusedDecoder:
         """tokens [T] of the step, packed -> logits [sequences, vocab] at each one's last token."""
         h = self.decoder_layers(self.model.tok_embeddings(tokens), self.weights, self.bits, self.out_features, self.eps,
                                 self.heads, self.model.rope, cache.positions, cache.token_seq, cache.block_tables,
-                                self.cache.block_size, self.k_pools, self.v_pools, self.scale)
+                                self.cache.block_size, self.k_pools, self.v_pools, self.scale, self.activation_bits)
         return self.model.output(h[cache.logits_index], norm=self.model.norm)

@@ -34,6 +34,11 @@ class QuantizedExperts(nn.Module):
         self.w13 = nn.ModuleList(convert(_linear(torch.cat([w1[e], w3[e]], dim=1).t())) for e in range(w1.shape[0]))
         self.w2 = nn.ModuleList(convert(_linear(w2[e].t())) for e in range(w2.shape[0]))
 
+    @property
+    def exact(self) -> bool:
+        """Every expert matrix came back exactly to its own blocks (an imported 4-bit GGUF's experts)."""
+        return all(getattr(m, "exact", False) for m in (*self.w13, *self.w2))
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [n, hidden] sorted by expert, counts [experts] rows each."""
         out = torch.empty_like(x)
@@ -52,12 +57,10 @@ class QuantizedExperts(nn.Module):
         return out
 
 
-def quantize_experts(model: nn.Module, convert) -> None:
-    """Every MoE layer's experts converted per expert by `convert` (nn.Linear -> quantized module)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, GroupedExperts):
-                setattr(parent, name, QuantizedExperts(child, convert))
+def experts_modules(model: nn.Module) -> list[tuple[nn.Module, str, GroupedExperts]]:
+    """(parent, attribute, experts) for every MoE layer's stacked experts in `model`."""
+    return [(parent, name, child) for parent in list(model.modules())
+            for name, child in list(parent.named_children()) if isinstance(child, GroupedExperts)]
 
 
 def is_router(module: nn.Module) -> bool:

@@ -1,6 +1,10 @@
-"""How a served model's linear layers hold their weights: fp32 in oneDNN's blocked layout
-(the default on CPUs), weight-only int8, or 4-bit blocks multiplied in integers (`BlockLinear`,
-`--quantize int4`: llama.cpp's arithmetic, in supercluster's C++ kernel).
+"""How a served model's linear layers hold their weights (`serve/quantizations.py` lists the ways):
+fp32 in oneDNN's blocked layout, weight-only int8, or 4-bit blocks multiplied in integers
+(`BlockLinear`, `--quantize int4`, in supercluster's C++ kernel) by activations in 16-bit blocks,
+or in 8-bit ones as llama.cpp does (`int4-q8act`). The default, `auto`, takes int4 where every
+transformer matrix already is 4-bit blocks (an imported Q4_0 or Q4_1 GGUF: then int4 holds the
+file's own numbers exactly and only the activations' rounding is added, which 16 bits keep to
+about 1e-4 of each block's largest value) and fp32 otherwise.
 
 PyTorch's fp32 `mm` on a CPU repacks the weight into the BLAS library's blocked layout at every
 call, which costs about what the product of a few rows does (`bench/serve_kernels.py`: packing
@@ -25,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from supercluster.errors import UserError
-
-QUANTIZATIONS = ("none", "int8", "int4")
+from supercluster.serve.quantizations import INT4_ACTIVATION_BITS, check
 
 
 class Int8Linear(nn.Module):
@@ -56,11 +59,13 @@ class Int8Linear(nn.Module):
 
 class BlockLinear(nn.Module):
     """A frozen nn.Linear whose weight is held in blocks of 32 inputs, multiplied in integers by
-    activations quantized to int8 blocks inside the kernel (`serve/kernels/blocks_linear.cpp`),
-    as llama.cpp does on CPUs.
+    activations quantized inside the kernel (`serve/kernels/blocks_linear.cpp`) to blocks of
+    `activation_bits` 8 (int8, as llama.cpp does on CPUs) or 16 (two int8 planes, about 15 bits).
 
-    - 4 bits: each block has an fp16 scale d and minimum m, w = d*q + m with q in 0..15, GGUF's
-      Q4_1. A Q4_1 GGUF's own weights come back exactly to their own blocks.
+    - 4 bits: each block has an fp16 scale d and offset m, w = d*q + m with q in 0..15: GGUF's
+      Q4_1 (m the block's minimum), or Q4_0 (m = -8d, the block's largest magnitude at q = 0),
+      whichever fits the block more closely. A Q4_1 or Q4_0 GGUF's own weights come back exactly
+      to their own blocks (`exact`).
     - 8 bits: each block has an fp16 scale, w = d*q with q in -127..127, GGUF's Q8_0.
 
     Output features are laid out in panels of 16, each block's inputs in groups of 4, so that the
@@ -71,12 +76,12 @@ class BlockLinear(nn.Module):
 
     PANEL, BLOCK = 16, 32
 
-    def __init__(self, linear: nn.Linear, bits: int, arch: str = "native"):
+    def __init__(self, linear: nn.Linear, bits: int, arch: str = "native", activation_bits: int = 16):
         super().__init__()
         from supercluster.serve.kernels import library
 
-        if bits not in (4, 8):
-            raise ValueError(f"blocks of 4 or 8 bits, not {bits}")
+        if bits not in (4, 8) or activation_bits not in (8, 16):
+            raise ValueError(f"weight blocks of 4 or 8 bits and activations of 8 or 16, not {bits} and {activation_bits}")
         self.kernel = library(arch).linear  # arch: which of the kernel's code paths (tests pick each)
         weight = linear.weight.detach().float()
         out_features, in_features = weight.shape
@@ -85,19 +90,27 @@ class BlockLinear(nn.Module):
         # Rounded against the fp16 scale and offset the kernel reads, so each entry lies within
         # half a step of its true value.
         if bits == 4:
-            m = blocks.amin(dim=2).half()
-            d = ((blocks.amax(dim=2) - m.float()) / 15).half()
-            q = torch.round((blocks - m.float()[..., None]) * _reciprocal(d)[..., None]).clamp(0, 15)
+            q, d, m = _fit(blocks, *_q4_1(blocks))
+            q0, d0, m0 = _fit(blocks, *_q4_0(blocks))
+            error = lambda q, d, m: (q * d.float()[..., None] + m.float()[..., None] - blocks).abs().amax(dim=2)  # noqa: E731
+            error1, error0 = error(q, d, m), error(q0, d0, m0)
+            pick = error0 < error1
+            q, d, m = torch.where(pick[..., None], q0, q), torch.where(pick, d0, d), torch.where(pick, m0, m)
+            fitted = torch.minimum(error0, error1)
         else:  # stored unsigned, q + 128, with the offset -128*d
             d = (blocks.abs().amax(dim=2) / 127).half()
-            q = torch.round(blocks * _reciprocal(d)[..., None]).clamp(-127, 127) + 128
-            m = (-128 * d.float()).half()
+            q = torch.round(blocks * _reciprocal(d)[..., None]).clamp(-127, 127)
+            fitted = (q * d.float()[..., None] - blocks).abs().amax(dim=2)
+            q, m = q + 128, (-128 * d.float()).half()
+        # Exact: every block's values are its own grid's, to fp32 rounding (an imported GGUF's blocks).
+        self.exact = bool((fitted <= 1e-6 * blocks.abs().amax(dim=2)).all())
         self.register_buffer("qweight", self._panels(q.to(torch.uint8), bits))
         panel = lambda t: t.view(rows // self.PANEL, self.PANEL, -1).transpose(1, 2).contiguous()  # noqa: E731
         self.register_buffer("d", panel(d))
         self.register_buffer("m", panel(m))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.activation_bits = activation_bits
 
     @classmethod
     def _panels(cls, q: torch.Tensor, bits: int) -> torch.Tensor:
@@ -130,7 +143,7 @@ class BlockLinear(nn.Module):
         eps = 0.0 if norm is None else rms_norm_eps(norm)
         y = self.kernel(x if x.dtype == torch.float32 else x.float(), self.qweight, self.d, self.m, self.bits,
                         self.out_features, None if norm is None else norm.weight, eps, swiglu,
-                        None if self.bias is not None else residual).to(x.dtype)
+                        None if self.bias is not None else residual, self.activation_bits).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
             if residual is not None:
@@ -138,7 +151,8 @@ class BlockLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit blocks of 32"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.bits}-bit blocks of 32, "
+                f"{self.activation_bits}-bit activations")
 
 
 def rms_norm_eps(norm: nn.RMSNorm) -> float:
@@ -146,9 +160,28 @@ def rms_norm_eps(norm: nn.RMSNorm) -> float:
     return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
 
 
+def _q4_1(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_1's scale and offset: the block's range in 15 steps from its minimum."""
+    m = blocks.amin(dim=2).half()
+    return ((blocks.amax(dim=2) - m.float()) / 15).half(), m
+
+
+def _q4_0(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's as an offset: w = d*(q - 8), the block's largest magnitude at q = 0, so m = -8d."""
+    extreme = blocks.gather(2, blocks.abs().argmax(dim=2, keepdim=True))[..., 0]
+    d = (extreme / -8).half()
+    return d, (-8 * d.float()).half()
+
+
+def _fit(blocks: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+    """The 4-bit values of `blocks` on the grid d*q + m, q in 0..15."""
+    q = torch.round((blocks - m.float()[..., None]) * _reciprocal(d)[..., None]).clamp(0, 15)
+    return q, d, m
+
+
 def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
     scale = scale.float()
-    return torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
 
 
 class PackedLinear(nn.Module):
@@ -182,29 +215,68 @@ class PackedLinear(nn.Module):
 
 
 def quantize(model: nn.Module, method: str) -> nn.Module:
-    """Replace every nn.Linear of `model` in place: int8 for "int8", 4-bit blocks for "int4",
-    packed fp32 for "none"."""
-    if method not in QUANTIZATIONS:
-        raise UserError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {method!r}.")
+    """Replace every nn.Linear of `model` in place: int8 for "int8", 4-bit blocks for "int4" (16-bit
+    activations) and "int4-q8act" (8-bit ones), packed fp32 for "none"; "auto" is int4 where every
+    matrix but the head is exactly 4-bit blocks already, "none" otherwise (`weight_format` says which)."""
+    check(method)
     device = next(model.parameters()).device
     if method == "int8" and device.type not in ("cpu", "cuda"):
         raise UserError(f"int8 weights run on CPUs and CUDA GPUs, not on {device.type}; serve with --quantize none.")
-    if method == "int4" and device.type != "cpu":
+    if method == "auto":
+        from supercluster.serve.kernels import paged_attention
+
+        # int4's kernels run on CPUs, where they build (paged_attention() is None where they do not)
+        method = "auto" if device.type == "cpu" and paged_attention() is not None else "none"
+    if method.startswith("int4") and device.type != "cpu":
         raise UserError(f"int4 weights run on CPUs (their kernel is C++ for x86 and others), not on {device.type}; "
                         "serve with --quantize int8 or none.")
-    convert = {"int8": Int8Linear, "int4": lambda linear: BlockLinear(linear, 4), "none": PackedLinear.pack}[method]
-    from supercluster.serve.moe import is_router, quantize_experts
+    from supercluster.serve.moe import QuantizedExperts, experts_modules, is_router
 
-    if method != "none":  # fp32 experts stay stacked for the grouped matmul
-        quantize_experts(model, convert)
     head = getattr(model, "output", None)
-    for parent in list(model.modules()):
-        if is_router(parent):
-            continue
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                # The output head keeps 8-bit blocks, as llama.cpp's quantizer keeps it above 4 bits:
-                # in 4 bits SmolLM2's head alone costs 16x the KL of all its other layers together.
-                int4_head = method == "int4" and child is head
-                setattr(parent, name, BlockLinear(child, 8) if int4_head else convert(child))
+    linears = [(parent, name, child) for parent in list(model.modules()) if not is_router(parent)
+               for name, child in list(parent.named_children()) if isinstance(child, nn.Linear)]
+    if method == "auto":
+        # The output head keeps 8-bit blocks, as llama.cpp's quantizer keeps it above 4 bits:
+        # in 4 bits SmolLM2's head alone costs 16x the KL of all its other layers together.
+        # Matrices are fitted in order and the search stops at the first one off the 4-bit grid
+        # (a trained model pays one fit); the head last, for nothing where a matrix is off-grid.
+        fitted: dict[int, BlockLinear] = {}
+        for _, _, child in linears:
+            if child is not head:
+                fitted[id(child)] = BlockLinear(child, 4)
+                if not fitted[id(child)].exact:
+                    break
+        experts = []
+        if all(block.exact for block in fitted.values()):
+            for parent, name, child in experts_modules(model):  # an MoE model's experts, per expert
+                experts.append((parent, name, QuantizedExperts(child, lambda linear: BlockLinear(linear, 4))))
+                if not experts[-1][2].exact:
+                    break
+        if all(block.exact for block in fitted.values()) and all(q.exact for _, _, q in experts):
+            for parent, name, child in linears:
+                setattr(parent, name, BlockLinear(child, 8) if child is head else fitted[id(child)])
+            for parent, name, quantized in experts:
+                setattr(parent, name, quantized)
+            return model
+        method = "none"
+    if method.startswith("int4"):
+        bits = INT4_ACTIVATION_BITS[method]
+        convert = lambda linear: BlockLinear(linear, 8 if linear is head else 4, activation_bits=bits)  # noqa: E731
+    else:
+        convert = {"int8": Int8Linear, "none": PackedLinear.pack}[method]
+    if method != "none":  # fp32 experts stay stacked for the grouped matmul
+        for parent, name, child in experts_modules(model):
+            setattr(parent, name, QuantizedExperts(child, convert))
+    for parent, name, child in linears:
+        setattr(parent, name, convert(child))
     return model
+
+
+def weight_format(model: nn.Module) -> str:
+    """The --quantize value `model`'s linear layers are held in (what "auto" became)."""
+    for module in model.modules():
+        if isinstance(module, BlockLinear):
+            return "int4" if module.activation_bits == 16 else "int4-q8act"
+        if isinstance(module, Int8Linear):
+            return "int8"
+    return "none"

@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from supercluster.limits import MAX_CONFIG_BYTES, MAX_GLOBAL_BATCH, MAX_GPUS, MAX_PRIORITY, MAX_RESTARTS, MAX_SEQ_LEN, MAX_SWITCHES
+from supercluster.serve.quantizations import DEFAULT as DEFAULT_QUANTIZATION
+from supercluster.serve.quantizations import QUANTIZATIONS
 
 Name = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$", description="lower-case letters, digits, '_' or '-'; up to 32")
 ClusterName = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,47}$", description="letters, digits, '_' or '-'; up to 48")
@@ -19,6 +21,9 @@ NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refuse it here, not a
 def Text(max_length: int, **kw):
     return Field(max_length=max_length, pattern=NO_NUL, **kw)
 
+
+# serve --quantize's values, from its one list
+Quantization = Literal[tuple(QUANTIZATIONS)]  # type: ignore[valid-type]
 
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -95,7 +100,7 @@ class EndpointIn(Body):
     run_dir: str | None = Text(1000, default=None, description="a run directory in the model library ($SUPERCLUSTER_HOME/models)")
     job: int | None = Field(default=None, ge=1, le=2**31 - 1, description="or: serve the run of this project's training job")
     max_running: int = Field(default=32, ge=1, le=1024, description="sequences the server decodes at once")
-    quantize: Literal["none", "int8", "int4"] = "none"
+    quantize: Quantization = Field(default=DEFAULT_QUANTIZATION, description="as serve --quantize")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -12,7 +12,8 @@
 
 They are built together with the machine's C++ compiler through `torch.utils.cpp_extension`
 (`-march=native`: AVX-512 VNNI, AVX2 or plain C++, whichever this CPU runs), once per source and
-instruction set, into PyTorch's extension cache ($TORCH_EXTENSIONS_DIR; about 30 s on 2 cores).
+instruction set, into PyTorch's extension cache ($TORCH_EXTENSIONS_DIR; about 30 s on 2 cores), with
+one line on stderr while a fresh build runs.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("blocks_linear.cpp", "pag
 HEADERS = [Path(__file__).with_name(name) for name in ("kernels.h", "parallel.h", "vector_math.h")]
 # The instruction sets a build may target: the CPU's own and, for tests of the other code paths,
 # AVX2 without AVX-512 and plain x86-64 (portable C++).
+BUILD_S = 60  # what a fresh build took on 2 busy cores (an idle pair: about 30)
 ARCHITECTURES = {"native": "-march=native", "avx2": "-march=haswell", "portable": "-march=x86-64"}
 
 
@@ -43,7 +46,10 @@ def library(arch: str = "native"):
     flags = _cpu_flags() if arch == "native" else ARCHITECTURES[arch]
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + flags.encode()).hexdigest()[:12]
     name = f"supercluster_kernels_{arch}_{digest}"
-    _clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock")
+    build = Path(cpp_extension._get_build_directory(name, verbose=False))
+    _clear_stale_lock(build / "lock")
+    if not (build / f"{name}.so").is_file():  # a cached build loads in a moment; a fresh one is worth a word
+        print(f"building CPU kernels (first use, ~{BUILD_S} s)...", file=sys.stderr, flush=True)
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp", ARCHITECTURES[arch], f"-DKERNELS_LIBRARY={name}"])

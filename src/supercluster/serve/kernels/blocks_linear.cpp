@@ -12,8 +12,12 @@
 // a block's 16 int32 sums meet their 16 scales in one vector: no horizontal sums, and each row
 // of x costs one multiply-add per 4 inputs per 16 features.
 //
-// Activations, per row and block: dx = max|x|/127, qx = round(x/dx) in int8, sx = dx*sum(qx);
-// a block adds d*dx*dot(q, qx) + m*sx to each output.
+// Activations, per row and block, in 8 bits (`activation_bits` 8, llama.cpp's Q8_1): dx = max|x|/127,
+// qx = round(x/dx) in int8, sx = dx*sum(qx); a block adds d*dx*dot(q, qx) + m*sx to each output.
+// In 16 bits (`activation_bits` 16, the default a served model gets): dx = max|x|/16256 and
+// v = round(x/dx), held as two int8 planes v = 128*hi + lo (|hi| <= 127, |lo| <= 64), so the same
+// integer dot products run twice and meet in int32 as 128*dot(q, hi) + dot(q, lo): each input keeps
+// about 15 bits instead of 8, for about twice the multiply-adds (the weights are read once).
 //
 // A layer may fold its neighbours into the call, saving a pass over the activations and a Python
 // op each: a prologue applied to each row before it is quantized (RMSNorm with its weight, or
@@ -51,11 +55,14 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kPanel = 16;
 
 struct Activations {
-  const int8_t* q;  // [M, Kp]
+  const int8_t* q;  // [M, planes, Kp]: a row's hi plane, then (16-bit) its lo plane
   const float* dx;  // [M, blocks]
   const float* sx;  // [M, blocks]
   int64_t Kp, blocks;
+  int64_t row_bytes;  // planes * Kp
 };
+
+constexpr float kHiSteps = 127.f * 128.f;  // 16-bit activations: v = 128*hi + lo spans +-127*128
 
 struct Panel {
   const uint8_t* q;   // this panel's first block
@@ -77,9 +84,12 @@ struct Prologue {
   bool swiglu = false;  // x is [gate | up], 2K wide: silu(gate) * up
 };
 
-// Each row of x, after the prologue, as int8 blocks: qx, with the block's scale dx and dx * sum(qx) in sx.
-void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const Prologue& pro, int8_t* qx, float* dx, float* sx) {
+// Each row of x, after the prologue, as int8 blocks (one plane, or hi and lo planes for 16 bits):
+// qx, with the block's scale dx and dx * sum(v) in sx.
+void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const Prologue& pro, int planes, int8_t* qx,
+                   float* dx, float* sx) {
   const int64_t blocks = Kp / kBlock, width = pro.swiglu ? 2 * K : K;
+  const float steps = planes == 2 ? kHiSteps : 127.f;
   supercluster_kernels::parallel_chunks(M, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(Kp, 0.f);
     for (int64_t r = r0; r < r1; ++r) {
@@ -98,20 +108,33 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const Prolo
       } else {
         std::copy_n(xr, K, y);
       }
+      int8_t* hi_row = qx + r * planes * Kp;
+      int8_t* lo_row = hi_row + Kp;  // used with 2 planes only
       for (int64_t b = 0; b < blocks; ++b) {
         const float* yb = y + b * kBlock;  // zero beyond K
         float amax = 0.f;
         for (int64_t k = 0; k < kBlock; ++k) amax = std::max(amax, std::fabs(yb[k]));
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        int8_t* q = qx + r * Kp + b * kBlock;
+        const float inv = amax > 0.f ? steps / amax : 0.f;
+        int8_t* hi = hi_row + b * kBlock;
         int sum = 0;
-        for (int64_t k = 0; k < kBlock; ++k) {
-          const int v = static_cast<int>(std::nearbyint(yb[k] * inv));
-          q[k] = static_cast<int8_t>(v);
-          sum += v;
+        if (planes == 2) {
+          int8_t* lo = lo_row + b * kBlock;
+          for (int64_t k = 0; k < kBlock; ++k) {
+            const int v = static_cast<int>(std::nearbyint(yb[k] * inv));
+            const int h = (v + 64) >> 7;  // floor((v + 64) / 128): lo = v - 128*h in -64..63
+            hi[k] = static_cast<int8_t>(h);
+            lo[k] = static_cast<int8_t>(v - 128 * h);
+            sum += v;
+          }
+        } else {
+          for (int64_t k = 0; k < kBlock; ++k) {
+            const int v = static_cast<int>(std::nearbyint(yb[k] * inv));
+            hi[k] = static_cast<int8_t>(v);
+            sum += v;
+          }
         }
-        dx[r * blocks + b] = amax / 127.f;
-        sx[r * blocks + b] = amax / 127.f * static_cast<float>(sum);
+        dx[r * blocks + b] = amax / steps;
+        sx[r * blocks + b] = amax / steps * static_cast<float>(sum);
       }
     }
   });
@@ -121,7 +144,17 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int64_t Kp, const Prolo
 
 constexpr int64_t kRowTile = 8;
 
-template <int Bits>
+// 16 features' integer dot products with 32 inputs of one activation plane
+inline __m512i dot_block(const __m512i* wv, const int8_t* x) {
+  __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains for latency
+  for (int c = 0; c < 8; c += 2) {
+    even = _mm512_dpbusd_epi32(even, wv[c], _mm512_set1_epi32(four_bytes(x + 4 * c)));
+    odd = _mm512_dpbusd_epi32(odd, wv[c + 1], _mm512_set1_epi32(four_bytes(x + 4 * c + 4)));
+  }
+  return _mm512_add_epi32(even, odd);
+}
+
+template <int Bits, int Planes>
 void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[kRowTile];
@@ -141,14 +174,11 @@ void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, 
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.d + b * kPanel)));
     const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.m + b * kPanel)));
     for (int64_t r = 0; r < rows; ++r) {
-      const int8_t* x = a.q + (r0 + r) * a.Kp + b * kBlock;
-      __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();  // two chains for latency
-      for (int c = 0; c < 8; c += 2) {
-        even = _mm512_dpbusd_epi32(even, wv[c], _mm512_set1_epi32(four_bytes(x + 4 * c)));
-        odd = _mm512_dpbusd_epi32(odd, wv[c + 1], _mm512_set1_epi32(four_bytes(x + 4 * c + 4)));
-      }
+      const int8_t* x = a.q + (r0 + r) * a.row_bytes + b * kBlock;
+      __m512i sum = dot_block(wv, x);
+      if constexpr (Planes == 2) sum = _mm512_add_epi32(_mm512_slli_epi32(sum, 7), dot_block(wv, x + a.Kp));
       const int64_t at = (r0 + r) * a.blocks + b;
-      const __m512 dot = _mm512_cvtepi32_ps(_mm512_add_epi32(even, odd));
+      const __m512 dot = _mm512_cvtepi32_ps(sum);
       acc[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(d, _mm512_set1_ps(a.dx[at])), acc[r]);
       acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.sx[at]), acc[r]);
     }
@@ -165,26 +195,30 @@ inline __m256i dot4(__m256i q4, __m256i x, __m256i weight) {
   return _mm256_madd_epi16(_mm256_maddubs_epi16(q4, x), weight);
 }
 
-template <int Bits>
+template <int Bits, int Planes>
 void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
   for (int64_t r = r0; r < r0 + rows; ++r) {
     __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
     for (int64_t b = 0; b < a.blocks; ++b) {
       const uint8_t* q = w.q + b * w.block_bytes;
-      const int8_t* x = a.q + r * a.Kp + b * kBlock;
+      const int8_t* x0 = a.q + r * a.row_bytes + b * kBlock;
       const int64_t at = r * a.blocks + b;
       for (int h = 0; h < 2; ++h) {  // features 0-7, 8-15
         __m256i sum = _mm256_setzero_si256();
-        for (int c = 0; c < 8; ++c) {
-          const __m256i xb = _mm256_set1_epi32(four_bytes(x + 4 * c));
-          if constexpr (Bits == 4) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * (c / 2) + 32 * h));
-            sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, low), xb, ones));
-          } else {  // q = 16*hi + lo
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32 * h));
-            sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xb, sixteen));
-            sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(v, low), xb, ones));
+        for (int p = 0; p < Planes; ++p) {
+          const int8_t* x = x0 + p * a.Kp;
+          if (p == 1) sum = _mm256_slli_epi32(sum, 7);  // the hi plane's sums count 128 each
+          for (int c = 0; c < 8; ++c) {
+            const __m256i xb = _mm256_set1_epi32(four_bytes(x + 4 * c));
+            if constexpr (Bits == 4) {
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * (c / 2) + 32 * h));
+              sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, low), xb, ones));
+            } else {  // q = 16*hi + lo
+              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32 * h));
+              sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xb, sixteen));
+              sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(v, low), xb, ones));
+            }
           }
         }
         const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b * kPanel + 8 * h)));
@@ -202,20 +236,20 @@ void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, 
 
 constexpr int64_t kRowTile = 4;
 
-template <int Bits>
+template <int Bits, int Planes>
 void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
   for (int64_t r = r0; r < r0 + rows; ++r) {
     float acc[kPanel] = {};
     for (int64_t b = 0; b < a.blocks; ++b) {
       const uint8_t* q = w.q + b * w.block_bytes;
-      const int8_t* x = a.q + r * a.Kp + b * kBlock;
+      const int8_t* x = a.q + r * a.row_bytes + b * kBlock;
       const int64_t at = r * a.blocks + b;
       for (int64_t n = 0; n < kPanel; ++n) {
         int32_t dot = 0;
         for (int k = 0; k < kBlock; ++k) {
           const int c = k / 4, j = k % 4;
           const int v = Bits == 4 ? (q[64 * (c / 2) + 4 * n + j] >> (4 * (c % 2))) & 0x0F : q[64 * c + 4 * n + j];
-          dot += v * x[k];
+          dot += v * (Planes == 2 ? 128 * x[k] + x[a.Kp + k] : x[k]);
         }
         acc[n] += to_float(w.d[b * kPanel + n]) * a.dx[at] * static_cast<float>(dot) + to_float(w.m[b * kPanel + n]) * a.sx[at];
       }
@@ -233,9 +267,11 @@ inline namespace KERNELS_LIBRARY {
 
 at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& d, const at::Tensor& m,
                          int64_t bits, int64_t out_features, const c10::optional<at::Tensor>& norm, double eps,
-                         bool swiglu, const c10::optional<at::Tensor>& residual) {
+                         bool swiglu, const c10::optional<at::Tensor>& residual, int64_t activation_bits) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "blocks_linear takes fp32 CPU activations");
   TORCH_CHECK(bits == 4 || bits == 8, "blocks_linear: 4- or 8-bit weights");
+  TORCH_CHECK(activation_bits == 8 || activation_bits == 16, "blocks_linear: 8- or 16-bit activations");
+  const int planes = activation_bits == 16 ? 2 : 1;
   TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.is_contiguous(), "qweight: uint8, panel-major");
   TORCH_CHECK(d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf && d.is_contiguous() && m.is_contiguous() &&
               d.dim() == 3 && d.size(2) == kPanel && m.sizes() == d.sizes(), "d, m: half [panels, blocks, 16]");
@@ -257,11 +293,11 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
   const at::Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
   const int64_t M = rows.size(0);
 
-  at::Tensor qx = at::empty({M, Kp}, x.options().dtype(at::kChar));
+  at::Tensor qx = at::empty({M, planes * Kp}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({M, blocks}, x.options());
   at::Tensor sx = at::empty({M, blocks}, x.options());
-  quantize_rows(rows.data_ptr<float>(), M, K, Kp, pro, qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>());
-  const Activations act{qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), Kp, blocks};
+  quantize_rows(rows.data_ptr<float>(), M, K, Kp, pro, planes, qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>());
+  const Activations act{qx.data_ptr<int8_t>(), dx.data_ptr<float>(), sx.data_ptr<float>(), Kp, blocks, planes * Kp};
 
   at::Tensor y = at::empty({M, Np}, x.options());
   float* out = y.data_ptr<float>();
@@ -275,8 +311,14 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
       const Panel w{wq + p * blocks * block_bytes, wd + p * blocks * kPanel, wm + p * blocks * kPanel, block_bytes};
       for (int64_t r0 = 0; r0 < M; r0 += kRowTile) {
         const int64_t tile = std::min(kRowTile, M - r0);
-        if (bits == 4) panel_rows<4>(w, act, r0, tile, out + p * kPanel, Np);
-        else panel_rows<8>(w, act, r0, tile, out + p * kPanel, Np);
+        float* o = out + p * kPanel;
+        if (planes == 2) {
+          if (bits == 4) panel_rows<4, 2>(w, act, r0, tile, o, Np);
+          else panel_rows<8, 2>(w, act, r0, tile, o, Np);
+        } else {
+          if (bits == 4) panel_rows<4, 1>(w, act, r0, tile, o, Np);
+          else panel_rows<8, 1>(w, act, r0, tile, o, Np);
+        }
       }
     }
   });
@@ -299,6 +341,6 @@ at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const a
 #define REGISTER_BLOCKS(ns) TORCH_LIBRARY_FRAGMENT(ns, m)
 REGISTER_BLOCKS(KERNELS_LIBRARY) {
   m.def("linear(Tensor x, Tensor qweight, Tensor d, Tensor m, int bits, int out_features, Tensor? norm=None, "
-        "float eps=0., bool swiglu=False, Tensor? residual=None) -> Tensor");
+        "float eps=0., bool swiglu=False, Tensor? residual=None, int activation_bits=8) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, TORCH_FN(supercluster_kernels::blocks_linear));
 }

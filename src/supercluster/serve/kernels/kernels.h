@@ -10,10 +10,10 @@ namespace supercluster_kernels {
 inline namespace KERNELS_LIBRARY {
 
 // blocks_linear.cpp: x @ W^T for 4/8-bit weight blocks, with an optional RMSNorm or SwiGLU prologue
-// and a residual added.
+// and a residual added; activations in 8- or 16-bit blocks.
 at::Tensor blocks_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& d, const at::Tensor& m,
                          int64_t bits, int64_t out_features, const c10::optional<at::Tensor>& norm, double eps,
-                         bool swiglu, const c10::optional<at::Tensor>& residual);
+                         bool swiglu, const c10::optional<at::Tensor>& residual, int64_t activation_bits);
 
 // paged_attention.cpp: one step's RoPE, KV-cache writes and attention on the paged blocks.
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rope,
