@@ -1,0 +1,141 @@
+"""Chat data: OpenAI-style `messages` rendered with a model's own chat template, and the loss
+mask that trains the assistant turns only.
+
+The template is Jinja rendered as Hugging Face `transformers` renders it (sandboxed, trimmed
+blocks, `messages`, `add_generation_prompt`, `bos_token`, `eos_token`), so a fine-tuned model
+sees its conversations exactly as its authors' tooling, and our server, would show them.
+
+Which characters belong to an assistant turn is found by rendering the conversation turn by
+turn: the text the template adds for assistant turn i, after the prompt it renders for turn i
+(`add_generation_prompt=True`), is that turn's answer. The answer counts up to and including
+the template's end-of-turn token (SmolLM2's `<|im_end|>`: a model that never learns to emit it
+never stops); what the template writes after it (a newline) opens the next turn and is prompt.
+This needs no `{% generation %}` markers in the template, which few models ship, but needs the
+template to render every conversation as an extension of its shorter prefixes; one that does
+not (e.g. it rewrites earlier turns) is refused in one sentence.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from supercluster.errors import UserError
+
+EOT = "<|endoftext|>"
+TEMPLATE_FILE = "chat_template.jinja"
+ROLES = ("system", "user", "assistant")
+# A run trained here has no template of its own: role, then content, one line per turn.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+def _generation_extension():
+    """`{% generation %}...{% endgeneration %}`, which some templates wrap answers in for
+    transformers' assistant masks: rendered as its body (the turn-by-turn rule finds the answers)."""
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos: str, eos: str):
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", _generation_extension()])
+        try:
+            self.template = env.from_string(source)
+        except TemplateSyntaxError as err:
+            raise UserError(f"The chat template is not valid Jinja ({err}); import the model again.") from None
+        self.bos, self.eos = bos, eos
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos, eos_token=self.eos)
+
+    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the [start, end) character spans of its assistant turns."""
+        text = self.render(messages, add_generation_prompt=False)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
+            upto = self.render(messages[: i + 1], add_generation_prompt=False)
+            if not (upto.startswith(prompt) and text.startswith(upto)):
+                raise UserError("The chat template does not render a conversation as an extension of its earlier turns, "
+                                "so its assistant turns cannot be told apart for the loss mask; use a model whose template "
+                                "does, or plain text data.")
+            turn = upto[len(prompt):]
+            end = turn.rfind(self.eos) + len(self.eos) if self.eos and self.eos in turn else len(turn.rstrip())
+            spans.append((len(prompt), len(prompt) + end))
+        return text, spans
+
+
+def check_messages(messages) -> list[dict]:
+    """OpenAI-style turns: a list of {"role": system|user|assistant, "content": str}, at least one
+    assistant turn (a conversation without one trains nothing). ValueError says what is wrong;
+    the reader turns it into a sentence naming the file and line."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be an object with a role ({', '.join(ROLES)}) and a string content")
+        unknown = set(m) - {"role", "content"}
+        if unknown:  # tool calls, names, images: not rendered here, so refused rather than dropped
+            raise ValueError(f"message {i} has field {sorted(unknown)[0]!r}, which chat data does not support")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise ValueError("the conversation has no assistant turn to train on")
+    return out
+
+
+class ChatEncoder:
+    """Conversations -> (token ids, loss mask) with a model's tokenizer and chat template."""
+
+    def __init__(self, tokenizer, template: ChatTemplate):
+        self.tokenizer, self.template = tokenizer, template
+
+    @classmethod
+    def for_run(cls, run_dir: Path) -> "ChatEncoder":
+        """The encoder of a run directory (an imported model's tokenizer, specials and template)."""
+        from supercluster.data.tokenizer import load_tokenizer
+
+        run_dir = Path(run_dir)
+        tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+        return cls(tokenizer, load_chat(run_dir, tokenizer))
+
+    def encode(self, messages) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered conversation and, per token, 1 where it belongs to an
+        assistant turn (its content and end-of-turn token), else 0."""
+        text, spans = self.template.assistant_spans(check_messages(messages))
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        mask, k = [], 0
+        for start, _ in encoding.offsets:
+            while k < len(spans) and start >= spans[k][1]:
+                k += 1
+            mask.append(int(k < len(spans) and start >= spans[k][0]))
+        return list(encoding.ids), mask
+
+
+def load_chat(run_dir: Path, tokenizer) -> ChatTemplate:
+    """A run directory's chat template (the plain one when it has none), with its bos and eos tokens."""
+    from supercluster.data.tokenizer import SPECIAL_TOKENS, load_special_tokens
+
+    path = Path(run_dir) / TEMPLATE_FILE
+    specials = load_special_tokens(Path(run_dir) / SPECIAL_TOKENS, tokenizer.get_vocab_size())
+    bos = tokenizer.id_to_token(specials["bos"]) if specials.get("bos") is not None else ""
+    eos_ids = specials.get("eos") or []
+    eos = tokenizer.id_to_token(eos_ids[0]) if eos_ids else (EOT if tokenizer.token_to_id(EOT) is not None else "")
+    return ChatTemplate(path.read_text() if path.is_file() else PLAIN_TEMPLATE, bos or "", eos or "")

@@ -1,0 +1,145 @@
+"""Packing whole documents (chat samples) into fixed-length rows, first-fit, with their
+document boundaries and loss masks.
+
+Each document of n tokens gives n-1 (input, target) pairs, at most `seq_len` of them (longer
+ones are cut, and counted); documents are taken in a shuffled order per epoch and each goes
+into the first row with room for it (first-fit, within windows of `WINDOW` documents so that
+time and memory stay bounded on millions of documents). The rest of a row is padding: its
+targets are not counted and it is a document of its own, so nothing attends to it.
+
+A batch is (inputs, targets, documents), int64 [rows, seq_len] each: targets are `IGNORE`
+where no loss is taken (padding, prompt tokens of a chat sample), documents number the
+documents of a row (`model.transformer.document_mask`). Like `BatchSampler`, step s's global
+batch is a pure function of (seed, s), every data-parallel rank takes its slice of it, and
+the whole state is the step: a run resumes bit-exact, also under another data-parallel size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from supercluster.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+IGNORE = -100  # torch's cross_entropy ignore_index: a target that is not counted
+WINDOW = 8192  # documents packed together; rows from one window are closed before the next
+
+
+def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of at most `capacity`, each into the first bin with room."""
+    bins: list[list[int]] = []
+    room = np.empty(0, dtype=np.int64)
+    for i, n in enumerate(lengths):
+        fits = np.flatnonzero(room >= n)
+        if len(fits):
+            bins[fits[0]].append(i)
+            room[fits[0]] -= n
+        else:
+            bins.append([i])
+            room = np.append(room, capacity - n)
+    return bins
+
+
+class PackedSampler:
+    def __init__(self, tokens: np.ndarray, offsets: np.ndarray, loss_mask: np.ndarray | None, seq_len: int,
+                 batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, name: str = "training"):
+        if batch_size % dp_size:
+            raise UserError(f"The global batch of {batch_size} sequences does not divide over {dp_size} data-parallel ranks; use a multiple of {dp_size}.")
+        self.tokens, self.offsets, self.loss_mask = tokens, np.asarray(offsets, dtype=np.int64), loss_mask
+        self.seq_len, self.batch_size, self.dp_rank, self.dp_size, self.seed = seq_len, batch_size, dp_rank, dp_size, seed
+        lengths = np.minimum(np.diff(self.offsets) - 1, seq_len)  # (input, target) pairs of each document
+        self.truncated = int((np.diff(self.offsets) - 1 > seq_len).sum())
+        keep = lengths > 0
+        if loss_mask is not None:  # a sample whose answer was cut off entirely teaches nothing
+            keep &= np.array([bool(loss_mask[o + 1:o + 1 + n].any()) if n > 0 else False
+                              for o, n in zip(self.offsets[:-1], lengths)])
+        self.docs = np.flatnonzero(keep)
+        self.lengths = lengths[self.docs]
+        if not len(self.docs):
+            raise UserError(f"The {name} split has no document with a target to learn (each needs 2 tokens, and chat "
+                            f"samples an assistant turn within train.seq_len = {seq_len}); add data or raise train.seq_len.")
+        self.step = 0
+        self._epochs: list[list[list[int]]] = []  # each epoch's rows (lists of indices into self.docs)
+        self._starts = [0]  # global index of each epoch's first row
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        while len(self._epochs) <= epoch:
+            e = len(self._epochs)
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.docs))
+            rows = []
+            for w in range(0, len(order), WINDOW):
+                chunk = order[w:w + WINDOW]
+                rows += [[int(chunk[j]) for j in b] for b in first_fit(self.lengths[chunk], self.seq_len)]
+            self._epochs.append(rows)
+            self._starts.append(self._starts[-1] + len(rows))
+        return self._epochs[epoch]
+
+    def row(self, index: int) -> list[int]:
+        epoch = 0
+        while True:
+            rows = self.epoch_rows(epoch)
+            if index < self._starts[epoch + 1]:
+                return rows[index - self._starts[epoch]]
+            epoch += 1
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return len(self.epoch_rows(0))
+
+    def build(self, rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s = self.seq_len
+        x = np.zeros((len(rows), s), dtype=np.int64)
+        y = np.full((len(rows), s), IGNORE, dtype=np.int64)
+        docs = np.full((len(rows), s), -1, dtype=np.int64)  # padding: a document of its own
+        for r, members in enumerate(rows):
+            at = 0
+            for k, j in enumerate(members):
+                d, n = self.docs[j], int(self.lengths[j])
+                start = self.offsets[d]
+                window = np.asarray(self.tokens[start:start + n + 1], dtype=np.int64)
+                x[r, at:at + n] = window[:-1]
+                target = window[1:]
+                if self.loss_mask is not None:
+                    target = np.where(np.asarray(self.loss_mask[start + 1:start + n + 1]) > 0, target, IGNORE)
+                y[r, at:at + n] = target
+                docs[r, at:at + n] = k
+                at += n
+        return x, y, docs
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's slice of step `step`'s global batch: (inputs, targets, documents)."""
+        import torch
+
+        b = self.batch_size // self.dp_size
+        first = step * self.batch_size + self.dp_rank * b
+        arrays = self.build([self.row(i) for i in range(first, first + b)])
+        return tuple(torch.from_numpy(a) for a in arrays)
+
+    def next(self):
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            step, seed = int(state["step"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"The checkpoint's sampler state {state!r} is not valid; it needs integer 'step' and 'seed'.") from None
+        if step < 0 or seed < 0:
+            raise UserError(f"The checkpoint's sampler state {state!r} has a negative step or seed.")
+        self.step, self.seed = step, seed
+
+
+def packed_eval_batches(sampler: PackedSampler, num_batches: int) -> Iterator:
+    """Fixed evaluation batches: the first `num_batches` of the sampler (seed fixed by its caller),
+    fewer when one epoch holds fewer rows: each held-out document is counted once."""
+    rows = sampler.rows_per_epoch
+    for step in range(min(num_batches, max(1, rows // sampler.batch_size))):
+        yield sampler.batch(step)
