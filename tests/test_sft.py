@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from supercluster.data.chat import ChatEncoder
 from supercluster.data.packing import IGNORE, PackedSampler, first_fit
+from supercluster.errors import UserError
 from supercluster.model.config import preset
 from supercluster.model.transformer import Transformer
 
@@ -119,7 +120,7 @@ def test_chat_rejects_bad_messages(chat_run):
     encoder = ChatEncoder.for_run(chat_run)
     for bad in ([], [{"role": "user", "content": "hi"}], [{"role": "robot", "content": "x"}],
                 [{"role": "assistant", "content": "x", "tool_calls": []}]):
-        with pytest.raises(ValueError):
+        with pytest.raises(UserError):
             encoder.encode(bad)
 
 

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from supercluster.errors import UserError
 
 EOT = "<|endoftext|>"
 TEMPLATE_FILE = "chat_template.jinja"
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 # A run trained here has no template of its own: role, then content, one line per turn.
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -82,22 +84,24 @@ class ChatTemplate:
         return text, spans
 
 
-def check_messages(messages) -> list[dict]:
-    """OpenAI-style turns: a list of {"role": system|user|assistant, "content": str}, at least one
-    assistant turn (a conversation without one trains nothing). ValueError says what is wrong;
-    the reader turns it into a sentence naming the file and line."""
+def check_messages(messages, where: str = "chat data") -> list[dict]:
+    """OpenAI-style turns: a list of {"role": system|user|assistant|tool, "content": str} with at
+    least one assistant turn (a conversation without one trains nothing), or one sentence naming
+    `where` (the file and line)."""
     if not isinstance(messages, list) or not messages:
-        raise ValueError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
+        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns.")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"message {i} must be an object with a role ({', '.join(ROLES)}) and a string content")
+            raise UserError(f"{where}: every turn of 'messages' needs a role ({', '.join(ROLES)}) and a string "
+                            f"content; turn {i} is {str(m)[:80]!r}.")
         unknown = set(m) - {"role", "content"}
         if unknown:  # tool calls, names, images: not rendered here, so refused rather than dropped
-            raise ValueError(f"message {i} has field {sorted(unknown)[0]!r}, which chat data does not support")
+            raise UserError(f"{where}: turn {i} has the field {sorted(unknown)[0]!r}, which chat data does not "
+                            f"support (only role and content).")
         out.append({"role": m["role"], "content": m["content"]})
     if not any(m["role"] == "assistant" for m in out):
-        raise ValueError("the conversation has no assistant turn to train on")
+        raise UserError(f"{where}: the conversation has no assistant turn, so nothing would be trained on.")
     return out
 
 
@@ -116,10 +120,10 @@ class ChatEncoder:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         return cls(tokenizer, load_chat(run_dir, tokenizer))
 
-    def encode(self, messages) -> tuple[list[int], list[int]]:
+    def encode(self, messages, where: str = "chat data") -> tuple[list[int], list[int]]:
         """Token ids of the rendered conversation and, per token, 1 where it belongs to an
         assistant turn (its content and end-of-turn token), else 0."""
-        text, spans = self.template.assistant_spans(check_messages(messages))
+        text, spans = self.template.assistant_spans(check_messages(messages, where))
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         mask, k = [], 0
         for start, _ in encoding.offsets:
@@ -127,6 +131,18 @@ class ChatEncoder:
                 k += 1
             mask.append(int(k < len(spans) and start >= spans[k][0]))
         return list(encoding.ids), mask
+
+
+class ChatRenderer(ChatEncoder):
+    """What `data prepare --format chat` calls for each row: `render_chat(messages)` gives the
+    ids and the loss mask as arrays."""
+
+    def __init__(self, tokenizer, template: str | None = None, bos: str = "", eos: str = ""):
+        super().__init__(tokenizer, ChatTemplate(template or PLAIN_TEMPLATE, bos, eos))
+
+    def render_chat(self, messages, where: str = "chat data") -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.encode(messages, where)
+        return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
 def load_chat(run_dir: Path, tokenizer) -> ChatTemplate:
