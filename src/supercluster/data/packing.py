@@ -2,7 +2,7 @@
 document boundaries and loss masks.
 
 Each document of n tokens gives n-1 (input, target) pairs, at most `seq_len` of them (longer
-ones are cut, and counted); documents are taken in a shuffled order per epoch and each goes
+chat samples are cut, and counted; longer plain documents continue in further pieces); documents are taken in a shuffled order per epoch and each goes
 into the first row with room for it (first-fit, within windows of `WINDOW` documents so that
 time and memory stay bounded on millions of documents). The rest of a row is padding: its
 targets are not counted and it is a document of its own, so nothing attends to it.
@@ -46,30 +46,42 @@ def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 class PackedSampler:
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, loss_mask: np.ndarray | None, seq_len: int,
-                 batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, name: str = "training"):
+                 batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, name: str = "training",
+                 documents: np.ndarray | None = None):
+        """`documents`: the indices of the documents this split uses (default all)."""
         if batch_size % dp_size:
             raise UserError(f"The global batch of {batch_size} sequences does not divide over {dp_size} data-parallel ranks; use a multiple of {dp_size}.")
         self.tokens, self.offsets, self.loss_mask = tokens, np.asarray(offsets, dtype=np.int64), loss_mask
         self.seq_len, self.batch_size, self.dp_rank, self.dp_size, self.seed = seq_len, batch_size, dp_rank, dp_size, seed
-        lengths = np.minimum(np.diff(self.offsets) - 1, seq_len)  # (input, target) pairs of each document
-        self.truncated = int((np.diff(self.offsets) - 1 > seq_len).sum())
+        chosen = np.arange(len(self.offsets) - 1) if documents is None else np.sort(np.asarray(documents, dtype=np.int64))
+        starts, full = self.offsets[chosen], self.offsets[chosen + 1] - self.offsets[chosen] - 1
+        self.truncated = int((full > seq_len).sum())
+        if loss_mask is None and self.truncated:
+            # Plain text: a long document continues in pieces of seq_len pairs, each starting where the
+            # previous one's last target is (every target once); chat samples are cut instead (below).
+            pieces = np.maximum(1, -(-full // seq_len))
+            first = np.repeat(np.cumsum(pieces) - pieces, pieces)
+            k = np.arange(int(pieces.sum())) - first
+            starts = np.repeat(starts, pieces) + k * seq_len
+            full = np.repeat(full, pieces) - k * seq_len
+            self.truncated = 0
+        lengths = np.minimum(full, seq_len)  # (input, target) pairs of each document
         keep = lengths > 0
         if loss_mask is not None:  # a sample whose answer was cut off entirely teaches nothing
-            keep &= np.array([bool(loss_mask[o + 1:o + 1 + n].any()) if n > 0 else False
-                              for o, n in zip(self.offsets[:-1], lengths)])
-        self.docs = np.flatnonzero(keep)
-        self.lengths = lengths[self.docs]
-        if not len(self.docs):
+            keep &= np.array([bool(n > 0 and loss_mask[o + 1:o + 1 + n].any()) for o, n in zip(starts, lengths)], dtype=bool)
+        self.starts = starts[keep]
+        self.lengths = lengths[keep]
+        if not len(self.starts):
             raise UserError(f"The {name} split has no document with a target to learn (each needs 2 tokens, and chat "
                             f"samples an assistant turn within train.seq_len = {seq_len}); add data or raise train.seq_len.")
         self.step = 0
-        self._epochs: list[list[list[int]]] = []  # each epoch's rows (lists of indices into self.docs)
+        self._epochs: list[list[list[int]]] = []  # each epoch's rows (lists of indices into self.starts)
         self._starts = [0]  # global index of each epoch's first row
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         while len(self._epochs) <= epoch:
             e = len(self._epochs)
-            order = np.random.default_rng([self.seed, e]).permutation(len(self.docs))
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.starts))
             rows = []
             for w in range(0, len(order), WINDOW):
                 chunk = order[w:w + WINDOW]
@@ -98,8 +110,7 @@ class PackedSampler:
         for r, members in enumerate(rows):
             at = 0
             for k, j in enumerate(members):
-                d, n = self.docs[j], int(self.lengths[j])
-                start = self.offsets[d]
+                start, n = int(self.starts[j]), int(self.lengths[j])
                 window = np.asarray(self.tokens[start:start + n + 1], dtype=np.int64)
                 x[r, at:at + n] = window[:-1]
                 target = window[1:]
@@ -137,9 +148,15 @@ class PackedSampler:
         self.step, self.seed = step, seed
 
 
-def packed_eval_batches(sampler: PackedSampler, num_batches: int) -> Iterator:
-    """Fixed evaluation batches: the first `num_batches` of the sampler (seed fixed by its caller),
-    fewer when one epoch holds fewer rows: each held-out document is counted once."""
-    rows = sampler.rows_per_epoch
-    for step in range(min(num_batches, max(1, rows // sampler.batch_size))):
-        yield sampler.batch(step)
+def packed_eval_batches(sampler: PackedSampler, num_batches: int | None = None) -> Iterator:
+    """One pass over the split's first epoch, each document once, in at most `num_batches` global
+    batches (all of them with None); the last batch is filled up with rows of padding, which
+    count no target, so every data-parallel rank runs the same number of batches."""
+    rows = sampler.epoch_rows(0)
+    steps = -(-len(rows) // sampler.batch_size)
+    b = sampler.batch_size // sampler.dp_size
+    import torch
+
+    for step in range(steps if num_batches is None else min(num_batches, steps)):
+        first = step * sampler.batch_size + sampler.dp_rank * b
+        yield tuple(torch.from_numpy(a) for a in sampler.build([rows[i] if i < len(rows) else [] for i in range(first, first + b)]))

@@ -272,8 +272,10 @@ def materialize(model: Transformer, device) -> Transformer:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = 50, top_p: float | None = 0.95, generator: torch.Generator | None = None) -> list[int]:
-    """Sample a continuation of `prompt` with a KV cache: one prefill, then one token a step."""
+             top_k: int | None = 50, top_p: float | None = 0.95, generator: torch.Generator | None = None,
+             stop: set[int] | frozenset = frozenset()) -> list[int]:
+    """Sample a continuation of `prompt` with a KV cache: one prefill, then one token a step,
+    ending early after a token in `stop` (a chat model's end of turn)."""
     model.eval()
     device = next(model.parameters()).device
     limit = model.cfg.max_seq_len
@@ -288,6 +290,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
             logits = model(torch.tensor([window], device=device), cache=cache)[0, -1]
         next_id = sample_token(logits.float(), temperature, top_k, top_p, generator)
         out.append(next_id)
+        if next_id in stop:
+            break
         logits = model(torch.tensor([[next_id]], device=device), cache=cache)[0, -1]
     return out
 

@@ -67,6 +67,9 @@ class DataSection:
     val_fraction: float = 0.05
     max_mb: float | None = None  # read at most this many MB of the corpus
     seed: int = 0
+    # Packed documents (a prepared dataset): positions restart and attention stays inside each
+    # document. None: on for chat data (a dataset with a loss mask), which is always packed.
+    document_mask: bool | None = None
 
 
 @dataclass

@@ -63,18 +63,27 @@ def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
     if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():  # before the data, which takes a while
         raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     from supercluster.model.weights import imported_tokenizer
+    from supercluster.train.packed import open_packed, packs
 
-    data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
-                        tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
-    check_splits(cfg, len(data.train), len(data.val))
     run_dir = Path(cfg.run.dir)
+    if packs(cfg):  # a prepared dataset read as packed documents (chat data)
+        packed = open_packed(cfg, model_cfg.vocab_size, run_dir)
+        tokenizer_path = packed.dataset.tokenizer_path if not (run_dir / "tokenizer.json").is_file() else None
+        facts = {"source": f"prepared {cfg.data.path}", "train_documents": packed.train_documents,
+                 "val_documents": packed.val_documents, "rows_per_epoch": packed.train.rows_per_epoch,
+                 "truncated_documents": packed.train.truncated, "loss_mask": packed.dataset.has_loss_mask}
+    else:
+        data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
+                            tokenizer_path=imported_tokenizer(run_dir))
+        check_splits(cfg, len(data.train), len(data.val))
+        tokenizer_path = data.tokenizer_path
+        facts = {"source": data.source, "train_tokens": len(data.train), "val_tokens": len(data.val)}
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every node of a job runs this on the same run directory at once: atomic writes only.
     cfg.save(run_dir / "config.toml")
-    if data.tokenizer_path is not None:
-        write_atomic(run_dir / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
-    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": len(data.train),
-                                                    "val_tokens": len(data.val)}))
+    if tokenizer_path is not None:
+        write_atomic(run_dir / "tokenizer.json", Path(tokenizer_path).read_bytes())
+    write_atomic(run_dir / "data.json", json.dumps(facts))
     return run_dir
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from supercluster.data import BatchSampler, eval_batches, prepare_data
+from supercluster.data.packing import packed_eval_batches
 from supercluster.hardware.device import select_device
 from supercluster.model.config import flops_per_token
 from supercluster.model.transformer import Transformer, materialize
@@ -38,6 +39,7 @@ from supercluster.train.config import Config, check_splits, layout_of, validate
 from supercluster.train.faults import Faults
 from supercluster.train.metrics import CollectiveBytes, MetricsLog, RankStats, device_peak, memory_gib
 from supercluster.train.optim import build_optimizer, lr_at
+from supercluster.train.packed import IGNORE, counted_targets, masked_loss, open_packed, packs
 from supercluster.train.progress import Progress
 from supercluster.hardware.device import resolve_precision
 
@@ -84,11 +86,16 @@ class Trainer:
 
         self.dp_mesh = self.dims.dp_mesh(self.mesh)
         dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
-        # An imported model reads text through its own tokenizer, whatever checkpoint it resumes from.
-        self.data = prepare_data(cfg.data.path, self.model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
-                                 max_mb=cfg.data.max_mb, tokenizer_path=imported_tokenizer(self.run_dir))
-        check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
-        self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
+        # Chat data and document masking: whole documents packed into rows, a loss on the targets that count.
+        self.packed = open_packed(cfg, self.model_cfg.vocab_size, self.run_dir, dp_rank, self.dims.dp) if packs(cfg) else None
+        if self.packed is not None:
+            self.sampler = self.packed.train
+        else:
+            # An imported model reads text through its own tokenizer, whatever checkpoint it resumes from.
+            self.data = prepare_data(cfg.data.path, self.model_cfg.vocab_size, val_fraction=cfg.data.val_fraction,
+                                     max_mb=cfg.data.max_mb, tokenizer_path=imported_tokenizer(self.run_dir))
+            check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
+            self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
         self.dp_rank = dp_rank
         # The ranks a loss is averaged over (data and context parallel), and the pipeline.
         self.loss_mesh = self.mesh["dp_cp"] if self.mesh is not None and self.dims.dp * self.dims.cp > 1 else None
@@ -161,10 +168,29 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def loss_of(self, x, y):
+    def loss_of(self, x, y, documents=None, denominator=None):
+        """The mean loss of a microbatch; of packed rows (`denominator` given), their summed loss
+        over it (see `train.packed.masked_loss`)."""
         with self._autocast():
-            logits = self.model(x)
-        return cross_entropy(logits, y)
+            logits = self.model(x) if documents is None else self.model(x, documents=documents)
+        return cross_entropy(logits, y) if denominator is None else masked_loss(logits, y, denominator)
+
+    def _packed_step(self, x_all, y_all, documents) -> torch.Tensor:
+        """Forward and backward of a packed global batch: the loss is the mean over every counted
+        target of it, whichever rank and microbatch holds them."""
+        group = self.loss_mesh.get_group() if self.loss_mesh is not None else None
+        counted = counted_targets(y_all, group)
+        self.tokens_counted = int(counted)
+        denominator = counted.clamp(min=1) / (self.loss_mesh.size() if self.loss_mesh is not None else 1)
+        total = torch.zeros((), device=self.device)
+        for i in range(self.accum):
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                self.model.set_requires_gradient_sync(i == self.accum - 1)
+            sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
+            loss = self.loss_of(x_all[sl], y_all[sl], documents[sl] if self.packed.isolate else None, denominator)
+            loss.backward()
+            total += loss.detach()
+        return total
 
     def _run_pipeline(self, x, y, train: bool) -> torch.Tensor:
         """The whole local batch through the schedule; the mean loss on the last stage, else 0."""
@@ -187,9 +213,11 @@ class Trainer:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        x_all, y_all = self.sampler.next()
+        x_all, y_all, *documents = self.sampler.next()
         x_all, y_all = self.sequence.shard(x_all.to(self.device), y_all.to(self.device))
-        if self.schedule is not None:
+        if self.packed is not None:
+            total = self._packed_step(x_all, y_all, documents[0].to(self.device))
+        elif self.schedule is not None:
             total = self._run_pipeline(x_all, y_all, train=True)
         else:
             total = torch.zeros((), device=self.device)
@@ -249,6 +277,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over `eval_batches` fixed global batches of the validation split."""
         t = self.cfg.train
+        if self.packed is not None:
+            return self._evaluate_packed()
         for part in self.model_parts:
             part.eval()
         batches = eval_batches(self.data.val, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
@@ -265,6 +295,23 @@ class Trainer:
         for part in self.model_parts:
             part.train()
         return self._mean_loss(total / t.eval_batches)
+
+    @torch.no_grad()
+    def _evaluate_packed(self) -> float:
+        """Mean loss over every counted target of (up to `eval_batches` global batches of) the
+        held-out documents, each document once."""
+        self.model.eval()
+        group = self.loss_mesh.get_group() if self.loss_mesh is not None else None
+        total, counted = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y, documents in packed_eval_batches(self.packed.val, self.cfg.train.eval_batches):
+            x, y, documents = x.to(self.device), y.to(self.device), documents.to(self.device)
+            total += self.loss_of(x, y, documents if self.packed.isolate else None, 1.0)
+            counted += (y != IGNORE).sum()
+        self.model.train()
+        if group is not None:
+            dist.all_reduce(total, group=group)
+            dist.all_reduce(counted, group=group)
+        return float(total / counted.clamp(min=1))
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -313,6 +360,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.flops_per_token * tokens_per_s / (self.peak.tflops * 1e12 * self.world),
                     "mem_gib": mem, "step_time_s": step_time, "grad_norm": grad_norm,
+                    **({"tokens_counted": self.tokens_counted} if self.packed is not None else {}),
                     **self.rank_stats.gather(self.rank_step_time, mem),
                 }
                 if self.world > 1 and self.step == measure_comm_at:
