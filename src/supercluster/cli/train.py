@@ -150,7 +150,45 @@ def export(
           f"{summary['bytes'] / 2**20:.1f} MiB" + ("" if summary["llama_compatible"] else " (not Llama-architecture)"))
 
 
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run directory (imported, trained or fine-tuned)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="A prepared dataset folder: loss and perplexity over it."),
+    tasks: Optional[Path] = typer.Option(None, "--tasks", help="A JSONL file of multiple-choice tasks "
+                                                              "(question, choices, answer): acc and acc_norm."),
+    chat: bool = typer.Option(False, "--chat", help="Ask the tasks' questions through the run's chat template."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Row length for --data (default: the run's train.seq_len)."),
+    batch: int = typer.Option(8, "--batch", min=1, max=4096, help="Rows per forward pass for --data."),
+    as_json: JsonOption = False,
+):
+    """Evaluate a run: loss and perplexity on a prepared dataset, accuracy on multiple-choice tasks."""
+    from supercluster.errors import UserError
+    from supercluster.train.evaluate import data_loss, load_model, score_tasks
+
+    if data is None and tasks is None:
+        raise UserError("Give --data DIR (a prepared dataset) or --tasks FILE.jsonl (multiple-choice tasks), or both.")
+    if not (Path(run_dir) / "config.toml").is_file():
+        raise UserError(f"{str(run_dir)!r} is not a run directory (it has no config.toml).")
+    model, _ = load_model(run_dir)
+    result = {"run_dir": str(run_dir)}
+    if data is not None:
+        result["data"] = data_loss(run_dir, data, seq_len, batch, model=model)
+    if tasks is not None:
+        result["tasks"] = score_tasks(run_dir, tasks, chat, model=model)
+    if as_json:
+        print(json.dumps(result))
+        return
+    if "data" in result:
+        d = result["data"]
+        print(f"{d['data']}: loss {d['loss']:.4f}, perplexity {d['perplexity']:.2f} over {d['tokens_counted']:,} "
+              f"targets of {d['documents']:,} documents (seq_len {d['seq_len']})")
+    if "tasks" in result:
+        t = result["tasks"]
+        print(f"{t['tasks']}: acc {t['acc']:.3f}, acc_norm {t['acc_norm']:.3f} over {t['questions']} questions"
+              f"{' (chat template)' if t['chat'] else ''}")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_)
     app.command("train")(train)
     app.command("sample")(sample)
     app.command("export")(export)
