@@ -19,9 +19,9 @@ app = typer.Typer(
 )
 
 
-from supercluster.cli import cluster, health, operator, plan, serve, serve_import, service, train  # noqa: E402  (thin: heavy imports live in the commands)
+from supercluster.cli import cluster, data, health, operator, plan, serve, serve_import, service, train  # noqa: E402  (thin: heavy imports live in the commands)
 
-for _area in (train, plan, cluster, health, serve_import, serve, service, operator):
+for _area in (train, data, plan, cluster, health, serve_import, serve, service, operator):
     _area.register(app)
 
 USAGE_EXIT = 2

@@ -112,7 +112,7 @@ def _build(corpus: Corpus, vocab_size: int, val_fraction: float, folder: Path, t
         else:  # byte for byte: the cache key hashes the file, and the run directory gets this copy back
             tokenizer = load_tokenizer(tokenizer_path)
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-        n_tokens = write_tokens(tmp / "all.bin", encode_documents(tokenizer, corpus.documents, _separator(tokenizer, tokenizer_path)))
+        n_tokens = write_tokens(tmp / "all.bin", encode_documents(tokenizer, corpus.documents, separator_id(tokenizer, tokenizer_path)))
         n_val = _val_size(n_tokens, val_fraction, corpus.source)
         tokens = open_tokens(tmp / "all.bin")
         write_tokens(tmp / "train.bin", [tokens[: n_tokens - n_val]])
@@ -128,7 +128,7 @@ def _build(corpus: Corpus, vocab_size: int, val_fraction: float, folder: Path, t
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _separator(tokenizer, tokenizer_path: Path | None) -> int:
+def separator_id(tokenizer, tokenizer_path: Path | None) -> int:
     """The id between documents: EOT, or for a given tokenizer without it the first end-of-sequence
     token its `special_tokens.json` (written next to it on import) names."""
     found = tokenizer.token_to_id(EOT)

@@ -1,0 +1,186 @@
+"""Input files for `data prepare`, read as a stream of bounded chunks of rows.
+
+Kinds, picked per file by name: JSON lines (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`; also
+`.json` lines), Parquet (`.parquet`, read one record batch at a time), Arrow IPC files as
+`datasets.save_to_disk` writes them (`.arrow`), and anything else as one UTF-8 text
+document per file (binary files are skipped). A folder is walked in sorted order; a folder
+that `save_to_disk` wrote (`state.json`, or `dataset_dict.json` over split folders) is read
+through its own list of arrow files, in order.
+
+JSON lines travel to the workers as raw bytes, so that parsing (and finding bad rows) is
+done in parallel too; the other kinds are decoded here into Python values.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from supercluster.data.corpus import _decode
+from supercluster.errors import UserError
+
+CHUNK_BYTES = 1 << 20  # rows handed to a worker at once: big enough to amortize, small enough to bound memory
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", ".ndjson")
+
+
+@dataclass
+class Chunk:
+    """Rows of one file: raw JSON lines (`lines`), or values (`values`) already decoded."""
+
+    file: str
+    kind: str  # "jsonl" | "table" | "text"
+    first_row: int  # 1-based line (JSON lines) or row number of the first row
+    lines: list[bytes] | None = None
+    values: list | None = None
+    row_numbers: list[int] | None = None  # JSON lines: blank lines are dropped, so each row's own line number
+    n_bytes: int = 0
+
+
+@dataclass
+class InputFile:
+    path: Path
+    kind: str  # "jsonl" | "parquet" | "arrow" | "text"
+    size: int = field(default=0)
+
+    @property
+    def name(self) -> str:
+        return str(self.path)
+
+
+def kind_of(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(JSONL_SUFFIXES) or name.endswith(".json"):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith(".arrow"):
+        return "arrow"
+    return "text"
+
+
+def _saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The arrow files of a `datasets.save_to_disk` folder, in order; None for any other folder."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits") or []
+        files = []
+        for split in splits:
+            files += _saved_dataset_files(folder / split) or []
+        return files
+    state = folder / "state.json"
+    if state.is_file() and (folder / "dataset_info.json").is_file():
+        names = [entry["filename"] for entry in json.loads(state.read_text()).get("_data_files", [])]
+        return [folder / name for name in names]
+    return None
+
+
+def expand(inputs: list[str | os.PathLike]) -> list[InputFile]:
+    """Every input file, in the order given (folders walked sorted), each with its kind."""
+    files: list[InputFile] = []
+    if not inputs:
+        raise UserError("Give at least one input file or folder to prepare.")
+    for given in inputs:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise UserError(f"Input {str(path)!r} does not exist.")
+        if path.is_file():
+            files.append(InputFile(path, kind_of(path), path.stat().st_size))
+            continue
+        saved = _saved_dataset_files(path)
+        if saved is not None:
+            files += [InputFile(p, "arrow", p.stat().st_size) for p in saved]
+            continue
+        for parent, subfolders, names in os.walk(path):
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in sorted(names):
+                if not name.startswith("."):
+                    p = Path(parent) / name
+                    files.append(InputFile(p, kind_of(p), p.stat().st_size))
+    if not files:
+        raise UserError(f"The inputs {', '.join(map(str, inputs))} hold no files.")
+    return files
+
+
+def _open_binary(path: Path):
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _jsonl_chunks(f: InputFile) -> Iterator[Chunk]:
+    lines, numbers, size = [], [], 0
+    with _open_binary(f.path) as stream:
+        for number, line in enumerate(stream, 1):
+            if not line.strip():
+                continue  # blank lines, and the last newline, are not rows
+            lines.append(line)
+            numbers.append(number)
+            size += len(line)
+            if size >= CHUNK_BYTES:
+                yield Chunk(f.name, "jsonl", numbers[0], lines=lines, row_numbers=numbers, n_bytes=size)
+                lines, numbers, size = [], [], 0
+    if lines:
+        yield Chunk(f.name, "jsonl", numbers[0], lines=lines, row_numbers=numbers, n_bytes=size)
+
+
+def _table_chunks(f: InputFile, batches, column: str) -> Iterator[Chunk]:
+    row = 1
+    for batch in batches:
+        if column not in batch.schema.names:
+            raise UserError(f"{f.name} has no column {column!r} (its columns: {', '.join(batch.schema.names)}); "
+                            f"pick one with --field.")
+        values = batch.column(column).to_pylist()
+        yield Chunk(f.name, "table", row, values=values, n_bytes=int(batch.nbytes))
+        row += len(values)
+
+
+def _record_batches(f: InputFile, column: str):
+    import pyarrow as pa
+
+    if f.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(f.path)
+        if column not in parquet.schema_arrow.names:
+            raise UserError(f"{f.name} has no column {column!r} (its columns: {', '.join(parquet.schema_arrow.names)}); "
+                            f"pick one with --field.")
+        yield from parquet.iter_batches(batch_size=1024, columns=[column])
+        return
+    with pa.memory_map(str(f.path)) as source:  # datasets writes the IPC stream format; plain arrow files too
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                yield reader.get_batch(i)
+            return
+        yield from reader
+
+
+def read_chunks(files: list[InputFile], column: str) -> Iterator[Chunk]:
+    """Every file's rows in order, in chunks of about CHUNK_BYTES."""
+    for f in files:
+        if f.kind == "jsonl":
+            yield from _jsonl_chunks(f)
+        elif f.kind in ("parquet", "arrow"):
+            try:
+                yield from _table_chunks(f, _record_batches(f, column), column)
+            except UserError:
+                raise
+            except Exception as err:  # pyarrow's own errors name no file
+                raise UserError(f"{f.name} is not a readable {f.kind} file ({err}).") from None
+        else:
+            data = f.path.read_bytes()
+            text = _decode(data, truncated=False)
+            if text:  # binary files (images, archives) in a text folder are skipped, as in training corpora
+                yield Chunk(f.name, "text", 1, values=[text], n_bytes=len(data))
