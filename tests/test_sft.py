@@ -172,3 +172,153 @@ def test_masked_loss_is_the_mean_over_counted_targets():
     manual = -sum(torch.log_softmax(logits[b, s], -1)[y[b, s]] for b, s in counted) / len(counted)
     assert abs(float(masked_loss(logits, y, len(counted))) - float(manual)) < 1e-6
     assert abs(float(F.cross_entropy(logits.flatten(0, 1), y.flatten())) - float(manual)) < 1e-6
+
+
+# ---- training and evaluating a run directory ------------------------------------------------
+
+
+def prepare_chat(run: Path, out: Path, conversations: int = 40) -> Path:
+    """A prepared chat dataset, written as `data prepare --format chat` writes one."""
+    from supercluster.data.chat import ChatRenderer, load_chat
+    from supercluster.data.prepared import PreparedWriter, tokenizer_digest
+
+    encoder = ChatEncoder.for_run(run)
+    template = load_chat(run, encoder.tokenizer)
+    renderer = ChatRenderer(encoder.tokenizer, (run / "chat_template.jinja").read_text(), template.bos, template.eos)
+    with PreparedWriter(out, encoder.tokenizer.get_vocab_size(), tokenizer_digest(run / "tokenizer.json"), loss_mask=True) as w:
+        for i in range(conversations):
+            w.add(*renderer.render_chat(CONVERSATIONS[i % 2]))
+        w.finish(tokenizer=run / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_data(chat_run, tmp_path_factory) -> Path:
+    return prepare_chat(chat_run, tmp_path_factory.mktemp("prepared") / "chat")
+
+
+def test_first_step_loss_is_the_masked_mean_of_its_batch(chat_run, chat_data, tmp_path):
+    """The trainer's loss of step 1 (weights not yet updated) equals the masked mean over the
+    global batch computed by hand, document by document, with the model alone on each."""
+    from supercluster.train.config import load_config
+    from supercluster.train.finetune import start_from
+    from supercluster.train.sample import load_trained
+    from supercluster.train.worker import run
+
+    out = start_from(chat_run, tmp_path / "ft")
+    cfg = load_config(out / "config.toml", [f"data.path={json.dumps(str(chat_data))}", "train.steps=1",
+                                            "train.eval_every=0"])
+    summary = run(cfg)
+    from supercluster.train.packed import open_packed
+
+    packed = open_packed(cfg, 512, out)
+    x, y, documents = packed.train.batch(0)
+    model = load_trained(chat_run).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in range(x.shape[0]):
+            for d in documents[r].unique().tolist():
+                keep = (documents[r] == d) & (y[r] != IGNORE)
+                if d < 0 or not keep.any():
+                    continue
+                logits = model(x[r][documents[r] == d][None])[0]  # the document alone, from position 0
+                targets = y[r][documents[r] == d]
+                counted = targets != IGNORE
+                total += float(F.cross_entropy(logits[counted], targets[counted], reduction="sum"))
+                count += int(counted.sum())
+    assert summary["tokens_counted"] == count > 0
+    assert abs(summary["loss"] - total / count) < 1e-4
+
+
+def test_train_run_dir_writes_a_new_run_that_sample_eval_and_export_read(chat_run, chat_data, tmp_path, capsys):
+    from supercluster.cli.main import main
+
+    before = {p.name: p.stat().st_mtime_ns for p in chat_run.iterdir()}
+    out = tmp_path / "tuned"
+    main(["train", str(chat_run), "--data", str(chat_data), "--out", str(out), "--set", "train.steps=4", "--no-sample", "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 4 and summary["tokens_counted"] > 0 and math.isfinite(summary["val_loss"])
+    assert {p.name: p.stat().st_mtime_ns for p in chat_run.iterdir()} == before  # the source is untouched
+    for name in ("config.toml", "weights.safetensors", "tokenizer.json", "special_tokens.json", "chat_template.jinja"):
+        assert (out / name).is_file()
+    assert (out / "checkpoints" / "step_00000004").is_dir()
+    main(["sample", str(out), "--chat", "--prompt", "What is 2 + 2?", "--tokens", "8", "--temperature", "0"])
+    assert capsys.readouterr().out.strip() != ""
+    main(["eval", str(out), "--data", str(chat_data), "--json"])
+    tuned = json.loads(capsys.readouterr().out)["data"]["loss"]
+    main(["eval", str(chat_run), "--data", str(chat_data), "--json"])
+    base = json.loads(capsys.readouterr().out)["data"]["loss"]
+    assert tuned < base  # four steps on these conversations lower their loss
+    main(["export", str(out), str(tmp_path / "tuned.safetensors")])
+    assert (tmp_path / "tuned.safetensors").stat().st_size > 0
+    # a folder that is not a run directory, and --out on a config file, are one sentence each
+    for argv in (["train", str(tmp_path), "--out", str(tmp_path / "x")], ["train", "--out", str(tmp_path / "x")]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_eval_loss_matches_a_manual_forward_pass(chat_run, chat_data):
+    from supercluster.data.prepared import PreparedDataset
+    from supercluster.train.evaluate import data_loss
+    from supercluster.train.sample import load_trained
+
+    result = data_loss(chat_run, chat_data, seq_len=64, batch=3)
+    data = PreparedDataset(chat_data)
+    model = load_trained(chat_run).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(len(data)):
+            ids = torch.tensor(np.asarray(data.doc(i), dtype=np.int64))
+            mask = torch.tensor(np.asarray(data.loss_mask(i))[1:] > 0)
+            logits = model(ids[None, :-1])[0]
+            total += float(F.cross_entropy(logits[mask], ids[1:][mask], reduction="sum"))
+            count += int(mask.sum())
+    assert result["tokens_counted"] == count and result["documents"] == len(data)
+    assert abs(result["loss"] - total / count) < 1e-5
+    assert abs(result["perplexity"] - math.exp(total / count)) < 1e-3
+
+
+def test_multiple_choice_scoring_by_log_likelihood(chat_run, tmp_path):
+    from supercluster.data.tokenizer import load_tokenizer
+    from supercluster.train.evaluate import score_tasks
+    from supercluster.train.sample import load_trained
+
+    tasks = tmp_path / "tasks.jsonl"
+    rows = [{"question": "What is 2 + 2?", "choices": ["four", "Nine", "a blue sky"], "answer": 0},
+            {"question": "Name a colour of the sky. ", "choices": ["Blue", "Answer"], "answer": "Blue"}]
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = score_tasks(chat_run, tasks)
+    model, tok = load_trained(chat_run).eval(), load_tokenizer(chat_run / "tokenizer.json")
+    correct = correct_norm = 0
+    for row, got in zip(rows, result["results"]):
+        question = row["question"].rstrip()
+        trailing = row["question"][len(question):]
+        context = tok.encode(question).ids
+        scores = []
+        for choice in row["choices"]:
+            whole = tok.encode(question + trailing + " " + choice).ids
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0], -1)
+            scores.append(sum(float(logprobs[p - 1, whole[p]]) for p in range(len(context), len(whole))))
+        assert got["logprobs"] == pytest.approx(scores, abs=1e-4)
+        answer = row["choices"].index(row["answer"]) if isinstance(row["answer"], str) else row["answer"]
+        correct += int(np.argmax(scores)) == answer
+        correct_norm += int(np.argmax([s / len(c) for s, c in zip(scores, row["choices"])])) == answer
+    assert result["acc"] == correct / 2 and result["acc_norm"] == correct_norm / 2
+    tasks.write_text('{"question": "q", "choices": ["a"], "answer": 0}\n')
+    with pytest.raises(UserError, match="tasks.jsonl:1"):
+        score_tasks(chat_run, tasks)
+
+
+def test_document_mask_is_refused_where_it_cannot_run(chat_run, chat_data, small_corpus):
+    from supercluster.train.config import load_config
+    from supercluster.train.packed import open_packed, packs
+
+    with pytest.raises(UserError, match="prepared dataset"):
+        packs(load_config(None, [f"data.path={json.dumps(str(small_corpus))}", "data.document_mask=true"]))
+    cfg = load_config(chat_run / "config.toml", [f"data.path={json.dumps(str(chat_data))}", "parallel.pp=2"])
+    assert packs(cfg)
+    with pytest.raises(UserError, match="pipeline or context"):
+        open_packed(cfg, 512, chat_run)
