@@ -2,10 +2,11 @@
 document boundaries and loss masks.
 
 Each document of n tokens gives n-1 (input, target) pairs, at most `seq_len` of them (longer
-chat samples are cut, and counted; longer plain documents continue in further pieces); documents are taken in a shuffled order per epoch and each goes
-into the first row with room for it (first-fit, within windows of `WINDOW` documents so that
-time and memory stay bounded on millions of documents). The rest of a row is padding: its
-targets are not counted and it is a document of its own, so nothing attends to it.
+chat samples are cut, and counted; longer plain documents continue in further pieces);
+documents are taken in a shuffled order per epoch and each goes into the first row with room
+for it (first-fit, within windows of `WINDOW` documents so that time and memory stay bounded
+on millions of documents). The rest of a row is padding: its targets are not counted and it is
+a document of its own, so no real token attends to it.
 
 A batch is (inputs, targets, documents), int64 [rows, seq_len] each: targets are `IGNORE`
 where no loss is taken (padding, prompt tokens of a chat sample), documents number the
@@ -50,7 +51,8 @@ class PackedSampler:
                  documents: np.ndarray | None = None):
         """`documents`: the indices of the documents this split uses (default all)."""
         if batch_size % dp_size:
-            raise UserError(f"The global batch of {batch_size} sequences does not divide over {dp_size} data-parallel ranks; use a multiple of {dp_size}.")
+            raise UserError(f"The global batch of {batch_size} sequences does not divide over {dp_size} data-parallel "
+                            f"ranks; use a multiple of {dp_size}.")
         self.tokens, self.offsets, self.loss_mask = tokens, np.asarray(offsets, dtype=np.int64), loss_mask
         self.seq_len, self.batch_size, self.dp_rank, self.dp_size, self.seed = seq_len, batch_size, dp_rank, dp_size, seed
         chosen = np.arange(len(self.offsets) - 1) if documents is None else np.sort(np.asarray(documents, dtype=np.int64))
@@ -159,4 +161,5 @@ def packed_eval_batches(sampler: PackedSampler, num_batches: int | None = None) 
 
     for step in range(steps if num_batches is None else min(num_batches, steps)):
         first = step * sampler.batch_size + sampler.dp_rank * b
-        yield tuple(torch.from_numpy(a) for a in sampler.build([rows[i] if i < len(rows) else [] for i in range(first, first + b)]))
+        members = [rows[i] if i < len(rows) else [] for i in range(first, first + b)]
+        yield tuple(torch.from_numpy(a) for a in sampler.build(members))
