@@ -261,6 +261,16 @@ def looks_prepared(path: str | os.PathLike | None) -> bool:
     return p.is_dir() and any((p / name).exists() for name in ("meta.json", "tokens.bin", "docs.idx"))
 
 
+def open_dataset(path: str | os.PathLike, vocab_size: int, tokenizer_digest: str | None = None) -> PreparedDataset:
+    """One prepared dataset, refused in one sentence unless it comes from the tokenizer of
+    `tokenizer_digest` (when given) and fits a model vocabulary of `vocab_size`."""
+    ds = PreparedDataset(path, tokenizer_digest)
+    if ds.vocab_size > vocab_size:
+        raise UserError(f"The prepared dataset {str(path)!r} has a vocabulary of {ds.vocab_size:,}, more than "
+                        f"model.vocab_size {vocab_size:,}; raise model.vocab_size to at least {ds.vocab_size}.")
+    return ds
+
+
 def open_prepared(path: str | None, mix: list | None, val_fraction: float, vocab_size: int,
                   tokenizer_digest: str | None = None) -> PreparedData:
     """The prepared data of a run: `data.mix`, or the one folder at `data.path`.
@@ -277,12 +287,8 @@ def open_prepared(path: str | None, mix: list | None, val_fraction: float, vocab
         entries = [{"path": path, "weight": 1.0}]
     datasets = []
     for entry in entries:
-        ds = PreparedDataset(entry["path"], tokenizer_digest)
-        if tokenizer_digest is None:
-            tokenizer_digest = ds.digest  # the first one sets it for the others
-        if ds.vocab_size > vocab_size:
-            raise UserError(f"The prepared dataset {entry['path']!r} has a vocabulary of {ds.vocab_size:,}, more than "
-                            f"model.vocab_size {vocab_size:,}; raise model.vocab_size to at least {ds.vocab_size}.")
+        ds = open_dataset(entry["path"], vocab_size, tokenizer_digest)
+        tokenizer_digest = ds.digest  # the first one sets it for the others
         datasets.append(ds)
     train, val = [], []
     for entry, ds in zip(entries, datasets):

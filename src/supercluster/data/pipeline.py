@@ -264,7 +264,7 @@ def resolve_tokenizer(given: str | os.PathLike | None, files: list[InputFile], f
                       vocab_size: int) -> TokenizerSource:
     """The tokenizer named by --tokenizer (a run directory or a tokenizer.json), or one trained on the inputs."""
     from supercluster.data.prepare import separator_id
-    from supercluster.data.tokenizer import SPECIAL_TOKENS, load_special_tokens, load_tokenizer, train_tokenizer
+    from supercluster.data.tokenizer import load_tokenizer, train_tokenizer
 
     if given is None:
         if fmt == "chat":
@@ -281,13 +281,11 @@ def resolve_tokenizer(given: str | os.PathLike | None, files: list[InputFile], f
     if fmt == "text":
         source.separator = separator_id(tokenizer, tok_path)
     if run_dir is not None:
-        template = run_dir / "chat_template.jinja"
+        from supercluster.data.chat import TEMPLATE_FILE, chat_tokens
+
+        template = run_dir / TEMPLATE_FILE
         source.chat_template = template.read_text(encoding="utf-8") if template.is_file() else None
-        specials = load_special_tokens(run_dir / SPECIAL_TOKENS, tokenizer.get_vocab_size())
-        if specials.get("bos") is not None:
-            source.bos = tokenizer.id_to_token(specials["bos"]) or ""
-        if specials.get("eos"):
-            source.eos = tokenizer.id_to_token(specials["eos"][0]) or ""
+        source.bos, source.eos = chat_tokens(run_dir, tokenizer)  # as sample, serve and eval render it
     return source
 
 
