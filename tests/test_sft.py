@@ -29,6 +29,7 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "Two and two make four.\nAnswer: 4"},
      {"role": "user", "content": "And three times three?"}, {"role": "assistant", "content": "Nine.\nAnswer: 9"}],
     [{"role": "user", "content": "Name a colour of the sky."}, {"role": "assistant", "content": " Blue, on a clear day. "}],
+    [{"role": "user", "content": "Is the sky blue?"}, {"role": "assistant", "content": "Yes."}],
 ]
 
 
@@ -65,6 +66,10 @@ def make_chat_run(root: Path) -> Path:
     cfg.save(run / "config.toml")
     torch.manual_seed(0)
     model = Transformer(cfg.model_config())
+    with torch.no_grad():  # sharper than a fresh init, whose near-uniform predictions hardly depend on context
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3)
     state = model.state_dict()
     save_weights({k: state[k] for k in stored_names(model)}, run / WEIGHTS_FILE)
     return run
@@ -98,9 +103,12 @@ def test_document_mask_isolates_packed_documents(position):
 # ---- chat rendering and the loss mask -----------------------------------------------------
 
 
-def test_chat_loss_mask_is_the_assistant_tokens(chat_run):
-    """Token by token, against transformers' own assistant mask for the same rendering."""
+def test_chat_loss_mask_is_the_assistant_tokens(chat_run, chat_data):
+    """Token by token, against transformers' own assistant mask for the same rendering; `data
+    prepare --format chat` stores the same ids and mask."""
     from transformers import PreTrainedTokenizerFast
+
+    from supercluster.data.prepared import PreparedDataset
 
     encoder = ChatEncoder.for_run(chat_run)
     reference = PreTrainedTokenizerFast(tokenizer_object=encoder.tokenizer)
@@ -114,6 +122,10 @@ def test_chat_loss_mask_is_the_assistant_tokens(chat_run):
         assert encoder.tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == "".join(answers)
         assert encoder.template.render(messages, add_generation_prompt=False) == \
             encoder.tokenizer.decode(ids, skip_special_tokens=False)
+    prepared = PreparedDataset(chat_data)
+    for i, messages in enumerate(CONVERSATIONS):
+        ids, mask = encoder.encode(messages)
+        assert prepared.doc(i).tolist() == ids and prepared.loss_mask(i).tolist() == mask
 
 
 def test_chat_rejects_bad_messages(chat_run):
@@ -178,17 +190,12 @@ def test_masked_loss_is_the_mean_over_counted_targets():
 
 
 def prepare_chat(run: Path, out: Path, conversations: int = 40) -> Path:
-    """A prepared chat dataset, written as `data prepare --format chat` writes one."""
-    from supercluster.data.chat import ChatRenderer, load_chat
-    from supercluster.data.prepared import PreparedWriter, tokenizer_digest
+    """A prepared chat dataset, by `data prepare --format chat --tokenizer RUN_DIR`."""
+    from supercluster.data.pipeline import prepare
 
-    encoder = ChatEncoder.for_run(run)
-    template = load_chat(run, encoder.tokenizer)
-    renderer = ChatRenderer(encoder.tokenizer, (run / "chat_template.jinja").read_text(), template.bos, template.eos)
-    with PreparedWriter(out, encoder.tokenizer.get_vocab_size(), tokenizer_digest(run / "tokenizer.json"), loss_mask=True) as w:
-        for i in range(conversations):
-            w.add(*renderer.render_chat(CONVERSATIONS[i % 2]))
-        w.finish(tokenizer=run / "tokenizer.json")
+    rows = out.with_suffix(".jsonl")
+    rows.write_text("".join(json.dumps({"messages": CONVERSATIONS[i % len(CONVERSATIONS)]}) + "\n" for i in range(conversations)))
+    prepare([rows], out, fmt="chat", tokenizer=run)
     return out
 
 
@@ -206,13 +213,16 @@ def test_first_step_loss_is_the_masked_mean_of_its_batch(chat_run, chat_data, tm
     from supercluster.train.worker import run
 
     out = start_from(chat_run, tmp_path / "ft")
+    # one row a microbatch: rows count different numbers of targets, so a mean per microbatch would differ
     cfg = load_config(out / "config.toml", [f"data.path={json.dumps(str(chat_data))}", "train.steps=1",
-                                            "train.eval_every=0"])
+                                            "train.eval_every=0", "train.micro_batch=1"])
     summary = run(cfg)
     from supercluster.train.packed import open_packed
 
     packed = open_packed(cfg, 512, out)
     x, y, documents = packed.train.batch(0)
+    assert any(len(set(row.tolist()) - {-1}) > 1 for row in documents)  # rows that pack documents together
+    assert len({int((row != IGNORE).sum()) for row in y}) > 1
     model = load_trained(chat_run).eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -322,3 +332,10 @@ def test_document_mask_is_refused_where_it_cannot_run(chat_run, chat_data, small
     assert packs(cfg)
     with pytest.raises(UserError, match="pipeline or context"):
         open_packed(cfg, 512, chat_run)
+    from supercluster.train.config import validate
+
+    mixed = load_config(None, [f"data.mix=[{{path = {json.dumps(str(chat_data))}, weight = 1.0}}]", "data.document_mask=true"])
+    with pytest.raises(UserError, match="not a mixture"):
+        validate(mixed)
+    mixed.data.document_mask = None
+    assert not packs(mixed)  # a mixture reads windows, its chat data keeping the loss mask
