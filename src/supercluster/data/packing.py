@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from supercluster.data.mixture import IGNORE  # noqa: F401 (a target that is not counted; packing's name too)
+from supercluster.data.sampler import StepSampler
 from supercluster.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ def first_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return bins
 
 
-class PackedSampler:
+class PackedSampler(StepSampler):
     def __init__(self, tokens: np.ndarray, offsets: np.ndarray, loss_mask: np.ndarray | None, seq_len: int,
                  batch_size: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, name: str = "training",
                  documents: np.ndarray | None = None):
@@ -131,23 +132,6 @@ class PackedSampler:
         first = step * self.batch_size + self.dp_rank * b
         arrays = self.build([self.row(i) for i in range(first, first + b)])
         return tuple(torch.from_numpy(a) for a in arrays)
-
-    def next(self):
-        out = self.batch(self.step)
-        self.step += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            step, seed = int(state["step"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"The checkpoint's sampler state {state!r} is not valid; it needs integer 'step' and 'seed'.") from None
-        if step < 0 or seed < 0:
-            raise UserError(f"The checkpoint's sampler state {state!r} has a negative step or seed.")
-        self.step, self.seed = step, seed
 
 
 def packed_eval_batches(sampler: PackedSampler, num_batches: int | None = None) -> Iterator:
