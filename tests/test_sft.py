@@ -261,12 +261,15 @@ def test_train_run_dir_writes_a_new_run_that_sample_eval_and_export_read(chat_ru
     assert tuned < base  # four steps on these conversations lower their loss
     main(["export", str(out), str(tmp_path / "tuned.safetensors")])
     assert (tmp_path / "tuned.safetensors").stat().st_size > 0
-    # a folder that is not a run directory, and --out on a config file, are one sentence each
-    for argv in (["train", str(tmp_path), "--out", str(tmp_path / "x")], ["train", "--out", str(tmp_path / "x")]):
+    # a folder that is not a run directory, --out on a config file, a layout the ranks cannot hold: one
+    # sentence each, and no new run directory
+    for argv in (["train", str(tmp_path), "--out", str(tmp_path / "x")], ["train", "--out", str(tmp_path / "x")],
+                 ["train", str(chat_run), "--set", "parallel.pp=2", "--out", str(tmp_path / "x")]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
-    assert "error:" in capsys.readouterr().err
+        assert capsys.readouterr().err.startswith("error:")
+    assert not (tmp_path / "x").exists()
 
 
 def test_eval_loss_matches_a_manual_forward_pass(chat_run, chat_data):

@@ -34,7 +34,11 @@ def train(
     from supercluster.errors import UserError
     from supercluster.train.config import load_config
     from supercluster.train.finetune import is_run_dir, start_from
-    from supercluster.train.launch import TorchrunSpec, launch_training
+    from supercluster.train.launch import TorchrunSpec, check_run, launch_training
+
+    def launch_of(cfg):
+        return TorchrunSpec.for_config(cfg, nproc, nnodes, node_rank=node_rank, rdzv=rdzv, rdzv_id=rdzv_id,
+                                       max_restarts=max_restarts)
 
     overrides = list(set_ or []) + ([f"data.path={json.dumps(str(data))}"] if data is not None else [])
     if config is not None and config.is_dir():
@@ -42,14 +46,14 @@ def train(
             raise UserError("Fine-tuning a run directory writes to --out; give --out DIR instead of --set run.dir.")
         if not is_run_dir(config):
             start_from(config, out)  # the sentence for a folder that is not a run
-        load_config(config / "config.toml", overrides)  # a bad override fails before anything is written
+        planned = load_config(config / "config.toml", overrides)
+        check_run(planned, launch_of(planned))  # a bad override or layout fails before anything is written
         config = start_from(config, out) / "config.toml"
     elif out is not None:
         raise UserError("--out is for fine-tuning a run directory (supercluster train RUN_DIR --out DIR); a config "
                         "file names its run directory in run.dir.")
     cfg = load_config(config, overrides)
-    launch = TorchrunSpec.for_config(cfg, nproc, nnodes, node_rank=node_rank, rdzv=rdzv, rdzv_id=rdzv_id,
-                                     max_restarts=max_restarts)
+    launch = launch_of(cfg)
     summary = launch_training(cfg, launch)
     if node_rank != 0 or not summary:
         return

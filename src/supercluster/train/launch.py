@@ -51,15 +51,23 @@ class TorchrunSpec:
                 raise UserError(f"--rdzv must be HOST:PORT with a port in 1..65535 (the first node's address), got {self.rdzv!r}.")
 
 
-def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
-    """Checks, data and the run directory: everything that must happen once, before ranks start."""
-    from supercluster.data import prepare_data
+def check_run(cfg: Config, launch: TorchrunSpec):
+    """The checks that need neither data nor devices: the launch, the config and its layout on
+    the launch's ranks; returns the model config."""
     from supercluster.parallel import ParallelDims
 
     launch.check()
     world = launch.nproc * launch.nnodes
     model_cfg = validate(cfg)
     ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
+    return model_cfg
+
+
+def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
+    """Checks, data and the run directory: everything that must happen once, before ranks start."""
+    from supercluster.data import prepare_data
+
+    model_cfg = check_run(cfg, launch)
     if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():  # before the data, which takes a while
         raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
