@@ -225,6 +225,40 @@ def test_int4_experts_compute_their_blocks(source, tmp_path):
     assert [len(o) for o in outputs] == [3] * len(PROMPTS)
 
 
+def test_auto_keeps_experts_on_the_4bit_grid_and_leaves_others_stacked(source, tmp_path):
+    """--quantize auto: a model whose matrices (experts included) are 4-bit blocks already serves
+    them as blocks, each expert's exactly; one expert matrix off the grid and every matrix stays fp32."""
+    from supercluster.model.moe import GroupedExperts
+    from supercluster.serve.moe import QuantizedExperts, is_router
+    from supercluster.serve.quantize import BlockLinear, quantize, weight_format
+
+    hf, paths = source
+    import_model(paths["hf"], tmp_path / "run")
+
+    model = load_trained(tmp_path / "run").eval().fuse_projections()
+    with torch.no_grad():
+        routers = {id(m) for r in model.modules() if is_router(r) for m in r.modules()}
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.Linear) and module is not model.output and id(module) not in routers:
+                module.weight.copy_(BlockLinear(module, 4).dequantized())
+            if isinstance(module, GroupedExperts):
+                for w in (module.w1, module.w3, module.w2):  # [E, in, out]: blocks run along `in`
+                    for e in range(w.shape[0]):
+                        linear = torch.nn.Linear(w.shape[1], w.shape[2], bias=False)
+                        linear.weight.copy_(w[e].t())
+                        w[e].copy_(BlockLinear(linear, 4).dequantized().t())
+    served = quantize(model, "auto")
+    assert weight_format(served) == "int4"
+    experts = [m for m in served.modules() if isinstance(m, QuantizedExperts)]
+    assert experts and all(e.exact for e in experts)
+    assert not any(isinstance(m, GroupedExperts) for m in served.modules())
+
+    model = load_trained(tmp_path / "run").eval().fuse_projections()  # trained weights: off the grid
+    served = quantize(model, "auto")
+    assert weight_format(served) == "none"
+    assert any(isinstance(m, GroupedExperts) for m in served.modules())
+
+
 def run_cli(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()  # what building the source printed
     with pytest.raises(SystemExit) as exit_info:
