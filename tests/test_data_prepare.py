@@ -248,7 +248,7 @@ def test_mixture_proportions_hold_and_each_epoch_visits_every_sample_once():
     assert sorted(again) == list(range(500)) and again != first  # the next epoch in another order
 
 
-def test_resume_is_bit_exact_in_the_middle_of_an_epoch():
+def test_resume_is_bit_exact_in_the_middle_of_an_epoch(capsys):
     data, seq = splits([300, 200], 16), 16
     straight = MixtureSampler(data, [2, 1], seq, 8, seed=3)
     batches = [straight.next() for _ in range(7)]
@@ -260,6 +260,11 @@ def test_resume_is_bit_exact_in_the_middle_of_an_epoch():
     for x, y in batches[3:]:
         rx, ry = resumed.next()
         assert np.array_equal(rx, x) and np.array_equal(ry, y)
+    assert capsys.readouterr().err == ""  # the same mixture resumes silently
+    annealed = MixtureSampler(data, [1, 1], seq, 8)  # new weights: the count goes on, and it says so
+    annealed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert annealed.consumed == first.consumed
+    assert "Resuming on another mixture than the checkpoint's" in capsys.readouterr().err
 
 
 def test_resume_from_dp4_at_dp2_sees_each_sample_once():
