@@ -276,6 +276,9 @@ def run_cli(*args, env=None):
         (["llama3-8b", "--gpus", "16", "--precision", "fp8", "--fp8-recipe", "mxfp8"], "needs block-scaled FP8"),
         (["llama3-8b", "--gpus", "16", "--precision", "fp8", "--fp8-recipe", "rowwize"], "did you mean 'rowwise'"),
         (["llama3-8b", "--gpus", "16", "--fp8-all-gather"], "add --precision fp8"),
+        (["llama3-8b", "--gpus", "16", "--moe-imbalance", "1.2", "--ep-overlap"],
+         "--moe-imbalance, --ep-overlap apply to Mixture-of-Experts models; 'llama3-8b' is dense"),
+        (["--layers", "4", "--hidden", "256", "--heads", "4", "--gpus", "8", "--fp8-dispatch"], "the model given is dense"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(args, needle):

@@ -113,6 +113,12 @@ def plan(
         stage_layers=stages,
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
+    if not cfg.is_moe:  # MoE-only switches on a dense model would be accepted and change nothing
+        given = [flag for flag, v in (("--moe-imbalance", moe_imbalance != 1.0), ("--ep-overlap", ep_overlap),
+                                      ("--ep-dedup", ep_dedup), ("--fp8-dispatch", fp8_dispatch)) if v is not None and v is not False]
+        if given:
+            raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to Mixture-of-Experts models; "
+                            f"{repr(model) if model else 'the model given'} is dense.")
     from supercluster.plan.goodput import DEFAULT_RESTART_S, DEFAULT_WRITE_GBPS, LLAMA3_FAILURES_PER_GPU_HOUR, training_time
     from supercluster.plan.profiles import profile, with_switches
 
