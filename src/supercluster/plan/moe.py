@@ -22,6 +22,8 @@ ranks left over. What the planner assumes and the papers it follows:
 
 from __future__ import annotations
 
+import dataclasses
+
 DEFAULT_IMBALANCE = 1.0
 
 
@@ -34,8 +36,8 @@ def counts(cfg) -> tuple[float, int]:
     counts walk every layer, and a search asks for them thousands of times."""
     from supercluster.model.config import layer_params
 
-    key = (cfg.layers, cfg.hidden, cfg.ffn_hidden, getattr(cfg, "moe_experts", 0), getattr(cfg, "moe_hidden", 0),
-           getattr(cfg, "moe_dense_layers", 0), cfg.vocab_size, cfg.heads, cfg.kv_heads)
+    # every field (head_dim, shared experts, norms, biases... all change the counts), read shallowly
+    key = tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
     cached = cfg.__dict__.get("_plan_counts")
     if cached is None or cached[0] != key:
         cached = (key, float(layer_params(cfg)), cfg.moe_layers if is_moe(cfg) else 0)
