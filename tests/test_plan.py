@@ -523,6 +523,9 @@ def test_explain_terms_add_up_to_the_step():
     assert proc.returncode == 0, proc.stderr
     assert "compute: linear GEMMs" in proc.stdout and "they add up to" in proc.stdout
     assert max(map(len, proc.stdout.splitlines())) <= 100
+    # the part the prediction rests on, from the catalog (a variant's power cap and HBM included)
+    assert "GPU: h100: 989 TFLOP/s bf16 peak (792 measured best), 80 GiB HBM at 3.35 TB/s, 700 W, NVLink 4" in \
+        " ".join(proc.stdout.split())
 
 
 # ---- Mixture of Experts ----------------------------------------------------------------------------

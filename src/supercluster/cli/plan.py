@@ -248,6 +248,7 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
     mem = rows[0]["memory_breakdown_gib"]
     parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")
     console.print(f"best layout memory per GPU (GiB): {parts}; of {system.accelerator.hbm_gib:.0f} GiB")
+    console.print(f"GPU: {system.accelerator.describe()}")
     best = rows[0]
     console.print(
         f"failures: job MTBF {best['mtbf_hours']:.1f} h; checkpoint ({best['checkpoint_write_s']:.0f} s to write) every "
