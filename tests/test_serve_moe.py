@@ -58,7 +58,7 @@ def write_gguf(model, path: Path, expert_count: int | None = None) -> Path:
     from tokenizers import pre_tokenizers
 
     cfg = model.config
-    arch = "llama" if cfg.model_type == "mixtral" else "qwen3moe"
+    arch = {"mixtral": "llama", "qwen3_moe": "qwen3moe", "olmoe": "olmoe"}[cfg.model_type]
     w = gguf.GGUFWriter(str(path), arch)
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -141,7 +141,7 @@ def source(request, built):
 
 def build_source(arch: str, root: Path):
     """(transformers model, {hf: its saved folder, stacked: the same weights stacked as transformers
-    holds them, gguf: a GGUF of them or None})."""
+    holds them, gguf: a GGUF of them})."""
     from safetensors.torch import save_file
 
     model = hf_model(arch)
@@ -152,16 +152,13 @@ def build_source(arch: str, root: Path):
     for name in ("config.json", "tokenizer.json"):
         (stacked / name).write_text((root / "hf" / name).read_text())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stacked / "model.safetensors"))
-    # llama.cpp's OLMoE GGUFs are not read yet
-    gguf = write_gguf(model, root / "model.gguf") if arch != "olmoe" else None
+    gguf = write_gguf(model, root / "model.gguf")
     return model, {"hf": root / "hf", "stacked": stacked, "gguf": gguf}
 
 
 @pytest.mark.parametrize("form", ["hf", "stacked", "gguf"])
 def test_imported_moe_logits_equal_transformers(source, form, tmp_path):
     hf, paths = source
-    if paths[form] is None:
-        pytest.skip(f"no {form} form of {hf.config.model_type}")
     summary = import_model(paths[form], tmp_path / "run")
     cfg = hf.config
     assert summary["experts"] == (getattr(cfg, "num_local_experts", None) or cfg.num_experts)
@@ -223,6 +220,40 @@ def test_int4_experts_compute_their_blocks(source, tmp_path):
     # and the whole model served in int4 answers every prompt (routers in fp32, experts in blocks)
     outputs = engine_greedy(tmp_path / "run", PROMPTS, 3, quantize="int4")
     assert [len(o) for o in outputs] == [3] * len(PROMPTS)
+
+
+def test_auto_keeps_experts_on_the_4bit_grid_and_leaves_others_stacked(source, tmp_path):
+    """--quantize auto: a model whose matrices (experts included) are 4-bit blocks already serves
+    them as blocks, each expert's exactly; one expert matrix off the grid and every matrix stays fp32."""
+    from supercluster.model.moe import GroupedExperts
+    from supercluster.serve.moe import QuantizedExperts, is_router
+    from supercluster.serve.quantize import BlockLinear, quantize, weight_format
+
+    hf, paths = source
+    import_model(paths["hf"], tmp_path / "run")
+
+    model = load_trained(tmp_path / "run").eval().fuse_projections()
+    with torch.no_grad():
+        routers = {id(m) for r in model.modules() if is_router(r) for m in r.modules()}
+        for module in list(model.modules()):
+            if isinstance(module, torch.nn.Linear) and module is not model.output and id(module) not in routers:
+                module.weight.copy_(BlockLinear(module, 4).dequantized())
+            if isinstance(module, GroupedExperts):
+                for w in (module.w1, module.w3, module.w2):  # [E, in, out]: blocks run along `in`
+                    for e in range(w.shape[0]):
+                        linear = torch.nn.Linear(w.shape[1], w.shape[2], bias=False)
+                        linear.weight.copy_(w[e].t())
+                        w[e].copy_(BlockLinear(linear, 4).dequantized().t())
+    served = quantize(model, "auto")
+    assert weight_format(served) == "int4"
+    experts = [m for m in served.modules() if isinstance(m, QuantizedExperts)]
+    assert experts and all(e.exact for e in experts)
+    assert not any(isinstance(m, GroupedExperts) for m in served.modules())
+
+    model = load_trained(tmp_path / "run").eval().fuse_projections()  # trained weights: off the grid
+    served = quantize(model, "auto")
+    assert weight_format(served) == "none"
+    assert any(isinstance(m, GroupedExperts) for m in served.modules())
 
 
 def run_cli(capsys, *args) -> tuple[int, str]:
