@@ -136,6 +136,38 @@ def test_chat_rejects_bad_messages(chat_run):
             encoder.encode(bad)
 
 
+def test_tool_calling_conversations_train_the_calls_and_not_the_results(chat_run, tmp_path):
+    """A row with `tools`, an assistant call, the tool's result and the final answer: rendered as the
+    server renders that request (tools in Hermes' system prompt for a template without them), the calls
+    and the answer trained, the tools and the result not; `data prepare` reads the row's tools."""
+    from supercluster.data.pipeline import prepare
+    from supercluster.data.prepared import PreparedDataset
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "What is 2 + 2?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+                {"role": "assistant", "content": "Answer: 4"}]
+    encoder = ChatEncoder.for_run(chat_run)
+    ids, mask = encoder.encode(messages, tools=tools)
+    text = encoder.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == encoder.template.render(messages, add_generation_prompt=False, tools=tools)
+    assert text.startswith("<|im_start|>system\nYou may call these functions:") and "<tool_response>\n4\n</tool_response>" in text
+    trained = encoder.tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+    assert trained == '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n</tool_call><|im_end|>Answer: 4<|im_end|>'
+    rows = tmp_path / "tools.jsonl"
+    rows.write_text(json.dumps({"messages": messages, "tools": tools}) + "\n")
+    prepare([rows], tmp_path / "prepared", tokenizer=chat_run, fmt="chat")
+    prepared = PreparedDataset(tmp_path / "prepared")
+    assert prepared.doc(0).tolist() == ids and prepared.loss_mask(0).tolist() == mask
+    for bad in ({"messages": messages, "tools": [{"type": "function"}]},
+                {"messages": [{**messages[0], "audio": {}}, messages[-1]]}):
+        rows.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(UserError, match="line 1 .*(tools|audio)"):
+            prepare([rows], tmp_path / "refused", tokenizer=chat_run, fmt="chat")
+
+
 # ---- packing --------------------------------------------------------------------------------
 
 

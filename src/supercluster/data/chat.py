@@ -17,6 +17,7 @@ not (e.g. it rewrites earlier turns) is refused in one sentence.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,10 @@ from supercluster.errors import UserError
 EOT = "<|endoftext|>"
 TEMPLATE_FILE = "chat_template.jinja"
 ROLES = ("system", "user", "assistant", "tool")
+# Fields a turn may carry besides role and content, as OpenAI's API sends them: an assistant's
+# calls, a tool result's call id, a participant's name.
+TURN_FIELDS = {"assistant": {"tool_calls", "name"}, "tool": {"tool_call_id", "name"}, "user": {"name"}, "system": {"name"}}
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"  # Hermes' form (Qwen, SmolLM3 and others)
 # A run trained here has no template of its own: role, then content, one line per turn.
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -52,6 +57,51 @@ def _raise(message: str):
     raise UserError(f"the chat template refuses it: {message}")
 
 
+def _tools_system_prompt(tools: list[dict]) -> str:
+    listing = "\n".join(json.dumps(t["function"]) for t in tools)
+    return (f"You may call these functions:\n<tools>\n{listing}\n</tools>\nTo call one, answer "
+            f'{TOOL_CALL_OPEN}{{"name": <name>, "arguments": <arguments object>}}{TOOL_CALL_CLOSE}')
+
+
+def messages_for_template(messages: list[dict], tools: list[dict] | None, template_has_tools: bool) -> list[dict]:
+    """The conversation as the chat template gets it: as sent when the template handles tools
+    itself; otherwise with the tools in a system message and calls and results written as text."""
+    if template_has_tools:
+        out = []
+        for m in messages:  # templates expect arguments as objects (HF's convention), clients send JSON text
+            if m.get("tool_calls"):
+                m = {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": loads_arguments(c["function"]["arguments"])}}
+                                         for c in m["tool_calls"]]}
+            out.append(m)
+        return out
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = "\n".join(f'{TOOL_CALL_OPEN}\n{json.dumps({"name": c["function"]["name"], "arguments": loads_arguments(c["function"]["arguments"])})}\n{TOOL_CALL_CLOSE}'
+                              for c in m["tool_calls"])
+            out.append({"role": "assistant", "content": "\n".join(filter(None, [m.get("content") or "", calls]))})
+        elif m["role"] == "tool":
+            out.append({"role": "tool", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
+        else:
+            out.append({"role": m["role"], "content": m.get("content") or ""})
+    if tools:
+        prompt = _tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out
+
+
+def loads_arguments(arguments: str):
+    """A tool call's arguments as an object where they are JSON text (clients send text, templates want objects)."""
+    try:
+        return json.loads(arguments)
+    except (TypeError, ValueError):
+        return arguments
+
+
+
 class ChatTemplate:
     def __init__(self, source: str, bos: str, eos: str):
         import jinja2
@@ -69,23 +119,27 @@ class ChatTemplate:
         self.has_tools = "tools" in source
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The conversation as text; tools (and earlier calls and results) through the template's
+        own `tools` where it has them, else in Hermes' form (`messages_for_template`)."""
         import jinja2
 
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos, eos_token=self.eos, tools=tools)
+            return self.template.render(messages=messages_for_template(messages, tools, self.has_tools),
+                                        add_generation_prompt=add_generation_prompt, bos_token=self.bos,
+                                        eos_token=self.eos, tools=tools if self.has_tools else None)
         except jinja2.TemplateError as err:
             raise UserError(f"the chat template fails on this conversation: {err}") from None
 
-    def assistant_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered conversation and the [start, end) character spans of its assistant turns."""
-        text = self.render(messages, add_generation_prompt=False)
+    def assistant_spans(self, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered conversation and the [start, end) character spans of its assistant turns
+        (an assistant's tool calls are its answer too)."""
+        text = self.render(messages, add_generation_prompt=False, tools=tools)
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self.render(messages[:i], add_generation_prompt=True) if i else ""
-            upto = self.render(messages[: i + 1], add_generation_prompt=False)
+            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools) if i or tools else ""
+            upto = self.render(messages[: i + 1], add_generation_prompt=False, tools=tools)
             if not (upto.startswith(prompt) and text.startswith(upto)):
                 raise UserError("The chat template does not render a conversation as an extension of its earlier turns, "
                                 "so its assistant turns cannot be told apart for the loss mask; use a model whose template "
@@ -99,22 +153,43 @@ class ChatTemplate:
 def check_messages(messages, where: str = "chat data") -> list[dict]:
     """OpenAI-style turns: a list of {"role": system|user|assistant|tool, "content": str} with at
     least one assistant turn (a conversation without one trains nothing), or one sentence naming
-    `where` (the file and line)."""
+    `where` (the file and line). Assistant turns may carry `tool_calls` (content then may be null),
+    tool results their `tool_call_id`, any turn a `name` (TURN_FIELDS); other fields are refused
+    rather than dropped."""
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} turns.")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        calls = m.get("tool_calls") if isinstance(m, dict) and m.get("role") == "assistant" else None
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+                isinstance(m.get("content"), str) or (calls and m.get("content") is None)):
             raise UserError(f"{where}: every turn of 'messages' needs a role ({', '.join(ROLES)}) and a string "
                             f"content; turn {i} is {str(m)[:80]!r}.")
-        unknown = set(m) - {"role", "content"}
-        if unknown:  # tool calls, names, images: not rendered here, so refused rather than dropped
-            raise UserError(f"{where}: turn {i} has the field {sorted(unknown)[0]!r}, which chat data does not "
-                            f"support (only role and content).")
-        out.append({"role": m["role"], "content": m["content"]})
+        unknown = set(m) - {"role", "content"} - TURN_FIELDS[m["role"]]
+        if unknown:  # images, audio, refusals: not rendered here, so refused rather than dropped
+            raise UserError(f"{where}: turn {i} has the field {sorted(unknown)[0]!r}, which a {m['role']} turn of chat "
+                            f"data does not support (role, content{''.join(', ' + f for f in sorted(TURN_FIELDS[m['role']]))}).")
+        if calls is not None and not (isinstance(calls, list) and calls and all(
+                isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+                and isinstance(c["function"].get("arguments", {}), (str, dict)) for c in calls)):
+            raise UserError(f"{where}: turn {i}'s tool_calls must be a list of {{type: function, function: {{name, "
+                            f"arguments}}}} as OpenAI sends them.")
+        out.append({k: v for k, v in m.items() if v is not None} | {"content": m.get("content") or ""})
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where}: the conversation has no assistant turn, so nothing would be trained on.")
     return out
+
+
+def check_tools(tools, where: str = "chat data") -> list[dict] | None:
+    """A row's `tools` (OpenAI's function tools the conversation could call), or one sentence."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and t.get("type", "function") == "function"
+                                               and isinstance(t.get("function"), dict)
+                                               and isinstance(t["function"].get("name"), str) for t in tools):
+        raise UserError(f"{where}: 'tools' must be a list of {{type: function, function: {{name, description, "
+                        f"parameters}}}} as OpenAI takes them.")
+    return tools
 
 
 class ChatEncoder:
@@ -132,10 +207,10 @@ class ChatEncoder:
         tokenizer = load_tokenizer(run_dir / "tokenizer.json")
         return cls(tokenizer, load_chat(run_dir, tokenizer))
 
-    def encode(self, messages, where: str = "chat data") -> tuple[list[int], list[int]]:
-        """Token ids of the rendered conversation and, per token, 1 where it belongs to an
-        assistant turn (its content and end-of-turn token), else 0."""
-        text, spans = self.template.assistant_spans(check_messages(messages, where))
+    def encode(self, messages, where: str = "chat data", tools=None) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered conversation (with the `tools` it may call) and, per token, 1
+        where it belongs to an assistant turn (its content or calls and end-of-turn token), else 0."""
+        text, spans = self.template.assistant_spans(check_messages(messages, where), check_tools(tools, where))
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         mask, k = [], 0
         for start, _ in encoding.offsets:
@@ -152,8 +227,8 @@ class ChatRenderer(ChatEncoder):
     def __init__(self, tokenizer, template: str | None = None, bos: str = "", eos: str = ""):
         super().__init__(tokenizer, ChatTemplate(template or PLAIN_TEMPLATE, bos, eos))
 
-    def render_chat(self, messages, where: str = "chat data") -> tuple[np.ndarray, np.ndarray]:
-        ids, mask = self.encode(messages, where)
+    def render_chat(self, messages, where: str = "chat data", tools=None) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.encode(messages, where, tools)
         return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.uint8)
 
 
