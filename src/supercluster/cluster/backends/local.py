@@ -1,8 +1,8 @@
 """This machine as a one-node fleet; jobs are local process trees.
 
 A job runs `supercluster train` under a small detached runner (`python -m
-supercluster.cluster.backends.local JOB_DIR -- CMD...`) that records the exit code in
-JOB_DIR/exit_code when the command ends, so any later `supercluster job status` can tell how it
+supercluster.cluster.backends.local JOB_DIR -- CMD...`) that records the exit code, with its
+own ref, in JOB_DIR/exit_code when the command ends, so any later `supercluster job status` can tell how it
 ended. Restarts after a crash are torchrun's (`--max-restarts`), not ours.
 """
 
