@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.service import endpoints
 from supercluster.service.auth import Caller, ServiceError
+from supercluster.service.router import Replica, Router, prefix_key
 from supercluster.service.store import Store
 
 PROXIED = ("chat/completions", "completions", "models")
@@ -31,14 +32,18 @@ def openai_error(status: int, message: str, headers: dict | None = None) -> JSON
 
 
 async def call(store: Store, request: Request, who: Caller, project: str, name: str, path: str) -> Response:
-    """Forwards one call to endpoint `name`'s model server and answers with what it answered."""
+    """Forwards one call to a replica of endpoint `name` (the router's choice) and answers with what it answered.
+
+    A replica that cannot be reached, or whose whole answer breaks off, is told to the router and
+    the call goes to another (nothing of it reached the caller yet); a stream that breaks off after
+    its first event ends with an error event instead."""
     if path not in PROXIED:
         return openai_error(404, f"Endpoints answer {', '.join('/v1/' + p for p in PROXIED)}; not /v1/{path}.")
     try:
-        endpoint_id, url, secret = await run_in_threadpool(endpoints.upstream, store, who, project, name)
+        endpoint_id, replicas, secret = await run_in_threadpool(endpoints.upstream, store, who, project, name)
     except ServiceError as err:
         return openai_error(err.status, err.message)
-    body, tally = await request.body(), None  # tally: of a streamed call
+    body, tally, payload = await request.body(), None, None  # tally: of a streamed call
     if request.method == "POST":
         try:
             payload = json.loads(body)
@@ -49,50 +54,67 @@ async def call(store: Store, request: Request, who: Caller, project: str, name: 
             payload["stream_options"] = endpoints.stream_options(payload.get("stream_options"))
             body = json.dumps(payload).encode()
     client: httpx.AsyncClient = request.app.state.http
-    upstream = client.build_request(request.method, f"{url}/v1/{path}", content=body if request.method == "POST" else None,
-                                    headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
-    try:  # a caller that leaves closes the call to the server too, which then stops generating
-        answer = await unless_client_leaves(request, client.send(upstream, stream=True))
-    except ClientGone:  # a whole answer's headers come with its end
-        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
-    except httpx.HTTPError as err:
-        return openai_error(502, f"Endpoint {name!r} does not answer ({type(err).__name__}); see its state and job log.")
-    counted = request.method == "POST" and answer.status_code == 200
-    if tally is None or answer.status_code != 200:
+    router: Router = request.app.state.router
+    key, tried, failure = prefix_key(payload), set(), None
+    while (replica := router.pick(endpoint_id, replicas, key, tried)) is not None:
+        tried.add(replica.index)
+        upstream = client.build_request(request.method, f"{replica.url}/v1/{path}",
+                                        content=body if request.method == "POST" else None,
+                                        headers={"authorization": f"Bearer {secret}", "content-type": "application/json"})
+        try:  # a caller that leaves closes the call to the server too, which then stops generating
+            answer = await unless_client_leaves(request, client.send(upstream, stream=True))
+        except ClientGone:  # a whole answer's headers come with its end
+            router.done(endpoint_id, replica)
+            return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        except httpx.HTTPError as err:
+            router.done(endpoint_id, replica, failed=True)
+            failure = openai_error(502, f"Endpoint {name!r} does not answer ({type(err).__name__}); see its state and job log.")
+            continue
+        counted = request.method == "POST" and answer.status_code == 200
+        if tally is not None and answer.status_code == 200:
+            return StreamingResponse(_relay(store, router, endpoint_id, replica, who, name, answer, tally),
+                                     media_type="text/event-stream")
         try:
             data = await unless_client_leaves(request, answer.aread())
         except ClientGone:
+            router.done(endpoint_id, replica)
             return Response(status_code=499)
         except httpx.HTTPError as err:
-            return openai_error(502, f"Endpoint {name!r} failed mid-answer ({type(err).__name__}); see its state "
-                                      f"and job log.")
+            router.done(endpoint_id, replica, failed=True)
+            failure = openai_error(502, f"Endpoint {name!r} failed mid-answer ({type(err).__name__}); see its state "
+                                        f"and job log.")
+            continue
         finally:
             await answer.aclose()
+        router.done(endpoint_id, replica)
         if counted:
-            await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, endpoints.usage_of_answer(data))
+            await run_in_threadpool(endpoints.record, store, endpoint_id, replica.index, who.user_id,
+                                    endpoints.usage_of_answer(data))
         return Response(data, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
+    return failure
 
-    async def relay():
+
+async def _relay(store: Store, router: Router, endpoint_id: int, replica: Replica, who: Caller, name: str,
+                 answer: httpx.Response, tally: endpoints.StreamTally):
+    failure = None
+    try:
+        buffer = b""
         try:
-            buffer = b""
-            try:
-                async for chunk in answer.aiter_bytes():
-                    buffer += chunk
-                    while b"\n\n" in buffer:
-                        event, buffer = buffer.split(b"\n\n", 1)
-                        if (out := tally.pass_on(event)) is not None:
-                            yield out + b"\n\n"
-                failure = None if tally.done else "ended its stream early"
-            except httpx.HTTPError as err:
-                failure = f"stopped answering mid-stream ({type(err).__name__})"
-            if failure:  # told as OpenAI's streams tell errors, then ended as every stream ends
-                yield endpoints.error_event(f"Endpoint {name!r} {failure}; see its state and job log.") + b"\n\n"
-                yield b"data: [DONE]\n\n"
-        finally:
-            # Also when the caller left mid-stream and this task is being cancelled: what was relayed counts.
-            with anyio.CancelScope(shield=True):
-                await answer.aclose()
-                await run_in_threadpool(endpoints.record, store, endpoint_id, who.user_id, tally.usage)
-
-    return StreamingResponse(relay(), media_type="text/event-stream")
-
+            async for chunk in answer.aiter_bytes():
+                buffer += chunk
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    if (out := tally.pass_on(event)) is not None:
+                        yield out + b"\n\n"
+            failure = None if tally.done else "ended its stream early"
+        except httpx.HTTPError as err:
+            failure = f"stopped answering mid-stream ({type(err).__name__})"
+        if failure:  # told as OpenAI's streams tell errors, then ended as every stream ends
+            yield endpoints.error_event(f"Endpoint {name!r} {failure}; see its state and job log.") + b"\n\n"
+            yield b"data: [DONE]\n\n"
+    finally:
+        # Also when the caller left mid-stream and this task is being cancelled: what was relayed counts.
+        with anyio.CancelScope(shield=True):
+            router.done(endpoint_id, replica, failed=failure is not None and "mid-stream" in failure)
+            await answer.aclose()
+            await run_in_threadpool(endpoints.record, store, endpoint_id, replica.index, who.user_id, tally.usage)
