@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.service import endpoints
 from supercluster.service.auth import Caller, ServiceError
-from supercluster.service.router import Replica, Router, prefix_key
+from supercluster.service.router import Replica, Router
 from supercluster.service.store import Store
 
 PROXIED = ("chat/completions", "completions", "models")
@@ -55,7 +55,7 @@ async def call(store: Store, request: Request, who: Caller, project: str, name: 
             body = json.dumps(payload).encode()
     client: httpx.AsyncClient = request.app.state.http
     router: Router = request.app.state.router
-    key, tried, failure = prefix_key(payload), set(), None
+    key, tried, failure = router.key(payload), set(), None
     while (replica := router.pick(endpoint_id, replicas, key, tried)) is not None:
         tried.add(replica.index)
         upstream = client.build_request(request.method, f"{replica.url}/v1/{path}",

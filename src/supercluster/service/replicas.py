@@ -200,7 +200,7 @@ class Load:
 
 def server_metrics(url: str) -> tuple[float, float, float]:
     """(requests running + waiting, TTFT seconds summed, TTFT count) from one server's /metrics."""
-    text = httpx.get(f"{url}/metrics", timeout=2.0).text
+    text = httpx.get(f"{url}/metrics", timeout=5.0).text
     outstanding = ttft_sum = ttft_count = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -236,7 +236,8 @@ class Scaler:
                 continue
             try:
                 queue, total, count = server_metrics(r.url)
-            except (httpx.HTTPError, ValueError):
+            except (httpx.HTTPError, ValueError) as err:
+                log.info("replica %s at %s: no metrics (%r)", r.index, r.url, err)
                 continue  # not answering: its job's end (or not) says what became of it
             ready += 1
             outstanding += queue
@@ -265,6 +266,7 @@ class Scaler:
             backend = store.fleet.fleet(s).backend
         wanted = e.replicas
         load = self.load(replicas)
+        log.debug("endpoint %s: %d replicas, load %s", e.name, len(replicas), load)
         per_replica = load.outstanding / load.ready if load.ready else 0.0
         starting = any(r.state == "starting" for r in replicas)
         cooled = e.scaled_at is None or now - e.scaled_at >= self.t.every_s

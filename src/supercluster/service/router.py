@@ -22,8 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-AFFINITY_CHARS = int(os.environ.get("SUPERCLUSTER_AFFINITY_CHARS", "256"))  # how long a prefix keys affinity
-AFFINITY_SLACK = int(os.environ.get("SUPERCLUSTER_AFFINITY_SLACK", "4"))  # calls it may be busier than the least busy
+AFFINITY_CHARS = 256  # how long a prefix keys affinity (SUPERCLUSTER_AFFINITY_CHARS)
+AFFINITY_SLACK = 4  # calls the affine replica may be busier than the least busy (SUPERCLUSTER_AFFINITY_SLACK)
 AVOID_S = 10.0
 
 
@@ -33,7 +33,7 @@ class Replica:
     url: str
 
 
-def prefix_key(payload: object) -> str | None:
+def prefix_key(payload: object, chars: int = AFFINITY_CHARS) -> str | None:
     """What a call's affinity is keyed on: its prompt's (or messages') first characters; None when it has none."""
     if not isinstance(payload, dict):
         return None
@@ -44,7 +44,7 @@ def prefix_key(payload: object) -> str | None:
         text = prompt if isinstance(prompt, str) else json.dumps(prompt)
     else:
         return None
-    return text[:AFFINITY_CHARS] or None
+    return text[:chars] or None
 
 
 def _weight(key: str, index: int) -> int:
@@ -52,8 +52,10 @@ def _weight(key: str, index: int) -> int:
 
 
 class Router:
-    def __init__(self, slack: int = AFFINITY_SLACK):
-        self.slack = slack
+    def __init__(self, slack: int | None = None, chars: int | None = None):
+        env = os.environ.get
+        self.slack = int(env("SUPERCLUSTER_AFFINITY_SLACK", AFFINITY_SLACK)) if slack is None else slack
+        self.chars = int(env("SUPERCLUSTER_AFFINITY_CHARS", AFFINITY_CHARS)) if chars is None else chars
         self.lock = threading.Lock()
         self.outstanding: dict[tuple[int, int], int] = {}  # (endpoint id, replica index) -> calls in flight
         self.avoid_until: dict[tuple[int, int], float] = {}
@@ -77,6 +79,9 @@ class Router:
             slot = (endpoint_id, chosen.index)
             self.outstanding[slot] = self.outstanding.get(slot, 0) + 1
             return chosen
+
+    def key(self, payload: object) -> str | None:
+        return prefix_key(payload, self.chars)
 
     def done(self, endpoint_id: int, replica: Replica, failed: bool = False) -> None:
         with self.lock:
