@@ -250,3 +250,32 @@ def test_an_endpoint_on_slurm_nodes_answers_at_the_nodes_address(tmp_path, tiny_
             assert stopped["state"] == "stopped" and stopped["requests"] == 1
     finally:
         emu.stop()
+
+
+def test_an_endpoints_one_server_migrates_to_its_replica_0_and_back(service_url):
+    from alembic import command
+    from alembic.config import Config
+
+    from supercluster.cluster.state import make_engine
+    from supercluster.service.store import MIGRATIONS, Store
+
+    Store(service_url).dispose()
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = make_engine(service_url)
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+        conn.execute(sa.text("INSERT INTO svc_orgs (name, created_at) VALUES ('o', 0)"))
+        conn.execute(sa.text("INSERT INTO svc_projects (org_id, name, created_at) SELECT id, 'p', 0 FROM svc_orgs"))
+        conn.execute(sa.text("INSERT INTO svc_users (org_id, name, is_operator, created_at) SELECT id, 'u', false, 0 FROM svc_orgs"))
+        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, job_id, url, secret, "
+                             "state, created_at) SELECT p.id, u.id, 'chat', 'c', '/r', 7, 'http://127.0.0.1:5000', 's', "
+                             "'ready', 1 FROM svc_projects p, svc_users u"))
+        command.upgrade(config, "0006")
+        assert conn.execute(sa.text("SELECT \"index\", job_id, url, state FROM svc_endpoint_replicas")).all() == [
+            (0, 7, "http://127.0.0.1:5000", "ready")]
+        assert conn.execute(sa.text("SELECT min_replicas, max_replicas, replicas FROM svc_endpoints")).one() == (1, 1, 1)
+        command.downgrade(config, "0005")
+        assert conn.execute(sa.text("SELECT job_id, url FROM svc_endpoints")).one() == (7, "http://127.0.0.1:5000")
+    engine.dispose()

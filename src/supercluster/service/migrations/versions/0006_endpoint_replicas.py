@@ -16,6 +16,13 @@ branch_labels = None
 depends_on = None
 
 
+def _drop(table: str, *columns: str) -> None:
+    """ALTER TABLE ... DROP COLUMN in place (SQLite 3.35+ and PostgreSQL): a batch copy of svc_endpoints
+    would drop the table that calls and replicas reference, which SQLite's foreign keys refuse."""
+    for column in columns:
+        op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+
+
 def upgrade() -> None:
     op.create_table(
         "svc_endpoint_replicas",
@@ -30,30 +37,24 @@ def upgrade() -> None:
         sa.Column("started_at", sa.Float, nullable=False),
         sa.Column("ended_at", sa.Float),
     )
-    # Each endpoint's server, as its replica 0 (the port is the URL's last part).
+    # Each endpoint's server, as its replica 0.
     op.execute("INSERT INTO svc_endpoint_replicas (endpoint_id, \"index\", job_id, url, port, state, detail, started_at) "
                "SELECT id, 0, job_id, url, 0, state, detail, created_at FROM svc_endpoints")
-    with op.batch_alter_table("svc_endpoints") as batch:
-        batch.drop_column("job_id")
-        batch.drop_column("url")
-        batch.add_column(sa.Column("max_running", sa.Integer, nullable=False, server_default="32"))
-        batch.add_column(sa.Column("quantize", sa.String(8), nullable=False, server_default="none"))
-        batch.add_column(sa.Column("min_replicas", sa.Integer, nullable=False, server_default="1"))
-        batch.add_column(sa.Column("max_replicas", sa.Integer, nullable=False, server_default="1"))
-        batch.add_column(sa.Column("replicas", sa.Integer, nullable=False, server_default="1"))
-        batch.add_column(sa.Column("scaled_at", sa.Float))
-    with op.batch_alter_table("svc_endpoint_calls") as batch:
-        batch.add_column(sa.Column("replica", sa.Integer))
+    _drop("svc_endpoints", "job_id", "url")
+    op.add_column("svc_endpoints", sa.Column("max_running", sa.Integer, nullable=False, server_default="32"))
+    op.add_column("svc_endpoints", sa.Column("quantize", sa.String(8), nullable=False, server_default="none"))
+    op.add_column("svc_endpoints", sa.Column("min_replicas", sa.Integer, nullable=False, server_default="1"))
+    op.add_column("svc_endpoints", sa.Column("max_replicas", sa.Integer, nullable=False, server_default="1"))
+    op.add_column("svc_endpoints", sa.Column("replicas", sa.Integer, nullable=False, server_default="1"))
+    op.add_column("svc_endpoints", sa.Column("scaled_at", sa.Float))
+    op.add_column("svc_endpoint_calls", sa.Column("replica", sa.Integer))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("svc_endpoint_calls") as batch:
-        batch.drop_column("replica")
-    with op.batch_alter_table("svc_endpoints") as batch:
-        for column in ("scaled_at", "replicas", "max_replicas", "min_replicas", "quantize", "max_running"):
-            batch.drop_column(column)
-        batch.add_column(sa.Column("job_id", sa.Integer))
-        batch.add_column(sa.Column("url", sa.String(256), nullable=False, server_default=""))
+    _drop("svc_endpoint_calls", "replica")
+    _drop("svc_endpoints", "scaled_at", "replicas", "max_replicas", "min_replicas", "quantize", "max_running")
+    op.add_column("svc_endpoints", sa.Column("job_id", sa.Integer))
+    op.add_column("svc_endpoints", sa.Column("url", sa.String(256), nullable=False, server_default=""))
     op.execute("UPDATE svc_endpoints SET job_id = (SELECT r.job_id FROM svc_endpoint_replicas r WHERE r.endpoint_id = "
                "svc_endpoints.id AND r.\"index\" = 0 ORDER BY r.id DESC LIMIT 1), url = COALESCE((SELECT r.url FROM "
                "svc_endpoint_replicas r WHERE r.endpoint_id = svc_endpoints.id AND r.\"index\" = 0 ORDER BY r.id DESC "
