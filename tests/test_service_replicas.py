@@ -234,7 +234,8 @@ def test_an_endpoint_on_slurm_nodes_answers_at_the_nodes_address(tmp_path, tiny_
         monkeypatch.setenv("SLURM_CONF", str(emu.conf))
         monkeypatch.setenv("SUPERCLUSTER_SCALE_EVERY_S", "0.5")
         with service(tmp_path, "slurm") as (client, token, db):
-            assert client.post("/v1/projects/llm/clusters", headers=bearer(token), json={"name": "here", "gpus": 2}).json()["state"] == "ready"
+            cluster = client.post("/v1/projects/llm/clusters", headers=bearer(token), json={"name": "here", "gpus": 2})
+            assert cluster.json()["state"] == "ready"
             r = client.post("/v1/projects/llm/endpoints", headers=bearer(token),
                             json={"name": "chat", "cluster": "here", "run_dir": tiny_model})
             assert r.status_code == 202, r.text

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from supercluster.cluster import jobs as fleet_jobs
 from supercluster.cluster.state import Cluster
 from supercluster.errors import UserError
-from supercluster.paths import home, model_library
+from supercluster.paths import model_library
 from supercluster.service import replicas, resources
 from supercluster.service.auth import Caller, ServiceError
 from supercluster.service.models import (

@@ -262,7 +262,8 @@ class Scaler:
             replicas = list(s.scalars(sa.select(EndpointReplica).where(EndpointReplica.endpoint_id == e.id,
                                                                        EndpointReplica.state.in_(LIVE))
                                       .order_by(EndpointReplica.index)))
-            fleet_cluster = s.scalar(sa.select(ServiceCluster.fleet_name).where(ServiceCluster.project_id == e.project_id, ServiceCluster.name == e.cluster))
+            fleet_cluster = s.scalar(sa.select(ServiceCluster.fleet_name).where(ServiceCluster.project_id == e.project_id,
+                                                                                ServiceCluster.name == e.cluster))
             backend = store.fleet.fleet(s).backend
         wanted = e.replicas
         load = self.load(replicas)
