@@ -66,7 +66,8 @@ def test_a_trained_run_is_served_through_the_service(live, library_corpus, tmp_p
     assert "secret" not in ready and "url" not in ready
     # the server's key is in a file of the service's: neither on any command line nor in the fleet's books
     with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
-        secret, url = conn.execute(sa.text("SELECT secret, url FROM svc_endpoints WHERE name = 'chat'")).one()
+        secret = conn.execute(sa.text("SELECT secret FROM svc_endpoints WHERE name = 'chat'")).scalar_one()
+        url = conn.execute(sa.text("SELECT url FROM svc_endpoint_replicas")).scalar_one()
         commands = conn.execute(sa.text("SELECT command FROM jobs")).scalars().all()
     assert len(commands) == 2 and not any(secret in str(c) for c in commands)
     cmdlines = []
@@ -234,9 +235,11 @@ def dying(live, tmp_path):
     with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").begin() as conn:
         project = conn.execute(sa.text("SELECT id FROM svc_projects WHERE name = 'llm'")).scalar_one()
         user = conn.execute(sa.text("SELECT id FROM svc_users WHERE name = 'llm-member'")).scalar_one()
-        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, url, secret, state, "
-                             "created_at) VALUES (:p, :u, 'flaky', 'here', '/nowhere', :url, 's', 'ready', 0)"),
-                     {"p": project, "u": user, "url": stand_in.url})
+        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, secret, state, "
+                             "created_at) VALUES (:p, :u, 'flaky', 'here', '/nowhere', 's', 'ready', 0)"),
+                     {"p": project, "u": user})
+        conn.execute(sa.text("INSERT INTO svc_endpoint_replicas (endpoint_id, \"index\", url, port, state, started_at) "
+                             "SELECT id, 0, :url, 0, 'ready', 0 FROM svc_endpoints WHERE name = 'flaky'"), {"url": stand_in.url})
     yield client, tokens, stand_in
     stand_in.server.shutdown()
     stand_in.server.server_close()
