@@ -62,6 +62,20 @@ def library_corpus(small_corpus, supercluster_home) -> Path:
     return Path(shutil.copytree(small_corpus, data_library() / "small-corpus"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_corpus) -> Path:
+    """A tiny model trained 30 steps on small_corpus: the run directory the serving tests serve."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("serve") / "tiny-run"
+    out = subprocess.run([str(Path(sys.executable).with_name("supercluster")), "train", "configs/tiny.toml", "--set",
+                          f"run.dir={run}", "--set", f"data.path={small_corpus}", "--set", "train.steps=30", "--set",
+                          "train.eval_every=0", "--no-sample"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
 SERVICE_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 

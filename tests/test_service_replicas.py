@@ -5,9 +5,8 @@ runs on Slurm nodes (the emulated slurm-wlm), its server bound to the node's add
 
 import contextlib
 import os
+import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,20 +20,13 @@ from slurm_emulator import EmulatedSlurm, unavailable_reason
 from test_service_cli import run
 from supercluster.service.router import Replica, Router, _weight, prefix_key
 
-SCRIPT = Path(sys.executable).with_name("supercluster")
 CHARS = 24  # the prefix affinity reads here (the tiny model's context is 128 tokens)
 
 
 @pytest.fixture(scope="module")
-def tiny_model(small_corpus, supercluster_home):
-    """A tiny trained run in the fleet's model library (the smallest model the endpoint tests serve)."""
-    run = supercluster_home / "models" / "tiny-replicas"
-    if not (run / "config.toml").is_file():
-        out = subprocess.run([str(SCRIPT), "train", "configs/tiny.toml", "--set", f"run.dir={run}", "--set",
-                              f"data.path={small_corpus}", "--set", "train.steps=2", "--set", "train.eval_every=0",
-                              "--no-sample"], capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr
-    return run.name
+def tiny_model(tiny_run, supercluster_home):
+    """The shared tiny run, copied into the fleet's model library (where endpoints serve from)."""
+    return shutil.copytree(tiny_run, supercluster_home / "models" / "tiny-replicas").name
 
 
 @contextlib.contextmanager
@@ -211,13 +203,13 @@ def server_pid(port: int) -> int:
     raise AssertionError(f"no model server on port {port}")
 
 
-def test_replica_bounds_are_checked(tmp_path, tiny_model, capsys):
+def test_replica_bounds_are_checked(tmp_path, capsys):
     with service(tmp_path, "local") as (client, token, _):
         for body, words in (({"min_replicas": 0}, "min_replicas must be between 1 and 16"),
                             ({"min_replicas": 3, "max_replicas": 2}, "max_replicas must be between min_replicas (3)"),
                             ({"max_replicas": 17}, "got 17")):
             r = client.post("/v1/projects/llm/endpoints", headers=bearer(token),
-                            json={"name": "e", "cluster": "here", "run_dir": tiny_model, **body})
+                            json={"name": "e", "cluster": "here", "run_dir": "m", **body})
             assert r.status_code == 400 and words in r.json()["detail"], r.text
         assert client.get("/v1/projects/llm/endpoints", headers=bearer(token)).json() == []
     code, _, err = run(capsys, "endpoint", "deploy", "e", "--cluster", "here", "--run-dir", "m", "--replicas", "2:x",
