@@ -230,12 +230,12 @@ def endpoint_list(server: ServerOption = None, project: ProjectOption = None, as
 @endpoint_app.command("delete")
 def endpoint_delete(
     name: str,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until its server has stopped (else: it is stopping).")] = True,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until its servers have stopped (else: it is stopping).")] = True,
     server: ServerOption = None,
     project: ProjectOption = None,
     as_json: JsonOption = False,
 ):
-    """Stop an endpoint's server (its calls stay counted in usage)."""
+    """Stop an endpoint's servers (its calls stay counted in usage)."""
     endpoint = _endpoints(server, project).delete_endpoint(name, wait=wait)
     if as_json:
         print(json.dumps(endpoint, indent=1, sort_keys=True))
