@@ -30,39 +30,16 @@ def tiny_model(tiny_run, supercluster_home):
 
 
 @contextlib.contextmanager
-def service(tmp_path, backend: str):
-    """The service with its scaler on, on a fresh fleet; yields (client, member token, database path)."""
-    import uvicorn
-
-    from supercluster.cluster.fleet import init_fleet
-    from supercluster.service import tenancy
-    from supercluster.service.app import create_app
-    from supercluster.service.store import Store
-
-    db = tmp_path / "service.db"
-    store = Store(f"sqlite:///{db}")
-    with store.session() as s:
-        op = {"Authorization": f"Bearer {tenancy.init_operator(s)}"}
-    init_fleet(store.fleet, backend, **({"gpus": 2} if backend == "local" else {}))
-    server = uvicorn.Server(uvicorn.Config(create_app(store=store, scale=True), host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    with httpx.Client(base_url=base, timeout=120) as c:
-        c.post("/v1/orgs", headers=op, json={"name": "acme"}).raise_for_status()
-        c.post("/v1/orgs/acme/projects", headers=op, json={"name": "llm"}).raise_for_status()
-        c.post("/v1/users", headers=op, json={"name": "alice", "org": "acme"}).raise_for_status()
-        token = c.post("/v1/tokens", headers=op, json={"user": "alice", "project": "llm", "role": "member"}).json()["token"]
+def service(start_service, backend: str):
+    """The service with its scaler on (conftest's start_service); yields (client, a member's token of
+    project llm). Its endpoints are deleted at the end: their servers stop."""
+    with start_service(backend, scale=True) as (base, _, grant), httpx.Client(base_url=base, timeout=120) as c:
+        token = grant("acme", "llm", "member")
         try:
-            yield c, token, db
+            yield c, token
         finally:
             for e in c.get("/v1/projects/llm/endpoints", headers=bearer(token)).json():
                 c.delete(f"/v1/projects/llm/endpoints/{e['name']}", headers=bearer(token))
-            server.should_exit = True
-            thread.join(timeout=30)
-            store.dispose()
 
 
 def bearer(token: str) -> dict:
@@ -112,12 +89,12 @@ def test_the_router_prefers_the_affine_replica_within_its_slack():
 
 
 @pytest.mark.slow
-def test_replicas_share_traffic_keep_prefixes_scale_and_survive_a_kill(tiny_model, tmp_path, monkeypatch):
+def test_replicas_share_traffic_keep_prefixes_scale_and_survive_a_kill(tiny_model, start_service, tmp_path, monkeypatch):
     for var, value in (("SUPERCLUSTER_SCALE_EVERY_S", "0.5"), ("SUPERCLUSTER_SCALE_OUT_QUEUE", "1"),
                        ("SUPERCLUSTER_SCALE_OUT_TTFT_S", "1000"), ("SUPERCLUSTER_SCALE_IN_IDLE_S", "3"),
                        ("SUPERCLUSTER_AFFINITY_CHARS", str(CHARS))):
         monkeypatch.setenv(var, value)
-    with service(tmp_path, "local") as (client, token, db):
+    with service(start_service, "local") as (client, token):
         r = client.post("/v1/projects/llm/endpoints", headers=bearer(token),
                         json={"name": "chat", "cluster": "here", "run_dir": tiny_model, "min_replicas": 2, "max_replicas": 3})
         assert r.status_code == 404  # no cluster yet
@@ -143,7 +120,7 @@ def test_replicas_share_traffic_keep_prefixes_scale_and_survive_a_kill(tiny_mode
         assert counts == {home: 7, 1 - home: 3}
         # usage stays per user (and per replica above)
         rows = client.get("/v1/usage?by=user", headers=bearer(token)).json()["tokens"]
-        assert [(r["user"], r["requests"]) for r in rows] == [("alice", 10)]
+        assert [(r["user"], r["requests"]) for r in rows] == [("llm-member", 10)]
 
         # load: 4 callers on 2 replicas is over 1 request per replica, so a third starts (never past the
         # max); replica 1 is killed meanwhile. Every call still succeeds, and a replacement takes its place.
@@ -166,7 +143,7 @@ def test_replicas_share_traffic_keep_prefixes_scale_and_survive_a_kill(tiny_mode
             t.start()
         until(lambda: served(client, token)["replicas"] == 3)
         calm.set()
-        with sa.create_engine(f"sqlite:///{db}").connect() as conn:
+        with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
             port, job = conn.execute(sa.text("SELECT port, job_id FROM svc_endpoint_replicas "
                                              "WHERE state = 'ready' AND \"index\" = 1")).one()
         os.kill(server_pid(port), signal.SIGKILL)
@@ -195,8 +172,8 @@ def server_pid(port: int) -> int:
     raise AssertionError(f"no model server on port {port}")
 
 
-def test_replica_bounds_are_checked(tmp_path, capsys):
-    with service(tmp_path, "local") as (client, token, _):
+def test_replica_bounds_are_checked(start_service, capsys):
+    with service(start_service, "local") as (client, token):
         for body, words in (({"min_replicas": 0}, "min_replicas must be between 1 and 16"),
                             ({"min_replicas": 3, "max_replicas": 2}, "max_replicas must be between min_replicas (3)"),
                             ({"max_replicas": 17}, "got 17")):
@@ -211,20 +188,20 @@ def test_replica_bounds_are_checked(tmp_path, capsys):
 
 @pytest.mark.slurm
 @pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
-def test_an_endpoint_on_slurm_nodes_answers_at_the_nodes_address(tmp_path, tiny_model, monkeypatch):
+def test_an_endpoint_on_slurm_nodes_answers_at_the_nodes_address(tmp_path, tiny_model, start_service, monkeypatch):
     emu = EmulatedSlurm(tmp_path / "slurm", nodes=2, gpus_per_node=2, nodes_per_leaf=2)
     emu.start()
     try:
         monkeypatch.setenv("SLURM_CONF", str(emu.conf))
         monkeypatch.setenv("SUPERCLUSTER_SCALE_EVERY_S", "0.5")
-        with service(tmp_path, "slurm") as (client, token, db):
+        with service(start_service, "slurm") as (client, token):
             cluster = client.post("/v1/projects/llm/clusters", headers=bearer(token), json={"name": "here", "gpus": 2})
             assert cluster.json()["state"] == "ready"
             r = client.post("/v1/projects/llm/endpoints", headers=bearer(token),
                             json={"name": "chat", "cluster": "here", "run_dir": tiny_model})
             assert r.status_code == 202, r.text
             until(lambda: ready_servers(served(client, token)), timeout=180)
-            with sa.create_engine(f"sqlite:///{db}").connect() as conn:
+            with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
                 url, job = conn.execute(sa.text("SELECT url, job_id FROM svc_endpoint_replicas")).one()
                 command = conn.execute(sa.text("SELECT command FROM jobs WHERE id = :j"), {"j": job}).scalar_one()
                 address = conn.execute(sa.text("SELECT DISTINCT address FROM nodes")).scalar_one()
