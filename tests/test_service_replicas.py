@@ -1,6 +1,6 @@
-"""Endpoints that scale: replicas behind the service's router. Two replicas both answer, shared
-prompts keep to one replica (prefix affinity), load scales out and idleness back in within
-[min, max], a replica killed mid-load is replaced while every call still succeeds, and an endpoint
+"""Endpoints that scale: replicas behind the service's router. Load scales out within [min, max]
+and idleness back in, a replica killed mid-load is replaced while every call still succeeds, two
+replicas both answer and shared prompts keep to one of them (prefix affinity), and an endpoint
 runs on Slurm nodes (the emulated slurm-wlm), its server bound to the node's address."""
 
 import contextlib
@@ -89,42 +89,28 @@ def test_the_router_prefers_the_affine_replica_within_its_slack():
 
 
 @pytest.mark.slow
-def test_replicas_share_traffic_keep_prefixes_scale_and_survive_a_kill(tiny_model, start_service, tmp_path, monkeypatch):
+def test_replicas_scale_out_survive_a_kill_share_traffic_keep_prefixes_and_scale_in(tiny_model, start_service, tmp_path,
+                                                                                   monkeypatch):
+    """Three server starts in all: the first replica, the one load adds, and a killed one's replacement."""
     for var, value in (("SUPERCLUSTER_SCALE_EVERY_S", "0.5"), ("SUPERCLUSTER_SCALE_OUT_QUEUE", "1"),
-                       ("SUPERCLUSTER_SCALE_OUT_TTFT_S", "1000"), ("SUPERCLUSTER_SCALE_IN_IDLE_S", "3"),
+                       ("SUPERCLUSTER_SCALE_OUT_TTFT_S", "1000"), ("SUPERCLUSTER_SCALE_IN_IDLE_S", "5"),
                        ("SUPERCLUSTER_AFFINITY_CHARS", str(CHARS))):
         monkeypatch.setenv(var, value)
     with service(start_service, "local") as (client, token):
         r = client.post("/v1/projects/llm/endpoints", headers=bearer(token),
-                        json={"name": "chat", "cluster": "here", "run_dir": tiny_model, "min_replicas": 2, "max_replicas": 3})
+                        json={"name": "chat", "cluster": "here", "run_dir": tiny_model, "max_replicas": 2})
         assert r.status_code == 404  # no cluster yet
         assert client.post("/v1/projects/llm/clusters", headers=bearer(token), json={"name": "here", "gpus": 2}).json()["state"] == "ready"
         r = client.post("/v1/projects/llm/endpoints", headers=bearer(token),
-                        json={"name": "chat", "cluster": "here", "run_dir": tiny_model, "min_replicas": 2, "max_replicas": 3})
-        assert r.status_code == 202 and (r.json()["min_replicas"], r.json()["max_replicas"]) == (2, 3), r.text
-        until(lambda: len(ready_servers(served(client, token))) == 2)
+                        json={"name": "chat", "cluster": "here", "run_dir": tiny_model, "max_replicas": 2})
+        assert r.status_code == 202 and (r.json()["min_replicas"], r.json()["max_replicas"]) == (1, 2), r.text
+        until(lambda: ready_servers(served(client, token)))
         oai = openai.OpenAI(base_url=f"{client.base_url}/v1/projects/llm/endpoints/chat/v1", api_key=token, max_retries=0)
 
-        # both replicas answer: three prompts whose prefixes hash to each
-        prompts = [f"def f{i}(x):" for i in range(40)]
-        mine = {i: [p for p in prompts if affine(p) == i][:3] for i in (0, 1)}
-        for p in mine[0] + mine[1]:
-            assert oai.completions.create(model="chat", prompt=p, max_tokens=2, temperature=0).usage.completion_tokens == 2
-        assert per_replica(served(client, token)) == {0: 3, 1: 3}
-        # a shared prefix keeps to its replica, whatever follows it
-        shared = "You are a helpful assistant. "  # past the characters affinity reads
-        for i in range(4):
-            oai.completions.create(model="chat", prompt=shared + f"Question {i}?", max_tokens=2, temperature=0)
-        counts = per_replica(served(client, token))
-        home = affine(shared)
-        assert counts == {home: 7, 1 - home: 3}
-        # usage stays per user (and per replica above)
-        rows = client.get("/v1/usage?by=user", headers=bearer(token)).json()["tokens"]
-        assert [(r["user"], r["requests"]) for r in rows] == [("llm-member", 10)]
-
-        # load: 4 callers on 2 replicas is over 1 request per replica, so a third starts (never past the
-        # max); replica 1 is killed meanwhile. Every call still succeeds, and a replacement takes its place.
-        stop, calm, failures, answered = threading.Event(), threading.Event(), [], []
+        # load: 4 callers on 1 replica is over 1 request per replica, so a second starts (never past
+        # the max); then replica 1 is killed mid-load. Every call still succeeds, and a replacement
+        # takes its place.
+        stop, failures, answered = threading.Event(), [], []
 
         def load(seed: int):
             n = 0
@@ -135,31 +121,50 @@ def test_replicas_share_traffic_keep_prefixes_scale_and_survive_a_kill(tiny_mode
                     answered.append(out.usage.completion_tokens)
                 except openai.APIError as err:
                     failures.append(repr(err))
-                if calm.is_set():
-                    time.sleep(0.5)  # room for the new servers to load on a small machine
 
         threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
-        until(lambda: served(client, token)["replicas"] == 3)
-        calm.set()
+        up = until(lambda: len(ready_servers(e := served(client, token))) == 2 and e)
+        assert up["replicas"] == 2
         with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
             port, job = conn.execute(sa.text("SELECT port, job_id FROM svc_endpoint_replicas "
                                              "WHERE state = 'ready' AND \"index\" = 1")).one()
         os.kill(server_pid(port), signal.SIGKILL)
-        up = until(lambda: len(ready := ready_servers(e := served(client, token))) == 3
-                   and [s for s in ready if s["index"] == 1 and s["job_id"] != job] and e)
-        assert up["replicas"] == 3 and up["max_replicas"] == 3
-        before = per_replica(up)[1]
+        until(lambda: [s for s in ready_servers(served(client, token)) if s["index"] == 1 and s["job_id"] != job])
+        before = per_replica(served(client, token))[1]
         until(lambda: per_replica(served(client, token))[1] > before)  # the replacement answers in the killed one's place
         stop.set()
         for t in threads:
             t.join(timeout=120)
         assert not failures, failures[:3]
         assert len(answered) >= 4 and all(n == 16 for n in answered)
-        # idle: back to the minimum after the cooldown, the lowest indexes kept
-        down = until(lambda: (e := served(client, token))["replicas"] == 2 and len(ready_servers(e)) == 2 and e, timeout=60)
-        assert [s["index"] for s in ready_servers(down)] == [0, 1] and down["state"] == "ready"
+        assert served(client, token)["replicas"] == 2  # the max
+
+        # both replicas answer (before the idle cooldown): three prompts whose prefixes hash to each
+        base = per_replica(served(client, token))
+
+        def added() -> dict[int, int]:
+            return {i: n - base[i] for i, n in per_replica(served(client, token)).items()}
+
+        prompts = [f"def f{i}(x):" for i in range(40)]
+        mine = {i: [p for p in prompts if affine(p) == i][:3] for i in (0, 1)}
+        for p in mine[0] + mine[1]:
+            assert oai.completions.create(model="chat", prompt=p, max_tokens=2, temperature=0).usage.completion_tokens == 2
+        assert added() == {0: 3, 1: 3}
+        # a shared prefix keeps to its replica, whatever follows it
+        shared = "You are a helpful assistant. "  # past the characters affinity reads
+        for i in range(4):
+            oai.completions.create(model="chat", prompt=shared + f"Question {i}?", max_tokens=2, temperature=0)
+        home = affine(shared)
+        assert added() == {home: 7, 1 - home: 3}
+        # usage stays per user (and per replica above)
+        rows = client.get("/v1/usage?by=user", headers=bearer(token)).json()["tokens"]
+        assert [(r["user"], r["requests"]) for r in rows] == [("llm-member", sum(per_replica(served(client, token)).values()))]
+
+        # idle: back to the minimum after the cooldown, the lowest index kept
+        down = until(lambda: (e := served(client, token))["replicas"] == 1 and len(ready_servers(e)) == 1 and e, timeout=60)
+        assert [s["index"] for s in ready_servers(down)] == [0] and down["state"] == "ready"
 
 
 def server_pid(port: int) -> int:
