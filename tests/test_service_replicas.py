@@ -213,8 +213,9 @@ def test_an_endpoint_on_slurm_nodes_answers_at_the_nodes_address(tmp_path, tiny_
             assert "0.0.0.0" in command and url.startswith(f"http://{address}:")  # bound to the node, reached there
             oai = openai.OpenAI(base_url=f"{client.base_url}/v1/projects/llm/endpoints/chat/v1", api_key=token, max_retries=0)
             assert oai.completions.create(model="chat", prompt="import os", max_tokens=3, temperature=0).usage.completion_tokens == 3
-            stopped = client.delete("/v1/projects/llm/endpoints/chat", headers=bearer(token)).json()
-            assert stopped["state"] == "stopped" and stopped["requests"] == 1
+            r = client.delete("/v1/projects/llm/endpoints/chat", headers=bearer(token))
+            assert r.status_code == 202 and r.json()["requests"] == 1, r.text
+            until(lambda: served(client, token)["state"] == "stopped")  # stopping until its server is gone
     finally:
         emu.stop()
 
