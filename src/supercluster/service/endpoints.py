@@ -2,9 +2,10 @@
 
 An endpoint is `supercluster serve RUN_DIR` replicas running as fleet jobs on the cluster's nodes
 (`service.replicas`: started, replaced and scaled between a minimum and a maximum), behind an API
-key only the service knows and the service's router (`service.router`). Clients use the project's service token against
-`/v1/projects/{project}/endpoints/{name}/v1/...` (the OpenAI routes); the service checks it,
-forwards the call with the endpoint's key and records each answered call's tokens for usage
+key only the service knows and the service's router (`service.router`). Clients use the
+project's service token against `/v1/projects/{project}/endpoints/{name}/v1/...` (the OpenAI
+routes); the service checks it, forwards the call with the endpoint's key and records each
+answered call's tokens for usage
 (a stream's from the usage its server puts in every chunk, so one cut short counts what it relayed).
 The GPUs the cluster holds are charged as for training, from the fleet's allocation intervals.
 

@@ -165,6 +165,7 @@ async def _whole(store: Store, request: Request, who: Caller, endpoint_id: int, 
         await run_in_threadpool(endpoints.record, store, endpoint_id, replica, who.user_id, tally.usage)
         raise
     if whole.error is not None or not tally.done:
-        return _broke_off(name, (whole.error.get("error") or {}).get("message") if whole.error else "it ended its answer early")
+        why = (whole.error.get("error") or {}).get("message") if whole.error else "it ended its answer early"
+        return _broke_off(name, why)
     await run_in_threadpool(endpoints.record, store, endpoint_id, replica, who.user_id, tally.usage)
     return JSONResponse(whole.answer(tally.usage))
