@@ -109,15 +109,16 @@ def test_replicas_scale_out_survive_a_kill_share_traffic_keep_prefixes_and_scale
 
         # load: 4 callers on 1 replica is over 1 request per replica, so a second starts (never past
         # the max); then replica 1 is killed mid-load. Every call still succeeds, and a replacement
-        # takes its place.
-        stop, failures, answered = threading.Event(), [], []
+        # takes its place. Once the scaler has decided, two callers go on (busy enough to keep two
+        # replicas): room for the new servers to load on a small machine.
+        stop, fewer, failures, answered = threading.Event(), threading.Event(), [], []
 
         def load(seed: int):
             n = 0
-            while not stop.is_set():
+            while not stop.is_set() and not (seed >= 2 and fewer.is_set()):
                 n += 1
                 try:
-                    out = oai.completions.create(model="chat", prompt=f"class C{seed}_{n}:", max_tokens=16, temperature=0)
+                    out = oai.completions.create(model="chat", prompt=f"class C{seed}_{n}:", max_tokens=8, temperature=0)
                     answered.append(out.usage.completion_tokens)
                 except openai.APIError as err:
                     failures.append(repr(err))
@@ -125,6 +126,8 @@ def test_replicas_scale_out_survive_a_kill_share_traffic_keep_prefixes_and_scale
         threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(4)]
         for t in threads:
             t.start()
+        until(lambda: served(client, token)["replicas"] == 2)
+        fewer.set()
         up = until(lambda: len(ready_servers(e := served(client, token))) == 2 and e)
         assert up["replicas"] == 2
         with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
@@ -138,7 +141,7 @@ def test_replicas_scale_out_survive_a_kill_share_traffic_keep_prefixes_and_scale
         for t in threads:
             t.join(timeout=120)
         assert not failures, failures[:3]
-        assert len(answered) >= 4 and all(n == 16 for n in answered)
+        assert len(answered) >= 4 and all(n == 8 for n in answered)
         assert served(client, token)["replicas"] == 2  # the max
 
         # both replicas answer (before the idle cooldown): three prompts whose prefixes hash to each
