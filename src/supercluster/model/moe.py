@@ -176,7 +176,7 @@ class MoE(nn.Module):
         # the microbatches (and pipeline stages' calls) since then, with their count: the metric
         # is the step's mean, not whichever microbatch came last.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.moe_experts), persistent=False)
-        self.aux_loss_sum, self.aux_loss_calls = torch.zeros(()), 0
+        self.aux_loss_sum, self.aux_loss_calls = None, 0  # a tensor once counted (models start on the meta device)
 
     def fuse_projections(self) -> None:
         """Serving's fused layout is for dense blocks; experts keep theirs."""
@@ -211,7 +211,8 @@ class MoE(nn.Module):
         if self.cfg.moe_aux_loss_coef > 0:
             aux = self.aux_loss(scores, counts, k)
             if self.training and torch.is_grad_enabled():
-                self.aux_loss_sum = self.aux_loss_sum.to(aux.device) + aux.detach()  # no device sync per call
+                total = aux.detach() if self.aux_loss_sum is None else self.aux_loss_sum + aux.detach()
+                self.aux_loss_sum = total  # on the device: no sync per call
                 self.aux_loss_calls += 1
                 y = _AttachAuxLoss.apply(y, aux)
         return y
@@ -257,7 +258,7 @@ def balance_step(parts, group=None) -> dict:
         if m.aux_loss_calls:
             aux.append(float(m.aux_loss_sum) / m.aux_loss_calls)
         m.tokens_per_expert.zero_()
-        m.aux_loss_sum, m.aux_loss_calls = torch.zeros(()), 0
+        m.aux_loss_sum, m.aux_loss_calls = None, 0
     if aux:
         out["moe_aux_loss"] = sum(aux) / len(aux)
     if bias:

@@ -49,8 +49,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = T
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # Attention sees the whole (local) sequence: gather the tokens, keep rope and cache as they are.
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None),
-                                            desired_input_layouts=(Replicate(), None, None)),
+            # attention(x, rope, cache, document mask): only x is a sequence-sharded activation
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None)),
             "attention.wq": ColwiseParallel(),
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
