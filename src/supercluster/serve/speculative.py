@@ -1,0 +1,54 @@
+"""Prompt-lookup speculation: draft tokens for a sequence from its own earlier text.
+
+When a model quotes, edits or repeats its context (code rewrites, extraction, summaries that
+reuse phrases), the tokens after the sequence's last few ones often already appear right after an
+earlier occurrence of them. The engine appends those as a draft to the sequence's next step,
+gets logits at every draft position from the one forward pass, keeps the drafts the model would
+have chosen itself and rolls the cache back past the first it would not (`Engine._emit`): the
+same tokens as decoding one at a time, several per step when the guess is right. A decode step of
+one sequence on a CPU waits on reading the weights, so a few more rows cost little.
+
+The n-gram table is kept per sequence and grows with it, so a proposal costs a dict lookup per
+n-gram size, not a scan of the context (HF's `prompt_lookup_num_tokens` scans it every step).
+"""
+
+from __future__ import annotations
+
+MAX_DRAFT = 16  # --speculate's upper bound: past this a step's extra rows cost more than they save
+LONGEST_NGRAM = 4  # longest suffix matched first (vLLM's prompt_lookup_max default)
+SHORTEST_NGRAM = 2  # a single shared token is too weak a match: mostly rejected drafts, rows for nothing
+
+
+class NgramTable:
+    """Where each n-gram of a sequence's tokens last occurred with at least one token after it."""
+
+    def __init__(self):
+        self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> position of the token after its latest occurrence
+        self.indexed = 0  # n-grams ending before this position are in the table
+
+    def propose(self, tokens: list[int], k: int) -> list[int]:
+        """Up to `k` tokens that followed the latest earlier occurrence of the longest suffix of
+        `tokens` (LONGEST_NGRAM down to SHORTEST_NGRAM tokens); [] when none occurred before."""
+        # Every n-gram that has a token after it (so not the suffix itself), added once: later
+        # occurrences overwrite earlier ones, the most recent context being the likeliest to repeat.
+        for end in range(max(self.indexed, SHORTEST_NGRAM), len(tokens)):
+            for n in range(SHORTEST_NGRAM, min(LONGEST_NGRAM, end) + 1):
+                self.follows[tuple(tokens[end - n:end])] = end
+        self.indexed = max(self.indexed, len(tokens))
+        draft: list[int] = []
+        while len(draft) < k:
+            # A match near the end continues only up to the end (a loop of period p gives p tokens):
+            # look up again from the draft's own end to go on.
+            text = tokens + draft if draft else tokens
+            more = self._after_suffix(text, k - len(draft))
+            if not more:
+                break
+            draft += more
+        return draft
+
+    def _after_suffix(self, text: list[int], limit: int) -> list[int]:
+        for n in range(min(LONGEST_NGRAM, len(text) - 1), SHORTEST_NGRAM - 1, -1):
+            after = self.follows.get(tuple(text[-n:]))
+            if after is not None:
+                return text[after:after + limit]
+        return []
