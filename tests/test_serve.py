@@ -353,23 +353,29 @@ def engine_outputs(run_dir, prompts, max_tokens, **config):
 
 
 def greedy(engine, prompts, max_tokens):
-    import queue
-
     from supercluster.serve.sampling import SamplingParams
 
+    requests = [(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)) for prompt in prompts]
+    return [[event["token"] for event in events[:-1]] for events in request_events(engine, requests)]
+
+
+def request_events(engine, requests):
+    """Every event of each (prompt, SamplingParams) request, all submitted at once, its finish last."""
+    import queue
+
     streams = []
-    for prompt in prompts:  # text, or token ids
+    for prompt, params in requests:  # text, or token ids
         ids = engine.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
         events = queue.Queue()
-        engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), events.put)
+        engine.submit(ids, params, events.put)
         streams.append(events)
     outputs = []
     for events in streams:
-        tokens = []
-        while "finish_reason" not in (event := events.get(timeout=120)):
-            assert "error" not in event, event["error"]
-            tokens.append(event["token"])
-        outputs.append(tokens)
+        got = [events.get(timeout=120)]
+        while "finish_reason" not in got[-1]:
+            assert "error" not in got[-1], got[-1]["error"]
+            got.append(events.get(timeout=120))
+        outputs.append(got)
     return outputs
 
 
@@ -384,6 +390,64 @@ def test_chunked_prefill_and_preemption_change_no_greedy_output(run_dir):
     squeezed, snap = engine_outputs(run_dir, prompts, 24, block_size=4, num_blocks=-(-longest // 4) + 2)
     assert snap["preemptions"] > 0 and squeezed == reference
     assert snap["kv_blocks_used"] == 0  # every finished sequence gave its blocks back
+
+
+def speculation_requests():
+    """Greedy requests whose drafts are accepted (repeated text, the model's own loops), ended by
+    max_tokens and a stop string inside a run of accepted drafts, with logprobs and a penalty
+    (verified per draft position), beside a sampled request (never drafted for)."""
+    from supercluster.serve.sampling import SamplingParams
+
+    def params(**kw):
+        return SamplingParams(**{"temperature": 0, "ignore_eos": True, **kw})
+
+    return [(PROMPTS[0] * 3, params(max_tokens=24)), (PROMPTS[1] * 3, params(max_tokens=13)),
+            (PROMPTS[3], params(max_tokens=20, logprobs=2)), (PROMPTS[2] * 2, params(max_tokens=20, frequency_penalty=0.5)),
+            (PROMPTS[4], params(max_tokens=30, stop=["      "])), ("x = [1, 2]\nx = [", params(max_tokens=12)),
+            (PROMPTS[2] * 4, SamplingParams(max_tokens=16, temperature=1.0, seed=3))]
+
+
+def spoil_every_other_draft(engine) -> None:
+    """Change the third token of every other draft: the model rejects it there, after keeping the
+    first two where it would (the tiny model's own loops), whatever the freshly trained model writes."""
+    propose, calls = engine.scheduler.propose, iter(range(10**9))
+
+    def spoiled(seq, most):
+        draft = propose(seq, most)
+        if len(draft) >= 3 and next(calls) % 2:
+            draft[2] = (draft[2] + 1) % engine.cfg.vocab_size
+        return draft
+
+    engine.scheduler.propose = spoiled
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_speculative_decoding_changes_no_greedy_output(run_dir, quantize):
+    """With prompt-lookup drafts (`speculate`) every greedy request gets the tokens, text,
+    log-probabilities and finish it gets decoding a token a step, in a batch with others and
+    prompts prefilled in chunks, on the model's own forward and on the int4 one-call decoder
+    (logits at every draft position from both); drafts are accepted, rejected at once and in part
+    (rolled back out of the cache), counted, and every block comes back."""
+    from supercluster.serve.engine import Engine, EngineConfig
+
+    runs = {}
+    for speculate in (0, 4):
+        engine = Engine(run_dir, EngineConfig(precision="fp32", quantize=quantize, max_step_tokens=16, speculate=speculate))
+        try:
+            free = engine.cache.pool.available()
+            if speculate:
+                spoil_every_other_draft(engine)
+            runs[speculate] = request_events(engine, speculation_requests()), engine.snapshot()
+            assert engine.cache.pool.available() == free and engine.snapshot()["kv_blocks_used"] == 0
+        finally:
+            engine.shutdown()
+    (plain, before), (drafted, after) = runs[0], runs[4]
+    assert before["draft_tokens"] == 0 and 0 < after["accepted_tokens"] < after["draft_tokens"]
+    assert plain[1][-1]["completion_tokens"] == 13 and plain[4][-1]["finish_reason"] == "stop"  # cut mid-run
+    for want, got in zip(plain[:-1], drafted[:-1]):
+        (want, want_floats), (got, got_floats) = _floats_apart(want), _floats_apart(got)
+        assert got == want and got_floats == pytest.approx(want_floats, abs=1e-4)
+    assert drafted[-1][-1]["completion_tokens"] == 16
 
 
 @pytest.mark.parametrize("route, body", [
