@@ -287,7 +287,8 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
     for flags, message in ((["--quantize", "int3"], "--quantize must be one of"), (["--threads", "0"], "--threads must be"),
                            (["--api-key-file", str(tmp_path / "missing.key")], "Cannot read --api-key-file"),
                            (["--api-key-file", str(tmp_path / "empty.key")], "holds no key"),
-                           (["--tp", "2", "--quantize", "int8"], "--quantize runs on one rank")):
+                           (["--tp", "2", "--quantize", "int8"], "--quantize runs on one rank"),
+                           (["--speculate", "17"], "--speculate must be 0 (off) to 16")):
         out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), *flags],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -448,6 +449,30 @@ def test_speculative_decoding_changes_no_greedy_output(run_dir, quantize):
         (want, want_floats), (got, got_floats) = _floats_apart(want), _floats_apart(got)
         assert got == want and got_floats == pytest.approx(want_floats, abs=1e-4)
     assert drafted[-1][-1]["completion_tokens"] == 16
+
+
+def test_a_speculating_server_streams_each_accepted_token_and_counts_acceptance(run_dir, client):
+    """`serve --speculate 4`: several tokens of one step stream as a chunk each, with the usage
+    so far, the same text as a whole answer and as a server without drafts; /metrics counts the
+    drafted and accepted tokens."""
+    body = {"max_tokens": 10, "logprobs": 1, "extra_body": {"ignore_eos": True}}
+    prompt = PROMPTS[0] * 2
+    proc, base = start_server(run_dir, "--speculate", "4")
+    try:
+        drafting = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        whole = drafting.completions.create(model="tiny-run", prompt=prompt, temperature=0, **body).choices[0]
+        chunks = list(drafting.completions.create(model="tiny-run", prompt=prompt, temperature=0, stream=True, **body,
+                                                stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        accepted = metric(base, "supercluster_spec_decode_num_accepted_tokens")
+        drafted = metric(base, "supercluster_spec_decode_num_draft_tokens")
+        assert 0 < accepted <= drafted and metric(base, "supercluster_spec_decode_acceptance_rate") == accepted / drafted
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert [c.usage.completion_tokens for c in chunks] == [*range(1, 11), 10, 10]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 10
+    assert whole.text == complete(client, prompt, **body)  # the server without drafts
 
 
 @pytest.mark.parametrize("route, body", [
