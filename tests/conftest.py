@@ -5,6 +5,8 @@ PostgreSQL server (with the reason), but in CI (`CI=true`) such a skip fails the
 run them, and a setup step that silently did nothing must not pass as green.
 """
 
+import contextlib
+import functools
 import os
 import sysconfig
 from pathlib import Path
@@ -62,6 +64,20 @@ def library_corpus(small_corpus, supercluster_home) -> Path:
     return Path(shutil.copytree(small_corpus, data_library() / "small-corpus"))
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, small_corpus) -> Path:
+    """A tiny model trained 30 steps on small_corpus: the run directory the serving tests serve."""
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("serve") / "tiny-run"
+    out = subprocess.run([str(Path(sys.executable).with_name("supercluster")), "train", "configs/tiny.toml", "--set",
+                          f"run.dir={run}", "--set", f"data.path={small_corpus}", "--set", "train.steps=30", "--set",
+                          "train.eval_every=0", "--no-sample"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return run
+
+
 SERVICE_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
@@ -96,6 +112,19 @@ def live_service(tmp_path):
     """The service on a local 2-GPU fleet, served by uvicorn on a loopback port (for clients that
     speak real HTTP: a browser, the openai SDK). Yields (base URL, tokens): tokens["op"] is the
     operator's; `grant(project, role)` gives tokens[project, role] (orgs and users made as needed)."""
+    with _service_on_loopback(tmp_path) as service:
+        yield service
+
+
+@pytest.fixture
+def start_service(tmp_path):
+    """live_service, started by the test: `with start_service(backend, **create_app options) as
+    (base, tokens, grant)`, on a fresh fleet of that backend (local: 2 GPUs)."""
+    return functools.partial(_service_on_loopback, tmp_path)
+
+
+@contextlib.contextmanager
+def _service_on_loopback(tmp_path, backend: str = "local", **app_options):
     import threading
     import time
 
@@ -110,8 +139,8 @@ def live_service(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'service.db'}")
     with store.session() as s:
         tokens = {"op": tenancy.init_operator(s)}
-    init_fleet(store.fleet, "local", gpus=2)
-    app = create_app(store=store)
+    init_fleet(store.fleet, backend, **({"gpus": 2} if backend == "local" else {}))
+    app = create_app(store=store, **app_options)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -129,7 +158,9 @@ def live_service(tmp_path):
                 "user": f"{project}-{role}", "project": project, "role": role}).json()["token"]
         return tokens[project, role]
 
-    yield base, tokens, grant
-    server.should_exit = True
-    thread.join(timeout=30)
-    store.dispose()
+    try:
+        yield base, tokens, grant
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        store.dispose()

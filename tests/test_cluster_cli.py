@@ -110,7 +110,7 @@ def test_node_drain_and_undrain_on_the_local_database_and_queued_clusters_say_wh
     code, out, _ = run(capsys, "node", "undrain", "sim00001", "--db", sim, "--json")
     assert code == 0 and json.loads(out) == {"node": "sim00001", "state": "up", "started": []}
     code, out, _ = run(capsys, "cluster", "show", "all", "--db", sim, "--json")
-    assert json.loads(out)["detail"] == "waiting for capacity: 504 of the fleet's 512 h100 GPUs are free for 512 asked"
+    assert json.loads(out)["reason"] == "waiting for capacity: 504 of the fleet's 512 h100 GPUs are free for 512 asked"
     code, out, _ = run(capsys, "cluster", "list", "--db", sim)
     assert code == 0 and "waiting for capacity" in out  # the table's reason column
     code, out, _ = run(capsys, "cluster", "delete", "more", "--db", sim, "--json")

@@ -147,6 +147,9 @@ def test_preemption_returns_at_once_and_a_restart_waits_for_the_stopped_run(tmp_
         time.sleep(0.1)
     assert (status.state, status.exit_code) == ("completed", 0) and started.read_text() == "xx"
     assert not _group_alive(_pid(first)) and not (job_dir / "stopping").exists()
+    assert (job_dir / "exit_code").read_text() == f"0 {again}"  # the code names its runner...
+    (job_dir / "exit_code").write_text(f"-9 {first}")  # ...so one the stopped run left late is never the restart's
+    assert backend.poll(again, str(job_dir)).exit_code is None
 
 
 def test_cancel_kills_a_job_that_ignores_sigterm_after_its_grace(tmp_path):

@@ -102,6 +102,31 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, tokenizer_file):
     assert meta["inputs"][0]["size"] == inputs["jsonl"].stat().st_size and len(meta["inputs"][0]["sha256"]) == 64
 
 
+def test_a_text_file_larger_than_a_chunk_is_streamed_as_documents_cut_at_line_ends(tmp_path, tokenizer_file, monkeypatch):
+    """A big text file never sits in memory whole: it becomes documents of about CHUNK_BYTES, each
+    ending a line, that together are the file exactly; a small one stays one document; a file that
+    turns binary part-way is one sentence."""
+    from tokenizers import Tokenizer
+
+    from supercluster.data import inputs
+
+    monkeypatch.setattr(inputs, "CHUNK_BYTES", 256)
+    text = "".join(DOCS) * 8  # about 1.9 KB, multi-byte characters across the cuts
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "big.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "in" / "small.txt").write_text("small one", encoding="utf-8")
+    prepare([tmp_path / "in"], tmp_path / "out", tokenizer=tokenizer_file, workers=1)
+    ds = PreparedDataset(tmp_path / "out")
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    docs = [tok.decode(ds.doc(i).tolist()) for i in range(len(ds))]
+    assert docs[-1] == "small one" and "".join(docs[:-1]) == text
+    assert len(docs) - 1 >= len(text.encode()) // 256 - 2 and all(d.endswith("\n") for d in docs[:-2])
+    (tmp_path / "in" / "small.txt").write_bytes(b"x\n" * 200 + b"\0binary tail")
+    with pytest.raises(UserError, match="small.txt is UTF-8 text up to byte 256 and binary after it"):
+        prepare([tmp_path / "in"], tmp_path / "out2", tokenizer=tokenizer_file, workers=1)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_bad_rows_stop_with_one_sentence_and_skip_bad_counts_them(tmp_path, tokenizer_file, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, "", '{"text": unquoted', {"body": "x"}, {"text": 3}])
     out = tmp_path / "out"
@@ -223,7 +248,7 @@ def test_mixture_proportions_hold_and_each_epoch_visits_every_sample_once():
     assert sorted(again) == list(range(500)) and again != first  # the next epoch in another order
 
 
-def test_resume_is_bit_exact_in_the_middle_of_an_epoch():
+def test_resume_is_bit_exact_in_the_middle_of_an_epoch(capsys):
     data, seq = splits([300, 200], 16), 16
     straight = MixtureSampler(data, [2, 1], seq, 8, seed=3)
     batches = [straight.next() for _ in range(7)]
@@ -235,6 +260,11 @@ def test_resume_is_bit_exact_in_the_middle_of_an_epoch():
     for x, y in batches[3:]:
         rx, ry = resumed.next()
         assert np.array_equal(rx, x) and np.array_equal(ry, y)
+    assert capsys.readouterr().err == ""  # the same mixture resumes silently
+    annealed = MixtureSampler(data, [1, 1], seq, 8)  # new weights: the count goes on, and it says so
+    annealed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert annealed.consumed == first.consumed
+    assert "Resuming on another mixture than the checkpoint's" in capsys.readouterr().err
 
 
 def test_resume_from_dp4_at_dp2_sees_each_sample_once():

@@ -165,6 +165,26 @@ def test_group_limited_sigmoid_router_and_balancing():
     assert moe.tokens_per_expert.sum() == 0
 
 
+def test_aux_loss_metric_is_the_mean_over_a_steps_microbatches():
+    """Two microbatches before one optimizer step: the logged aux loss is their mean (it was the last's)."""
+    from supercluster.model.moe import MoE, balance_step
+
+    cfg = preset("tiny-moe", moe_experts=8, moe_top_k=2, moe_aux_loss_coef=0.01)
+    torch.manual_seed(0)
+    moe = MoE(cfg).train()
+    batches = [torch.randn(1, 16, cfg.hidden), 3 * torch.randn(1, 16, cfg.hidden) + 1]
+    each = []
+    for x in batches:
+        _, experts, scores = moe.router(x.reshape(-1, cfg.hidden))
+        each.append(float(moe.aux_loss(scores, torch.bincount(experts.flatten(), minlength=8), 2)))
+        moe(x).sum().backward()
+    assert each[0] != pytest.approx(each[1], rel=1e-3)
+    assert balance_step([moe])["moe_aux_loss"] == pytest.approx(sum(each) / 2, rel=1e-5)
+    with torch.no_grad():  # evaluation passes do not count
+        moe(batches[0])
+    assert "moe_aux_loss" not in balance_step([moe])
+
+
 @pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
 def test_hf_moe_folder_imports_to_the_same_logits(tmp_path, small_corpus, arch):
     """`supercluster import` of a Mixtral or Qwen3-MoE folder (experts stored one by one, as the

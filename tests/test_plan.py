@@ -43,8 +43,10 @@ def test_every_left_out_source_is_predicted_within_its_bound(rows, loso):
     """Fitted on the other sources only, each source's dense runs (5 or more) are predicted
     within 12.5% MAPE (the goal is 8%: Megatron-Bridge's FP8 tables, 11.9%, are the worst
     today); the small sources (MT-NLG, BLOOM, Llama 3's table) within 25%. MoE runs miss by
-    far more today (Megatron-Bridge's 17: 47%): held under 60% so that it cannot get worse
-    unnoticed, and shown as wider intervals."""
+    far more today (Megatron-Bridge's 17: 52% since its Qwen3 rows carry their recipes' own
+    layouts, no recompute; DeepSeek-V3's own run: 19% with its node-deduplicated FP8
+    dispatch, 51% without): held under 60% (DeepSeek-V3 under 25%) so that they cannot get
+    worse unnoticed, and shown as wider intervals."""
     assert len(loso) >= 10
     for source, res in loso.items():
         test = [r for r in rows if r.source == source]
@@ -54,7 +56,32 @@ def test_every_left_out_source_is_predicted_within_its_bound(rows, loso):
             assert sum(dense) / len(dense) <= (0.125 if len(dense) >= 5 else 0.25), source
             assert max(dense) < 0.6, source
         if experts:
-            assert sum(experts) / len(experts) <= 0.6, source
+            assert sum(experts) / len(experts) <= (0.25 if source == "deepseek-v3-2024" else 0.6), source
+
+
+def test_node_deduplicated_dispatch_sends_each_token_once_per_remote_node():
+    """DeepSeek-V3 sec. 3.2.2: with group-limited routing a token reaches at most 4 of the 8
+    nodes of an ep-64 group, and crosses the network once per node: half the bytes (or less)
+    of one copy per expert; FP8 dispatch (sec. 3.3.2) trims the rest. On one node: no change."""
+    from supercluster.hardware.catalog import accelerator, node_type
+    from supercluster.plan import moe
+    from supercluster.plan.cost import Rates, System
+
+    cfg = build_model("deepseek-v3")
+    assert moe.distinct_nodes(replace(cfg, moe_groups=8, moe_topk_groups=4), 8) == 4
+    assert moe.distinct_nodes(replace(cfg, moe_groups=1, moe_topk_groups=1), 8) == pytest.approx(8 * (1 - (7 / 8) ** 8))
+    system = System(accelerator("h800"), node_type("hgx-h800"), "fp8")
+    r = Rates(system, PROFILES["megatron"], load_constants("megatron"))
+    lay = Layout(tp=1, pp=1, dp_shard=64, ep=64)
+    routed = replace(cfg, moe_groups=8, moe_topk_groups=4)
+    plain, tier = moe.all_to_all_time(routed, lay, r, 4096, 1.0, PROFILES["megatron"])
+    dedup, tier2 = moe.all_to_all_time(routed, lay, r, 4096, 1.0, replace(PROFILES["megatron"], ep_node_dedup=True))
+    both, _ = moe.all_to_all_time(routed, lay, r, 4096, 1.0,
+                                  replace(PROFILES["megatron"], ep_node_dedup=True, fp8_dispatch=True))
+    assert dedup < 0.55 * plain and both < 0.8 * dedup and "node-deduplicated" in tier2 and "node" not in tier
+    small = Layout(tp=1, pp=1, dp_shard=8, ep=8)
+    assert moe.all_to_all_time(routed, small, r, 4096, 1.0, replace(PROFILES["megatron"], ep_node_dedup=True)) == \
+        moe.all_to_all_time(routed, small, r, 4096, 1.0, PROFILES["megatron"])
 
 
 def test_every_published_layout_is_answered_at_its_own_layout(rows):
@@ -249,6 +276,9 @@ def run_cli(*args, env=None):
         (["llama3-8b", "--gpus", "16", "--precision", "fp8", "--fp8-recipe", "mxfp8"], "needs block-scaled FP8"),
         (["llama3-8b", "--gpus", "16", "--precision", "fp8", "--fp8-recipe", "rowwize"], "did you mean 'rowwise'"),
         (["llama3-8b", "--gpus", "16", "--fp8-all-gather"], "add --precision fp8"),
+        (["llama3-8b", "--gpus", "16", "--moe-imbalance", "1.2", "--ep-overlap"],
+         "--moe-imbalance, --ep-overlap apply to Mixture-of-Experts models; 'llama3-8b' is dense"),
+        (["--layers", "4", "--hidden", "256", "--heads", "4", "--gpus", "8", "--fp8-dispatch"], "the model given is dense"),
     ],
 )
 def test_bad_input_exits_2_with_one_sentence(args, needle):
@@ -493,6 +523,9 @@ def test_explain_terms_add_up_to_the_step():
     assert proc.returncode == 0, proc.stderr
     assert "compute: linear GEMMs" in proc.stdout and "they add up to" in proc.stdout
     assert max(map(len, proc.stdout.splitlines())) <= 100
+    # the part the prediction rests on, from the catalog (a variant's power cap and HBM included)
+    assert "GPU: h100: 989 TFLOP/s bf16 peak (792 measured best), 80 GiB HBM at 3.35 TB/s, 700 W, NVLink 4" in \
+        " ".join(proc.stdout.split())
 
 
 # ---- Mixture of Experts ----------------------------------------------------------------------------

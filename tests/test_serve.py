@@ -32,13 +32,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, small_corpus):
-    run = tmp_path_factory.mktemp("serve") / "tiny-run"
-    out = subprocess.run([str(SCRIPT), "train", "configs/tiny.toml", "--set", f"run.dir={run}", "--set", f"data.path={small_corpus}",
-                          "--set", "train.steps=30", "--set", "train.eval_every=0", "--no-sample"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    return run
+def run_dir(tiny_run):
+    return tiny_run
 
 
 def start_server(run_dir: Path, *args: str):

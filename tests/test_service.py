@@ -66,11 +66,11 @@ def world(service_url):
 
 
 def test_schema_migrates_with_alembic_and_init_prints_one_token(world, service_url):
-    assert world.store.revision == "0005"
+    assert world.store.revision == "0006"
     inspector = sa.inspect(world.store.fleet.engine)
     for table in ServiceBase.metadata.sorted_tables:  # the migration and the models agree
         assert {c["name"] for c in inspector.get_columns(table.name)} == {c.name for c in table.columns}, table.name
-    assert Store(service_url).revision == "0005"  # reopening applies nothing
+    assert Store(service_url).revision == "0006"  # reopening applies nothing
     with world.store.session() as s:
         hashes = s.scalars(sa.select(Token.token_hash)).all()
     assert world.op_token not in hashes and len(hashes) == 7  # stored hashed only

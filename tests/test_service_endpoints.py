@@ -66,7 +66,8 @@ def test_a_trained_run_is_served_through_the_service(live, library_corpus, tmp_p
     assert "secret" not in ready and "url" not in ready
     # the server's key is in a file of the service's: neither on any command line nor in the fleet's books
     with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").connect() as conn:
-        secret, url = conn.execute(sa.text("SELECT secret, url FROM svc_endpoints WHERE name = 'chat'")).one()
+        secret = conn.execute(sa.text("SELECT secret FROM svc_endpoints WHERE name = 'chat'")).scalar_one()
+        url = conn.execute(sa.text("SELECT url FROM svc_endpoint_replicas")).scalar_one()
         commands = conn.execute(sa.text("SELECT command FROM jobs")).scalars().all()
     assert len(commands) == 2 and not any(secret in str(c) for c in commands)
     cmdlines = []
@@ -234,9 +235,11 @@ def dying(live, tmp_path):
     with sa.create_engine(f"sqlite:///{tmp_path / 'service.db'}").begin() as conn:
         project = conn.execute(sa.text("SELECT id FROM svc_projects WHERE name = 'llm'")).scalar_one()
         user = conn.execute(sa.text("SELECT id FROM svc_users WHERE name = 'llm-member'")).scalar_one()
-        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, url, secret, state, "
-                             "created_at) VALUES (:p, :u, 'flaky', 'here', '/nowhere', :url, 's', 'ready', 0)"),
-                     {"p": project, "u": user, "url": stand_in.url})
+        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, secret, state, "
+                             "created_at) VALUES (:p, :u, 'flaky', 'here', '/nowhere', 's', 'ready', 0)"),
+                     {"p": project, "u": user})
+        conn.execute(sa.text("INSERT INTO svc_endpoint_replicas (endpoint_id, \"index\", url, port, state, started_at) "
+                             "SELECT id, 0, :url, 0, 'ready', 0 FROM svc_endpoints WHERE name = 'flaky'"), {"url": stand_in.url})
     yield client, tokens, stand_in
     stand_in.server.shutdown()
     stand_in.server.server_close()
@@ -338,13 +341,13 @@ def test_deleting_an_endpoint_answers_at_once_and_it_is_stopped_once_its_server_
     import sys
 
     from supercluster.cluster import jobs as fleet_jobs
-    from supercluster.service.endpoints import _free_port
+    from supercluster.service.replicas import free_port
 
     client, tokens = live
     member = bearer(tokens["llm", "member"])
     client.post("/v1/projects/llm/clusters", headers=member, json={"name": "here", "gpus": 1}).raise_for_status()
     db = f"sqlite:///{tmp_path / 'service.db'}"
-    port = _free_port()
+    port = free_port()
     with sa.create_engine(db).connect() as conn:
         fleet_cluster = conn.execute(sa.text("SELECT fleet_name FROM svc_clusters WHERE name = 'here'")).scalar_one()
     job = fleet_jobs.submit_job(db, fleet_cluster, "/nowhere", command=[sys.executable, "-c", SLOW_TO_STOP, str(port)],
@@ -358,10 +361,12 @@ def test_deleting_an_endpoint_answers_at_once_and_it_is_stopped_once_its_server_
         assert time.monotonic() < deadline
         time.sleep(0.1)
     with sa.create_engine(db).begin() as conn:
-        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, job_id, url, secret, "
-                             "state, created_at) SELECT p.id, u.id, 'slow', 'here', '/nowhere', :job, :url, 's', 'ready', 0 "
-                             "FROM svc_projects p, svc_users u WHERE p.name = 'llm' AND u.name = 'llm-member'"),
-                     {"job": job["id"], "url": url})
+        conn.execute(sa.text("INSERT INTO svc_endpoints (project_id, user_id, name, cluster, run_dir, secret, state, "
+                             "created_at) SELECT p.id, u.id, 'slow', 'here', '/nowhere', 's', 'ready', 0 "
+                             "FROM svc_projects p, svc_users u WHERE p.name = 'llm' AND u.name = 'llm-member'"))
+        conn.execute(sa.text("INSERT INTO svc_endpoint_replicas (endpoint_id, \"index\", job_id, url, port, state, started_at) "
+                             "SELECT id, 0, :job, :url, :port, 'ready', 0 FROM svc_endpoints WHERE name = 'slow'"),
+                     {"job": job["id"], "url": url, "port": port})
 
     r = client.delete("/v1/projects/llm/endpoints/slow", headers=member)
     assert r.status_code == 202 and r.json()["state"] == "stopping", r.text

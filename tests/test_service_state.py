@@ -112,7 +112,7 @@ def test_a_database_with_the_old_copy_of_the_state_migrates_and_reads_the_fleet(
     engine.dispose()
 
     store = Store(service_url)
-    assert store.revision == "0005"
+    assert store.revision == "0006"
     assert "state" not in {c["name"] for c in sa.inspect(store.fleet.engine).get_columns("svc_clusters")}
     client = TestClient(create_app(store=store))
     shown = {c["name"]: c for c in client.get("/v1/projects/llm/clusters", headers=local.member).json()}

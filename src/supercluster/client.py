@@ -19,7 +19,7 @@ from supercluster.errors import UserError
 STOP_WAIT_S = 120.0
 
 # The keys of a cluster and of a job as every client gives them.
-CLUSTER_KEYS = ("name", "project", "state", "reason", "detail", "gpus", "gpu_type", "nodes", "switches", "leaves", "pods",
+CLUSTER_KEYS = ("name", "project", "state", "reason", "gpus", "gpu_type", "nodes", "switches", "leaves", "pods",
                 "lower_bound", "max_switches", "queue_position", "reservation", "owner", "priority", "cause",
                 "created_at", "placed_at", "jobs")
 JOB_KEYS = ("id", "cluster", "state", "config", "overrides", "command", "job_dir", "run_dir", "backend_ref", "restarts",
@@ -87,7 +87,7 @@ class LocalClient:
     # ---- clusters
     @staticmethod
     def _cluster(c: dict) -> dict:
-        return _shaped({**c, "reason": c["detail"]}, CLUSTER_KEYS)
+        return _shaped({**c, "reason": c["detail"]}, CLUSTER_KEYS)  # the fleet calls it detail, the API reason
 
     def create_cluster(self, name, gpus, *, gpu_type=None, max_switches=None, require_health=False, priority=0, wait=True,
                        owner=None, health_max_age_s=None):
@@ -212,7 +212,7 @@ class RemoteClient:
         # The server tells a tenant its state and why (`reason`); the fleet's names, paths and
         # lower bound stay on its side.
         switches = sorted({n["leaf"] for n in c.get("nodes", [])})
-        return _shaped({**c, "detail": c.get("reason"), "switches": switches}, CLUSTER_KEYS)
+        return _shaped({**c, "switches": switches}, CLUSTER_KEYS)
 
     def create_cluster(self, name, gpus, *, gpu_type=None, max_switches=None, require_health=False, priority=0, wait=True,
                        owner=None, health_max_age_s=None):

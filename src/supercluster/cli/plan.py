@@ -75,6 +75,8 @@ def plan(
     fp8_recipe: Optional[str] = typer.Option(None, "--fp8-recipe", help="FP8 scaling: tensorwise, rowwise or mxfp8 (with --precision fp8)."),
     fp8_all_gather: Optional[bool] = typer.Option(None, "--fp8-all-gather/--no-fp8-all-gather", help="FSDP weight all-gathers in FP8."),
     ep_overlap: Optional[bool] = typer.Option(None, "--ep-overlap/--no-ep-overlap", help="MoE all-to-alls hidden under compute (DualPipe)."),
+    ep_dedup: Optional[bool] = typer.Option(None, "--ep-dedup/--no-ep-dedup", help="MoE dispatch sends a token once per remote node, fanned out over NVLink there (DeepEP, DeepSeek-V3)."),
+    fp8_dispatch: Optional[bool] = typer.Option(None, "--fp8-dispatch/--no-fp8-dispatch", help="MoE dispatch all-to-all in FP8, combine in 16 bits (DeepSeek-V3)."),
     explain: bool = typer.Option(False, "--explain", help="Print each term of the best layout's step time."),
     failures_per_gpu_hour: Optional[float] = typer.Option(
         None, "--failures-per-gpu-hour", callback=real(0), help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
@@ -111,11 +113,18 @@ def plan(
         stage_layers=stages,
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
+    if not cfg.is_moe:  # MoE-only switches on a dense model would be accepted and change nothing
+        given = [flag for flag, v in (("--moe-imbalance", moe_imbalance != 1.0), ("--ep-overlap", ep_overlap),
+                                      ("--ep-dedup", ep_dedup), ("--fp8-dispatch", fp8_dispatch)) if v is not None and v is not False]
+        if given:
+            raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to Mixture-of-Experts models; "
+                            f"{repr(model) if model else 'the model given'} is dense.")
     from supercluster.plan.goodput import DEFAULT_RESTART_S, DEFAULT_WRITE_GBPS, LLAMA3_FAILURES_PER_GPU_HOUR, training_time
     from supercluster.plan.profiles import profile, with_switches
 
     software = with_switches(profile(stack), compile=compile, async_tp=async_tp, fp8_recipe=fp8_recipe,
-                             fp8_all_gather=fp8_all_gather, ep_overlap=ep_overlap)
+                             fp8_all_gather=fp8_all_gather, ep_overlap=ep_overlap,
+                             ep_node_dedup=ep_dedup, fp8_dispatch=fp8_dispatch)
     req = build_request(
         cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, software,
         moe_imbalance=moe_imbalance,
@@ -239,6 +248,7 @@ def _print_table(req, rows: list[dict], emitted: Optional[Path], command: Option
     mem = rows[0]["memory_breakdown_gib"]
     parts = ", ".join(f"{k} {v:.1f}" for k, v in mem.items() if k != "total")
     console.print(f"best layout memory per GPU (GiB): {parts}; of {system.accelerator.hbm_gib:.0f} GiB")
+    console.print(f"GPU: {system.accelerator.describe()}")
     best = rows[0]
     console.print(
         f"failures: job MTBF {best['mtbf_hours']:.1f} h; checkpoint ({best['checkpoint_write_s']:.0f} s to write) every "

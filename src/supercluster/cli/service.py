@@ -188,6 +188,7 @@ def endpoint_deploy(
     run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="A run directory in the server's model library.")] = None,
     job: Annotated[Optional[int], typer.Option("--job", min=1, max=MAX_ID, help="Or: serve what this training job of the project wrote.")] = None,
     quantize: Annotated[str, typer.Option("--quantize", help=f"{', '.join(QUANTIZATIONS)} (as serve --quantize).")] = DEFAULT_QUANTIZATION,
+    replicas: Annotated[str, typer.Option("--replicas", help="MIN[:MAX] model servers; the service scales between them with load.")] = "1",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until it answers (or fails).")] = True,
     server: ServerOption = None,
     project: ProjectOption = None,
@@ -200,7 +201,11 @@ def endpoint_deploy(
         raise UserError("Give exactly one of --run-dir and --job.")
     remote = _endpoints(server, project)
     source = {"run_dir": run_dir} if run_dir is not None else {"job": job}
-    endpoint = remote.deploy_endpoint(name, cluster, quantize=quantize, **source)
+    low, _, high = replicas.partition(":")
+    if not low.isdigit() or not (high.isdigit() or not high):
+        raise UserError(f"--replicas {replicas!r} is not MIN or MIN:MAX; write it like 2 or 1:4.")
+    endpoint = remote.deploy_endpoint(name, cluster, quantize=quantize, min_replicas=int(low),
+                                      max_replicas=int(high) if high else None, **source)
     if wait:
         endpoint = remote.wait_endpoint(name)
     if as_json:
@@ -225,12 +230,12 @@ def endpoint_list(server: ServerOption = None, project: ProjectOption = None, as
 @endpoint_app.command("delete")
 def endpoint_delete(
     name: str,
-    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until its server has stopped (else: it is stopping).")] = True,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until its servers have stopped (else: it is stopping).")] = True,
     server: ServerOption = None,
     project: ProjectOption = None,
     as_json: JsonOption = False,
 ):
-    """Stop an endpoint's server (its calls stay counted in usage)."""
+    """Stop an endpoint's servers (its calls stay counted in usage)."""
     endpoint = _endpoints(server, project).delete_endpoint(name, wait=wait)
     if as_json:
         print(json.dumps(endpoint, indent=1, sort_keys=True))

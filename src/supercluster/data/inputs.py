@@ -2,8 +2,10 @@
 
 Kinds, picked per file by name: JSON lines (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`; also
 `.json` lines), Parquet (`.parquet`, read one record batch at a time), Arrow IPC files as
-`datasets.save_to_disk` writes them (`.arrow`), and anything else as one UTF-8 text
-document per file (binary files are skipped). A folder is walked in sorted order; a folder
+`datasets.save_to_disk` writes them (`.arrow`), and anything else as UTF-8 text, one document
+per file (binary files are skipped). A text file is streamed too: one larger than CHUNK_BYTES
+is cut at line ends into documents of about CHUNK_BYTES (a boundary every ~250K tokens, far
+beyond any context), so that a many-gigabyte dump never sits in memory whole. A folder is walked in sorted order; a folder
 that `save_to_disk` wrote (`state.json`, or `dataset_dict.json` over split folders) is read
 through its own list of arrow files, in order.
 
@@ -13,6 +15,7 @@ done in parallel too; the other kinds are decoded here into Python values.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -21,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from supercluster.data.corpus import _decode
 from supercluster.errors import UserError
 
 CHUNK_BYTES = 1 << 20  # rows handed to a worker at once: big enough to amortize, small enough to bound memory
@@ -180,7 +182,41 @@ def read_chunks(files: list[InputFile], column: str) -> Iterator[Chunk]:
             except Exception as err:  # pyarrow's own errors name no file
                 raise UserError(f"{f.name} is not a readable {f.kind} file ({err}).") from None
         else:
-            data = f.path.read_bytes()
-            text = _decode(data, truncated=False)
-            if text:  # binary files (images, archives) in a text folder are skipped, as in training corpora
-                yield Chunk(f.name, "text", 1, values=[text], n_bytes=len(data))
+            yield from _text_chunks(f)
+
+
+def _text_chunks(f: InputFile) -> Iterator[Chunk]:
+    """A text file as documents of about CHUNK_BYTES each, cut after a line's end (a line longer than
+    that is cut where it reaches 4 CHUNK_BYTES); a file that starts binary (images, archives in a text
+    folder) is skipped, as in training corpora."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # keeps a character split between two reads
+    text, n_bytes, offset, yielded = "", 0, 0, False
+    with open(f.path, "rb") as stream:
+        while block := stream.read(CHUNK_BYTES):
+            binary = b"\0" in block  # a NUL byte, or bytes that are not UTF-8
+            if not binary:
+                try:
+                    text += decoder.decode(block)
+                except UnicodeDecodeError:
+                    binary = True
+            if binary:
+                if not yielded:
+                    return
+                raise UserError(f"{f.name} is UTF-8 text up to byte {offset} and binary after it; remove it from the "
+                                f"inputs or fix it.") from None
+            offset += len(block)
+            n_bytes += len(block)
+            if n_bytes < CHUNK_BYTES:  # read since the last document: the file's last block, or a short read
+                continue
+            cut = text.rfind("\n") + 1 or (len(text) if len(text) >= 4 * CHUNK_BYTES else 0)
+            if cut:
+                yield Chunk(f.name, "text", 1, values=[text[:cut]], n_bytes=n_bytes)
+                text, n_bytes, yielded = text[cut:], 0, True
+    try:
+        text += decoder.decode(b"", final=True)
+    except UnicodeDecodeError:  # the file ends inside a character
+        if not yielded:
+            return
+        raise UserError(f"{f.name} ends in the middle of a UTF-8 character; fix or remove it.") from None
+    if text:
+        yield Chunk(f.name, "text", 1, values=[text], n_bytes=n_bytes)

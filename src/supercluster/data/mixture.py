@@ -16,13 +16,17 @@ Step s of training reads global samples [s*B, (s+1)*B) for the global batch B (i
 `consumed` onwards) and data-parallel rank r takes the r-th contiguous slice. The sampler's
 state is only the number of global samples consumed: a run resumes bit-exact in the middle of
 an epoch, and under another data-parallel size it continues the same sequence, with no
-sample repeated or skipped.
+sample repeated or skipped. The state also names the mixture it counted (each dataset's name,
+size and share, and seq_len): a run resumed on another mixture, as an annealing phase does on
+purpose, continues from the same count in the new sequence, and says so on stderr, because
+samples of the old one may then be seen again or never.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -169,8 +173,12 @@ class MixtureSampler:
         self.consumed += self.batch_size
         return x, y
 
+    def mixture(self) -> list[list]:
+        """What the consumed count counts in: [name, train tokens, share of a block] per dataset, and seq_len."""
+        return [[s.name, len(s.tokens), int(q)] for s, q in zip(self.splits, self.quota)] + [["seq_len", self.seq_len]]
+
     def state_dict(self) -> dict:
-        return {"consumed": self.consumed, "seed": self.seed}
+        return {"consumed": self.consumed, "seed": self.seed, "mixture": self.mixture()}
 
     def load_state_dict(self, state: dict) -> None:
         try:
@@ -180,8 +188,18 @@ class MixtureSampler:
                             f"'consumed' and 'seed' (was the run started on another kind of data?).") from None
         if consumed < 0 or seed < 0:
             raise UserError(f"The checkpoint's sampler state {state!r} has a negative count or seed.")
+        saved = state.get("mixture")  # absent in checkpoints written before it was kept
+        if saved is not None and saved != self.mixture() and self.dp_rank == 0:
+            print(f"Resuming on another mixture than the checkpoint's ({_describe(saved)} -> {_describe(self.mixture())}): "
+                  f"the run goes on from sample {consumed} of the new sequence, so samples of the old one may be seen "
+                  f"again or not at all.", file=sys.stderr)
         self.consumed, self.seed = consumed, seed
         self._block, self._perms = None, {}
+
+
+def _describe(mixture: list[list]) -> str:
+    return ", ".join(f"{name} {share}/{BLOCK} of {tokens} tokens" for name, tokens, share in mixture[:-1]) + \
+        f", seq_len {mixture[-1][1]}"
 
 
 @dataclass
@@ -261,6 +279,16 @@ def looks_prepared(path: str | os.PathLike | None) -> bool:
     return p.is_dir() and any((p / name).exists() for name in ("meta.json", "tokens.bin", "docs.idx"))
 
 
+def open_dataset(path: str | os.PathLike, vocab_size: int, tokenizer_digest: str | None = None) -> PreparedDataset:
+    """One prepared dataset, refused in one sentence unless it comes from the tokenizer of
+    `tokenizer_digest` (when given) and fits a model vocabulary of `vocab_size`."""
+    ds = PreparedDataset(path, tokenizer_digest)
+    if ds.vocab_size > vocab_size:
+        raise UserError(f"The prepared dataset {str(path)!r} has a vocabulary of {ds.vocab_size:,}, more than "
+                        f"model.vocab_size {vocab_size:,}; raise model.vocab_size to at least {ds.vocab_size}.")
+    return ds
+
+
 def open_prepared(path: str | None, mix: list | None, val_fraction: float, vocab_size: int,
                   tokenizer_digest: str | None = None) -> PreparedData:
     """The prepared data of a run: `data.mix`, or the one folder at `data.path`.
@@ -277,12 +305,8 @@ def open_prepared(path: str | None, mix: list | None, val_fraction: float, vocab
         entries = [{"path": path, "weight": 1.0}]
     datasets = []
     for entry in entries:
-        ds = PreparedDataset(entry["path"], tokenizer_digest)
-        if tokenizer_digest is None:
-            tokenizer_digest = ds.digest  # the first one sets it for the others
-        if ds.vocab_size > vocab_size:
-            raise UserError(f"The prepared dataset {entry['path']!r} has a vocabulary of {ds.vocab_size:,}, more than "
-                            f"model.vocab_size {vocab_size:,}; raise model.vocab_size to at least {ds.vocab_size}.")
+        ds = open_dataset(entry["path"], vocab_size, tokenizer_digest)
+        tokenizer_digest = ds.digest  # the first one sets it for the others
         datasets.append(ds)
     train, val = [], []
     for entry, ds in zip(entries, datasets):

@@ -85,14 +85,15 @@ class Encoder:
             self.chat = ChatRenderer(self.tokenizer, recipe.chat_template, recipe.bos, recipe.eos)
 
     def _rows(self, chunk: Chunk, bad: list):
-        """(line, value) of each good row; bad ones go to `bad`."""
+        """(line, value, the row's `tools` or None) of each good row; bad ones go to `bad`. Tools
+        (what a chat row's conversation may call) are read from JSON lines rows."""
         name = self.recipe.field
         if chunk.values is not None:
             if chunk.kind == "text" and self.chat is not None:
                 raise UserError(f"{chunk.file} is a text file; --format chat reads JSON lines, Parquet or a saved "
                                 f"dataset whose rows hold {name!r}.")
             for i, value in enumerate(chunk.values):
-                yield chunk.first_row + i, value
+                yield chunk.first_row + i, value, None
             return
         for line_no, line in zip(chunk.row_numbers, chunk.lines):
             try:
@@ -103,14 +104,14 @@ class Encoder:
             if not isinstance(row, dict) or name not in row or row[name] is None:
                 bad.append((chunk.file, line_no, "missing_field", f"has no {name!r} field"))
                 continue
-            yield line_no, row[name]
+            yield line_no, row[name], row.get("tools")
 
     def encode(self, chunk: Chunk) -> Encoded:
         bad: list = []
         if self.chat is not None:
             return self._encode_chat(chunk, bad)
         texts = []
-        for line_no, value in self._rows(chunk, bad):
+        for line_no, value, _ in self._rows(chunk, bad):
             if not isinstance(value, str):
                 bad.append((chunk.file, line_no, "not_text", f"has a {type(value).__name__} in {self.recipe.field!r}, not text"))
                 continue
@@ -141,17 +142,18 @@ class Encoder:
         return Encoded(flat, lengths, None, bad, n_bytes)
 
     def _encode_chat(self, chunk: Chunk, bad: list) -> Encoded:
-        from supercluster.data.chat import check_messages
+        from supercluster.data.chat import check_messages, check_tools
 
         all_ids, all_masks, lengths = [], [], []
-        for line_no, value in self._rows(chunk, bad):
+        for line_no, value, tools in self._rows(chunk, bad):
             try:
                 messages = check_messages(value, f"{chunk.file}, line {line_no}")
+                tools = check_tools(tools, f"{chunk.file}, line {line_no}")
             except UserError as err:
                 bad.append((chunk.file, line_no, "bad_messages", str(err).split(": ", 1)[-1].rstrip(".")))
                 continue
             try:
-                ids, mask = self.chat.render_chat(messages)
+                ids, mask = self.chat.render_chat(messages, tools=tools)
             except UserError as err:  # the template refused this conversation (its raise_exception)
                 bad.append((chunk.file, line_no, "bad_messages", str(err).rstrip(".")))
                 continue
@@ -264,7 +266,7 @@ def resolve_tokenizer(given: str | os.PathLike | None, files: list[InputFile], f
                       vocab_size: int) -> TokenizerSource:
     """The tokenizer named by --tokenizer (a run directory or a tokenizer.json), or one trained on the inputs."""
     from supercluster.data.prepare import separator_id
-    from supercluster.data.tokenizer import SPECIAL_TOKENS, load_special_tokens, load_tokenizer, train_tokenizer
+    from supercluster.data.tokenizer import load_tokenizer, train_tokenizer
 
     if given is None:
         if fmt == "chat":
@@ -281,13 +283,11 @@ def resolve_tokenizer(given: str | os.PathLike | None, files: list[InputFile], f
     if fmt == "text":
         source.separator = separator_id(tokenizer, tok_path)
     if run_dir is not None:
-        template = run_dir / "chat_template.jinja"
+        from supercluster.data.chat import TEMPLATE_FILE, chat_tokens
+
+        template = run_dir / TEMPLATE_FILE
         source.chat_template = template.read_text(encoding="utf-8") if template.is_file() else None
-        specials = load_special_tokens(run_dir / SPECIAL_TOKENS, tokenizer.get_vocab_size())
-        if specials.get("bos") is not None:
-            source.bos = tokenizer.id_to_token(specials["bos"]) or ""
-        if specials.get("eos"):
-            source.eos = tokenizer.id_to_token(specials["eos"][0]) or ""
+        source.bos, source.eos = chat_tokens(run_dir, tokenizer)  # as sample, serve and eval render it
     return source
 
 

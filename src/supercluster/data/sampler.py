@@ -22,7 +22,34 @@ if TYPE_CHECKING:
     import torch
 
 
-class BatchSampler:
+class StepSampler:
+    """A sampler whose `batch(step)` is a pure function of (seed, step): its whole state is the step."""
+
+    step: int
+    seed: int
+
+    def batch(self, step: int) -> tuple:
+        raise NotImplementedError
+
+    def next(self) -> tuple:
+        out = self.batch(self.step)
+        self.step += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            step, seed = int(state["step"]), int(state["seed"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"The checkpoint's sampler state {state!r} is not valid; it needs integer 'step' and 'seed'.") from None
+        if step < 0 or seed < 0:
+            raise UserError(f"The checkpoint's sampler state {state!r} has a negative step or seed.")
+        self.step, self.seed = step, seed
+
+
+class BatchSampler(StepSampler):
     def __init__(
         self,
         tokens: np.ndarray,
@@ -74,22 +101,6 @@ class BatchSampler:
         windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.batch(self.step)
-        self.step += 1
-        return x, y
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        try:
-            step, seed = int(state["step"]), int(state["seed"])
-        except (KeyError, TypeError, ValueError):
-            raise UserError(f"The checkpoint's sampler state {state!r} is not valid; it needs integer 'step' and 'seed'.") from None
-        if step < 0 or seed < 0:
-            raise UserError(f"The checkpoint's sampler state {state!r} has a negative step or seed.")
-        self.step, self.seed = step, seed
 
 
 def eval_batches(

@@ -35,6 +35,13 @@ class Accelerator:
     nvlink_gen: int | None = None  # NVLink generation (None: not NVLink)
     mx_formats: bool = False  # block-scaled MXFP8 GEMMs in hardware (Blackwell tensor cores)
 
+    def describe(self) -> str:
+        """The figures a prediction for this part rests on, in one line."""
+        link = f"NVLink {self.nvlink_gen}" if self.nvlink_gen else "scale-up links"
+        power = f", {self.power_w:.0f} W" if self.power_w else ""
+        return (f"{self.name}: {self.peak('bf16'):.0f} TFLOP/s bf16 peak ({self.achievable('bf16'):.0f} measured best), "
+                f"{self.hbm_gib:.0f} GiB HBM at {self.hbm_tbps:g} TB/s{power}, {link} at {self.scale_up_gbps:.0f} GB/s")
+
     def achievable(self, dtype: str) -> float:
         """Measured best-case matmul TFLOP/s for `dtype` (a datasheet peak is never reached)."""
         peak = self.peak(dtype)

@@ -172,9 +172,11 @@ class MoE(nn.Module):
                                          "w2": nn.Linear(width, cfg.hidden, bias=False),
                                          "w3": nn.Linear(cfg.hidden, width, bias=False)})
         self.dispatcher = None  # parallel.experts.ExpertDispatcher under expert parallelism
-        # Tokens per expert since the last balance_step (this rank's), and the last aux loss.
+        # Tokens per expert since the last balance_step (this rank's), and the aux loss summed over
+        # the microbatches (and pipeline stages' calls) since then, with their count: the metric
+        # is the step's mean, not whichever microbatch came last.
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.moe_experts), persistent=False)
-        self.last_aux_loss = None
+        self.aux_loss_sum, self.aux_loss_calls = torch.zeros(()), 0
 
     def fuse_projections(self) -> None:
         """Serving's fused layout is for dense blocks; experts keep theirs."""
@@ -208,8 +210,9 @@ class MoE(nn.Module):
         y = y.view(shape)
         if self.cfg.moe_aux_loss_coef > 0:
             aux = self.aux_loss(scores, counts, k)
-            self.last_aux_loss = aux.detach()
             if self.training and torch.is_grad_enabled():
+                self.aux_loss_sum = self.aux_loss_sum.to(aux.device) + aux.detach()  # no device sync per call
+                self.aux_loss_calls += 1
                 y = _AttachAuxLoss.apply(y, aux)
         return y
 
@@ -251,9 +254,10 @@ def balance_step(parts, group=None) -> dict:
         if rate > 0:
             m.router.expert_bias += rate * torch.sign(mean - load)
             bias.append(float(m.router.expert_bias.abs().max()))
-        if m.last_aux_loss is not None:
-            aux.append(float(m.last_aux_loss))
+        if m.aux_loss_calls:
+            aux.append(float(m.aux_loss_sum) / m.aux_loss_calls)
         m.tokens_per_expert.zero_()
+        m.aux_loss_sum, m.aux_loss_calls = torch.zeros(()), 0
     if aux:
         out["moe_aux_loss"] = sum(aux) / len(aux)
     if bias:

@@ -36,7 +36,7 @@ def rope_tables(rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos | cos) and (-sin | sin) of rope rows [s, d], shaped [s, 1, d]: made once a forward
     pass, so that each layer rotates in three kernels."""
     half = rope.shape[-1] // 2
-    cos, sin = rope[:, None, :half], rope[:, None, half:]
+    cos, sin = rope[..., None, :half], rope[..., None, half:]  # rows [b, s, d] (per-document positions) too
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
@@ -115,7 +115,7 @@ class Attention(nn.Module):
         self.wqkv = fused_linear(self.wq, self.wk, self.wv)
         del self.wq, self.wk, self.wv
 
-    def forward(self, x, rope, cache: KVCache | None = None):
+    def forward(self, x, rope, cache: KVCache | None = None, mask: torch.Tensor | None = None):
         b, s, _ = x.shape
         if self.wqkv is not None and self.q_norm is None:
             heads, kv_heads, _ = self.qkv_heads
@@ -142,6 +142,10 @@ class Attention(nn.Module):
         causal = cache is None or self.layer not in cache.keys
         if cache is not None:
             k, v = cache.extend(self.layer, k, v)
+        if mask is not None:  # packed documents: causal within each, nothing across (see document_mask)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
+            return self.wo(out.transpose(1, 2).reshape(b, s, -1))
         out = self.sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -177,8 +181,8 @@ class Block(nn.Module):
         self.ffn_norm = make_norm(cfg)
         self.feed_forward = MoE(cfg) if cfg.moe_layer(layer) else FeedForward(cfg)
 
-    def forward(self, x, rope, cache=None):
-        x = x + self.attention(self.attention_norm(x), rope, cache)
+    def forward(self, x, rope, cache=None, mask=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -228,14 +232,20 @@ class Transformer(nn.Module):
                 m.reset_buffers()
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_index: torch.Tensor | None = None):
+                logits_index: torch.Tensor | None = None, documents: torch.Tensor | None = None):
         """tokens [b, s] (or hidden states [b, s, h] in a later pipeline stage) -> logits or hidden.
 
         positions: absolute positions of the s tokens; default 0..s-1 (after any cached ones).
         logits_index: the token positions (along s) whose logits are wanted; a serving engine
         that packs many sequences' tokens needs only each one's last, not [s, vocab] of them.
+        documents: [b, s] document ids of packed sequences (a change of id starts a document):
+        positions restart at each document and attention stays inside it.
         """
         s = tokens.shape[1]
+        mask = None
+        if documents is not None:
+            mask, doc_positions = document_mask(documents)
+            positions = doc_positions if positions is None else positions
         if positions is None:
             start = cache.length() if cache is not None else 0
             positions = torch.arange(start, start + s, device=tokens.device)
@@ -244,12 +254,29 @@ class Transformer(nn.Module):
             h = h + self.pos_embeddings(positions)
         rope = rope_tables(self.rope[positions])
         for block in self.layers.values():
-            h = block(h, rope, cache)
+            h = block(h, rope, cache, mask)
         if logits_index is not None:
             h = h[:, logits_index]
         if self.norm is not None:
             h = self.norm(h)
         return self.output(h) if self.output is not None else h
+
+
+def document_mask(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention mask [b, 1, s, s] (True: may attend) and positions [b, s] of packed documents.
+
+    A document is a run of equal ids in a row; numbering the runs (rather than comparing the ids)
+    keeps two documents apart even when they happen to carry the same id.
+    """
+    b, s = documents.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    segment = starts.cumsum(dim=1)
+    index = torch.arange(s, device=documents.device).expand(b, s)
+    positions = index - torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    causal = torch.ones(s, s, dtype=torch.bool, device=documents.device).tril()
+    mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    return mask[:, None], positions
 
 
 def materialize(model: Transformer, device) -> Transformer:
@@ -267,8 +294,10 @@ def materialize(model: Transformer, device) -> Transformer:
 
 @torch.no_grad()
 def generate(model: Transformer, prompt: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = 50, top_p: float | None = 0.95, generator: torch.Generator | None = None) -> list[int]:
-    """Sample a continuation of `prompt` with a KV cache: one prefill, then one token a step."""
+             top_k: int | None = 50, top_p: float | None = 0.95, generator: torch.Generator | None = None,
+             stop: set[int] | frozenset = frozenset()) -> list[int]:
+    """Sample a continuation of `prompt` with a KV cache: one prefill, then one token a step,
+    ending early after a token in `stop` (a chat model's end of turn)."""
     model.eval()
     device = next(model.parameters()).device
     limit = model.cfg.max_seq_len
@@ -283,6 +312,8 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
             logits = model(torch.tensor([window], device=device), cache=cache)[0, -1]
         next_id = sample_token(logits.float(), temperature, top_k, top_p, generator)
         out.append(next_id)
+        if next_id in stop:
+            break
         logits = model(torch.tensor([[next_id]], device=device), cache=cache)[0, -1]
     return out
 

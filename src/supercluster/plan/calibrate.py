@@ -36,7 +36,7 @@ SWITCHES = {
     "async-tp": ("async_tp", True), "no-async-tp": ("async_tp", False),
     "fp8-all-gather": ("fp8_all_gather", True),
     "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"), "fp8-delayed": ("fp8_recipe", "delayed"),
-    "ep-overlap": ("ep_overlap", True),
+    "ep-overlap": ("ep_overlap", True), "ep-dedup": ("ep_node_dedup", True), "fp8-dispatch": ("fp8_dispatch", True),
 }
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")

@@ -559,7 +559,7 @@ def estimate(
             return tuple((1 - w) * x + w * y for x, y in zip(a, b)) if isinstance(a, tuple) else (1 - w) * a + w * b
 
         classes = {k: mix(classes[k], experts[k]) for k in classes}
-        one, a2a_tier = moe.all_to_all_time(cfg, lay, r, lay.microbatch * s / c, imbalance)
+        one, a2a_tier = moe.all_to_all_time(cfg, lay, r, lay.microbatch * s / c, imbalance, sw)
         # Dispatch and combine forward, their gradients backward, again in a full recompute.
         a2a = w * (4 + (2 if lay.recompute == "full" else 0)) * one  # per layer, averaged
     fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]

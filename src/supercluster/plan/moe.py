@@ -22,6 +22,8 @@ ranks left over. What the planner assumes and the papers it follows:
 
 from __future__ import annotations
 
+import dataclasses
+
 DEFAULT_IMBALANCE = 1.0
 
 
@@ -34,8 +36,8 @@ def counts(cfg) -> tuple[float, int]:
     counts walk every layer, and a search asks for them thousands of times."""
     from supercluster.model.config import layer_params
 
-    key = (cfg.layers, cfg.hidden, cfg.ffn_hidden, getattr(cfg, "moe_experts", 0), getattr(cfg, "moe_hidden", 0),
-           getattr(cfg, "moe_dense_layers", 0), cfg.vocab_size, cfg.heads, cfg.kv_heads)
+    # every field (head_dim, shared experts, norms, biases... all change the counts), read shallowly
+    key = tuple(getattr(cfg, f.name) for f in dataclasses.fields(cfg))
     cached = cfg.__dict__.get("_plan_counts")
     if cached is None or cached[0] != key:
         cached = (key, float(layer_params(cfg)), cfg.moe_layers if is_moe(cfg) else 0)
@@ -85,15 +87,31 @@ def ffn_linear_time(cfg, lay, r, tokens: float, imbalance: float) -> float:
     return time
 
 
-def all_to_all_time(cfg, lay, r, tokens: float, imbalance: float) -> tuple[float, str]:
-    """Seconds of one dispatch (or combine) all-to-all of one MoE layer for one microbatch on
-    the busiest rank, and the tier it crosses. The ep group's ranks sit tp*cp apart."""
+def distinct_nodes(cfg, nodes: int) -> float:
+    """Expected nodes one token's top-k experts land on, of the `nodes` an ep group spans:
+    k uniform picks among n nodes hit n(1 - (1 - 1/n)^k) of them; group-limited routing caps
+    it where the groups are the nodes (DeepSeek-V3 sec. 2.1.2: at most M = 4 nodes a token)."""
+    hit = nodes * (1 - (1 - 1 / nodes) ** cfg.moe_top_k)
+    groups = getattr(cfg, "moe_groups", 1)
+    if groups > 1 and groups % nodes == 0:  # each node holds whole groups
+        hit = min(hit, getattr(cfg, "moe_topk_groups", groups) * nodes / groups)
+    return min(hit, cfg.moe_top_k)
+
+
+def all_to_all_time(cfg, lay, r, tokens: float, imbalance: float, sw=None) -> tuple[float, str]:
+    """Seconds of one dispatch or combine all-to-all (the mean of the two) of one MoE layer
+    for one microbatch on the busiest rank, and the tier it crosses. The ep group's ranks sit
+    tp*cp apart. `sw.ep_node_dedup`: across nodes a token is sent once per node it needs and
+    fanned out over NVLink there (DeepSeek-V3 sec. 3.2.2); `sw.fp8_dispatch`: the dispatch
+    moves FP8 elements and a scale per 128, the combine 16-bit ones (sec. 3.3.2)."""
     ep = getattr(lay, "ep", 1)
     if ep <= 1:
         return 0.0, "none"
     # With sequence parallelism each tp rank dispatches its own s/tp tokens.
     sp = lay.tp if lay.sequence_parallel and lay.tp > 1 else 1
-    nbytes = r.elem * tokens / sp * cfg.moe_top_k * imbalance * cfg.hidden * (ep - 1) / ep
+    elem = (1 + 4 / 128 + r.elem) / 2 if getattr(sw, "fp8_dispatch", False) else r.elem
+    per_copy = elem * tokens / sp * imbalance * cfg.hidden  # one copy of the rank's tokens
+    nbytes = per_copy * cfg.moe_top_k * (ep - 1) / ep
     # Ranks of an ep group sit tp*cp apart, unless ep folds over the tp and cp ranks as well.
     span = lay.tp * lay.cp * ep if lay.dp_shard % ep == 0 else ep
     if span <= r.gpus_per_node:
@@ -101,5 +119,11 @@ def all_to_all_time(cfg, lay, r, tokens: float, imbalance: float) -> tuple[float
     in_node = max(1, r.gpus_per_node * ep // span)  # ep ranks sharing a node
     outside = nbytes * (ep - in_node) / (ep - 1)
     inside = nbytes - outside
+    tier = "scale-up + scale-out"
+    if getattr(sw, "ep_node_dedup", False):
+        nodes = max(1, ep // in_node)
+        outside = per_copy * distinct_nodes(cfg, nodes) * (nodes - 1) / nodes  # one copy per remote node
+        inside = nbytes  # every copy still reaches its expert's GPU over NVLink
+        tier += ", node-deduplicated"
     # NVLink and the NICs carry their shares at once; the slower sets the time.
-    return max(inside / r.up, outside / r.out) + r.latency, "scale-up + scale-out"
+    return max(inside / r.up, outside / r.out) + r.latency, tier

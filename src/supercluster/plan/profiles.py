@@ -66,6 +66,14 @@ class Software:
     # Expert-parallel all-to-alls overlapped with another microbatch's compute (DeepSeek-V3's
     # DualPipe, sec. 3.2.1; Megatron-Core's overlap_moe_expert_parallel_comm).
     overlap_ep: bool = False
+    # Dispatch that sends a token once to each remote node its experts are on and fans it out
+    # over NVLink there (combine: reduced in the node first): DeepSeek-V3 sec. 3.2.2, DeepEP,
+    # Megatron-Core's flex dispatcher. False: one copy per chosen expert (NCCL all-to-all).
+    ep_node_dedup: bool = False
+    # Dispatch in FP8 (1 byte per element plus a scale per 128), combine in 16 bits:
+    # DeepSeek-V3 sec. 3.3.2 ("we quantize the activation before MoE up-projections into FP8
+    # and then apply dispatch components"; combine stays BF16).
+    fp8_dispatch: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
@@ -91,7 +99,8 @@ FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
 
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
                   fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
-                  ep_overlap: bool | None = None) -> Software:
+                  ep_overlap: bool | None = None, ep_node_dedup: bool | None = None,
+                  fp8_dispatch: bool | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -106,6 +115,9 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
     - fp8_all_gather: FSDP all-gathers the weights already cast to FP8 (torchao's
       enable_fsdp_float8_all_gather): half the bytes of a 16-bit gather.
     - ep_overlap: MoE dispatch and combine run under another microbatch's compute (DualPipe).
+    - ep_node_dedup: a token crosses the scale-out network once per node its experts sit on,
+      then fans out over NVLink (DeepSeek-V3 sec. 3.2.2; DeepEP's internode kernels).
+    - fp8_dispatch: the dispatch all-to-all moves FP8 activations (DeepSeek-V3 sec. 3.3.2).
     """
     changes = {}
     if compile is not None:
@@ -121,6 +133,10 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         changes["fp8_all_gather"] = fp8_all_gather
     if ep_overlap is not None:
         changes["overlap_ep"] = ep_overlap
+    if ep_node_dedup is not None:
+        changes["ep_node_dedup"] = ep_node_dedup
+    if fp8_dispatch is not None:
+        changes["fp8_dispatch"] = fp8_dispatch
     return replace(sw, **changes) if changes else sw
 
 

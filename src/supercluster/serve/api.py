@@ -170,9 +170,10 @@ def create_app(engine: Engine, api_keys: list[str] | tuple[str, ...] = (), max_q
 
     def chat_prompt(messages, tools, add_generation_prompt: bool = True) -> list[int]:
         plain = [{**m.model_dump(exclude_none=True), "content": _text_of(m.content)} for m in messages]
-        rendered = tooling.messages_for_template(plain, tools, engine.chat.has_tools)
-        text = engine.chat.render(rendered, add_generation_prompt=add_generation_prompt,
-                                  tools=tools if engine.chat.has_tools else None)
+        try:
+            text = engine.chat.render(plain, add_generation_prompt=add_generation_prompt, tools=tools)
+        except UserError as err:  # the template refused the conversation (its raise_exception)
+            raise ApiError(400, str(err), param="messages") from None
         return engine.tokenizer.encode(text, add_special_tokens=False).ids
 
     @app.get("/health")

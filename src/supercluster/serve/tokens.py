@@ -1,22 +1,16 @@
 """A run directory's tokenizer, its end-of-sequence ids and its chat template.
 
-The chat template is Jinja rendered as Hugging Face renders it (sandboxed, trimmed blocks,
-`messages`, `add_generation_prompt`, `bos_token`, `eos_token`), so an imported model is
-prompted exactly as its authors trained it. A run trained here has no template of its own
-and gets a plain one (role, then content, per line).
+The chat template (`data.chat`, shared with fine-tuning) is Jinja rendered as Hugging Face
+renders it, so an imported model is prompted exactly as its authors trained it, and a model
+fine-tuned here exactly as its chat data was rendered.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from supercluster.data.chat import EOT, PLAIN_TEMPLATE, ChatTemplate, load_chat  # noqa: F401 (serving's names)
 from supercluster.errors import UserError
-
-EOT = "<|endoftext|>"
-PLAIN_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 def load_tokenizer_and_specials(run_dir: Path):
@@ -38,29 +32,6 @@ def _specials(run_dir: Path, tokenizer) -> dict:
     from supercluster.data.tokenizer import SPECIAL_TOKENS, load_special_tokens
 
     return load_special_tokens(Path(run_dir) / SPECIAL_TOKENS, tokenizer.get_vocab_size())
-
-
-class ChatTemplate:
-    def __init__(self, source: str, bos: str, eos: str):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        self.template, self.bos, self.eos = env.from_string(source), bos, eos
-        # A template that reads `tools` renders them itself; others get them in a system message.
-        self.has_tools = "tools" in source
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos, eos_token=self.eos, tools=tools)
-
-
-def load_chat(run_dir: Path, tokenizer) -> ChatTemplate:
-    path = Path(run_dir) / "chat_template.jinja"
-    specials = _specials(run_dir, tokenizer)
-    bos = tokenizer.id_to_token(specials["bos"]) if specials.get("bos") is not None else ""
-    eos_ids = specials.get("eos") or []
-    eos = tokenizer.id_to_token(eos_ids[0]) if eos_ids else (EOT if tokenizer.token_to_id(EOT) is not None else "")
-    return ChatTemplate(path.read_text() if path.is_file() else PLAIN_TEMPLATE, bos or "", eos or "")
 
 
 def _byte_level_alphabet() -> dict[str, int]:

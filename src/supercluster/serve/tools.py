@@ -2,7 +2,8 @@
 
 The tools go through the model's own chat template (its `tools` variable) when it has one;
 a template without tools support gets them in a Hermes-style system message instead, and
-previous calls and results are written back in that same form. A model answers a call as
+previous calls and results are written back in that same form (`data/chat.py`, which renders
+training conversations with tools the same way). A model answers a call as
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes, Qwen, SmolLM3 and others).
 
 `tool_choice`: "auto" (the default with tools) lets the model choose; "none" leaves the tools
@@ -16,56 +17,14 @@ from __future__ import annotations
 import json
 import uuid
 
+from supercluster.data.chat import TOOL_CALL_CLOSE as CLOSE
+from supercluster.data.chat import TOOL_CALL_OPEN as OPEN
+from supercluster.data.chat import loads_arguments as _loads
 from supercluster.serve.structured import Constraint
-
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
 def call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
-
-
-def system_prompt(tools: list[dict]) -> str:
-    listing = "\n".join(json.dumps(t["function"]) for t in tools)
-    return (f"You may call these functions:\n<tools>\n{listing}\n</tools>\nTo call one, answer "
-            f'{OPEN}{{"name": <name>, "arguments": <arguments object>}}{CLOSE}')
-
-
-def messages_for_template(messages: list[dict], tools: list[dict] | None, template_has_tools: bool) -> list[dict]:
-    """The conversation as the chat template gets it: as sent when the template handles tools
-    itself; otherwise with the tools in a system message and calls and results written as text."""
-    if template_has_tools:
-        out = []
-        for m in messages:  # templates expect arguments as objects (HF's convention), clients send JSON text
-            if m.get("tool_calls"):
-                m = {**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": _loads(c["function"]["arguments"])}}
-                                         for c in m["tool_calls"]]}
-            out.append(m)
-        return out
-    out = []
-    for m in messages:
-        if m.get("tool_calls"):
-            calls = "\n".join(f'{OPEN}\n{json.dumps({"name": c["function"]["name"], "arguments": _loads(c["function"]["arguments"])})}\n{CLOSE}'
-                              for c in m["tool_calls"])
-            out.append({"role": "assistant", "content": "\n".join(filter(None, [m.get("content") or "", calls]))})
-        elif m["role"] == "tool":
-            out.append({"role": "tool", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})
-        else:
-            out.append({"role": m["role"], "content": m.get("content") or ""})
-    if tools:
-        prompt = system_prompt(tools)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + prompt}
-        else:
-            out.insert(0, {"role": "system", "content": prompt})
-    return out
-
-
-def _loads(arguments: str):
-    try:
-        return json.loads(arguments)
-    except (TypeError, ValueError):
-        return arguments
 
 
 def constraint_for(tools: list[dict], choice, parallel: bool) -> Constraint | None:

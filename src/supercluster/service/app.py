@@ -18,9 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from supercluster.errors import UserError
-from supercluster.service import endpoints, resources
+from supercluster.service import endpoints, replicas, resources
 from supercluster.service.auth import ServiceError
 from supercluster.service.gate import Gate
+from supercluster.service.router import Router
 from supercluster.service.routes import clusters, fleet, jobs, tenancy, usage
 from supercluster.service.routes import endpoints as endpoint_routes
 from supercluster.service.store import Store
@@ -29,9 +30,10 @@ DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 
 
 def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, store: Store | None = None,
-               tick_s: float = 0.0) -> FastAPI:
+               tick_s: float = 0.0, scale: bool | None = None) -> FastAPI:
     """The service on the database at `url`; `rate`/`burst`: requests per second per token (token bucket);
-    `tick_s`: seconds between the server's own passes over budgets and queues (0: only when asked)."""
+    `tick_s`: seconds between the server's own passes over budgets and queues (0: only when asked);
+    `scale`: run the endpoints' scaler (`service.replicas`; default: where the passes run)."""
     store = store or Store(url)
     gate = Gate(store, rate, burst)
 
@@ -40,6 +42,8 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         stop = threading.Event()
         if tick_s > 0:
             threading.Thread(target=_ticker, args=(store, tick_s, stop), daemon=True, name="service-tick").start()
+        if scale if scale is not None else tick_s > 0:  # one scaler per service: where the passes run
+            threading.Thread(target=replicas.Scaler(store).run, args=(stop,), daemon=True, name="endpoint-scaler").start()
         # to endpoints' model servers: generations take long, connecting must not
         async with httpx.AsyncClient(timeout=httpx.Timeout(600.0, connect=5.0)) as client:
             _app.state.http = client
@@ -49,6 +53,7 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
     app = FastAPI(title="supercluster", version="1", lifespan=lifespan, description="Many teams share one fleet: tenants, "
                   "tokens, quotas, clusters, jobs, usage and cost. Every route needs a Bearer token.")
     app.state.store = store
+    app.state.router = Router()
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(RequestValidationError, _invalid)

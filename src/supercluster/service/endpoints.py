@@ -1,9 +1,11 @@
 """Endpoints: a project serves a model from one of its clusters, and calls it with its own tokens.
 
-An endpoint is `supercluster serve RUN_DIR` running as a fleet job on the cluster's first node,
-behind an API key only the service knows. Clients use the project's service token against
-`/v1/projects/{project}/endpoints/{name}/v1/...` (the OpenAI routes); the service checks it,
-forwards the call with the endpoint's key and records each answered call's tokens for usage
+An endpoint is `supercluster serve RUN_DIR` replicas running as fleet jobs on the cluster's nodes
+(`service.replicas`: started, replaced and scaled between a minimum and a maximum), behind an API
+key only the service knows and the service's router (`service.router`). Clients use the
+project's service token against `/v1/projects/{project}/endpoints/{name}/v1/...` (the OpenAI
+routes); the service checks it, forwards the call with the endpoint's key and records each
+answered call's tokens for usage
 (a stream's from the usage its server puts in every chunk, so one cut short counts what it relayed).
 The GPUs the cluster holds are charged as for training, from the fleet's allocation intervals.
 
@@ -14,12 +16,8 @@ never a path elsewhere, which could be another tenant's run.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import secrets
-import socket
-import sys
 import time
 from pathlib import Path
 
@@ -28,26 +26,55 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from supercluster.cluster import jobs as fleet_jobs
-from supercluster.cluster.state import Cluster
+from supercluster.cluster.state import JOB_ACTIVE, Cluster, Job
 from supercluster.errors import UserError
-from supercluster.paths import home, model_library
-from supercluster.service import resources
+from supercluster.paths import model_library
+from supercluster.service import replicas, resources
 from supercluster.service.auth import Caller, ServiceError
-from supercluster.service.models import Endpoint, EndpointCall, Org, Project, ServiceCluster, ServiceJob, User
+from supercluster.service.models import (
+    Endpoint,
+    EndpointCall,
+    EndpointReplica,
+    Org,
+    Project,
+    ServiceCluster,
+    ServiceJob,
+    User,
+)
+from supercluster.service.router import Replica
 from supercluster.service.store import Store
 from supercluster.service.tenancy import visible_project
 
 
-LIVE = ("starting", "ready", "stopping")  # an endpoint whose server may still run (its name is taken)
+MAX_REPLICAS = 16
+LIVE = ("starting", "ready", "stopping")  # an endpoint whose servers may still run (its name is taken)
 
 
-def view(e: Endpoint, project: str, calls: dict | None = None) -> dict:
+def view(e: Endpoint, project: str, calls: dict | None = None, servers: list[dict] | None = None) -> dict:
     calls = calls or {}
-    return {"name": e.name, "cluster": e.cluster, "run_dir": e.run_dir, "job_id": e.job_id, "state": e.state,
+    return {"name": e.name, "cluster": e.cluster, "run_dir": e.run_dir, "state": e.state,
             "detail": e.detail, "created_at": e.created_at,
             "base_url": f"/v1/projects/{project}/endpoints/{e.name}/v1",
+            "min_replicas": e.min_replicas, "max_replicas": e.max_replicas, "replicas": e.replicas,
+            "servers": servers or [],
             "requests": calls.get("requests", 0), "prompt_tokens": calls.get("prompt_tokens", 0),
             "completion_tokens": calls.get("completion_tokens", 0)}
+
+
+def _servers(s: Session, endpoint_id: int) -> list[dict]:
+    """The endpoint's live replicas (and the latest ended one of each index), with the calls each answered."""
+    rows = list(s.scalars(sa.select(EndpointReplica).where(EndpointReplica.endpoint_id == endpoint_id)
+                          .order_by(EndpointReplica.index, EndpointReplica.id)))
+    calls = {i: (n, c or 0) for i, n, c in s.execute(
+        sa.select(EndpointCall.replica, sa.func.count(), sa.func.sum(EndpointCall.completion_tokens))
+        .where(EndpointCall.endpoint_id == endpoint_id).group_by(EndpointCall.replica))}
+    latest = {}
+    for r in rows:
+        if r.state in replicas.LIVE or latest.get(r.index) is None or latest[r.index].state not in replicas.LIVE:
+            latest[r.index] = r
+    return [{"index": r.index, "state": r.state, "detail": r.detail, "job_id": r.job_id, "started_at": r.started_at,
+             "requests": calls.get(r.index, (0, 0))[0], "completion_tokens": calls.get(r.index, (0, 0))[1]}
+            for r in latest.values()]
 
 
 def _calls(s: Session, endpoint_ids: list[int]) -> dict[int, dict]:
@@ -83,21 +110,6 @@ def _run_dir(store: Store, p: Project, run_dir: str | None, job: int | None) -> 
     return path
 
 
-def _key_file(secret: str) -> Path:
-    """Where the server reads its key: a file of the service's, not its command line, which `ps`
-    shows every user of the node and the fleet's books keep (and print) with the job."""
-    return home() / "service" / "endpoint-keys" / f"{hashlib.sha256(secret.encode()).hexdigest()[:32]}.key"
-
-
-def _write_key(secret: str) -> Path:
-    path = _key_file(secret)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others, not even briefly
-    with os.fdopen(fd, "w") as f:
-        f.write(secret + "\n")
-    return path
-
-
 def _answers(url: str) -> bool:
     """Whether a server still answers at `url` (a cancelled job's processes take a moment to end)."""
     try:
@@ -107,14 +119,20 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def check_replicas(min_replicas: int, max_replicas: int | None) -> tuple[int, int]:
+    """(min, max) replicas asked for, checked; max defaults to min."""
+    max_replicas = min_replicas if max_replicas is None else max_replicas
+    if not 1 <= min_replicas <= MAX_REPLICAS:
+        raise ServiceError(400, f"min_replicas must be between 1 and {MAX_REPLICAS}, got {min_replicas}.")
+    if not min_replicas <= max_replicas <= MAX_REPLICAS:
+        raise ServiceError(400, f"max_replicas must be between min_replicas ({min_replicas}) and {MAX_REPLICAS}, "
+                                f"got {max_replicas}.")
+    return min_replicas, max_replicas
 
 
 def create(store: Store, caller: Caller, project: str, name: str, cluster: str, run_dir: str | None, job: int | None,
-           max_running: int, quantize: str) -> dict:
+           max_running: int, quantize: str, min_replicas: int = 1, max_replicas: int | None = None) -> dict:
+    min_replicas, max_replicas = check_replicas(min_replicas, max_replicas)
     with store.reading() as s:  # the fleet's state, read beside the service's rows
         p = visible_project(s, caller, project, "member")
         if _active(s, p.id, name):
@@ -127,42 +145,44 @@ def create(store: Store, caller: Caller, project: str, name: str, cluster: str, 
     if state != "ready":
         raise ServiceError(409, f"Cluster {cluster!r} is {state}; deploy once it is ready.")
     path = _run_dir(store, p, run_dir, job)
-    if backend != "local":
-        # A server on another machine would need that machine's address and an open port there.
-        raise ServiceError(409, f"Endpoints run on fleets of local nodes for now; this fleet's backend is {backend}.")
-    port, secret = _free_port(), secrets.token_urlsafe(32)
-    key_file = _write_key(secret)
-    command = [sys.executable, "-m", "supercluster.cli.main", "serve", str(path), "--host", "127.0.0.1", "--port",
-               str(port), "--api-key-file", str(key_file), "--max-running", str(max_running), "--quantize", quantize,
-               "--served-model-name", name]
+    secret = secrets.token_urlsafe(32)
+    key_file = replicas.write_key(secret)
+    # A stopped or failed endpoint of the same name is started again: its calls stay counted.
+    with store.reading() as s:
+        e = s.scalar(sa.select(Endpoint).where(Endpoint.project_id == p.id, Endpoint.name == name)) or Endpoint(
+            project_id=p.id, name=name)
+    e.user_id, e.cluster, e.run_dir, e.secret, e.max_running, e.quantize = (caller.user_id, cluster, str(path), secret,
+                                                                            max_running, quantize)
+    e.min_replicas, e.max_replicas, e.replicas, e.scaled_at = min_replicas, max_replicas, min_replicas, None
+    e.state, e.detail, e.created_at = "starting", None, time.time()
     shown = {}
 
-    def record(s: Session, fleet_job) -> None:
-        """In the fleet's transaction that writes the serving job, under its lock, before it starts:
+    def record(s: Session, _fleet_job) -> None:
+        """In the fleet's transaction that writes replica 0's job, under its lock, before it starts:
         the endpoint's row with it, or neither (and of two requests for one name, one only)."""
         if _active(s, p.id, name):
             raise _taken(project, name)
-        # A stopped or failed endpoint of the same name is started again: its calls stay counted.
-        e = s.scalar(sa.select(Endpoint).where(Endpoint.project_id == p.id, Endpoint.name == name))
-        if e is None:
-            e = Endpoint(project_id=p.id, name=name)
-            s.add(e)
-        e.user_id, e.cluster, e.run_dir, e.job_id = caller.user_id, cluster, str(path), fleet_job.id
-        e.url, e.secret, e.state, e.detail, e.created_at = f"http://127.0.0.1:{port}", secret, "starting", None, time.time()
+        row = s.merge(e)
         s.flush()
-        shown.update(view(e, project, _calls(s, [e.id]).get(e.id)))
+        e.id = row.id
+        shown.update(view(row, project, _calls(s, [row.id]).get(row.id)))
 
     try:
-        fleet_jobs.submit_job(store.fleet, sc.fleet_name, str(path), command=command, max_restarts=0, record=record)
+        replicas.start(store, e, sc.fleet_name, backend, 0, record=record)
+        for index in range(1, min_replicas):
+            replicas.start(store, e, sc.fleet_name, backend, index)
     except fleet_jobs.ClusterNotReady as err:  # the fleet queued or held it since we looked
-        key_file.unlink(missing_ok=True)
-        raise ServiceError(409, f"Cluster {cluster!r} is {resources.cluster_state(err.state)}; deploy once it is ready.") from None
+        if not shown:
+            key_file.unlink(missing_ok=True)
+            raise ServiceError(409, f"Cluster {cluster!r} is {resources.cluster_state(err.state)}; deploy once it is ready.") from None
     except ServiceError:  # the name was taken beside this request
         key_file.unlink(missing_ok=True)
         raise
     except UserError as err:
-        key_file.unlink(missing_ok=True)
-        raise ServiceError(409, str(err)) from None
+        if not shown:
+            key_file.unlink(missing_ok=True)
+            raise ServiceError(409, str(err)) from None
+    # A later replica that could not start now is started by the scaler's next pass.
     return shown
 
 
@@ -177,35 +197,31 @@ def _taken(project: str, name: str) -> ServiceError:
 
 
 def refresh(store: Store, endpoints: list[Endpoint]) -> None:
-    """Moves starting endpoints to ready once their server answers, stopping ones to stopped once it
-    no longer does, and any other whose job ended to failed."""
+    """Replicas (and so endpoints) to ready once their server answers, to failed when their job
+    ended; stopping endpoints to stopped once none of their servers runs or answers."""
+    replicas.refresh(store, endpoints)
     for e in endpoints:
-        if e.state not in LIVE:
-            continue
-        job = fleet_jobs.job_status(store.fleet, e.job_id)
-        state, detail = e.state, e.detail
-        if e.state == "stopping":
-            if job["state"] in ("pending", "running") or _answers(e.url):
-                continue  # its processes take a moment to end
-            state, detail = "stopped", None
-            _key_file(e.secret).unlink(missing_ok=True)
-        elif job["state"] not in ("pending", "running"):
-            state, detail = "failed", f"its serving job {job['state']}" + (f" ({job['detail']})" if job["detail"] else "")
-            _key_file(e.secret).unlink(missing_ok=True)  # nothing reads it any more
-        elif e.state == "starting":
-            try:
-                if httpx.get(f"{e.url}/health", timeout=1.0).status_code == 200:
-                    state, detail = "ready", None
-            except httpx.HTTPError:
-                pass  # still loading the model
-        if (state, detail) != (e.state, e.detail):
+        if e.state == "stopping" and not _still_running(store, e):
             with store.session() as s:
                 row = s.get(Endpoint, e.id)
-                row.state, row.detail = state, detail
-            e.state, e.detail = state, detail
+                row.state, row.detail = "stopped", None
+            e.state, e.detail = "stopped", None
+        if e.state in ("failed", "stopped"):
+            replicas.key_file(e.secret).unlink(missing_ok=True)  # nothing reads it any more
 
 
-def _project_endpoints(store: Store, caller: Caller, project: str, name: str | None = None) -> tuple[list[Endpoint], dict]:
+def _still_running(store: Store, e: Endpoint) -> bool:
+    """Whether a replica of the endpoint's deployment still runs (its job) or answers (its processes end last)."""
+    fleet_jobs.refresh(store.fleet)
+    with store.reading() as s:
+        rows = list(s.scalars(sa.select(EndpointReplica).where(EndpointReplica.endpoint_id == e.id,
+                                                               EndpointReplica.started_at >= e.created_at)))
+        running = s.scalar(sa.select(Job.id).where(Job.id.in_([r.job_id for r in rows if r.job_id]),
+                                                   Job.state.in_(JOB_ACTIVE)).limit(1))
+    return running is not None or any(r.url and _answers(r.url) for r in rows)
+
+
+def _project_endpoints(store: Store, caller: Caller, project: str, name: str | None = None) -> tuple[list[Endpoint], dict, dict]:
     with store.session() as s:
         p = visible_project(s, caller, project)
         query = sa.select(Endpoint).where(Endpoint.project_id == p.id).order_by(Endpoint.id)
@@ -214,53 +230,54 @@ def _project_endpoints(store: Store, caller: Caller, project: str, name: str | N
     refresh(store, rows)
     with store.reading() as s:
         calls = _calls(s, [e.id for e in rows]) if rows else {}
-    return rows, calls
+        servers = {e.id: _servers(s, e.id) for e in rows}
+    return rows, calls, servers
 
 
 def show(store: Store, caller: Caller, project: str, name: str) -> dict:
-    (e,), calls = _project_endpoints(store, caller, project, name)
-    return view(e, project, calls.get(e.id))
+    (e,), calls, servers = _project_endpoints(store, caller, project, name)
+    return view(e, project, calls.get(e.id), servers[e.id])
 
 
 def list_all(store: Store, caller: Caller, project: str) -> list[dict]:
-    rows, calls = _project_endpoints(store, caller, project)
-    return [view(e, project, calls.get(e.id)) for e in rows]
+    rows, calls, servers = _project_endpoints(store, caller, project)
+    return [view(e, project, calls.get(e.id), servers[e.id]) for e in rows]
 
 
 def delete(store: Store, caller: Caller, project: str, name: str) -> dict:
-    """Stops the endpoint's server and answers at once: `stopping` until it no longer answers
+    """Stops the endpoint's servers and answers at once: `stopping` until none answers any more
     (`refresh` moves it to `stopped`, on the next look or the server's periodic pass), or
     `stopped` when nothing was running. A request thread never waits for a process to end."""
     with store.session() as s:
         p = visible_project(s, caller, project, "member")
         e = _get(s, p, name)
-        job_id, active = e.job_id, e.state in ("starting", "ready")
-        if active:
-            e.state, e.detail = "stopping", None  # before the cancel: no call is relayed to it from now on
-    if active:
-        try:
-            fleet_jobs.cancel_job(store.fleet, job_id)
-        except UserError:
-            pass  # it had ended by itself: nothing left to stop
-    (e,), calls = _project_endpoints(store, caller, project, name)  # already silent: stopped now
-    return view(e, project, calls.get(e.id))
+        if e.state in ("starting", "ready"):
+            # Before the cancels: no call is relayed to it, and the scaler starts no replica for it, from now on.
+            e.state, e.detail = "stopping", None
+        live = list(s.scalars(sa.select(EndpointReplica).where(EndpointReplica.endpoint_id == e.id,
+                                                               EndpointReplica.state.in_(replicas.LIVE))))
+        s.expunge_all()
+    for r in live:
+        replicas.stop(store, r)
+    return show(store, caller, project, name)  # already silent: stopped now
 
 
-def upstream(store: Store, caller: Caller, project: str, name: str) -> tuple[int, str, str]:
-    """(endpoint id, server URL, its key) for a call by `caller`; members and admins may call."""
-    with store.session() as s:
+def upstream(store: Store, caller: Caller, project: str, name: str) -> tuple[int, list[Replica], str]:
+    """(endpoint id, its ready replicas, their key) for a call by `caller`; members and admins may call."""
+    with store.reading() as s:
         p = visible_project(s, caller, project, "member")
         e = _get(s, p, name)
-        e_id, url, secret, state = e.id, e.url, e.secret, e.state
-    if state == "starting":
-        with store.session() as s:
-            row = s.get(Endpoint, e_id)
-            s.expunge(row)
-        refresh(store, [row])
-        state = row.state
-    if state != "ready":
-        raise ServiceError(503, f"Endpoint {name!r} is {state}; call it once `GET .../endpoints/{name}` says ready.")
-    return e_id, url, secret
+    if e.state == "starting":
+        refresh(store, [e])
+    if e.state not in ("starting", "ready"):
+        raise ServiceError(503, f"Endpoint {name!r} is {e.state}; call it once `GET .../endpoints/{name}` says ready.")
+    with store.reading() as s:
+        ready = [Replica(r.index, r.url) for r in s.scalars(sa.select(EndpointReplica).where(
+            EndpointReplica.endpoint_id == e.id, EndpointReplica.state == "ready").order_by(EndpointReplica.index))]
+    if not ready:
+        what = "starting" if e.state == "starting" else "replacing its replicas"
+        raise ServiceError(503, f"Endpoint {name!r} is {what}; call it once `GET .../endpoints/{name}` says ready.")
+    return e.id, ready, e.secret
 
 
 def usage_of_answer(data: bytes) -> dict | None:
@@ -316,10 +333,10 @@ def error_event(message: str) -> bytes:
                                              "code": 502}}).encode()
 
 
-def record(store: Store, endpoint_id: int, user_id: int | None, usage: dict | None) -> None:
+def record(store: Store, endpoint_id: int, replica: int | None, user_id: int | None, usage: dict | None) -> None:
     usage = usage or {}
     with store.session() as s:
-        s.add(EndpointCall(endpoint_id=endpoint_id, user_id=user_id, at=time.time(),
+        s.add(EndpointCall(endpoint_id=endpoint_id, replica=replica, user_id=user_id, at=time.time(),
                            prompt_tokens=int(usage.get("prompt_tokens") or 0),
                            completion_tokens=int(usage.get("completion_tokens") or 0)))
 

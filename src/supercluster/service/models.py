@@ -108,7 +108,9 @@ ENDPOINT_STATES = ("starting", "ready", "failed", "stopping", "stopped")
 
 
 class Endpoint(ServiceBase):
-    """A project's model server: `supercluster serve` running as a job on one of its clusters."""
+    """A project's served model: `supercluster serve` replicas (`EndpointReplica`) on one of its
+    clusters, behind the service's router; between `min_replicas` and `max_replicas` of them,
+    `replicas` wanted now (the scaler moves it)."""
 
     __tablename__ = "svc_endpoints"
     __table_args__ = (sa.UniqueConstraint("project_id", "name"),)
@@ -118,12 +120,36 @@ class Endpoint(ServiceBase):
     name: Mapped[str] = mapped_column(sa.String(48))
     cluster: Mapped[str] = mapped_column(sa.String(48))  # the cluster's name in the project
     run_dir: Mapped[str] = mapped_column(sa.Text)
-    job_id: Mapped[int | None]  # the fleet's serving job
-    url: Mapped[str] = mapped_column(sa.String(256))  # where the server listens, on the cluster's first node
-    secret: Mapped[str] = mapped_column(sa.String(64))  # the server's API key: only the service calls it
+    secret: Mapped[str] = mapped_column(sa.String(64))  # the servers' API key: only the service calls them
+    max_running: Mapped[int] = mapped_column(default=32, server_default="32")
+    quantize: Mapped[str] = mapped_column(sa.String(16), default="none", server_default="none")
+    min_replicas: Mapped[int] = mapped_column(default=1, server_default="1")
+    max_replicas: Mapped[int] = mapped_column(default=1, server_default="1")
+    replicas: Mapped[int] = mapped_column(default=1, server_default="1")  # wanted now, within [min, max]
+    scaled_at: Mapped[float | None]  # the last scale out or in: the cooldown counts from it
     state: Mapped[str] = mapped_column(sa.String(16))  # see ENDPOINT_STATES
     detail: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[float]
+
+
+REPLICA_STATES = ("starting", "ready", "failed", "stopped")
+
+
+class EndpointReplica(ServiceBase):
+    """One model server of an endpoint: a serving job of the fleet, answering at `url` once ready.
+    A replacement takes the index of the replica it replaces (the router's affinity is by index)."""
+
+    __tablename__ = "svc_endpoint_replicas"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
+    endpoint_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_endpoints.id"), index=True)
+    index: Mapped[int]
+    job_id: Mapped[int | None]  # the fleet's serving job (the server's reference in the backend)
+    url: Mapped[str | None] = mapped_column(sa.String(256))  # where it listens: its node's address, once known
+    port: Mapped[int]
+    state: Mapped[str] = mapped_column(sa.String(16))  # see REPLICA_STATES
+    detail: Mapped[str | None] = mapped_column(sa.Text)
+    started_at: Mapped[float]
+    ended_at: Mapped[float | None]
 
 
 class EndpointCall(ServiceBase):
@@ -132,6 +158,7 @@ class EndpointCall(ServiceBase):
     __tablename__ = "svc_endpoint_calls"
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=True)
     endpoint_id: Mapped[int] = mapped_column(sa.ForeignKey("svc_endpoints.id"), index=True)
+    replica: Mapped[int | None]  # the index of the replica that answered
     user_id: Mapped[int | None]
     at: Mapped[float] = mapped_column(index=True)
     prompt_tokens: Mapped[int]

@@ -101,6 +101,9 @@ class EndpointIn(Body):
     job: int | None = Field(default=None, ge=1, le=2**31 - 1, description="or: serve the run of this project's training job")
     max_running: int = Field(default=32, ge=1, le=1024, description="sequences the server decodes at once")
     quantize: Quantization = Field(default=DEFAULT_QUANTIZATION, description="as serve --quantize")
+    # Checked in `endpoints.check_replicas` (a 400 that names both bounds), not here.
+    min_replicas: int = Field(default=1, description="replicas always kept (each one model server)")
+    max_replicas: int | None = Field(default=None, description="replicas the scaler may add under load (default: min_replicas)")
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -85,6 +85,10 @@ class DataSection:
     seed: int = 0
     # Prepared datasets sampled in proportion to their weights: [{path = "DIR", weight = 0.7}, ...]
     mix: list[dict] | None = field(default=None, metadata=READ_EACH)
+    # Packed documents (one prepared dataset at data.path): positions restart and attention stays
+    # inside each document. None: on for chat data (a dataset with a loss mask), which is then
+    # packed; a mixture reads fixed windows (its chat data keeps its loss mask, not its documents).
+    document_mask: bool | None = None
 
 
 @dataclass
@@ -343,6 +347,9 @@ def validate(cfg: Config) -> ModelConfig:
         check_mix(cfg.data.mix)
         if cfg.data.path is not None:
             raise UserError("Set data.path or data.mix, not both: a single prepared folder is a mix of one.")
+        if cfg.data.document_mask:
+            raise UserError("data.document_mask packs the documents of one prepared dataset (data.path), not a mixture; "
+                            "leave it unset with data.mix.")
     if t.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UserError("train.tensorboard needs the tensorboard package: pip install 'supercluster[tensorboard]', "
                         "or set train.tensorboard=false.")

@@ -51,38 +51,55 @@ class TorchrunSpec:
                 raise UserError(f"--rdzv must be HOST:PORT with a port in 1..65535 (the first node's address), got {self.rdzv!r}.")
 
 
-def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
-    """Checks, data and the run directory: everything that must happen once, before ranks start."""
-    from supercluster.data import prepare_data
+def check_run(cfg: Config, launch: TorchrunSpec):
+    """The checks that need neither data nor devices: the launch, the config and its layout on
+    the launch's ranks; returns the model config."""
     from supercluster.parallel import ParallelDims
 
     launch.check()
     world = launch.nproc * launch.nnodes
     model_cfg = validate(cfg)
     ParallelDims.of(layout_of(cfg, world), world, model_cfg, cfg.train.seq_len, cfg.train.global_batch, launch.nproc)
+    return model_cfg
+
+
+def prepare_run(cfg: Config, launch: TorchrunSpec) -> Path:
+    """Checks, data and the run directory: everything that must happen once, before ranks start."""
+    from supercluster.data import prepare_data
+
+    model_cfg = check_run(cfg, launch)
     if Path(cfg.run.dir).exists() and not Path(cfg.run.dir).is_dir():  # before the data, which takes a while
         raise UserError(f"run.dir {cfg.run.dir!r} is a file, not a folder; set run.dir to a new or existing run directory.")
     from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
     from supercluster.model.weights import imported_tokenizer
+    from supercluster.train.packed import open_packed, packs
 
-    if uses_prepared(cfg.data):
+    run_dir = Path(cfg.run.dir)
+    if packs(cfg):  # one prepared dataset read as packed documents (chat data, data.document_mask)
+        packed = open_packed(cfg, model_cfg.vocab_size, run_dir)
+        tokenizer_path = packed.dataset.tokenizer_path
+        facts = {"source": f"prepared {cfg.data.path}", "train_documents": packed.train_documents,
+                 "val_documents": packed.val_documents, "rows_per_epoch": packed.train.rows_per_epoch,
+                 "truncated_documents": packed.train.truncated, "loss_mask": packed.dataset.has_loss_mask}
+    elif uses_prepared(cfg.data):
         data = open_prepared(cfg.data.path, cfg.data.mix, cfg.data.val_fraction, model_cfg.vocab_size,
-                             run_tokenizer_digest(Path(cfg.run.dir)))
+                             run_tokenizer_digest(run_dir))
         check_splits(cfg, data.train_tokens, data.val_tokens)  # every dataset of a mixture holds a sequence
-        train_tokens, val_tokens = sum(len(s.tokens) for s in data.train), sum(len(s.tokens) for s in data.val)
+        tokenizer_path = data.tokenizer_path
+        facts = {"source": data.source, "train_tokens": sum(len(s.tokens) for s in data.train),
+                 "val_tokens": sum(len(s.tokens) for s in data.val)}
     else:
         data = prepare_data(cfg.data.path, model_cfg.vocab_size, val_fraction=cfg.data.val_fraction, max_mb=cfg.data.max_mb,
-                            tokenizer_path=imported_tokenizer(Path(cfg.run.dir)))
-        train_tokens, val_tokens = len(data.train), len(data.val)
-        check_splits(cfg, train_tokens, val_tokens)
-    run_dir = Path(cfg.run.dir)
+                            tokenizer_path=imported_tokenizer(run_dir))
+        check_splits(cfg, len(data.train), len(data.val))
+        tokenizer_path = data.tokenizer_path
+        facts = {"source": data.source, "train_tokens": len(data.train), "val_tokens": len(data.val)}
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every node of a job runs this on the same run directory at once: atomic writes only.
     cfg.save(run_dir / "config.toml")
-    if data.tokenizer_path is not None:
-        write_atomic(run_dir / "tokenizer.json", Path(data.tokenizer_path).read_bytes())
-    write_atomic(run_dir / "data.json", json.dumps({"source": data.source, "train_tokens": train_tokens,
-                                                    "val_tokens": val_tokens}))
+    if tokenizer_path is not None:
+        write_atomic(run_dir / "tokenizer.json", Path(tokenizer_path).read_bytes())
+    write_atomic(run_dir / "data.json", json.dumps(facts))
     return run_dir
 
 

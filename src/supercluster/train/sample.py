@@ -77,3 +77,26 @@ def sample_run(run_dir: Path, prompt: str, tokens: int, samples: int = 1, temper
     # (a prompt's trailing space and the next word's leading one are the same character).
     return [decode(prompt_ids + generate(model, prompt_ids, tokens, temperature, top_k, top_p, gen))
             for _ in range(samples)]
+
+
+def chat_run(run_dir: Path, prompt: str, tokens: int, samples: int = 1, temperature: float = 0.8,
+             top_k: int | None = 50, top_p: float | None = 0.95, seed: int = 0, system: str | None = None) -> list[str]:
+    """The assistant's replies to `prompt` as one user turn, rendered with the run's chat template
+    (its own, or the plain one) and ended at its end-of-turn token, as the server does."""
+    from supercluster.data.chat import load_chat
+    from supercluster.serve.tokens import load_tokenizer_and_specials
+
+    run_dir = Path(run_dir)
+    if not has_tokenizer(run_dir):
+        raise UserError(f"Run {str(run_dir)!r} has no tokenizer, so it cannot chat; sample it with token ids instead.")
+    model = load_trained(run_dir)
+    tok, stop = load_tokenizer_and_specials(run_dir)  # stop: the end-of-turn ids, as the server stops
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    prompt_ids = tok.encode(load_chat(run_dir, tok).render(messages, add_generation_prompt=True),
+                            add_special_tokens=False).ids
+    gen = torch.Generator().manual_seed(seed)
+    replies = []
+    for _ in range(samples):
+        out = generate(model, prompt_ids, tokens, temperature, top_k, top_p, gen, stop=stop)
+        replies.append(tok.decode([i for i in out if i not in stop]))
+    return replies

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from supercluster.data import BatchSampler, eval_batches, prepare_data
 from supercluster.data.mixture import open_prepared, run_tokenizer_digest, uses_prepared
+from supercluster.data.packing import packed_eval_batches
 from supercluster.hardware.device import select_device
 from supercluster.model.config import flops_per_token
 from supercluster.model.moe import balance_step, set_aux_grad_scale
@@ -40,6 +41,7 @@ from supercluster.train.config import Config, check_splits, layout_of, validate
 from supercluster.train.faults import Faults
 from supercluster.train.metrics import CollectiveBytes, MetricsLog, RankStats, device_peak, memory_gib
 from supercluster.train.optim import build_optimizer, lr_at
+from supercluster.train.packed import IGNORE, counted_targets, masked_loss, open_packed, packs
 from supercluster.train.progress import Progress
 from supercluster.hardware.device import resolve_precision
 
@@ -86,8 +88,12 @@ class Trainer:
 
         self.dp_mesh = self.dims.dp_mesh(self.mesh)
         dp_rank = self.dp_mesh.get_local_rank() if self.dp_mesh is not None else 0
-        self.prepared = uses_prepared(cfg.data)
-        if self.prepared:  # a prepared folder or a mixture of them: the run's tokenizer must be theirs
+        # Chat data and document masking: whole documents packed into rows, a loss on the targets that count.
+        self.packed = open_packed(cfg, self.model_cfg.vocab_size, self.run_dir, dp_rank, self.dims.dp) if packs(cfg) else None
+        self.prepared = self.packed is None and uses_prepared(cfg.data)
+        if self.packed is not None:
+            self.sampler = self.packed.train
+        elif self.prepared:  # a prepared folder or a mixture of them: the run's tokenizer must be theirs
             self.data = open_prepared(cfg.data.path, cfg.data.mix, cfg.data.val_fraction, self.model_cfg.vocab_size,
                                       run_tokenizer_digest(self.run_dir))
             check_splits(cfg, self.data.train_tokens, self.data.val_tokens)
@@ -170,10 +176,21 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def loss_of(self, x, y):
+    def loss_of(self, x, y, documents=None, denominator=None):
+        """The mean loss of a microbatch; of packed rows (`denominator` given), their summed loss
+        over it (see `train.packed.masked_loss`)."""
         with self._autocast():
-            logits = self.model(x)
-        return cross_entropy(logits, y)
+            logits = self.model(x) if documents is None else self.model(x, documents=documents)
+        return cross_entropy(logits, y) if denominator is None else masked_loss(logits, y, denominator)
+
+    def _packed_denominator(self, y_all) -> torch.Tensor:
+        """What each microbatch's summed loss of packed rows is divided by, so that the loss of the
+        step is the mean over every counted target of the global batch, whichever rank and
+        microbatch holds them (`train.packed.masked_loss`)."""
+        group = self.loss_mesh.get_group() if self.loss_mesh is not None else None
+        counted = counted_targets(y_all, group)
+        self.tokens_counted = int(counted)
+        return counted.clamp(min=1) / (self.loss_mesh.size() if self.loss_mesh is not None else 1)
 
     def _run_pipeline(self, x, y, train: bool) -> torch.Tensor:
         """The whole local batch through the schedule; the mean loss on the last stage, else 0."""
@@ -196,19 +213,24 @@ class Trainer:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        x_all, y_all = self.sampler.next()
+        x_all, y_all, *documents = self.sampler.next()
         x_all, y_all = self.sequence.shard(x_all.to(self.device), y_all.to(self.device))
         # MoE: the auxiliary loss's gradient is scaled as the loss is (a schedule scales its own).
         set_aux_grad_scale(1.0 if self.schedule is not None else 1.0 / self.accum)
         if self.schedule is not None:
             total = self._run_pipeline(x_all, y_all, train=True)
         else:
+            # Packed rows (chat data, document masking): their document ids, and the global count of targets.
+            docs = documents[0].to(self.device) if self.packed is not None and self.packed.isolate else None
+            denominator = self._packed_denominator(y_all) if self.packed is not None else None
             total = torch.zeros((), device=self.device)
             for i in range(self.accum):
                 if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
                     self.model.set_requires_gradient_sync(i == self.accum - 1)
                 sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
-                loss = self.loss_of(x_all[sl], y_all[sl]) / self.accum
+                loss = self.loss_of(x_all[sl], y_all[sl], None if docs is None else docs[sl], denominator)
+                if denominator is None:
+                    loss = loss / self.accum
                 loss.backward()
                 total += loss.detach()
         all_reduce_gradients(self.model_parts, self.replica_mesh)
@@ -262,6 +284,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over `eval_batches` fixed global batches of the validation split."""
         t = self.cfg.train
+        if self.packed is not None:
+            return self._evaluate_packed()
         for part in self.model_parts:
             part.eval()
         if self.prepared:
@@ -282,6 +306,23 @@ class Trainer:
         for part in self.model_parts:
             part.train()
         return self._mean_loss(total / t.eval_batches)
+
+    @torch.no_grad()
+    def _evaluate_packed(self) -> float:
+        """Mean loss over every counted target of (up to `eval_batches` global batches of) the
+        held-out documents, each document once."""
+        self.model.eval()
+        group = self.loss_mesh.get_group() if self.loss_mesh is not None else None
+        total, counted = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        for x, y, documents in packed_eval_batches(self.packed.val, self.cfg.train.eval_batches):
+            x, y, documents = x.to(self.device), y.to(self.device), documents.to(self.device)
+            total += self.loss_of(x, y, documents if self.packed.isolate else None, 1.0)
+            counted += (y != IGNORE).sum()
+        self.model.train()
+        if group is not None:
+            dist.all_reduce(total, group=group)
+            dist.all_reduce(counted, group=group)
+        return float(total / counted.clamp(min=1))
 
     # ---- the loop --------------------------------------------------------------------
 
@@ -330,6 +371,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.flops_per_token * tokens_per_s / (self.peak.tflops * 1e12 * self.world),
                     "mem_gib": mem, "step_time_s": step_time, "grad_norm": grad_norm,
+                    **({"tokens_counted": self.tokens_counted} if self.packed is not None else {}),
                     **self.rank_stats.gather(self.rank_step_time, mem), **self.moe_metrics,
                 }
                 if self.world > 1 and self.step == measure_comm_at:

@@ -1,8 +1,8 @@
 """This machine as a one-node fleet; jobs are local process trees.
 
 A job runs `supercluster train` under a small detached runner (`python -m
-supercluster.cluster.backends.local JOB_DIR -- CMD...`) that records the exit code in
-JOB_DIR/exit_code when the command ends, so any later `supercluster job status` can tell how it
+supercluster.cluster.backends.local JOB_DIR -- CMD...`) that records the exit code, with its
+own ref, in JOB_DIR/exit_code when the command ends, so any later `supercluster job status` can tell how it
 ended. Restarts after a crash are torchrun's (`--max-restarts`), not ours.
 """
 
@@ -75,9 +75,11 @@ class LocalBackend(Backend):
         code_file = Path(job_dir) / "exit_code"
         if (Path(job_dir) / STOPPING).exists() and _alive(ref):
             return JobStatus("running")  # waiting for its preempted run to end: the exit code is that one's
-        if code_file.exists():
-            code = int(code_file.read_text())
-            return JobStatus("completed" if code == 0 else "failed", code)
+        # "CODE REF": a code that another runner of this job dir left (a preempted one, ending
+        # late) is not this one's
+        code, _, writer = (code_file.read_text().partition(" ") if code_file.exists() else ("", "", ""))
+        if code and writer.strip() in ("", ref):
+            return JobStatus("completed" if int(code) == 0 else "failed", int(code))
         if _alive(ref):
             return JobStatus("running")
         return JobStatus("failed", None, detail="the job's runner ended without recording an exit code")
@@ -95,13 +97,12 @@ class LocalBackend(Backend):
 
     def preempt(self, ref: str, job_dir: str, grace_s: float = 60.0) -> None:
         """SIGTERM to the job's process group (the trainer checkpoints the step it is in), and a
-        detached stopper that waits for it to end, SIGKILLs it past `grace_s` and removes the exit
-        code it leaves (not the restarted job's). This returns at once: it runs inside the fleet's
+        detached stopper that waits for it to end and SIGKILLs it past `grace_s` (the exit code it
+        leaves names it, so poll never takes it for the restarted job's). This returns at once: it runs inside the fleet's
         transaction, often for a request. Until the stopper is done, JOB_DIR/stopping names the
         stopped runner, and a runner started again in the same job dir waits for it to go: the job
         restarts in the same run dir, which two trainers must never share."""
         if not _alive(ref):
-            (Path(job_dir) / "exit_code").unlink(missing_ok=True)
             return
         write_atomic(Path(job_dir) / STOPPING, ref)  # before the signal: a restart sees it whatever comes next
         with contextlib.suppress(ProcessLookupError):
@@ -133,17 +134,16 @@ def _kill_after(ref: str, grace_s: float) -> float:
 
 def _stop(ref: str, job_dir: str, grace_s: float) -> None:
     """The stopper of a preempted runner: wait for its group to end, SIGKILL it past `grace_s`,
-    let the runner record its exit code and remove it, then remove the `stopping` mark."""
+    let the runner record its exit code (under its own ref), then remove the `stopping` mark."""
     deadline = _kill_after(ref, grace_s)
     while _alive(ref) and time.monotonic() < deadline + 10:
-        time.sleep(0.1)  # the runner records an exit code as it ends: let it, then remove it
-    (Path(job_dir) / "exit_code").unlink(missing_ok=True)
+        time.sleep(0.1)
     (Path(job_dir) / STOPPING).unlink(missing_ok=True)
 
 
 def _wait_for_stopper(job_dir: str) -> None:
     """Until a preempted runner of this job dir is gone (its stopper removes the mark; a mark whose
-    runner and group are gone, its stopper having died, is removed here)."""
+    runner and group are gone, its stopper having died or being about to, is removed here)."""
     mark = Path(job_dir) / STOPPING
     while mark.exists():
         try:
@@ -151,10 +151,7 @@ def _wait_for_stopper(job_dir: str) -> None:
         except FileNotFoundError:
             return
         if old and not _alive(old) and not _group_alive(_pid(old)):
-            time.sleep(0.5)  # its stopper, if alive, removes the exit code next
-            if mark.exists():
-                (Path(job_dir) / "exit_code").unlink(missing_ok=True)
-                mark.unlink(missing_ok=True)
+            mark.unlink(missing_ok=True)
             return
         time.sleep(0.1)
 
@@ -204,7 +201,8 @@ def _run(job_dir: str, cmd: list[str]) -> int:
     proc = subprocess.Popen(cmd)
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     code = proc.wait()
-    write_atomic(Path(job_dir) / "exit_code", str(code))
+    me = os.getpid()
+    write_atomic(Path(job_dir) / "exit_code", f"{code} {me}:{_start_time(me)}")  # the ref submit returned for this runner
     return code
 
 

@@ -1,5 +1,5 @@
 """Llama-architecture GGUF files (llama.cpp's format), dequantized to fp32 with `gguf`; Mixtral
-(llama with `llama.expert_count`) and Qwen3-MoE (`qwen3moe`) among them.
+(llama with `llama.expert_count`), Qwen3-MoE (`qwen3moe`) and OLMoE (`olmoe`) among them.
 
 Two things differ from this project's layout besides the names:
 - llama.cpp's converter permutes the rows of q and k inside each head so that RoPE rotates
@@ -7,8 +7,9 @@ Two things differ from this project's layout besides the names:
   Hugging Face Llama does, so the permutation is undone here.
 - Experts are stacked as llama.cpp's `mul_mat_id` indexes them, `ffn_gate_exps` [E, width, hidden]
   (numpy's order; ne reversed) and `ffn_down_exps` [E, hidden, width]; ours are transposed for x @ w.
-  The router is `ffn_gate_inp` [E, hidden]. llama.cpp renormalises the top-k weights of both
-  architectures (`expert_weights_norm` where a file says otherwise).
+  The router is `ffn_gate_inp` [E, hidden]. llama.cpp renormalises the top-k weights of Mixtral and
+  Qwen3-MoE (`expert_weights_norm` where a file says otherwise), never OLMoE's, and normalises OLMoE's
+  q and k over the whole projection (`attn_q_norm` [hidden]), Qwen3's per head.
 - GGUF has no tokenizer.json: the vocabulary, merges, special token ids and the name of the
   pre-tokenizer are metadata, and the tokenizer is rebuilt from them with `tokenizers`.
 """
@@ -31,7 +32,8 @@ _BLOCK = {
     "ffn_gate_exps": "feed_forward.experts.w1", "ffn_up_exps": "feed_forward.experts.w3",
     "ffn_down_exps": "feed_forward.experts.w2",
 }
-ARCHITECTURES = ("llama", "qwen3moe")
+ARCHITECTURES = ("llama", "qwen3moe", "olmoe")
+_EXPERT_ONLY = ("qwen3moe", "olmoe")  # architectures whose every file has experts
 _TOP = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
 # How each pre-tokenizer llama.cpp names (`tokenizer.ggml.pre`) splits text before BPE, as
@@ -77,14 +79,14 @@ def read_gguf(path: Path) -> ImportedModel:
             continue
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise UserError(f"{str(path)!r} holds a {arch!r} model; only the llama (Mixtral's too) and qwen3moe "
+        raise UserError(f"{str(path)!r} holds a {arch!r} model; only the llama (Mixtral's too), qwen3moe and olmoe "
                         f"architectures can be imported.")
     a = arch  # every model key is prefixed with the architecture's name
     if meta.get(f"{a}.rope.scaling.type", "none") not in ("none", "") or any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UserError(f"{str(path)!r} uses RoPE scaling, which this model does not implement; import a model without it.")
     required = [f"{a}.attention.head_count", f"{a}.embedding_length", f"{a}.block_count"]
-    required += [f"{a}.expert_count", f"{a}.expert_used_count", f"{a}.expert_feed_forward_length"] if a == "qwen3moe" \
-        else [f"{a}.feed_forward_length"]
+    required += [f"{a}.expert_count", f"{a}.expert_used_count"] if a in _EXPERT_ONLY else []
+    required += [f"{a}.expert_feed_forward_length"] if a == "qwen3moe" else [f"{a}.feed_forward_length"]
     for key in required:
         if key not in meta:
             raise UserError(f"{str(path)!r} lacks the metadata key {key}, which every {a} GGUF has; the file is incomplete.")
@@ -152,10 +154,12 @@ def _moe_fields(meta: dict, a: str, tensors: dict, path: Path) -> dict:
             raise UserError(f"{str(path)!r} has {t.shape[0]} experts in {name} but {a}.expert_count says {experts}; "
                             f"the file is inconsistent.")
     fields = dict(moe_experts=experts, moe_top_k=int(meta.get(f"{a}.expert_used_count", 0) or 0), moe_dense_layers=dense,
-                  moe_norm_topk=bool(meta.get(f"{a}.expert_weights_norm", True)),
+                  moe_norm_topk=bool(meta.get(f"{a}.expert_weights_norm", a != "olmoe")),
                   moe_hidden=int(meta.get(f"{a}.expert_feed_forward_length") or meta[f"{a}.feed_forward_length"]))
     if a == "qwen3moe":
         fields.update(qk_norm=True, head_dim=int(meta.get(f"{a}.attention.key_length", 0)) or None)
+    elif a == "olmoe":
+        fields.update(qk_norm=True, qk_norm_per_head=False)
     return fields
 
 

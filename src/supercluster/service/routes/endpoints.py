@@ -18,7 +18,7 @@ def routes(store: Store) -> APIRouter:
     def create_endpoint(project: str, body: EndpointIn, who: Caller = Depends(caller)) -> dict:
         """Serve a run directory from one of the project's clusters; poll until its state is ready."""
         return endpoints.create(store, who, project, body.name, body.cluster, body.run_dir, body.job, body.max_running,
-                                body.quantize)
+                                body.quantize, body.min_replicas, body.max_replicas)
 
     @router.get("/v1/projects/{project}/endpoints", tags=["endpoints"])
     def list_endpoints(project: str, who: Caller = Depends(caller)) -> list[dict]:
