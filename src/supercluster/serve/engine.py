@@ -34,7 +34,7 @@ from supercluster.serve.quantize import quantize, weight_format
 from supercluster.serve.runner import LocalRunner, StepBatch
 from supercluster.serve.sampling import Sampled, SamplingParams, is_plain_greedy, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
-from supercluster.serve.speculative import MAX_DRAFT, NgramTable
+from supercluster.serve.speculative import MAX_DRAFT, PromptLookup
 from supercluster.serve.structured import Constraint, Grammars
 from supercluster.serve.tensor_parallel import TensorParallelRunner, check_tp
 from supercluster.serve.tokens import Detokenizer, TokenText
@@ -347,12 +347,12 @@ class Engine:
         rejection sampling to keep its distribution, and a constrained one a grammar mask per
         draft position; they decode a token a step. Drafts stop where max_tokens would."""
         p = seq.params
-        k = min(self.config.speculate, most, p.max_tokens - len(seq.output) - 1)
+        k = min(most, p.max_tokens - len(seq.output) - 1)
         if p.temperature > 0 or seq.matcher is not None or k <= 0:
             return []
-        if seq.ngrams is None:
-            seq.ngrams = NgramTable()
-        return seq.ngrams.propose(seq.tokens, k)
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(self.config.speculate)
+        return seq.lookup.propose(seq.tokens, k)
 
     def _emit(self, seq: Sequence, draft: list[int], rows: torch.Tensor, greedy: list[int] | None,
               now: float, outbox: list) -> None:
@@ -373,6 +373,7 @@ class Engine:
         if draft:
             self.stats.draft_tokens += len(draft)
             self.stats.accepted_tokens += accepted
+            seq.lookup.verified(len(draft), accepted)
             if seq.finish_reason is None:  # a finished sequence has given all of its blocks back
                 self.scheduler.rollback(seq, computed + accepted)
 

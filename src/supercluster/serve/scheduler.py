@@ -43,7 +43,7 @@ class Sequence:
     detokenizer: object | None = None  # serve/tokens.py's Detokenizer: the text one token at a time
     matcher: object | None = None  # the constrained request's grammar state (serve/structured.py)
     draft: list[int] = field(default_factory=list)  # tokens guessed after `tokens`, verified in this step
-    ngrams: object | None = None  # serve/speculative.py's NgramTable of its tokens, where it speculates
+    lookup: object | None = None  # serve/speculative.py's PromptLookup: its drafts, where it speculates
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
     aborted: bool = False

@@ -15,26 +15,38 @@ n-gram size, not a scan of the context (HF's `prompt_lookup_num_tokens` scans it
 from __future__ import annotations
 
 MAX_DRAFT = 16  # --speculate's upper bound: past this a step's extra rows cost more than they save
-LONGEST_NGRAM = 4  # longest suffix matched first (vLLM's prompt_lookup_max default)
-SHORTEST_NGRAM = 2  # a single shared token is too weak a match: mostly rejected drafts, rows for nothing
+LONGEST_NGRAM = 4  # the longest suffix looked up first (vLLM's n-gram example sets prompt_lookup_max 4)
+SHORTEST_NGRAM = 2  # one shared token is too weak a match: mostly rejected drafts, rows for nothing
 
 
-class NgramTable:
-    """Where each n-gram of a sequence's tokens last occurred with at least one token after it."""
+class PromptLookup:
+    """One sequence's drafts: where each n-gram of its tokens last occurred with a token after
+    it, and how long a draft to propose next.
 
-    def __init__(self):
+    The length follows Hugging Face's heuristic schedule for assistant tokens: two longer after a
+    draft the model took whole, one shorter (down to one) after a miss. Free text rarely repeats,
+    and a rejected draft costs its rows in the step: nothing on one sequence, whose step waits on
+    reading the weights, but real work in a batch (`bench/speculative.py`)."""
+
+    def __init__(self, most: int):
+        self.most = self.length = most
         self.follows: dict[tuple[int, ...], int] = {}  # n-gram -> position of the token after its latest occurrence
         self.indexed = 0  # n-grams ending before this position are in the table
 
+    def verified(self, drafted: int, accepted: int) -> None:
+        self.length = min(self.most, self.length + 2) if accepted == drafted else max(1, self.length - 1)
+
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to `k` tokens that followed the latest earlier occurrence of the longest suffix of
-        `tokens` (LONGEST_NGRAM down to SHORTEST_NGRAM tokens); [] when none occurred before."""
+        """Up to `k` tokens (and the current draft length) that followed the latest earlier
+        occurrence of the longest suffix of `tokens` (LONGEST_NGRAM down to SHORTEST_NGRAM tokens);
+        [] when none occurred before."""
         # Every n-gram that has a token after it (so not the suffix itself), added once: later
         # occurrences overwrite earlier ones, the most recent context being the likeliest to repeat.
         for end in range(max(self.indexed, SHORTEST_NGRAM), len(tokens)):
             for n in range(SHORTEST_NGRAM, min(LONGEST_NGRAM, end) + 1):
                 self.follows[tuple(tokens[end - n:end])] = end
         self.indexed = max(self.indexed, len(tokens))
+        k = min(k, self.length)
         draft: list[int] = []
         while len(draft) < k:
             # A match near the end continues only up to the end (a loop of period p gives p tokens):
