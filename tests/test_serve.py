@@ -683,7 +683,8 @@ def children(pid: int) -> set[int]:
 
 def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
     """tp 2 (two CPU processes, each with half the heads) gives the same greedy tokens as one
-    rank, for requests of different lengths sharing steps (prefill chunks next to decodes);
+    rank, for requests of different lengths sharing steps (prefill chunks next to decodes, and
+    speculative drafts: each rank returns logits at every draft position);
     its worker is gone after shutdown, and a worker that dies fails requests instead of hanging."""
     import queue
 
@@ -692,11 +693,11 @@ def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
 
     prompts = [PROMPTS[0] * 3, PROMPTS[1], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[4] * 4]
     reference, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01)
-    engine = Engine(run_dir, EngineConfig(precision="fp32", max_step_tokens=24, kv_cache_gib=0.01, tp=2))
+    engine = Engine(run_dir, EngineConfig(precision="fp32", max_step_tokens=24, kv_cache_gib=0.01, tp=2, speculate=4))
     (worker,) = engine.runner.workers
     try:
         assert engine.cache.k.shape[2] == engine.cfg.kv_heads // 2  # each rank caches its own heads
-        assert greedy(engine, prompts, 20) == reference
+        assert greedy(engine, prompts, 20) == reference and engine.stats.accepted_tokens > 0
         assert engine.runner.problem() == ""
         worker.kill()
         worker.wait()
