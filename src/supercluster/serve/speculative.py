@@ -14,7 +14,7 @@ n-gram size, not a scan of the context (HF's `prompt_lookup_num_tokens` scans it
 
 from __future__ import annotations
 
-MAX_DRAFT = 16  # --speculate's upper bound: past this a step's extra rows cost more than they save
+MAX_DRAFT = 16  # --speculate's upper bound: a draft's rows stay a small share of a step's token budget
 LONGEST_NGRAM = 4  # the longest suffix looked up first (vLLM's n-gram example sets prompt_lookup_max 4)
 SHORTEST_NGRAM = 2  # one shared token is too weak a match: mostly rejected drafts, rows for nothing
 
@@ -34,12 +34,13 @@ class PromptLookup:
         self.indexed = 0  # n-grams ending before this position are in the table
 
     def verified(self, drafted: int, accepted: int) -> None:
+        """The model kept `accepted` of the last draft's `drafted` tokens: the next draft's length."""
         self.length = min(self.most, self.length + 2) if accepted == drafted else max(1, self.length - 1)
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        """Up to `k` tokens (and the current draft length) that followed the latest earlier
-        occurrence of the longest suffix of `tokens` (LONGEST_NGRAM down to SHORTEST_NGRAM tokens);
-        [] when none occurred before."""
+        """Up to `k` tokens (and at most the current draft length) that followed the latest
+        earlier occurrence of the longest suffix of `tokens` (LONGEST_NGRAM down to SHORTEST_NGRAM
+        tokens); [] when none occurred before."""
         # Every n-gram that has a token after it (so not the suffix itself), added once: later
         # occurrences overwrite earlier ones, the most recent context being the likeliest to repeat.
         for end in range(max(self.indexed, SHORTEST_NGRAM), len(tokens)):
