@@ -282,7 +282,8 @@ def test_bad_serve_invocations_are_one_sentence(run_dir, tmp_path):
     for flags, message in ((["--quantize", "int3"], "--quantize must be one of"), (["--threads", "0"], "--threads must be"),
                            (["--api-key-file", str(tmp_path / "missing.key")], "Cannot read --api-key-file"),
                            (["--api-key-file", str(tmp_path / "empty.key")], "holds no key"),
-                           (["--tp", "2", "--quantize", "int8"], "--quantize runs on one rank")):
+                           (["--tp", "2", "--quantize", "int8"], "--quantize runs on one rank"),
+                           (["--speculate", "17"], "--speculate must be 0 (off) to 16")):
         out = subprocess.run([str(SCRIPT), "serve", str(run_dir), "--port", str(free_port()), *flags],
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
@@ -348,23 +349,29 @@ def engine_outputs(run_dir, prompts, max_tokens, **config):
 
 
 def greedy(engine, prompts, max_tokens):
-    import queue
-
     from supercluster.serve.sampling import SamplingParams
 
+    requests = [(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)) for prompt in prompts]
+    return [[event["token"] for event in events[:-1]] for events in request_events(engine, requests)]
+
+
+def request_events(engine, requests):
+    """Every event of each (prompt, SamplingParams) request, all submitted at once, its finish last."""
+    import queue
+
     streams = []
-    for prompt in prompts:  # text, or token ids
+    for prompt, params in requests:  # text, or token ids
         ids = engine.tokenizer.encode(prompt).ids if isinstance(prompt, str) else prompt
         events = queue.Queue()
-        engine.submit(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True), events.put)
+        engine.submit(ids, params, events.put)
         streams.append(events)
     outputs = []
     for events in streams:
-        tokens = []
-        while "finish_reason" not in (event := events.get(timeout=120)):
-            assert "error" not in event, event["error"]
-            tokens.append(event["token"])
-        outputs.append(tokens)
+        got = [events.get(timeout=120)]
+        while "finish_reason" not in got[-1]:
+            assert "error" not in got[-1], got[-1]["error"]
+            got.append(events.get(timeout=120))
+        outputs.append(got)
     return outputs
 
 
@@ -379,6 +386,88 @@ def test_chunked_prefill_and_preemption_change_no_greedy_output(run_dir):
     squeezed, snap = engine_outputs(run_dir, prompts, 24, block_size=4, num_blocks=-(-longest // 4) + 2)
     assert snap["preemptions"] > 0 and squeezed == reference
     assert snap["kv_blocks_used"] == 0  # every finished sequence gave its blocks back
+
+
+def speculation_requests():
+    """Greedy requests whose drafts are accepted (repeated text, the model's own loops), ended by
+    max_tokens and a stop string inside a run of accepted drafts, with logprobs and a penalty
+    (verified per draft position), beside a sampled request (never drafted for)."""
+    from supercluster.serve.sampling import SamplingParams
+
+    def params(**kw):
+        return SamplingParams(**{"temperature": 0, "ignore_eos": True, **kw})
+
+    return [(PROMPTS[0] * 3, params(max_tokens=24)), (PROMPTS[1] * 3, params(max_tokens=13)),
+            (PROMPTS[3], params(max_tokens=20, logprobs=2)), (PROMPTS[2] * 2, params(max_tokens=20, frequency_penalty=0.5)),
+            (PROMPTS[4], params(max_tokens=30, stop=["      "])), ("x = [1, 2]\nx = [", params(max_tokens=12)),
+            (PROMPTS[2] * 4, SamplingParams(max_tokens=16, temperature=1.0, seed=3))]
+
+
+def spoil_every_other_draft(engine) -> None:
+    """Change the third token of every other draft: the model rejects it there, after keeping the
+    first two where it would (the tiny model's own loops), whatever the freshly trained model writes."""
+    propose, calls = engine.scheduler.propose, iter(range(10**9))
+
+    def spoiled(seq, most):
+        draft = propose(seq, most)
+        if len(draft) >= 3 and next(calls) % 2:
+            draft[2] = (draft[2] + 1) % engine.cfg.vocab_size
+        return draft
+
+    engine.scheduler.propose = spoiled
+
+
+@pytest.mark.parametrize("quantize", ["none", "int4"])
+def test_speculative_decoding_changes_no_greedy_output(run_dir, quantize):
+    """With prompt-lookup drafts (`speculate`) every greedy request gets the tokens, text,
+    log-probabilities and finish it gets decoding a token a step, in a batch with others and
+    prompts prefilled in chunks, on the model's own forward and on the int4 one-call decoder
+    (logits at every draft position from both); drafts are accepted, rejected at once and in part
+    (rolled back out of the cache), counted, and every block comes back."""
+    from supercluster.serve.engine import Engine, EngineConfig
+
+    runs = {}
+    for speculate in (0, 4):
+        engine = Engine(run_dir, EngineConfig(precision="fp32", quantize=quantize, max_step_tokens=16, speculate=speculate))
+        try:
+            free = engine.cache.pool.available()
+            if speculate:
+                spoil_every_other_draft(engine)
+            runs[speculate] = request_events(engine, speculation_requests()), engine.snapshot()
+            assert engine.cache.pool.available() == free and engine.snapshot()["kv_blocks_used"] == 0
+        finally:
+            engine.shutdown()
+    (plain, before), (drafted, after) = runs[0], runs[4]
+    assert before["draft_tokens"] == 0 and 0 < after["accepted_tokens"] < after["draft_tokens"]
+    assert plain[1][-1]["completion_tokens"] == 13 and plain[4][-1]["finish_reason"] == "stop"  # cut mid-run
+    for want, got in zip(plain[:-1], drafted[:-1]):
+        (want, want_floats), (got, got_floats) = _floats_apart(want), _floats_apart(got)
+        assert got == want and got_floats == pytest.approx(want_floats, abs=1e-4)
+    assert drafted[-1][-1]["completion_tokens"] == 16
+
+
+def test_a_speculating_server_streams_each_accepted_token_and_counts_acceptance(run_dir, client):
+    """`serve --speculate 4`: several tokens of one step stream as a chunk each, with the usage
+    so far, the same text as a whole answer and as a server without drafts; /metrics counts the
+    drafted and accepted tokens."""
+    body = {"max_tokens": 10, "logprobs": 1, "extra_body": {"ignore_eos": True}}
+    prompt = PROMPTS[0] * 2
+    proc, base = start_server(run_dir, "--speculate", "4")
+    try:
+        drafting = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0)
+        whole = drafting.completions.create(model="tiny-run", prompt=prompt, temperature=0, **body).choices[0]
+        chunks = list(drafting.completions.create(model="tiny-run", prompt=prompt, temperature=0, stream=True, **body,
+                                                stream_options={"include_usage": True, "continuous_usage_stats": True}))
+        accepted = metric(base, "supercluster_spec_decode_num_accepted_tokens")
+        drafted = metric(base, "supercluster_spec_decode_num_draft_tokens")
+        assert 0 < accepted <= drafted and metric(base, "supercluster_spec_decode_acceptance_rate") == accepted / drafted
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert [c.usage.completion_tokens for c in chunks] == [*range(1, 11), 10, 10]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices and c.choices[0].logprobs) == 10
+    assert whole.text == complete(client, prompt, **body)  # the server without drafts
 
 
 @pytest.mark.parametrize("route, body", [
@@ -594,7 +683,8 @@ def children(pid: int) -> set[int]:
 
 def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
     """tp 2 (two CPU processes, each with half the heads) gives the same greedy tokens as one
-    rank, for requests of different lengths sharing steps (prefill chunks next to decodes);
+    rank, for requests of different lengths sharing steps (prefill chunks next to decodes, and
+    speculative drafts: each rank returns logits at every draft position);
     its worker is gone after shutdown, and a worker that dies fails requests instead of hanging."""
     import queue
 
@@ -603,11 +693,11 @@ def test_tensor_parallel_greedy_output_equals_one_rank(run_dir):
 
     prompts = [PROMPTS[0] * 3, PROMPTS[1], PROMPTS[2] * 2, PROMPTS[3], PROMPTS[4] * 4]
     reference, _ = engine_outputs(run_dir, prompts, 20, max_step_tokens=24, kv_cache_gib=0.01)
-    engine = Engine(run_dir, EngineConfig(precision="fp32", max_step_tokens=24, kv_cache_gib=0.01, tp=2))
+    engine = Engine(run_dir, EngineConfig(precision="fp32", max_step_tokens=24, kv_cache_gib=0.01, tp=2, speculate=4))
     (worker,) = engine.runner.workers
     try:
         assert engine.cache.k.shape[2] == engine.cfg.kv_heads // 2  # each rank caches its own heads
-        assert greedy(engine, prompts, 20) == reference
+        assert greedy(engine, prompts, 20) == reference and engine.stats.accepted_tokens > 0
         assert engine.runner.problem() == ""
         worker.kill()
         worker.wait()

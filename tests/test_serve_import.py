@@ -13,6 +13,7 @@ from supercluster.model.transformer import generate
 from supercluster.model.weights import WEIGHTS_FILE
 from supercluster.serve.importing import default_model_path, import_model
 from supercluster.train.sample import load_trained
+from test_serve import request_events
 
 TEXTS = [
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # 42\n",
@@ -388,3 +389,37 @@ def test_default_weights_are_the_gguf_blocks_and_answer_as_fp32(smol_run):
     # weights off any 4-bit grid: auto keeps fp32
     off_grid = torch.nn.Sequential(torch.nn.Linear(64, 32))
     assert weight_format(quantize(off_grid, "auto")) == "none" and not isinstance(off_grid[0], BlockLinear)
+
+
+def test_speculative_decoding_keeps_the_imported_models_greedy_answers(smol_run):
+    """Prompt-lookup drafts on SmolLM2 through its default int4 one-call decoder: asked to repeat
+    a snippet it accepts most of them, answering freely it rejects most, and every answer is the
+    one decoding a token a step gives (in a batch, there), also where a stop string ends it
+    inside a draft the model accepts (" height" "\n", then nothing past the stop). Speculation is switched off and on in one engine (its
+    scheduler's `propose`) to load the model once."""
+    from supercluster.serve.engine import Engine, EngineConfig
+    from supercluster.serve.sampling import SamplingParams
+
+    engine = Engine(smol_run, EngineConfig(kv_cache_gib=0.05, speculate=4))
+    try:
+        assert engine.runner.fused is not None
+        asks = ["Repeat this code exactly:\n\ndef area(width, height):\n    return width * height\n",
+                "Tell me about the moon."]
+        prompts = [engine.tokenizer.encode(render(smol_run, [{"role": "user", "content": ask}], True),
+                                           add_special_tokens=False).ids for ask in asks]
+        requests = [(prompts[0], SamplingParams(max_tokens=40, temperature=0)),
+                    (prompts[1], SamplingParams(max_tokens=40, temperature=0)),
+                    (prompts[0], SamplingParams(max_tokens=40, temperature=0, stop=["height\n"]))]
+        propose, engine.scheduler.propose = engine.scheduler.propose, None
+        plain = request_events(engine, requests)
+        engine.scheduler.propose = propose
+        drafted, rates = [], []
+        for request in requests:
+            before = engine.stats.draft_tokens, engine.stats.accepted_tokens
+            drafted += request_events(engine, [request])
+            rates.append((engine.stats.accepted_tokens - before[1]) / max(1, engine.stats.draft_tokens - before[0]))
+        assert drafted == plain
+        # the snippet's copy is drafted from the prompt (then the model explains it in its own words)
+        assert plain[2][-1]["finish_reason"] == "stop" and rates[2] > 0.5 > rates[1] and rates[0] > rates[1], rates
+    finally:
+        engine.shutdown()

@@ -9,6 +9,10 @@ frees its blocks, also in the middle of its prefill.
 A runner (`serve/runner.py`) runs each step's forward pass: in this process, or with `tp` > 1
 split tensor-parallel over that many CPU processes (`serve/tensor_parallel.py`); scheduling and
 sampling stay here either way.
+
+With `speculate` > 0 a greedy sequence's step also carries up to that many draft tokens found by
+prompt lookup (`serve/speculative.py`); the step's logits at each draft position decide how many
+are kept (`_emit`), so the output is the one decoding a token at a time gives.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from supercluster.serve.quantize import quantize, weight_format
 from supercluster.serve.runner import LocalRunner, StepBatch
 from supercluster.serve.sampling import Sampled, SamplingParams, is_plain_greedy, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
+from supercluster.serve.speculative import MAX_DRAFT, PromptLookup
 from supercluster.serve.structured import Constraint, Grammars
 from supercluster.serve.tensor_parallel import TensorParallelRunner, check_tp
 from supercluster.serve.tokens import Detokenizer, TokenText
@@ -46,12 +51,15 @@ class EngineConfig:
     precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
     quantize: str = "auto"  # how linear layers hold their weights: serve/quantizations.py
     tp: int = 1  # tensor-parallel CPU ranks (processes) the model is split over
+    speculate: int = 0  # draft tokens per step by prompt lookup for greedy requests (0: off)
 
 
 @dataclass
 class Stats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    draft_tokens: int = 0  # speculative decoding: tokens proposed and verified
+    accepted_tokens: int = 0  # of which the model chose the same (emitted without a step of their own)
     # Drained by the metrics exporter; bounded, so a server nobody scrapes does not grow forever.
     ttft_s: deque = field(default_factory=lambda: deque(maxlen=10_000))
     tpot_s: deque = field(default_factory=lambda: deque(maxlen=10_000))
@@ -64,6 +72,8 @@ class Engine:
         from supercluster.train.sample import load_trained
 
         self.config = config or EngineConfig()
+        if not 0 <= self.config.speculate <= MAX_DRAFT:  # before the model loads: a typo fails in a second
+            raise UserError(f"--speculate must be 0 (off) to {MAX_DRAFT} draft tokens, got {self.config.speculate}.")
         run_dir = Path(run_dir)
         # Tensor-parallel ranks are local CPU processes joined by gloo.
         self.device = select_device() if self.config.tp == 1 else torch.device("cpu")
@@ -115,7 +125,7 @@ class Engine:
                                                self.precision == "bf16")
         self.cache = self.runner.cache
         self.scheduler = Scheduler(self.cache.pool, self.config.block_size, self.config.max_running,
-                                   self.config.max_step_tokens)
+                                   self.config.max_step_tokens, self._propose if self.config.speculate else None)
         self.stats = Stats()
         self._lock = threading.Condition()
         self._inbox: list[Sequence] = []
@@ -293,17 +303,21 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return
-        step = StepBatch([], [])
+        step = StepBatch([], [], [])
         for seq, count in batch:
-            step.tokens += seq.tokens[seq.computed:seq.computed + count]
+            step.tokens += seq.tokens[seq.computed:seq.computed + count - len(seq.draft)] + seq.draft
             step.seqs.append((seq.computed, count, seq.blocks))
+            step.logits.append(1 + len(seq.draft))
         small = self.bf16_from_tokens is not None and len(step.tokens) < self.bf16_from_tokens
         with torch.autocast(self.device.type, enabled=False) if small else contextlib.nullcontext():
             logits = self.runner.run(step)
         now = time.monotonic()
+        first_row = [0]  # each sequence's first row of logits: a verifying one has a row per draft token too
+        for rows in step.logits:
+            first_row.append(first_row[-1] + rows)
         # Constrained rows that sample this step get their grammar's mask, in place, before any
-        # argmax or sampling: they share the step with the free ones.
-        constrained = [(i, seq.matcher) for i, (seq, count) in enumerate(batch)
+        # argmax or sampling: they share the step with the free ones (and are never drafted for).
+        constrained = [(first_row[i], seq.matcher) for i, (seq, count) in enumerate(batch)
                        if seq.matcher is not None and seq.computed + count >= len(seq.tokens)]
         if constrained:
             logits = logits.float()
@@ -312,17 +326,56 @@ class Engine:
         # the whole batch instead of a sampling call each.
         greedy = logits.argmax(dim=-1).tolist() if any(is_plain_greedy(seq.params) for seq, _ in batch) else None
         outbox: list[tuple[object, dict]] = []
-        for i, ((seq, count), row) in enumerate(zip(batch, logits)):
-            seq.computed += count
+        for i, (seq, count) in enumerate(batch):
+            draft, seq.draft = seq.draft, []
+            seq.computed += count - len(draft)
             self.scheduler.publish_full_blocks(seq)
             if seq.computed < len(seq.tokens):
                 continue  # a prefill chunk: more of the prompt to go
-            drawn = Sampled(greedy[i]) if greedy and is_plain_greedy(seq.params) else sample(row, seq.params, seq.output, seq.generator, seq.prompt)
-            self._append(seq, drawn, now, outbox)
+            rows = slice(first_row[i], first_row[i + 1])
+            self._emit(seq, draft, logits[rows], greedy and greedy[rows], now, outbox)
         # The step's events leave together, after its work: a listener woken by the first (the
         # API's event loop) finds them all at once instead of taking the CPU once per sequence.
         for emit, event in outbox:
             emit(event)
+
+    # ---- speculative decoding --------------------------------------------------------------------
+
+    def _propose(self, seq: Sequence, most: int) -> list[int]:
+        """Draft tokens for `seq`'s step (the scheduler's `propose`). Only greedy requests are
+        drafted for: their verification is an exact comparison. A sampled request would need
+        rejection sampling to keep its distribution, and a constrained one a grammar mask per
+        draft position; they decode a token a step. Drafts stop where max_tokens would."""
+        p = seq.params
+        k = min(most, p.max_tokens - len(seq.output) - 1)
+        if p.temperature > 0 or seq.matcher is not None or k <= 0:
+            return []
+        if seq.lookup is None:
+            seq.lookup = PromptLookup(self.config.speculate)
+        return seq.lookup.propose(seq.tokens, k)
+
+    def _emit(self, seq: Sequence, draft: list[int], rows: torch.Tensor, greedy: list[int] | None,
+              now: float, outbox: list) -> None:
+        """Emit the token the model chooses at each of the sequence's rows of the step while they
+        equal its draft (row j follows draft[j - 1]), then the first one that does not, or the one
+        after the whole draft: without a draft the one token of its step; with one, one to
+        len(draft) + 1 tokens, each as decoding alone would have chosen it (logprobs and
+        penalties included, from the same rows). A stop, EOS or max_tokens ends the run there,
+        and the cache keeps the accepted drafts and forgets the rest."""
+        computed, accepted = seq.computed, 0
+        for j, row in enumerate(rows):
+            drawn = Sampled(greedy[j]) if greedy and is_plain_greedy(seq.params) else sample(row, seq.params, seq.output, seq.generator, seq.prompt)
+            self._append(seq, drawn, now, outbox)
+            hit = j < len(draft) and drawn.token == draft[j]
+            accepted += hit
+            if not hit or seq.finish_reason is not None:
+                break
+        if draft:
+            self.stats.draft_tokens += len(draft)
+            self.stats.accepted_tokens += accepted
+            seq.lookup.verified(len(draft), accepted)
+            if seq.finish_reason is None:  # a finished sequence has given all of its blocks back
+                self.scheduler.rollback(seq, computed + accepted)
 
     def _append(self, seq: Sequence, drawn, now: float, outbox: list) -> None:
         if seq.first_token_at is None:
@@ -378,5 +431,7 @@ class Engine:
                 "kv_blocks_total": self.cache.pool.num_blocks,
                 "prefix_cache_hits": self.cache.pool.prefix_hits,
                 "preemptions": self.scheduler.preemptions,
+                "draft_tokens": self.stats.draft_tokens,
+                "accepted_tokens": self.stats.accepted_tokens,
             }
 

@@ -130,17 +130,19 @@ class StepAttention:
     Otherwise decoding sequences attend in one padded SDPA call per layer, their padded keys
     masked out, and prefill chunks one sequence at a time with their causal mask."""
 
-    def __init__(self, cache: PagedKVCache, seqs: list[tuple[int, int, list[int]]], device: torch.device):
+    def __init__(self, cache: PagedKVCache, seqs: list[tuple[int, int, list[int]]], device: torch.device,
+                 logits: list[int] = ()):
         self.cache, self.seqs, self.device = cache, seqs, device
-        positions, token_seq, last, tables = [], [], [], []
+        positions, token_seq, wanted, tables = [], [], [], []
         for i, (start, count, blocks) in enumerate(seqs):
             positions += range(start, start + count)
             token_seq += [i] * count
-            last.append(len(positions) - 1)
+            # its last new token, or its last few where the step verifies drafts (speculative decoding)
+            wanted += range(len(positions) - (logits[i] if logits else 1), len(positions))
             tables.append(blocks)
         widest = max(map(len, tables))
         self.positions = torch.tensor(positions, device=device)
-        self.logits_index = torch.tensor(last, device=device)  # each sequence's last new token
+        self.logits_index = torch.tensor(wanted, device=device)  # the packed tokens whose logits are wanted
         self.token_seq = torch.tensor(token_seq, device=device)
         self.block_tables = torch.tensor([t + [0] * (widest - len(t)) for t in tables], device=device)
         self.kernel = cache.kernel

@@ -23,7 +23,13 @@ class ServeMetrics:
         self.generated = Counter("supercluster_generation_tokens", "Tokens generated.", registry=r)
         self.prefix_hits = Counter("supercluster_prefix_cache_hit_blocks", "Prompt blocks reused from the prefix cache.",
                                    registry=r)
-        self._seen = {"prompt": 0, "generated": 0, "prefix": 0}
+        # Speculative decoding (vLLM's spec_decode counters): acceptance rate = accepted / draft tokens.
+        self.drafted = Counter("supercluster_spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", registry=r)
+        self.accepted = Counter("supercluster_spec_decode_num_accepted_tokens", "Draft tokens the model chose too.",
+                                registry=r)
+        self.acceptance = Gauge("supercluster_spec_decode_acceptance_rate", "Accepted over drafted tokens since the start.",
+                                registry=r)
+        self._seen = {"prompt": 0, "generated": 0, "prefix": 0, "drafted": 0, "accepted": 0}
 
     def render(self) -> bytes:
         stats, snap = self.engine.stats, self.engine.snapshot()
@@ -37,7 +43,10 @@ class ServeMetrics:
         self.blocks_total.set(snap["kv_blocks_total"])
         for key, counter, value in (("prompt", self.prompt, stats.prompt_tokens),
                                     ("generated", self.generated, stats.generation_tokens),
-                                    ("prefix", self.prefix_hits, snap["prefix_cache_hits"])):
+                                    ("prefix", self.prefix_hits, snap["prefix_cache_hits"]),
+                                    ("drafted", self.drafted, snap["draft_tokens"]),
+                                    ("accepted", self.accepted, snap["accepted_tokens"])):
             counter.inc(value - self._seen[key])
             self._seen[key] = value
+        self.acceptance.set(snap["accepted_tokens"] / snap["draft_tokens"] if snap["draft_tokens"] else 0.0)
         return generate_latest(self.registry)

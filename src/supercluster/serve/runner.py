@@ -1,4 +1,5 @@
-"""What runs the model for the engine: one step's packed batch in, each sequence's last logits out.
+"""What runs the model for the engine: one step's packed batch in, each sequence's last logits out
+(its last few, for a sequence whose step verifies draft tokens).
 
 The engine's scheduler decides what a step computes and describes it as a `StepBatch` of plain
 Python values; a runner turns that into tensors, hands the model its `StepAttention` and returns
@@ -9,7 +10,7 @@ rank runs this same code on its share of the heads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +24,7 @@ class StepBatch:
 
     tokens: list[int]  # every sequence's new tokens, packed in order
     seqs: list[tuple[int, int, list[int]]]  # per sequence: position of its first new token, new tokens, block table
+    logits: list[int] = field(default_factory=list)  # per sequence: logits of its last this many tokens (none given: 1)
 
 
 class LocalRunner:
@@ -47,8 +49,8 @@ class LocalRunner:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> torch.Tensor:
-        """Logits [sequences, vocab] at each sequence's last new token."""
-        cache = StepAttention(self.cache, batch.seqs, self.device)
+        """Logits [rows, vocab]: each sequence's last `batch.logits` new tokens (its last one by default), in order."""
+        cache = StepAttention(self.cache, batch.seqs, self.device, batch.logits)
         if self.device.type == "cpu":
             threads = 1 if len(batch.tokens) <= self.FEW_TOKENS else self.threads
             if threads != torch.get_num_threads():

@@ -7,6 +7,11 @@ starts from the longest prefix of its prompt already in the cache. When a runnin
 needs a block and none is free, the youngest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue, to be recomputed later (vLLM's recompute
 preemption).
+
+With speculative decoding on, a sequence whose step ends its known tokens may get draft tokens
+appended (`propose`), from what is left of the step's budget and of the free blocks once every
+sequence's own tokens are in: drafts never delay another sequence or preempt one. `rollback`
+then shrinks a sequence back to the tokens its step verified.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ class Sequence:
     text: str = ""  # detokenized output so far
     detokenizer: object | None = None  # serve/tokens.py's Detokenizer: the text one token at a time
     matcher: object | None = None  # the constrained request's grammar state (serve/structured.py)
+    draft: list[int] = field(default_factory=list)  # tokens guessed after `tokens`, verified in this step
+    lookup: object | None = None  # serve/speculative.py's PromptLookup: its drafts, where it speculates
     sent: int = 0  # characters of `text` already emitted
     finish_reason: str | None = None
     aborted: bool = False
@@ -48,8 +55,9 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_running: int, max_step_tokens: int):
+    def __init__(self, pool: BlockPool, block_size: int, max_running: int, max_step_tokens: int, propose=None):
         self.pool, self.block_size = pool, block_size
+        self.propose = propose  # callable(sequence, most tokens) -> draft tokens, or None: no speculation
         self.max_running, self.max_step_tokens = max_running, max_step_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -107,7 +115,26 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, count))
             budget -= count
+        if self.propose is not None:
+            for i, (seq, count) in enumerate(batch):
+                if budget <= 0:
+                    break
+                if seq.computed + count != len(seq.tokens):
+                    continue  # mid-prompt: no logits this step to check a guess against
+                draft = self.propose(seq, budget)
+                if draft and self._grow(seq, seq.computed + count + len(draft)):
+                    seq.draft = draft
+                    batch[i] = (seq, count + len(draft))
+                    budget -= len(draft)
         return batch
+
+    def rollback(self, seq: Sequence, computed: int) -> None:
+        """Keep the cache's first `computed` positions of `seq` (a rejected draft's keys and values
+        lie past them) and free the blocks beyond its tokens."""
+        seq.computed = computed
+        keep = -(-len(seq.tokens) // self.block_size)
+        self.pool.release(seq.blocks[keep:])
+        del seq.blocks[keep:]
 
     def finish(self, seq: Sequence) -> None:
         if seq in self.running:
