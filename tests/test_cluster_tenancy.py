@@ -125,12 +125,14 @@ def test_a_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path
     clusters.create_cluster(db, "low", 1, owner="batch")
     config = tmp_path / "tiny.toml"
     config.write_text("")
-    job = jobs.submit_job(db, "low", str(config), tiny(small_corpus, 24), max_restarts=0)
+    # A tiny step takes about 5 ms on a quiet core: 150 steps keep the run going well past its first
+    # checkpoint (step 20) while the test preempts it; with 24 it could finish before the preemption.
+    job = jobs.submit_job(db, "low", str(config), [*tiny(small_corpus, 150), "train.checkpoint_every=20"], max_restarts=0)
     checkpoints = Path(job["run_dir"]) / "checkpoints"
     deadline = time.monotonic() + 240
     while checkpoint.latest(checkpoints) is None and time.monotonic() < deadline:  # a complete one
         assert jobs.job_status(db, job["id"])["state"] in ("pending", "running")
-        time.sleep(0.5)
+        time.sleep(0.02)
     assert checkpoint.latest(checkpoints), Path(jobs.log_path(db, job["id"])).read_text()[-3000:]
 
     high = clusters.create_cluster(db, "high", 1, priority=1, owner="urgent")

@@ -83,6 +83,10 @@ class Engine:
         # features (SmolLM2's reach 2.5e4, where bf16 steps by 128) and stops answering right.
         self.model = load_trained(run_dir).to(self.device).eval()
         self.cfg = self.model.cfg
+        # The run's own files are checked before the slow steps (quantizing, a first kernel build).
+        self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
+        self.chat = load_chat(run_dir, self.tokenizer)
+        self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)
         check_tp(self.config.tp, self.cfg.heads, self.cfg.kv_heads)
         if self.config.tp > 1 and (self.cfg.is_moe or (self.cfg.qk_norm and not self.cfg.qk_norm_per_head)):
             # the split shards matrices by name, not experts; a norm over all heads would see a rank's share only
@@ -107,9 +111,6 @@ class Engine:
         # every layer and is bound by memory there, so int4 keeps fp16 keys and values, as llama.cpp
         # does by default (the attention kernel computes in fp32 from them).
         self.kv_dtype = torch.float16 if self.quantize.startswith("int4") else self.dtype
-        self.tokenizer, self.eos_ids = load_tokenizer_and_specials(run_dir)
-        self.chat = load_chat(run_dir, self.tokenizer)
-        self.token_text = TokenText(self.tokenizer, self.cfg.vocab_size)
         self._grammars: Grammars | None = None  # built at the first constrained request (a second or two)
         self._grammars_lock = threading.Lock()
         self.name = run_dir.name
