@@ -272,6 +272,40 @@ def test_first_step_loss_is_the_masked_mean_of_its_batch(chat_run, chat_data, tm
     assert abs(summary["loss"] - total / count) < 1e-4
 
 
+def test_chat_data_in_a_mixture_is_the_masked_mean_of_its_global_batch(chat_run, chat_data, tmp_path):
+    """Chat data read through data.mix (windows of the token stream, the loss mask kept): the
+    trainer's step-1 loss and its evaluation are the mean over every counted target of the
+    global batch, not a mean of per-microbatch means."""
+    from supercluster.data.mixture import open_prepared
+    from supercluster.train.config import load_config
+    from supercluster.train.finetune import start_from
+    from supercluster.train.sample import load_trained
+    from supercluster.train.worker import run
+
+    out = start_from(chat_run, tmp_path / "ft")
+    cfg = load_config(out / "config.toml", [f"data.mix=[{{path = {json.dumps(str(chat_data))}, weight = 1.0}}]",
+                                            "train.steps=1", "train.eval_every=1", "train.eval_batches=1",
+                                            "data.val_fraction=0.3", "train.micro_batch=1"])
+    summary = run(cfg)
+    data = open_prepared(None, cfg.data.mix, cfg.data.val_fraction, 512, None)
+    x, y = data.sampler(cfg.train.seq_len, cfg.train.global_batch, 0, 1, cfg.data.seed).next()
+    counts = (y != IGNORE).sum(dim=1)
+    assert len(set(counts.tolist())) > 1  # rows count different numbers of targets: the two means differ
+    model = load_trained(chat_run).eval()
+
+    def masked_mean(x, y) -> float:
+        with torch.no_grad():
+            logits = model(x)
+        return float(F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
+                     / (y != IGNORE).sum())
+
+    assert summary["tokens_counted"] == int(counts.sum())
+    assert abs(summary["loss"] - masked_mean(x, y)) < 1e-4
+    (vx, vy), = data.eval_batches(cfg.train.seq_len, cfg.train.global_batch, 1, 0, 1, cfg.data.seed + 1)
+    model = load_trained(out).eval()  # after the step
+    assert abs(summary["val_loss"] - masked_mean(vx, vy)) < 1e-4
+
+
 def test_train_run_dir_writes_a_new_run_that_sample_eval_and_export_read(chat_run, chat_data, tmp_path, capsys):
     from supercluster.cli.main import main
 

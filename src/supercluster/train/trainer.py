@@ -105,6 +105,9 @@ class Trainer:
             check_splits(cfg, len(self.data.train), len(self.data.val))  # validation never reads training tokens
             self.sampler = BatchSampler(self.data.train, t.seq_len, t.global_batch, dp_rank, self.dims.dp, cfg.data.seed)
         self.dp_rank = dp_rank
+        # Targets a loss mask leaves out (chat data, packed or inside a mixture): the loss of a step
+        # is then the mean over the targets that count in the whole global batch, not per microbatch.
+        self.masked = self.packed is not None or (self.prepared and any(s.mask is not None for s in self.data.train))
         # The ranks a loss is averaged over (data and context parallel), and the pipeline.
         self.loss_mesh = self.mesh["dp_cp"] if self.mesh is not None and self.dims.dp * self.dims.cp > 1 else None
         self.pp_mesh = self.mesh["pp"] if self.dims.pp > 1 else None
@@ -184,7 +187,7 @@ class Trainer:
         return cross_entropy(logits, y) if denominator is None else masked_loss(logits, y, denominator)
 
     def _packed_denominator(self, y_all) -> torch.Tensor:
-        """What each microbatch's summed loss of packed rows is divided by, so that the loss of the
+        """What each microbatch's summed loss of masked rows is divided by, so that the loss of the
         step is the mean over every counted target of the global batch, whichever rank and
         microbatch holds them (`train.packed.masked_loss`)."""
         group = self.loss_mesh.get_group() if self.loss_mesh is not None else None
@@ -220,9 +223,9 @@ class Trainer:
         if self.schedule is not None:
             total = self._run_pipeline(x_all, y_all, train=True)
         else:
-            # Packed rows (chat data, document masking): their document ids, and the global count of targets.
+            # Packed rows (chat data, document masking): their document ids; masked targets: their global count.
             docs = documents[0].to(self.device) if self.packed is not None and self.packed.isolate else None
-            denominator = self._packed_denominator(y_all) if self.packed is not None else None
+            denominator = self._packed_denominator(y_all) if self.masked else None
             total = torch.zeros((), device=self.device)
             for i in range(self.accum):
                 if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP: reduce once, after the last
@@ -294,7 +297,7 @@ class Trainer:
         else:
             batches = eval_batches(self.data.val, t.seq_len, t.global_batch, t.eval_batches, self.dp_rank, self.dims.dp,
                                    self.cfg.data.seed + 1)
-        total = torch.zeros((), device=self.device)
+        total, counted = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for x, y in batches:
             x, y = self.sequence.shard(x.to(self.device), y.to(self.device))
             if self.schedule is not None:
@@ -302,9 +305,18 @@ class Trainer:
             else:
                 for i in range(self.accum):
                     sl = slice(i * self.micro_batch, (i + 1) * self.micro_batch)
-                    total += self.loss_of(x[sl], y[sl]) / self.accum
+                    if self.masked:  # summed, and divided once by the count of every rank's targets
+                        total += self.loss_of(x[sl], y[sl], None, 1.0)
+                        counted += (y[sl] != IGNORE).sum()
+                    else:
+                        total += self.loss_of(x[sl], y[sl]) / self.accum
         for part in self.model_parts:
             part.train()
+        if self.masked and self.schedule is None:
+            if self.loss_mesh is not None:
+                dist.all_reduce(total, group=self.loss_mesh.get_group())
+                dist.all_reduce(counted, group=self.loss_mesh.get_group())
+            return float(total / counted.clamp(min=1))
         return self._mean_loss(total / t.eval_batches)
 
     @torch.no_grad()
@@ -371,7 +383,7 @@ class Trainer:
                     "tokens_per_s": tokens_per_s,
                     "mfu": self.flops_per_token * tokens_per_s / (self.peak.tflops * 1e12 * self.world),
                     "mem_gib": mem, "step_time_s": step_time, "grad_norm": grad_norm,
-                    **({"tokens_counted": self.tokens_counted} if self.packed is not None else {}),
+                    **({"tokens_counted": self.tokens_counted} if self.masked and self.schedule is None else {}),
                     **self.rank_stats.gather(self.rank_step_time, mem), **self.moe_metrics,
                 }
                 if self.world > 1 and self.step == measure_comm_at:
