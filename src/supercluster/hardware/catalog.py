@@ -215,6 +215,17 @@ NODE_TYPES: dict[str, NodeType] = {
         "hgx-h800", "h800", 8, 400.0, 400.0,
         source="DeepSeek-V3 report sec. 3.2.2: 8x H800 per node, NVLink (160 GB/s achieved), 8x 400 Gb/s IB (50 GB/s per GPU)",
     ),
+    "ibm-a100-400g": NodeType(
+        "ibm-a100-400g", "a100-80gb", 8, 600.0, 50.0,
+        source="IBM's A100 cluster in 'Maximizing training throughput using PyTorch FSDP' (PyTorch blog, IBM and Meta, "
+        "2024-03-13): 8x A100 80GB, NVLink3, '400Gbps inter-node interconnect' with GPU direct RDMA, read as per node "
+        "(50 Gb/s per GPU)",
+    ),
+    "ibm-h100-800g": NodeType(
+        "ibm-h100-800g", "h100", 8, 900.0, 100.0,
+        source="IBM's H100 cluster in the same blog: 8x H100 80GB, NVLink4, '800Gbps inter-node interconnect', read as "
+        "per node (100 Gb/s per GPU)",
+    ),
     "dgx-b200": NodeType(
         "dgx-b200", "b200", 8, 1800.0, 400.0,
         source="DGX B200 datasheet: 8x B200, NVLink5 1.8 TB/s per GPU, 8x single-port ConnectX-7 400 Gb/s (not verified here)",

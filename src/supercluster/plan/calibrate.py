@@ -261,8 +261,17 @@ def _is_fp8(row: Row) -> bool:
 def fit(rows: list[Row]) -> dict[str, dict]:
     """Per profile, its two constants fitted on its own rows: the 16-bit GEMM efficiency on
     its 16-bit rows, then the FP8 one on its FP8 rows. A profile without rows of a kind takes
-    that constant fitted on all these rows of that kind pooled (each row with its own profile)."""
-    wide, narrow = [r for r in rows if not _is_fp8(r)], [r for r in rows if _is_fp8(r)]
+    that constant fitted on all these rows of that kind pooled (each row with its own profile).
+
+    Only dense rows are fitted; MoE rows are judged (leave-one-source-out, intervals) but not
+    fitted. The constants are the share of the matmul rate the stack's kernels keep; an MoE
+    row's error is dominated by the model's least certain terms (grouped expert GEMMs, the
+    all-to-all, routing imbalance: 52% left-out error on Megatron-Bridge's MoE tables), which
+    a GEMM efficiency would otherwise absorb and carry into dense predictions. With Together's
+    two BF16 MoE rows fitted, the megatron profile's 16-bit constant moved from 0.89 to 0.96
+    and the Megatron README's left-out error from 7.8% to 10.8%; fitted on dense rows, 7.3%."""
+    dense = [r for r in rows if not _is_moe(r)]
+    wide, narrow = [r for r in dense if not _is_fp8(r)], [r for r in dense if _is_fp8(r)]
     pooled_g = _fit_one(wide, "gemm_efficiency", {}) if wide else REFERENCE["gemm_efficiency"]
     pooled_f = (_fit_one(narrow, "fp8_efficiency", {"gemm_efficiency": pooled_g}) if narrow
                 else pooled_g)
@@ -309,11 +318,17 @@ def _quantile(values: list[float], q: float) -> float:
     return xs[lo] + (pos - lo) * (xs[hi] - xs[lo])
 
 
-# A class keeps its own interval only with this many left-out residuals from this many
-# sources; else it takes the pooled one. One source's residuals are correlated (one team,
-# one cluster, one convention): its spread says little about a new source's.
+# A class keeps its own interval with this many left-out residuals from this many sources;
+# else it takes the pooled one. One source's residuals are correlated (one team, one cluster,
+# one convention): its spread says little about a new source's, and a few sources are a few
+# samples of the between-source offset. A class from fewer than MIN_CLASS_SOURCES (but at
+# least two) sources is therefore never narrower than the pooled interval: it takes the
+# envelope of both, so a class that misses widely (MoE today) still says so. Judged on
+# left-out sources (each source against intervals built from the others, tests/test_plan.py;
+# 176 rows from 14 sources), own intervals from 2 sources held 63% of the runs inside their
+# 80% intervals, from 3 sources 70%; the envelope rule below holds about the stated share.
 MIN_CLASS_ROWS = 8
-MIN_CLASS_SOURCES = 2
+MIN_CLASS_SOURCES = 4
 
 
 def intervals(rows: list[Row], loso: dict[str, dict], coverage: float = INTERVAL_COVERAGE) -> dict:
@@ -328,10 +343,21 @@ def intervals(rows: list[Row], loso: dict[str, dict], coverage: float = INTERVAL
             ratios.setdefault(key, []).append(ratio)
             sources.setdefault(key, set()).add(row.source)
     tail = (1 - coverage) / 2
-    return {key: {"ratio": [round(_quantile(v, tail), 4), round(_quantile(v, 1 - tail), 4)], "rows": len(v),
-                  "sources": len(sources[key])}
-            for key, v in sorted(ratios.items())
-            if key == "all" or (len(v) >= MIN_CLASS_ROWS and len(sources[key]) >= MIN_CLASS_SOURCES)}
+
+    def central(v: list[float]) -> list[float]:
+        return [round(_quantile(v, tail), 4), round(_quantile(v, 1 - tail), 4)]
+
+    pooled = central(ratios["all"])
+    out = {}
+    for key, v in sorted(ratios.items()):
+        n_sources = len(sources[key])
+        if key != "all" and (len(v) < MIN_CLASS_ROWS or n_sources < 2):
+            continue
+        low, high = central(v)
+        if key != "all" and n_sources < MIN_CLASS_SOURCES:
+            low, high = min(low, pooled[0]), max(high, pooled[1])
+        out[key] = {"ratio": [low, high], "rows": len(v), "sources": n_sources}
+    return out
 
 
 def report(rows: list[Row], constants: dict[str, dict], loso: dict[str, dict] | None = None) -> None:
