@@ -319,3 +319,34 @@ def test_incremental_detokenization_equals_decoding_the_whole(run_dir):
     names = TokenText(tokenizer)
     assert b"".join(names.bytes(i) for i in ids) == text.encode()
     assert all(names.text(i) == names.bytes(i).decode("utf-8", "backslashreplace") for i in ids)
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_400_naming_its_message(run_dir, tmp_path):
+    """A template's raise_exception (Gemma's and Mistral's refuse a system turn, or roles out of
+    order) reaches the client as a 400 on `messages` with the template's own words, through the
+    official client, and the engine goes on answering what the template accepts."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from supercluster.data.chat import TEMPLATE_FILE
+    from supercluster.serve.api import create_app
+    from supercluster.serve.engine import Engine, EngineConfig
+
+    run = shutil.copytree(run_dir, tmp_path / MODEL)
+    (run / TEMPLATE_FILE).write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    engine = Engine(run, EngineConfig(precision="fp32", num_blocks=16))
+    try:
+        with TestClient(create_app(engine)) as http:
+            oai = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+            with pytest.raises(openai.BadRequestError) as refused:
+                oai.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+                    {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+            error = refused.value.body
+            assert error["param"] == "messages" and "the chat template refuses it: System role not supported" in error["message"]
+            answer = oai.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+            assert answer.choices[0].finish_reason in ("length", "stop")
+    finally:
+        engine.shutdown()
