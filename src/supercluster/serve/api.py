@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from supercluster.errors import UserError
+from supercluster.serve import answers
 from supercluster.serve import tools as tooling
 from supercluster.serve.disconnect import ClientGone, unless_client_leaves
 from supercluster.serve.engine import Engine
@@ -361,7 +362,7 @@ class _Stream:
                 text = c.echo_text + text
                 lp = self._echo_logprobs(c)
             own = self._logprobs(index, ev)
-            lp = _merge_logprobs([x for x in (lp, own) if x], False) if (lp or own) else None
+            lp = answers.merge_logprobs([x for x in (lp, own) if x], False) if (lp or own) else None
             return [self._chunk({"index": index, "text": text, "logprobs": lp, "finish_reason": finish})]
         role = {"role": "assistant"} if first else {}
         if c.tools is None:
@@ -427,24 +428,9 @@ class _Stream:
                 logprobs[index].append(self._logprobs(index, ev))
         choices = []
         for i in sorted(self.choices):
-            lp = _merge_logprobs(logprobs[i], self.chat) if logprobs[i] else None
-            if not self.chat:
-                choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finishes[i]})
-                continue
-            message, finish = {"role": "assistant", "content": texts[i]}, finishes[i]
-            c = self.choices[i]
-            if c.tools is not None:
-                content, calls = tooling.parse(texts[i], c.tools.tools, c.tools.choice)
-                message = {"role": "assistant", "content": content}
-                if calls:
-                    message["tool_calls"] = calls
-                    finish = "tool_calls" if finish == "stop" else finish
-            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model, "choices": choices, "usage": self._usage()}
-
-
-def _merge_logprobs(parts: list[dict], chat: bool) -> dict:
-    if chat:
-        return {"content": [c for p in parts for c in p["content"]]}
-    return {key: [v for p in parts for v in p[key]] for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+            text, finish, calls, c = texts[i], finishes[i], None, self.choices[i]
+            if self.chat and c.tools is not None:
+                text, calls = tooling.parse(texts[i], c.tools.tools, c.tools.choice)
+                finish = "tool_calls" if calls and finish == "stop" else finish
+            choices.append(answers.choice(i, self.chat, text, logprobs[i], finish, calls))
+        return answers.answer(self.rid, self.chat, self.created, self.model, choices, self._usage())

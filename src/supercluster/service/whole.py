@@ -3,13 +3,15 @@
 The relay asks an endpoint's model server for a stream even when its caller wants one whole
 answer, so that it sees the usage so far with every chunk: a caller that leaves before the end
 is charged for the tokens generated until then, as a streamed one is. The answer it rebuilds is
-what the model server would have answered whole (`serve.api`: the texts, finish reasons and
-log-probabilities of each choice, joined; the usage of the last chunk).
+what the model server would have answered whole (the texts, finish reasons and log-probabilities
+of each choice, joined; the usage of the last chunk), shaped by the same `serve.answers`.
 """
 
 from __future__ import annotations
 
 import json
+
+from supercluster.serve import answers
 
 
 class WholeAnswer:
@@ -56,23 +58,7 @@ class WholeAnswer:
                 self.logprobs.setdefault(i, []).append(choice["logprobs"])
 
     def answer(self, usage: dict | None) -> dict:
-        choices = []
-        for i in sorted(self.texts):
-            lp = _merge_logprobs(self.logprobs[i], self.chat) if i in self.logprobs else None
-            if self.chat:
-                message = {"role": "assistant", "content": self.texts[i]}
-                if self.tool_calls.get(i):  # as serve.api answers whole: the calls, and the text before them or None
-                    calls = self.tool_calls[i]
-                    message = {"role": "assistant", "content": self.texts[i] or None,
-                               "tool_calls": [calls[k] for k in sorted(calls)]}
-                choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": self.finishes[i]})
-            else:
-                choices.append({"index": i, "text": self.texts[i], "logprobs": lp, "finish_reason": self.finishes[i]})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model, "choices": choices, "usage": usage}
-
-
-def _merge_logprobs(parts: list[dict], chat: bool) -> dict:
-    if chat:
-        return {"content": [c for p in parts for c in p.get("content") or ()]}
-    return {key: [v for p in parts for v in p.get(key) or ()] for key in parts[0]}
+        choices = [answers.choice(i, self.chat, self.texts[i], self.logprobs.get(i, []), self.finishes[i],
+                                  [calls[k] for k in sorted(calls)] if self.chat and (calls := self.tool_calls.get(i)) else None)
+                   for i in sorted(self.texts)]
+        return answers.answer(self.id, self.chat, self.created, self.model, choices, usage)
