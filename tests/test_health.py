@@ -502,9 +502,14 @@ def test_slurm_gate_drains_in_slurm_and_cluster_create_skips_the_node(slurm, hom
     assert "gemm_tflops" in entry  # merged into the node baseline, not replacing it
     judged = targets.check_cluster_fabric("hc", "quick", db=db)
     tol = thresholds.tolerance("multinode_allreduce_busbw", entry["multinode_allreduce_busbw"]["cv"])
-    assert judged.comparison == ">=" and judged.value > 0
-    assert judged.threshold == pytest.approx(entry["multinode_allreduce_busbw"]["median"] * (1 - tol))
-    assert judged.status == (PASSED if judged.value >= judged.threshold else FAILED)
+    mark = entry["multinode_allreduce_busbw"]["median"] * (1 - tol)
+    assert judged.value > 0
+    if judged.status == SKIPPED:  # below the mark while other work held the CPUs: not judged, never drained on noise
+        assert judged.value < mark and judged.detail["cpu_contention"] > thresholds.CONTENDED, judged
+        assert "not judged" in judged.reason
+    else:
+        assert judged.comparison == ">=" and judged.threshold == pytest.approx(mark)
+        assert judged.status == (PASSED if judged.value >= judged.threshold else FAILED)
 
 
 def test_fabric_check_skips_where_the_backend_launches_no_multi_node_job(home, tmp_path):
