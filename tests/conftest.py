@@ -78,6 +78,16 @@ def tiny_run(tmp_path_factory, small_corpus) -> Path:
     return run
 
 
+@pytest.fixture
+def tiny_job(small_corpus):
+    """`tiny_job(steps, checkpoint_every)`: the overrides of a tiny fp32 training job on small_corpus."""
+    def overrides(steps: int, checkpoint_every: int = 3) -> list[str]:
+        return [f"data.path={small_corpus}", "model.preset=tiny", f"train.steps={steps}",
+                f"train.checkpoint_every={checkpoint_every}", "train.eval_every=1000", "train.precision=fp32",
+                "train.seq_len=32", "train.micro_batch=2", "train.global_batch=4"]
+    return overrides
+
+
 SERVICE_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 

@@ -11,11 +11,6 @@ from supercluster.cluster.state import Database
 from supercluster.errors import UserError
 
 
-def tiny(corpus, steps):
-    return [f"data.path={corpus}", "model.preset=tiny", f"train.steps={steps}", "train.checkpoint_every=3",
-            "train.eval_every=100", "train.precision=fp32", "train.seq_len=32", "train.micro_batch=2", "train.global_batch=4"]
-
-
 @pytest.fixture
 def local_db(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
@@ -26,10 +21,10 @@ def local_db(tmp_path):
 
 
 @pytest.mark.slow
-def test_local_job_trains_to_a_checkpoint_and_blocks_delete(local_db, small_corpus, tmp_path):
+def test_local_job_trains_to_a_checkpoint_and_blocks_delete(local_db, tiny_job, tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text("[model]\npreset = 'tiny'\n")
-    job = jobs.submit_job(local_db, "here", str(config), tiny(small_corpus, 6), max_restarts=0)
+    job = jobs.submit_job(local_db, "here", str(config), tiny_job(6), max_restarts=0)
     assert job["state"] == "pending"
     with pytest.raises(UserError, match="still runs job"):
         clusters.delete_cluster(local_db, "here")
@@ -43,10 +38,10 @@ def test_local_job_trains_to_a_checkpoint_and_blocks_delete(local_db, small_corp
     clusters.delete_cluster(local_db, "here")  # no running job: allowed now
 
 
-def test_cancel_and_forced_delete_stop_the_processes(local_db, small_corpus, tmp_path):
+def test_cancel_and_forced_delete_stop_the_processes(local_db, tiny_job, tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text("")
-    job = jobs.submit_job(local_db, "here", str(config), tiny(small_corpus, 10_000), max_restarts=0)
+    job = jobs.submit_job(local_db, "here", str(config), tiny_job(10_000), max_restarts=0)
     pid = int(job["backend_ref"].split(":")[0])
     assert jobs.job_status(local_db, job["id"])["state"] == "running"
     clusters.delete_cluster(local_db, "here", force=True)

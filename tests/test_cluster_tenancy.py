@@ -113,13 +113,8 @@ def test_a_held_cluster_frees_its_nodes_stops_being_charged_and_comes_back_when_
     assert back["state"] == "ready" and len(back["nodes"]) == 2 and back["detail"] is None
 
 
-def tiny(corpus, steps):
-    return [f"data.path={corpus}", "model.preset=tiny", f"train.steps={steps}", "train.checkpoint_every=4",
-            "train.eval_every=1000", "train.precision=fp32", "train.seq_len=32", "train.micro_batch=2", "train.global_batch=4"]
-
-
 @pytest.mark.slow
-def test_a_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path, small_corpus):
+def test_a_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path, tiny_job):
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
     fleet.init_fleet(db, "local", gpus=1)
     clusters.create_cluster(db, "low", 1, owner="batch")
@@ -127,7 +122,7 @@ def test_a_preempted_local_job_requeues_and_resumes_from_its_checkpoint(tmp_path
     config.write_text("")
     # A tiny step takes about 5 ms on a quiet core: 150 steps keep the run going well past its first
     # checkpoint (step 20) while the test preempts it; with 24 it could finish before the preemption.
-    job = jobs.submit_job(db, "low", str(config), [*tiny(small_corpus, 150), "train.checkpoint_every=20"], max_restarts=0)
+    job = jobs.submit_job(db, "low", str(config), tiny_job(150, checkpoint_every=20), max_restarts=0)
     checkpoints = Path(job["run_dir"]) / "checkpoints"
     deadline = time.monotonic() + 240
     while checkpoint.latest(checkpoints) is None and time.monotonic() < deadline:  # a complete one
