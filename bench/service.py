@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import socket
 import ssl
 import subprocess
@@ -167,9 +168,9 @@ def run(args, url: str, workers: int) -> bool:
                     sys.exit("the server did not start")
                 time.sleep(0.3)
         # the server's rate limit (50/s per token) is part of what is measured: 429s are counted, not errors
-        server_cpu = _cpu_seconds(server.pid)
+        server_cpu, client_cpu = _cpu_seconds(server.pid), _own_cpu_seconds()
         lat, codes, created, deleted, wall = asyncio.run(load(base, tokens, args.seconds))
-        server_cpu = _cpu_seconds(server.pid) - server_cpu
+        server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu, _own_cpu_seconds() - client_cpu
         op = {"Authorization": f"Bearer {op_token}"}
         lost = duplicated = 0
         for p in range(PROJECTS):
@@ -186,7 +187,9 @@ def run(args, url: str, workers: int) -> bool:
           f"{url.split(':', 1)[0]}; CPU: {cpu_model()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     # CPU time per request does not depend on what else the machine runs; latency at a fixed
     # number of clients does (it is clients / throughput), so both are printed.
-    print(f"server CPU {server_cpu:.1f} s, {1e3 * server_cpu / max(1, sum(codes.values())):.1f} ms per request")
+    # The clients run on the same cores: what they take is not the server's to use.
+    print(f"server CPU {server_cpu:.1f} s, {1e3 * server_cpu / max(1, total):.1f} ms per request; "
+          f"the clients' CPU {client_cpu:.1f} s, {1e3 * client_cpu / max(1, total):.1f} ms per request")
     print(f"{'route':16} {'n':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for route in sorted(lat):
         print(f"{route:16} {len(lat[route]):6d} {pct(lat[route], 0.5):8.1f} {pct(lat[route], 0.99):8.1f}")
@@ -196,6 +199,11 @@ def run(args, url: str, workers: int) -> bool:
     print(json.dumps({"workers": workers, "fivexx": fivexx, "lost": lost, "duplicated": duplicated,
                       "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}), flush=True)
     return bool(fivexx or lost or duplicated)
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _cpu_seconds(pid: int) -> float:

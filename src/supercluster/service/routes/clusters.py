@@ -42,6 +42,9 @@ def routes(store: Store) -> APIRouter:
         tenancy.require_operator(who)
         with store.session() as s:
             p = tenancy.visible_project(s, who, project)
-            return resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
+            resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
+        resources.reconcile(store)  # after the commit: what the new quota admits goes to the fleet now
+        with store.reading() as s:
+            return resources.quota_view(s, tenancy.visible_project(s, who, project))
 
     return router
