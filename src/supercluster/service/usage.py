@@ -65,7 +65,9 @@ def report(s: Session, *, by: str = "project", since: float | None = None, until
     orgs = {o.id: o.name for o in s.scalars(sa.select(Org))}
     users = dict(s.execute(sa.select(User.id, User.name)).all()) if by == "user" else {}
     totals: dict[tuple, float] = defaultdict(float)
-    for row in fleet_usage.usage_in(s, since=since, until=until):
+    # A tenant's report (one project) asks the database for its own intervals only, not everyone's.
+    owner_like = owner_tag(project_ids[0], "%") if project_ids is not None and len(project_ids) == 1 else None
+    for row in fleet_usage.usage_in(s, since=since, until=until, owner_like=owner_like):
         ids = _parse(row["owner"])
         if ids is None or ids[0] not in projects:
             if fleet_clusters and project_ids is None:  # a cluster the service did not create
