@@ -6,7 +6,8 @@ client has its own token in one of 4 projects and loops over a mix of routes: li
 clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At
 the end it checks that no answer was a 5xx and that no cluster record was lost or duplicated
 (every 202 not deleted since is listed exactly once, every 200 delete is gone), and prints p50/p99
-latency per route and the server's CPU time per request. It runs the server with one worker
+latency per route and the CPU time per request of the server and of the clients (which run on the
+same cores, in this process). It runs the server with one worker
 process and then with --workers (default: this machine's cores), each on a fresh database, in the
 same minute, and prints both.
 
