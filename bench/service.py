@@ -6,7 +6,8 @@ client has its own token in one of 4 projects and loops over a mix of routes: li
 clusters (8 GPUs, a unique name), delete one of its own, read the quota, usage and fleet. At
 the end it checks that no answer was a 5xx and that no cluster record was lost or duplicated
 (every 202 not deleted since is listed exactly once, every 200 delete is gone), and prints p50/p99
-latency per route and the server's CPU time per request. It runs the server with one worker
+latency per route and the CPU time per request of the server and of the clients (which run on the
+same cores, in this process). It runs the server with one worker
 process and then with --workers (default: this machine's cores), each on a fresh database, in the
 same minute, and prints both.
 
@@ -20,6 +21,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import socket
 import ssl
 import subprocess
@@ -167,9 +169,9 @@ def run(args, url: str, workers: int) -> bool:
                     sys.exit("the server did not start")
                 time.sleep(0.3)
         # the server's rate limit (50/s per token) is part of what is measured: 429s are counted, not errors
-        server_cpu = _cpu_seconds(server.pid)
+        server_cpu, client_cpu = _cpu_seconds(server.pid), _own_cpu_seconds()
         lat, codes, created, deleted, wall = asyncio.run(load(base, tokens, args.seconds))
-        server_cpu = _cpu_seconds(server.pid) - server_cpu
+        server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu, _own_cpu_seconds() - client_cpu
         op = {"Authorization": f"Bearer {op_token}"}
         lost = duplicated = 0
         for p in range(PROJECTS):
@@ -186,7 +188,9 @@ def run(args, url: str, workers: int) -> bool:
           f"{url.split(':', 1)[0]}; CPU: {cpu_model()}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     # CPU time per request does not depend on what else the machine runs; latency at a fixed
     # number of clients does (it is clients / throughput), so both are printed.
-    print(f"server CPU {server_cpu:.1f} s, {1e3 * server_cpu / max(1, sum(codes.values())):.1f} ms per request")
+    # The clients run on the same cores: what they take is not the server's to use.
+    print(f"server CPU {server_cpu:.1f} s, {1e3 * server_cpu / max(1, total):.1f} ms per request; "
+          f"the clients' CPU {client_cpu:.1f} s, {1e3 * client_cpu / max(1, total):.1f} ms per request")
     print(f"{'route':16} {'n':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for route in sorted(lat):
         print(f"{route:16} {len(lat[route]):6d} {pct(lat[route], 0.5):8.1f} {pct(lat[route], 0.99):8.1f}")
@@ -196,6 +200,11 @@ def run(args, url: str, workers: int) -> bool:
     print(json.dumps({"workers": workers, "fivexx": fivexx, "lost": lost, "duplicated": duplicated,
                       "p99_ms": {r: round(pct(v, 0.99), 1) for r, v in lat.items()}}), flush=True)
     return bool(fivexx or lost or duplicated)
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _cpu_seconds(pid: int) -> float:

@@ -46,13 +46,16 @@ def real(low: float | None = None, high: float | None = None, low_open: bool = F
     return check
 
 
-def listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """A server's listening socket, bound before the slow start-up work and before its URL is
-    printed (a client reading it may connect at once); a port in use is one sentence."""
+    printed (a client reading it may connect at once); a port in use is one sentence.
+    reuse_port: sockets of the same user may bind the port beside it (`service.workers`)."""
     from supercluster.errors import UserError
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:

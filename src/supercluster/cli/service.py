@@ -35,7 +35,7 @@ def server(
     from supercluster.service.store import Store
 
     Store(db).dispose()  # the database opens (and migrates) once here: a wrong URL is one sentence before anything listens
-    sock = listen(host, port)
+    sock = listen(host, port, reuse_port=workers > 1)
     base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving the API on {base}/v1 (OpenAPI at {base}/docs), the dashboard on {base}/dashboard"
           + (f", {workers} worker processes" if workers > 1 else ""), flush=True)

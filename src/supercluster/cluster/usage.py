@@ -52,8 +52,10 @@ def usage_in(
     since: float | None = None,
     until: float | None = None,
     group_by: tuple[str, ...] | list[str] = ("owner", "gpu_type"),
+    owner_like: str | None = None,
 ) -> list[dict]:
-    """`usage` inside a session the caller holds (the service reads it beside its own tables)."""
+    """`usage` inside a session the caller holds (the service reads it beside its own tables);
+    owner_like: only owners matching this SQL LIKE pattern (the service's one project)."""
     for key in group_by:
         if key not in GROUP_BY:
             raise UserError(f"Cannot group usage by {key!r}{closest(key, GROUP_BY)}; use {', '.join(GROUP_BY)}.")
@@ -74,6 +76,8 @@ def usage_in(
                sa.or_(AllocationInterval.ended_at > since, sa.and_(AllocationInterval.ended_at.is_(None), at > since)))
         .group_by(*columns)
     )
+    if owner_like is not None:
+        query = query.where(AllocationInterval.owner.like(owner_like))
     rows = [{**dict(zip(group_by, row[:-1])), "gpu_seconds": float(row[-1] or 0.0)} for row in s.execute(query)]
     for row in rows:
         row["gpu_hours"] = row["gpu_seconds"] / 3600.0

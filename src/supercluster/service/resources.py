@@ -91,29 +91,36 @@ def _views(s: Session, scs: list, project: str) -> list[dict]:
 # ---- quota ---------------------------------------------------------------------------------------
 
 
+def _in_use_by_type(s: Session, project_id: int) -> dict[str, int]:
+    """GPUs the project has handed to the fleet (queued there or placed), by type, as the fleet says."""
+    return dict(s.execute(sa.select(ServiceCluster.gpu_type, sa.func.sum(ServiceCluster.gpus))
+                          .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
+                          .where(ServiceCluster.project_id == project_id, Cluster.state.in_(("queued", "ready")))
+                          .group_by(ServiceCluster.gpu_type)).all())
+
+
 def _in_use(s: Session, project_id: int, gpu_type: str) -> int:
-    """GPUs the project has handed to the fleet (queued there or placed) of one type, as the fleet says."""
-    return int(s.scalar(sa.select(sa.func.coalesce(sa.func.sum(ServiceCluster.gpus), 0))
-                        .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
-                        .where(ServiceCluster.project_id == project_id, ServiceCluster.gpu_type == gpu_type,
-                               Cluster.state.in_(("queued", "ready")))))
+    return int(_in_use_by_type(s, project_id).get(gpu_type, 0))
 
 
 def quota_view(s: Session, project: Project) -> dict:
-    types = set(s.scalars(sa.select(Quota.gpu_type).where(Quota.project_id == project.id)))
-    types |= set(s.scalars(sa.select(ServiceCluster.gpu_type).where(ServiceCluster.project_id == project.id)))
+    """The project's quota and use per GPU type: a few queries, each summed by the database, whatever the types."""
+    quotas = {q.gpu_type: q for q in s.scalars(sa.select(Quota).where(Quota.project_id == project.id))}
+    held = _in_use_by_type(s, project.id)
+    spent = usage.gpu_seconds_by_type(s, project.id)
+    types = quotas.keys() | set(s.scalars(sa.select(ServiceCluster.gpu_type).distinct()
+                                          .where(ServiceCluster.project_id == project.id)))
     rows = []
     for gpu_type in sorted(types):
-        q = s.get(Quota, (project.id, gpu_type))
+        q = quotas.get(gpu_type)
         rows.append({"gpu_type": gpu_type, "max_gpus": q.max_gpus if q else None, "gpu_hours": q.gpu_hours if q else None,
-                     "max_priority": q.max_priority if q else 0,
-                     "used_gpus": _in_use(s, project.id, gpu_type),
-                     "used_gpu_hours": usage.gpu_seconds(s, project.id, gpu_type) / 3600})
+                     "max_priority": q.max_priority if q else 0, "used_gpus": int(held.get(gpu_type, 0)),
+                     "used_gpu_hours": spent.get(gpu_type, 0.0) / 3600})
     return {"project": project.name, "quotas": rows}
 
 
 def set_quota(s: Session, project: Project, gpu_type: str, max_gpus: int | None, gpu_hours: float | None,
-              max_priority: int = 0) -> dict:
+              max_priority: int = 0) -> None:
     gpu_type = _gpu_type(gpu_type)
     used = _in_use(s, project.id, gpu_type)
     if max_gpus is not None and max_gpus < used:
@@ -124,8 +131,6 @@ def set_quota(s: Session, project: Project, gpu_type: str, max_gpus: int | None,
     q = s.get(Quota, (project.id, gpu_type)) or Quota(project_id=project.id, gpu_type=gpu_type)
     q.max_gpus, q.gpu_hours, q.max_priority = max_gpus, gpu_hours, max_priority
     s.add(q)
-    s.flush()
-    return quota_view(s, project)
 
 
 def _gpu_type(name: str) -> str:
@@ -259,7 +264,11 @@ def undrain_node(store: Store, node: str) -> list[str]:
 
 def reconcile(store: Store) -> None:
     """Hands the fleet the clusters the quota held back, and gives back those a budget stopped,
-    once the quota allows (each decided again in the fleet's transaction that does it)."""
+    once the quota allows (each decided again in the fleet's transaction that does it).
+
+    Run where the quota can newly allow one: after a delete frees GPUs, after the operator sets a
+    quota, and on the server's pass (a budget's hold). Never on a read: a read changes nothing the
+    quota decides on, and the fleet's own queue places what it queued without the service."""
     with store.reading() as s:  # the common case, nothing waits: one cheap query
         waiting = s.execute(sa.select(ServiceCluster, Cluster.state)
                             .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
@@ -314,7 +323,7 @@ def _hand_over(store: Store, sc: ServiceCluster, reason: str | None) -> None:
         except ServiceError as err:  # the fleet refuses its size now
             reason = err.message
     if reason is None or reason == sc.reason:
-        return  # written only when it changes: a GET reconciles, and need not take the write lock
+        return  # written only when it changes: most passes find the same reason, and need not take the write lock
     with store.fleet.transaction() as s:
         s.execute(sa.update(ServiceCluster).where(ServiceCluster.id == sc.id,
                                                   ServiceCluster.fleet_name.not_in(sa.select(Cluster.name)))
@@ -329,13 +338,11 @@ def _get(s: Session, p: Project, name: str) -> ServiceCluster:
 
 
 def show_cluster(store: Store, caller: Caller, project: str, name: str) -> dict:
-    reconcile(store)
     with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         return _views(s, [_get(s, visible_project(s, caller, project), name)], project)[0]
 
 
 def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
-    reconcile(store)
     with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.

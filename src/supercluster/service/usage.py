@@ -26,8 +26,9 @@ TOKEN_COLUMNS = ("endpoint", "requests", "prompt_tokens", "completion_tokens")
 _TAG = re.compile(r"^p(\d+)/u(\d+)$")
 
 
-def owner_tag(project_id: int, user_id: int) -> str:
-    """The fleet owner of a service cluster (ids, not names: they never change)."""
+def owner_tag(project_id: int, user_id: int | str) -> str:
+    """The fleet owner of a service cluster (ids, not names: they never change); with user_id "%",
+    a SQL LIKE pattern for the owners of a project's clusters."""
     return f"p{project_id}/u{user_id}"
 
 
@@ -36,10 +37,21 @@ def _parse(owner: str | None) -> tuple[int, int] | None:
     return (int(m[1]), int(m[2])) if m else None
 
 
+def gpu_seconds_by_type(s: Session, project_id: int, at: float | None = None) -> dict[str, float]:
+    """GPU-seconds a project has held, by GPU type, up to `at` (default now): one query, summed by the database."""
+    # The database sums the project's intervals per user (the LIKE is a prefilter); the tag is
+    # then parsed as everywhere here, so a hand-made owner that only looks alike is not counted.
+    rows = fleet_usage.usage_in(s, until=at, owner_like=owner_tag(project_id, "%"))
+    totals: dict[str, float] = defaultdict(float)
+    for r in rows:
+        if (_parse(r["owner"]) or (None,))[0] == project_id:
+            totals[r["gpu_type"]] += r["gpu_seconds"]
+    return totals
+
+
 def gpu_seconds(s: Session, project_id: int, gpu_type: str, at: float | None = None) -> float:
     """GPU-seconds a project has held of one type, up to `at` (default now)."""
-    return sum(r["gpu_seconds"] for r in fleet_usage.usage_in(s, until=at)
-               if r["gpu_type"] == gpu_type and (_parse(r["owner"]) or (None,))[0] == project_id)
+    return gpu_seconds_by_type(s, project_id, at).get(gpu_type, 0.0)
 
 
 def report(s: Session, *, by: str = "project", since: float | None = None, until: float | None = None,
@@ -53,7 +65,9 @@ def report(s: Session, *, by: str = "project", since: float | None = None, until
     orgs = {o.id: o.name for o in s.scalars(sa.select(Org))}
     users = dict(s.execute(sa.select(User.id, User.name)).all()) if by == "user" else {}
     totals: dict[tuple, float] = defaultdict(float)
-    for row in fleet_usage.usage_in(s, since=since, until=until):
+    # A tenant's report (one project) asks the database for its own intervals only, not everyone's.
+    owner_like = owner_tag(project_ids[0], "%") if project_ids is not None and len(project_ids) == 1 else None
+    for row in fleet_usage.usage_in(s, since=since, until=until, owner_like=owner_like):
         ids = _parse(row["owner"])
         if ids is None or ids[0] not in projects:
             if fleet_clusters and project_ids is None:  # a cluster the service did not create

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from supercluster.service import resources, tenancy
 from supercluster.service.auth import Caller
@@ -20,9 +21,11 @@ def routes(store: Store) -> APIRouter:
         return resources.create_cluster(store, who, project, body.name, body.gpus, body.gpu_type, body.max_switches,
                                         body.require_health, body.priority)
 
-    @router.get("/v1/projects/{project}/clusters", tags=["clusters"])
-    def list_clusters(project: str, who: Caller = Depends(caller)) -> list[dict]:
-        return resources.list_clusters(store, who, project)
+    # Answered as JSON directly (the model only documents it): a project's list is hundreds of
+    # clusters, and FastAPI would validate it first, in a second trip through the thread pool.
+    @router.get("/v1/projects/{project}/clusters", tags=["clusters"], response_model=list[dict])
+    def list_clusters(project: str, who: Caller = Depends(caller)) -> JSONResponse:
+        return JSONResponse(resources.list_clusters(store, who, project))
 
     @router.get("/v1/projects/{project}/clusters/{name}", tags=["clusters"])
     def show_cluster(project: str, name: str, who: Caller = Depends(caller)) -> dict:
@@ -42,6 +45,9 @@ def routes(store: Store) -> APIRouter:
         tenancy.require_operator(who)
         with store.session() as s:
             p = tenancy.visible_project(s, who, project)
-            return resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
+            resources.set_quota(s, p, body.gpu_type, body.max_gpus, body.gpu_hours, body.max_priority)
+        resources.reconcile(store)  # after the commit: what the new quota admits goes to the fleet now
+        with store.reading() as s:
+            return resources.quota_view(s, tenancy.visible_project(s, who, project))
 
     return router
