@@ -338,15 +338,19 @@ def test_int4_q8act_holds_the_gguf_blocks_and_computes_as_llama_cpp(smol_run):
     kl = (exact.exp() * (exact - approx)).sum(-1)
     assert kl.mean() < 0.01, kl.mean()
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() > 0.95
-    # and the first answer token's log-probabilities are llama.cpp's (its top 3, same GGUF, within
-    # what its fp16 KV cache and own norms move), ranked as llama.cpp ranks them
+    # and the first answer token's log-probabilities are llama.cpp's (its top 3, same GGUF), within
+    # what 8-bit activations make of last-bit float differences (vector width, fused multiply-adds),
+    # which move an activation across a rounding step now and then: on an AMD EPYC the AVX2 build gave
+    # "La" -2.115 and the portable build -2.270, the integer arithmetic being the same; more than what
+    # llama.cpp's fp16 KV cache and own norms move. Its top token, and the same three.
     chat = torch.tensor([tok.encode(render(smol_run, MESSAGES[0], True), add_special_tokens=False).ids])
     with torch.inference_mode():
         first = quantized(chat)[0, -1].log_softmax(-1)
     llama_cpp = {60: -1.852, 504: -2.094, 15319: -2.246}  # "L", "The", "La"
     for token, logprob in llama_cpp.items():
-        assert abs(first[token].item() - logprob) < 0.1, (token, first[token].item(), logprob)
-    assert first.topk(3).indices.tolist() == list(llama_cpp)
+        assert abs(first[token].item() - logprob) < 0.2, (token, first[token].item(), logprob)
+    top3 = first.topk(3).indices.tolist()
+    assert top3[0] == 60 and set(top3) == set(llama_cpp), top3
 
 
 # natural prompts: SmolLM2's standard chat questions and plain text
