@@ -76,7 +76,7 @@ def engine(run: Path, streams: int, quantize: str, fused: bool = True):
     from supercluster.serve.engine import Engine, EngineConfig
 
     built = Engine(run, EngineConfig(precision="fp32", quantize=quantize, num_blocks=4 * streams * 8, block_size=16))
-    if not fused:  # the model's own forward, as the MoE model runs, instead of the one-call int4 decoder
+    if not fused:  # the model's own forward instead of the one-call int4 decoder
         built.runner.fused = None
     return built
 
@@ -130,21 +130,23 @@ def main() -> None:
         for quantize in args.quantize.split(","):
             for streams in map(int, args.streams.split(",")):
                 engines = {name: engine(run, streams, quantize) for name, run in runs.items()}
-                # int4 dense layers run as one C++ call (serve/fused.py), which has no MoE layer yet: the
-                # dense model through the same PyTorch forward as the MoE one separates the two effects.
+                # int4 models run their layers as one C++ call (serve/fused.py); each is also measured
+                # through its own PyTorch forward, the path the MoE took before its layer was fused.
                 if quantize == "int4":
+                    engines["moe_unfused"] = engine(runs["moe"], streams, quantize, fused=False)
                     engines["dense_unfused"] = engine(runs["dense"], streams, quantize, fused=False)
                 try:
                     got = rates(engines, streams, args.tokens, args.rounds)
                 finally:
                     for e in engines.values():
                         e.shutdown()
-                unfused = got.get("dense_unfused", got["dense"])
+                unfused, moe_unfused = got.get("dense_unfused", got["dense"]), got.get("moe_unfused", got["moe"])
                 rows.append({"quantize": quantize, "streams": streams, "moe_tokens_per_s": round(got["moe"], 1),
                              "dense_tokens_per_s": round(got["dense"], 1),
-                             "dense_unfused_tokens_per_s": round(unfused, 1),
                              "moe_over_dense": round(got["moe"] / got["dense"], 3),
-                             "moe_over_dense_unfused": round(got["moe"] / unfused, 3)})
+                             "moe_unfused_tokens_per_s": round(moe_unfused, 1),
+                             "dense_unfused_tokens_per_s": round(unfused, 1),
+                             "moe_over_dense_unfused": round(moe_unfused / unfused, 3)})
     report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "moe_params": num_params(cfgs["moe"]), "moe_active_params": active_params(cfgs["moe"]),
               "dense_params": num_params(cfgs["dense"]), "rows": rows}
@@ -155,10 +157,11 @@ def main() -> None:
     print(f"MoE {report['moe_params']:,} parameters ({report['moe_active_params']:,} active); "
           f"dense {report['dense_params']:,}")
     print(f"{'quantize':>8} {'streams':>7} {'MoE tok/s':>10} {'dense tok/s':>12} {'MoE/dense':>10} "
-          f"{'dense unfused':>14} {'MoE/unfused':>12}")
+          f"{'MoE unfused':>12} {'dense unfused':>14} {'ratio unfused':>14}")
     for r in rows:
         print(f"{r['quantize']:>8} {r['streams']:>7} {r['moe_tokens_per_s']:>10} {r['dense_tokens_per_s']:>12} "
-              f"{r['moe_over_dense']:>10} {r['dense_unfused_tokens_per_s']:>14} {r['moe_over_dense_unfused']:>12}")
+              f"{r['moe_over_dense']:>10} {r['moe_unfused_tokens_per_s']:>12} {r['dense_unfused_tokens_per_s']:>14} "
+              f"{r['moe_over_dense_unfused']:>14}")
 
 
 if __name__ == "__main__":
