@@ -94,8 +94,9 @@ std::pair<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& g
   }
   const at::Tensor experts = std::get<1>(choose.topk(r.top_k, -1)).contiguous();
   at::Tensor weights = scores.gather(1, experts);
-  if (r.norm_topk && r.top_k > 1) weights = weights / (weights.sum(-1, true) + (r.sigmoid ? 1e-20 : 0.));
-  return {(weights * r.route_scale).contiguous(), experts};
+  if (r.norm_topk && r.top_k > 1) weights = weights / (r.sigmoid ? weights.sum(-1, true) + 1e-20 : weights.sum(-1, true));
+  if (r.route_scale != 1.) weights = weights * r.route_scale;  // (a scale of 1 changes no bit)
+  return {weights.contiguous(), experts};
 }
 
 // One MoE layer's feed-forward with its residual: h + routed experts (+ shared experts) of rms_norm(h).
