@@ -249,6 +249,7 @@ def test_auto_keeps_experts_on_the_4bit_grid_and_leaves_others_stacked(source, t
     experts = [m for m in served.modules() if isinstance(m, QuantizedExperts)]
     assert experts and all(e.exact for e in experts)
     assert not any(isinstance(m, GroupedExperts) for m in served.modules())
+    paged_runner(served, served.cfg, fused=True)  # and it decodes in one call
 
     model = load_trained(tmp_path / "run").eval().fuse_projections()  # trained weights: off the grid
     served = quantize(model, "auto")

@@ -3,21 +3,21 @@
 //   h = h + wo(attention(wqkv(rms_norm(h))))     the norm folded into wqkv; RoPE and the cache
 //   h = h + w2(swiglu(w13(rms_norm(h))))         writes into attention; SwiGLU into w2
 //
-// (with q and k normed before RoPE where the model does: `qk_norm` 1 per head, Qwen3's; 2 over
-// all heads at once, OLMoE's) or, in a Mixture-of-Experts layer (`moe_ffn` below), the second line routed:
+// with q and k normed before RoPE where the model does (`qk_norm` 1: per head, Qwen3's; 2: over
+// all heads at once, OLMoE's), and in a Mixture-of-Experts layer (`moe_ffn` below) the second
+// line routed, x = rms_norm(h):
 //
-//   h = h + sum over the token's top_k experts e of weight_e * w2_e(swiglu(w13_e(x))) + shared(x),
-//   x = rms_norm(h)
+//   h = h + sum over the token's top_k experts e of weight_e * w2_e(swiglu(w13_e(x))) + shared(x)
 //
 // The layers as Python would call them cost one interpreter round trip per kernel (four a layer,
 // 120 for a 30-layer model), which for a decode step of one sequence is a tenth of its time.
 //
 //   h          fp32 [T, hidden]  the step's embedded tokens; returns the last layer's output
-//   weights    per layer, as serve/quantize.py's BlockLinear holds each matrix (qweight, d, m):
-//              attention_norm, q_norm and k_norm (when qk_norm), wqkv (3), wo (3), ffn_norm, then a dense layer's w13 (3), w2 (3);
-//              an MoE layer's router weight (fp32 [experts, hidden]), its expert bias [experts]
-//              when `expert_bias`, each expert's w13 (3) and w2 (3), and when `shared` the shared
-//              experts' w1 (3), w3 (3), w2 (3)
+//   weights    per layer, each matrix as serve/quantize.py's BlockLinear holds it (qweight, d, m):
+//              attention_norm, q_norm and k_norm (when qk_norm), wqkv (3), wo (3), ffn_norm, then
+//              a dense layer's w13 (3), w2 (3), or an MoE layer's router weight (fp32 [experts,
+//              hidden]), its expert bias [experts] when `expert_bias`, each expert's w13 (3) and
+//              w2 (3), and when `shared` the shared experts' w1 (3), w3 (3), w2 (3)
 //   bits, out_features  per matrix, in the same order
 //   activation_bits     8 or 16, for every product (see blocks_linear.cpp)
 //   heads      query heads (the pools give key/value heads and the head size)
@@ -113,6 +113,7 @@ at::Tensor moe_ffn(const at::Tensor& h, Cursor& c, int64_t experts, double eps, 
   const at::Tensor* bias = r.expert_bias ? &c.tensor() : nullptr;
   TORCH_CHECK(gate.dim() == 2 && gate.size(0) == experts && gate.size(1) == hidden && gate.scalar_type() == at::kFloat,
               "decoder_layers: the router is fp32 [experts, hidden]");
+  TORCH_CHECK(bias == nullptr || bias->numel() == experts, "decoder_layers: the expert bias is [experts]");
   const at::Tensor x = at::rms_norm(h, {hidden}, norm, eps);
   const auto [weights, chosen] = route(x, gate, bias, r);
 
@@ -124,6 +125,8 @@ at::Tensor moe_ffn(const at::Tensor& h, Cursor& c, int64_t experts, double eps, 
   const float* wp = weights.data_ptr<float>();
   for (int64_t e = 0; e < experts; ++e) {
     const Blocks w13 = c.blocks(), w2 = c.blocks();
+    TORCH_CHECK(w2.out_features == hidden && w13.out_features % 2 == 0, "decoder_layers: expert ", e,
+                "'s w13 is not [gate | up] or its w2 not [hidden, width]");
     if (pairs[e].empty()) continue;
     const int64_t n = static_cast<int64_t>(pairs[e].size());
     at::Tensor rows = x;
