@@ -7,19 +7,28 @@ the same way with the same attention, vocabulary and depth, and an FFN as wide a
 token passes through (ffn = top_k * expert width), so both do the same matmul FLOPs per token.
 Each is served by the engine in this process (no HTTP: what differs is the model), in fp32 (the
 MoE experts stacked, one grouped matmul) and with `--quantize int4` (per-expert 4-bit blocks).
-The int4 dense model runs its layers as one C++ call (`serve/fused.py`), which has no MoE layer
-yet; it is also measured through the model's own forward ("unfused"), the path the MoE takes.
+int4 models run their layers as one C++ call (`serve/fused.py`, MoE layers included: fp32 router,
+tokens grouped by expert, each chosen expert's blocks on its own rows); each int4 model is also
+measured through its own PyTorch forward ("unfused"), the path the MoE took before its layer was
+fused, so one run gives the before and after.
 
 A decode step of one stream reads top_k experts a layer, about the dense model's weights; a
 step of 16 streams reaches most experts, so it reads up to experts/top_k times more: the MoE's
 advantage is memory-for-FLOPs, and on a CPU serving many streams it pays in bandwidth.
 
-Measured once (2-core AMD EPYC shared with other work, load average 6, 24 tokens a stream; MoE
-14.4M parameters, 5.0M active; dense 5.0M), output tokens/s, MoE / dense:
-fp32 1 stream 186 / 319 (0.59), 16 streams 858 / 2605 (0.33); int4 1 stream 420 / 2430 (0.17;
-0.46 against the dense model through the same PyTorch forward, 903), 16 streams 2023 / 3642
-(0.56; 0.51 unfused). The MoE's routing and per-step sorting cost a decode step of one stream
-about what its matmuls do at this size; at 16 streams every expert is read.
+int4, output tokens/s (2-core AMD EPYC, AVX2, shared with other work; MoE 14.4M parameters, 5.0M
+active; dense 5.0M; 32 tokens a stream, best of 5 rounds), two runs at load average 8.0 and 9.7:
+1 stream MoE 735 and 937 against dense 1007 and 1353 (0.73, 0.69); the MoE through its own forward
+292 and 302 (the fused layer 2.5x and 3.1x that), against the dense one's 513 and 525 (0.57).
+16 streams MoE 1623 and 1535 against dense 2105 and 2140 (0.77, 0.72); unfused 989 and 939 (the
+fused layer 1.6x) against 1635 and 1786 (0.61, 0.53). A third run (3 rounds, load 10.5) gave
+0.66 at 1 stream and at 16 streams a fused MoE below its unfused self (775 / 1122), which timing
+the decode step alone did not reproduce (16 sequences: best 5.8 ms fused, 13.8 ms unfused). What
+is left between the MoE and the dense model at one stream: four block products a layer instead of
+two, and the router's ops (about 70 us of a 0.74 ms step, measured by fixing the choice).
+Before the MoE layer was fused (one run, load 6): int4 1 stream 420 / 2430 (0.17; 0.46 against
+the dense model through the same forward), 16 streams 2023 / 3642 (0.56); fp32 (not re-run) 1
+stream 186 / 319 (0.59), 16 streams 858 / 2605 (0.33).
 
     .venv/bin/python bench/serve_moe.py [--streams 1,16] [--tokens 32] [--quantize none,int4] [--rounds 3] [--json]
 """
