@@ -94,7 +94,10 @@ std::pair<at::Tensor, at::Tensor> route(const at::Tensor& x, const at::Tensor& g
   }
   const at::Tensor experts = std::get<1>(choose.topk(r.top_k, -1)).contiguous();
   at::Tensor weights = scores.gather(1, experts);
-  if (r.norm_topk && r.top_k > 1) weights = weights / (r.sigmoid ? weights.sum(-1, true) + 1e-20 : weights.sum(-1, true));
+  if (r.norm_topk && r.top_k > 1) {
+    const at::Tensor sum = weights.sum(-1, true);
+    weights = weights / (r.sigmoid ? sum + 1e-20 : sum);
+  }
   if (r.route_scale != 1.) weights = weights * r.route_scale;  // (a scale of 1 changes no bit)
   return {weights.contiguous(), experts};
 }
@@ -176,7 +179,8 @@ at::Tensor decoder_layers(at::Tensor h, at::TensorList weights, at::IntArrayRef 
   }
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == want_weights &&
               static_cast<int64_t>(bits.size()) == want_matrices &&
-              static_cast<int64_t>(out_features.size()) == want_matrices && static_cast<int64_t>(v_pools.size()) == layers,
+              static_cast<int64_t>(out_features.size()) == want_matrices &&
+              static_cast<int64_t>(v_pools.size()) == layers,
               "decoder_layers: the weights, bits and out_features do not match the layers (see decoder.cpp)");
   TORCH_CHECK(layers == 0 || k_pools[0].dim() == 3, "decoder_layers: pools are [slots, kv_heads, head_dim]");
   const c10::optional<at::Tensor> none;
@@ -199,8 +203,8 @@ at::Tensor decoder_layers(at::Tensor h, at::TensorList weights, at::IntArrayRef 
       q = norm(q, *q_norm);
       k = norm(k, *k_norm);
     }
-    const at::Tensor attended = paged_attention(q, k, qkv.narrow(1, n - kv, kv), rope, positions, token_seq, block_tables,
-                                                block_size, k_pools[i], v_pools[i], scale);
+    const at::Tensor attended = paged_attention(q, k, qkv.narrow(1, n - kv, kv), rope, positions, token_seq,
+                                                block_tables, block_size, k_pools[i], v_pools[i], scale);
     h = wo(attended, none, 0., false, h, activation_bits);
     if (!experts.empty() && experts[i] > 0) {
       h = moe_ffn(h, c, experts[i], eps, router, activation_bits);
