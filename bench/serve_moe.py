@@ -7,19 +7,28 @@ the same way with the same attention, vocabulary and depth, and an FFN as wide a
 token passes through (ffn = top_k * expert width), so both do the same matmul FLOPs per token.
 Each is served by the engine in this process (no HTTP: what differs is the model), in fp32 (the
 MoE experts stacked, one grouped matmul) and with `--quantize int4` (per-expert 4-bit blocks).
-The int4 dense model runs its layers as one C++ call (`serve/fused.py`), which has no MoE layer
-yet; it is also measured through the model's own forward ("unfused"), the path the MoE takes.
+int4 models run their layers as one C++ call (`serve/fused.py`, MoE layers included: fp32 router,
+tokens grouped by expert, each chosen expert's blocks on its own rows); each int4 model is also
+measured through its own PyTorch forward ("unfused"), the path the MoE took before its layer was
+fused, so one run gives the before and after.
 
 A decode step of one stream reads top_k experts a layer, about the dense model's weights; a
 step of 16 streams reaches most experts, so it reads up to experts/top_k times more: the MoE's
 advantage is memory-for-FLOPs, and on a CPU serving many streams it pays in bandwidth.
 
-Measured once (2-core AMD EPYC shared with other work, load average 6, 24 tokens a stream; MoE
-14.4M parameters, 5.0M active; dense 5.0M), output tokens/s, MoE / dense:
-fp32 1 stream 186 / 319 (0.59), 16 streams 858 / 2605 (0.33); int4 1 stream 420 / 2430 (0.17;
-0.46 against the dense model through the same PyTorch forward, 903), 16 streams 2023 / 3642
-(0.56; 0.51 unfused). The MoE's routing and per-step sorting cost a decode step of one stream
-about what its matmuls do at this size; at 16 streams every expert is read.
+int4, output tokens/s (2-core AMD EPYC, AVX2, shared with other work; MoE 14.4M parameters, 5.0M
+active; dense 5.0M; 32 tokens a stream, best of 5 rounds), two runs at load average 8.0 and 9.7:
+1 stream MoE 735 and 937 against dense 1007 and 1353 (0.73, 0.69); the MoE through its own forward
+292 and 302 (the fused layer 2.5x and 3.1x that), against the dense one's 513 and 525 (0.57).
+16 streams MoE 1623 and 1535 against dense 2105 and 2140 (0.77, 0.72); unfused 989 and 939 (the
+fused layer 1.6x) against 1635 and 1786 (0.61, 0.53). A third run (3 rounds, load 10.5) gave
+0.66 at 1 stream and at 16 streams a fused MoE below its unfused self (775 / 1122), which timing
+the decode step alone did not reproduce (16 sequences: best 5.8 ms fused, 13.8 ms unfused). What
+is left between the MoE and the dense model at one stream: four block products a layer instead of
+two, and the router's ops (about 70 us of a 0.74 ms step, measured by fixing the choice).
+Before the MoE layer was fused (one run, load 6): int4 1 stream 420 / 2430 (0.17; 0.46 against
+the dense model through the same forward), 16 streams 2023 / 3642 (0.56); fp32 (not re-run) 1
+stream 186 / 319 (0.59), 16 streams 858 / 2605 (0.33).
 
     .venv/bin/python bench/serve_moe.py [--streams 1,16] [--tokens 32] [--quantize none,int4] [--rounds 3] [--json]
 """
@@ -76,7 +85,7 @@ def engine(run: Path, streams: int, quantize: str, fused: bool = True):
     from supercluster.serve.engine import Engine, EngineConfig
 
     built = Engine(run, EngineConfig(precision="fp32", quantize=quantize, num_blocks=4 * streams * 8, block_size=16))
-    if not fused:  # the model's own forward, as the MoE model runs, instead of the one-call int4 decoder
+    if not fused:  # the model's own forward instead of the one-call int4 decoder
         built.runner.fused = None
     return built
 
@@ -130,21 +139,23 @@ def main() -> None:
         for quantize in args.quantize.split(","):
             for streams in map(int, args.streams.split(",")):
                 engines = {name: engine(run, streams, quantize) for name, run in runs.items()}
-                # int4 dense layers run as one C++ call (serve/fused.py), which has no MoE layer yet: the
-                # dense model through the same PyTorch forward as the MoE one separates the two effects.
+                # int4 models run their layers as one C++ call (serve/fused.py); each is also measured
+                # through its own PyTorch forward, the path the MoE took before its layer was fused.
                 if quantize == "int4":
+                    engines["moe_unfused"] = engine(runs["moe"], streams, quantize, fused=False)
                     engines["dense_unfused"] = engine(runs["dense"], streams, quantize, fused=False)
                 try:
                     got = rates(engines, streams, args.tokens, args.rounds)
                 finally:
                     for e in engines.values():
                         e.shutdown()
-                unfused = got.get("dense_unfused", got["dense"])
+                unfused, moe_unfused = got.get("dense_unfused", got["dense"]), got.get("moe_unfused", got["moe"])
                 rows.append({"quantize": quantize, "streams": streams, "moe_tokens_per_s": round(got["moe"], 1),
                              "dense_tokens_per_s": round(got["dense"], 1),
-                             "dense_unfused_tokens_per_s": round(unfused, 1),
                              "moe_over_dense": round(got["moe"] / got["dense"], 3),
-                             "moe_over_dense_unfused": round(got["moe"] / unfused, 3)})
+                             "moe_unfused_tokens_per_s": round(moe_unfused, 1),
+                             "dense_unfused_tokens_per_s": round(unfused, 1),
+                             "moe_over_dense_unfused": round(moe_unfused / unfused, 3)})
     report = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
               "moe_params": num_params(cfgs["moe"]), "moe_active_params": active_params(cfgs["moe"]),
               "dense_params": num_params(cfgs["dense"]), "rows": rows}
@@ -155,10 +166,11 @@ def main() -> None:
     print(f"MoE {report['moe_params']:,} parameters ({report['moe_active_params']:,} active); "
           f"dense {report['dense_params']:,}")
     print(f"{'quantize':>8} {'streams':>7} {'MoE tok/s':>10} {'dense tok/s':>12} {'MoE/dense':>10} "
-          f"{'dense unfused':>14} {'MoE/unfused':>12}")
+          f"{'MoE unfused':>12} {'dense unfused':>14} {'ratio unfused':>14}")
     for r in rows:
         print(f"{r['quantize']:>8} {r['streams']:>7} {r['moe_tokens_per_s']:>10} {r['dense_tokens_per_s']:>12} "
-              f"{r['moe_over_dense']:>10} {r['dense_unfused_tokens_per_s']:>14} {r['moe_over_dense_unfused']:>12}")
+              f"{r['moe_over_dense']:>10} {r['moe_unfused_tokens_per_s']:>12} {r['dense_unfused_tokens_per_s']:>14} "
+              f"{r['moe_over_dense_unfused']:>14}")
 
 
 if __name__ == "__main__":

@@ -93,11 +93,13 @@ def test_llama_1b_has_llama_3_2_1b_blocks():
     assert num_params(preset("llama-1b")) == pytest.approx(1.04e9, rel=0.01)
 
 
-@pytest.mark.parametrize("style", [{}, dict(norm="layernorm", mlp="gelu", position="learned", bias=True)],
-                         ids=["llama", "gpt2"])
+@pytest.mark.parametrize("style", [{}, dict(norm="layernorm", mlp="gelu", position="learned", bias=True),
+                                   dict(qk_norm=True), dict(qk_norm=True, qk_norm_per_head=False)],
+                         ids=["llama", "gpt2", "qwen3", "olmoe"])
 def test_fused_projections_compute_what_the_separate_ones_did(style):
     """Serving's fused q|k|v and gate|up matrices give the model's logits, with and without a KV
-    cache, for the Llama layout (SwiGLU, GQA, RoPE) and GPT-2's (GELU, learned positions, biases)."""
+    cache, for the Llama layout (SwiGLU, GQA, RoPE), GPT-2's (GELU, learned positions, biases) and
+    q and k normed per head (Qwen3) or over all heads (OLMoE)."""
     cfg = preset("tiny", **style)
     model = Transformer(cfg).eval()
     model.init_weights(seed=1)

@@ -249,6 +249,7 @@ def test_auto_keeps_experts_on_the_4bit_grid_and_leaves_others_stacked(source, t
     experts = [m for m in served.modules() if isinstance(m, QuantizedExperts)]
     assert experts and all(e.exact for e in experts)
     assert not any(isinstance(m, GroupedExperts) for m in served.modules())
+    paged_runner(served, served.cfg, fused=True)  # and it decodes in one call
 
     model = load_trained(tmp_path / "run").eval().fuse_projections()  # trained weights: off the grid
     served = quantize(model, "auto")
@@ -304,3 +305,133 @@ def test_tensor_parallel_serving_of_an_moe_model_is_refused_by_name(built, tmp_p
     import_model(paths["hf"], tmp_path / "run")
     with pytest.raises(UserError, match="Mixture-of-Experts model, which serves on one rank; drop --tp"):
         Engine(tmp_path / "run", EngineConfig(tp=2))
+
+
+def paged_runner(model, cfg, fused: bool, kv_dtype=torch.float16):
+    """A LocalRunner on `model` with a KV cache of its own: the one-call int4 decoder, or the model's forward."""
+    from supercluster.serve.kv_cache import PagedKVCache
+    from supercluster.serve.runner import LocalRunner
+
+    cache = PagedKVCache(cfg.layers, 32, 8, cfg.kv_heads, cfg.head_dim, kv_dtype, torch.device("cpu"))
+    runner = LocalRunner(model, cache, torch.device("cpu"))
+    if fused:
+        assert runner.fused is not None
+    else:
+        runner.fused = None
+    return runner
+
+
+def assert_steps_agree(fused, unfused, prompts: list[list[int]], decode_steps: int = 3) -> None:
+    """Both runners through the same steps give the same logits: the prompts prefilled together in
+    two steps (the last one split across them, the first decode tokens of the others in the second),
+    then steps decoding every sequence at once, each fed the greedy tokens of the last step."""
+    from supercluster.serve.runner import StepBatch
+
+    tables = [list(range(8 * i, 8 * i + 8)) for i in range(len(prompts))]
+    cut = len(prompts[-1]) // 2
+    first = StepBatch([t for p in prompts[:-1] for t in p] + prompts[-1][:cut],
+                      [(0, len(p), table) for p, table in zip(prompts[:-1], tables)] + [(0, cut, tables[-1])])
+    steps = [first]
+    positions = [len(p) for p in prompts[:-1]] + [cut]
+    for step in range(decode_steps + 1):
+        expected, got = unfused.run(steps[-1]), fused.run(steps[-1])
+        assert got.shape == expected.shape == (len(prompts), expected.shape[1])
+        # as tests/test_serve.py's dense equal: a last-bit difference (the kernel's RoPE, its norms)
+        # may move an activation across a rounding step of its 16-bit blocks (seen: 1.1e-4 of the largest logit)
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+        if step == decode_steps:
+            break
+        new = got.argmax(-1).tolist()
+        if step == 0:  # the last prompt's rest, the others' first decoded tokens
+            rest = prompts[-1][cut:]
+            steps.append(StepBatch([*new[:-1], *rest], [(pos, 1, table) for pos, table in zip(positions[:-1], tables)]
+                                   + [(cut, len(rest), tables[-1])]))
+            positions = [pos + 1 for pos in positions[:-1]] + [len(prompts[-1])]
+        else:
+            steps.append(StepBatch(new, [(pos, 1, table) for pos, table in zip(positions, tables)]))
+            positions = [pos + 1 for pos in positions]
+
+
+def test_int4_moe_layers_in_one_call_compute_the_models_own_forward(source, tmp_path):
+    """An int4 MoE model decodes in one C++ call a step (router in fp32, tokens grouped by expert,
+    each chosen expert's blocks on its own rows): the same logits as the model's own forward over
+    the same int4 weights, prefill and decode, several sequences batched, and the same greedy
+    tokens from the engine."""
+    from supercluster.serve.engine import Engine, EngineConfig
+
+    hf, paths = source
+    import_model(paths["hf"], tmp_path / "run")
+    engine = Engine(tmp_path / "run", EngineConfig(num_blocks=64, block_size=8, quantize="int4"))
+    engine.shutdown()
+    assert engine.runner.fused is not None and engine.runner.fused.routing["experts"].count(0) == \
+        len(getattr(hf.config, "mlp_only_layers", []) or [])
+    assert_steps_agree(engine.runner, paged_runner(engine.model, engine.cfg, fused=False), PROMPTS)
+
+    outputs = {}
+    for fused in (True, False):
+        engine = Engine(tmp_path / "run", EngineConfig(num_blocks=64, block_size=8, quantize="int4"))
+        try:
+            if not fused:
+                engine.runner.fused = None
+            outputs[fused] = greedy(engine, PROMPTS, 8)
+        finally:
+            engine.shutdown()
+    assert outputs[True] == outputs[False] and all(len(o) == 8 for o in outputs[True])
+
+
+def int4_tiny_moe(method: str = "int4", **fields):
+    """tiny-moe (one shared expert, a dense first layer) with `fields`, random weights and expert
+    biases, quantized by `method`."""
+    from supercluster.model.config import preset
+    from supercluster.model.transformer import Transformer
+    from supercluster.serve.quantize import quantize
+
+    cfg = preset("tiny-moe", **fields)
+    model = Transformer(cfg).eval()
+    model.init_weights(seed=3)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias"):  # used where moe_bias_update_rate > 0: let it change choices
+                buffer.copy_(torch.rand(buffer.shape, generator=torch.Generator().manual_seed(4)) * 0.2)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    return quantize(model.fuse_projections(), method), cfg
+
+
+@pytest.mark.parametrize("fields", [
+    {},  # softmax, renormalised top-2 of 4, a shared expert, a dense first layer
+    dict(moe_experts=8, moe_top_k=3, moe_norm_topk=False, moe_shared_experts=0, moe_dense_layers=0),
+    dict(moe_experts=6, moe_top_k=1),
+    # DeepSeek-V3's: sigmoid scores, the bias choosing, 2 of 4 groups, renormalised and scaled
+    dict(moe_experts=8, moe_top_k=2, moe_router="sigmoid", moe_groups=4, moe_topk_groups=2,
+         moe_bias_update_rate=0.01, moe_route_scale=2.5),
+], ids=["tiny-moe", "top3-unnormalised", "top1", "deepseek"])
+def test_every_router_configuration_runs_in_one_call(fields):
+    """Each router the model builds runs in the one-call decoder as Router.forward computes it."""
+    model, cfg = int4_tiny_moe(**fields)
+    assert_steps_agree(paged_runner(model, cfg, fused=True), paged_runner(model, cfg, fused=False),
+                       [[5, 17, 99, 3, 200, 41], [250, 7], list(range(60, 90))])
+
+
+def test_what_the_one_call_decoder_does_not_implement_runs_the_models_forward():
+    """Biases, int8 experts and experts sent to other ranks are refused by `supports`; the first two
+    serve through the model's forward, a step's logits those of the whole sequence at once."""
+    from supercluster.serve.fused import FusedDecoder
+    from supercluster.serve.runner import StepBatch
+
+    biased, cfg = int4_tiny_moe(bias=True)
+    int4, _ = int4_tiny_moe()
+    for layer in int4.layers.values():
+        layer.feed_forward.dispatcher = object()
+    int8, _ = int4_tiny_moe("int8")
+    for model in (biased, int4, int8):
+        assert not FusedDecoder.supports(model, paged_runner(model, cfg, fused=False).cache)
+    prompt = list(range(60, 90))
+    for model in (biased, int8):
+        runner = paged_runner(model, cfg, fused=False, kv_dtype=torch.float32)
+        with torch.no_grad():
+            whole = model(torch.tensor([prompt]))[0]
+        runner.run(StepBatch(prompt[:20], [(0, 20, [0, 1, 2, 3])]))
+        got = runner.run(StepBatch(prompt[20:], [(20, 10, [0, 1, 2, 3])], logits=[10]))
+        torch.testing.assert_close(got, whole[20:], rtol=1e-4, atol=1e-4 * whole.abs().max().item())

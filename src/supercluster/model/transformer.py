@@ -108,9 +108,8 @@ class Attention(nn.Module):
     def fuse_projections(self) -> None:
         """One [q | k | v] matrix instead of three, for serving: a decode step multiplies a few rows
         by each matrix, so one call costs about what one of the three did. Training keeps the three
-        (tensor parallelism shards them by name)."""
-        if self.q_norm is not None:  # q and k are normed apart before RoPE: keep the three
-            return
+        (tensor parallelism shards them by name). q and k norms (Qwen3, OLMoE) apply to the
+        product's q and k parts."""
         self.qkv_heads = [w.out_features // self.head_dim for w in (self.wq, self.wk, self.wv)]
         self.wqkv = fused_linear(self.wq, self.wk, self.wv)
         del self.wq, self.wk, self.wv
@@ -125,12 +124,15 @@ class Attention(nn.Module):
                 qk = apply_rope(qk, rope)
             q, k = qk[:, :, :heads], qk[:, :, heads:]
         else:
-            q, k = self.wq(x), self.wk(x)
+            if self.wqkv is not None:
+                q, k, v = self.wqkv(x).split([n * self.head_dim for n in self.qkv_heads], dim=-1)
+            else:
+                q, k, v = self.wq(x), self.wk(x), self.wv(x)
             if self.q_norm is not None and not self.qk_norm_per_head:
                 q, k = self.q_norm(q), self.k_norm(k)
             q = q.view(b, s, -1, self.head_dim)  # -1: local heads under tensor parallelism
             k = k.view(b, s, -1, self.head_dim)
-            v = self.wv(x).view(b, s, -1, self.head_dim)
+            v = v.view(b, s, -1, self.head_dim)
             if self.q_norm is not None and self.qk_norm_per_head:
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.use_rope:

@@ -8,6 +8,11 @@ same function: per expert one [gate | up] matrix (SwiGLU folded into the down ma
 for 4-bit blocks, as the dense path's w13/w2) and one down matrix. Each expert multiplies only
 its own rows, as llama.cpp's `mul_mat_id` indexes rows by expert; experts no token chose are
 not read at all, which is what makes a decode step of an MoE model cheaper than its size.
+
+In 4/8-bit blocks the served model's MoE layers run inside the one-call int4 decoder
+(`serve/fused.py`; `kernels/decoder.cpp`'s `moe_ffn`), which routes as `Router.forward` and
+multiplies these same blocks, each chosen expert on its own rows; `forward` here is the model's
+own path (int8 experts, and wherever `FusedDecoder.supports` refuses).
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
   kernels scale a whole tensor at once, which SmolLM2's outlier features do not survive.
 - `paged_attention.cpp`: a step's attention (RoPE, storing keys and values, every query against
   its own sequence) straight on the paged KV cache's blocks.
-- `decoder.cpp`: every layer of a Llama-style int4 model in one call, composed of the two above.
+- `decoder.cpp`: every layer of a Llama-style int4 model in one call, composed of the two above,
+  Mixture-of-Experts layers included (fp32 router, tokens grouped by expert, each chosen expert's
+  blocks on its own rows).
 - `vector_math.h`: an exponential that vectorizes and a dot product, for both; `parallel.h`: work
   shared over PyTorch's threads as each is free.
 
