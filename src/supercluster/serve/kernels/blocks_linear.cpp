@@ -24,7 +24,8 @@
 // SwiGLU's silu(gate) * up) and a residual added to the output.
 //
 // Code paths by the instruction set the compiler targets (-march=native): AVX-512 VNNI, AVX2
-// (maddubs + madd; 8-bit weights as two 4-bit halves so no 16-bit sum saturates), plain C++.
+// (maddubs, a block's eight products added in int16, one madd; 8-bit weights as two 4-bit halves so
+// no 16-bit sum saturates), plain C++.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
