@@ -24,7 +24,9 @@ the `llama-cpp-python` sdist, which vendors llama.cpp, into $SUPERCLUSTER_HOME/l
 On a machine other work keeps busy (load average above the core count), llama.cpp's threads
 meet at a barrier after every operation and one descheduled thread stalls the rest: on 2 shared
 cores at load 5-8 it gave 1.5-6 output tokens/s at --threads 2 against 43 at --threads 1. The
-report records the load average; compare engines at the same --threads, on a quiet machine.
+report records the load average; compare engines at the same --threads, on a quiet machine, or,
+where the load never drops below the core count, at --threads 1 on both sides (the README's
+latest figures), repeated, since the ratios then move with the load from run to run.
 
     .venv/bin/python bench/serve.py [--levels 1,4,16,64] [--threads N] [--json]
     .venv/bin/python bench/serve.py --url http://127.0.0.1:8000   # any OpenAI-compatible server

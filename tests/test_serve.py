@@ -600,6 +600,31 @@ def test_block_linear_computes_its_integer_arithmetic(arch):
 
 
 @pytest.mark.parametrize("arch", ["native", "avx2", "portable"])
+def test_block_linear_is_exact_at_the_largest_integer_sums(arch):
+    """The kernels add a block's integer products in 16 bits before widening them (AVX2: eight
+    maddubs pairs of at most 2*15*127 = 3810 each): with every weight at the top of its grid and
+    every activation at +-127 steps, the largest sums there are, the product is still the exact
+    one, in 4- and 8-bit weights and 8- and 16-bit activations, for one row and a tile of many."""
+    from supercluster.serve.quantize import BlockLinear
+
+    if arch != "native" and platform.machine() != "x86_64":
+        pytest.skip(f"the {arch} build targets x86-64")
+    if arch == "avx2" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX2")
+    weight = torch.ones(40, 96)
+    weight[:, ::32] = -1.0  # each 4-bit block spans -1..1: every other weight at q = 15; 8-bit ones at 127 (+128)
+    for bits, activation_bits in ((4, 8), (8, 8), (4, 16), (8, 16)):
+        linear = torch.nn.Linear(96, 40, bias=False).requires_grad_(False)
+        linear.weight.copy_(weight)
+        layer = BlockLinear(linear, bits, arch, activation_bits)
+        for rows in (1, 9):
+            x = torch.full((rows, 96), 2.5)
+            x[1::2] = -2.5  # every activation at +-127 (hi plane +-127) steps of its block
+            expected = x.double() @ layer.dequantized().double().T
+            torch.testing.assert_close(layer(x).double(), expected, rtol=1e-6, atol=1e-6 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["native", "avx2", "portable"])
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.float16])
 def test_paged_attention_equals_sdpa_on_gathered_contexts(arch, pool_dtype):
     """The attention kernel (each code path; fp32 and fp16 pools), on a step packing prompt chunks

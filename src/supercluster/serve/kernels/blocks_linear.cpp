@@ -24,7 +24,8 @@
 // SwiGLU's silu(gate) * up) and a residual added to the output.
 //
 // Code paths by the instruction set the compiler targets (-march=native): AVX-512 VNNI, AVX2
-// (maddubs + madd; 8-bit weights as two 4-bit halves so no 16-bit sum saturates), plain C++.
+// (maddubs, a block's eight products added in int16, one madd; 8-bit weights as two 4-bit halves so
+// no 16-bit sum saturates), plain C++.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -190,45 +191,62 @@ void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, 
 
 constexpr int64_t kRowTile = 4;
 
-// 8 features' sums over inputs 4c..4c+3: maddubs pairs (4-bit by int8 stays below 2^15), madd the pairs
-inline __m256i dot4(__m256i q4, __m256i x, __m256i weight) {
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q4, x), weight);
+// 8 features' sums over one block (32 inputs) of one activation plane: maddubs multiplies 4-bit
+// weights (0..15) by int8 activations (|x| <= 127) into pairs of at most 2*15*127 = 3810, so the
+// eight chunks' pairs add up in int16 (at most 30480 < 2^15, never saturating) and one madd
+// widens them to int32.
+inline __m256i block_sums(const __m256i* wv, const int8_t* x, __m256i weight) {
+  __m256i s = _mm256_maddubs_epi16(wv[0], _mm256_set1_epi32(four_bytes(x)));
+  for (int c = 1; c < 8; ++c) s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[c], _mm256_set1_epi32(four_bytes(x + 4 * c))));
+  return _mm256_madd_epi16(s, weight);
 }
 
+// Half a panel (8 features, h = 0 or 1) at a time: a block's weights are unpacked into registers
+// once and every row of the tile meets them (a row's float sums run over the blocks in order, as
+// one row alone would run them). 8-bit weights (q = 16*hi + lo) go as two 4-bit halves.
 template <int Bits, int Planes>
 void panel_rows(const Panel& w, const Activations& a, int64_t r0, int64_t rows, float* out, int64_t stride) {
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
-  for (int64_t r = r0; r < r0 + rows; ++r) {
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int h = 0; h < 2; ++h) {  // features 0-7, 8-15
+    __m256 acc[kRowTile];
+    for (int64_t r = 0; r < rows; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a.blocks; ++b) {
       const uint8_t* q = w.q + b * w.block_bytes;
-      const int8_t* x0 = a.q + r * a.row_bytes + b * kBlock;
-      const int64_t at = r * a.blocks + b;
-      for (int h = 0; h < 2; ++h) {  // features 0-7, 8-15
+      __m256i wv[Bits == 4 ? 8 : 16];  // inputs 4c..4c+3 of the block for the 8 features (8-bit: hi nibbles, then lo)
+      if constexpr (Bits == 4) {
+        for (int c = 0; c < 4; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32 * h));
+          wv[2 * c] = _mm256_and_si256(v, low);
+          wv[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        }
+      } else {
+        for (int c = 0; c < 8; ++c) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32 * h));
+          wv[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+          wv[8 + c] = _mm256_and_si256(v, low);
+        }
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b * kPanel + 8 * h)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * kPanel + 8 * h)));
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* x0 = a.q + (r0 + r) * a.row_bytes + b * kBlock;
+        const int64_t at = (r0 + r) * a.blocks + b;
         __m256i sum = _mm256_setzero_si256();
         for (int p = 0; p < Planes; ++p) {
           const int8_t* x = x0 + p * a.Kp;
           if (p == 1) sum = _mm256_slli_epi32(sum, 7);  // the hi plane's sums count 128 each
-          for (int c = 0; c < 8; ++c) {
-            const __m256i xb = _mm256_set1_epi32(four_bytes(x + 4 * c));
-            if constexpr (Bits == 4) {
-              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * (c / 2) + 32 * h));
-              sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(c % 2 ? _mm256_srli_epi16(v, 4) : v, low), xb, ones));
-            } else {  // q = 16*hi + lo
-              const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64 * c + 32 * h));
-              sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(_mm256_srli_epi16(v, 4), low), xb, sixteen));
-              sum = _mm256_add_epi32(sum, dot4(_mm256_and_si256(v, low), xb, ones));
-            }
+          if constexpr (Bits == 4) {
+            sum = _mm256_add_epi32(sum, block_sums(wv, x, ones));
+          } else {
+            sum = _mm256_add_epi32(sum, block_sums(wv, x, sixteen));
+            sum = _mm256_add_epi32(sum, block_sums(wv + 8, x, ones));
           }
         }
-        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.d + b * kPanel + 8 * h)));
-        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.m + b * kPanel + 8 * h)));
-        acc[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(a.dx[at])), acc[h]);
-        acc[h] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.sx[at]), acc[h]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum), _mm256_mul_ps(d, _mm256_set1_ps(a.dx[at])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.sx[at]), acc[r]);
       }
     }
-    _mm256_storeu_ps(out + r * stride, acc[0]);
-    _mm256_storeu_ps(out + r * stride + 8, acc[1]);
+    for (int64_t r = 0; r < rows; ++r) _mm256_storeu_ps(out + (r0 + r) * stride + 8 * h, acc[r]);
   }
 }
 
