@@ -133,13 +133,15 @@ def allocator_env(allocator: str) -> dict:
     return env
 
 
-def measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
+def measured(cmd: list[str], env: dict, limit_s: float | None = None, watch: Path | None = None) -> tuple[float, int, str]:
     """Run `cmd`; (wall seconds, peak RSS of it and all its children summed, stdout). The tree is
-    sampled every 50 ms with psutil; shared pages count once per process, so the sum is an upper bound."""
+    sampled every 50 ms with psutil; shared pages count once per process, so the sum is an upper bound.
+    `watch`: a folder whose tokens.bin grows, printed with the RSS every 30 s (memory against progress);
+    `limit_s`: stop the run then and return what was measured (stdout None)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     top = psutil.Process(proc.pid)
-    peak = 0
+    peak, shown = 0, start
     while proc.poll() is None:
         try:
             tree = [top, *top.children(recursive=True)]
@@ -152,6 +154,16 @@ def measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
             peak = max(peak, rss)
         except psutil.NoSuchProcess:
             pass
+        now = time.perf_counter()
+        if watch is not None and now - shown >= 30:
+            shown = now
+            written = sum(f.stat().st_size for f in watch.parent.glob(f"{watch.name}.tmp-*/tokens.bin"))
+            print(f"    {now - start:6.0f} s: RSS {rss / 2**20:5.0f} MiB (peak {peak / 2**20:5.0f}), "
+                  f"{written / 1e6:,.0f} MB of ids written, load {os.getloadavg()[0]:.1f}", flush=True)
+        if limit_s is not None and now - start > limit_s:
+            proc.terminate()  # SIGTERM: the prepare stops and leaves no folder a run would trust
+            proc.communicate()
+            return now - start, peak, None
         time.sleep(0.05)
     out, err = proc.communicate()
     if proc.returncode:
@@ -159,12 +171,19 @@ def measured(cmd: list[str], env: dict) -> tuple[float, int, str]:
     return time.perf_counter() - start, peak, out
 
 
-def ours(src: Path, out: Path, run: Path, workers: int, allocator: str = "jemalloc") -> tuple[float, int, int]:
+def ours(src: Path, out: Path, run: Path, workers: int, allocator: str = "jemalloc", limit_s: float | None = None,
+         watch: bool = False) -> tuple[float, int, int | None, str | None]:
     """`data prepare` as shipped ("jemalloc": its workers preload it when the library is here) or with
-    glibc's malloc ("default", SUPERCLUSTER_JEMALLOC=0)."""
+    glibc's malloc ("default", SUPERCLUSTER_JEMALLOC=0); (seconds, peak RSS, tokens, digest of the ids),
+    tokens and digest None for a run stopped at `limit_s`."""
     env = ENV if allocator == "jemalloc" else allocator_env("default")
     seconds, peak, stdout = measured([sys.executable, "-m", "supercluster.cli.main", "data", "prepare", str(src),
-                                      "--out", str(out), "--tokenizer", str(run), "--workers", str(workers), "--json"], env)
+                                      "--out", str(out), "--tokenizer", str(run), "--workers", str(workers), "--json"],
+                                     env, limit_s, out if watch else None)
+    if stdout is None:
+        for tmp in out.parent.glob(f"{out.name}.tmp-*"):
+            shutil.rmtree(tmp)
+        return seconds, peak, None, None
     digest = file_sha256(out / "tokens.bin")
     shutil.rmtree(out)
     return seconds, peak, json.loads(stdout)["tokens"], digest
@@ -246,9 +265,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--mb", type=float, default=64, help="input size for the comparison with datasets (0: none)")
     parser.add_argument("--memory-mb", type=float, nargs="*", default=[], help="bigger inputs, ours only: peak memory")
+    parser.add_argument("--memory-limit-s", type=float, default=None,
+                        help="stop each memory run after this long and report the peak so far (a slow, loaded machine)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--allocators", nargs="+", choices=("default", "jemalloc"), default=["default"],
-                        help="run datasets under each (and ours too), to compare like for like")
+                        help="run datasets under each; both: ours under each too, to compare like for like")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the comparison, in alternating order")
     parser.add_argument("--train", action="store_true", help="also compare training on uint16 and uint32 data")
     parser.add_argument("--train-only", action="store_true", help="only the training comparison (on --mb of input)")
@@ -267,8 +288,9 @@ def main():
             print(f"input: {size / 1e6:.0f} MB of JSON lines ({rows:,} stdlib files), SmolLM2 tokenizer", flush=True)
             runs: dict[str, list] = {}  # "ours/jemalloc" | "datasets/default" ... -> [(seconds, peak, tokens, load)]
             digests: set[str] = set()  # of every run's token file: all the same bytes
-            kinds = [("ours", "jemalloc")] + [("ours", "default")] * ("default" in args.allocators)
-            kinds += [("datasets", a) for a in args.allocators]
+            # ours as shipped against datasets under each allocator; with both, ours under glibc's malloc too
+            kinds = [("ours", "jemalloc")] + [("ours", "default")] * (len(args.allocators) == 2)
+            kinds += [("datasets", a) for a in dict.fromkeys(args.allocators)]
             for attempt in range(0 if args.train_only else args.repeats):
                 for who, allocator in (kinds if attempt % 2 == 0 else kinds[::-1]):
                     if who == "ours":
@@ -298,11 +320,16 @@ def main():
         for mb in args.memory_mb:
             big = work / f"in-{mb:g}.jsonl"
             make_jsonl(big, mb)
-            seconds, rss, tokens, _ = ours(big, work / f"ours-{mb:g}", run, args.workers)
-            memory.append({"mb": big.stat().st_size / 1e6, "seconds": seconds, "tokens": tokens,
-                           "peak_rss_mib": rss / 2**20, "load": os.getloadavg()[0]})
-            print(f"data prepare on {big.stat().st_size / 1e6:.0f} MB: {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s, "
-                  f"peak RSS {rss / 2**20:.0f} MiB, load {os.getloadavg()[0]:.1f}", flush=True)
+            size = big.stat().st_size
+            print(f"data prepare on {size / 1e6:.0f} MB (RSS of the process tree against ids written):", flush=True)
+            seconds, rss, tokens, _ = ours(big, work / f"ours-{mb:g}", run, args.workers, limit_s=args.memory_limit_s,
+                                           watch=True)
+            load = os.getloadavg()[0]
+            memory.append({"mb": size / 1e6, "seconds": seconds, "tokens": tokens, "peak_rss_mib": rss / 2**20,
+                           "finished": tokens is not None, "load": load})
+            done = f"{tokens / seconds:,.0f} tokens/s" if tokens else f"stopped at --memory-limit-s {args.memory_limit_s:g}"
+            print(f"data prepare on {size / 1e6:.0f} MB: {seconds:.1f} s, {done}, peak RSS {rss / 2**20:.0f} MiB, "
+                  f"load {load:.1f}", flush=True)
             big.unlink()
         print(json.dumps({**result, "memory": memory}))
 
