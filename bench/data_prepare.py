@@ -162,7 +162,7 @@ def measured(cmd: list[str], env: dict, limit_s: float | None = None, watch: Pat
                   f"{written / 1e6:,.0f} MB of ids written, load {os.getloadavg()[0]:.1f}", flush=True)
         if limit_s is not None and now - start > limit_s:
             proc.terminate()  # SIGTERM: the prepare stops and leaves no folder a run would trust
-            proc.communicate()
+            proc.wait()
             return now - start, peak, None
         time.sleep(0.05)
     out, err = proc.communicate()

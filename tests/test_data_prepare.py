@@ -168,14 +168,34 @@ def test_overwrite_replaces_a_prepared_dataset_and_nothing_else(tmp_path, tokeni
         assert meta["documents"] == len(DOCS) and meta["skipped_bad"]["malformed_json"] == 1
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
 def test_a_killed_prepare_leaves_nothing_a_run_trusts_and_can_be_run_again(tmp_path, tokenizer_file):
+    """SIGKILL mid-prepare: no published folder, nothing trusted in the temporary one, and its workers
+    end with it (a worker left blocked on half a task would hold the caller's pipes open for ever)."""
     line = json.dumps({"text": DOCS[0] * 40}) + "\n"
     big = tmp_path / "big.jsonl"
     big.write_text(line * (40_000_000 // len(line)))  # ~40 MB: seconds of tokenizing on one worker
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "supercluster.cli.main", "data", "prepare", str(big), "--out", str(out),
-           "--tokenizer", str(tokenizer_file)]
+           "--tokenizer", str(tokenizer_file), "--workers", "2"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     tmp = tmp_path / f"out.tmp-{proc.pid}"
     deadline = time.monotonic() + 60
@@ -183,9 +203,15 @@ def test_a_killed_prepare_leaves_nothing_a_run_trusts_and_can_be_run_again(tmp_p
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    workers = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and tmp.is_dir() and not (tmp / "meta.json").exists()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived their killed parent"
+        time.sleep(0.05)
     with pytest.raises(UserError, match="not a finished prepared dataset"):
         open_prepared(str(tmp), None, 0.0, 4096)
     small = write_jsonl(tmp_path / "small.jsonl", [{"text": d} for d in DOCS])

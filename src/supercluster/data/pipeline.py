@@ -166,7 +166,22 @@ class Encoder:
         return Encoded(ids, np.asarray(lengths, dtype=np.int64), mask, bad, chunk.n_bytes)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the parent dies (Linux's PR_SET_PDEATHSIG). A parent killed
+    while it writes a task leaves the worker blocked on half a message, which no timeout here would
+    end; elsewhere the check of the parent's pid between tasks is all there is."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:  # it died before the request
+        os._exit(0)
+
+
 def _worker_main(recipe: Recipe, tasks, results, parent: int) -> None:
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops and cleans up
     try:
