@@ -7,7 +7,8 @@ megabytes per worker whatever the corpus size and the output is the same for any
 count. Workers parse JSON lines themselves, so that parsing is parallel too, and report bad
 rows (malformed JSON, a missing or non-text field, a malformed conversation) with their file
 and line: without `skip_bad` the first one stops the prepare with that sentence and nothing
-is published; with it they are counted by reason in meta.json.
+is published; with it they are counted by reason in meta.json. Workers are spawned with
+jemalloc preloaded where it is installed (`jemalloc_path`) and die with the parent.
 """
 
 from __future__ import annotations
@@ -215,9 +216,10 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch6
 def jemalloc_path() -> str | None:
     """The jemalloc to preload into tokenizer workers, or None: the normal allocator.
 
-    glibc's malloc fragments under the tokenizers' Rust allocations (many short-lived vectors per
-    word), and a worker spends a third of its time in it; jemalloc does not. SUPERCLUSTER_JEMALLOC=0
-    turns it off, =PATH names another library; a missing one falls back silently."""
+    Under glibc's malloc the tokenizers' Rust code (many short-lived vectors per word) makes a
+    worker about twice as slow on this project's machine (bench/data_prepare.py --allocators
+    default jemalloc). SUPERCLUSTER_JEMALLOC=0 turns it off, =PATH names another library; a
+    missing one falls back silently."""
     choice = os.environ.get("SUPERCLUSTER_JEMALLOC", "")
     if choice == "0":
         return None
