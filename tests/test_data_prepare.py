@@ -1,6 +1,7 @@
 """data prepare and prepared datasets: formats, dtypes, bad rows, interruption, mixtures, resume."""
 
 import gzip
+import hashlib
 import json
 import os
 import signal
@@ -92,6 +93,9 @@ def test_every_input_format_gives_the_same_tokens(tmp_path, tokenizer_file):
         out = tmp_path / f"out-{name}"
         outputs[name] = ((out / "tokens.bin").read_bytes(), (out / "docs.idx").read_bytes())
     assert len(set(outputs.values())) == 1, {k: len(v[0]) for k, v in outputs.items()}
+    for name in inputs:  # digests taken while reading (JSON lines, text) or apart (Parquet, arrow): the files'
+        for entry in json.loads((tmp_path / f"out-{name}" / "meta.json").read_text())["inputs"]:
+            assert entry["sha256"] == hashlib.sha256(Path(entry["name"]).read_bytes()).hexdigest(), entry
     ds = PreparedDataset(tmp_path / "out-jsonl")
     assert len(ds) == len(DOCS) and ds.tokens.dtype == np.uint16
     from tokenizers import Tokenizer
@@ -164,14 +168,34 @@ def test_overwrite_replaces_a_prepared_dataset_and_nothing_else(tmp_path, tokeni
         assert meta["documents"] == len(DOCS) and meta["skipped_bad"]["malformed_json"] == 1
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
 def test_a_killed_prepare_leaves_nothing_a_run_trusts_and_can_be_run_again(tmp_path, tokenizer_file):
+    """SIGKILL mid-prepare: no published folder, nothing trusted in the temporary one, and its workers
+    end with it (a worker left blocked on half a task would hold the caller's pipes open for ever)."""
     line = json.dumps({"text": DOCS[0] * 40}) + "\n"
     big = tmp_path / "big.jsonl"
     big.write_text(line * (40_000_000 // len(line)))  # ~40 MB: seconds of tokenizing on one worker
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     cmd = [sys.executable, "-m", "supercluster.cli.main", "data", "prepare", str(big), "--out", str(out),
-           "--tokenizer", str(tokenizer_file)]
+           "--tokenizer", str(tokenizer_file), "--workers", "2"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     tmp = tmp_path / f"out.tmp-{proc.pid}"
     deadline = time.monotonic() + 60
@@ -179,9 +203,15 @@ def test_a_killed_prepare_leaves_nothing_a_run_trusts_and_can_be_run_again(tmp_p
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline
         time.sleep(0.01)
+    workers = [pid for pid in _children(proc.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and tmp.is_dir() and not (tmp / "meta.json").exists()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers):
+        assert time.monotonic() < deadline, "the workers outlived their killed parent"
+        time.sleep(0.05)
     with pytest.raises(UserError, match="not a finished prepared dataset"):
         open_prepared(str(tmp), None, 0.0, 4096)
     small = write_jsonl(tmp_path / "small.jsonl", [{"text": d} for d in DOCS])
@@ -325,3 +355,65 @@ def test_a_short_run_trains_on_a_mixture_and_resumes_its_position(tmp_path, toke
     assert state["sampler"]["consumed"] == 16
     assert (run / "tokenizer.json").is_file()
     assert tokenizer_digest(run / "tokenizer.json") == tokenizer_digest(tokenizer_file)
+
+
+# ---- the pipeline: raw blocks, digests while reading, jemalloc in the workers ----------------
+
+
+def test_blocks_cut_at_line_ends_give_the_same_dataset_at_any_block_size_and_worker_count(tmp_path, tokenizer_file,
+                                                                                       monkeypatch):
+    """JSON lines reach the workers as blocks cut at line ends: tiny blocks (every line longer than
+    one), blank lines, a last line without its newline, gz, 1 or 2 workers: the same bytes, the
+    digest taken while reading is the file's, and a bad row is still named by its own line."""
+    import hashlib
+
+    from supercluster.data import inputs
+
+    rows = [json.dumps({"text": d}) for d in DOCS * 5]
+    rows[3:3] = ["", "   "]  # blank lines are not rows, but count as lines
+    text = "\n".join(rows)  # no newline after the last row
+    plain = tmp_path / "in.jsonl"
+    plain.write_text(text, encoding="utf-8")
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(text.encode()))
+    outputs = set()
+    for block, workers, src in ((inputs.CHUNK_BYTES, 1, plain), (64, 1, plain), (64, 2, plain), (7, 2, packed)):
+        monkeypatch.setattr(inputs, "CHUNK_BYTES", block)
+        out = tmp_path / f"out-{block}-{workers}-{src.suffix}"
+        meta = prepare([src], out, tokenizer=tokenizer_file, workers=workers)
+        assert meta["documents"] == len(DOCS) * 5
+        assert meta["inputs"][0]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+        outputs.add(((out / "tokens.bin").read_bytes(), (out / "docs.idx").read_bytes()))
+    assert len(outputs) == 1
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(rows[:10] + ['{"text": unquoted'] + rows[11:]), encoding="utf-8")  # still 7-byte blocks
+    with pytest.raises(UserError, match=rf"^{bad}, line 11 is not valid JSON"):
+        prepare([bad], tmp_path / "out-bad", tokenizer=tokenizer_file, workers=2)
+
+
+def test_jemalloc_is_preloaded_into_workers_only_and_its_absence_falls_back(tmp_path, tokenizer_file, monkeypatch):
+    from supercluster.data import pipeline
+
+    monkeypatch.setattr(pipeline, "JEMALLOC_PATHS", (str(tmp_path / "libjemalloc.so.2"),))  # not there
+    monkeypatch.delenv("SUPERCLUSTER_JEMALLOC", raising=False)
+    assert pipeline.jemalloc_path() is None
+    monkeypatch.setenv("SUPERCLUSTER_JEMALLOC", str(tmp_path / "nowhere.so"))
+    assert pipeline.jemalloc_path() is None
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": d} for d in DOCS])
+    meta = prepare([src], tmp_path / "out", tokenizer=tokenizer_file, workers=2)  # the normal allocator, silently
+    assert meta["documents"] == len(DOCS)
+    monkeypatch.setenv("SUPERCLUSTER_JEMALLOC", "0")
+    monkeypatch.setattr(pipeline, "JEMALLOC_PATHS", (sys.executable,))  # a file that exists: still off
+    assert pipeline.jemalloc_path() is None
+    monkeypatch.undo()
+    library = pipeline.jemalloc_path()
+    if library is None:
+        pytest.skip("no libjemalloc.so.2 on this machine (apt-get install libjemalloc2)")
+    before = os.environ.get("LD_PRELOAD")
+    recipe = pipeline.Recipe(Path(tokenizer_file).read_text(), "text", "text", 0, None, "", "", "uint16")
+    pool = pipeline.WorkerPool(1, recipe)
+    try:
+        maps = Path(f"/proc/{pool.procs[0].pid}/maps").read_text()
+    finally:
+        pool.close()
+    assert "libjemalloc" in maps and os.environ.get("LD_PRELOAD") == before  # the parent's own environment is untouched

@@ -9,15 +9,19 @@ beyond any context), so that a many-gigabyte dump never sits in memory whole. A 
 that `save_to_disk` wrote (`state.json`, or `dataset_dict.json` over split folders) is read
 through its own list of arrow files, in order.
 
-JSON lines travel to the workers as raw bytes, so that parsing (and finding bad rows) is
-done in parallel too; the other kinds are decoded here into Python values.
+JSON lines travel to the workers as blocks of raw bytes cut at line ends (one bytes object
+per ~1 MB, not a Python object per row: cheap to pickle), so that splitting, parsing and
+finding bad rows are done in parallel too; the other kinds are decoded here into Python values.
+Files read front to back (JSON lines, text) are hashed as they are read, so meta.json's
+digests cost no second pass over the corpus.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
-import io
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -32,15 +36,20 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json.gz", ".json.zst", 
 
 @dataclass
 class Chunk:
-    """Rows of one file: raw JSON lines (`lines`), or values (`values`) already decoded."""
+    """Rows of one file: whole JSON lines as raw bytes (`block`), or values (`values`) already decoded."""
 
     file: str
     kind: str  # "jsonl" | "table" | "text"
     first_row: int  # 1-based line (JSON lines) or row number of the first row
-    lines: list[bytes] | None = None
+    block: bytes | None = None
     values: list | None = None
-    row_numbers: list[int] | None = None  # JSON lines: blank lines are dropped, so each row's own line number
     n_bytes: int = 0
+
+    def json_lines(self) -> Iterator[tuple[int, bytes]]:
+        """(line number, raw line) of each row of a JSON lines block; blank lines are not rows."""
+        for offset, line in enumerate(self.block.split(b"\n")):
+            if line.strip():
+                yield self.first_row + offset, line
 
 
 @dataclass
@@ -48,6 +57,7 @@ class InputFile:
     path: Path
     kind: str  # "jsonl" | "parquet" | "arrow" | "text"
     size: int = field(default=0)
+    sha256: str | None = None  # set by the reader of a file read whole front to back; None: hash it apart
 
     @property
     def name(self) -> str:
@@ -107,31 +117,61 @@ def expand(inputs: list[str | os.PathLike]) -> list[InputFile]:
     return files
 
 
-def _open_binary(path: Path):
+class _Digesting:
+    """A file whose bytes go through sha256 as they are read (by us or by a decompressor)."""
+
+    def __init__(self, path: Path):
+        self.raw = open(path, "rb")
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        return data
+
+    def hexdigest(self) -> str:
+        """The whole file's digest: bytes a decompressor left unread (past a gzip member) included."""
+        while self.read(CHUNK_BYTES):
+            pass
+        return self.sha.hexdigest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+
+def _decompressed(path: Path, raw: _Digesting):
     name = path.name.lower()
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if name.endswith(".zst"):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
-    return open(path, "rb")
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)  # zstd -c a b > c: many frames
+    return contextlib.nullcontext(raw)
 
 
 def _jsonl_chunks(f: InputFile) -> Iterator[Chunk]:
-    lines, numbers, size = [], [], 0
-    with _open_binary(f.path) as stream:
-        for number, line in enumerate(stream, 1):
-            if not line.strip():
-                continue  # blank lines, and the last newline, are not rows
-            lines.append(line)
-            numbers.append(number)
-            size += len(line)
-            if size >= CHUNK_BYTES:
-                yield Chunk(f.name, "jsonl", numbers[0], lines=lines, row_numbers=numbers, n_bytes=size)
-                lines, numbers, size = [], [], 0
-    if lines:
-        yield Chunk(f.name, "jsonl", numbers[0], lines=lines, row_numbers=numbers, n_bytes=size)
+    """Blocks of at least CHUNK_BYTES (or the file's rest) that end at a line's end."""
+    line, pending, size = 1, [], 0
+    with _Digesting(f.path) as raw, _decompressed(f.path, raw) as stream:
+        while block := stream.read(CHUNK_BYTES):
+            pending.append(block)
+            size += len(block)
+            cut = block.rfind(b"\n") + 1
+            if size < CHUNK_BYTES or not cut:  # a short read (decompressors), or inside a line longer than a block
+                continue
+            data = b"".join([*pending[:-1], block[:cut]])
+            pending = [block[cut:]]
+            size = len(pending[0])
+            yield Chunk(f.name, "jsonl", line, block=data, n_bytes=len(data))
+            line += data.count(b"\n")
+        if size:  # the rest; its last line may lack a newline
+            data = b"".join(pending)
+            yield Chunk(f.name, "jsonl", line, block=data, n_bytes=len(data))
+        f.sha256 = raw.hexdigest()
 
 
 def _table_chunks(f: InputFile, batches, column: str) -> Iterator[Chunk]:
@@ -191,7 +231,7 @@ def _text_chunks(f: InputFile) -> Iterator[Chunk]:
     folder) is skipped, as in training corpora."""
     decoder = codecs.getincrementaldecoder("utf-8")()  # keeps a character split between two reads
     text, n_bytes, offset, yielded = "", 0, 0, False
-    with open(f.path, "rb") as stream:
+    with _Digesting(f.path) as stream:
         while block := stream.read(CHUNK_BYTES):
             binary = b"\0" in block  # a NUL byte, or bytes that are not UTF-8
             if not binary:
@@ -212,6 +252,7 @@ def _text_chunks(f: InputFile) -> Iterator[Chunk]:
             if cut:
                 yield Chunk(f.name, "text", 1, values=[text[:cut]], n_bytes=n_bytes)
                 text, n_bytes, yielded = text[cut:], 0, True
+        f.sha256 = stream.hexdigest()
     try:
         text += decoder.decode(b"", final=True)
     except UnicodeDecodeError:  # the file ends inside a character

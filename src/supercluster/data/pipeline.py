@@ -7,11 +7,13 @@ megabytes per worker whatever the corpus size and the output is the same for any
 count. Workers parse JSON lines themselves, so that parsing is parallel too, and report bad
 rows (malformed JSON, a missing or non-text field, a malformed conversation) with their file
 and line: without `skip_bad` the first one stops the prepare with that sentence and nothing
-is published; with it they are counted by reason in meta.json.
+is published; with it they are counted by reason in meta.json. Workers are spawned with
+jemalloc preloaded where it is installed (`jemalloc_path`) and die with the parent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import multiprocessing as mp
@@ -95,7 +97,7 @@ class Encoder:
             for i, value in enumerate(chunk.values):
                 yield chunk.first_row + i, value, None
             return
-        for line_no, line in zip(chunk.row_numbers, chunk.lines):
+        for line_no, line in chunk.json_lines():
             try:
                 row = json.loads(line)
             except (ValueError, RecursionError) as err:  # RecursionError: nested beyond Python's parser
@@ -165,7 +167,22 @@ class Encoder:
         return Encoded(ids, np.asarray(lengths, dtype=np.int64), mask, bad, chunk.n_bytes)
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when the parent dies (Linux's PR_SET_PDEATHSIG). A parent killed
+    while it writes a task leaves the worker blocked on half a message, which no timeout here would
+    end; elsewhere the check of the parent's pid between tasks is all there is."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:  # it died before the request
+        os._exit(0)
+
+
 def _worker_main(recipe: Recipe, tasks, results, parent: int) -> None:
+    _die_with_parent(parent)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the processes are the parallelism
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent alone stops and cleans up
     try:
@@ -191,6 +208,42 @@ def _worker_main(recipe: Recipe, tasks, results, parent: int) -> None:
             results.put((seq, "crash", f"{type(err).__name__}: {err}"))
 
 
+# Where Debian/Ubuntu (libjemalloc2, which the redis package pulls in) and Fedora put jemalloc.
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib64/libjemalloc.so.2", "/usr/local/lib/libjemalloc.so.2")
+
+
+def jemalloc_path() -> str | None:
+    """The jemalloc to preload into tokenizer workers, or None: the normal allocator.
+
+    Under glibc's malloc the tokenizers' Rust code (many short-lived vectors per word) makes a
+    worker about twice as slow on this project's machine (bench/data_prepare.py --allocators
+    default jemalloc). SUPERCLUSTER_JEMALLOC=0 turns it off, =PATH names another library; a
+    missing one falls back silently."""
+    choice = os.environ.get("SUPERCLUSTER_JEMALLOC", "")
+    if choice == "0":
+        return None
+    return next((path for path in ((choice,) if choice else JEMALLOC_PATHS) if os.path.isfile(path)), None)
+
+
+@contextlib.contextmanager
+def _preloading(library: str | None):
+    """LD_PRELOAD set to `library` for the processes spawned inside (a spawned worker is a fresh exec
+    that reads it; this process's own allocator cannot change), the environment restored after."""
+    if library is None:
+        yield
+        return
+    before = os.environ.get("LD_PRELOAD")
+    os.environ["LD_PRELOAD"] = f"{library}:{before}" if before else library
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LD_PRELOAD"]
+        else:
+            os.environ["LD_PRELOAD"] = before
+
+
 class WorkerPool:
     """`workers` processes; `map_ordered(chunks)` yields their results in input order, with
     at most `2 * workers + 2` chunks read ahead."""
@@ -201,8 +254,9 @@ class WorkerPool:
         self.results = ctx.Queue()
         self.procs = [ctx.Process(target=_worker_main, args=(recipe, self.tasks, self.results, os.getpid()), daemon=True)
                       for _ in range(workers)]
-        for p in self.procs:
-            p.start()
+        with _preloading(jemalloc_path()):  # start() execs the interpreter before it returns
+            for p in self.procs:
+                p.start()
         self.ahead = 2 * workers + 2
 
     def _check_workers(self) -> None:
@@ -301,7 +355,7 @@ def _training_texts(files: list[InputFile], field_name: str) -> list[str]:
             values = chunk.values
         else:
             values = []
-            for line in chunk.lines:
+            for _, line in chunk.json_lines():
                 try:
                     row = json.loads(line)
                 except ValueError:
@@ -362,7 +416,7 @@ def prepare(inputs: list[str | os.PathLike], out: str | os.PathLike, *, field_na
         if writer.n_documents == 0:
             raise UserError(f"The inputs hold no {'conversations' if fmt == 'chat' else 'text'} in {field_name!r}; nothing to prepare.")
         seconds = time.perf_counter() - started
-        meta_inputs = [{"name": f.name, "size": f.size, "sha256": file_sha256(f.path)} for f in files]
+        meta_inputs = [{"name": f.name, "size": f.size, "sha256": f.sha256 or file_sha256(f.path)} for f in files]
         writer.finish(tokenizer=source.tokenizer if source.path is None else source.path, inputs=meta_inputs,
                       skipped_bad={k: v for k, v in skipped.items() if v}, field=field_name, data_format=fmt,
                       separator=source.separator, seconds=round(seconds, 3))
