@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the test suite drives for real when they are missing:
 # slurm-wlm (slurmctld, slurmd, client tools: the tests start their own emulated cluster) and
-# chromium (the dashboard's browser tests, driven by Playwright through /usr/bin/chromium).
+# chromium (the dashboard's browser tests, driven by Playwright through /usr/bin/chromium) and
+# libjemalloc2 (preloaded into `data prepare`'s tokenizer workers; without it they use glibc's
+# allocator, slower by about 2x, and the test that checks the preload skips).
 # Idempotent. Not root: installs through passwordless sudo when there is one; otherwise it says
 # so and fails under CI=true (CI must run those tests), while on a developer's machine it only
 # warns (those tests then skip, saying why).
@@ -14,8 +16,11 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
     missing+=(chromium)
 fi
+if ! ls /usr/lib/*-linux-gnu/libjemalloc.so.2 >/dev/null 2>&1; then
+    missing+=(libjemalloc2)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "install-system-packages: slurm-wlm ($(slurmd -V)) and chromium already installed"
+    echo "install-system-packages: slurm-wlm ($(slurmd -V)), chromium and libjemalloc2 already installed"
     exit 0
 fi
 as_root=()
