@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 import sqlalchemy as sa
@@ -90,3 +91,21 @@ def test_close_writes_everything_queued_and_a_later_row_starts_a_new_writer(stor
     log.record(_row(50)).result(timeout=10)
     log.close()
     assert len(_paths(store)) == 51
+
+
+def test_a_row_queued_after_a_writers_end_is_left_for_the_next_writer(store):
+    """`close` ends a writer with a marker; a row queued behind it (a call arriving during the close)
+    must not be taken into the ending writer's last batch, where it would be dropped and its caller
+    never told. The next `record` starts a writer that commits it."""
+    log = AuditLog(store)
+    first = log.record(_row(1))
+    log.close()
+    log._queue.put(None)  # a writer's end, with a row behind it, as a close racing a call leaves them
+    late = Future()
+    log._queue.put((_row(2), late))
+    log._run()  # a writer meeting the end: returns at once, leaving the row queued
+    assert first.result(timeout=10) is None and not late.done()
+    log.record(_row(3)).result(timeout=10)  # the next writer takes both, in order
+    assert late.result(timeout=10) is None
+    assert _paths(store) == ["/v1/orgs/1", "/v1/orgs/2", "/v1/orgs/3"]
+    log.close()

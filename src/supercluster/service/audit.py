@@ -53,14 +53,15 @@ class AuditLog:
 
     def _run(self) -> None:
         while True:
-            batch, stop = [self._queue.get()], False
-            while len(batch) < BATCH:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH and batch[-1] is not None:  # never past the end: what follows is the next writer's
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if None in batch:  # the writer's end: nothing after it is in this batch
-                batch, stop = batch[:batch.index(None)], True
+            stop = batch[-1] is None  # the writer's end
+            if stop:
+                batch.pop()
             self._write(batch)
             if stop:
                 return
