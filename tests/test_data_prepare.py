@@ -413,7 +413,12 @@ def test_jemalloc_is_preloaded_into_workers_only_and_its_absence_falls_back(tmp_
     recipe = pipeline.Recipe(Path(tokenizer_file).read_text(), "text", "text", 0, None, "", "", "uint16")
     pool = pipeline.WorkerPool(1, recipe)
     try:
-        maps = Path(f"/proc/{pool.procs[0].pid}/maps").read_text()
+        # start() returns once the worker is forked, its exec perhaps still under way: read its
+        # mappings once it has loaded the tokenizer (the preload is mapped before its first import)
+        maps, deadline = "", time.monotonic() + 60
+        while "tokenizers" not in maps and time.monotonic() < deadline:
+            time.sleep(0.05)
+            maps = Path(f"/proc/{pool.procs[0].pid}/maps").read_text()
     finally:
         pool.close()
     assert "libjemalloc" in maps and os.environ.get("LD_PRELOAD") == before  # the parent's own environment is untouched
