@@ -24,10 +24,11 @@ demo: setup
 	$(BIN)/supercluster train configs/demo.toml --nproc 2
 
 # The whole test suite, with a real Slurm and a real browser started by the tests (Debian's
-# packages, installed here when missing).
+# packages, installed here when missing), on two workers (tests/conftest.py says why two and how
+# they share the work).
 test: setup
 	bash scripts/install-system-packages.sh
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

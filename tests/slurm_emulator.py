@@ -158,7 +158,8 @@ PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
                 environ = (proc / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if f"SLURMD_NODENAME={name}".encode() in environ:
+            # this cluster's node only: another emulated cluster (a test beside this one) has a node1 too
+            if f"SLURMD_NODENAME={name}".encode() in environ and f"SLURM_CONF={self.conf}".encode() in environ:
                 victims.add(int(proc.name))
                 try:  # its slurmstepd parent, too
                     ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
