@@ -602,3 +602,26 @@ def test_plan_searches_ep_for_moe_models_and_says_how_mla_is_costed():
     assert all(p["ep"] == 32 for p in json.loads(fixed.stdout)["plans"])
     bad = run_cli("plan", "deepseek-v3", "--gpus", "256", "--ep", "3")
     assert bad.returncode == 2 and "does not divide the model's 256 experts" in bad.stderr
+
+
+def test_grouped_expert_gemms_are_charged_one_launch_per_local_expert():
+    # Transformer Engine's grouped GEMM is a host loop of one cuBLAS GEMM per expert
+    # (nvte_multi_stream_cublas_gemm): the launches grow with the experts a rank holds, so
+    # fewer, fuller ranks (small ep) pay more of them per token than the FLOPs alone say.
+    from supercluster.plan import moe
+    from supercluster.plan.cost import KERNEL_LAUNCH_S, Rates, System
+    from supercluster.hardware.catalog import accelerator, node_type
+
+    cfg = build_model("qwen3-30b-a3b")
+    system = System(accelerator("b200"), node_type("dgx-b200"), "fp8")
+    consts = load_constants("megatron")
+    tokens = 4096
+    for ep in (8, 2):
+        lay = Layout(dp_shard=8, ep=ep, sharding="optimizer", microbatch=1)
+        charged = Rates(system, PROFILES["megatron"], consts)
+        free = Rates(system, PROFILES["megatron"], consts)
+        free.launch = 0.0
+        launches = (moe.ffn_linear_time(cfg, lay, charged, tokens, 1.0)
+                    - moe.ffn_linear_time(cfg, lay, free, tokens, 1.0)) / KERNEL_LAUNCH_S
+        local = cfg.moe_experts // ep
+        assert launches == pytest.approx(1 + 2 * local)  # the router, then gate/up and down per expert

@@ -239,10 +239,11 @@ class Rates:
         self.cast_fused = sw.fp8_cast_fused
         self.cast_bytes = (FP8_FUSED_CAST_BYTES if sw.fp8_cast_fused else FP8_CAST_BYTES)[sw.fp8_recipe]
 
-    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False) -> float:
-        """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
-        operand traffic. `linear`: a weight GEMM, FP8 when the run trains in FP8 (operands
-        cast with a per-tensor scale first: an amax pass and a cast over each operand).
+    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False, launches: float = 1) -> float:
+        """`batch` (m x k) @ (k x n) matmuls in `launches` kernels (one: a batched GEMM): FLOPs
+        at the achievable rate plus operand traffic. `linear`: a weight GEMM, FP8 when the run
+        trains in FP8 (operands cast with a per-tensor scale first: an amax pass and a cast over
+        each operand).
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
@@ -253,7 +254,7 @@ class Rates:
         traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
         if fp8:
             traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
-        return batch * (flops / rate + traffic / self.hbm) + self.launch
+        return batch * (flops / rate + traffic / self.hbm) + launches * self.launch
 
     def memory_pass(self, nbytes: float) -> float:
         return nbytes / self.hbm
