@@ -74,6 +74,11 @@ class Software:
     # DeepSeek-V3 sec. 3.3.2 ("we quantize the activation before MoE up-projections into FP8
     # and then apply dispatch components"; combine stays BF16).
     fp8_dispatch: bool = False
+    # Activations of this many layers per pipeline rank copied to host memory after their
+    # forward and back before their backward, on a side stream under the other layers' compute
+    # (Megatron-Core's cpu_offloading_num_layers, activations only): HBM for bandwidth to the
+    # host (`catalog.NodeType.host_link_gbps`). 0: none.
+    offload_layers: int = 0
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
@@ -100,7 +105,7 @@ FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
                   fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
                   ep_overlap: bool | None = None, ep_node_dedup: bool | None = None,
-                  fp8_dispatch: bool | None = None) -> Software:
+                  fp8_dispatch: bool | None = None, offload_layers: int | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -118,6 +123,10 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
     - ep_node_dedup: a token crosses the scale-out network once per node its experts sit on,
       then fans out over NVLink (DeepSeek-V3 sec. 3.2.2; DeepEP's internode kernels).
     - fp8_dispatch: the dispatch all-to-all moves FP8 activations (DeepSeek-V3 sec. 3.3.2).
+    - offload_layers: that many layers' activations per pipeline rank live in host memory
+      between their forward and backward (Megatron-Core's cpu_offloading_num_layers; the
+      Megatron-Bridge GB200 recipes for Llama 3 70B with Megatron-FSDP offload 40 of 80 layers
+      and run no recompute): less HBM, plus whatever of the copies the compute cannot hide.
     """
     changes = {}
     if compile is not None:
@@ -137,6 +146,10 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         changes["ep_node_dedup"] = ep_node_dedup
     if fp8_dispatch is not None:
         changes["fp8_dispatch"] = fp8_dispatch
+    if offload_layers is not None:
+        if offload_layers < 0:
+            raise UserError(f"--cpu-offload-layers must be 0 or more, got {offload_layers}.")
+        changes["offload_layers"] = offload_layers
     return replace(sw, **changes) if changes else sw
 
 
