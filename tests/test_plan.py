@@ -691,3 +691,20 @@ def test_hidden_data_parallel_collectives_slow_the_compute_beside_them():
     assert est.step_time_s - free.step_time_s == pytest.approx(dp, rel=1e-9)
     # 0.159 of the seconds of collectives hidden under about four seconds of compute
     assert 0.05 < dp / est.step_time_s < 0.159
+
+
+def test_bf16_gradient_reduction_halves_the_reduce_bytes():
+    # FSDP's MixedPrecision(reduce_dtype=torch.bfloat16) (IBM's fms-fsdp): 2 bytes a gradient.
+    from supercluster.plan.profiles import with_switches
+
+    cfg = build_model("llama3-70b")
+    req = build_request(cfg, 128, "a100-80gb", node="ibm-a100-400g", seq_len=4096, global_batch=256,
+                        software=PROFILES["supercluster"])
+    lay = Layout(dp_shard=128, sharding="none", microbatch=2, recompute="full")
+    serial = replace(PROFILES["supercluster"], overlap_dp=False)  # the whole reduction exposed
+    wide = estimate(req.work, lay, req.system, serial)
+    narrow = estimate(req.work, lay, req.system, with_switches(serial, grad_reduce_bytes=2))
+    key = next(k for k in wide.terms if k.startswith("comm: dp gradient"))
+    assert narrow.terms[key] == pytest.approx(wide.terms[key] / 2, rel=0.01)  # less a few latencies
+    with pytest.raises(UserError):
+        with_switches(PROFILES["supercluster"], grad_reduce_bytes=3)

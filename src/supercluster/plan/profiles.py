@@ -105,7 +105,8 @@ FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
                   fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
                   ep_overlap: bool | None = None, ep_node_dedup: bool | None = None,
-                  fp8_dispatch: bool | None = None, offload_layers: int | None = None) -> Software:
+                  fp8_dispatch: bool | None = None, offload_layers: int | None = None,
+                  grad_reduce_bytes: int | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -127,6 +128,9 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
       between their forward and backward (Megatron-Core's cpu_offloading_num_layers; the
       Megatron-Bridge GB200 recipes for Llama 3 70B with Megatron-FSDP offload 40 of 80 layers
       and run no recompute): less HBM, plus whatever of the copies the compute cannot hide.
+    - grad_reduce_bytes: the gradient reduction's element size, 2 where the run reduces in
+      16 bits (FSDP's MixedPrecision(reduce_dtype=torch.bfloat16), as IBM's fms-fsdp does),
+      4 for fp32 reduction.
     """
     changes = {}
     if compile is not None:
@@ -146,6 +150,10 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         changes["ep_node_dedup"] = ep_node_dedup
     if fp8_dispatch is not None:
         changes["fp8_dispatch"] = fp8_dispatch
+    if grad_reduce_bytes is not None:
+        if grad_reduce_bytes not in (2, 4):
+            raise UserError(f"gradient reduction must be 2 or 4 bytes an element, got {grad_reduce_bytes}.")
+        changes["grad_reduce_bytes"] = grad_reduce_bytes
     if offload_layers is not None:
         if offload_layers < 0:
             raise UserError(f"--cpu-offload-layers must be 0 or more, got {offload_layers}.")
