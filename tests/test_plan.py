@@ -708,3 +708,14 @@ def test_bf16_gradient_reduction_halves_the_reduce_bytes():
     assert narrow.terms[key] == pytest.approx(wide.terms[key] / 2, rel=0.01)  # less a few latencies
     with pytest.raises(UserError):
         with_switches(PROFILES["supercluster"], grad_reduce_bytes=3)
+
+
+def test_plan_takes_cpu_offload_layers():
+    args = ["plan", "llama3-70b", "--gpus", "64", "--gpu", "gb200", "--stack", "megatron", "--precision", "fp8",
+            "--sharding", "full", "--recompute", "none", "--microbatch", "1", "--global-batch", "128", "--top", "1", "--json"]
+    plain, offloaded = run_cli(*args), run_cli(*args, "--cpu-offload-layers", "40")
+    assert plain.returncode == 0 and offloaded.returncode == 0, offloaded.stderr
+    act = [json.loads(p.stdout)["plans"][0]["memory_breakdown_gib"]["activations"] for p in (plain, offloaded)]
+    assert act[1] < act[0] * 0.55  # 41 of 80 layers' activations stay on the GPU
+    bad = run_cli(*args, "--cpu-offload-layers", "-1")
+    assert bad.returncode == 2 and "--cpu-offload-layers" in bad.stderr
