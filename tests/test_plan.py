@@ -435,17 +435,19 @@ LLAMA8B = build_model("llama3-8b")
 
 def _one(lay, stack="supercluster", precision="bf16", gpus=None, batch=64, model=LLAMA8B):
     req = build_request(model, gpus or lay.gpus, "h100", seq_len=4096, global_batch=batch, precision=precision,
-                        software=PROFILES[stack])
+                        software=PROFILES[stack] if isinstance(stack, str) else stack)
     return estimate(req.work, lay, req.system, req.software)
 
 
 def test_full_sharding_gathers_per_microbatch_and_keep_gathered_once_per_step():
-    """Without overlap (DeepSpeed's profile) the exposed data-parallel time is the collectives
-    themselves: "full" all-gathers 2 per microbatch, "keep_gathered" once per step."""
+    """Without overlap (DeepSpeed's profile, its ZeRO-3 reduction overlap off) the exposed
+    data-parallel time is the collectives themselves: "full" all-gathers 2 per microbatch,
+    "keep_gathered" once per step."""
+    serial = replace(PROFILES["deepspeed"], overlap_zero3_reduce=False)
     base = Layout(dp_shard=16, microbatch=1, recompute="full")  # 64/16 = 4 microbatches
-    kept = _one(replace(base, sharding="keep_gathered"), "deepspeed")
-    full = _one(replace(base, sharding="full"), "deepspeed")
-    none = _one(replace(base, sharding="none"), "deepspeed")
+    kept = _one(replace(base, sharding="keep_gathered"), serial)
+    full = _one(replace(base, sharding="full"), serial)
+    none = _one(replace(base, sharding="none"), serial)
     # reduce-scatter R + gather G once vs R + 8 G: the difference is 7 gathers.
     gather = (full.exposed_comm_s - kept.exposed_comm_s) / 7
     assert gather > 0
@@ -719,3 +721,20 @@ def test_plan_takes_cpu_offload_layers():
     assert act[1] < act[0] * 0.55  # 41 of 80 layers' activations stay on the GPU
     bad = run_cli(*args, "--cpu-offload-layers", "-1")
     assert bad.returncode == 2 and "--cpu-offload-layers" in bad.stderr
+
+
+def test_deepspeed_overlaps_only_zero3_gradient_reduction():
+    # DeepSpeed's overlap_comm defaults to stage == 3: ZeRO-3's reduce-scatter runs under the
+    # backward; its weight gathers (prefetch bucket 5e7 elements) and ZeRO-1/2 reductions do not.
+    ds = PROFILES["deepspeed"]
+    req = build_request(GPT3, 384, "a100-80gb", node="dgx-a100", seq_len=2048, global_batch=1536, software=ds)
+    zero3 = Layout(dp_shard=384, sharding="full", microbatch=4, recompute="full")
+    est = estimate(req.work, zero3, req.system, ds)
+    serial = estimate(req.work, zero3, req.system, replace(ds, overlap_zero3_reduce=False))
+    reduce_key = next(k for k in est.terms if k.startswith("comm: dp gradient"))
+    gather_key = next(k for k in est.terms if k.startswith("comm: dp weight"))
+    assert est.terms[gather_key] == pytest.approx(serial.terms[gather_key])  # gathers in line either way
+    assert est.terms[reduce_key] < 0.2 * serial.terms[reduce_key]  # the backward hides most of it
+    zero1 = Layout(dp_shard=384, sharding="optimizer", microbatch=4, recompute="full")
+    assert estimate(req.work, zero1, req.system, ds).step_time_s == pytest.approx(
+        estimate(req.work, zero1, req.system, replace(ds, overlap_zero3_reduce=False)).step_time_s)

@@ -704,6 +704,9 @@ def estimate(
         slowed = OVERLAP_SLOWDOWN / (1 + OVERLAP_SLOWDOWN) * hidden
         exposed_reduce += slowed * (reduce - exposed_reduce) / hidden if hidden else 0.0
         exposed_gather += slowed * (gather - exposed_gather) / hidden if hidden else 0.0
+    elif sw.overlap_zero3_reduce and lay.sharding == "full":  # DeepSpeed ZeRO-3's overlap_comm
+        exposed_reduce, exposed_gather = max(0.0, reduce - (bwd * layers + bubble / 2)), gather
+        exposed_reduce += OVERLAP_SLOWDOWN / (1 + OVERLAP_SLOWDOWN) * (reduce - exposed_reduce)
     else:
         exposed_reduce, exposed_gather = reduce, gather
     exposed_dp = exposed_reduce + exposed_gather

@@ -16,7 +16,8 @@ to every row of its stack: nothing is switched for particular runs.
   et al. 2022): fused bias/GELU/softmax kernels but attention unfused (scores stored, softmax
   read and written), gradients all-reduced in 16 bits after the backward pass (no overlap).
 - deepspeed: DeepSpeed ZeRO stages 0-3; 16-bit gradient reduction, collectives across nodes
-  that each GPU drives through its own NIC (no hierarchical rings), no overlap with compute.
+  that each GPU drives through its own NIC (no hierarchical rings); only ZeRO-3's gradient
+  reduce-scatter overlaps compute (overlap_comm's default), weight gathers run in line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class Software:
     # kernel, reading and writing its tensors again.
     fused_elementwise: bool = True
     overlap_dp: bool = True  # gradient reduce / weight gather overlap backward / forward
+    # Without overlap_dp: the gradient reduce-scatter still runs under the backward when the
+    # weights are fully sharded (DeepSpeed's overlap_comm, on by default for ZeRO-3 only:
+    # DeepSpeedZeroConfig.overlap_comm_valid sets it to stage == 3); the weight gathers stay
+    # in line (ZeRO-3 prefetches stage3_prefetch_bucket_size = 5e7 elements ahead, a few % of
+    # a GPT-3 layer's 1.8e9).
+    overlap_zero3_reduce: bool = False
     overlap_tp: bool = False  # TP collectives chunked under the GEMMs (TE tp-comm-overlap, AsyncTP)
     grad_reduce_bytes: int = 4  # fp32 gradient reduction (2: 16-bit, as DeepSpeed and 2021 Megatron)
     # Data-parallel collectives use NVLink inside a node and every NIC across nodes (NCCL
@@ -95,7 +102,7 @@ PROFILES: dict[str, Software] = {
     ),
     "deepspeed": Software(
         name="deepspeed", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
-        shardings=("none", "optimizer", "keep_gathered", "full"), max_live_params=1e9,
+        shardings=("none", "optimizer", "keep_gathered", "full"), max_live_params=1e9, overlap_zero3_reduce=True,
     ),
 }
 DEFAULT = "supercluster"
