@@ -435,17 +435,19 @@ LLAMA8B = build_model("llama3-8b")
 
 def _one(lay, stack="supercluster", precision="bf16", gpus=None, batch=64, model=LLAMA8B):
     req = build_request(model, gpus or lay.gpus, "h100", seq_len=4096, global_batch=batch, precision=precision,
-                        software=PROFILES[stack])
+                        software=PROFILES[stack] if isinstance(stack, str) else stack)
     return estimate(req.work, lay, req.system, req.software)
 
 
 def test_full_sharding_gathers_per_microbatch_and_keep_gathered_once_per_step():
-    """Without overlap (DeepSpeed's profile) the exposed data-parallel time is the collectives
-    themselves: "full" all-gathers 2 per microbatch, "keep_gathered" once per step."""
+    """Without overlap (DeepSpeed's profile, its ZeRO-3 reduction overlap off) the exposed
+    data-parallel time is the collectives themselves: "full" all-gathers 2 per microbatch,
+    "keep_gathered" once per step."""
+    serial = replace(PROFILES["deepspeed"], overlap_zero3_reduce=False)
     base = Layout(dp_shard=16, microbatch=1, recompute="full")  # 64/16 = 4 microbatches
-    kept = _one(replace(base, sharding="keep_gathered"), "deepspeed")
-    full = _one(replace(base, sharding="full"), "deepspeed")
-    none = _one(replace(base, sharding="none"), "deepspeed")
+    kept = _one(replace(base, sharding="keep_gathered"), serial)
+    full = _one(replace(base, sharding="full"), serial)
+    none = _one(replace(base, sharding="none"), serial)
     # reduce-scatter R + gather G once vs R + 8 G: the difference is 7 gathers.
     gather = (full.exposed_comm_s - kept.exposed_comm_s) / 7
     assert gather > 0
@@ -602,3 +604,137 @@ def test_plan_searches_ep_for_moe_models_and_says_how_mla_is_costed():
     assert all(p["ep"] == 32 for p in json.loads(fixed.stdout)["plans"])
     bad = run_cli("plan", "deepseek-v3", "--gpus", "256", "--ep", "3")
     assert bad.returncode == 2 and "does not divide the model's 256 experts" in bad.stderr
+
+
+def test_grouped_expert_gemms_are_charged_one_launch_per_local_expert():
+    # Transformer Engine's grouped GEMM is a host loop of one cuBLAS GEMM per expert
+    # (nvte_multi_stream_cublas_gemm): the launches grow with the experts a rank holds, so
+    # fewer, fuller ranks (small ep) pay more of them per token than the FLOPs alone say.
+    from supercluster.plan import moe
+    from supercluster.plan.cost import KERNEL_LAUNCH_S, Rates, System
+    from supercluster.hardware.catalog import accelerator, node_type
+
+    cfg = build_model("qwen3-30b-a3b")
+    system = System(accelerator("b200"), node_type("dgx-b200"), "fp8")
+    consts = load_constants("megatron")
+    tokens = 4096
+    for ep in (8, 2):
+        lay = Layout(dp_shard=8, ep=ep, sharding="optimizer", microbatch=1)
+        charged = Rates(system, PROFILES["megatron"], consts)
+        free = Rates(system, PROFILES["megatron"], consts)
+        free.launch = 0.0
+        launches = (moe.ffn_linear_time(cfg, lay, charged, tokens, 1.0)
+                    - moe.ffn_linear_time(cfg, lay, free, tokens, 1.0)) / KERNEL_LAUNCH_S
+        local = cfg.moe_experts // ep
+        assert launches == pytest.approx(1 + 2 * local)  # the router, then gate/up and down per expert
+
+
+def _llama70b_fsdp(software, gpu="gb200", precision="fp8", recompute="none"):
+    cfg = build_model("llama3-70b")
+    req = build_request(cfg, 64, gpu, seq_len=8192, global_batch=128, precision=precision, software=software)
+    lay = Layout(dp_shard=64, sharding="full", microbatch=2, recompute=recompute)
+    return cfg, req, lay, estimate(req.work, lay, req.system, req.software)
+
+
+def test_activation_offload_trades_hbm_for_host_link_time():
+    # Megatron-Core's cpu_offloading_num_layers: the offloaded layers' saved activations leave
+    # HBM; their copies ride the host link under the other layers' compute and show only when
+    # the link is too slow for them.
+    from supercluster.plan.cost import _activation_bytes_per_layer
+    from supercluster.plan.profiles import with_switches
+
+    base = PROFILES["megatron"]
+    cfg, req, lay, plain = _llama70b_fsdp(base)
+    _, _, _, offloaded = _llama70b_fsdp(with_switches(base, offload_layers=40))
+    layer_gib = _activation_bytes_per_layer(cfg, lay, base, 8192, fp8=True) / 2**30
+    assert plain.memory["activations"] - offloaded.memory["activations"] == pytest.approx(39 * layer_gib, rel=1e-6)
+    assert offloaded.terms["comm: activation offload to host memory, exposed"] == 0.0  # NVLink-C2C keeps up
+    slow = replace(req.system, node=replace(req.system.node, host_link_gbps=1.0))  # a 1 GB/s link cannot
+    est = estimate(req.work, lay, slow, with_switches(base, offload_layers=40))
+    exposed = est.terms["comm: activation offload to host memory, exposed"]
+    assert exposed > 0 and est.step_time_s == pytest.approx(offloaded.step_time_s + exposed, rel=1e-6)
+    with pytest.raises(UserError):
+        with_switches(base, offload_layers=-1)
+
+
+def test_fp8_stacks_that_fuse_casts_keep_fp8_copies_of_gemm_inputs_for_the_backward():
+    # Transformer Engine saves the FP8 copies of the norm outputs, attention output and MLP
+    # activation output for the weight-gradient GEMMs: a byte each, not two.
+    from supercluster.plan.cost import _activation_bytes_per_layer
+
+    cfg = build_model("llama3-70b")
+    lay = Layout(dp_shard=64, sharding="full", microbatch=1, recompute="none")
+    h, f, q = cfg.hidden, cfg.ffn_hidden, cfg.heads * cfg.head_dim
+    sbh = 8192 * h
+    wide = _activation_bytes_per_layer(cfg, lay, PROFILES["megatron"], 8192)
+    narrow = _activation_bytes_per_layer(cfg, lay, PROFILES["megatron"], 8192, fp8=True)
+    assert wide - narrow == pytest.approx(sbh * (2 + q / h + f / h), rel=1e-9)
+    # torchao's Float8Linear casts in its own kernels (fp8_cast_fused off): nothing changes.
+    assert _activation_bytes_per_layer(cfg, lay, PROFILES["supercluster"], 8192, fp8=True) == pytest.approx(
+        _activation_bytes_per_layer(cfg, lay, PROFILES["supercluster"], 8192))
+
+
+def test_hidden_data_parallel_collectives_slow_the_compute_beside_them():
+    # Lee et al. 2025: compute overlapped with collectives runs 18.9% slower on average; a
+    # collective of T seconds hidden under compute costs T * 0.189 / 1.189.
+    from supercluster.plan import cost
+
+    base = PROFILES["megatron"]
+    cfg, req, lay, est = _llama70b_fsdp(base, gpu="b200")  # FSDP over 8 nodes: seconds of collectives
+    dp = sum(v for k, v in est.terms.items() if k.startswith("comm: dp"))
+    assert dp > 0
+    saved = cost.OVERLAP_SLOWDOWN
+    try:
+        cost.OVERLAP_SLOWDOWN = 0.0
+        free = estimate(req.work, lay, req.system, req.software)
+    finally:
+        cost.OVERLAP_SLOWDOWN = saved
+    assert sum(v for k, v in free.terms.items() if k.startswith("comm: dp")) == 0.0  # all of it hidden
+    assert est.step_time_s - free.step_time_s == pytest.approx(dp, rel=1e-9)
+    # 0.159 of the seconds of collectives hidden under about four seconds of compute
+    assert 0.05 < dp / est.step_time_s < 0.159
+
+
+def test_bf16_gradient_reduction_halves_the_reduce_bytes():
+    # FSDP's MixedPrecision(reduce_dtype=torch.bfloat16) (IBM's fms-fsdp): 2 bytes a gradient.
+    from supercluster.plan.profiles import with_switches
+
+    cfg = build_model("llama3-70b")
+    req = build_request(cfg, 128, "a100-80gb", node="ibm-a100-400g", seq_len=4096, global_batch=256,
+                        software=PROFILES["supercluster"])
+    lay = Layout(dp_shard=128, sharding="none", microbatch=2, recompute="full")
+    serial = replace(PROFILES["supercluster"], overlap_dp=False)  # the whole reduction exposed
+    wide = estimate(req.work, lay, req.system, serial)
+    narrow = estimate(req.work, lay, req.system, with_switches(serial, grad_reduce_bytes=2))
+    key = next(k for k in wide.terms if k.startswith("comm: dp gradient"))
+    assert narrow.terms[key] == pytest.approx(wide.terms[key] / 2, rel=0.01)  # less a few latencies
+    with pytest.raises(UserError):
+        with_switches(PROFILES["supercluster"], grad_reduce_bytes=3)
+
+
+def test_plan_takes_cpu_offload_layers():
+    args = ["plan", "llama3-70b", "--gpus", "64", "--gpu", "gb200", "--stack", "megatron", "--precision", "fp8",
+            "--sharding", "full", "--recompute", "none", "--microbatch", "1", "--global-batch", "128", "--top", "1", "--json"]
+    plain, offloaded = run_cli(*args), run_cli(*args, "--cpu-offload-layers", "40")
+    assert plain.returncode == 0 and offloaded.returncode == 0, offloaded.stderr
+    act = [json.loads(p.stdout)["plans"][0]["memory_breakdown_gib"]["activations"] for p in (plain, offloaded)]
+    assert act[1] < act[0] * 0.55  # 41 of 80 layers' activations stay on the GPU
+    bad = run_cli(*args, "--cpu-offload-layers", "-1")
+    assert bad.returncode == 2 and "--cpu-offload-layers" in bad.stderr
+
+
+def test_deepspeed_overlaps_only_zero3_gradient_reduction():
+    # DeepSpeed's overlap_comm defaults to stage == 3: ZeRO-3's reduce-scatter runs under the
+    # backward; its weight gathers (prefetch bucket 5e7 elements) and ZeRO-1/2 reductions do not.
+    ds = PROFILES["deepspeed"]
+    req = build_request(GPT3, 384, "a100-80gb", node="dgx-a100", seq_len=2048, global_batch=1536, software=ds)
+    zero3 = Layout(dp_shard=384, sharding="full", microbatch=4, recompute="full")
+    est = estimate(req.work, zero3, req.system, ds)
+    serial = estimate(req.work, zero3, req.system, replace(ds, overlap_zero3_reduce=False))
+    reduce_key = next(k for k in est.terms if k.startswith("comm: dp gradient"))
+    gather_key = next(k for k in est.terms if k.startswith("comm: dp weight"))
+    assert est.terms[gather_key] == pytest.approx(serial.terms[gather_key])  # gathers in line either way
+    assert est.terms[reduce_key] < 0.2 * serial.terms[reduce_key]  # the backward hides most of it
+    zero1 = Layout(dp_shard=384, sharding="optimizer", microbatch=4, recompute="full")
+    assert estimate(req.work, zero1, req.system, ds).step_time_s == pytest.approx(
+        estimate(req.work, zero1, req.system, replace(ds, overlap_zero3_reduce=False)).step_time_s)

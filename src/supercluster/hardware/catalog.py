@@ -74,6 +74,10 @@ class NodeType:
     h2d_gbps: float | None = None  # GB/s, host<->device copy per GPU
     d2d_gbps: float | None = None  # GB/s, device-to-device copy
     ib_gbps_per_port: float | None = None  # Gb/s, InfiniBand write bandwidth per port
+    # GB/s each way between one GPU and host memory, datasheet: PCIe Gen5 x16 (63 GB/s) on x86
+    # nodes, Gen4 (31.5) on A100 nodes, NVLink-C2C on Grace superchips. The planner costs
+    # activation offload with it (derated like the links, or the measured h2d pass mark).
+    host_link_gbps: float = 63.0
     source: str = ""
 
 
@@ -167,15 +171,18 @@ ALIASES = {
 NODE_TYPES: dict[str, NodeType] = {
     "nd-a100-v4": NodeType(
         "nd-a100-v4", "a100-40gb", 8, 600.0, 200.0,
+        host_link_gbps=31.5,  # PCIe Gen4 x16
         allreduce_busbw_gbps=228.0, h2d_gbps=21.0, d2d_gbps=235.0, ib_gbps_per_port=180.0,
         source="Azure ND A100 v4 (Standard_ND96asr_v4): 8x A100 40GB, NVLink3, 8x 200 Gb/s HDR IB; AzNHC nd96asr_v4.conf",
     ),
     "ndm-a100-v4": NodeType(
         "ndm-a100-v4", "a100-80gb", 8, 600.0, 200.0,
+        host_link_gbps=31.5,  # PCIe Gen4 x16
         source="Azure NDm A100 v4 (Standard_ND96amsr_A100_v4): 8x A100 80GB, NVLink3, 8x 200 Gb/s HDR IB",
     ),
     "dgx-a100": NodeType(
         "dgx-a100", "a100-80gb", 8, 600.0, 200.0,
+        host_link_gbps=31.5,  # PCIe Gen4 x16
         source="DGX A100 as in Selene (Narayanan et al. 2021, sec. 5): 8x A100 80GB, NVSwitch, 8x 200 Gb/s HDR IB for compute",
     ),
     "nd-h100-v5": NodeType(
@@ -208,6 +215,9 @@ NODE_TYPES: dict[str, NodeType] = {
     ),
     "gb200-nvl72": NodeType(
         "gb200-nvl72", "gb200", 72, 1800.0, 400.0,
+        # NVLink-C2C, 900 GB/s both directions per GB200 superchip (one Grace, two B200):
+        # 225 GB/s each way per GPU (NVIDIA GB200 datasheet; not verified here).
+        host_link_gbps=225.0,
         source="GB200 NVL72 (NVIDIA datasheet): 72 GPUs in one NVLink 5 domain (1.8 TB/s per GPU), ConnectX-7 400 Gb/s per "
         "GPU across racks (not verified here)",
     ),
@@ -217,6 +227,7 @@ NODE_TYPES: dict[str, NodeType] = {
     ),
     "ibm-a100-400g": NodeType(
         "ibm-a100-400g", "a100-80gb", 8, 600.0, 50.0,
+        host_link_gbps=31.5,  # PCIe Gen4 x16
         source="IBM's A100 cluster in 'Maximizing training throughput using PyTorch FSDP' (PyTorch blog, IBM and Meta, "
         "2024-03-13): 8x A100 80GB, NVLink3, '400Gbps inter-node interconnect' with GPU direct RDMA, read as per node "
         "(50 Gb/s per GPU)",

@@ -37,7 +37,10 @@ SWITCHES = {
     "fp8-all-gather": ("fp8_all_gather", True),
     "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"), "fp8-delayed": ("fp8_recipe", "delayed"),
     "ep-overlap": ("ep_overlap", True), "ep-dedup": ("ep_node_dedup", True), "fp8-dispatch": ("fp8_dispatch", True),
+    "bf16-reduce": ("grad_reduce_bytes", 2),
 }
+# Switches with a count: `cpu-offload=N` (layers whose activations go to host memory).
+VALUED_SWITCHES = {"cpu-offload": "offload_layers"}
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")
 BOUNDS = {"gemm_efficiency": (0.3, 1.0), "fp8_efficiency": (0.3, 1.0)}
@@ -109,10 +112,13 @@ def _parse(r: dict) -> Row | None:
     if r["compile"] == "eager":  # the run's stated kernel mode (torch.compile off)
         sw = replace(sw, fused_elementwise=False)
     switches = set((r.get("switches") or "").split())  # the run's stated switches on top of its stack
-    unknown = switches - set(SWITCHES)
+    valued = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in switches if "=" in k}  # e.g. cpu-offload=40
+    switches -= {f"{k}={v}" for k, v in valued.items()}
+    unknown = (switches - set(SWITCHES)) | (set(valued) - set(VALUED_SWITCHES))
     if unknown:
         raise UserError(f"Calibration row {r['model']} ({r['source_id']}): unknown switch {sorted(unknown)[0]!r}.")
-    sw = with_switches(sw, **{SWITCHES[k][0]: SWITCHES[k][1] for k in switches})
+    sw = with_switches(sw, **{SWITCHES[k][0]: SWITCHES[k][1] for k in switches},
+                       **{VALUED_SWITCHES[k]: int(v) for k, v in valued.items()})
     label = f"{r['model']} on {r['gpu_count']} GPUs ({r['source_id']})"
     system = System(accelerator(r["gpu"]), node_type(r["node"]), r["precision"])
     return Row(label, r["source_id"], r["stack"], Workload(model, int(r["seq_len"]), int(r["global_batch"])), system, sw,

@@ -46,6 +46,13 @@ RESERVED_GIB = 2.0  # CUDA/ROCm context, NCCL buffers and allocator slack per GP
 # the memory model's error against published peaks (torchtitan's runs, calibration/README.md)
 # is of this order, and a run that was published did fit.
 MEMORY_MARGIN = 0.10
+# Compute that runs while an overlapped collective does is slowed: the collective's kernels
+# take SMs and HBM bandwidth. Lee et al. 2025, "Characterizing Compute-Communication Overlap
+# in GPU-Accelerated Distributed Deep Learning" (arXiv:2507.03114), measure an average
+# computational slowdown of 18.9% (at most 40%) against the same compute with no
+# communication, for GPT and Llama training on A100, H100, MI250 and MI210. Charged on the
+# data-parallel collectives the model hides (gradient reduce, FSDP weight gathers).
+OVERLAP_SLOWDOWN = 0.189
 OPTIMIZER_BYTES_PER_PARAM = 30  # Adam step: read fp32 param, grad, m, v; write param, m, v and the 16-bit copy
 
 
@@ -236,13 +243,16 @@ class Rates:
         self.up = (node.allreduce_busbw_gbps or LINK_EFFICIENCY * node.scale_up_gbps / 2) * 1e9
         self.out = LINK_EFFICIENCY * node.scale_out_gbps_per_gpu / 8 * 1e9  # bytes/s per GPU
         self.gpus_per_node = node.gpus_per_node
+        # GPU <-> host memory, each way: the measured pass mark, else the datasheet link derated.
+        self.host = (node.h2d_gbps or LINK_EFFICIENCY * node.host_link_gbps) * 1e9
         self.cast_fused = sw.fp8_cast_fused
         self.cast_bytes = (FP8_FUSED_CAST_BYTES if sw.fp8_cast_fused else FP8_CAST_BYTES)[sw.fp8_recipe]
 
-    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False) -> float:
-        """`batch` (m x k) @ (k x n) matmuls in one kernel: FLOPs at the achievable rate plus
-        operand traffic. `linear`: a weight GEMM, FP8 when the run trains in FP8 (operands
-        cast with a per-tensor scale first: an amax pass and a cast over each operand).
+    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False, launches: float = 1) -> float:
+        """`batch` (m x k) @ (k x n) matmuls in `launches` kernels (one: a batched GEMM): FLOPs
+        at the achievable rate plus operand traffic. `linear`: a weight GEMM, FP8 when the run
+        trains in FP8 (operands cast with a per-tensor scale first: an amax pass and a cast over
+        each operand).
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
@@ -253,7 +263,7 @@ class Rates:
         traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
         if fp8:
             traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
-        return batch * (flops / rate + traffic / self.hbm) + self.launch
+        return batch * (flops / rate + traffic / self.hbm) + launches * self.launch
 
     def memory_pass(self, nbytes: float) -> float:
         return nbytes / self.hbm
@@ -441,22 +451,28 @@ def stage_layers(cfg: ModelConfig, lay: Layout) -> int:
 # ---- memory ------------------------------------------------------------------------------------
 
 
-def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: int) -> float:
+def _activation_bytes_per_layer(cfg: ModelConfig, lay: Layout, sw: Software, s: int, fp8: bool = False) -> float:
     """Activation bytes of the mean layer: dense and MoE layers weighted by their counts."""
     n_moe = moe.moe_layers(cfg)
-    dense = _activation_bytes(cfg, lay, sw, s)
+    dense = _activation_bytes(cfg, lay, sw, s, fp8=fp8)
     if not n_moe:
         return dense
     w = n_moe / cfg.layers
-    return (1 - w) * dense + w * _activation_bytes(cfg, lay, sw, s, moe.ffn_width(cfg), 2 * cfg.moe_top_k)
+    return (1 - w) * dense + w * _activation_bytes(cfg, lay, sw, s, moe.ffn_width(cfg), 2 * cfg.moe_top_k, fp8=fp8)
 
 
 def _activation_bytes(cfg: ModelConfig, lay: Layout, sw: Software, s: int, ffn: float | None = None,
-                      dispatch: float = 0.0) -> float:
+                      dispatch: float = 0.0, fp8: bool = False) -> float:
     """Korthikanti et al. 2022, eq. 1-4 and Table 2, for b sequences of s/cp tokens, 16-bit,
     generalised to grouped K/V and the MLP's width; 5*a*s/h is the stored attention scores,
     which flash attention never stores. "selective" drops the elementwise outputs (norm and
-    activation outputs, dropout masks) and keeps matmul and attention outputs."""
+    activation outputs, dropout masks) and keeps matmul and attention outputs.
+
+    `fp8` (an FP8 run): a stack that casts GEMM inputs to FP8 in the kernel producing them
+    (`Software.fp8_cast_fused`, Transformer Engine) saves those FP8 copies for the backward's
+    weight-gradient GEMMs instead of the 16-bit tensors: the two norm outputs (inputs of QKV
+    and of the MLP's up projection), the attention output (input of the output projection) and
+    the MLP activation's output (input of the down projection) are kept at 1 byte, not 2."""
     b, h, t = lay.microbatch, cfg.hidden, lay.tp
     sbh = (s / lay.cp) * b * h
     sp = lay.sequence_parallel and t > 1
@@ -470,6 +486,11 @@ def _activation_bytes(cfg: ModelConfig, lay: Layout, sw: Software, s: int, ffn: 
         # Of the dropped bytes, norm outputs and masks are replicated, the activation output split.
         replicated -= 4 + (2 if cfg.mlp == "gelu" else 0)
         sharded -= 2 * (cfg.ffn_hidden if ffn is None else ffn) / h
+    if fp8 and sw.fp8_cast_fused:
+        sharded -= cfg.heads * cfg.head_dim / h  # attention output: 1 byte a element, not 2
+        if not (lay.recompute == "selective" and sw.selective == "elementwise"):  # not already dropped
+            replicated -= 2  # the two norm outputs
+            sharded -= (cfg.ffn_hidden if ffn is None else ffn) / h  # the activation's output
     if sp:
         return sbh / t * (replicated + sharded + scores)
     return sbh * (replicated + (sharded + scores) / t)
@@ -501,12 +522,12 @@ def memory(
     embed = cfg.vocab_size * cfg.hidden
     per_layer = moe.mean_layer_params(cfg)
     expert_layer, ep = moe.mean_expert_params(cfg), getattr(lay, "ep", 1)
-    act_layer = _activation_bytes_per_layer(cfg, lay, sw, s) * scale
+    act_layer = _activation_bytes_per_layer(cfg, lay, sw, s, precision == "fp8") * scale
     tokens = lay.microbatch * s / lay.cp
     logits = 2 * 4 * tokens * cfg.vocab_size / t  # fp32 logits and their gradient
     working = 0.0
     if lay.recompute == "full":  # one layer's activations rebuilt at a time
-        working = _activation_bytes_per_layer(cfg, replace(lay, recompute="none"), sw, s) * scale
+        working = _activation_bytes_per_layer(cfg, replace(lay, recompute="none"), sw, s, precision == "fp8") * scale
     per_rank = rank_layers(cfg, lay)
     stages = []
     for rank, layers in enumerate(per_rank):
@@ -522,7 +543,10 @@ def memory(
         # (1 + (p-1)/(p*v)) on the first (Korthikanti sec. 4.2.3).
         in_flight = min(p - rank, microbatches)
         interleave = 1 + (p - 1) / (p * v) if v > 1 else 1
-        act = act_layer * layers * in_flight * interleave
+        # Offloaded layers keep their activations in host memory; one is in flight at a time.
+        offloaded = min(sw.offload_layers, layers)
+        resident = layers - offloaded + min(offloaded, 1)
+        act = act_layer * resident * in_flight * interleave
         sharded_weights = lay.sharding == "full"  # keep_gathered holds the whole stage's weights all step
         weights = w_bytes * (spread(shards) if sharded_weights else params)
         grads = g_bytes * (spread(shards) if lay.sharding in ("keep_gathered", "full") else params)
@@ -618,7 +642,17 @@ def estimate(
     ep_comm = layers * a2a  # expert-parallel all-to-alls
     if sw.overlap_ep:  # hidden under the other microbatch's layers (DualPipe)
         ep_comm = max(0.0, ep_comm - layers * (fwd + bwd))
-    per_mb_total = per_mb + tp_comm + cp_comm + p2p + ep_comm
+    # Activation offload (Megatron-Core cpu_offloading_num_layers): each offloaded layer's
+    # saved activations go to host memory during the forward and come back during the
+    # backward, on a copy stream under the rank's other compute; what the compute of the
+    # pass cannot cover is exposed.
+    offload = 0.0
+    offloaded = min(sw.offload_layers, layers)
+    if offloaded and not r.cpu:
+        saved = _activation_bytes_per_layer(cfg, lay, sw, s, system.precision == "fp8") * r.elem / 2
+        copy = offloaded * saved / r.host  # each way
+        offload = max(0.0, copy - layers * fwd) + max(0.0, copy - layers * bwd)
+    per_mb_total = per_mb + tp_comm + cp_comm + p2p + ep_comm + offload
 
     # Pipeline schedule (Narayanan eq. 1 with interleaving): (m + (p-1)/v) stage-times.
     bubble = (p - 1) / v * per_mb_total
@@ -664,6 +698,15 @@ def estimate(
         reduce_window = bwd * layers + bubble / 2
         gather_window = (fwd + bwd) * layers * m if lay.sharding == "full" else fwd * layers
         exposed_reduce, exposed_gather = max(0.0, reduce - reduce_window), max(0.0, gather - gather_window)
+        # Hidden is not free: the compute running beside the collectives is slowed
+        # (`OVERLAP_SLOWDOWN`); a collective of T seconds under compute costs T * s / (1 + s).
+        hidden = (reduce - exposed_reduce) + (gather - exposed_gather)
+        slowed = OVERLAP_SLOWDOWN / (1 + OVERLAP_SLOWDOWN) * hidden
+        exposed_reduce += slowed * (reduce - exposed_reduce) / hidden if hidden else 0.0
+        exposed_gather += slowed * (gather - exposed_gather) / hidden if hidden else 0.0
+    elif sw.overlap_zero3_reduce and lay.sharding == "full":  # DeepSpeed ZeRO-3's overlap_comm
+        exposed_reduce, exposed_gather = max(0.0, reduce - (bwd * layers + bubble / 2)), gather
+        exposed_reduce += OVERLAP_SLOWDOWN / (1 + OVERLAP_SLOWDOWN) * (reduce - exposed_reduce)
     else:
         exposed_reduce, exposed_gather = reduce, gather
     exposed_dp = exposed_reduce + exposed_gather
@@ -674,7 +717,7 @@ def estimate(
     optimizer = r.memory_pass(OPTIMIZER_BYTES_PER_PARAM * opt_params)
 
     step = pipeline + exposed_dp + optimizer
-    exposed = m * (tp_comm + cp_comm + p2p + ep_comm) + exposed_dp
+    exposed = m * (tp_comm + cp_comm + p2p + ep_comm + offload) + exposed_dp
 
     # The step, term by term (`plan --explain`): they add up to step_time_s.
     def tier(span: int) -> str:
@@ -693,6 +736,7 @@ def estimate(
         f"comm: cp all-gather K/V ({tier(t * c)})": m * cp_comm,
         f"comm: pp send/recv ({'scale-up' if t * c * lay.dp < r.gpus_per_node else 'scale-out'})": m * p2p,
         f"comm: ep all-to-all dispatch/combine ({a2a_tier})": m * ep_comm,
+        "comm: activation offload to host memory, exposed": m * offload,
         "pipeline bubble": bubble,
         f"comm: dp gradient {reduce_name} ({dp_tier}), exposed": exposed_reduce,
         f"comm: dp weight all-gather ({dp_tier}), exposed": exposed_gather,

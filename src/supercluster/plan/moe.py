@@ -72,15 +72,25 @@ def ffn_width(cfg, imbalance: float = 1.0) -> float:
 def ffn_linear_time(cfg, lay, r, tokens: float, imbalance: float) -> float:
     """Forward seconds of one MoE layer's feed-forward on one rank for `tokens` tokens: the
     router (replicated, 16-bit), the local experts' grouped GEMMs over the tokens routed to
-    them, and the shared experts (split over tp like a dense MLP)."""
+    them, and the shared experts (split over tp like a dense MLP).
+
+    Each grouped GEMM is charged one kernel launch per local expert, not one per call:
+    Transformer Engine's GroupedLinear (what Megatron-Core's TEGroupedMLP runs) issues its
+    GEMMs through `nvte_multi_stream_cublas_gemm` (transformer_engine/common/gemm/
+    cublaslt_gemm.cu), a host loop of one cuBLAS GEMM per expert spread over a few streams;
+    the backward's data and weight gradients are two more such loops (the backward is charged
+    twice the forward). With many small experts per rank at a small microbatch (Qwen3-30B-A3B:
+    16 experts of 768 on a rank at ep 8, about 2,000 tokens each at microbatch 1) a GEMM
+    computes for a few microseconds, the order of its launch (`cost.KERNEL_LAUNCH_S`)."""
     h, t, ep = cfg.hidden, lay.tp, getattr(lay, "ep", 1)
     local = cfg.moe_experts / ep
     # Each rank sends tokens*k (token, expert) pairs and receives as many on average.
     per_expert = tokens * cfg.moe_top_k * imbalance / local
     f = cfg.moe_hidden
     time = r.gemm(tokens, h, cfg.moe_experts)  # router scores
-    time += r.gemm(per_expert, h, 2 * f / t, batch=local, linear=True)  # gate and up, grouped
-    time += r.gemm(per_expert, f / t, h, batch=local, linear=True)  # down, grouped
+    # A grouped GEMM: one cuBLAS launch per local expert (see the docstring).
+    time += r.gemm(per_expert, h, 2 * f / t, batch=local, linear=True, launches=local)  # gate and up, grouped
+    time += r.gemm(per_expert, f / t, h, batch=local, linear=True, launches=local)  # down, grouped
     if cfg.moe_shared_experts:
         width = cfg.moe_shared_experts * f
         time += r.gemm(tokens, h, 2 * width / t, linear=True) + r.gemm(tokens, width / t, h, linear=True)

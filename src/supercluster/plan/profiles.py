@@ -16,7 +16,8 @@ to every row of its stack: nothing is switched for particular runs.
   et al. 2022): fused bias/GELU/softmax kernels but attention unfused (scores stored, softmax
   read and written), gradients all-reduced in 16 bits after the backward pass (no overlap).
 - deepspeed: DeepSpeed ZeRO stages 0-3; 16-bit gradient reduction, collectives across nodes
-  that each GPU drives through its own NIC (no hierarchical rings), no overlap with compute.
+  that each GPU drives through its own NIC (no hierarchical rings); only ZeRO-3's gradient
+  reduce-scatter overlaps compute (overlap_comm's default), weight gathers run in line.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ class Software:
     # kernel, reading and writing its tensors again.
     fused_elementwise: bool = True
     overlap_dp: bool = True  # gradient reduce / weight gather overlap backward / forward
+    # Without overlap_dp: the gradient reduce-scatter still runs under the backward when the
+    # weights are fully sharded (DeepSpeed's overlap_comm, on by default for ZeRO-3 only:
+    # DeepSpeedZeroConfig.overlap_comm_valid sets it to stage == 3); the weight gathers stay
+    # in line (ZeRO-3 prefetches stage3_prefetch_bucket_size = 5e7 elements ahead, a few % of
+    # a GPT-3 layer's 1.8e9).
+    overlap_zero3_reduce: bool = False
     overlap_tp: bool = False  # TP collectives chunked under the GEMMs (TE tp-comm-overlap, AsyncTP)
     grad_reduce_bytes: int = 4  # fp32 gradient reduction (2: 16-bit, as DeepSpeed and 2021 Megatron)
     # Data-parallel collectives use NVLink inside a node and every NIC across nodes (NCCL
@@ -74,6 +81,11 @@ class Software:
     # DeepSeek-V3 sec. 3.3.2 ("we quantize the activation before MoE up-projections into FP8
     # and then apply dispatch components"; combine stays BF16).
     fp8_dispatch: bool = False
+    # Activations of this many layers per pipeline rank copied to host memory after their
+    # forward and back before their backward, on a side stream under the other layers' compute
+    # (Megatron-Core's cpu_offloading_num_layers, activations only): HBM for bandwidth to the
+    # host (`catalog.NodeType.host_link_gbps`). 0: none.
+    offload_layers: int = 0
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
@@ -90,7 +102,7 @@ PROFILES: dict[str, Software] = {
     ),
     "deepspeed": Software(
         name="deepspeed", flash_attention=False, overlap_dp=False, grad_reduce_bytes=2, hierarchical_dp=False,
-        shardings=("none", "optimizer", "keep_gathered", "full"), max_live_params=1e9,
+        shardings=("none", "optimizer", "keep_gathered", "full"), max_live_params=1e9, overlap_zero3_reduce=True,
     ),
 }
 DEFAULT = "supercluster"
@@ -100,7 +112,8 @@ FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
                   fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
                   ep_overlap: bool | None = None, ep_node_dedup: bool | None = None,
-                  fp8_dispatch: bool | None = None) -> Software:
+                  fp8_dispatch: bool | None = None, offload_layers: int | None = None,
+                  grad_reduce_bytes: int | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -118,6 +131,13 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
     - ep_node_dedup: a token crosses the scale-out network once per node its experts sit on,
       then fans out over NVLink (DeepSeek-V3 sec. 3.2.2; DeepEP's internode kernels).
     - fp8_dispatch: the dispatch all-to-all moves FP8 activations (DeepSeek-V3 sec. 3.3.2).
+    - offload_layers: that many layers' activations per pipeline rank live in host memory
+      between their forward and backward (Megatron-Core's cpu_offloading_num_layers; the
+      Megatron-Bridge GB200 recipes for Llama 3 70B with Megatron-FSDP offload 40 of 80 layers
+      and run no recompute): less HBM, plus whatever of the copies the compute cannot hide.
+    - grad_reduce_bytes: the gradient reduction's element size, 2 where the run reduces in
+      16 bits (FSDP's MixedPrecision(reduce_dtype=torch.bfloat16), as IBM's fms-fsdp does),
+      4 for fp32 reduction.
     """
     changes = {}
     if compile is not None:
@@ -137,6 +157,14 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         changes["ep_node_dedup"] = ep_node_dedup
     if fp8_dispatch is not None:
         changes["fp8_dispatch"] = fp8_dispatch
+    if grad_reduce_bytes is not None:
+        if grad_reduce_bytes not in (2, 4):
+            raise UserError(f"gradient reduction must be 2 or 4 bytes an element, got {grad_reduce_bytes}.")
+        changes["grad_reduce_bytes"] = grad_reduce_bytes
+    if offload_layers is not None:
+        if offload_layers < 0:
+            raise UserError(f"--cpu-offload-layers must be 0 or more, got {offload_layers}.")
+        changes["offload_layers"] = offload_layers
     return replace(sw, **changes) if changes else sw
 
 
