@@ -24,11 +24,12 @@ demo: setup
 	$(BIN)/supercluster train configs/demo.toml --nproc 2
 
 # The whole test suite, with a real Slurm and a real browser started by the tests (Debian's
-# packages, installed here when missing), on two workers (tests/conftest.py says why two and how
-# they share the work).
+# packages, installed here when missing), on two xdist workers: serial, the suite keeps one core
+# of two busy on average (it waits on servers, Slurm and subprocesses). A worker takes a whole
+# module at a time, so that module fixtures (a trained run, a server) are set up once.
 test: setup
 	bash scripts/install-system-packages.sh
-	$(BIN)/pytest -n 2 --dist loadgroup
+	$(BIN)/pytest -n 2 --dist loadfile
 
 bench: setup
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

@@ -32,17 +32,6 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"a {'/'.join(needs)} test skipped in CI ({reason}); CI must provide what it needs"
 
 
-def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on two xdist workers (`-n 2 --dist loadgroup`): serial, it keeps
-    one core of two busy on average (waits on servers, Slurm and subprocesses). A worker takes a
-    whole group at a time: a module (its module fixtures set up once), except that every Slurm test
-    is in one group, so that one emulated cluster runs at a time (an endpoint on one never came up
-    while another's node-death test ran beside it)."""
-    for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def supercluster_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("supercluster-home")

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,10 @@ class EmulatedSlurm:
     gpus_per_node: int = 2
     nodes_per_leaf: int = 2
     procs: dict = field(default_factory=dict)  # name -> Popen
+    # slurmstepd makes Unix sockets in the spool dir, whose paths may not pass 108 bytes: a test's
+    # tmp_path under xdist (.../popen-gw1/test_.../slurm/spool/node1/node1_1.4294967291) is too
+    # long, and the job step then dies at launch. So the spool lives in a short folder of its own.
+    spool: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="scslurm-", dir="/tmp")))
 
     @property
     def conf(self) -> Path:
@@ -71,7 +76,7 @@ class EmulatedSlurm:
     def write_config(self) -> None:
         base = _free_port_block(self.nodes + 2)
         r = self.root
-        for d in ("state", "spool", "log", "dev"):
+        for d in ("state", "log", "dev"):
             (r / d).mkdir(parents=True, exist_ok=True)
         gres = []
         for name in self.node_names():
@@ -93,7 +98,7 @@ CredType=cred/none
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool/%n
+SlurmdSpoolDir={self.spool}/%n
 SlurmctldPidFile={r}/slurmctld.pid
 SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/log/slurmctld.log
@@ -198,6 +203,7 @@ PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe
                         os.kill(int(proc.name), signal.SIGKILL)
                 except OSError:
                     pass
+        shutil.rmtree(self.spool, ignore_errors=True)
 
 
 if __name__ == "__main__":
