@@ -1,9 +1,10 @@
 """Placement on simulated fleets: fewest switches, then pods, then best fit; queueing; health gate."""
 
 import pytest
+import sqlalchemy as sa
 
 from supercluster.cluster import clusters, fleet, placement, queue
-from supercluster.cluster.state import Database
+from supercluster.cluster.state import Cluster, Database
 from supercluster.errors import UserError
 
 BIG = {"gpu_type": "h100", "nodes": 1280, "gpus_per_node": 8, "nodes_per_leaf": 32, "leaves_per_pod": 16}
@@ -118,6 +119,22 @@ def test_backfill_stops_once_the_head_was_bypassed_enough(tmp_path, monkeypatch)
     clusters.create_cluster(db, "head", 32)
     assert clusters.create_cluster(db, "b1", 8)["state"] == "ready"  # head bypassed once
     assert clusters.create_cluster(db, "b2", 8)["state"] == "queued"  # limit reached: waits behind head
+
+
+def test_every_placement_counts_against_each_request_it_passes(tmp_path, monkeypatch):
+    """Two requests wait; each backfill counts once against both (in the database, not only in the
+    pass), and the limit is reached by the one bypassed most."""
+    monkeypatch.setattr(queue, "BACKFILL_LIMIT", 2)
+    db = make_db(tmp_path, nodes=8, gpus_per_node=8, nodes_per_leaf=4, leaves_per_pod=2)
+    clusters.create_cluster(db, "a", 40)
+    assert clusters.create_cluster(db, "head", 64)["state"] == "queued"
+    assert clusters.create_cluster(db, "b1", 8)["state"] == "ready"  # head bypassed once
+    assert clusters.create_cluster(db, "second", 32)["state"] == "queued"  # 2 nodes free: waits too
+    assert clusters.create_cluster(db, "b2", 8)["state"] == "ready"  # head twice, second once
+    with db.reading() as s:
+        bypassed = dict(s.execute(sa.select(Cluster.name, Cluster.bypassed).where(Cluster.state == "queued")).all())
+    assert bypassed == {"head": 2, "second": 1}
+    assert clusters.create_cluster(db, "b3", 8)["state"] == "queued"  # a node is free, but head's limit is reached
 
 
 def test_no_wait_fails_without_changing_state(tmp_path):

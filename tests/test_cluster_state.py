@@ -1,6 +1,7 @@
 """Fleet database: migrations, health hooks, and concurrent creates that never share a node
 (real processes, on SQLite and on the PostgreSQL server when it is reachable)."""
 
+import fcntl
 import multiprocessing
 import os
 import socket
@@ -192,6 +193,35 @@ def test_processes_switching_a_fresh_sqlite_file_to_wal_together_all_succeed(tmp
         for w in workers:
             w.join(timeout=60)
         assert got == ["wal"] * 6, got
+
+
+def _hold_a_write(url, holding, release):
+    with Database(url).transaction(lock=False):
+        holding.set()
+        release.wait(60)
+
+
+def test_sqlite_writers_of_other_processes_queue_on_a_file_lock(tmp_path):
+    """A SQLite writer in another process holds `<file>-writers` locked (the kernel wakes the next
+    waiter when it is let go; SQLite's own lock makes waiters poll), and only while it writes."""
+    url = f"sqlite:///{tmp_path / 'fleet.db'}"
+    Database(url).dispose()
+    ctx = multiprocessing.get_context("fork")
+    holding, release = ctx.Event(), ctx.Event()
+    writer = ctx.Process(target=_hold_a_write, args=(url, holding, release))
+    writer.start()
+    try:
+        assert holding.wait(60)
+        with open(tmp_path / "fleet.db-writers") as lock:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            release.set()
+            writer.join(60)
+            assert writer.exitcode == 0
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once it committed
+    finally:
+        release.set()
+        writer.join(60)
 
 
 def _create_worker(url, name, barrier, results):

@@ -120,7 +120,10 @@ def create_cluster(
                 f"{gpus} {gpu_type} GPUs do not fit now ({free} usable GPUs free"
                 f"{f' within {max_switches} leaf switches' if max_switches else ''}); drop --no-wait to queue the request."
             )
-        return cluster_dict(s, cluster)
+    # Described after the commit, from a snapshot: why a queued cluster waits is a search of
+    # the fleet's free capacity, which need not hold every other writer back.
+    with db.reading() as s:
+        return cluster_dict(s, s.get(Cluster, cluster.id) or cluster)
 
 
 # Built once (building a statement costs more than running these): the nodes of some clusters with

@@ -145,12 +145,17 @@ def job_dict(j: Job) -> dict:
 def refresh(db: Database | str | None = None) -> None:
     """Brings node and job states up to date with the backend, recovering requeued jobs."""
     db = open_db(db)
-    with db.transaction() as s:
+    with db.reading() as s:  # most calls find nothing to bring up to date, and need no write lock
         fleet = s.get(Fleet, 1)
         if fleet is None:
             return
         backend = backend_for(fleet.backend, fleet.settings)
-        sync_nodes(s, fleet)
+        live = backend.node_states()
+        if not live and s.scalar(sa.select(Job.id).where(Job.state.in_(JOB_ACTIVE)).limit(1)) is None:
+            return
+    with db.transaction() as s:
+        fleet = s.get(Fleet, 1)
+        sync_nodes(s, fleet, live)
         # A job without a backend_ref was preempted and waits for its cluster: nothing runs to ask about.
         active = sa.select(Job).where(Job.state.in_(JOB_ACTIVE), Job.backend_ref.is_not(None)).order_by(Job.id)
         for job in s.scalars(active).all():

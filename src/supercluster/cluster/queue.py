@@ -156,9 +156,11 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
     return True
 
 
-def sync_nodes(s: Session, fleet: Fleet) -> None:
-    """Copies the backend's live node states (Slurm's DOWN, DRAIN) into our books, where it has any."""
-    live = backend_for(fleet.backend, fleet.settings).node_states()
+def sync_nodes(s: Session, fleet: Fleet, live: dict[str, tuple] | None = None) -> None:
+    """Copies the backend's live node states (Slurm's DOWN, DRAIN) into our books, where it has any
+    (`live`: what the backend's `node_states` answered, when the caller asked it already)."""
+    if live is None:
+        live = backend_for(fleet.backend, fleet.settings).node_states()
     if live:
         for node in s.scalars(sa.select(Node).where(Node.name.in_(list(live)))):
             node.state, node.reason = live[node.name]
@@ -167,26 +169,37 @@ def sync_nodes(s: Session, fleet: Fleet) -> None:
 def place_queued(s: Session, fleet: Fleet) -> list[str]:
     """Places queued clusters, highest priority then oldest first, with bounded backfill and
     preemption of lower priorities; returns the names placed."""
-    placed, waiting = [], []
+    placed: list[str] = []
+    waiting: list[int] = []  # ids of requests passed over in this pass, in queue order
+    most_bypassed = -1  # the most bypasses of any of them (each placement adds one to all)
     # Requests alike in all that placement reads: once one does not fit, the next cannot either
     # until something is placed (a placement only takes nodes, but its preemptions may free more
-    # than it takes). So a long queue of one size costs one search, not one per request.
+    # than it takes). So a long queue of one size costs one search, not one per request. The
+    # queue is read as plain rows and only a request tried becomes an object: on a full fleet,
+    # every create and delete walks a queue of hundreds.
     refused: set[tuple] = set()
-    queued = sa.select(Cluster).where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id)
-    for cluster in s.scalars(queued).all():
-        if any(w.bypassed >= BACKFILL_LIMIT for w in waiting):
+    for row in s.execute(_QUEUE).all():
+        if most_bypassed >= BACKFILL_LIMIT:
             break
-        alike = (cluster.gpu_type, cluster.gpus, cluster.max_switches, cluster.require_health, cluster.health_max_age_s,
-                 cluster.priority)
-        if alike not in refused and _try_place(s, fleet, cluster):
-            placed.append(cluster.name)
+        alike = (row.gpu_type, row.gpus, row.max_switches, row.require_health, row.health_max_age_s, row.priority)
+        if alike not in refused and _try_place(s, fleet, s.get(Cluster, row.id)):
+            placed.append(row.name)
             refused.clear()
-            for w in waiting:
-                w.bypassed += 1
+            if waiting:
+                for i in range(0, len(waiting), 10_000):  # under SQLite's limit of bound parameters
+                    s.execute(sa.update(Cluster).where(Cluster.id.in_(waiting[i:i + 10_000]))
+                              .values(bypassed=Cluster.bypassed + 1))
+                most_bypassed += 1
         else:
-            waiting.append(cluster)
+            waiting.append(row.id)
+            most_bypassed = max(most_bypassed, row.bypassed)
             refused.add(alike)
     return placed
+
+
+_QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed, Cluster.gpu_type, Cluster.gpus, Cluster.max_switches,
+                    Cluster.require_health, Cluster.health_max_age_s, Cluster.priority)
+          .where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id))
 
 
 def why_waiting(s: Session, cluster) -> str:
