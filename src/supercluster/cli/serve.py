@@ -11,33 +11,30 @@ import typer
 from supercluster.cli.flags import listen, real
 from supercluster.errors import UserError
 from supercluster.limits import MAX_NEW_TOKENS, MAX_TEMPERATURE
+from supercluster.serve.config import EngineConfig
 from supercluster.serve.quantizations import DEFAULT as DEFAULT_QUANTIZATION
-from supercluster.serve.quantizations import check as check_quantization
 from supercluster.serve.quantizations import help_text as quantization_help
 
 RunDir = Annotated[Path, typer.Argument(help="A run directory: trained here, or made by `supercluster import`.")]
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def _engine(run_dir: Path, kv_cache_gib: float, max_running: int, max_queue: int, precision: str = "auto",
-            quantize: str = DEFAULT_QUANTIZATION, threads: int | None = None, tp: int = 1, speculate: int = 0):
-    import torch
-
-    from supercluster.serve.engine import Engine, EngineConfig
-
+def _config(run_dir: Path, threads: int | None, **flags) -> EngineConfig:
+    """The engine's flags, checked before PyTorch or the model loads (a mistyped flag fails at once)."""
     if not (run_dir / "config.toml").is_file():
         raise UserError(f"{str(run_dir)!r} is not a run directory (no config.toml); train or import a model into it first.")
-    if precision not in PRECISIONS:
-        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
-    check_quantization(quantize)
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}.")
+    return EngineConfig(**flags).check()
+
+
+def _engine(run_dir: Path, config: EngineConfig, threads: int | None):
+    import torch
+
+    from supercluster.serve.engine import Engine
+
     if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}.")
         torch.set_num_threads(threads)
-    return Engine(run_dir, EngineConfig(kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
-                                        precision=precision, quantize=quantize, tp=tp, speculate=speculate))
+    return Engine(run_dir, config)
 
 
 def serve(
@@ -72,10 +69,8 @@ def serve(
         os.environ.setdefault("GOMP_SPINCOUNT", "100000")
     else:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    import uvicorn
-
-    from supercluster.serve.api import create_app
-
+    config = _config(run_dir, threads, kv_cache_gib=kv_cache_gib, max_running=max_running, max_queue=max_queue,
+                     precision=precision, quantize=quantize, tp=tp, speculate=speculate)
     keys = list(api_key or [])
     if api_key_file is not None:
         try:
@@ -87,7 +82,11 @@ def serve(
     if served_model_name is not None and not served_model_name.strip():
         raise UserError("--served-model-name is empty; give the id clients should send as `model`.")
     sock = listen(host, port)  # before the model loads: a busy port fails in a second
-    engine = _engine(run_dir, kv_cache_gib, max_running, max_queue, precision, quantize, threads, tp, speculate)
+    import uvicorn
+
+    from supercluster.serve.api import create_app
+
+    engine = _engine(run_dir, config, threads)
     try:
         engine.name = served_model_name or engine.name
         app = create_app(engine, keys, max_queue)
@@ -108,7 +107,7 @@ def chat(
 
     from supercluster.serve.sampling import SamplingParams
 
-    engine = _engine(run_dir, 0.25, 1, 1)
+    engine = _engine(run_dir, _config(run_dir, None, kv_cache_gib=0.25, max_running=1, max_queue=1), None)
     messages = []
     try:
         while True:

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from supercluster.errors import UserError
+from supercluster.serve.config import EngineConfig
 from supercluster.serve.kv_cache import PagedKVCache
 from supercluster.serve.quantize import quantize, weight_format
 from supercluster.serve.runner import LocalRunner, StepBatch
 from supercluster.serve.sampling import Sampled, SamplingParams, is_plain_greedy, sample
 from supercluster.serve.scheduler import Scheduler, Sequence
-from supercluster.serve.speculative import MAX_DRAFT, PromptLookup
+from supercluster.serve.speculative import PromptLookup
 from supercluster.serve.structured import Constraint, Grammars
 from supercluster.serve.tensor_parallel import TensorParallelRunner, check_tp
 from supercluster.serve.tokens import Detokenizer, TokenText
@@ -42,20 +43,6 @@ from supercluster.serve.tokens import Detokenizer, TokenText
 # bf16 replaces fp32 only when its best step time is under this share of fp32's: a 10% win is
 # beyond the noise of a busy CPU, and the rounding costs answers their fp32 log-probabilities.
 BF16_MARGIN = 0.9
-
-
-@dataclass
-class EngineConfig:
-    kv_cache_gib: float = 0.5
-    num_blocks: int | None = None  # KV blocks, instead of sizing the pool by kv_cache_gib
-    block_size: int = 16
-    max_running: int = 32  # sequences decoding at once
-    max_step_tokens: int = 512  # tokens per forward pass (chunked prefill beyond)
-    max_queue: int = 256  # waiting requests beyond this are refused (HTTP 429)
-    precision: str = "auto"  # auto: bf16 where the device runs it faster, like training
-    quantize: str = "auto"  # how linear layers hold their weights: serve/quantizations.py
-    tp: int = 1  # tensor-parallel CPU ranks (processes) the model is split over
-    speculate: int = 0  # draft tokens per step by prompt lookup for greedy requests (0: off)
 
 
 @dataclass
@@ -75,9 +62,7 @@ class Engine:
         from supercluster.serve.tokens import load_chat, load_tokenizer_and_specials
         from supercluster.train.sample import load_trained
 
-        self.config = config or EngineConfig()
-        if not 0 <= self.config.speculate <= MAX_DRAFT:  # before the model loads: a typo fails in a second
-            raise UserError(f"--speculate must be 0 (off) to {MAX_DRAFT} draft tokens, got {self.config.speculate}.")
+        self.config = (config or EngineConfig()).check()  # before the model loads: a typo fails in a second
         run_dir = Path(run_dir)
         # Tensor-parallel ranks are local CPU processes joined by gloo.
         self.device = select_device() if self.config.tp == 1 else torch.device("cpu")
@@ -96,8 +81,6 @@ class Engine:
             # the split shards matrices by name, not experts; a norm over all heads would see a rank's share only
             raise UserError(f"{str(run_dir)!r} is a {'Mixture-of-Experts' if self.cfg.is_moe else 'whole-projection qk-norm'} "
                             f"model, which serves on one rank; drop --tp.")
-        if self.config.tp > 1 and self.config.quantize not in ("none", "auto"):
-            raise UserError("--quantize runs on one rank: the tensor-parallel split keeps its weights in fp32; drop --tp or --quantize.")
         if self.config.tp == 1:  # the tensor-parallel split shards q, k, v (and gate, up) one by one
             self.model = quantize(self.model.fuse_projections(), self.config.quantize)
         # what "auto" became: int4 for a model whose matrices are 4-bit blocks already, else none
