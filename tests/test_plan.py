@@ -738,3 +738,41 @@ def test_deepspeed_overlaps_only_zero3_gradient_reduction():
     zero1 = Layout(dp_shard=384, sharding="optimizer", microbatch=4, recompute="full")
     assert estimate(req.work, zero1, req.system, ds).step_time_s == pytest.approx(
         estimate(req.work, zero1, req.system, replace(ds, overlap_zero3_reduce=False)).step_time_s)
+
+
+def test_module_recompute_repeats_exactly_the_named_modules():
+    """Megatron-Core's --recompute-modules (Software.recompute_modules): "mlp" repeats the dense
+    MLP's forward (its two GEMMs, 2 FLOPs a weight, and its activation pass) and keeps none of
+    its inside (Korthikanti Table 2's MLP: 8sbh/t + 8sbh/t for GELU's input and output); its
+    input and the dropout mask stay. "core_attn" alone is Megatron's default selective policy."""
+    from supercluster.plan.cost import Rates, _layer_classes, eager_traffic
+
+    s, b, t, B = 2048, 1, 8, 64
+    h, f, L = GPT3.hidden, GPT3.ffn_hidden, GPT3.layers
+    req = build_request(GPT3, 64, "h100", seq_len=s, global_batch=B, software=PROFILES["megatron"])
+    lay = Layout(tp=t, pp=8, microbatch=b, sharding="none", recompute="selective", sequence_parallel=False)
+    sw = req.software
+    mlp_sw = replace(sw, recompute_modules=("mlp",))
+    none, mlp = estimate(req.work, replace(lay, recompute="none"), req.system, sw), estimate(req.work, lay, req.system, mlp_sw)
+    flops = lambda e: e.hardware_tflops_per_gpu * 1e12 * e.step_time_s * 64  # noqa: E731
+    assert flops(mlp) - flops(none) == pytest.approx(2 * 2 * h * f * L * B * s, rel=1e-9)  # the MLP forward again
+    sbh = s * b * h
+    act = lambda sw_, rc: _activation_bytes_per_layer(GPT3, replace(lay, recompute=rc), sw_, s)  # noqa: E731
+    assert act(sw, "none") - act(mlp_sw, "selective") == pytest.approx(16 * sbh / t)
+    # Seconds: the two MLP GEMMs' forward and one pass over the MLP's elementwise elements.
+    r = Rates(req.system, mlp_sw, load_constants("megatron"))
+    tokens = b * s
+    expected = (r.gemm(tokens, h, f / t, linear=True) + r.gemm(tokens, f / t, h, linear=True)
+                + r.memory_pass(eager_traffic(GPT3, mlp_sw) * r.elem * 2 * tokens * h * (2 * f / h) / t))
+    assert _layer_classes(GPT3, lay, mlp_sw, r, s)["recompute"] == pytest.approx(expected, rel=1e-12)
+    # core_attn alone: the profile's own selective policy, to the bit.
+    attn_sw = replace(sw, recompute_modules=("core_attn",))
+    assert _layer_classes(GPT3, lay, attn_sw, r, s) == _layer_classes(GPT3, lay, sw, r, s)
+    assert estimate(req.work, lay, req.system, attn_sw).step_time_s == estimate(req.work, lay, req.system, sw).step_time_s
+    assert act(attn_sw, "selective") == act(sw, "selective")
+    # Both: the sum of the two.
+    both = replace(sw, recompute_modules=("core_attn", "mlp"))
+    rec = lambda sw_: _layer_classes(GPT3, lay, sw_, r, s)["recompute"]  # noqa: E731
+    assert rec(both) == pytest.approx(rec(attn_sw) + rec(mlp_sw), rel=1e-12)
+    with pytest.raises(UserError, match="--recompute-modules takes"):
+        calibrate.with_switches(sw, recompute_modules=("mlpp",))

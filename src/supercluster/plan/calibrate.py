@@ -41,6 +41,8 @@ SWITCHES = {
 }
 # Switches with a count: `cpu-offload=N` (layers whose activations go to host memory).
 VALUED_SWITCHES = {"cpu-offload": "offload_layers"}
+# Switches with a list: `recompute-modules=mla_up_proj,mlp` (Megatron-Core's --recompute-modules).
+LISTED_SWITCHES = {"recompute-modules": "recompute_modules"}
 DEFAULT_CSV = Path(__file__).with_name("calibration") / "published-runs.csv"
 METRICS = ("hardware_tflops_per_gpu", "model_tflops_per_gpu", "mfu", "step_time_s", "tokens_per_s_per_gpu")
 BOUNDS = {"gemm_efficiency": (0.3, 1.0), "fp8_efficiency": (0.3, 1.0)}
@@ -114,11 +116,12 @@ def _parse(r: dict) -> Row | None:
     switches = set((r.get("switches") or "").split())  # the run's stated switches on top of its stack
     valued = {k.split("=", 1)[0]: k.split("=", 1)[1] for k in switches if "=" in k}  # e.g. cpu-offload=40
     switches -= {f"{k}={v}" for k, v in valued.items()}
-    unknown = (switches - set(SWITCHES)) | (set(valued) - set(VALUED_SWITCHES))
+    unknown = (switches - set(SWITCHES)) | (set(valued) - set(VALUED_SWITCHES) - set(LISTED_SWITCHES))
     if unknown:
         raise UserError(f"Calibration row {r['model']} ({r['source_id']}): unknown switch {sorted(unknown)[0]!r}.")
     sw = with_switches(sw, **{SWITCHES[k][0]: SWITCHES[k][1] for k in switches},
-                       **{VALUED_SWITCHES[k]: int(v) for k, v in valued.items()})
+                       **{VALUED_SWITCHES[k]: int(v) for k, v in valued.items() if k in VALUED_SWITCHES},
+                       **{LISTED_SWITCHES[k]: tuple(v.split(",")) for k, v in valued.items() if k in LISTED_SWITCHES})
     label = f"{r['model']} on {r['gpu_count']} GPUs ({r['source_id']})"
     system = System(accelerator(r["gpu"]), node_type(r["node"]), r["precision"])
     return Row(label, r["source_id"], r["stack"], Workload(model, int(r["seq_len"]), int(r["global_batch"])), system, sw,

@@ -314,6 +314,37 @@ def _elementwise_elements(cfg: ModelConfig, ffn: float | None = None, dispatch: 
     return replicated, sharded, recomputable
 
 
+def _mla_up_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(rank, output columns) of MLA's up-projection GEMMs (Megatron-Core's linear_q_up_proj
+    and linear_kv_up_proj: what recompute module "mla_up_proj" repeats); none without MLA or,
+    for the query, without its low-rank projection (a full wq is no up-projection)."""
+    if getattr(cfg, "attention", "gqa") != "mla":
+        return []
+    d = cfg.head_dim
+    shapes = [(cfg.kv_lora_rank, cfg.heads * (d + cfg.v_head_dim))]
+    if cfg.q_lora_rank:
+        shapes.insert(0, (cfg.q_lora_rank, cfg.heads * (d + cfg.rope_head_dim)))
+    return shapes
+
+
+def _module_recompute_flops_per_token(cfg: ModelConfig, s: int, modules: tuple[str, ...]) -> float:
+    """Forward FLOPs per token, over all layers, that Megatron-Core's module recompute repeats:
+    each named module's matmuls again (2 per weight; the attention core as Korthikanti eq. 8).
+    "moe_act" and "layernorm" are elementwise: no FLOPs."""
+    n_moe = moe.moe_layers(cfg)
+    flops = attention_flops_per_token(cfg, s) if "core_attn" in modules else 0.0
+    if "mla_up_proj" in modules:
+        flops += 2 * cfg.layers * sum(k * n for k, n in _mla_up_shapes(cfg))
+    if "mlp" in modules:  # the dense MLP submodule: dense layers only
+        flops += 2 * (cfg.layers - n_moe) * (3 if cfg.mlp == "swiglu" else 2) * cfg.hidden * cfg.ffn_hidden
+    if n_moe and "moe" in modules:  # router, the token's routed experts and the shared ones
+        flops += 2 * n_moe * (cfg.hidden * cfg.moe_experts
+                              + (cfg.moe_top_k + cfg.moe_shared_experts) * 3 * cfg.hidden * cfg.moe_hidden)
+    elif n_moe and "shared_experts" in modules:
+        flops += 2 * n_moe * cfg.moe_shared_experts * 3 * cfg.hidden * cfg.moe_hidden
+    return flops
+
+
 def _layer_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int) -> tuple[float, float, float]:
     """(forward, backward, recompute) seconds of one transformer layer for one microbatch on
     one GPU, compute only. Tokens are split over cp, weights over tp."""
@@ -346,12 +377,13 @@ def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int
             r.gemm(tokens, q / t, h, linear=True),  # attention output, row-parallel
         ]
     if moe_layer:
-        linears.append(moe.ffn_linear_time(cfg, lay, r, tokens, imbalance))
+        ffn_linears = [moe.ffn_linear_time(cfg, lay, r, tokens, imbalance)]
     else:
-        linears += [
+        ffn_linears = [
             r.gemm(tokens, h, up_cols / t, linear=True),  # MLP up (and gate), column-parallel
             r.gemm(tokens, f / t, h, linear=True),  # MLP down, row-parallel
         ]
+    linears += ffn_linears
     linear_fwd = sum(linears)
     # Attention scores and values: 4*b*s^2*h FLOPs forward, each head a (s x d) @ (d x s)
     # batched GEMM, 16-bit even in FP8 runs. With cp a rank holds s/cp queries and all keys.
@@ -387,6 +419,9 @@ def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int
     # Backward: two GEMMs per forward GEMM (data and weight gradients), elementwise twice.
     if lay.recompute == "full":
         recompute = forward
+    elif lay.recompute == "selective" and sw.recompute_modules:
+        recompute = _module_recompute_time(cfg, lay, sw, r, tokens, moe_layer, imbalance, attn_fwd + r.memory_pass(softmax_bytes),
+                                           sum(ffn_linears), sharded - 2 * cfg.moe_top_k if moe_layer else sharded)
     elif lay.recompute == "selective" and sw.selective == "attention":
         # Megatron's policy: the attention core (scores, softmax, dropout, values) again.
         recompute = attn_fwd + r.memory_pass(softmax_bytes)
@@ -398,6 +433,41 @@ def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int
         recompute = 0.0
     return {"linear": (linear_fwd, 2 * linear_fwd), "attention": (attn_fwd, attn_bwd),
             "elementwise": (elementwise_fwd, 2 * elementwise_fwd), "recompute": recompute}
+
+
+def _module_recompute_time(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, tokens: float, moe_layer: bool,
+                           imbalance: float, core_attn: float, ffn_fwd: float, sharded: float) -> float:
+    """Seconds one layer's Megatron-Core module recompute (`Software.recompute_modules`)
+    repeats in the backward for one microbatch: each named module's forward, its GEMMs as the
+    forward charges them and its elementwise outputs as one memory pass each (elements as
+    `_elementwise_elements` counts them). `core_attn`: the attention core's forward;
+    `ffn_fwd`: the layer's MLP or MoE GEMMs; `sharded`: the layer's tp-split elements less a
+    MoE layer's dispatched copies."""
+    mods, t, h = sw.recompute_modules, lay.tp, cfg.hidden
+    sp = lay.sequence_parallel and t > 1
+
+    def elementwise(replicated: float = 0.0, split: float = 0.0) -> float:  # as `elementwise_fwd`
+        return r.memory_pass(eager_traffic(cfg, sw) * r.elem * 2 * tokens * h * (replicated / (t if sp else 1) + split / t))
+
+    q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    mlp_hidden = sharded - 2 * q / h - 2 * kv / h  # up (+gate) and activation out, per token, in h
+    shared = cfg.moe_shared_experts * cfg.moe_hidden if moe_layer else 0.0
+    time = core_attn if "core_attn" in mods else 0.0
+    if "layernorm" in mods:  # the two norm outputs
+        time += elementwise(replicated=2)
+    if "mla_up_proj" in mods:  # up-projection GEMMs (the RoPE pass is charged with the layer's elementwise work)
+        time += sum(r.gemm(tokens, k, n / t, linear=True) for k, n in _mla_up_shapes(cfg))
+    if not moe_layer and "mlp" in mods:
+        time += ffn_fwd + elementwise(split=mlp_hidden)
+    elif moe_layer and "moe" in mods:  # router, experts, shared experts; its dispatch and combine copies too
+        time += ffn_fwd + elementwise(split=mlp_hidden + 2 * cfg.moe_top_k)
+    elif moe_layer:
+        if "shared_experts" in mods and shared:
+            time += r.gemm(tokens, h, 2 * shared / t, linear=True) + r.gemm(tokens, shared / t, h, linear=True)
+            time += elementwise(split=3 * shared / h)
+        if "moe_act" in mods:  # the routed experts' activation outputs
+            time += elementwise(split=cfg.moe_top_k * imbalance * cfg.moe_hidden / h)
+    return time
 
 
 def _logits_time(cfg: ModelConfig, lay: Layout, r: Rates, s: int) -> float:
@@ -480,7 +550,36 @@ def _activation_bytes(cfg: ModelConfig, lay: Layout, sw: Software, s: int, ffn: 
         return 2 * sbh / (t if sp else 1)  # only the layer input
     replicated, sharded, recomputable = (2 * x for x in _elementwise_elements(cfg, ffn, dispatch))  # bytes
     scores = 0.0 if sw.flash_attention else 5 * cfg.heads * s / h / lay.cp
-    if lay.recompute == "selective" and sw.selective == "attention":
+    mods = sw.recompute_modules if lay.recompute == "selective" else ()
+    width = cfg.ffn_hidden if ffn is None else ffn
+    fp8_norms, fp8_act = 2.0, width / h  # bytes FP8 copies save: the two norm outputs, the activation output
+    if mods:
+        # Megatron-Core's module recompute: the named modules' saved tensors are not kept (their
+        # inputs are: a checkpoint keeps its 16-bit input); Korthikanti's terms, module by module.
+        moe_layer = ffn is not None
+        q, kv = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        if "core_attn" in mods:
+            scores = 0.0
+        if "layernorm" in mods:  # input_layernorm and pre_mlp_layernorm outputs
+            replicated -= 4
+            fp8_norms = 0.0
+        up = _mla_up_shapes(cfg) if "mla_up_proj" in mods else []
+        if up:  # Q, K, V dropped; the up-projections' inputs (the latents, replicated) kept
+            sharded -= 2 * (q + 2 * kv) / h
+            replicated += 2 * (sum(k for k, _ in up) + cfg.rope_head_dim) / h
+        mlp_units = (3 if cfg.mlp == "swiglu" else 2) * width / h  # up (+gate) and activation out
+        if ("mlp" in mods and not moe_layer) or ("moe" in mods and moe_layer):
+            sharded -= 2 * (mlp_units + dispatch)
+            fp8_act, fp8_norms = 0.0, min(fp8_norms, 1.0)  # the pre-MLP norm output: the checkpoint's 16-bit input
+        elif moe_layer:
+            shared = cfg.moe_shared_experts * cfg.moe_hidden / h
+            if "shared_experts" in mods:
+                sharded -= 2 * 3 * shared
+                fp8_act -= shared
+            if "moe_act" in mods:  # routed experts' activation outputs
+                sharded -= 2 * (width / h - shared)
+                fp8_act -= width / h - shared
+    elif lay.recompute == "selective" and sw.selective == "attention":
         scores = 0.0  # Megatron's selective recompute drops the attention core (Korthikanti Table 2: 34 sbh/t)
     elif lay.recompute == "selective":
         # Of the dropped bytes, norm outputs and masks are replicated, the activation output split.
@@ -488,7 +587,10 @@ def _activation_bytes(cfg: ModelConfig, lay: Layout, sw: Software, s: int, ffn: 
         sharded -= 2 * (cfg.ffn_hidden if ffn is None else ffn) / h
     if fp8 and sw.fp8_cast_fused:
         sharded -= cfg.heads * cfg.head_dim / h  # attention output: 1 byte a element, not 2
-        if not (lay.recompute == "selective" and sw.selective == "elementwise"):  # not already dropped
+        if mods:
+            replicated -= fp8_norms
+            sharded -= fp8_act
+        elif not (lay.recompute == "selective" and sw.selective == "elementwise"):  # not already dropped
             replicated -= 2  # the two norm outputs
             sharded -= (cfg.ffn_hidden if ffn is None else ffn) / h  # the activation's output
     if sp:
@@ -605,6 +707,8 @@ def estimate(
         one, a2a_tier = moe.all_to_all_time(cfg, lay, r, lay.microbatch * s / c, imbalance, sw)
         # Dispatch and combine forward, their gradients backward, again in a full recompute.
         a2a = w * (4 + (2 if lay.recompute == "full" else 0)) * one  # per layer, averaged
+        if lay.recompute == "selective" and "moe" in sw.recompute_modules:  # the MoE layer's forward pair again
+            a2a += w * 2 * one
     fwd = classes["linear"][0] + classes["attention"][0] + classes["elementwise"][0]
     bwd = classes["linear"][1] + classes["attention"][1] + classes["elementwise"][1]
     rec = classes["recompute"]
@@ -623,6 +727,9 @@ def estimate(
     # bytes); a full recompute repeats the forward pair.
     act_bytes = r.elem * lay.microbatch * (s / c) * cfg.hidden
     tp_rounds = 4 + (2 if lay.recompute == "full" else 0)
+    if lay.recompute == "selective" and sw.recompute_modules:  # a recomputed MLP or MoE block's forward round
+        w_moe = n_moe / cfg.layers
+        tp_rounds += ((1 - w_moe) * ("mlp" in sw.recompute_modules) + w_moe * ("moe" in sw.recompute_modules))
     tp_comm = layers * tp_rounds * r.ring(act_bytes, t, r.up, passes=2) if t > 1 else 0.0
     if sw.overlap_tp:
         # Chunked all-gather / reduce-scatter run under the GEMM consuming or producing them:
@@ -729,7 +836,7 @@ def estimate(
         "compute: linear GEMMs": m * layers * sum(classes["linear"]),
         "compute: attention": m * layers * sum(classes["attention"]),
         "compute: elementwise (norms, activations, residuals)": m * layers * sum(classes["elementwise"]),
-        f"compute: recompute ({lay.recompute})": m * layers * rec,
+        f"compute: recompute ({lay.recompute}{': ' + ' '.join(sw.recompute_modules) if lay.recompute == 'selective' and sw.recompute_modules else ''})": m * layers * rec,
         "compute: embedding": m * embedding if busiest == 0 else 0.0,
         "compute: output layer and loss": m * logits if busiest == p - 1 else 0.0,
         "comm: tp all-gather/reduce-scatter (scale-up), exposed": m * tp_comm,
@@ -751,7 +858,9 @@ def estimate(
     attention_fwd = attention_flops_per_token(cfg, s)
     layer_fwd = 2 * (matmul_params(cfg) - cfg.vocab_size * cfg.hidden) + attention_fwd  # no LM head
     extra = layer_fwd * tokens if lay.recompute == "full" else 0.0
-    if lay.recompute == "selective" and sw.selective == "attention":
+    if lay.recompute == "selective" and sw.recompute_modules:
+        extra = _module_recompute_flops_per_token(cfg, s, sw.recompute_modules) * tokens
+    elif lay.recompute == "selective" and sw.selective == "attention":
         extra = attention_fwd * tokens  # Korthikanti eq. 8: the attention core's FLOPs again
     hardware_flops = model_flops + extra
     model_tflops = model_flops / step / gpus / 1e12

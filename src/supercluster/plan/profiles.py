@@ -58,6 +58,13 @@ class Software:
     # activation outputs) or "attention" (Megatron's: the attention core, scores and softmax,
     # Korthikanti et al. 2022 sec. 5).
     selective: str = "elementwise"
+    # Megatron-Core's module-level selective recompute (--recompute-granularity selective
+    # --recompute-modules ...; megatron/core/transformer/transformer_config.py
+    # `recompute_modules`): with the layout's recompute "selective", each named module's
+    # forward runs again in the backward and its saved activations are not kept, instead of the
+    # `selective` policy above. () = the profile's policy (Megatron's default is core_attn,
+    # which is that policy). See `RECOMPUTE_MODULES`.
+    recompute_modules: tuple[str, ...] = ()
     # Gathered weights live during a ZeRO-3 step: None = two layers (FSDP2 prefetches the next
     # layer's unit while one computes), else DeepSpeed's stage3_max_live_parameters cap.
     max_live_params: float | None = None
@@ -107,13 +114,19 @@ PROFILES: dict[str, Software] = {
 }
 DEFAULT = "supercluster"
 FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "mxfp8")
+# Megatron-Core's recompute_modules (transformer_config.py; --recompute-modules in
+# megatron/training/arguments.py): "core_attn" the attention core; "moe_act" the MoE experts'
+# activation function; "layernorm" input_layernorm and pre_mlp_layernorm; "mla_up_proj" the
+# MLA up projections and RoPE; "mlp" the dense MLP submodule (dense layers only); "moe" the
+# MoE layer; "shared_experts" the MoE layer's shared experts.
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
 
 
 def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | None = None,
                   fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
                   ep_overlap: bool | None = None, ep_node_dedup: bool | None = None,
                   fp8_dispatch: bool | None = None, offload_layers: int | None = None,
-                  grad_reduce_bytes: int | None = None) -> Software:
+                  grad_reduce_bytes: int | None = None, recompute_modules: tuple[str, ...] | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -138,6 +151,9 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
     - grad_reduce_bytes: the gradient reduction's element size, 2 where the run reduces in
       16 bits (FSDP's MixedPrecision(reduce_dtype=torch.bfloat16), as IBM's fms-fsdp does),
       4 for fp32 reduction.
+    - recompute_modules: Megatron-Core's --recompute-modules, what "selective" recompute
+      rebuilds (`RECOMPUTE_MODULES`); the Megatron-Bridge DeepSeek-V3 performance recipes set
+      mla_up_proj (B200, GB200) or mla_up_proj and mlp (H100).
     """
     changes = {}
     if compile is not None:
@@ -165,6 +181,12 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         if offload_layers < 0:
             raise UserError(f"--cpu-offload-layers must be 0 or more, got {offload_layers}.")
         changes["offload_layers"] = offload_layers
+    if recompute_modules is not None:
+        bad = [mod for mod in recompute_modules if mod not in RECOMPUTE_MODULES]
+        if bad:
+            raise UserError(f"--recompute-modules takes {', '.join(RECOMPUTE_MODULES)}, got {bad[0]!r}"
+                            f"{closest(bad[0], RECOMPUTE_MODULES)}.")
+        changes["recompute_modules"] = tuple(recompute_modules)
     return replace(sw, **changes) if changes else sw
 
 
