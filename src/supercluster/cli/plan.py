@@ -78,6 +78,7 @@ def plan(
     ep_dedup: Optional[bool] = typer.Option(None, "--ep-dedup/--no-ep-dedup", help="MoE dispatch sends a token once per remote node, fanned out over NVLink there (DeepEP, DeepSeek-V3)."),
     fp8_dispatch: Optional[bool] = typer.Option(None, "--fp8-dispatch/--no-fp8-dispatch", help="MoE dispatch all-to-all in FP8, combine in 16 bits (DeepSeek-V3)."),
     cpu_offload_layers: Optional[int] = typer.Option(None, "--cpu-offload-layers", help="Layers per pipeline rank whose activations wait in host memory for the backward (Megatron-Core cpu_offloading_num_layers)."),
+    recompute_modules: Optional[str] = typer.Option(None, "--recompute-modules", help="With --recompute selective: the modules rebuilt in the backward, comma-separated (Megatron-Core's --recompute-modules: core_attn, moe_act, layernorm, mla_up_proj, mlp, moe, shared_experts)."),
     explain: bool = typer.Option(False, "--explain", help="Print each term of the best layout's step time."),
     failures_per_gpu_hour: Optional[float] = typer.Option(
         None, "--failures-per-gpu-hour", callback=real(0), help="Unexpected interruptions per GPU-hour (default: Llama 3's 419 in 54 days on 16,384 GPUs)."
@@ -125,7 +126,9 @@ def plan(
 
     software = with_switches(profile(stack), compile=compile, async_tp=async_tp, fp8_recipe=fp8_recipe,
                              fp8_all_gather=fp8_all_gather, ep_overlap=ep_overlap,
-                             ep_node_dedup=ep_dedup, fp8_dispatch=fp8_dispatch, offload_layers=cpu_offload_layers)
+                             ep_node_dedup=ep_dedup, fp8_dispatch=fp8_dispatch, offload_layers=cpu_offload_layers,
+                             recompute_modules=None if recompute_modules is None else
+                             tuple(m.strip() for m in recompute_modules.split(",") if m.strip()))
     req = build_request(
         cfg, gpus, gpu, node, seq_len, global_batch, gpus_per_node, ib_gbps_per_gpu, precision, fixed, software,
         moe_imbalance=moe_imbalance,
