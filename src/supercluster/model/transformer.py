@@ -333,4 +333,19 @@ def sample_token(logits, temperature, top_k, top_p, generator=None) -> int:
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p
         sorted_probs[outside] = 0.0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    return draw(probs, generator)
+
+
+def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """An index drawn with probability proportional to `weights` (not negative, not all zero):
+    where one uniform number falls in their running sum. `torch.multinomial` draws an
+    exponential for every entry instead: 1.0 ms over SmolLM2's 49,152 tokens on a 2-core Xeon
+    against 0.07 ms here (bench/serve_sampling.py), for each sampled token of each sequence,
+    where a small model's whole step takes about 12 ms."""
+    cdf = weights.double().cumsum(0)  # float64: a long vocabulary's sum keeps its small entries
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu")
+    x = u.to(cdf.device) * cdf[-1]  # a seeded request's generator lives on the CPU, whatever the model's device
+    # The first entry whose running sum exceeds x: never one of weight 0 (its sum equals the one
+    # before it). Past the end only when x rounds up to the total.
+    index = int(torch.searchsorted(cdf, x, right=True))
+    return index if index < len(cdf) else int(torch.nonzero(weights)[-1])

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from supercluster.model.transformer import draw
+
 
 @dataclass
 class SamplingParams:
@@ -70,7 +72,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generated: list[int], g
             outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
             sorted_probs[outside] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        token = int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+        token = draw(probs, generator)
     if logprobs is None:
         return Sampled(token)
     top = []
