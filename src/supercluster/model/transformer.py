@@ -320,14 +320,18 @@ def generate(model: Transformer, prompt: list[int], max_new_tokens: int, tempera
     return out
 
 
-def sample_token(logits, temperature, top_k, top_p, generator=None) -> int:
+def sample_token(logits, temperature, top_k, top_p, generator=None, min_p: float = 0.0) -> int:
+    """One token from next-token `logits` [vocab]: the argmax at temperature 0, else drawn after
+    temperature, top-k, min-p and top-p (in vLLM's order; the server's sampler shapes with this too)."""
     if temperature <= 0:
         return int(logits.argmax())
     logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+    if top_k and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
     if top_p is not None and top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest set reaching top_p

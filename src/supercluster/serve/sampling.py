@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from supercluster.model.transformer import draw
+from supercluster.model.transformer import sample_token
 
 
 @dataclass
@@ -57,22 +57,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generated: list[int], g
         ids, counts = torch.unique(torch.tensor(generated), return_counts=True)
         logits = logits.clone()
         logits[ids] -= params.frequency_penalty * counts.float() + params.presence_penalty
-    if params.temperature <= 0:
-        token = int(torch.argmax(logits))
-    else:
-        logits = logits / params.temperature
-        if params.top_k and params.top_k < logits.numel():
-            kth = torch.topk(logits, params.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if params.min_p > 0:
-            probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-        if params.top_p < 1.0:
-            sorted_probs, order = probs.sort(descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        token = draw(probs, generator)
+    token = sample_token(logits, params.temperature, params.top_k, params.top_p, generator, params.min_p)
     if logprobs is None:
         return Sampled(token)
     top = []
