@@ -1,6 +1,7 @@
 """Fleet database: migrations, health hooks, and concurrent creates that never share a node
 (real processes, on SQLite and on the PostgreSQL server when it is reachable)."""
 
+import contextlib
 import fcntl
 import multiprocessing
 import os
@@ -222,6 +223,27 @@ def test_sqlite_writers_of_other_processes_queue_on_a_file_lock(tmp_path):
     finally:
         release.set()
         writer.join(60)
+
+
+def test_a_disposed_database_closes_its_writers_file(tmp_path):
+    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
+
+    def open_lock_files() -> int:
+        targets = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return targets.count(str(tmp_path / "fleet.db-writers"))
+
+    with db.transaction(lock=False):
+        pass
+    assert open_lock_files() == 1
+    db.dispose()
+    assert open_lock_files() == 0
+    with db.transaction(lock=False):  # opened again by the next writer
+        pass
+    assert open_lock_files() == 1
+    db.dispose()
 
 
 def _create_worker(url, name, barrier, results):

@@ -776,3 +776,16 @@ def test_module_recompute_repeats_exactly_the_named_modules():
     assert rec(both) == pytest.approx(rec(attn_sw) + rec(mlp_sw), rel=1e-12)
     with pytest.raises(UserError, match="--recompute-modules takes"):
         calibrate.with_switches(sw, recompute_modules=("mlpp",))
+
+
+def test_plan_takes_recompute_modules_only_with_selective_recompute():
+    args = ["plan", "llama3-70b", "--gpus", "64", "--stack", "megatron", "--sharding", "full", "--microbatch", "1",
+            "--global-batch", "128", "--top", "1", "--json"]
+    attn, mlp = (run_cli(*args, "--recompute", "selective", "--recompute-modules", mods) for mods in ("core_attn", "core_attn,mlp"))
+    assert attn.returncode == 0 and mlp.returncode == 0, mlp.stderr
+    steps = [json.loads(p.stdout)["plans"][0]["step_time_s"] for p in (attn, mlp)]
+    assert steps[1] > steps[0]  # the MLP's forward again
+    for extra, message in ((["--recompute", "full", "--recompute-modules", "mlp"], "pass --recompute selective"),
+                           (["--recompute", "selective", "--recompute-modules", "mlpp"], "--recompute-modules takes")):
+        bad = run_cli(*args, *extra)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

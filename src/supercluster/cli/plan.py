@@ -115,6 +115,9 @@ def plan(
         stage_layers=stages,
     )
     fixed = {k: v for k, v in knobs.items() if v is not None}
+    if recompute_modules is not None and recompute not in (None, "selective"):  # it would change nothing
+        raise UserError(f"--recompute-modules names what selective recompute rebuilds; drop it or pass --recompute selective, "
+                        f"not {recompute!r}.")
     if not cfg.is_moe:  # MoE-only switches on a dense model would be accepted and change nothing
         given = [flag for flag, v in (("--moe-imbalance", moe_imbalance != 1.0), ("--ep-overlap", ep_overlap),
                                       ("--ep-dedup", ep_dedup), ("--fp8-dispatch", fp8_dispatch)) if v is not None and v is not False]

@@ -155,6 +155,8 @@ def refresh(db: Database | str | None = None) -> None:
             return
     with db.transaction() as s:
         fleet = s.get(Fleet, 1)
+        if fleet is None:  # deleted since the look above
+            return
         sync_nodes(s, fleet, live)
         # A job without a backend_ref was preempted and waits for its cluster: nothing runs to ask about.
         active = sa.select(Job).where(Job.state.in_(JOB_ACTIVE), Job.backend_ref.is_not(None)).order_by(Job.id)

@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from typing import Callable, Iterator
 
 import sqlalchemy as sa
@@ -290,6 +291,7 @@ class SQLiteWriters:
         self._path = f"{database}-writers" if database not in (None, "", ":memory:") else None  # in memory: one process
         self._fd: int | None = None
         self._pid: int | None = None
+        self._close: weakref.finalize | None = None  # closes the file when this is collected or closed
 
     def __enter__(self) -> None:
         self._threads.acquire()
@@ -313,9 +315,17 @@ class SQLiteWriters:
         # Opened in the process that locks it: a file opened before a fork is one open file in
         # both processes, and an flock held through it would admit both.
         if self._pid != os.getpid():
+            self.close()  # in a forked child: its copy of the parent's file
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._pid = os.getpid()
+            self._close = weakref.finalize(self, os.close, self._fd)
         return self._fd
+
+    def close(self) -> None:
+        """Closes the lock file (opened again by the next writer); not while this process writes."""
+        if self._close is not None:
+            self._close()
+            self._close = self._fd = self._pid = None
 
 
 class Database:
@@ -379,6 +389,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if isinstance(self._writers, SQLiteWriters):
+            self._writers.close()
 
 
 _UNDO = "supercluster_on_rollback"

@@ -347,7 +347,7 @@ def draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
     against 0.07 ms here (bench/serve_sampling.py), for each sampled token of each sequence,
     where a small model's whole step takes about 12 ms."""
     cdf = weights.double().cumsum(0)  # float64: a long vocabulary's sum keeps its small entries
-    u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device if generator else "cpu")
+    u = torch.rand((), generator=generator, dtype=torch.float64, device=generator.device if generator is not None else "cpu")
     x = u.to(cdf.device) * cdf[-1]  # a seeded request's generator lives on the CPU, whatever the model's device
     # The first entry whose running sum exceeds x: never one of weight 0 (its sum equals the one
     # before it). Past the end only when x rounds up to the total.
