@@ -531,6 +531,31 @@ def test_switches_change_what_their_mechanism_touches():
     assert 0 < gathered.terms[gather] < 0.75 * plain.terms[gather]  # one byte a weight instead of two
 
 
+def test_fp8_tensor_parallel_all_gathers_move_one_byte_under_tensorwise_scaling():
+    # torchao's Float8ColwiseParallel / Float8RowwiseParallel (torchtitan with Float8 and TP):
+    # the sequence-parallel all-gathers move FP8, the reduce-scatters 16-bit: 3/4 of the bytes.
+    # torchtitan keeps 16-bit TP for the rowwise recipe, and without FP8 nothing changes.
+    from supercluster.plan.profiles import with_switches
+
+    lay = Layout(tp=8, dp_shard=4, sharding="full", microbatch=1, recompute="full", sequence_parallel=True)
+    model, base = build_model("llama3-70b"), PROFILES["supercluster"]
+    assert base.fp8_tp_all_gather and not PROFILES["megatron"].fp8_tp_all_gather
+
+    def tp(sw, precision="fp8"):
+        req = build_request(model, 32, "h100", seq_len=8192, global_batch=32, precision=precision, software=sw)
+        return estimate(req.work, lay, req.system, req.software).terms["comm: tp all-gather/reduce-scatter (scale-up), exposed"]
+
+    from supercluster.plan.cost import COLLECTIVE_LATENCY_S
+
+    plain = replace(base, fp8_tp_all_gather=False)
+    # 8 microbatches x 80 layers x 6 rounds (4, and 2 more for the full recompute) x 2 passes
+    latency = 8 * 80 * 6 * 2 * COLLECTIVE_LATENCY_S
+    assert tp(base) - latency == pytest.approx(0.75 * (tp(plain) - latency), rel=1e-9)
+    rowwise = with_switches(base, fp8_recipe="rowwise")
+    assert tp(rowwise) == pytest.approx(tp(replace(rowwise, fp8_tp_all_gather=False)), rel=1e-12)
+    assert tp(base, "bf16") == pytest.approx(tp(plain, "bf16"), rel=1e-12)
+
+
 def test_explain_terms_add_up_to_the_step():
     req = build_request(build_model("llama3-405b"), 2048, "h100", seq_len=8192, global_batch=1024)
     for est in search(req, top=5):

@@ -730,7 +730,13 @@ def estimate(
     if lay.recompute == "selective" and sw.recompute_modules:  # a recomputed MLP or MoE block's forward round
         w_moe = n_moe / cfg.layers
         tp_rounds += ((1 - w_moe) * ("mlp" in sw.recompute_modules) + w_moe * ("moe" in sw.recompute_modules))
-    tp_comm = layers * tp_rounds * r.ring(act_bytes, t, r.up, passes=2) if t > 1 else 0.0
+    # Each round is an all-gather and a reduce-scatter of the same bytes (an all-reduce's two
+    # passes). With FP8 TP all-gathers (`Software.fp8_tp_all_gather`, tensorwise scaling only)
+    # the all-gather moves 1-byte elements and the reduce-scatter 16-bit ones: (1 + 2) / 4 of
+    # the 16-bit bytes, in the forward, its recompute and the backward alike.
+    fp8_tp = system.precision == "fp8" and sw.fp8_tp_all_gather and sw.fp8_recipe == "tensorwise"
+    tp_share = (1 + r.elem) / (2 * r.elem) if fp8_tp else 1.0
+    tp_comm = layers * tp_rounds * r.ring(tp_share * act_bytes, t, r.up, passes=2) if t > 1 else 0.0
     if sw.overlap_tp:
         # Chunked all-gather / reduce-scatter run under the GEMM consuming or producing them:
         # about half of the layer's compute is a window to hide them in.
