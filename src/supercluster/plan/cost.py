@@ -247,12 +247,19 @@ class Rates:
         self.host = (node.h2d_gbps or LINK_EFFICIENCY * node.host_link_gbps) * 1e9
         self.cast_fused = sw.fp8_cast_fused
         self.cast_bytes = (FP8_FUSED_CAST_BYTES if sw.fp8_cast_fused else FP8_CAST_BYTES)[sw.fp8_recipe]
+        # A module that quantizes its own input (no producing kernel to fuse the cast into):
+        # the unfused bytes per input element (`moe.ffn_linear_time`'s grouped expert GEMMs).
+        self.own_cast_bytes = FP8_CAST_BYTES[sw.fp8_recipe]
+        self.fp8_dispatch = sw.fp8_dispatch
 
-    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False, launches: float = 1) -> float:
+    def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False, launches: float = 1,
+             own_cast: float | None = None) -> float:
         """`batch` (m x k) @ (k x n) matmuls in `launches` kernels (one: a batched GEMM): FLOPs
         at the achievable rate plus operand traffic. `linear`: a weight GEMM, FP8 when the run
         trains in FP8 (operands cast with a per-tensor scale first: an amax pass and a cast over
-        each operand).
+        each operand). `own_cast`: in FP8, the bytes per input element of a cast the GEMM's
+        module runs itself on its input, in place of the stack's default; its weights' FP8
+        copies are kept across microbatches (Transformer Engine's GroupedLinear).
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
@@ -261,7 +268,9 @@ class Rates:
         fp8 = linear and self.fp8
         rate = self.linear_rate if linear else self.gemm_rate
         traffic = (1 if fp8 else self.elem) * (m * k + k * n) + self.elem * m * n
-        if fp8:
+        if fp8 and own_cast is not None:
+            traffic += own_cast * m * k
+        elif fp8:
             traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
         return batch * (flops / rate + traffic / self.hbm) + launches * self.launch
 
@@ -730,7 +739,13 @@ def estimate(
     if lay.recompute == "selective" and sw.recompute_modules:  # a recomputed MLP or MoE block's forward round
         w_moe = n_moe / cfg.layers
         tp_rounds += ((1 - w_moe) * ("mlp" in sw.recompute_modules) + w_moe * ("moe" in sw.recompute_modules))
-    tp_comm = layers * tp_rounds * r.ring(act_bytes, t, r.up, passes=2) if t > 1 else 0.0
+    # Each round is an all-gather and a reduce-scatter of the same bytes (an all-reduce's two
+    # passes). With FP8 TP all-gathers (`Software.fp8_tp_all_gather`, tensorwise scaling only)
+    # the all-gather moves 1-byte elements and the reduce-scatter 16-bit ones: (1 + 2) / 4 of
+    # the 16-bit bytes, in the forward, its recompute and the backward alike.
+    fp8_tp = system.precision == "fp8" and sw.fp8_tp_all_gather and sw.fp8_recipe == "tensorwise"
+    tp_share = (1 + r.elem) / (2 * r.elem) if fp8_tp else 1.0
+    tp_comm = layers * tp_rounds * r.ring(tp_share * act_bytes, t, r.up, passes=2) if t > 1 else 0.0
     if sw.overlap_tp:
         # Chunked all-gather / reduce-scatter run under the GEMM consuming or producing them:
         # about half of the layer's compute is a window to hide them in.

@@ -81,16 +81,34 @@ def ffn_linear_time(cfg, lay, r, tokens: float, imbalance: float) -> float:
     the backward's data and weight gradients are two more such loops (the backward is charged
     twice the forward). With many small experts per rank at a small microbatch (Qwen3-30B-A3B:
     16 experts of 768 on a rank at ep 8, about 2,000 tokens each at microbatch 1) a GEMM
-    computes for a few microseconds, the order of its launch (`cost.KERNEL_LAUNCH_S`)."""
+    computes for a few microseconds, the order of its launch (`cost.KERNEL_LAUNCH_S`).
+
+    In FP8 the experts' inputs are quantized by the grouped GEMM's module itself, even in a
+    stack that fuses casts elsewhere (`Software.fp8_cast_fused`): Transformer Engine's
+    GroupedLinear (transformer_engine/pytorch/module/grouped_linear.py) runs
+    `tex.split_quantize(inp_view, m_splits, input_quantizers)` on the permuted tokens (the
+    up projection's input comes from the dispatcher's permutation, not from a norm whose
+    kernel could write FP8) and on the activation's output (the down projection's input), and
+    casts its weights to FP8 only on a step's first microbatch. So each expert input element
+    pays the unfused cast (`cost.FP8_CAST_BYTES`), weights none. With FP8 dispatch
+    (`Software.fp8_dispatch`, DeepSeek-V3 sec. 3.3.2) the tokens are quantized once on their
+    own rank before the all-to-all and arrive in FP8: one cast per token, none per copy."""
     h, t, ep = cfg.hidden, lay.tp, getattr(lay, "ep", 1)
     local = cfg.moe_experts / ep
     # Each rank sends tokens*k (token, expert) pairs and receives as many on average.
     per_expert = tokens * cfg.moe_top_k * imbalance / local
     f = cfg.moe_hidden
     time = r.gemm(tokens, h, cfg.moe_experts)  # router scores
+    # FP8: the grouped GEMMs quantize their own inputs in a casting-fusing stack (see the
+    # docstring); a stack that casts in its own kernels everywhere already charges that.
+    own = r.own_cast_bytes if r.cast_fused else None
+    up_cast = own
+    if own is not None and r.fp8_dispatch:  # quantized once per token before the dispatch
+        up_cast = 0.0
+        time += r.memory_pass(own * tokens * h) if r.fp8 else 0.0
     # A grouped GEMM: one cuBLAS launch per local expert (see the docstring).
-    time += r.gemm(per_expert, h, 2 * f / t, batch=local, linear=True, launches=local)  # gate and up, grouped
-    time += r.gemm(per_expert, f / t, h, batch=local, linear=True, launches=local)  # down, grouped
+    time += r.gemm(per_expert, h, 2 * f / t, batch=local, linear=True, launches=local, own_cast=up_cast)  # gate and up
+    time += r.gemm(per_expert, f / t, h, batch=local, linear=True, launches=local, own_cast=own)  # down, grouped
     if cfg.moe_shared_experts:
         width = cfg.moe_shared_experts * f
         time += r.gemm(tokens, h, 2 * width / t, linear=True) + r.gemm(tokens, width / t, h, linear=True)

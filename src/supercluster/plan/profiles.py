@@ -8,7 +8,9 @@ to every row of its stack: nothing is switched for particular runs.
 
 - supercluster: this trainer, PyTorch-native like torchtitan: FSDP2 (fully_shard), DTensor
   tensor parallelism, torch.distributed.pipelining, flash attention through SDPA; torch.compile
-  is the user's choice (train.compile), eager otherwise. TP collectives are not overlapped.
+  is the user's choice (train.compile), eager otherwise. TP collectives are not overlapped
+  (unless --async-tp); in FP8 with tensorwise scaling its TP all-gathers move FP8, as
+  torchtitan's Float8 tensor parallelism does.
 - megatron: Megatron-LM / NeMo / Megatron-Bridge with Transformer Engine: hand-fused kernels, TP
   communication overlap, overlapped gradient reduce and parameter gather, distributed optimizer
   (ZeRO-1) or Megatron-FSDP (full sharding, Megatron-Core 0.14+).
@@ -48,6 +50,15 @@ class Software:
     # rings/trees); False: each GPU's collectives run at its one NIC's rate.
     hierarchical_dp: bool = True
     fp8_all_gather: bool = False  # FSDP weight all-gathers in FP8 when training in FP8
+    # Sequence-parallel TP all-gathers in FP8 under tensorwise FP8 scaling: torchao's
+    # Float8ColwiseParallel / Float8RowwiseParallel / PrepareFloat8ModuleInput
+    # (torchao/float8/float8_tensor_parallel.py) cast a column-parallel layer's input to FP8
+    # *before* its all-gather, and the gradient arriving at a row-parallel layer's output to
+    # FP8 before the backward all-gather; the reduce-scatters stay 16-bit (they sum GEMM
+    # outputs). torchtitan uses them whenever Float8 linears meet TP with a tensorwise recipe
+    # (`enable_float8_tensorwise_tp` in its parallelize_llama: "For rowwise recipes, we use
+    # regular TP and all-gather happens in high precision").
+    fp8_tp_all_gather: bool = False
     # How FP8 GEMM operands are scaled (torchao Float8 recipes; Transformer Engine's MXFP8 on
     # Blackwell): one scale per tensor, one per row, or one per 32-element block.
     fp8_recipe: str = "tensorwise"
@@ -98,7 +109,7 @@ class Software:
 
 
 PROFILES: dict[str, Software] = {
-    "supercluster": Software(accumulate_unsharded_grads=True),
+    "supercluster": Software(accumulate_unsharded_grads=True, fp8_tp_all_gather=True),
     "megatron": Software(
         name="megatron", overlap_tp=True, shardings=("none", "optimizer", "full"), selective="attention",
         fp8_cast_fused=True, embedding_stages=True, expert_tp_cp=True,
