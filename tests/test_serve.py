@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -570,6 +571,24 @@ def _skip_unless_a_distinct_code_path(arch: str) -> None:
         pytest.skip("this CPU has no AVX2")
     if arch == "avx2" and {"avx2", "fma", "f16c"} <= flags and "avx512f" not in flags:
         pytest.skip("this CPU's native build is the AVX2 code path (no AVX-512), tested as native")
+
+
+@pytest.mark.parametrize("arch", ["native", "avx2"])
+def test_block_linear_asks_for_weights_ahead(arch):
+    """The SIMD code paths prefetch the weights 4 KiB ahead of the block they multiply (one stream's
+    decode step took 13.7 ms without, 8.9 with, bench/serve.py on a Zen 4). Written as a plain
+    inline function, the prefetches vanished from the build without a word: so the built code is read."""
+    _skip_unless_a_distinct_code_path(arch)
+    if platform.machine() != "x86_64" or shutil.which("objdump") is None:
+        pytest.skip("reads the x86-64 build with objdump (binutils)")
+    from supercluster.serve.kernels import library
+
+    if arch == "native" and "avx2" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU's native build is the portable code path, which has no prefetches")
+    name = library(arch).name  # built or loaded here
+    so = next(path for path in torch.ops.loaded_libraries if name in path)
+    listing = subprocess.run(["objdump", "-d", so], capture_output=True, text=True, check=True).stdout
+    assert listing.count("prefetcht0") >= 4 * 6  # panel_rows' 4 instantiations: 4 or 8 weight lines, d and m
 
 
 @pytest.mark.parametrize("arch", ["native", "avx2", "portable"])
