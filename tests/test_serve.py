@@ -674,7 +674,7 @@ def test_paged_attention_equals_sdpa_on_gathered_contexts(arch, pool_dtype):
     """The attention kernel (each code path; fp32 and fp16 pools), on a step packing prompt chunks
     and decoded tokens of four sequences whose blocks lie scattered in the pool: it stores each
     token's (rotated) key and value at its slot, and each query's output is SDPA's over its own
-    sequence's positions up to its own, within 5e-5 (fp32 rounding). Head size 64 and one no code path
+    sequence's positions up to its own, within 5e-5 (fp32 rounding). Head sizes 64 and 128 and one no code path
     unrolls (40), grouped-query heads, with RoPE applied by the kernel or already applied."""
     from supercluster.model.transformer import apply_rope, rope_tables
     from supercluster.serve.kernels import library
@@ -683,7 +683,7 @@ def test_paged_attention_equals_sdpa_on_gathered_contexts(arch, pool_dtype):
     attention = library(arch).paged_attention
     torch.manual_seed(0)
     block_size, heads, kv_heads = 16, 6, 2
-    for head_dim, rotate in ((64, True), (40, False)):
+    for head_dim, rotate in ((64, True), (128, False), (40, False)):
         angles = torch.outer(torch.arange(256.0), 1e4 ** -(torch.arange(head_dim // 2) / (head_dim // 2)))
         rope = torch.cat([angles.cos(), angles.sin()], dim=-1)
         k_pool = torch.randn(40 * block_size, kv_heads, head_dim).to(pool_dtype)  # earlier tokens' keys, values

@@ -52,9 +52,71 @@ struct TaskLayout {
   const int64_t *seen, *row_offset, *key_offset;
 };
 
+#if defined(__AVX512F__)
+// Lane j of the result: the sum of v[j]'s 16 lanes. Summed one vector at a time, each key's score
+// would end in a horizontal sum of its own (as long as its 4 products for a head of 64), the bulk
+// of attention's time at many sequences; 16 at once share one transposing tree of adds.
+inline __m512 lane_sums16(const __m512 v[16]) {
+  __m512 t[8], u[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i]'s and v[2i+1]'s even and odd halves
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the sums of v[4i..4i+3] over that lane
+    const __m512d a = _mm512_castps_pd(t[2 * i]), b = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  // the four 128-bit lanes added, v[4i..4i+3]'s sums moved to lane i
+  const __m512 x0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 x1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm512_shuffle_f32x4(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(x0, x1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// task_scores for a head of Dim (a multiple of 16): a row's query held in registers, its keys 16 at
+// a time. Scores past a row's own keys are left as they are (0: the weights task_values reads).
+template <int64_t Dim, typename T>
+void task_scores_fixed(const TaskLayout& t, const float* queries, const T* k_pool, float* scores, float* top) {
+  constexpr int V = Dim / 16;
+  for (int64_t r = 0; r < t.rows; ++r) {
+    __m512 q[V];
+    for (int j = 0; j < V; ++j) q[j] = _mm512_loadu_ps(queries + t.row_offset[r] + 16 * j);
+    __m512 best = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    float* row = scores + r * t.keys;
+    for (int64_t l0 = 0; l0 < t.seen[r]; l0 += 16) {
+      const int n = static_cast<int>(std::min<int64_t>(16, t.seen[r] - l0));
+      // the next 16 keys, asked for now: they lie a slot apart each (or a block apart), a stride
+      // the hardware prefetchers do not follow from one row to the next
+      for (int64_t i = l0 + 16; i < std::min<int64_t>(l0 + 32, t.seen[r]); ++i)
+        for (int64_t b = 0; b < Dim * static_cast<int64_t>(sizeof(T)); b += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(k_pool + t.key_offset[i]) + b, _MM_HINT_T0);
+      __m512 products[16];
+      for (int i = 0; i < 16; ++i) {
+        if (i >= n) {
+          products[i] = _mm512_setzero_ps();
+          continue;
+        }
+        const T* key = k_pool + t.key_offset[l0 + i];
+        __m512 p = _mm512_mul_ps(q[0], Vec::load(key).v);
+        for (int j = 1; j < V; ++j) p = _mm512_fmadd_ps(q[j], Vec::load(key + 16 * j).v, p);
+        products[i] = p;
+      }
+      const __mmask16 mask = static_cast<__mmask16>(n == 16 ? 0xFFFF : (1u << n) - 1);
+      const __m512 s = lane_sums16(products);
+      _mm512_mask_storeu_ps(row + l0, mask, s);
+      best = _mm512_mask_max_ps(best, mask, best, s);
+    }
+    top[r] = _mm512_reduce_max_ps(best);
+  }
+}
+#endif
+
 // Scores of every row against its keys, and each row's maximum.
 template <typename T>
 void task_scores(const TaskLayout& t, const float* queries, const T* k_pool, float* scores, float* top) {
+#if defined(__AVX512F__)
+  if (t.D == 64) return task_scores_fixed<64>(t, queries, k_pool, scores, top);
+  if (t.D == 128) return task_scores_fixed<128>(t, queries, k_pool, scores, top);
+#endif
   std::fill_n(top, t.rows, -std::numeric_limits<float>::infinity());
   for (int64_t l = 0; l < t.keys; ++l) {  // each key read once for every row
     const T* key = k_pool + t.key_offset[l];
@@ -78,6 +140,11 @@ void values_in_registers(const TaskLayout& t, int64_t r0, int64_t keys, const fl
     for (int j = 0; j < V; ++j) acc[r][j] = Vec::zero();
   for (int64_t l = 0; l < keys; ++l) {
     const T* value = v_pool + t.key_offset[l];
+#if defined(__AVX512F__) || defined(__AVX2__)
+    if (l + 8 < keys)  // as task_scores_fixed asks for keys: values a slot apart, 8 ahead
+      for (int64_t b = 0; b < Dim * static_cast<int64_t>(sizeof(T)); b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(v_pool + t.key_offset[l + 8]) + b, _MM_HINT_T0);
+#endif
     Vec v[V];
     for (int j = 0; j < V; ++j) v[j] = Vec::load(value + j * Vec::width);
     for (int r = 0; r < R; ++r) {
@@ -96,7 +163,10 @@ void task_values_fixed(const TaskLayout& t, const float* weights, const T* v_poo
   constexpr int R = std::max<int64_t>(1, (Vec::width == 16 ? 16 : 8) / (Dim / Vec::width));
   for (int64_t r = 0; r < t.rows; r += R) {
     const int64_t count = std::min<int64_t>(R, t.rows - r), keys = *std::max_element(t.seen + r, t.seen + r + count);
+    // a grouped-query head's rows (3 for SmolLM2's 9 heads over 3) share each value they read
     if (count == R) values_in_registers<Dim, R>(t, r, keys, weights, v_pool, out);
+    else if (R > 3 && count == 3) values_in_registers<Dim, std::min(R, 3)>(t, r, keys, weights, v_pool, out);
+    else if (R > 2 && count == 2) values_in_registers<Dim, std::min(R, 2)>(t, r, keys, weights, v_pool, out);
     else
       for (int64_t i = r; i < r + count; ++i) values_in_registers<Dim, 1>(t, i, t.seen[i], weights, v_pool, out);
   }
