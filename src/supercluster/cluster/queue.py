@@ -103,35 +103,50 @@ def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignor
     use per node and the nodes the health gate may refuse; where nodes sit comes from `topology`.
     ignoring: clusters whose allocations count as free (to ask what preempting them would give).
     """
+    return _capacity(s, s.get(Fleet, 1), cluster, node_gpus, at, ignoring)[0]
+
+
+def _capacity(s: Session, fleet: Fleet, cluster, node_gpus: int, at: float,
+              ignoring: set[int] = frozenset()) -> tuple[list[placement.Free], list[str]]:
+    """`free_capacity`, and the names of the type's nodes out of service (drained or down), which
+    the gate query reads anyway (it returns every node not simply up): `why_waiting` names them."""
     s.flush()  # the connection does not autoflush: pending node or allocation changes must count
     conn = s.connection()
-    fleet = s.get(Fleet, 1)
     used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
-    gates = conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type})
-    refused = {name for name, *gate in gates if not eligible(_Gate(*gate), cluster, at)}
+    refused, out = set(), []
+    for name, *gate in conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type}):
+        gate = _Gate(*gate)
+        if not eligible(gate, cluster, at):
+            refused.add(name)
+        if gate.state != "up":
+            out.append(name)
     nodes = topology(s, fleet).empty.get(cluster.gpu_type, ())
     if cluster.gpus >= node_gpus:  # whole nodes: only those nothing runs on
-        return [n for n in nodes if n.name not in used and n.name not in refused]
+        return [n for n in nodes if n.name not in used and n.name not in refused], sorted(out)
     free = (n._replace(free=n.total - used[n.name]) if n.name in used else n for n in nodes if n.name not in refused)
-    return [n for n in free if n.free >= cluster.gpus]
+    return [n for n in free if n.free >= cluster.gpus], sorted(out)
 
 
-def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
-    node_gpus = topology(s, fleet).node_gpus[cluster.gpu_type]
+def _try_place(s: Session, fleet: Fleet, queued) -> bool:
+    """Places the queued cluster `queued` (a row of `_QUEUE`) if it fits, preempting for it if it may.
+    Its ORM object is loaded only once it is placed: on a full fleet most tries find no room."""
+    node_gpus = topology(s, fleet).node_gpus[queued.gpu_type]
     at = now()
 
     def find(ignoring: set[int] = frozenset()) -> placement.Placement | None:
-        return placement.place(free_capacity(s, cluster, node_gpus, at, ignoring), cluster.gpus, node_gpus, cluster.max_switches)
+        free = _capacity(s, fleet, queued, node_gpus, at, ignoring)[0]
+        return placement.place(free, queued.gpus, node_gpus, queued.max_switches)
 
     found = find()
     if found is None:
-        pool = preempt.candidates(s, cluster)
+        pool = preempt.candidates(s, queued)
         victims = preempt.choose_victims(pool, lambda ids: find(ids) is not None) if pool else None
         if victims:
-            preempt.preempt(s, fleet, victims, by=cluster)
+            preempt.preempt(s, fleet, victims, by=queued)
             found = find()
     if found is None:
         return False
+    cluster = s.get(Cluster, queued.id)
     # One multi-row INSERT instead of an ORM object per node.
     s.connection().execute(sa.insert(Allocation), [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
                                                    for name, gpus in found.nodes])
@@ -182,7 +197,7 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
         if most_bypassed >= BACKFILL_LIMIT:
             break
         alike = (row.gpu_type, row.gpus, row.max_switches, row.require_health, row.health_max_age_s, row.priority)
-        if alike not in refused and _try_place(s, fleet, s.get(Cluster, row.id)):
+        if alike not in refused and _try_place(s, fleet, row):
             placed.append(row.name)
             refused.clear()
             if waiting:
@@ -205,17 +220,17 @@ _QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed, Cluster.gpu_type
 def why_waiting(s: Session, cluster) -> str:
     """Why a queued cluster (a `Cluster` or a row of its table) is not placed: nodes taken out of
     service, too few free GPUs, or a place in the queue or a switch limit that the free ones miss."""
-    fleet = s.get(Fleet, 1)
-    topo = topology(s, fleet)
+    topo = topology(s, fleet := s.get(Fleet, 1))
     node_gpus, total = topo.node_gpus[cluster.gpu_type], topo.total[cluster.gpu_type]
-    free = sum(f.free for f in free_capacity(s, cluster, node_gpus, now()))
+    capacity, out = _capacity(s, fleet, cluster, node_gpus, now())
+    free = sum(f.free for f in capacity)
     if free >= cluster.gpus:
         limit = f" within {cluster.max_switches} leaf switches" if cluster.max_switches else ""
         return f"waiting in the queue: {free} {cluster.gpu_type} GPUs are free, but not{limit} for it ahead of earlier requests"
-    out = s.execute(sa.select(Node.name, Node.gpus).where(Node.gpu_type == cluster.gpu_type, Node.state != "up")
-                    .order_by(Node.name)).all()
-    if out and free + sum(g for _, g in out) >= cluster.gpus:
-        names = ", ".join(n for n, _ in out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")
-        return (f"waiting for drained nodes: {sum(g for _, g in out)} of the fleet's {total} {cluster.gpu_type} GPUs are on "
+    gpus_of = {n.name: n.total for n in topo.empty[cluster.gpu_type]}
+    out_gpus = sum(gpus_of[n] for n in out)
+    if out and free + out_gpus >= cluster.gpus:
+        names = ", ".join(out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")
+        return (f"waiting for drained nodes: {out_gpus} of the fleet's {total} {cluster.gpu_type} GPUs are on "
                 f"drained or down nodes ({names}); `supercluster node undrain NODE` returns one to service")
     return f"waiting for capacity: {free} of the fleet's {total} {cluster.gpu_type} GPUs are free for {cluster.gpus} asked"
