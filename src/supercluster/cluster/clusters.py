@@ -122,8 +122,9 @@ def create_cluster(
             )
     # Described after the commit, from a snapshot: why a queued cluster waits is a search of
     # the fleet's free capacity, which need not hold every other writer back.
-    with db.reading() as s:
-        return cluster_dict(s, s.get(Cluster, cluster.id) or cluster)
+    with db.reading() as s:  # a plain row (read by attribute, as the object is): loading an object costs more
+        row = s.execute(sa.select(*Cluster.__table__.c).where(Cluster.id == cluster.id)).first()
+        return cluster_dict(s, row or cluster)
 
 
 # Built once (building a statement costs more than running these): the nodes of some clusters with

@@ -154,9 +154,13 @@ def _resolve_gpu_type(s: Session, gpu_type: str | None) -> str:
     return gpu_type
 
 
+_QUOTA = sa.select(Quota.max_gpus, Quota.gpu_hours).where(Quota.project_id == sa.bindparam("project_id"),
+                                                         Quota.gpu_type == sa.bindparam("gpu_type"))
+
+
 def _quota_decision(s: Session, project: Project, gpu_type: str, gpus: int) -> str | None:
     """None when the request may go to the fleet now, else why it waits; raises when it never may."""
-    q = s.get(Quota, (project.id, gpu_type))
+    q = s.execute(_QUOTA, {"project_id": project.id, "gpu_type": gpu_type}).first()  # a plain row: read on every create
     if q is None:
         return None
     if q.gpu_hours is not None:
@@ -182,10 +186,11 @@ class _Waits(Exception):
         self.reason = reason
 
 
-def _admit(s: Session, sc: ServiceCluster) -> None:
+def _admit(s: Session, sc: ServiceCluster, project: Project | None = None) -> None:
     """In the fleet's transaction, under its lock: may `sc` go to the fleet now? Raises `_Waits`
-    with the quota's reason if not, ServiceError if it never may."""
-    reason = _quota_decision(s, s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
+    with the quota's reason if not, ServiceError if it never may. `project`: sc's, when the caller
+    has it (a project is never renamed or deleted, so one read before the transaction holds)."""
+    reason = _quota_decision(s, project or s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
     if reason is not None:
         raise _Waits(reason)
     sc.reason = None
@@ -231,7 +236,7 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
     def record(s: Session) -> None:  # in the fleet's transaction: both rows or neither
         if _name_taken(s, p.id, name):  # a request beside this one took it
             raise _taken(project, name)
-        _admit(s, sc)
+        _admit(s, sc, p)
         s.add(sc)
 
     try:
@@ -269,19 +274,22 @@ def reconcile(store: Store) -> None:
     Run where the quota can newly allow one: after a delete frees GPUs, after the operator sets a
     quota, and on the server's pass (a budget's hold). Never on a read: a read changes nothing the
     quota decides on, and the fleet's own queue places what it queued without the service."""
-    with store.reading() as s:  # the common case, nothing waits: one cheap query
-        waiting = s.execute(sa.select(ServiceCluster, Cluster.state)
-                            .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
-                            .where(sa.or_(Cluster.id.is_(None), Cluster.state == "held"))
-                            .order_by(ServiceCluster.id)).all()
+    with store.reading() as s:  # the common case, nothing waits: one cheap query (of plain rows, read by attribute)
+        waiting = s.execute(_WAITING).all()
         # A first look without the fleet's lock: most that wait still must, and need not take it.
-        decided = [(sc, state, _quota_reason(s, sc)) for sc, state in waiting]
+        decided = [(sc, sc.fleet_state, _quota_reason(s, sc)) for sc in waiting]
     for sc, state, reason in decided:
         if state == "held":
             if reason is None:
                 _give_back(store, sc.id, sc.fleet_name)
         else:
             _hand_over(store, sc, reason)
+
+
+_WAITING = (sa.select(*ServiceCluster.__table__.c, Cluster.state.label("fleet_state"))
+            .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
+            .where(sa.or_(Cluster.id.is_(None), Cluster.state == "held"))
+            .order_by(ServiceCluster.id))
 
 
 def _quota_reason(s: Session, sc: ServiceCluster) -> str | None:
@@ -352,12 +360,23 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
     with store.reading() as s:
-        sc = _get(s, visible_project(s, caller, project, "member"), name)
+        p = visible_project(s, caller, project, "member")
+        # The service's row and whether the fleet has its cluster, in one read.
+        sc = s.execute(sa.select(ServiceCluster.id, ServiceCluster.fleet_name, Cluster.id.label("on_fleet"))
+                       .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
+                       .where(ServiceCluster.project_id == p.id, ServiceCluster.name == name)).first()
+        if sc is None:
+            raise ServiceError(404, f"Project {p.name!r} has no cluster named {name!r}.")
     forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
-    with store.fleet.transaction() as s:  # the fleet's lock: no reconcile hands it over meanwhile
-        on_fleet = s.scalar(sa.select(Cluster.id).where(Cluster.name == sc.fleet_name)) is not None
-        if not on_fleet:
-            s.execute(forget)
+    # A cluster on the fleet stays there until deleted, so this snapshot's "on the fleet" holds (a
+    # delete beside this one makes the fleet's delete below refuse, as it did); one that waits in
+    # the service may be handed over meanwhile, so that is decided again under the fleet's lock.
+    on_fleet = sc.on_fleet is not None
+    if not on_fleet:
+        with store.fleet.transaction() as s:  # the fleet's lock: no reconcile hands it over meanwhile
+            on_fleet = s.scalar(sa.select(Cluster.id).where(Cluster.name == sc.fleet_name)) is not None
+            if not on_fleet:
+                s.execute(forget)
     if on_fleet:
         try:  # the service's row goes in the fleet's transaction: both or neither
             fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
