@@ -52,7 +52,11 @@ _TOPOLOGIES_KEPT = 16  # databases one process may use at once (tests open many)
 
 
 def topology(s: Session, fleet: Fleet) -> Topology:
-    key = (s.get_bind().url.render_as_string(hide_password=False), fleet.created_at)
+    return _topology(s, fleet.created_at)
+
+
+def _topology(s: Session, fleet_created_at: float) -> Topology:
+    key = (s.get_bind().url.render_as_string(hide_password=False), fleet_created_at)
     found = _topologies.get(key)
     if found is None:
         rows = s.connection().execute(sa.select(Node.name, Node.gpu_type, Node.gpus, Node.leaf, Node.pod).order_by(Node.name)).all()
@@ -103,10 +107,10 @@ def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignor
     use per node and the nodes the health gate may refuse; where nodes sit comes from `topology`.
     ignoring: clusters whose allocations count as free (to ask what preempting them would give).
     """
-    return _capacity(s, s.get(Fleet, 1), cluster, node_gpus, at, ignoring)[0]
+    return _capacity(s, topology(s, s.get(Fleet, 1)), cluster, node_gpus, at, ignoring)[0]
 
 
-def _capacity(s: Session, fleet: Fleet, cluster, node_gpus: int, at: float,
+def _capacity(s: Session, topo: Topology, cluster, node_gpus: int, at: float,
               ignoring: set[int] = frozenset()) -> tuple[list[placement.Free], list[str]]:
     """`free_capacity`, and the names of the type's nodes out of service (drained or down), which
     the gate query reads anyway (it returns every node not simply up): `why_waiting` names them."""
@@ -120,7 +124,7 @@ def _capacity(s: Session, fleet: Fleet, cluster, node_gpus: int, at: float,
             refused.add(name)
         if gate.state != "up":
             out.append(name)
-    nodes = topology(s, fleet).empty.get(cluster.gpu_type, ())
+    nodes = topo.empty.get(cluster.gpu_type, ())
     if cluster.gpus >= node_gpus:  # whole nodes: only those nothing runs on
         return [n for n in nodes if n.name not in used and n.name not in refused], sorted(out)
     free = (n._replace(free=n.total - used[n.name]) if n.name in used else n for n in nodes if n.name not in refused)
@@ -130,11 +134,12 @@ def _capacity(s: Session, fleet: Fleet, cluster, node_gpus: int, at: float,
 def _try_place(s: Session, fleet: Fleet, queued) -> bool:
     """Places the queued cluster `queued` (a row of `_QUEUE`) if it fits, preempting for it if it may.
     Its ORM object is loaded only once it is placed: on a full fleet most tries find no room."""
-    node_gpus = topology(s, fleet).node_gpus[queued.gpu_type]
+    topo = topology(s, fleet)
+    node_gpus = topo.node_gpus[queued.gpu_type]
     at = now()
 
     def find(ignoring: set[int] = frozenset()) -> placement.Placement | None:
-        free = _capacity(s, fleet, queued, node_gpus, at, ignoring)[0]
+        free = _capacity(s, topo, queued, node_gpus, at, ignoring)[0]
         return placement.place(free, queued.gpus, node_gpus, queued.max_switches)
 
     found = find()
@@ -217,12 +222,18 @@ _QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed, Cluster.gpu_type
           .where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id))
 
 
+_FLEET_CREATED = sa.select(Fleet.created_at).where(Fleet.id == 1)
+
+
 def why_waiting(s: Session, cluster) -> str:
     """Why a queued cluster (a `Cluster` or a row of its table) is not placed: nodes taken out of
     service, too few free GPUs, or a place in the queue or a switch limit that the free ones miss."""
-    topo = topology(s, fleet := s.get(Fleet, 1))
+    # Asked by every read that shows a queued cluster, mostly in a reading session, where loading
+    # the fleet row's object would be a query of its own: its creation time (which keys the
+    # topology) is read as a plain value instead.
+    topo = _topology(s, s.connection().execute(_FLEET_CREATED).scalar_one())
     node_gpus, total = topo.node_gpus[cluster.gpu_type], topo.total[cluster.gpu_type]
-    capacity, out = _capacity(s, fleet, cluster, node_gpus, now())
+    capacity, out = _capacity(s, topo, cluster, node_gpus, now())
     free = sum(f.free for f in capacity)
     if free >= cluster.gpus:
         limit = f" within {cluster.max_switches} leaf switches" if cluster.max_switches else ""
