@@ -92,6 +92,11 @@ _GATES = sa.select(Node.name, Node.state, Node.last_health_status, Node.last_hea
 _GATED = _GATES.where(sa.not_(sa.and_(Node.state == "up", Node.last_health_status.is_(None))))
 
 
+_ALLOCATE = sa.insert(Allocation)
+_STOPPED_JOBS = (sa.select(Job).where(Job.cluster_name == sa.bindparam("name"), Job.state == "pending", Job.backend_ref.is_(None))
+                 .order_by(Job.id))  # a preempted cluster's jobs, restarted when it is placed again
+
+
 class _Gate(NamedTuple):
     """A node's columns that `eligible` reads, without loading the node."""
 
@@ -153,8 +158,8 @@ def _try_place(s: Session, fleet: Fleet, queued) -> bool:
         return False
     cluster = s.get(Cluster, queued.id)
     # One multi-row INSERT instead of an ORM object per node.
-    s.connection().execute(sa.insert(Allocation), [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
-                                                   for name, gpus in found.nodes])
+    s.connection().execute(_ALLOCATE, [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
+                                       for name, gpus in found.nodes])
     s.expire(cluster, ["allocations"])
     cluster.state, cluster.placed_at, cluster.cause, cluster.detail = "ready", now(), None, None
     open_interval(s, cluster, [n for n, _ in found.nodes], cluster.gpus, cluster.placed_at)
@@ -168,8 +173,7 @@ def _try_place(s: Session, fleet: Fleet, queued) -> bool:
         on_rollback(s, lambda: backend.release(ref))
     cluster.backend_ref = ref
     # Jobs stopped by a preemption start again, in their own job dirs: they resume from checkpoints.
-    waiting = s.scalars(sa.select(Job).where(Job.cluster_name == cluster.name, Job.state == "pending",
-                                             Job.backend_ref.is_(None)).order_by(Job.id)).all()
+    waiting = s.scalars(_STOPPED_JOBS, {"name": cluster.name}).all()
     for job in waiting:
         start_job(s, fleet, job, cluster)
         job.cause, job.detail = None, f"restarted on {', '.join(cluster.node_names)} after {job.preemptions} preemption(s)"

@@ -91,12 +91,31 @@ def _views(s: Session, scs: list, project: str) -> list[dict]:
 # ---- quota ---------------------------------------------------------------------------------------
 
 
+# The statements the busiest routes run, built once with their parameters named: building a
+# statement cost several times running it (a create, a delete or a quota view ran several each).
+_PROJECT_ID = sa.bindparam("project_id")
+_IN_USE = (sa.select(ServiceCluster.gpu_type, sa.func.sum(ServiceCluster.gpus))
+           .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
+           .where(ServiceCluster.project_id == _PROJECT_ID, Cluster.state.in_(("queued", "ready")))
+           .group_by(ServiceCluster.gpu_type))
+_QUOTAS = (sa.select(Quota.gpu_type, Quota.max_gpus, Quota.gpu_hours, Quota.max_priority)
+           .where(Quota.project_id == _PROJECT_ID))
+_TYPES_ASKED = sa.select(ServiceCluster.gpu_type).distinct().where(ServiceCluster.project_id == _PROJECT_ID)
+_NAMED = (ServiceCluster.project_id == _PROJECT_ID) & (ServiceCluster.name == sa.bindparam("name"))
+_TAKEN = sa.select(ServiceCluster.id).where(_NAMED)
+_ROW = sa.select(ServiceCluster).where(_NAMED)
+# A delete's look: the service's row and whether the fleet has its cluster.
+_ON_FLEET = (sa.select(ServiceCluster.id, ServiceCluster.fleet_name, Cluster.id.label("on_fleet"))
+             .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name).where(_NAMED))
+_FLEET_HAS = sa.select(Cluster.id).where(Cluster.name == sa.bindparam("fleet_name"))
+_FORGET = sa.delete(ServiceCluster).where(ServiceCluster.id == sa.bindparam("id"))
+_LIST = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == _PROJECT_ID).order_by(ServiceCluster.id)
+_GPU_TYPES = sa.select(Node.gpu_type).distinct()
+
+
 def _in_use_by_type(s: Session, project_id: int) -> dict[str, int]:
     """GPUs the project has handed to the fleet (queued there or placed), by type, as the fleet says."""
-    return dict(s.execute(sa.select(ServiceCluster.gpu_type, sa.func.sum(ServiceCluster.gpus))
-                          .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
-                          .where(ServiceCluster.project_id == project_id, Cluster.state.in_(("queued", "ready")))
-                          .group_by(ServiceCluster.gpu_type)).all())
+    return dict(s.execute(_IN_USE, {"project_id": project_id}).all())
 
 
 def _in_use(s: Session, project_id: int, gpu_type: str) -> int:
@@ -105,11 +124,10 @@ def _in_use(s: Session, project_id: int, gpu_type: str) -> int:
 
 def quota_view(s: Session, project: Project) -> dict:
     """The project's quota and use per GPU type: a few queries, each summed by the database, whatever the types."""
-    quotas = {q.gpu_type: q for q in s.scalars(sa.select(Quota).where(Quota.project_id == project.id))}
+    quotas = {q.gpu_type: q for q in s.execute(_QUOTAS, {"project_id": project.id})}  # plain rows
     held = _in_use_by_type(s, project.id)
     spent = usage.gpu_seconds_by_type(s, project.id)
-    types = quotas.keys() | set(s.scalars(sa.select(ServiceCluster.gpu_type).distinct()
-                                          .where(ServiceCluster.project_id == project.id)))
+    types = quotas.keys() | set(s.scalars(_TYPES_ASKED, {"project_id": project.id}))
     rows = []
     for gpu_type in sorted(types):
         q = quotas.get(gpu_type)
@@ -141,7 +159,7 @@ def _gpu_type(name: str) -> str:
 
 
 def _resolve_gpu_type(s: Session, gpu_type: str | None) -> str:
-    types = sorted(set(s.scalars(sa.select(Node.gpu_type).distinct())))
+    types = sorted(set(s.scalars(_GPU_TYPES)))
     if not types:
         raise ServiceError(409, "The fleet has no nodes yet; the operator runs `supercluster fleet init` first.")
     if gpu_type is None:
@@ -197,7 +215,7 @@ def _admit(s: Session, sc: ServiceCluster, project: Project | None = None) -> No
 
 
 def _name_taken(s: Session, project_id: int, name: str) -> bool:
-    return s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == project_id, ServiceCluster.name == name)) is not None
+    return s.scalar(_TAKEN, {"project_id": project_id, "name": name}) is not None
 
 
 def _taken(project: str, name: str) -> ServiceError:
@@ -339,7 +357,7 @@ def _hand_over(store: Store, sc: ServiceCluster, reason: str | None) -> None:
 
 
 def _get(s: Session, p: Project, name: str) -> ServiceCluster:
-    sc = s.scalar(sa.select(ServiceCluster).where(ServiceCluster.project_id == p.id, ServiceCluster.name == name))
+    sc = s.scalar(_ROW, {"project_id": p.id, "name": name})
     if sc is None:
         raise ServiceError(404, f"Project {p.name!r} has no cluster named {name!r}.")
     return sc
@@ -354,32 +372,32 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
-        query = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)
-        return _views(s, s.execute(query).all(), project)
+        return _views(s, s.execute(_LIST, {"project_id": p.id}).all(), project)
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
     with store.reading() as s:
         p = visible_project(s, caller, project, "member")
         # The service's row and whether the fleet has its cluster, in one read.
-        sc = s.execute(sa.select(ServiceCluster.id, ServiceCluster.fleet_name, Cluster.id.label("on_fleet"))
-                       .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
-                       .where(ServiceCluster.project_id == p.id, ServiceCluster.name == name)).first()
+        sc = s.execute(_ON_FLEET, {"project_id": p.id, "name": name}).first()
         if sc is None:
             raise ServiceError(404, f"Project {p.name!r} has no cluster named {name!r}.")
-    forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
+
+    def forget(s: Session) -> None:  # the service's row
+        s.execute(_FORGET, {"id": sc.id})
+
     # A cluster on the fleet stays there until deleted, so this snapshot's "on the fleet" holds (a
     # delete beside this one makes the fleet's delete below refuse, as it did); one that waits in
     # the service may be handed over meanwhile, so that is decided again under the fleet's lock.
     on_fleet = sc.on_fleet is not None
     if not on_fleet:
         with store.fleet.transaction() as s:  # the fleet's lock: no reconcile hands it over meanwhile
-            on_fleet = s.scalar(sa.select(Cluster.id).where(Cluster.name == sc.fleet_name)) is not None
+            on_fleet = s.scalar(_FLEET_HAS, {"fleet_name": sc.fleet_name}) is not None
             if not on_fleet:
-                s.execute(forget)
+                forget(s)
     if on_fleet:
         try:  # the service's row goes in the fleet's transaction: both or neither
-            fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
+            fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=forget)
         except UserError as err:
             raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
     reconcile(store)
