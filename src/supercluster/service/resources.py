@@ -81,9 +81,13 @@ def cluster_view(sc: ServiceCluster, project: str, fleet: dict | None, name: Cal
     return view
 
 
-def _views(s: Session, scs: list, project: str) -> list[dict]:
-    """`cluster_view` of each of `scs` (rows of one project), from one read of the fleet."""
-    fleet = fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs])
+def _views(s: Session, scs: list, project: str, fleet_rows: list | None = None) -> list[dict]:
+    """`cluster_view` of each of `scs` (rows of one project), from one read of the fleet;
+    `fleet_rows`: the fleet's rows of those clusters, when the caller read them already."""
+    if fleet_rows is None:
+        fleet = fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs])
+    else:
+        fleet = {d["name"]: d for d in fleet_clusters.cluster_dicts(s, fleet_rows)}
     name = cluster_namer(s, [(f["cause"] or {}).get("by") for f in fleet.values()])
     return [cluster_view(sc, project, fleet.get(sc.fleet_name), name) for sc in scs]
 
@@ -111,6 +115,8 @@ _FLEET_HAS = sa.select(Cluster.id).where(Cluster.name == sa.bindparam("fleet_nam
 _FORGET = sa.delete(ServiceCluster).where(ServiceCluster.id == sa.bindparam("id"))
 _LIST = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == _PROJECT_ID).order_by(ServiceCluster.id)
 _GPU_TYPES = sa.select(Node.gpu_type).distinct()
+_FLEET_LIST = (sa.select(*Cluster.__table__.c).join(ServiceCluster, ServiceCluster.fleet_name == Cluster.name)
+               .where(ServiceCluster.project_id == _PROJECT_ID).order_by(Cluster.id))
 
 
 def _in_use_by_type(s: Session, project_id: int) -> dict[str, int]:
@@ -372,7 +378,9 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
-        return _views(s, s.execute(_LIST, {"project_id": p.id}).all(), project)
+        # The fleet's rows of the project's clusters by a join, not by a list of hundreds of names.
+        return _views(s, s.execute(_LIST, {"project_id": p.id}).all(), project,
+                      s.execute(_FLEET_LIST, {"project_id": p.id}).all())
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
