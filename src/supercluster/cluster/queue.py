@@ -85,6 +85,7 @@ def type_geometry(s: Session, fleet: Fleet, gpu_type: str) -> tuple[int, int, in
 
 # Built once: building and caching a statement costs more than running these small ones.
 _USED = sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus)).group_by(Allocation.node_name)
+_UNUSED = sa.select(Node.name).where(Node.gpu_type == sa.bindparam("gpu_type"), Node.name.not_in(sa.select(Allocation.node_name)))
 _USED_IGNORING = _USED.where(Allocation.cluster_id.not_in(sa.bindparam("ignoring", expanding=True)))
 # The nodes the health gate may turn away: all when health is required, else those that are not
 # simply up and never checked (usually none).
@@ -121,7 +122,13 @@ def _capacity(s: Session, topo: Topology, cluster, node_gpus: int, at: float,
     the gate query reads anyway (it returns every node not simply up): `why_waiting` names them."""
     s.flush()  # the connection does not autoflush: pending node or allocation changes must count
     conn = s.connection()
-    used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
+    whole = cluster.gpus >= node_gpus
+    if whole and not ignoring:
+        # Whole nodes need only the names of the type's nodes nothing runs on, which the database
+        # picks: on a full fleet none, where GPUs in use per node were a row for every node.
+        used, unused = None, set(conn.execute(_UNUSED, {"gpu_type": cluster.gpu_type}).scalars())
+    else:
+        used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
     refused, out = set(), []
     for name, *gate in conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type}):
         gate = _Gate(*gate)
@@ -130,7 +137,9 @@ def _capacity(s: Session, topo: Topology, cluster, node_gpus: int, at: float,
         if gate.state != "up":
             out.append(name)
     nodes = topo.empty.get(cluster.gpu_type, ())
-    if cluster.gpus >= node_gpus:  # whole nodes: only those nothing runs on
+    if whole:  # whole nodes: only those nothing runs on
+        if used is None:
+            return [n for n in nodes if n.name in unused and n.name not in refused], sorted(out)
         return [n for n in nodes if n.name not in used and n.name not in refused], sorted(out)
     free = (n._replace(free=n.total - used[n.name]) if n.name in used else n for n in nodes if n.name not in refused)
     return [n for n in free if n.free >= cluster.gpus], sorted(out)
@@ -205,7 +214,9 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
     for row in s.execute(_QUEUE).all():
         if most_bypassed >= BACKFILL_LIMIT:
             break
-        alike = (row.gpu_type, row.gpus, row.max_switches, row.require_health, row.health_max_age_s, row.priority)
+        # (gpu_type, gpus, max_switches, require_health, health_max_age_s, priority), by position:
+        # a row's attributes cost several times its items, over a queue of hundreds.
+        alike = row[3:]
         if alike not in refused and _try_place(s, fleet, row):
             placed.append(row.name)
             refused.clear()
@@ -215,14 +226,15 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
                               .values(bypassed=Cluster.bypassed + 1))
                 most_bypassed += 1
         else:
-            waiting.append(row.id)
-            most_bypassed = max(most_bypassed, row.bypassed)
+            waiting.append(row[0])  # id
+            most_bypassed = max(most_bypassed, row[2])  # bypassed
             refused.add(alike)
     return placed
 
 
-_QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed, Cluster.gpu_type, Cluster.gpus, Cluster.max_switches,
-                    Cluster.require_health, Cluster.health_max_age_s, Cluster.priority)
+_QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed,  # then what placement reads (`place_queued` slices it)
+                    Cluster.gpu_type, Cluster.gpus, Cluster.max_switches, Cluster.require_health, Cluster.health_max_age_s,
+                    Cluster.priority)
           .where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id))
 
 
