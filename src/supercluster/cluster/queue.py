@@ -211,7 +211,9 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
     # queue is read as plain rows and only a request tried becomes an object: on a full fleet,
     # every create and delete walks a queue of hundreds.
     refused: set[tuple] = set()
-    for row in s.execute(_QUEUE).all():
+    s.flush()  # the connection does not autoflush: a change pending in the session must count
+    # Through the connection: the session's result handling cost more than the rows, hundreds of them.
+    for row in s.connection().execute(_QUEUE).all():
         if most_bypassed >= BACKFILL_LIMIT:
             break
         # (gpu_type, gpus, max_switches, require_health, health_max_age_s, priority), by position:
