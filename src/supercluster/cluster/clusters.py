@@ -47,10 +47,13 @@ class NameTaken(UserError):
         self.name = name
 
 
+_NAME_TAKEN = sa.select(Cluster.id).where(Cluster.name == sa.bindparam("name"))
+
+
 def _validate_request(s: Session, fleet: Fleet, name: str, gpus: int, gpu_type: str | None, max_switches: int | None) -> tuple[str, int, int]:
     if not NAME_RE.match(name):
         raise UserError(f"Cluster name {name!r} is not valid; use up to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.")
-    if s.scalar(sa.select(Cluster.id).where(Cluster.name == name)) is not None:
+    if s.scalar(_NAME_TAKEN, {"name": name}) is not None:
         raise NameTaken(name)
     if gpus <= 0:
         raise UserError(f"--gpus must be a positive number of GPUs, got {gpus}.")
@@ -122,8 +125,9 @@ def create_cluster(
             )
     # Described after the commit, from a snapshot: why a queued cluster waits is a search of
     # the fleet's free capacity, which need not hold every other writer back.
-    with db.reading() as s:
-        return cluster_dict(s, s.get(Cluster, cluster.id) or cluster)
+    with db.reading() as s:  # a plain row (read by attribute, as the object is): loading an object costs more
+        row = s.execute(_ROW_BY_ID, {"id": cluster.id}).first()
+        return cluster_dict(s, row or cluster)
 
 
 # Built once (building a statement costs more than running these): the nodes of some clusters with
@@ -141,7 +145,17 @@ _NODES_OF = (
     .order_by(Allocation.cluster_id, Allocation.node_name)
 )
 _JOBS_OF = sa.select(Job.cluster_name, Job.id).where(Job.cluster_name.in_(sa.bindparam("names", expanding=True))).order_by(Job.id)
-_QUEUED = sa.select(Cluster.id, Cluster.priority).where(Cluster.state == "queued")
+# Queued clusters' places in the queue's order (`place_queued`: highest priority first, then
+# oldest), numbered by the database, which returns only the places asked for: reading the whole
+# queue to number it here cost a row object per queued cluster, hundreds on a full fleet.
+_RANKED = (sa.select(Cluster.id, sa.func.row_number().over(order_by=(Cluster.priority.desc(), Cluster.id)).label("position"))
+           .where(Cluster.state == "queued").subquery())
+_POSITIONS = sa.select(_RANKED.c.id, _RANKED.c.position).where(_RANKED.c.id.in_(sa.bindparam("ids", expanding=True)))
+_ROW_BY_ID = sa.select(*Cluster.__table__.c).where(Cluster.id == sa.bindparam("id"))
+_ROWS_NAMED = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(sa.bindparam("names", expanding=True))).order_by(Cluster.id)
+_ACTIVE_JOBS = sa.select(Job).where(Job.cluster_name == sa.bindparam("name"), Job.state.in_(JOB_ACTIVE))
+_FREE_NODES = sa.delete(Allocation).where(Allocation.cluster_id == sa.bindparam("id"))
+_FORGET = sa.delete(Cluster).where(Cluster.id == sa.bindparam("id"))
 
 
 def cluster_dict(s: Session, c: Cluster) -> dict:
@@ -161,11 +175,8 @@ def cluster_dicts(s: Session, cs: list) -> list[dict]:
     jobs: dict[str, list[int]] = defaultdict(list)
     for cluster_name, job_id in conn.execute(_JOBS_OF, {"names": [c.name for c in cs]}):
         jobs[cluster_name].append(job_id)
-    positions = {}
-    if any(c.state == "queued" for c in cs):
-        # The queue's order (`place_queued`): highest priority first, then oldest.
-        queued = sorted(conn.execute(_QUEUED).all(), key=lambda row: (-row.priority, row.id))
-        positions = {row.id: i for i, row in enumerate(queued, 1)}
+    queued = [c.id for c in cs if c.state == "queued"]
+    positions = dict(conn.execute(_POSITIONS, {"ids": queued}).all()) if queued else {}
     reasons: dict[tuple, str] = {}  # one answer per kind of request: a long queue is mostly alike
 
     def why(c) -> str | None:
@@ -205,8 +216,7 @@ def show_clusters_in(s: Session, names: list[str]) -> dict[str, dict]:
     if not names:
         return {}
     # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
-    query = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(names)).order_by(Cluster.id)
-    return {d["name"]: d for d in cluster_dicts(s, s.execute(query).all())}
+    return {d["name"]: d for d in cluster_dicts(s, s.execute(_ROWS_NAMED, {"names": list(names)}).all())}
 
 
 def list_clusters(db: Database | str | None = None) -> list[dict]:
@@ -226,7 +236,7 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False,
     with db.transaction() as s:
         fleet = db.fleet(s)
         cluster = get_cluster(s, name)
-        active = s.scalars(sa.select(Job).where(Job.cluster_name == name, Job.state.in_(JOB_ACTIVE))).all()
+        active = s.scalars(_ACTIVE_JOBS, {"name": name}).all()
         if active and not force:
             ids = ", ".join(str(j.id) for j in active)
             raise UserError(f"Cluster {name!r} still runs job {ids}; cancel it first or pass --force.")
@@ -238,8 +248,8 @@ def delete_cluster(db: Database | str | None, name: str, *, force: bool = False,
             backend_for(fleet.backend, fleet.settings).release(cluster.backend_ref)
         # Core deletes: the ORM cascade would load and delete each allocation on its own.
         close_intervals(s, cluster.id, now(), "deleted")
-        s.execute(sa.delete(Allocation).where(Allocation.cluster_id == cluster.id))
-        s.execute(sa.delete(Cluster).where(Cluster.id == cluster.id))
+        s.execute(_FREE_NODES, {"id": cluster.id})
+        s.execute(_FORGET, {"id": cluster.id})
         s.expire_all()
         started = place_queued(s, fleet)
         if record is not None:

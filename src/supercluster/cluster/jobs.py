@@ -142,6 +142,9 @@ def job_dict(j: Job) -> dict:
     }
 
 
+_ANY_ACTIVE = sa.select(Job.id).where(Job.state.in_(JOB_ACTIVE)).limit(1)  # built once: every delete asks
+
+
 def refresh(db: Database | str | None = None) -> None:
     """Brings node and job states up to date with the backend, recovering requeued jobs."""
     db = open_db(db)
@@ -151,7 +154,7 @@ def refresh(db: Database | str | None = None) -> None:
             return
         backend = backend_for(fleet.backend, fleet.settings)
         live = backend.node_states()
-        if not live and s.scalar(sa.select(Job.id).where(Job.state.in_(JOB_ACTIVE)).limit(1)) is None:
+        if not live and s.scalar(_ANY_ACTIVE) is None:
             return
     with db.transaction() as s:
         fleet = s.get(Fleet, 1)

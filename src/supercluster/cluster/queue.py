@@ -52,7 +52,11 @@ _TOPOLOGIES_KEPT = 16  # databases one process may use at once (tests open many)
 
 
 def topology(s: Session, fleet: Fleet) -> Topology:
-    key = (s.get_bind().url.render_as_string(hide_password=False), fleet.created_at)
+    return _topology(s, fleet.created_at)
+
+
+def _topology(s: Session, fleet_created_at: float) -> Topology:
+    key = (s.get_bind().url.render_as_string(hide_password=False), fleet_created_at)
     found = _topologies.get(key)
     if found is None:
         rows = s.connection().execute(sa.select(Node.name, Node.gpu_type, Node.gpus, Node.leaf, Node.pod).order_by(Node.name)).all()
@@ -81,11 +85,17 @@ def type_geometry(s: Session, fleet: Fleet, gpu_type: str) -> tuple[int, int, in
 
 # Built once: building and caching a statement costs more than running these small ones.
 _USED = sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus)).group_by(Allocation.node_name)
+_UNUSED = sa.select(Node.name).where(Node.gpu_type == sa.bindparam("gpu_type"), Node.name.not_in(sa.select(Allocation.node_name)))
 _USED_IGNORING = _USED.where(Allocation.cluster_id.not_in(sa.bindparam("ignoring", expanding=True)))
 # The nodes the health gate may turn away: all when health is required, else those that are not
 # simply up and never checked (usually none).
 _GATES = sa.select(Node.name, Node.state, Node.last_health_status, Node.last_health_at).where(Node.gpu_type == sa.bindparam("gpu_type"))
 _GATED = _GATES.where(sa.not_(sa.and_(Node.state == "up", Node.last_health_status.is_(None))))
+
+
+_ALLOCATE = sa.insert(Allocation)
+_STOPPED_JOBS = (sa.select(Job).where(Job.cluster_name == sa.bindparam("name"), Job.state == "pending", Job.backend_ref.is_(None))
+                 .order_by(Job.id))  # a preempted cluster's jobs, restarted when it is placed again
 
 
 class _Gate(NamedTuple):
@@ -103,38 +113,62 @@ def free_capacity(s: Session, cluster: Cluster, node_gpus: int, at: float, ignor
     use per node and the nodes the health gate may refuse; where nodes sit comes from `topology`.
     ignoring: clusters whose allocations count as free (to ask what preempting them would give).
     """
+    return _capacity(s, topology(s, s.get(Fleet, 1)), cluster, node_gpus, at, ignoring)[0]
+
+
+def _capacity(s: Session, topo: Topology, cluster, node_gpus: int, at: float,
+              ignoring: set[int] = frozenset()) -> tuple[list[placement.Free], list[str]]:
+    """`free_capacity`, and the names of the type's nodes out of service (drained or down), which
+    the gate query reads anyway (it returns every node not simply up): `why_waiting` names them."""
     s.flush()  # the connection does not autoflush: pending node or allocation changes must count
     conn = s.connection()
-    fleet = s.get(Fleet, 1)
-    used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
-    gates = conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type})
-    refused = {name for name, *gate in gates if not eligible(_Gate(*gate), cluster, at)}
-    nodes = topology(s, fleet).empty.get(cluster.gpu_type, ())
-    if cluster.gpus >= node_gpus:  # whole nodes: only those nothing runs on
-        return [n for n in nodes if n.name not in used and n.name not in refused]
+    whole = cluster.gpus >= node_gpus
+    if whole and not ignoring:
+        # Whole nodes need only the names of the type's nodes nothing runs on, which the database
+        # picks: on a full fleet none, where GPUs in use per node were a row for every node.
+        used, unused = None, set(conn.execute(_UNUSED, {"gpu_type": cluster.gpu_type}).scalars())
+    else:
+        used = dict((conn.execute(_USED_IGNORING, {"ignoring": list(ignoring)}) if ignoring else conn.execute(_USED)).all())
+    refused, out = set(), []
+    for name, *gate in conn.execute(_GATES if cluster.require_health else _GATED, {"gpu_type": cluster.gpu_type}):
+        gate = _Gate(*gate)
+        if not eligible(gate, cluster, at):
+            refused.add(name)
+        if gate.state != "up":
+            out.append(name)
+    nodes = topo.empty.get(cluster.gpu_type, ())
+    if whole:  # whole nodes: only those nothing runs on
+        if used is None:
+            return [n for n in nodes if n.name in unused and n.name not in refused], sorted(out)
+        return [n for n in nodes if n.name not in used and n.name not in refused], sorted(out)
     free = (n._replace(free=n.total - used[n.name]) if n.name in used else n for n in nodes if n.name not in refused)
-    return [n for n in free if n.free >= cluster.gpus]
+    return [n for n in free if n.free >= cluster.gpus], sorted(out)
 
 
-def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
-    node_gpus = topology(s, fleet).node_gpus[cluster.gpu_type]
+def _try_place(s: Session, fleet: Fleet, queued) -> bool:
+    """Places the queued cluster `queued` (a row of `_QUEUE`) if it fits, preempting for it if it may.
+    Its ORM object is loaded only once it is placed: on a full fleet most tries find no room."""
+    topo = topology(s, fleet)
+    node_gpus = topo.node_gpus[queued.gpu_type]
     at = now()
 
     def find(ignoring: set[int] = frozenset()) -> placement.Placement | None:
-        return placement.place(free_capacity(s, cluster, node_gpus, at, ignoring), cluster.gpus, node_gpus, cluster.max_switches)
+        free = _capacity(s, topo, queued, node_gpus, at, ignoring)[0]
+        return placement.place(free, queued.gpus, node_gpus, queued.max_switches)
 
     found = find()
     if found is None:
-        pool = preempt.candidates(s, cluster)
+        pool = preempt.candidates(s, queued)
         victims = preempt.choose_victims(pool, lambda ids: find(ids) is not None) if pool else None
         if victims:
-            preempt.preempt(s, fleet, victims, by=cluster)
+            preempt.preempt(s, fleet, victims, by=queued)
             found = find()
     if found is None:
         return False
+    cluster = s.get(Cluster, queued.id)
     # One multi-row INSERT instead of an ORM object per node.
-    s.connection().execute(sa.insert(Allocation), [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
-                                                   for name, gpus in found.nodes])
+    s.connection().execute(_ALLOCATE, [{"cluster_id": cluster.id, "node_name": name, "gpus": gpus}
+                                       for name, gpus in found.nodes])
     s.expire(cluster, ["allocations"])
     cluster.state, cluster.placed_at, cluster.cause, cluster.detail = "ready", now(), None, None
     open_interval(s, cluster, [n for n, _ in found.nodes], cluster.gpus, cluster.placed_at)
@@ -148,8 +182,7 @@ def _try_place(s: Session, fleet: Fleet, cluster: Cluster) -> bool:
         on_rollback(s, lambda: backend.release(ref))
     cluster.backend_ref = ref
     # Jobs stopped by a preemption start again, in their own job dirs: they resume from checkpoints.
-    waiting = s.scalars(sa.select(Job).where(Job.cluster_name == cluster.name, Job.state == "pending",
-                                             Job.backend_ref.is_(None)).order_by(Job.id)).all()
+    waiting = s.scalars(_STOPPED_JOBS, {"name": cluster.name}).all()
     for job in waiting:
         start_job(s, fleet, job, cluster)
         job.cause, job.detail = None, f"restarted on {', '.join(cluster.node_names)} after {job.preemptions} preemption(s)"
@@ -178,11 +211,15 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
     # queue is read as plain rows and only a request tried becomes an object: on a full fleet,
     # every create and delete walks a queue of hundreds.
     refused: set[tuple] = set()
-    for row in s.execute(_QUEUE).all():
+    s.flush()  # the connection does not autoflush: a change pending in the session must count
+    # Through the connection: the session's result handling cost more than the rows, hundreds of them.
+    for row in s.connection().execute(_QUEUE).all():
         if most_bypassed >= BACKFILL_LIMIT:
             break
-        alike = (row.gpu_type, row.gpus, row.max_switches, row.require_health, row.health_max_age_s, row.priority)
-        if alike not in refused and _try_place(s, fleet, s.get(Cluster, row.id)):
+        # (gpu_type, gpus, max_switches, require_health, health_max_age_s, priority), by position:
+        # a row's attributes cost several times its items, over a queue of hundreds.
+        alike = row[3:]
+        if alike not in refused and _try_place(s, fleet, row):
             placed.append(row.name)
             refused.clear()
             if waiting:
@@ -191,31 +228,38 @@ def place_queued(s: Session, fleet: Fleet) -> list[str]:
                               .values(bypassed=Cluster.bypassed + 1))
                 most_bypassed += 1
         else:
-            waiting.append(row.id)
-            most_bypassed = max(most_bypassed, row.bypassed)
+            waiting.append(row[0])  # id
+            most_bypassed = max(most_bypassed, row[2])  # bypassed
             refused.add(alike)
     return placed
 
 
-_QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed, Cluster.gpu_type, Cluster.gpus, Cluster.max_switches,
-                    Cluster.require_health, Cluster.health_max_age_s, Cluster.priority)
+_QUEUE = (sa.select(Cluster.id, Cluster.name, Cluster.bypassed,  # then what placement reads (`place_queued` slices it)
+                    Cluster.gpu_type, Cluster.gpus, Cluster.max_switches, Cluster.require_health, Cluster.health_max_age_s,
+                    Cluster.priority)
           .where(Cluster.state == "queued").order_by(Cluster.priority.desc(), Cluster.id))
+
+
+_FLEET_CREATED = sa.select(Fleet.created_at).where(Fleet.id == 1)
 
 
 def why_waiting(s: Session, cluster) -> str:
     """Why a queued cluster (a `Cluster` or a row of its table) is not placed: nodes taken out of
     service, too few free GPUs, or a place in the queue or a switch limit that the free ones miss."""
-    fleet = s.get(Fleet, 1)
-    topo = topology(s, fleet)
+    # Asked by every read that shows a queued cluster, mostly in a reading session, where loading
+    # the fleet row's object would be a query of its own: its creation time (which keys the
+    # topology) is read as a plain value instead.
+    topo = _topology(s, s.connection().execute(_FLEET_CREATED).scalar_one())
     node_gpus, total = topo.node_gpus[cluster.gpu_type], topo.total[cluster.gpu_type]
-    free = sum(f.free for f in free_capacity(s, cluster, node_gpus, now()))
+    capacity, out = _capacity(s, topo, cluster, node_gpus, now())
+    free = sum(f.free for f in capacity)
     if free >= cluster.gpus:
         limit = f" within {cluster.max_switches} leaf switches" if cluster.max_switches else ""
         return f"waiting in the queue: {free} {cluster.gpu_type} GPUs are free, but not{limit} for it ahead of earlier requests"
-    out = s.execute(sa.select(Node.name, Node.gpus).where(Node.gpu_type == cluster.gpu_type, Node.state != "up")
-                    .order_by(Node.name)).all()
-    if out and free + sum(g for _, g in out) >= cluster.gpus:
-        names = ", ".join(n for n, _ in out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")
-        return (f"waiting for drained nodes: {sum(g for _, g in out)} of the fleet's {total} {cluster.gpu_type} GPUs are on "
+    gpus_of = {n.name: n.total for n in topo.empty[cluster.gpu_type]}
+    out_gpus = sum(gpus_of[n] for n in out)
+    if out and free + out_gpus >= cluster.gpus:
+        names = ", ".join(out[:4]) + (f" and {len(out) - 4} more" if len(out) > 4 else "")
+        return (f"waiting for drained nodes: {out_gpus} of the fleet's {total} {cluster.gpu_type} GPUs are on "
                 f"drained or down nodes ({names}); `supercluster node undrain NODE` returns one to service")
     return f"waiting for capacity: {free} of the fleet's {total} {cluster.gpu_type} GPUs are free for {cluster.gpus} asked"

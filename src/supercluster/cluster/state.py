@@ -367,7 +367,7 @@ class Database:
                 with session.begin():
                     if lock:  # the fleet row, locked (a no-op on SQLite) and kept for `fleet()`
                         # (held here: the session's identity map keeps only objects someone holds)
-                        session.info[_FLEET] = session.execute(sa.select(Fleet).with_for_update()).scalar()
+                        session.info[_FLEET] = session.execute(_LOCK_FLEET).scalar()
                     yield session
             except BaseException:
                 _run_undo(undo)
@@ -393,6 +393,8 @@ class Database:
             self._writers.close()
 
 
+_LOCK_FLEET = sa.select(Fleet).with_for_update()  # built once: every transaction runs it
+_NAMED = sa.select(Cluster).where(Cluster.name == sa.bindparam("name"))
 _UNDO = "supercluster_on_rollback"
 _FLEET = "supercluster_fleet"
 
@@ -412,7 +414,7 @@ def _run_undo(undo: list[Callable[[], None]]) -> None:
 
 def get_cluster(s: Session, name: str) -> Cluster:
     """The cluster named `name`; a UserError naming the closest name when there is none."""
-    cluster = s.scalar(sa.select(Cluster).where(Cluster.name == name))
+    cluster = s.scalar(_NAMED, {"name": name})
     if cluster is None:
         names = s.scalars(sa.select(Cluster.name)).all()
         raise UserError(f"No cluster named {name!r}{closest(name, names)}; see `supercluster cluster list`.")

@@ -23,13 +23,14 @@ def open_interval(s: Session, cluster: Cluster, nodes: list[str], gpus: int, at:
                              gpu_type=cluster.gpu_type, gpus=gpus, nodes=list(nodes), started_at=at))
 
 
+_CLOSE = (sa.update(AllocationInterval)  # built once: every delete runs it
+          .where(AllocationInterval.cluster_id == sa.bindparam("cluster"), AllocationInterval.ended_at.is_(None))
+          .values(ended_at=sa.bindparam("at"), end_reason=sa.bindparam("reason"))
+          .execution_options(synchronize_session=False))
+
+
 def close_intervals(s: Session, cluster_id: int, at: float, reason: str) -> None:
-    s.execute(
-        sa.update(AllocationInterval)
-        .where(AllocationInterval.cluster_id == cluster_id, AllocationInterval.ended_at.is_(None))
-        .values(ended_at=at, end_reason=reason)
-        .execution_options(synchronize_session=False)
-    )
+    s.execute(_CLOSE, {"cluster": cluster_id, "at": at, "reason": reason})
 
 
 def usage(
@@ -45,6 +46,35 @@ def usage(
     """
     with open_db(db).transaction(lock=False) as s:
         return usage_in(s, since, until, group_by)
+
+
+_queries: dict[tuple, sa.Select] = {}  # built once per shape: building one cost several times running it
+
+
+def _usage_query(group_by: tuple[str, ...], by_owner: bool, open_counts: bool) -> sa.Select:
+    """GPU-seconds per group in [:since, :until], an open interval running to :open_end (now, or
+    :until if earlier); by_owner: only owners LIKE :owner_like; open_counts: whether an open
+    interval can fall in the period at all (now is after its start)."""
+    key = (group_by, by_owner, open_counts)
+    query = _queries.get(key)
+    if query is None:
+        until, since = sa.bindparam("until", type_=sa.Float), sa.bindparam("since", type_=sa.Float)
+        # An open interval runs to now; every interval is clipped to [since, until].
+        end = sa.func.coalesce(AllocationInterval.ended_at, sa.bindparam("open_end", type_=sa.Float))
+        end = sa.case((end > until, until), else_=end)
+        start = sa.case((AllocationInterval.started_at < since, since), else_=AllocationInterval.started_at)
+        seconds = sa.func.sum(AllocationInterval.gpus * (end - start))
+        columns = [GROUP_BY[k] for k in group_by]
+        query = (
+            sa.select(*columns, seconds)
+            .where(AllocationInterval.started_at < until,
+                   sa.or_(AllocationInterval.ended_at > since, sa.and_(AllocationInterval.ended_at.is_(None), open_counts)))
+            .group_by(*columns)
+        )
+        if by_owner:
+            query = query.where(AllocationInterval.owner.like(sa.bindparam("owner_like", type_=sa.String)))
+        _queries[key] = query
+    return query
 
 
 def usage_in(
@@ -64,21 +94,11 @@ def usage_in(
     since = 0.0 if since is None else since
     if until < since:
         raise UserError(f"The usage period ends ({until}) before it starts ({since}); swap since and until.")
-    # An open interval runs to now; every interval is clipped to [since, until].
-    end = sa.func.coalesce(AllocationInterval.ended_at, min(at, until))
-    end = sa.case((end > until, until), else_=end)
-    start = sa.case((AllocationInterval.started_at < since, since), else_=AllocationInterval.started_at)
-    seconds = sa.func.sum(AllocationInterval.gpus * (end - start))
-    columns = [GROUP_BY[key] for key in group_by]
-    query = (
-        sa.select(*columns, seconds)
-        .where(AllocationInterval.started_at < until,
-               sa.or_(AllocationInterval.ended_at > since, sa.and_(AllocationInterval.ended_at.is_(None), at > since)))
-        .group_by(*columns)
-    )
+    query = _usage_query(tuple(group_by), owner_like is not None, at > since)
+    params = {"open_end": min(at, until), "until": until, "since": since}
     if owner_like is not None:
-        query = query.where(AllocationInterval.owner.like(owner_like))
-    rows = [{**dict(zip(group_by, row[:-1])), "gpu_seconds": float(row[-1] or 0.0)} for row in s.execute(query)]
+        params["owner_like"] = owner_like
+    rows = [{**dict(zip(group_by, row[:-1])), "gpu_seconds": float(row[-1] or 0.0)} for row in s.execute(query, params)]
     for row in rows:
         row["gpu_hours"] = row["gpu_seconds"] / 3600.0
     return sorted(rows, key=lambda r: (-r["gpu_seconds"], *(str(r[k]) for k in group_by)))

@@ -53,6 +53,10 @@ class Caller:
     project: str | None
     org_id: int | None
     is_operator: bool
+    # The token's project as its row says (None for the operator): a project is never renamed,
+    # moved or deleted, so a request on the caller's own project needs no read of it (`visible_project`).
+    project_org_id: int | None = None
+    project_created_at: float | None = None
 
     def at_least(self, role: str) -> bool:
         return self.is_operator or rank(self.role) >= rank(role)
@@ -82,7 +86,9 @@ def authenticate_hash(s: Session, token_hash: str) -> tuple[Caller, float | None
     project = s.get(Project, row.project_id) if row.project_id is not None else None
     return Caller(user_id=user.id, user=user.name, token_id=row.id, role=row.role, project_id=row.project_id,
                   project=project.name if project else None, org_id=user.org_id,
-                  is_operator=user.is_operator and row.project_id is None), row.expires_at
+                  is_operator=user.is_operator and row.project_id is None,
+                  project_org_id=project.org_id if project else None,
+                  project_created_at=project.created_at if project else None), row.expires_at
 
 
 class CallerCache:

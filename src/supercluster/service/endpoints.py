@@ -349,23 +349,37 @@ def refresh_all(store: Store) -> None:
     refresh(store, rows)
 
 
+_token_queries: dict[tuple, sa.Select] = {}  # built once per shape: every usage report asks (building cost more than running)
+
+
+def _token_query(since: bool, until: bool, projects: bool) -> sa.Select:
+    """`token_report`'s query; with `since`, `until`, `projects`: filtered by :since, :until, :project_ids."""
+    key = (since, until, projects)
+    query = _token_queries.get(key)
+    if query is None:
+        query = (sa.select(Org.name, Project.name, User.name, Endpoint.name, sa.func.count(),
+                           sa.func.sum(EndpointCall.prompt_tokens), sa.func.sum(EndpointCall.completion_tokens))
+                 .select_from(EndpointCall).join(Endpoint, Endpoint.id == EndpointCall.endpoint_id)
+                 .join(Project, Project.id == Endpoint.project_id).join(Org, Org.id == Project.org_id)
+                 .outerjoin(User, User.id == EndpointCall.user_id))
+        if since:
+            query = query.where(EndpointCall.at >= sa.bindparam("since", type_=sa.Float))
+        if until:
+            query = query.where(EndpointCall.at < sa.bindparam("until", type_=sa.Float))
+        if projects:
+            query = query.where(Endpoint.project_id.in_(sa.bindparam("project_ids", expanding=True)))
+        query = _token_queries[key] = query.group_by(Org.name, Project.name, User.name, Endpoint.name)
+    return query
+
+
 def token_report(s: Session, *, by: str = "project", since: float | None = None, until: float | None = None,
                  project_ids: list[int] | None = None) -> list[dict]:
     """Requests and tokens answered by endpoints, grouped by org, project or user and endpoint."""
-    query = (sa.select(Org.name, Project.name, User.name, Endpoint.name, sa.func.count(),
-                       sa.func.sum(EndpointCall.prompt_tokens), sa.func.sum(EndpointCall.completion_tokens))
-             .select_from(EndpointCall).join(Endpoint, Endpoint.id == EndpointCall.endpoint_id)
-             .join(Project, Project.id == Endpoint.project_id).join(Org, Org.id == Project.org_id)
-             .outerjoin(User, User.id == EndpointCall.user_id))
-    if since is not None:
-        query = query.where(EndpointCall.at >= since)
-    if until is not None:
-        query = query.where(EndpointCall.at < until)
-    if project_ids is not None:
-        query = query.where(Endpoint.project_id.in_(project_ids))
+    query = _token_query(since is not None, until is not None, project_ids is not None)
+    params = {"since": since, "until": until, "project_ids": project_ids}
     totals: dict[tuple, list[int]] = {}
     for org, project, user, endpoint, n, prompt, completion in s.execute(
-            query.group_by(Org.name, Project.name, User.name, Endpoint.name)):
+            query, {k: v for k, v in params.items() if v is not None}):
         key = (org, project if by != "org" else None, user if by == "user" else None, endpoint if by != "org" else None)
         total = totals.setdefault(key, [0, 0, 0])
         total[0] += n

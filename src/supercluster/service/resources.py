@@ -81,9 +81,13 @@ def cluster_view(sc: ServiceCluster, project: str, fleet: dict | None, name: Cal
     return view
 
 
-def _views(s: Session, scs: list, project: str) -> list[dict]:
-    """`cluster_view` of each of `scs` (rows of one project), from one read of the fleet."""
-    fleet = fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs])
+def _views(s: Session, scs: list, project: str, fleet_rows: list | None = None) -> list[dict]:
+    """`cluster_view` of each of `scs` (rows of one project), from one read of the fleet;
+    `fleet_rows`: the fleet's rows of those clusters, when the caller read them already."""
+    if fleet_rows is None:
+        fleet = fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs])
+    else:
+        fleet = {d["name"]: d for d in fleet_clusters.cluster_dicts(s, fleet_rows)}
     name = cluster_namer(s, [(f["cause"] or {}).get("by") for f in fleet.values()])
     return [cluster_view(sc, project, fleet.get(sc.fleet_name), name) for sc in scs]
 
@@ -91,12 +95,33 @@ def _views(s: Session, scs: list, project: str) -> list[dict]:
 # ---- quota ---------------------------------------------------------------------------------------
 
 
+# The statements the busiest routes run, built once with their parameters named: building a
+# statement cost several times running it (a create, a delete or a quota view ran several each).
+_PROJECT_ID = sa.bindparam("project_id")
+_IN_USE = (sa.select(ServiceCluster.gpu_type, sa.func.sum(ServiceCluster.gpus))
+           .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
+           .where(ServiceCluster.project_id == _PROJECT_ID, Cluster.state.in_(("queued", "ready")))
+           .group_by(ServiceCluster.gpu_type))
+_QUOTAS = (sa.select(Quota.gpu_type, Quota.max_gpus, Quota.gpu_hours, Quota.max_priority)
+           .where(Quota.project_id == _PROJECT_ID))
+_TYPES_ASKED = sa.select(ServiceCluster.gpu_type).distinct().where(ServiceCluster.project_id == _PROJECT_ID)
+_NAMED = (ServiceCluster.project_id == _PROJECT_ID) & (ServiceCluster.name == sa.bindparam("name"))
+_TAKEN = sa.select(ServiceCluster.id).where(_NAMED)
+_ROW = sa.select(ServiceCluster).where(_NAMED)
+# A delete's look: the service's row and whether the fleet has its cluster.
+_ON_FLEET = (sa.select(ServiceCluster.id, ServiceCluster.fleet_name, Cluster.id.label("on_fleet"))
+             .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name).where(_NAMED))
+_FLEET_HAS = sa.select(Cluster.id).where(Cluster.name == sa.bindparam("fleet_name"))
+_FORGET = sa.delete(ServiceCluster).where(ServiceCluster.id == sa.bindparam("id"))
+_LIST = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == _PROJECT_ID).order_by(ServiceCluster.id)
+_GPU_TYPES = sa.select(Node.gpu_type).distinct()
+_FLEET_LIST = (sa.select(*Cluster.__table__.c).join(ServiceCluster, ServiceCluster.fleet_name == Cluster.name)
+               .where(ServiceCluster.project_id == _PROJECT_ID).order_by(Cluster.id))
+
+
 def _in_use_by_type(s: Session, project_id: int) -> dict[str, int]:
     """GPUs the project has handed to the fleet (queued there or placed), by type, as the fleet says."""
-    return dict(s.execute(sa.select(ServiceCluster.gpu_type, sa.func.sum(ServiceCluster.gpus))
-                          .join(Cluster, Cluster.name == ServiceCluster.fleet_name)
-                          .where(ServiceCluster.project_id == project_id, Cluster.state.in_(("queued", "ready")))
-                          .group_by(ServiceCluster.gpu_type)).all())
+    return dict(s.execute(_IN_USE, {"project_id": project_id}).all())
 
 
 def _in_use(s: Session, project_id: int, gpu_type: str) -> int:
@@ -105,11 +130,10 @@ def _in_use(s: Session, project_id: int, gpu_type: str) -> int:
 
 def quota_view(s: Session, project: Project) -> dict:
     """The project's quota and use per GPU type: a few queries, each summed by the database, whatever the types."""
-    quotas = {q.gpu_type: q for q in s.scalars(sa.select(Quota).where(Quota.project_id == project.id))}
+    quotas = {q.gpu_type: q for q in s.execute(_QUOTAS, {"project_id": project.id})}  # plain rows
     held = _in_use_by_type(s, project.id)
     spent = usage.gpu_seconds_by_type(s, project.id)
-    types = quotas.keys() | set(s.scalars(sa.select(ServiceCluster.gpu_type).distinct()
-                                          .where(ServiceCluster.project_id == project.id)))
+    types = quotas.keys() | set(s.scalars(_TYPES_ASKED, {"project_id": project.id}))
     rows = []
     for gpu_type in sorted(types):
         q = quotas.get(gpu_type)
@@ -141,7 +165,7 @@ def _gpu_type(name: str) -> str:
 
 
 def _resolve_gpu_type(s: Session, gpu_type: str | None) -> str:
-    types = sorted(set(s.scalars(sa.select(Node.gpu_type).distinct())))
+    types = sorted(set(s.scalars(_GPU_TYPES)))
     if not types:
         raise ServiceError(409, "The fleet has no nodes yet; the operator runs `supercluster fleet init` first.")
     if gpu_type is None:
@@ -154,9 +178,13 @@ def _resolve_gpu_type(s: Session, gpu_type: str | None) -> str:
     return gpu_type
 
 
+_QUOTA = sa.select(Quota.max_gpus, Quota.gpu_hours).where(Quota.project_id == sa.bindparam("project_id"),
+                                                         Quota.gpu_type == sa.bindparam("gpu_type"))
+
+
 def _quota_decision(s: Session, project: Project, gpu_type: str, gpus: int) -> str | None:
     """None when the request may go to the fleet now, else why it waits; raises when it never may."""
-    q = s.get(Quota, (project.id, gpu_type))
+    q = s.execute(_QUOTA, {"project_id": project.id, "gpu_type": gpu_type}).first()  # a plain row: read on every create
     if q is None:
         return None
     if q.gpu_hours is not None:
@@ -182,17 +210,18 @@ class _Waits(Exception):
         self.reason = reason
 
 
-def _admit(s: Session, sc: ServiceCluster) -> None:
+def _admit(s: Session, sc: ServiceCluster, project: Project | None = None) -> None:
     """In the fleet's transaction, under its lock: may `sc` go to the fleet now? Raises `_Waits`
-    with the quota's reason if not, ServiceError if it never may."""
-    reason = _quota_decision(s, s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
+    with the quota's reason if not, ServiceError if it never may. `project`: sc's, when the caller
+    has it (a project is never renamed or deleted, so one read before the transaction holds)."""
+    reason = _quota_decision(s, project or s.get(Project, sc.project_id), sc.gpu_type, sc.gpus)
     if reason is not None:
         raise _Waits(reason)
     sc.reason = None
 
 
 def _name_taken(s: Session, project_id: int, name: str) -> bool:
-    return s.scalar(sa.select(ServiceCluster.id).where(ServiceCluster.project_id == project_id, ServiceCluster.name == name)) is not None
+    return s.scalar(_TAKEN, {"project_id": project_id, "name": name}) is not None
 
 
 def _taken(project: str, name: str) -> ServiceError:
@@ -231,7 +260,7 @@ def create_cluster(store: Store, caller: Caller, project: str, name: str, gpus: 
     def record(s: Session) -> None:  # in the fleet's transaction: both rows or neither
         if _name_taken(s, p.id, name):  # a request beside this one took it
             raise _taken(project, name)
-        _admit(s, sc)
+        _admit(s, sc, p)
         s.add(sc)
 
     try:
@@ -269,19 +298,22 @@ def reconcile(store: Store) -> None:
     Run where the quota can newly allow one: after a delete frees GPUs, after the operator sets a
     quota, and on the server's pass (a budget's hold). Never on a read: a read changes nothing the
     quota decides on, and the fleet's own queue places what it queued without the service."""
-    with store.reading() as s:  # the common case, nothing waits: one cheap query
-        waiting = s.execute(sa.select(ServiceCluster, Cluster.state)
-                            .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
-                            .where(sa.or_(Cluster.id.is_(None), Cluster.state == "held"))
-                            .order_by(ServiceCluster.id)).all()
+    with store.reading() as s:  # the common case, nothing waits: one cheap query (of plain rows, read by attribute)
+        waiting = s.execute(_WAITING).all()
         # A first look without the fleet's lock: most that wait still must, and need not take it.
-        decided = [(sc, state, _quota_reason(s, sc)) for sc, state in waiting]
+        decided = [(sc, sc.fleet_state, _quota_reason(s, sc)) for sc in waiting]
     for sc, state, reason in decided:
         if state == "held":
             if reason is None:
                 _give_back(store, sc.id, sc.fleet_name)
         else:
             _hand_over(store, sc, reason)
+
+
+_WAITING = (sa.select(*ServiceCluster.__table__.c, Cluster.state.label("fleet_state"))
+            .outerjoin(Cluster, Cluster.name == ServiceCluster.fleet_name)
+            .where(sa.or_(Cluster.id.is_(None), Cluster.state == "held"))
+            .order_by(ServiceCluster.id))
 
 
 def _quota_reason(s: Session, sc: ServiceCluster) -> str | None:
@@ -331,7 +363,7 @@ def _hand_over(store: Store, sc: ServiceCluster, reason: str | None) -> None:
 
 
 def _get(s: Session, p: Project, name: str) -> ServiceCluster:
-    sc = s.scalar(sa.select(ServiceCluster).where(ServiceCluster.project_id == p.id, ServiceCluster.name == name))
+    sc = s.scalar(_ROW, {"project_id": p.id, "name": name})
     if sc is None:
         raise ServiceError(404, f"Project {p.name!r} has no cluster named {name!r}.")
     return sc
@@ -346,21 +378,34 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
     with store.reading() as s:  # one snapshot of both the service's tables and the fleet's
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
-        query = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id == p.id).order_by(ServiceCluster.id)
-        return _views(s, s.execute(query).all(), project)
+        # The fleet's rows of the project's clusters by a join, not by a list of hundreds of names.
+        return _views(s, s.execute(_LIST, {"project_id": p.id}).all(), project,
+                      s.execute(_FLEET_LIST, {"project_id": p.id}).all())
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
     with store.reading() as s:
-        sc = _get(s, visible_project(s, caller, project, "member"), name)
-    forget = sa.delete(ServiceCluster).where(ServiceCluster.id == sc.id)
-    with store.fleet.transaction() as s:  # the fleet's lock: no reconcile hands it over meanwhile
-        on_fleet = s.scalar(sa.select(Cluster.id).where(Cluster.name == sc.fleet_name)) is not None
-        if not on_fleet:
-            s.execute(forget)
+        p = visible_project(s, caller, project, "member")
+        # The service's row and whether the fleet has its cluster, in one read.
+        sc = s.execute(_ON_FLEET, {"project_id": p.id, "name": name}).first()
+        if sc is None:
+            raise ServiceError(404, f"Project {p.name!r} has no cluster named {name!r}.")
+
+    def forget(s: Session) -> None:  # the service's row
+        s.execute(_FORGET, {"id": sc.id})
+
+    # A cluster on the fleet stays there until deleted, so this snapshot's "on the fleet" holds (a
+    # delete beside this one makes the fleet's delete below refuse, as it did); one that waits in
+    # the service may be handed over meanwhile, so that is decided again under the fleet's lock.
+    on_fleet = sc.on_fleet is not None
+    if not on_fleet:
+        with store.fleet.transaction() as s:  # the fleet's lock: no reconcile hands it over meanwhile
+            on_fleet = s.scalar(_FLEET_HAS, {"fleet_name": sc.fleet_name}) is not None
+            if not on_fleet:
+                forget(s)
     if on_fleet:
         try:  # the service's row goes in the fleet's transaction: both or neither
-            fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=lambda s: s.execute(forget))
+            fleet_clusters.delete_cluster(store.fleet, sc.fleet_name, force=force, record=forget)
         except UserError as err:
             raise ServiceError(409, str(err).replace("--force", "?force=true")) from None
     reconcile(store)

@@ -126,6 +126,15 @@ def list_projects(s: Session, caller: Caller, org: str) -> list[dict]:
 
 def visible_project(s: Session, caller: Caller, name: str, role: str = "viewer") -> Project:
     """The project `name` if this token may act on it with `role`: 404 for others' projects, 403 for too low a role."""
+    if not caller.is_operator and caller.project_org_id is not None:
+        # A tenant's token sees its own project only, and a project is never renamed or deleted:
+        # no read is needed (every project route asks this first). Any other name answers 404,
+        # whether or not such a project exists. The Project returned is a new, transient object.
+        if name != caller.project:
+            raise ServiceError(404, f"No project named {name!r} is visible to this token.")
+        require(caller, role)
+        return Project(id=caller.project_id, org_id=caller.project_org_id, name=caller.project,
+                       created_at=caller.project_created_at)
     p = s.scalar(sa.select(Project).where(Project.name == name))
     if p is None or not (caller.is_operator or p.id == caller.project_id):
         raise ServiceError(404, f"No project named {name!r} is visible to this token.")

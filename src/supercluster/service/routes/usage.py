@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from supercluster.service import endpoints, usage
 from supercluster.service.auth import Caller
@@ -30,6 +30,7 @@ def routes(store: Store) -> APIRouter:
             return PlainTextResponse(usage.to_csv(rows, tokens), media_type="text/csv")
         from supercluster.service import prices
 
-        return {"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()}
+        # JSON directly: FastAPI would walk the rows through its encoder first (they are plain JSON already).
+        return JSONResponse({"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()})
 
     return router
