@@ -38,8 +38,8 @@ def test_rows_that_arrive_during_a_commit_share_the_next_one(store):
     release, batches, opened = threading.Event(), [], store.session
 
     @contextlib.contextmanager
-    def counted_session():
-        with opened() as s:
+    def counted_session(**how):
+        with opened(**how) as s:
             yield s
             batches.append(len(s.new))
             if len(batches) == 1:

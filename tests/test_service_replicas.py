@@ -33,7 +33,9 @@ def tiny_model(tiny_run, supercluster_home):
 def service(start_service, backend: str):
     """The service with its scaler on (conftest's start_service); yields (client, a member's token of
     project llm). Its endpoints are deleted at the end: their servers stop."""
-    with start_service(backend, scale=True) as (base, _, grant), httpx.Client(base_url=base, timeout=120) as c:
+    # No rate limit to speak of: four callers in a closed loop on a tiny model can pass the default
+    # 50 calls/s of their token, and the test's own polling with it would then be refused (429).
+    with start_service(backend, scale=True, rate=1e4, burst=10**4) as (base, _, grant), httpx.Client(base_url=base, timeout=120) as c:
         token = grant("acme", "llm", "member")
         try:
             yield c, token

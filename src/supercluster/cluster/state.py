@@ -287,11 +287,32 @@ class SQLiteWriters:
 
     def __init__(self, database: str | None):
         self._threads = threading.RLock()
+        # Writers of this process pass here one at a time before `_threads`, except a writer that
+        # goes ahead (`held(ahead=True)`), which then waits for at most the one writer at the head.
+        self._line = threading.Lock()
+        self._owner: int | None = None  # the thread holding `_threads`: it re-enters without queueing
         self._depth = 0  # re-entered by this thread: the file stays locked until the outermost exit
         self._path = f"{database}-writers" if database not in (None, "", ":memory:") else None  # in memory: one process
         self._fd: int | None = None
         self._pid: int | None = None
         self._close: weakref.finalize | None = None  # closes the file when this is collected or closed
+
+    @contextlib.contextmanager
+    def held(self, ahead: bool = False) -> Iterator[None]:
+        """The write lock, held for the block. ahead: before the writers of this process already
+        waiting, for a write that many others wait on (the audit log's group commit: every answered
+        write waits for it, and behind the queue it cost each of them the queue's wait twice)."""
+        with self if ahead or self._owner == threading.get_ident() else self._in_line():
+            yield
+
+    @contextlib.contextmanager
+    def _in_line(self) -> Iterator[None]:
+        with self._line:
+            self.__enter__()
+        try:
+            yield
+        finally:
+            self.__exit__()
 
     def __enter__(self) -> None:
         self._threads.acquire()
@@ -302,9 +323,12 @@ class SQLiteWriters:
             self._threads.release()
             raise
         self._depth += 1
+        self._owner = threading.get_ident()
 
     def __exit__(self, *_exc) -> None:
         self._depth -= 1
+        if self._depth == 0:
+            self._owner = None
         try:
             if self._depth == 0 and self._path:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -338,7 +362,7 @@ class Database:
             migrations.upgrade(self.engine)
             self._reader = self.engine.execution_options(**{READ_ONLY: True})  # same pool
             sqlite = self.engine.dialect.name == "sqlite"
-            self._writers = SQLiteWriters(self.engine.url.database) if sqlite else contextlib.nullcontext()
+            self._writers = SQLiteWriters(self.engine.url.database) if sqlite else None  # PostgreSQL queues its own
         except ModuleNotFoundError as err:
             raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
         except sa.exc.ArgumentError as err:
@@ -350,7 +374,7 @@ class Database:
             raise UserError(f"Cannot open the fleet database {self.url!r} ({reason}); check --db or $SUPERCLUSTER_DB.") from None
 
     @contextlib.contextmanager
-    def transaction(self, lock: bool = True) -> Iterator[Session]:
+    def transaction(self, lock: bool = True, ahead: bool = False) -> Iterator[Session]:
         """A session in one transaction, committed on success and rolled back on any error.
 
         lock=True takes the fleet lock first, so that everything read inside is current until
@@ -359,8 +383,10 @@ class Database:
         submitted job) registers its undo with `on_rollback`: when the transaction does not
         commit (an error in our code or at COMMIT itself), the undos run, newest first, so
         nothing outside is left behind that our books do not know about.
+        ahead: on SQLite, before this process's writers already waiting (`SQLiteWriters.held`).
         """
-        with self._writers, Session(self.engine, expire_on_commit=False) as session:
+        writers = self._writers.held(ahead) if self._writers else contextlib.nullcontext()
+        with writers, Session(self.engine, expire_on_commit=False) as session:
             undo: list[Callable[[], None]] = []
             session.info[_UNDO] = undo
             try:

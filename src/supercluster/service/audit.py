@@ -70,7 +70,9 @@ class AuditLog:
         if not batch:
             return
         try:
-            with self.store.session() as s:
+            # Ahead of this process's other writers: each call in the batch has done its own write
+            # and waits for this one; behind them it waited out the writers' queue a second time.
+            with self.store.session(ahead=True) as s:
                 s.add_all([row for row, _ in batch])
         except Exception:  # one bad row must not fail the others: each alone, and each says how it went
             log.exception("audit batch of %d rows failed; writing them one by one", len(batch))

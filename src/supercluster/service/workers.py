@@ -24,6 +24,7 @@ import sys
 import traceback
 
 TICK_S = 5.0  # the server's own pass: budgets, then the queues
+SWITCH_INTERVAL_S = 0.0005  # how long a thread may hold the GIL while another waits (see `_worker`)
 
 
 def _worker(db: str | None, sock: socket.socket, tick: bool) -> None:
@@ -37,6 +38,12 @@ def _worker(db: str | None, sock: socket.socket, tick: bool) -> None:
     # the 40-60 ms that were the slowest requests' tail. (Garbage first, so none is frozen with it.)
     gc.collect()
     gc.freeze()
+    # A thread holding the database's write lock gives up the GIL at every SQLite call and must
+    # win it back from the request threads reading beside it, each of which may keep it for the
+    # whole switch interval (5 ms by default): under bench/service.py a create held the lock
+    # 13 ms, 5 ms without the readers. At 0.5 ms it held it 7 ms, and every other writer, of every
+    # worker, waits that much less.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
