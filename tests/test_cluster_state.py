@@ -225,45 +225,6 @@ def test_sqlite_writers_of_other_processes_queue_on_a_file_lock(tmp_path):
         writer.join(60)
 
 
-def test_a_writer_ahead_waits_for_at_most_the_writer_at_the_head_of_the_line(tmp_path):
-    """The audit log's group commit goes before this process's writers already waiting (each
-    answered write waits for it): behind five waiting writers it is the first or second to write."""
-    db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
-    order, release = [], threading.Event()
-
-    def write(name, ahead=False):
-        with db.transaction(lock=False, ahead=ahead):
-            order.append(name)
-
-    def holder():
-        with db.transaction(lock=False):
-            release.wait(60)
-
-    first = threading.Thread(target=holder)
-    first.start()
-    waiting = [threading.Thread(target=write, args=(f"w{i}",)) for i in range(5)]
-    for t in waiting:
-        t.start()
-        while not _waits(t):  # each in line before the next comes
-            pass
-    ahead = threading.Thread(target=write, args=("audit", True))
-    ahead.start()
-    while not _waits(ahead):
-        pass
-    release.set()
-    for t in [first, *waiting, ahead]:
-        t.join(60)
-    assert sorted(order) == ["audit", "w0", "w1", "w2", "w3", "w4"]
-    assert order.index("audit") <= 1, order
-    db.dispose()
-
-
-def _waits(thread: threading.Thread) -> bool:
-    """Whether `thread` is blocked on a lock (Linux: its state in /proc is S, sleeping)."""
-    with open(f"/proc/self/task/{thread.native_id}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "S"
-
-
 def test_a_disposed_database_closes_its_writers_file(tmp_path):
     db = Database(f"sqlite:///{tmp_path / 'fleet.db'}")
 

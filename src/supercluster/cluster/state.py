@@ -287,32 +287,11 @@ class SQLiteWriters:
 
     def __init__(self, database: str | None):
         self._threads = threading.RLock()
-        # Writers of this process pass here one at a time before `_threads`, except a writer that
-        # goes ahead (`held(ahead=True)`), which then waits for at most the one writer at the head.
-        self._line = threading.Lock()
-        self._owner: int | None = None  # the thread holding `_threads`: it re-enters without queueing
         self._depth = 0  # re-entered by this thread: the file stays locked until the outermost exit
         self._path = f"{database}-writers" if database not in (None, "", ":memory:") else None  # in memory: one process
         self._fd: int | None = None
         self._pid: int | None = None
         self._close: weakref.finalize | None = None  # closes the file when this is collected or closed
-
-    @contextlib.contextmanager
-    def held(self, ahead: bool = False) -> Iterator[None]:
-        """The write lock, held for the block. ahead: before the writers of this process already
-        waiting, for a write that many others wait on (the audit log's group commit: every answered
-        write waits for it, and behind the queue it cost each of them the queue's wait twice)."""
-        with self if ahead or self._owner == threading.get_ident() else self._in_line():
-            yield
-
-    @contextlib.contextmanager
-    def _in_line(self) -> Iterator[None]:
-        with self._line:
-            self.__enter__()
-        try:
-            yield
-        finally:
-            self.__exit__()
 
     def __enter__(self) -> None:
         self._threads.acquire()
@@ -323,12 +302,9 @@ class SQLiteWriters:
             self._threads.release()
             raise
         self._depth += 1
-        self._owner = threading.get_ident()
 
     def __exit__(self, *_exc) -> None:
         self._depth -= 1
-        if self._depth == 0:
-            self._owner = None
         try:
             if self._depth == 0 and self._path:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -362,7 +338,11 @@ class Database:
             migrations.upgrade(self.engine)
             self._reader = self.engine.execution_options(**{READ_ONLY: True})  # same pool
             sqlite = self.engine.dialect.name == "sqlite"
-            self._writers = SQLiteWriters(self.engine.url.database) if sqlite else None  # PostgreSQL queues its own
+            self._writers = SQLiteWriters(self.engine.url.database) if sqlite else contextlib.nullcontext()
+            # Rows that another part of the program has waiting to be committed, added to the next
+            # write transaction of this process (`transaction`): a rider returns what to do once
+            # that transaction has ended (committed or not), or None when it had nothing to add.
+            self.riders: list[Callable[[Session], Callable[[bool], None] | None]] = []
         except ModuleNotFoundError as err:
             raise UserError(f"The database URL {self.url!r} needs the Python package {err.name!r}; pip install it.") from None
         except sa.exc.ArgumentError as err:
@@ -373,8 +353,14 @@ class Database:
                 raise UserError(_create_database_hint(self.url)) from None
             raise UserError(f"Cannot open the fleet database {self.url!r} ({reason}); check --db or $SUPERCLUSTER_DB.") from None
 
+    def writing(self) -> contextlib.AbstractContextManager:
+        """This process's turn at the write lock (on SQLite; nothing on PostgreSQL, whose writers
+        wait on rows), without a transaction: for a writer that may find, once its turn comes,
+        that a rider took what it had to write. A `transaction` inside it re-enters the lock."""
+        return self._writers
+
     @contextlib.contextmanager
-    def transaction(self, lock: bool = True, ahead: bool = False) -> Iterator[Session]:
+    def transaction(self, lock: bool = True) -> Iterator[Session]:
         """A session in one transaction, committed on success and rolled back on any error.
 
         lock=True takes the fleet lock first, so that everything read inside is current until
@@ -383,21 +369,30 @@ class Database:
         submitted job) registers its undo with `on_rollback`: when the transaction does not
         commit (an error in our code or at COMMIT itself), the undos run, newest first, so
         nothing outside is left behind that our books do not know about.
-        ahead: on SQLite, before this process's writers already waiting (`SQLiteWriters.held`).
+        The riders' rows (`riders`) are added last, each in a savepoint of its own: a rider's row
+        that fails is rolled back alone and never fails the transaction it rode in.
         """
-        writers = self._writers.held(ahead) if self._writers else contextlib.nullcontext()
-        with writers, Session(self.engine, expire_on_commit=False) as session:
-            undo: list[Callable[[], None]] = []
-            session.info[_UNDO] = undo
-            try:
-                with session.begin():
-                    if lock:  # the fleet row, locked (a no-op on SQLite) and kept for `fleet()`
-                        # (held here: the session's identity map keeps only objects someone holds)
-                        session.info[_FLEET] = session.execute(_LOCK_FLEET).scalar()
-                    yield session
-            except BaseException:
-                _run_undo(undo)
-                raise
+        ended: list[Callable[[bool], None]] = []  # the riders', told after the session has let go of their rows
+        try:
+            with self._writers, Session(self.engine, expire_on_commit=False) as session:
+                undo: list[Callable[[], None]] = []
+                session.info[_UNDO] = undo
+                try:
+                    with session.begin():
+                        if lock:  # the fleet row, locked (a no-op on SQLite) and kept for `fleet()`
+                            # (held here: the session's identity map keeps only objects someone holds)
+                            session.info[_FLEET] = session.execute(_LOCK_FLEET).scalar()
+                        yield session
+                        ended.extend(after for ride in self.riders if (after := ride(session)) is not None)
+                except BaseException:
+                    _run_undo(undo)
+                    raise
+        except BaseException:
+            for after in ended:
+                after(False)
+            raise
+        for after in ended:
+            after(True)
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:

@@ -39,11 +39,10 @@ class Store:
         self.revision = migrate(self.fleet)
 
     @contextlib.contextmanager
-    def session(self, ahead: bool = False) -> Iterator[Session]:
+    def session(self) -> Iterator[Session]:
         """One transaction on the service tables (never held across a call into `cluster`,
-        which opens its own: on SQLite two would wait on each other's write lock).
-        ahead: before this process's writers already waiting (`Database.transaction`)."""
-        with self.fleet.transaction(lock=False, ahead=ahead) as s:
+        which opens its own: on SQLite two would wait on each other's write lock)."""
+        with self.fleet.transaction(lock=False) as s:
             yield s
 
     @contextlib.contextmanager
