@@ -842,6 +842,33 @@ def test_module_recompute_repeats_exactly_the_named_modules():
         calibrate.with_switches(sw, recompute_modules=("mlpp",))
 
 
+def test_flash_attention_runs_at_its_dies_clocks_not_at_its_hbm():
+    """A flash-attention kernel keeps its scores on chip (Dao et al. 2022, Theorem 2): parts of
+    one die run it at their clocks, whatever HBM they carry (`cost.flash_attention_bandwidth`).
+    An H200 (H100 clocks, 4.8 TB/s HBM3e) takes an H100's attention time; Grand Teton's 500 W
+    H100 (2.4 TB/s HBM2e) its clock ratio longer, not its bandwidth ratio. Unfused attention
+    writes its scores to HBM and still follows the bandwidth."""
+    from supercluster.hardware.catalog import accelerator, node_type
+    from supercluster.plan.cost import Rates, System, _layer_classes
+
+    llama8b = ModelConfig(layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab_size=128256,
+                          max_seq_len=32768, norm="rmsnorm", mlp="swiglu", position="rope", bias=False,
+                          tie_embeddings=False)
+    lay = Layout(microbatch=1, recompute="full")
+
+    def attention(gpu: str, node: str, stack: str) -> float:
+        sw = PROFILES[stack]
+        r = Rates(System(accelerator(gpu), node_type(node), "bf16"), sw, load_constants(stack))
+        return sum(_layer_classes(llama8b, lay, sw, r, 32768)["attention"])
+
+    h100 = attention("h100", "dgx-h100", "supercluster")
+    assert attention("h200", "hgx-h200", "supercluster") == pytest.approx(h100, rel=0.01)
+    clocks = accelerator("h100").achievable("bf16") / accelerator("h100-gt96").achievable("bf16")  # 1.116
+    assert attention("h100-gt96", "grand-teton", "supercluster") == pytest.approx(h100 * clocks, rel=0.01)
+    # Without a die reference (or unfused) the part's own HBM sets the time: the H200 is faster.
+    assert attention("h200", "hgx-h200", "megatron-2021") < 0.85 * attention("h100", "dgx-h100", "megatron-2021")
+
+
 def test_plan_takes_recompute_modules_only_with_selective_recompute():
     args = ["plan", "llama3-70b", "--gpus", "64", "--stack", "megatron", "--sharding", "full", "--microbatch", "1",
             "--global-batch", "128", "--top", "1", "--json"]

@@ -28,7 +28,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from supercluster.hardware.catalog import Accelerator, NodeType
+from supercluster.hardware.catalog import ACCELERATORS, CHIP_REFERENCE, Accelerator, NodeType
 from supercluster.model.config import ModelConfig, attention_flops_per_token, flops_per_token, matmul_params
 from supercluster.parallel.layout import Layout
 from supercluster.plan import moe
@@ -83,6 +83,29 @@ class System:
     node: NodeType
     precision: str = "bf16"  # dtype of the matmuls (fp8: FP8 GEMMs, 16-bit elsewhere)
 
+
+
+def flash_attention_bandwidth(acc: Accelerator) -> float:
+    """TB/s at which the flash-attention stand-in's s x s output write is charged.
+
+    A flash-attention kernel keeps its score tiles in on-chip SRAM: it reads Q, K, V and
+    writes O, Theta(N^2 d^2 / M) HBM accesses for SRAM of M elements, against Theta(N^2) for
+    standard attention (Dao et al. 2022, "FlashAttention", arXiv:2205.14135, sec. 3.2 and
+    Theorem 2): at head dimension 128 it is bound by the SMs, not by HBM. The write of the
+    score square that `_layer_classes` charges is a stand-in for the kernel's utilisation on
+    its architecture (FlashAttention-2 keeps about 35% of an H100's peak and 50-73% of an
+    A100's: Shah et al. 2024, arXiv:2407.08608, sec. 1; Dao 2023, arXiv:2307.08691, sec. 4.1),
+    as the papers measured it on the die's full-power SXM part (`catalog.CHIP_REFERENCE`).
+    A part built on the same die runs the kernel at its own clocks whatever memory it carries:
+    the reference part's bandwidth scaled by the ratio of the two parts' measured matmul rates
+    (a proxy for SM clocks). So Grand Teton's 500 W H100 with 2.4 TB/s HBM2e runs flash
+    attention 10% slower than an SXM H100, not 28%, and an H200 (4.8 TB/s HBM3e, H100 clocks)
+    runs it as an H100 does. Parts without a reference keep their own bandwidth.
+    """
+    ref = ACCELERATORS.get(CHIP_REFERENCE.get(acc.chip, ""))
+    if ref is None:
+        return acc.hbm_tbps
+    return ref.hbm_tbps * acc.achievable("bf16") / ref.achievable("bf16")
 
 
 EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3 kernels per fused one)
@@ -234,6 +257,7 @@ class Rates:
         self.gemm_rate = acc.achievable("bf16" if self.fp8 else precision) * 1e12 * eff
         self.linear_rate = acc.achievable(precision) * 1e12 * (constants.get("fp8_efficiency", eff) if self.fp8 else eff)
         self.hbm = acc.hbm_tbps * 1e12 * MEMORY_EFFICIENCY  # bytes/s
+        self.attention_hbm = flash_attention_bandwidth(acc) * 1e12 * MEMORY_EFFICIENCY
         self.elem = element_bytes(precision)  # activation bytes
         self.cpu = acc.vendor == "cpu"
         self.launch = 0.0 if self.cpu else KERNEL_LAUNCH_S
@@ -253,13 +277,14 @@ class Rates:
         self.fp8_dispatch = sw.fp8_dispatch
 
     def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False, launches: float = 1,
-             own_cast: float | None = None) -> float:
+             own_cast: float | None = None, hbm: float | None = None) -> float:
         """`batch` (m x k) @ (k x n) matmuls in `launches` kernels (one: a batched GEMM): FLOPs
         at the achievable rate plus operand traffic. `linear`: a weight GEMM, FP8 when the run
         trains in FP8 (operands cast with a per-tensor scale first: an amax pass and a cast over
         each operand). `own_cast`: in FP8, the bytes per input element of a cast the GEMM's
         module runs itself on its input, in place of the stack's default; its weights' FP8
-        copies are kept across microbatches (Transformer Engine's GroupedLinear).
+        copies are kept across microbatches (Transformer Engine's GroupedLinear). `hbm`: the
+        bandwidth its traffic is charged at, when not the part's own (flash attention).
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
@@ -272,7 +297,7 @@ class Rates:
             traffic += own_cast * m * k
         elif fp8:
             traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
-        return batch * (flops / rate + traffic / self.hbm) + launches * self.launch
+        return batch * (flops / rate + traffic / (hbm or self.hbm)) + launches * self.launch
 
     def memory_pass(self, nbytes: float) -> float:
         return nbytes / self.hbm
@@ -408,7 +433,9 @@ def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int
         # flash attention's lower utilisation (FlashAttention-2 reaches ~35% of an H100's
         # peak, Shah et al. 2024). Charging only Q, K, V, O traffic at a fixed 30-35% of peak
         # was tried and predicts the long-context torchtitan runs 15-45% too fast, most at cp 8.
-        attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads) / 2
+        # That output write is no HBM traffic, so it is charged at the bandwidth of the die's
+        # reference part scaled by this part's clocks (`flash_attention_bandwidth`).
+        attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads, hbm=r.attention_hbm) / 2
         attn_bwd = 2.5 * attn_fwd
         softmax_bytes = 0.0
     else:
