@@ -869,6 +869,44 @@ def test_flash_attention_runs_at_its_dies_clocks_not_at_its_hbm():
     assert attention("h200", "hgx-h200", "megatron-2021") < 0.85 * attention("h100", "dgx-h100", "megatron-2021")
 
 
+def test_torch_ring_attention_pays_its_fp32_merges_and_repeated_kv():
+    """PyTorch's experimental ring attention as torchtitan ran it (`torch-ring-cp`): every ring
+    step after the first merges its partial output in fp32 and the backward accumulates and
+    rotates dQ, dK, dV in fp32 (`cost.torch_ring_bytes`, per element of the local queries);
+    K and V repeated to every query head are all-gathered in the forward, the recompute and the
+    backward. Without context parallelism the switch changes nothing."""
+    from supercluster.hardware.catalog import accelerator, node_type
+    from supercluster.plan.cost import (TORCH_RING_BWD_CALL_BYTES, TORCH_RING_BWD_LATER_STEP_BYTES,
+                                        TORCH_RING_BWD_STEP_BYTES, TORCH_RING_FWD_CALL_BYTES,
+                                        TORCH_RING_FWD_STEP_BYTES, Rates, System, Workload, _layer_classes,
+                                        torch_ring_bytes)
+
+    assert torch_ring_bytes(1, 1e9) == (0.0, 0.0)
+    assert torch_ring_bytes(8, 1.0) == (7 * TORCH_RING_FWD_STEP_BYTES + TORCH_RING_FWD_CALL_BYTES,
+                                        TORCH_RING_BWD_CALL_BYTES + 8 * TORCH_RING_BWD_STEP_BYTES
+                                        + 7 * TORCH_RING_BWD_LATER_STEP_BYTES)
+    s, cp = 262144, 8
+    llama8b = ModelConfig(layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab_size=128256,
+                          max_seq_len=s, norm="rmsnorm", mlp="swiglu", position="rope", bias=False, tie_embeddings=False)
+    base = PROFILES["supercluster"]
+    ring = calibrate.with_switches(base, torch_ring_cp=True)
+    assert calibrate.SWITCHES["torch-ring-cp"] == ("torch_ring_cp", True)
+    system = System(accelerator("h100-gt96"), node_type("grand-teton"), "bf16")
+    r = Rates(system, base, load_constants("supercluster"))
+    lay = Layout(cp=cp, microbatch=1, recompute="full")
+    plain, ringed = _layer_classes(llama8b, lay, base, r, s), _layer_classes(llama8b, lay, ring, r, s)
+    fwd, bwd = torch_ring_bytes(cp, s // cp * llama8b.heads * llama8b.head_dim)
+    assert ringed["attention"][0] - plain["attention"][0] == pytest.approx(r.memory_pass(fwd), rel=1e-9)
+    assert ringed["attention"][1] - plain["attention"][1] == pytest.approx(r.memory_pass(bwd), rel=1e-9)
+    work = Workload(llama8b, s, 1)
+    key = "comm: cp all-gather K/V (scale-up)"
+    ratio = estimate(work, lay, system, ring).terms[key] / estimate(work, lay, system, base).terms[key]
+    assert ratio == pytest.approx(llama8b.heads / llama8b.kv_heads * 3 / 2, rel=0.01)  # 4x the bytes, 3 passes not 2 (+ latencies)
+    one = replace(lay, cp=1)
+    assert estimate(Workload(llama8b, s // cp, 1), one, system, ring).step_time_s == \
+        estimate(Workload(llama8b, s // cp, 1), one, system, base).step_time_s
+
+
 def test_plan_takes_recompute_modules_only_with_selective_recompute():
     args = ["plan", "llama3-70b", "--gpus", "64", "--stack", "megatron", "--sharding", "full", "--microbatch", "1",
             "--global-batch", "128", "--top", "1", "--json"]

@@ -108,6 +108,39 @@ def flash_attention_bandwidth(acc: Accelerator) -> float:
     return ref.hbm_tbps * acc.achievable("bf16") / ref.achievable("bf16")
 
 
+# PyTorch's ring attention (torch/distributed/tensor/experimental/_attention.py:
+# `_templated_ring_attention`, `_templated_ring_attention_backward`, `_SDPAMerger` with
+# `_ContextParallelOptions.convert_to_f32=True`, round-robin load balancing): HBM bytes per
+# element of the rank's local Q (b x s/cp x heads x head_dim; K and V repeated to every head
+# are as large) that its eager tensor ops move besides the attention kernels, on the last cp
+# rank (every later step runs its full queries against half a K/V chunk: full-size merges).
+# Forward, each later step: the K/V concatenation for the rotation (read 4, write 4) and the
+# fp32 merge: block output to fp32 (2 + 4), out - block (8 + 4), times the sigmoid weight
+# (4 + 4), out minus that (8 + 4); per call the merged output back to 16 bits (4 + 2).
+TORCH_RING_FWD_STEP_BYTES = 8 + 38
+TORCH_RING_FWD_CALL_BYTES = 6
+# Backward, per call: zeroed fp32 dQ, dK, dV (12), the first step's dK and dV added (2 x 10),
+# the final casts of dQ (4 + 2) and of the rotated dK/dV (8 + 4); every step: dK/dV
+# concatenated in fp32 for the all-to-all to the next rank (8 + 8) and dQ accumulated (6 + 4);
+# each later step: the K/V concatenation (8) and dK, dV each added into half of the received
+# fp32 buffer and rebuilt by torch.cat (2 x (5 + 8)). The all-to-alls themselves run on NCCL's
+# stream under the next step's kernel.
+TORCH_RING_BWD_CALL_BYTES = 12 + 20 + 6 + 12
+TORCH_RING_BWD_STEP_BYTES = 16 + 10
+TORCH_RING_BWD_LATER_STEP_BYTES = 8 + 26
+
+
+def torch_ring_bytes(cp: int, elements: float) -> tuple[float, float]:
+    """(forward, backward) HBM bytes PyTorch's ring attention moves outside the attention
+    kernels for one attention call over `cp` ranks, `elements` the rank's local query elements
+    (`Software.torch_ring_cp`; none without context parallelism)."""
+    if cp <= 1:
+        return 0.0, 0.0
+    forward = (cp - 1) * TORCH_RING_FWD_STEP_BYTES + TORCH_RING_FWD_CALL_BYTES
+    backward = TORCH_RING_BWD_CALL_BYTES + cp * TORCH_RING_BWD_STEP_BYTES + (cp - 1) * TORCH_RING_BWD_LATER_STEP_BYTES
+    return forward * elements, backward * elements
+
+
 EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3 kernels per fused one)
 
 
@@ -438,6 +471,10 @@ def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int
         attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads, hbm=r.attention_hbm) / 2
         attn_bwd = 2.5 * attn_fwd
         softmax_bytes = 0.0
+        if sw.torch_ring_cp and lay.cp > 1:  # the ring's fp32 merges and accumulations
+            ring_fwd, ring_bwd = torch_ring_bytes(lay.cp, b * q_len * heads * cfg.head_dim)
+            attn_fwd += r.memory_pass(ring_fwd)
+            attn_bwd += r.memory_pass(ring_bwd)
     else:
         # Unfused (2021-era): full squares; scores written, softmax/dropout read and write them.
         attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads)
@@ -780,7 +817,14 @@ def estimate(
     # Context parallel (Llama 3 sec. 3.3.2): all-gather K and V forward, reduce-scatter their
     # gradients backward, over the cp ranks next to tp in rank order.
     kv_bytes = 2 * r.elem * lay.microbatch * s * cfg.kv_heads * cfg.head_dim / t
-    cp_comm = layers * 2 * r.ring(kv_bytes, c, r.link(t * c)) if c > 1 else 0.0
+    cp_passes = 2
+    if sw.torch_ring_cp:
+        # PyTorch's ring attention with K/V repeated to every head: the repeated K and V are
+        # all-gathered in the forward, again in a full recompute, and again in the backward
+        # (its K/V rotater); the fp32 dK/dV rotations run under the next step's kernel.
+        kv_bytes *= cfg.heads / cfg.kv_heads
+        cp_passes = 2 + (1 if lay.recompute == "full" else 0)
+    cp_comm = layers * cp_passes * r.ring(kv_bytes, c, r.link(t * c)) if c > 1 else 0.0
     # Pipeline point-to-point (Narayanan sec. 4.1): b*s*h per boundary each way, /t with the
     # scatter/gather optimisation or sequence parallelism; v times as many with interleaving.
     p2p = 0.0
