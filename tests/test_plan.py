@@ -41,9 +41,9 @@ def loso(rows):
 
 def test_every_left_out_source_is_predicted_within_its_bound(rows, loso):
     """Fitted on the other sources only, each source's dense runs (5 or more) are predicted
-    within 12.5% MAPE (the goal is 8%: Megatron-Bridge's FP8 tables, 11.9%, and IBM's FSDP
-    table, 11.0%, are the worst today; torchtitan 10.2%, Narayanan 9.2%, MosaicML 8.6%,
-    Together 8.4%); the small sources (MT-NLG, BLOOM, Llama 3's table) within 25%. MoE runs miss by
+    within 12.5% MAPE (the goal is 8%: Megatron-Bridge's FP8 tables, 11.4%, and IBM's FSDP
+    table, 10.5%, are the worst today; Together 8.2%, Korthikanti 7.8%, MosaicML 7.1%,
+    torchtitan 5.5%); the small sources (MT-NLG, BLOOM, Llama 3's table) within 25%. MoE runs miss by
     far more today (Megatron-Bridge's 17: 39% since its Qwen3 rows carry their recipes' own
     layouts, no recompute, and FP8 experts pay their own input casts; DeepSeek-V3's own run:
     20% with its node-deduplicated FP8 dispatch; Together's four 512-GPU B200 runs: 27%, the
