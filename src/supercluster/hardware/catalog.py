@@ -34,6 +34,10 @@ class Accelerator:
     power_w: float | None = None  # board power limit the figures above hold at
     nvlink_gen: int | None = None  # NVLink generation (None: not NVLink)
     mx_formats: bool = False  # block-scaled MXFP8 GEMMs in hardware (Blackwell tensor cores)
+    # The GPU die (NVIDIA's chip name): parts built on one die run the same kernels at rates
+    # set by their clocks (`plan.cost`'s flash attention compares a part with its die's
+    # reference part, `CHIP_REFERENCE`). None: no reference (the part's own figures apply).
+    chip: str | None = None
 
     def describe(self) -> str:
         """The figures a prediction for this part rests on, in one line."""
@@ -114,24 +118,24 @@ class NodeType:
 # measures ~160 GB/s usable one way) and 8 x 400 Gb/s IB per node (50 GB/s per GPU).
 ACCELERATORS: dict[str, Accelerator] = {
     "a100-40gb": Accelerator("a100-40gb", "nvidia", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 40.0, 1.555, 600.0, {"bf16": 267.9},
-                             power_w=400, nvlink_gen=3),
+                             power_w=400, nvlink_gen=3, chip="GA100"),
     "a100-80gb": Accelerator("a100-80gb", "nvidia", {"bf16": 312.0, "tf32": 156.0, "fp32": 19.5}, 80.0, 2.039, 600.0, {"bf16": 267.9},
-                             power_w=400, nvlink_gen=3),
+                             power_w=400, nvlink_gen=3, chip="GA100"),
     "h100": Accelerator(
         "h100", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 79.6, 3.35, 900.0, {"bf16": 792.1, "fp8": 1453.4},
-        power_w=700, nvlink_gen=4,
+        power_w=700, nvlink_gen=4, chip="GH100",
     ),
     "h800": Accelerator(
         "h800", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 79.6, 3.35, 400.0, {"bf16": 792.1, "fp8": 1453.4},
-        power_w=700, nvlink_gen=4,
+        power_w=700, nvlink_gen=4, chip="GH100",
     ),
     "h200": Accelerator(
         "h200", "nvidia", {"bf16": 989.4, "fp8": 1978.9, "tf32": 494.7, "fp32": 66.9}, 140.4, 4.8, 900.0, {"bf16": 794.5, "fp8": 1453.4},
-        power_w=700, nvlink_gen=4,
+        power_w=700, nvlink_gen=4, chip="GH100",
     ),
     "gb200": Accelerator(
         "gb200", "nvidia", {"bf16": 2500.0, "fp8": 5000.0, "tf32": 1250.0, "fp32": 80.0}, 184.0, 8.0, 1800.0,
-        {"bf16": 1745.0 * 2500 / 2250, "fp8": 3432.5 * 5000 / 4500}, power_w=1200, nvlink_gen=5, mx_formats=True,
+        {"bf16": 1745.0 * 2500 / 2250, "fp8": 3432.5 * 5000 / 4500}, power_w=1200, nvlink_gen=5, mx_formats=True, chip="GB100",
     ),
     "mi300x": Accelerator(
         "mi300x", "amd", {"bf16": 1307.4, "fp8": 2614.9, "tf32": 653.7, "fp32": 163.4}, 192.0, 5.3, 896.0, {"bf16": 781.9}
@@ -142,13 +146,19 @@ ACCELERATORS: dict[str, Accelerator] = {
     # the achievable matmul scaled by the same ratio. The runtime reports ~94.5 GB as 88 GiB.
     "h100-gt96": Accelerator(
         "h100-gt96", "nvidia", {"bf16": 886.5, "fp8": 1773.0, "tf32": 443.3, "fp32": 59.9}, 88.0, 2.4, 900.0,
-        {"bf16": 709.7, "fp8": 1302.2}, power_w=500, nvlink_gen=4,
+        {"bf16": 709.7, "fp8": 1302.2}, power_w=500, nvlink_gen=4, chip="GH100",
     ),
     "b200": Accelerator(
         "b200", "nvidia", {"bf16": 2250.0, "fp8": 4500.0, "tf32": 1100.0, "fp32": 75.0}, 180.0, 8.0, 1800.0, {"bf16": 1745.0, "fp8": 3432.5},
-        power_w=1000, nvlink_gen=5, mx_formats=True,
+        power_w=1000, nvlink_gen=5, mx_formats=True, chip="GB100",
     ),
 }
+
+# Per die, the part that kernel papers and vendor tables measure it on (the SXM board at its
+# full power): FlashAttention-2 on "A100 80GB SXM4" and "H100 80GB SXM5" (Dao 2023,
+# arXiv:2307.08691, Figs. 4-7), FlashAttention-3 and cuDNN on "H100 80GB SXM5" (Shah et al.
+# 2024, arXiv:2407.08608, Figs. 5-6); B200 for Blackwell.
+CHIP_REFERENCE = {"GA100": "a100-80gb", "GH100": "h100", "GB100": "b200"}
 
 # Names people type for the same parts.
 ALIASES = {

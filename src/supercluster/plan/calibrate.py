@@ -38,6 +38,7 @@ SWITCHES = {
     "fp8-rowwise": ("fp8_recipe", "rowwise"), "mxfp8": ("fp8_recipe", "mxfp8"), "fp8-delayed": ("fp8_recipe", "delayed"),
     "ep-overlap": ("ep_overlap", True), "ep-dedup": ("ep_node_dedup", True), "fp8-dispatch": ("fp8_dispatch", True),
     "bf16-reduce": ("grad_reduce_bytes", 2),
+    "torch-ring-cp": ("torch_ring_cp", True),
 }
 # Switches with a count: `cpu-offload=N` (layers whose activations go to host memory).
 VALUED_SWITCHES = {"cpu-offload": "offload_layers"}

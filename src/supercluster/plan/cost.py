@@ -28,7 +28,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from supercluster.hardware.catalog import Accelerator, NodeType
+from supercluster.hardware.catalog import ACCELERATORS, CHIP_REFERENCE, Accelerator, NodeType
 from supercluster.model.config import ModelConfig, attention_flops_per_token, flops_per_token, matmul_params
 from supercluster.parallel.layout import Layout
 from supercluster.plan import moe
@@ -83,6 +83,62 @@ class System:
     node: NodeType
     precision: str = "bf16"  # dtype of the matmuls (fp8: FP8 GEMMs, 16-bit elsewhere)
 
+
+
+def flash_attention_bandwidth(acc: Accelerator) -> float:
+    """TB/s at which the flash-attention stand-in's s x s output write is charged.
+
+    A flash-attention kernel keeps its score tiles in on-chip SRAM: it reads Q, K, V and
+    writes O, Theta(N^2 d^2 / M) HBM accesses for SRAM of M elements, against Theta(N^2) for
+    standard attention (Dao et al. 2022, "FlashAttention", arXiv:2205.14135, sec. 3.2 and
+    Theorem 2): at head dimension 128 it is bound by the SMs, not by HBM. The write of the
+    score square that `_layer_classes` charges is a stand-in for the kernel's utilisation on
+    its architecture (FlashAttention-2 keeps about 35% of an H100's peak and 50-73% of an
+    A100's: Shah et al. 2024, arXiv:2407.08608, sec. 1; Dao 2023, arXiv:2307.08691, sec. 4.1),
+    as the papers measured it on the die's full-power SXM part (`catalog.CHIP_REFERENCE`).
+    A part built on the same die runs the kernel at its own clocks whatever memory it carries:
+    the reference part's bandwidth scaled by the ratio of the two parts' measured matmul rates
+    (a proxy for SM clocks). So Grand Teton's 500 W H100 with 2.4 TB/s HBM2e runs flash
+    attention 10% slower than an SXM H100, not 28%, and an H200 (4.8 TB/s HBM3e, H100 clocks)
+    runs it as an H100 does. Parts without a reference keep their own bandwidth.
+    """
+    ref = ACCELERATORS.get(CHIP_REFERENCE.get(acc.chip, ""))
+    if ref is None:
+        return acc.hbm_tbps
+    return ref.hbm_tbps * acc.achievable("bf16") / ref.achievable("bf16")
+
+
+# PyTorch's ring attention (torch/distributed/tensor/experimental/_attention.py:
+# `_templated_ring_attention`, `_templated_ring_attention_backward`, `_SDPAMerger` with
+# `_ContextParallelOptions.convert_to_f32=True`, round-robin load balancing): HBM bytes per
+# element of the rank's local Q (b x s/cp x heads x head_dim; K and V repeated to every head
+# are as large) that its eager tensor ops move besides the attention kernels, on the last cp
+# rank (every later step runs its full queries against half a K/V chunk: full-size merges).
+# Forward, each later step: the K/V concatenation for the rotation (read 4, write 4) and the
+# fp32 merge: block output to fp32 (2 + 4), out - block (8 + 4), times the sigmoid weight
+# (4 + 4), out minus that (8 + 4); per call the merged output back to 16 bits (4 + 2).
+TORCH_RING_FWD_STEP_BYTES = 8 + 38
+TORCH_RING_FWD_CALL_BYTES = 6
+# Backward, per call: zeroed fp32 dQ, dK, dV (12), the first step's dK and dV added (2 x 10),
+# the final casts of dQ (4 + 2) and of the rotated dK/dV (8 + 4); every step: dK/dV
+# concatenated in fp32 for the all-to-all to the next rank (8 + 8) and dQ accumulated (6 + 4);
+# each later step: the K/V concatenation (8) and dK, dV each added into half of the received
+# fp32 buffer and rebuilt by torch.cat (2 x (5 + 8)). The all-to-alls themselves run on NCCL's
+# stream under the next step's kernel.
+TORCH_RING_BWD_CALL_BYTES = 12 + 20 + 6 + 12
+TORCH_RING_BWD_STEP_BYTES = 16 + 10
+TORCH_RING_BWD_LATER_STEP_BYTES = 8 + 26
+
+
+def torch_ring_bytes(cp: int, elements: float) -> tuple[float, float]:
+    """(forward, backward) HBM bytes PyTorch's ring attention moves outside the attention
+    kernels for one attention call over `cp` ranks, `elements` the rank's local query elements
+    (`Software.torch_ring_cp`; none without context parallelism)."""
+    if cp <= 1:
+        return 0.0, 0.0
+    forward = (cp - 1) * TORCH_RING_FWD_STEP_BYTES + TORCH_RING_FWD_CALL_BYTES
+    backward = TORCH_RING_BWD_CALL_BYTES + cp * TORCH_RING_BWD_STEP_BYTES + (cp - 1) * TORCH_RING_BWD_LATER_STEP_BYTES
+    return forward * elements, backward * elements
 
 
 EAGER_TRAFFIC = 3.0  # eager elementwise ops: each op re-reads and re-writes (~3 kernels per fused one)
@@ -234,6 +290,7 @@ class Rates:
         self.gemm_rate = acc.achievable("bf16" if self.fp8 else precision) * 1e12 * eff
         self.linear_rate = acc.achievable(precision) * 1e12 * (constants.get("fp8_efficiency", eff) if self.fp8 else eff)
         self.hbm = acc.hbm_tbps * 1e12 * MEMORY_EFFICIENCY  # bytes/s
+        self.attention_hbm = flash_attention_bandwidth(acc) * 1e12 * MEMORY_EFFICIENCY
         self.elem = element_bytes(precision)  # activation bytes
         self.cpu = acc.vendor == "cpu"
         self.launch = 0.0 if self.cpu else KERNEL_LAUNCH_S
@@ -253,13 +310,14 @@ class Rates:
         self.fp8_dispatch = sw.fp8_dispatch
 
     def gemm(self, m: float, k: float, n: float, batch: float = 1, linear: bool = False, launches: float = 1,
-             own_cast: float | None = None) -> float:
+             own_cast: float | None = None, hbm: float | None = None) -> float:
         """`batch` (m x k) @ (k x n) matmuls in `launches` kernels (one: a batched GEMM): FLOPs
         at the achievable rate plus operand traffic. `linear`: a weight GEMM, FP8 when the run
         trains in FP8 (operands cast with a per-tensor scale first: an amax pass and a cast over
         each operand). `own_cast`: in FP8, the bytes per input element of a cast the GEMM's
         module runs itself on its input, in place of the stack's default; its weights' FP8
-        copies are kept across microbatches (Transformer Engine's GroupedLinear).
+        copies are kept across microbatches (Transformer Engine's GroupedLinear). `hbm`: the
+        bandwidth its traffic is charged at, when not the part's own (flash attention).
 
         Summing (not max-ing) compute and memory time is what makes skinny or small GEMMs
         slower per FLOP than big square ones: the shape dependence of GEMM efficiency.
@@ -272,7 +330,7 @@ class Rates:
             traffic += own_cast * m * k
         elif fp8:
             traffic += self.cast_bytes * (m * k + (0 if self.cast_fused else k * n))
-        return batch * (flops / rate + traffic / self.hbm) + launches * self.launch
+        return batch * (flops / rate + traffic / (hbm or self.hbm)) + launches * self.launch
 
     def memory_pass(self, nbytes: float) -> float:
         return nbytes / self.hbm
@@ -408,9 +466,15 @@ def _layer_classes(cfg: ModelConfig, lay: Layout, sw: Software, r: Rates, s: int
         # flash attention's lower utilisation (FlashAttention-2 reaches ~35% of an H100's
         # peak, Shah et al. 2024). Charging only Q, K, V, O traffic at a fixed 30-35% of peak
         # was tried and predicts the long-context torchtitan runs 15-45% too fast, most at cp 8.
-        attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads) / 2
+        # That output write is no HBM traffic, so it is charged at the bandwidth of the die's
+        # reference part scaled by this part's clocks (`flash_attention_bandwidth`).
+        attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads, hbm=r.attention_hbm) / 2
         attn_bwd = 2.5 * attn_fwd
         softmax_bytes = 0.0
+        if sw.torch_ring_cp and lay.cp > 1:  # the ring's fp32 merges and accumulations
+            ring_fwd, ring_bwd = torch_ring_bytes(lay.cp, b * q_len * heads * cfg.head_dim)
+            attn_fwd += r.memory_pass(ring_fwd)
+            attn_bwd += r.memory_pass(ring_bwd)
     else:
         # Unfused (2021-era): full squares; scores written, softmax/dropout read and write them.
         attn_fwd = 2 * r.gemm(q_len, d, s, batch=b * heads)
@@ -753,7 +817,14 @@ def estimate(
     # Context parallel (Llama 3 sec. 3.3.2): all-gather K and V forward, reduce-scatter their
     # gradients backward, over the cp ranks next to tp in rank order.
     kv_bytes = 2 * r.elem * lay.microbatch * s * cfg.kv_heads * cfg.head_dim / t
-    cp_comm = layers * 2 * r.ring(kv_bytes, c, r.link(t * c)) if c > 1 else 0.0
+    cp_passes = 2
+    if sw.torch_ring_cp:
+        # PyTorch's ring attention with K/V repeated to every head: the repeated K and V are
+        # all-gathered in the forward, again in a full recompute, and again in the backward
+        # (its K/V rotater); the fp32 dK/dV rotations run under the next step's kernel.
+        kv_bytes *= cfg.heads / cfg.kv_heads
+        cp_passes = 2 + (1 if lay.recompute == "full" else 0)
+    cp_comm = layers * cp_passes * r.ring(kv_bytes, c, r.link(t * c)) if c > 1 else 0.0
     # Pipeline point-to-point (Narayanan sec. 4.1): b*s*h per boundary each way, /t with the
     # scatter/gather optimisation or sequence parallelism; v times as many with interleaving.
     p2p = 0.0

@@ -104,6 +104,13 @@ class Software:
     # (Megatron-Core's cpu_offloading_num_layers, activations only): HBM for bandwidth to the
     # host (`catalog.NodeType.host_link_gbps`). 0: none.
     offload_layers: int = 0
+    # Context parallelism by PyTorch's experimental ring attention
+    # (torch.distributed.tensor.experimental.context_parallel, which torchtitan wraps), with K
+    # and V repeated to every query head before SDPA (torchtitan's Llama at 9dec370:
+    # `repeat_kv` then `F.scaled_dot_product_attention`): each ring step's partial output is
+    # merged, and dQ, dK, dV accumulated, in fp32 passes over HBM (`cost.torch_ring_bytes`).
+    # False: this trainer's all-gather of the grouped K and V (`parallel.context`).
+    torch_ring_cp: bool = False
     shardings: tuple[str, ...] = ("none", "keep_gathered", "full")  # strategies the stack runs
     fitted: tuple[str, ...] = ("gemm_efficiency", "fp8_efficiency")  # calibrated per profile (at most two)
 
@@ -137,7 +144,8 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
                   fp8_recipe: str | None = None, fp8_all_gather: bool | None = None,
                   ep_overlap: bool | None = None, ep_node_dedup: bool | None = None,
                   fp8_dispatch: bool | None = None, offload_layers: int | None = None,
-                  grad_reduce_bytes: int | None = None, recompute_modules: tuple[str, ...] | None = None) -> Software:
+                  grad_reduce_bytes: int | None = None, recompute_modules: tuple[str, ...] | None = None,
+                  torch_ring_cp: bool | None = None) -> Software:
     """A profile with the run's own switches on top (None keeps the profile's):
 
     - compile: torch.compile fuses the elementwise ops (norms, activation, rotary, residual)
@@ -165,6 +173,8 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
     - recompute_modules: Megatron-Core's --recompute-modules, what "selective" recompute
       rebuilds (`RECOMPUTE_MODULES`); the Megatron-Bridge DeepSeek-V3 performance recipes set
       mla_up_proj (B200, GB200) or mla_up_proj and mlp (H100).
+    - torch_ring_cp: context parallelism through PyTorch's experimental ring attention with K/V
+      repeated to every head (torchtitan's context_parallel runs, `Software.torch_ring_cp`).
     """
     changes = {}
     if compile is not None:
@@ -192,6 +202,8 @@ def with_switches(sw: Software, compile: bool | None = None, async_tp: bool | No
         if offload_layers < 0:
             raise UserError(f"--cpu-offload-layers must be 0 or more, got {offload_layers}.")
         changes["offload_layers"] = offload_layers
+    if torch_ring_cp is not None:
+        changes["torch_ring_cp"] = torch_ring_cp
     if recompute_modules is not None:
         bad = [mod for mod in recompute_modules if mod not in RECOMPUTE_MODULES]
         if bad:
