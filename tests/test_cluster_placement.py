@@ -152,6 +152,25 @@ def test_backfill_reaches_a_request_pages_down_the_queue(tmp_path):
     assert clusters.show_cluster(db, "q1")["queue_position"] == 1
 
 
+def test_clusters_named_by_a_query_are_described_as_named_by_a_list(tmp_path):
+    """`cluster_dicts` with `among` (a SELECT of the clusters' ids, as the service names a
+    project's) says what it says given the ids themselves: nodes and their status, places in the
+    queue, jobs."""
+    db = make_db(tmp_path, nodes=4, gpus_per_node=8, nodes_per_leaf=2, leaves_per_pod=2)
+    for name, gpus, owner in (("a", 4, "p1"), ("b", 8, "p2"), ("c", 8, "p1"), ("d", 16, "p1"), ("e", 8, "p2"), ("f", 4, "p1"),
+                              ("g", 8, "p2"), ("h", 16, "p1")):
+        clusters.create_cluster(db, name, gpus, owner=owner)
+    among = sa.select(Cluster.id).where(Cluster.owner == sa.bindparam("owner"))
+    with db.reading() as s:
+        rows = s.execute(sa.select(*Cluster.__table__.c).where(Cluster.owner == "p1").order_by(Cluster.id)).all()
+        by_list = clusters.cluster_dicts(s, rows)
+        by_query = clusters.cluster_dicts(s, rows, among, {"owner": "p1"})
+    assert by_query == by_list
+    assert [(c["name"], c["state"], c["queue_position"]) for c in by_list] == [
+        ("a", "ready", None), ("c", "ready", None), ("d", "queued", 1), ("f", "ready", None), ("h", "queued", 3)]
+    assert by_list[0]["nodes"][0]["status"] == "allocated"  # a's node, shared with f
+
+
 def test_no_wait_fails_without_changing_state(tmp_path):
     db = make_db(tmp_path, nodes=4, gpus_per_node=8, nodes_per_leaf=2, leaves_per_pod=2)
     clusters.create_cluster(db, "a", 24)

@@ -7,6 +7,7 @@ the queue (`queue.place_queued`: FIFO with bounded backfill).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import defaultdict
@@ -32,6 +33,7 @@ from supercluster.cluster.state import (
     node_status,
     now,
     open_db,
+    plain,
 )
 from supercluster.cluster.usage import close_intervals
 from supercluster.errors import UserError, closest
@@ -130,27 +132,35 @@ def create_cluster(
         return cluster_dict(s, row or cluster)
 
 
-# Built once (building a statement costs more than running these): the nodes of some clusters with
-# their status, which needs every allocation on those nodes, not only the clusters' own.
-_IDS = sa.bindparam("ids", expanding=True)
-_USED_THERE = (sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus).label("used"))
-               .where(Allocation.node_name.in_(sa.select(Allocation.node_name).where(Allocation.cluster_id.in_(_IDS))))
-               .group_by(Allocation.node_name).subquery())
-_NODES_OF = (
-    sa.select(Allocation.cluster_id, Allocation.gpus, Node.name, Node.leaf, Node.pod, Node.address, Node.state, Node.gpus,
-              sa.func.coalesce(_USED_THERE.c.used, 0))
-    .join(Node, Node.name == Allocation.node_name)
-    .outerjoin(_USED_THERE, _USED_THERE.c.node_name == Node.name)
-    .where(Allocation.cluster_id.in_(_IDS))
-    .order_by(Allocation.cluster_id, Allocation.node_name)
-)
-_JOBS_OF = sa.select(Job.cluster_name, Job.id).where(Job.cluster_name.in_(sa.bindparam("names", expanding=True))).order_by(Job.id)
-# Queued clusters' places in the queue's order (`place_queued`: highest priority first, then
-# oldest), numbered by the database, which returns only the places asked for: reading the whole
-# queue to number it here cost a row object per queued cluster, hundreds on a full fleet.
-_RANKED = (sa.select(Cluster.id, sa.func.row_number().over(order_by=(Cluster.priority.desc(), Cluster.id)).label("position"))
-           .where(Cluster.state == "queued").subquery())
-_POSITIONS = sa.select(_RANKED.c.id, _RANKED.c.position).where(_RANKED.c.id.in_(sa.bindparam("ids", expanding=True)))
+@functools.lru_cache(maxsize=8)
+def _described(among: sa.Select | None = None) -> tuple:
+    """The statements `cluster_dicts` runs, built once per way of naming its clusters (building a
+    statement costs more than running these): by a list of ids (`ids`, `names`), or by `among`,
+    a SELECT of their ids with its own parameters (a list of hundreds of ids cost more to send
+    than the rows it selected). The nodes of some clusters with their status, which needs every
+    allocation on those nodes, not only the clusters' own; their jobs; the queued ones' places in
+    the queue's order (`place_queued`: highest priority first, then oldest), numbered by the
+    database, which returns only the places asked for."""
+    ids = sa.bindparam("ids", expanding=True) if among is None else among
+    names = sa.bindparam("names", expanding=True) if among is None else sa.select(Cluster.name).where(Cluster.id.in_(among))
+    used_there = (sa.select(Allocation.node_name, sa.func.sum(Allocation.gpus).label("used"))
+                  .where(Allocation.node_name.in_(sa.select(Allocation.node_name).where(Allocation.cluster_id.in_(ids))))
+                  .group_by(Allocation.node_name).subquery())
+    nodes_of = (
+        sa.select(Allocation.cluster_id, Allocation.gpus, Node.name, Node.leaf, Node.pod, Node.address, Node.state, Node.gpus,
+                  sa.func.coalesce(used_there.c.used, 0))
+        .join(Node, Node.name == Allocation.node_name)
+        .outerjoin(used_there, used_there.c.node_name == Node.name)
+        .where(Allocation.cluster_id.in_(ids))
+        .order_by(Allocation.cluster_id, Allocation.node_name)
+    )
+    jobs_of = sa.select(Job.cluster_name, Job.id).where(Job.cluster_name.in_(names)).order_by(Job.id)
+    ranked = (sa.select(Cluster.id, sa.func.row_number().over(order_by=(Cluster.priority.desc(), Cluster.id)).label("position"))
+              .where(Cluster.state == "queued").subquery())
+    positions = sa.select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(ids))
+    return nodes_of, jobs_of, positions
+
+
 _ROW_BY_ID = sa.select(*Cluster.__table__.c).where(Cluster.id == sa.bindparam("id"))
 _ROWS_NAMED = sa.select(*Cluster.__table__.c).where(Cluster.name.in_(sa.bindparam("names", expanding=True))).order_by(Cluster.id)
 _ACTIVE_JOBS = sa.select(Job).where(Job.cluster_name == sa.bindparam("name"), Job.state.in_(JOB_ACTIVE))
@@ -162,21 +172,26 @@ def cluster_dict(s: Session, c: Cluster) -> dict:
     return cluster_dicts(s, [c])[0]
 
 
-def cluster_dicts(s: Session, cs: list) -> list[dict]:
-    """What `cluster show` prints, for many clusters (`Cluster`s or rows of its table) in a few queries."""
+def cluster_dicts(s: Session, cs: list, among: sa.Select | None = None, params: dict | None = None) -> list[dict]:
+    """What `cluster show` prints, for many clusters (`Cluster`s or rows of its table) in a few queries.
+    among, params: a SELECT of exactly these clusters' ids and its parameters, where the caller
+    has one (a project's clusters): faster than naming hundreds of them."""
     s.flush()
     if not cs:
         return []
+    cs = plain(cs)
     conn = s.connection()
+    nodes_of, jobs_of, positions_of = _described(among)
+    by_ids = params if among is not None else {"ids": [c.id for c in cs]}
     nodes: dict[int, list[dict]] = defaultdict(list)
-    for cluster_id, gpus, name, leaf, pod, address, state, total, in_use in conn.execute(_NODES_OF, {"ids": [c.id for c in cs]}):
+    for cluster_id, gpus, name, leaf, pod, address, state, total, in_use in conn.execute(nodes_of, by_ids):
         nodes[cluster_id].append({"name": name, "gpus": gpus, "leaf": leaf, "pod": pod, "address": address,
                                   "status": node_status(state, total, in_use)})
     jobs: dict[str, list[int]] = defaultdict(list)
-    for cluster_name, job_id in conn.execute(_JOBS_OF, {"names": [c.name for c in cs]}):
+    for cluster_name, job_id in conn.execute(jobs_of, params if among is not None else {"names": [c.name for c in cs]}):
         jobs[cluster_name].append(job_id)
     queued = [c.id for c in cs if c.state == "queued"]
-    positions = dict(conn.execute(_POSITIONS, {"ids": queued}).all()) if queued else {}
+    positions = dict(conn.execute(positions_of, params if among is not None else {"ids": queued}).all()) if queued else {}
     reasons: dict[tuple, str] = {}  # one answer per kind of request: a long queue is mostly alike
 
     def why(c) -> str | None:

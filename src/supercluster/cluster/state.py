@@ -12,8 +12,10 @@ Times are float seconds since the epoch (portable across SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -77,6 +79,21 @@ class Node(Base):
     @property
     def status(self) -> str:
         return node_status(self.state, self.gpus, self.used_gpus)
+
+
+def plain(rows: list) -> list:
+    """A query's rows as named tuples (ORM objects, or anything else, as they come): an attribute
+    of SQLAlchemy's `Row` costs about ten times a named tuple's, and the busiest lists read
+    thousands (a project's 200 clusters, 16 attributes each: 1.1 ms against 0.1)."""
+    if not rows or not isinstance(rows[0], sa.Row):
+        return rows
+    make = _plain_type(rows[0]._fields)._make
+    return [make(row) for row in rows]
+
+
+@functools.lru_cache(maxsize=64)
+def _plain_type(fields: tuple[str, ...]) -> type:
+    return collections.namedtuple("PlainRow", fields, rename=True)
 
 
 def node_status(state: str, gpus: int, used: int) -> str:

@@ -29,7 +29,7 @@ from supercluster.cluster import jobs as fleet_jobs
 from supercluster.cluster import preempt
 from supercluster.cluster.backends import canonical_gpu_type
 from supercluster.cluster.isolation import JobArea, PathRefused
-from supercluster.cluster.state import Cluster, Job, Node
+from supercluster.cluster.state import Cluster, Job, Node, plain
 from supercluster.errors import UserError
 from supercluster.paths import data_library, model_library, project_area
 from supercluster.service import usage
@@ -81,11 +81,15 @@ def cluster_view(sc: ServiceCluster, project: str, fleet: dict | None, name: Cal
     return view
 
 
-def _views(s: Session, scs: list, project: str, fleet_rows: list | None = None) -> list[dict]:
+def _views(s: Session, scs: list, project: str, fleet_rows: list | None = None, project_id: int | None = None) -> list[dict]:
     """`cluster_view` of each of `scs` (rows of one project), from one read of the fleet;
-    `fleet_rows`: the fleet's rows of those clusters, when the caller read them already."""
+    `fleet_rows`: the fleet's rows of those clusters, when the caller read them already, and
+    `project_id` when they are all of the project's (`_PROJECT_FLEET_IDS` then names them)."""
+    scs = plain(scs)
     if fleet_rows is None:
         fleet = fleet_clusters.show_clusters_in(s, [sc.fleet_name for sc in scs])
+    elif project_id is not None:
+        fleet = {d["name"]: d for d in fleet_clusters.cluster_dicts(s, fleet_rows, _PROJECT_FLEET_IDS, {"project_id": project_id})}
     else:
         fleet = {d["name"]: d for d in fleet_clusters.cluster_dicts(s, fleet_rows)}
     name = cluster_namer(s, [(f["cause"] or {}).get("by") for f in fleet.values()])
@@ -117,6 +121,8 @@ _LIST = sa.select(*ServiceCluster.__table__.c).where(ServiceCluster.project_id =
 _GPU_TYPES = sa.select(Node.gpu_type).distinct()
 _FLEET_LIST = (sa.select(*Cluster.__table__.c).join(ServiceCluster, ServiceCluster.fleet_name == Cluster.name)
                .where(ServiceCluster.project_id == _PROJECT_ID).order_by(Cluster.id))
+_PROJECT_FLEET_IDS = (sa.select(Cluster.id).join(ServiceCluster, ServiceCluster.fleet_name == Cluster.name)
+                      .where(ServiceCluster.project_id == _PROJECT_ID))
 
 
 def _in_use_by_type(s: Session, project_id: int) -> dict[str, int]:
@@ -379,8 +385,10 @@ def list_clusters(store: Store, caller: Caller, project: str) -> list[dict]:
         p = visible_project(s, caller, project)
         # Plain rows (read by attribute, as the ORM's objects are): a project may hold hundreds.
         # The fleet's rows of the project's clusters by a join, not by a list of hundreds of names.
-        return _views(s, s.execute(_LIST, {"project_id": p.id}).all(), project,
-                      s.execute(_FLEET_LIST, {"project_id": p.id}).all())
+        # Through the connection: the session's handling of a result costs more than its rows.
+        conn = s.connection()
+        return _views(s, conn.execute(_LIST, {"project_id": p.id}).all(), project,
+                      conn.execute(_FLEET_LIST, {"project_id": p.id}).all(), project_id=p.id)
 
 
 def delete_cluster(store: Store, caller: Caller, project: str, name: str, force: bool) -> dict:
