@@ -29,7 +29,7 @@ from supercluster.service.routes import endpoints as endpoint_routes
 from supercluster.service.store import Store
 
 DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
-REQUEST_THREADS = 8  # threads running the plain (sync) routes, per worker process
+REQUEST_THREADS = 4  # threads running the plain (sync) routes, per worker process
 
 
 def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, store: Store | None = None,
@@ -46,7 +46,9 @@ def create_app(url: str | None = None, *, rate: float = 50.0, burst: int = 200, 
         # Fewer request threads than anyio's 40: on a database call each waits mostly for the GIL
         # and the database's lock. Under bench/service.py, 40 let reads run ahead of the writes
         # queued on the fleet's lock (reads' p99 2.4-3.4 s, writes' 8-13 s); 8 kept every route's
-        # p99 near the others (3-5 s) at the same throughput.
+        # p99 near the others (3-5 s) at the same throughput. Once a write cost less under the lock,
+        # 4 did better again: fewer readers beside the thread that holds it, which must win the GIL
+        # back at each SQLite call (2 workers, twice each: creates' p99 0.83-0.92 s against 0.90-1.03).
         anyio.to_thread.current_default_thread_limiter().total_tokens = REQUEST_THREADS
         stop = threading.Event()
         if tick_s > 0:
