@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
 
 from supercluster.service import resources, tenancy
 from supercluster.service.auth import Caller
 from supercluster.service.deps import caller
+from supercluster.service.routes import JSON
 from supercluster.service.schemas import ClusterIn, QuotaIn
 from supercluster.service.store import Store
 
@@ -19,28 +19,28 @@ def routes(store: Store) -> APIRouter:
     # FastAPI would validate a returned dict first, in a second trip through the thread pool,
     # which cost more than the validation itself. The JSON is the same.
     @router.post("/v1/projects/{project}/clusters", status_code=202, tags=["clusters"], response_model=dict)
-    def create_cluster(project: str, body: ClusterIn, who: Caller = Depends(caller)) -> JSONResponse:
+    def create_cluster(project: str, body: ClusterIn, who: Caller = Depends(caller)) -> JSON:
         """Places the cluster or queues it; poll GET .../clusters/{name} until state is ready."""
-        return JSONResponse(resources.create_cluster(store, who, project, body.name, body.gpus, body.gpu_type,
+        return JSON(resources.create_cluster(store, who, project, body.name, body.gpus, body.gpu_type,
                                                      body.max_switches, body.require_health, body.priority), 202)
 
     # A project's list is hundreds of clusters.
     @router.get("/v1/projects/{project}/clusters", tags=["clusters"], response_model=list[dict])
-    def list_clusters(project: str, who: Caller = Depends(caller)) -> JSONResponse:
-        return JSONResponse(resources.list_clusters(store, who, project))
+    def list_clusters(project: str, who: Caller = Depends(caller)) -> JSON:
+        return JSON(resources.list_clusters(store, who, project))
 
     @router.get("/v1/projects/{project}/clusters/{name}", tags=["clusters"], response_model=dict)
-    def show_cluster(project: str, name: str, who: Caller = Depends(caller)) -> JSONResponse:
-        return JSONResponse(resources.show_cluster(store, who, project, name))
+    def show_cluster(project: str, name: str, who: Caller = Depends(caller)) -> JSON:
+        return JSON(resources.show_cluster(store, who, project, name))
 
     @router.delete("/v1/projects/{project}/clusters/{name}", tags=["clusters"], response_model=dict)
-    def delete_cluster(project: str, name: str, force: bool = False, who: Caller = Depends(caller)) -> JSONResponse:
-        return JSONResponse(resources.delete_cluster(store, who, project, name, force))
+    def delete_cluster(project: str, name: str, force: bool = False, who: Caller = Depends(caller)) -> JSON:
+        return JSON(resources.delete_cluster(store, who, project, name, force))
 
     @router.get("/v1/projects/{project}/quota", tags=["quota"], response_model=dict)
-    def show_quota(project: str, who: Caller = Depends(caller)) -> JSONResponse:
+    def show_quota(project: str, who: Caller = Depends(caller)) -> JSON:
         with store.reading() as s:
-            return JSONResponse(resources.quota_view(s, tenancy.visible_project(s, who, project)))
+            return JSON(resources.quota_view(s, tenancy.visible_project(s, who, project)))
 
     @router.put("/v1/projects/{project}/quota", tags=["quota"])
     def set_quota(project: str, body: QuotaIn, who: Caller = Depends(caller)) -> dict:

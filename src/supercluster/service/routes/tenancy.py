@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, Path, Query
-from fastapi.responses import JSONResponse
 
 from supercluster.service import tenancy
 from supercluster.service.auth import Caller, CallerCache
 from supercluster.service.deps import caller
 from supercluster.service.models import Audit
+from supercluster.service.routes import JSON
 from supercluster.service.schemas import OrgIn, ProjectIn, TokenIn, UserIn
 from supercluster.service.store import Store
 
@@ -23,9 +23,9 @@ def routes(store: Store, callers: CallerCache) -> APIRouter:
             return tenancy.create_org(s, who, body.name)
 
     @router.get("/v1/orgs", tags=["tenancy"], response_model=list[dict])
-    def list_orgs(who: Caller = Depends(caller)) -> JSONResponse:  # JSON directly, as the busiest routes (routes/clusters.py)
+    def list_orgs(who: Caller = Depends(caller)) -> JSON:  # JSON directly, as the busiest routes (routes/clusters.py)
         with store.reading() as s:
-            return JSONResponse(tenancy.list_orgs(s, who))
+            return JSON(tenancy.list_orgs(s, who))
 
     @router.get("/v1/orgs/{org}", tags=["tenancy"])
     def show_org(org: str, who: Caller = Depends(caller)) -> dict:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import PlainTextResponse
 
 from supercluster.service import endpoints, usage
 from supercluster.service.auth import Caller
 from supercluster.service.deps import caller
+from supercluster.service.routes import JSON
 from supercluster.service.store import Store
 
 
@@ -31,6 +32,6 @@ def routes(store: Store) -> APIRouter:
         from supercluster.service import prices
 
         # JSON directly: FastAPI would walk the rows through its encoder first (they are plain JSON already).
-        return JSONResponse({"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()})
+        return JSON({"by": by, "since": since, "until": until, "rows": rows, "tokens": tokens, "prices": prices.table()})
 
     return router
