@@ -137,7 +137,7 @@ def test_every_placement_counts_against_each_request_it_passes(tmp_path, monkeyp
     assert clusters.create_cluster(db, "b3", 8)["state"] == "queued"  # a node is free, but head's limit is reached
 
 
-def test_backfill_reaches_a_request_pages_down_the_queue(tmp_path):
+def test_backfill_reaches_a_request_pages_down_the_queue(tmp_path, monkeypatch):
     """The queue is read a page at a time and its walk stops once every kind waiting was refused:
     a small request behind 40 large ones (past the first page) still backfills a freed node."""
     db = make_db(tmp_path, nodes=4, gpus_per_node=8, nodes_per_leaf=2, leaves_per_pod=2)
@@ -145,8 +145,18 @@ def test_backfill_reaches_a_request_pages_down_the_queue(tmp_path):
     clusters.create_cluster(db, "b", 8)
     for i in range(40):
         assert clusters.create_cluster(db, f"q{i}", 16)["state"] == "queued"
-    assert clusters.create_cluster(db, "small", 8)["queue_position"] == 41
-    assert queue._QUEUE_PAGE < 41
+    walked = []
+
+    def counted(conn, rows=queue._queue_rows):
+        for row in rows(conn):
+            walked.append(row.name)
+            yield row
+
+    monkeypatch.setattr(queue, "_queue_rows", counted)
+    assert clusters.create_cluster(db, "q40", 16)["state"] == "queued"
+    assert walked == ["q0", "q1"]  # q0 refused, and the queue holds no other kind: the walk stops
+    assert clusters.create_cluster(db, "small", 8)["queue_position"] == 42
+    assert queue._QUEUE_PAGE < 42
     assert clusters.delete_cluster(db, "b") == ["small"]  # one node free: too small for any q
     assert clusters.delete_cluster(db, "a") == ["q0"]  # three free: the oldest first, then none fits
     assert clusters.show_cluster(db, "q1")["queue_position"] == 1

@@ -182,16 +182,19 @@ def cluster_dicts(s: Session, cs: list, among: sa.Select | None = None, params: 
     cs = plain(cs)
     conn = s.connection()
     nodes_of, jobs_of, positions_of = _described(among)
-    by_ids = params if among is not None else {"ids": [c.id for c in cs]}
+    queued = [c.id for c in cs if c.state == "queued"]
+    if among is None:
+        by_id, by_name, queued_by_id = {"ids": [c.id for c in cs]}, {"names": [c.name for c in cs]}, {"ids": queued}
+    else:
+        by_id = by_name = queued_by_id = params
     nodes: dict[int, list[dict]] = defaultdict(list)
-    for cluster_id, gpus, name, leaf, pod, address, state, total, in_use in conn.execute(nodes_of, by_ids):
+    for cluster_id, gpus, name, leaf, pod, address, state, total, in_use in conn.execute(nodes_of, by_id):
         nodes[cluster_id].append({"name": name, "gpus": gpus, "leaf": leaf, "pod": pod, "address": address,
                                   "status": node_status(state, total, in_use)})
     jobs: dict[str, list[int]] = defaultdict(list)
-    for cluster_name, job_id in conn.execute(jobs_of, params if among is not None else {"names": [c.name for c in cs]}):
+    for cluster_name, job_id in conn.execute(jobs_of, by_name):
         jobs[cluster_name].append(job_id)
-    queued = [c.id for c in cs if c.state == "queued"]
-    positions = dict(conn.execute(positions_of, params if among is not None else {"ids": queued}).all()) if queued else {}
+    positions = dict(conn.execute(positions_of, queued_by_id).all()) if queued else {}
     reasons: dict[tuple, str] = {}  # one answer per kind of request: a long queue is mostly alike
 
     def why(c) -> str | None:
