@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from concurrent.futures import Future
 
 import pytest
 import sqlalchemy as sa
